@@ -1,0 +1,258 @@
+//! What one check observed, as plain data, and the parsers that turn raw provider bodies
+//! into it.
+//!
+//! Parsing never fails: a hostile or malformed body becomes a value the engine classifies
+//! as `invalid` (with the raw text kept, truncated, for the audit trail). Only a provider
+//! that could not be reached at all is `SnapshotOutcome::Unavailable`.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Longest raw text kept from a malformed value or body, in bytes.
+pub const RAW_KEEP_BYTES: usize = 256;
+
+/// Outcome of the worker health probe.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "kebab-case")]
+pub enum ProbeOutcome {
+    Ok,
+    Failed { reason: String },
+}
+
+impl ProbeOutcome {
+    pub fn failed(reason: impl Into<String>) -> Self {
+        ProbeOutcome::Failed {
+            reason: reason.into(),
+        }
+    }
+
+    pub fn is_failed(&self) -> bool {
+        matches!(self, ProbeOutcome::Failed { .. })
+    }
+}
+
+/// One metric value as the provider sent it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(tag = "kind", content = "value", rename_all = "kebab-case")]
+pub enum Sample {
+    /// The field was absent (or `null`).
+    #[default]
+    Missing,
+    /// A number; may still be NaN, infinite or out of range (the engine decides).
+    Number(f64),
+    /// Present but not a number; the raw JSON text, truncated to [`RAW_KEEP_BYTES`].
+    Wrong(String),
+}
+
+impl Sample {
+    /// The value if it is a finite, non-negative number.
+    pub fn finite_non_negative(&self) -> Option<f64> {
+        match *self {
+            Sample::Number(v) if v.is_finite() && v >= 0.0 => Some(v),
+            _ => None,
+        }
+    }
+
+    fn from_json(value: Option<&Value>) -> Sample {
+        match value {
+            None | Some(Value::Null) => Sample::Missing,
+            Some(Value::Number(n)) => match n.as_f64() {
+                Some(v) => Sample::Number(v),
+                None => Sample::Wrong(truncate_raw(&n.to_string())),
+            },
+            Some(other) => Sample::Wrong(truncate_raw(&other.to_string())),
+        }
+    }
+}
+
+/// The operations-manager snapshot of one check (SPEC §3 snapshot format).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct Snapshot {
+    pub error_rate: Sample,
+    pub requests: Sample,
+    pub latency_p95_ms: Sample,
+    pub latency_p99_ms: Sample,
+    pub memory_percent: Sample,
+    pub db_connection_errors: Sample,
+}
+
+impl Snapshot {
+    /// Reads the snapshot JSON format: `failureRate` or `validation.failureRate`, optional
+    /// `requests`, `latencyP95Ms`, `latencyP99Ms`, `memoryPercent`, `dbConnectionErrors`.
+    /// A body that is not a JSON object yields an `error_rate` of `Wrong(raw)`.
+    pub fn from_json(value: &Value) -> Snapshot {
+        let Some(object) = value.as_object() else {
+            return Snapshot {
+                error_rate: Sample::Wrong(truncate_raw(&value.to_string())),
+                ..Snapshot::default()
+            };
+        };
+        let error_rate = match object.get("failureRate") {
+            Some(v) if !v.is_null() => Some(v),
+            _ => object
+                .get("validation")
+                .and_then(|validation| validation.get("failureRate")),
+        };
+        Snapshot {
+            error_rate: Sample::from_json(error_rate),
+            requests: Sample::from_json(object.get("requests")),
+            latency_p95_ms: Sample::from_json(object.get("latencyP95Ms")),
+            latency_p99_ms: Sample::from_json(object.get("latencyP99Ms")),
+            memory_percent: Sample::from_json(object.get("memoryPercent")),
+            db_connection_errors: Sample::from_json(object.get("dbConnectionErrors")),
+        }
+    }
+
+    /// Parses a raw body (HTTP or command output). Never fails: a body that is not JSON
+    /// becomes an invalid error rate carrying the body's first bytes.
+    pub fn from_body(body: &[u8]) -> Snapshot {
+        match serde_json::from_slice::<Value>(body) {
+            Ok(value) => Snapshot::from_json(&value),
+            Err(_) => Snapshot {
+                error_rate: Sample::Wrong(truncate_raw(&String::from_utf8_lossy(
+                    &body[..body.len().min(RAW_KEEP_BYTES * 4)],
+                ))),
+                ..Snapshot::default()
+            },
+        }
+    }
+}
+
+/// The snapshot part of a check.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "kebab-case")]
+pub enum SnapshotOutcome {
+    Values(Snapshot),
+    /// The source could not be asked: refused, timed out, non-2xx, command failed.
+    Unavailable {
+        reason: String,
+    },
+}
+
+/// Resources sampled from `/proc`; every field is optional because each can fail alone.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct Resources {
+    pub host_memory_percent: Option<f64>,
+    pub worker_rss_bytes: Option<u64>,
+    pub worker_open_files: Option<u64>,
+}
+
+/// Everything one check observed. The time it was taken is passed to the engine beside it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckResult {
+    pub probe: ProbeOutcome,
+    pub snapshot: SnapshotOutcome,
+    #[serde(default)]
+    pub resources: Option<Resources>,
+}
+
+/// Pre-promotion reference values for the baseline-relative rules.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
+pub struct Baseline {
+    pub error_rate: Option<f64>,
+    pub latency_p95_ms: Option<f64>,
+}
+
+impl Baseline {
+    /// Reads a baseline from the snapshot format (`failureRate`, `latencyP95Ms`).
+    /// Unusable values are dropped, so the rule they would drive stays off.
+    pub fn from_json(value: &Value) -> Baseline {
+        let snapshot = Snapshot::from_json(value);
+        Baseline {
+            error_rate: snapshot
+                .error_rate
+                .finite_non_negative()
+                .filter(|v| *v <= 1.0),
+            latency_p95_ms: snapshot.latency_p95_ms.finite_non_negative(),
+        }
+    }
+}
+
+/// Health-probe body rule (SPEC §3): a 2xx is healthy unless the body is a JSON object
+/// whose `status` field is something other than `ok`, `healthy` or `pass`.
+/// Returns `None` when healthy, or the reason it is not.
+pub fn health_body_verdict(body: &[u8]) -> Option<String> {
+    let Ok(Value::Object(object)) = serde_json::from_slice::<Value>(body) else {
+        return None;
+    };
+    match object.get("status") {
+        None => None,
+        Some(Value::String(status))
+            if ["ok", "healthy", "pass"]
+                .iter()
+                .any(|good| status.eq_ignore_ascii_case(good)) =>
+        {
+            None
+        }
+        Some(other) => Some(format!(
+            "body says status {}",
+            truncate_raw(&other.to_string())
+        )),
+    }
+}
+
+/// Cuts `text` to at most [`RAW_KEEP_BYTES`] bytes on a character boundary, marking the cut.
+pub fn truncate_raw(text: &str) -> String {
+    if text.len() <= RAW_KEEP_BYTES {
+        return text.to_owned();
+    }
+    let mut end = RAW_KEEP_BYTES;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn snapshot_reads_top_level_and_nested_failure_rate() {
+        let top = Snapshot::from_json(&json!({"failureRate": 0.25, "requests": 100}));
+        assert_eq!(top.error_rate, Sample::Number(0.25));
+        assert_eq!(top.requests, Sample::Number(100.0));
+        let nested = Snapshot::from_json(&json!({"validation": {"failureRate": 0.5}}));
+        assert_eq!(nested.error_rate, Sample::Number(0.5));
+        let both = Snapshot::from_json(&json!({"failureRate": 0.1, "validation": {"failureRate": 0.9}}));
+        assert_eq!(both.error_rate, Sample::Number(0.1));
+    }
+
+    #[test]
+    fn snapshot_keeps_wrong_types_raw() {
+        let s = Snapshot::from_json(&json!({"failureRate": "0.5", "latencyP95Ms": [1]}));
+        assert_eq!(s.error_rate, Sample::Wrong("\"0.5\"".into()));
+        assert_eq!(s.latency_p95_ms, Sample::Wrong("[1]".into()));
+        assert_eq!(s.requests, Sample::Missing);
+    }
+
+    #[test]
+    fn snapshot_from_garbage_body_is_wrong_not_panic() {
+        let s = Snapshot::from_body(b"\xff\xfe<html>oops");
+        assert!(matches!(s.error_rate, Sample::Wrong(_)));
+        let array = Snapshot::from_body(b"[0.5]");
+        assert_eq!(array.error_rate, Sample::Wrong("[0.5]".into()));
+        let deep = "[".repeat(100_000);
+        assert!(matches!(Snapshot::from_body(deep.as_bytes()).error_rate, Sample::Wrong(_)));
+    }
+
+    #[test]
+    fn raw_text_is_truncated_on_char_boundary() {
+        let long = "é".repeat(1000);
+        let cut = truncate_raw(&long);
+        assert!(cut.len() <= RAW_KEEP_BYTES + "…".len());
+        assert!(cut.ends_with('…'));
+    }
+
+    #[test]
+    fn health_body_rules() {
+        assert_eq!(health_body_verdict(b""), None);
+        assert_eq!(health_body_verdict(b"OK"), None);
+        assert_eq!(health_body_verdict(br#"{"status":"ok"}"#), None);
+        assert_eq!(health_body_verdict(br#"{"status":"PASS"}"#), None);
+        assert_eq!(health_body_verdict(br#"{"uptime":3}"#), None);
+        assert!(health_body_verdict(br#"{"status":"degraded"}"#).is_some());
+        assert!(health_body_verdict(br#"{"status":false}"#).is_some());
+    }
+}

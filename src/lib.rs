@@ -1,0 +1,6 @@
+//! rollbackd: guards a host after a canary promotion.
+//!
+//! See `docs/ARCHITECTURE.md` for the codemap and the invariants.
+
+pub mod check;
+pub mod engine;

@@ -3,4 +3,8 @@
 //! See `docs/ARCHITECTURE.md` for the codemap and the invariants.
 
 pub mod check;
+pub mod cli;
+pub mod config;
 pub mod engine;
+pub mod simulate;
+pub mod trace;

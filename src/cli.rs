@@ -1,0 +1,253 @@
+//! The command line: clap definitions (parsing validates what was typed), then a resolve
+//! step that reads the configuration and the environment, then the command itself.
+//! Every error is printed with its whole chain and mapped to an exit status.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::config::{self, ConfigError, FileOrigin, LoadedConfig};
+
+/// Exit statuses (SPEC §6, contract).
+pub mod exit {
+    pub const SUCCESS: u8 = 0;
+    pub const FAILURE: u8 = 1;
+    pub const USAGE: u8 = 2;
+    pub const REFUSED: u8 = 3;
+    pub const CONFIG: u8 = 78;
+}
+
+/// A command was refused: a precondition is not met, or the operator declined (exit 3).
+#[derive(Debug, thiserror::Error)]
+#[error("refused: {0}")]
+pub struct Refused(pub String);
+
+/// Guards a host after a canary promotion: health-checks the new worker, decides through a
+/// windowed engine, rolls back or flips the DISABLE_NEW kill switch, and audits it all.
+#[derive(Debug, Parser)]
+#[command(
+    name = "rollbackd",
+    version,
+    propagate_version = true,
+    max_term_width = 100
+)]
+pub struct Cli {
+    /// Configuration file [default: $ROLLBACKD_CONFIG, else /etc/rollbackd/rollbackd.toml]
+    #[arg(long, global = true, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+
+    /// Log level or filter (overrides RUST_LOG), e.g. "debug" or "rollbackd=trace"
+    #[arg(long, global = true, value_name = "FILTER")]
+    pub log_level: Option<String>,
+
+    /// Log format on stderr
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Validate the configuration; print the effective values, where each came from, and
+    /// the worst-case time to each action
+    CheckConfig,
+
+    /// Replay a JSON-lines trace of checks through the engine and print the verdict
+    /// timeline and the first action
+    Simulate {
+        /// Trace file: one check per line, `at` in seconds since promotion ("-" for stdin)
+        #[arg(long, value_name = "FILE")]
+        trace: PathBuf,
+        /// One JSON object per evaluated check instead of the human timeline
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Runs the command line and returns the process exit status.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => {
+            let _ = err.print();
+            return ExitCode::from(match err.kind() {
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
+                    exit::SUCCESS
+                }
+                _ => exit::USAGE,
+            });
+        }
+    };
+    init_logging(&cli);
+    match run(cli) {
+        Ok(code) => ExitCode::from(code),
+        Err(err) => {
+            if is_broken_pipe(&err) {
+                return ExitCode::from(exit::SUCCESS);
+            }
+            let code = exit_code_for(&err);
+            eprintln!("rollbackd: {}", error_chain(&err));
+            ExitCode::from(code)
+        }
+    }
+}
+
+fn init_logging(cli: &Cli) {
+    use tracing_subscriber::EnvFilter;
+    let filter = match &cli.log_level {
+        Some(level) => EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info")),
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match cli.log_format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init(),
+    };
+}
+
+/// The whole chain of an error, outermost first, joined by ": ".
+pub fn error_chain(err: &anyhow::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        // thiserror variants that embed their source already show it.
+        if parts.last().is_some_and(|last| last.contains(&text)) {
+            continue;
+        }
+        parts.push(text);
+    }
+    parts.join(": ")
+}
+
+fn exit_code_for(err: &anyhow::Error) -> u8 {
+    if err.chain().any(|cause| cause.is::<ConfigError>()) {
+        exit::CONFIG
+    } else if err.chain().any(|cause| cause.is::<Refused>()) {
+        exit::REFUSED
+    } else {
+        exit::FAILURE
+    }
+}
+
+fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+fn load_config(cli: &Cli) -> Result<LoadedConfig, ConfigError> {
+    let loaded = config::load(cli.config.as_deref(), &config::process_env())?;
+    for warning in &loaded.warnings {
+        tracing::debug!("config: {warning}");
+    }
+    Ok(loaded)
+}
+
+fn run(cli: Cli) -> anyhow::Result<u8> {
+    match &cli.command {
+        Command::CheckConfig => {
+            let loaded = load_config(&cli)?;
+            let stdout = std::io::stdout();
+            let mut out = stdout.lock();
+            print_check_config(&loaded, &mut out)?;
+            Ok(exit::SUCCESS)
+        }
+        Command::Simulate { trace, json } => {
+            let loaded = load_config(&cli)?;
+            simulate(&loaded, trace, *json)
+        }
+    }
+}
+
+fn simulate(loaded: &LoadedConfig, trace: &PathBuf, json: bool) -> anyhow::Result<u8> {
+    use anyhow::Context;
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::with_capacity(1 << 16, stdout.lock());
+    let name = trace.display().to_string();
+    let result = if name == "-" {
+        crate::simulate::replay(
+            &loaded.config,
+            std::io::stdin().lock(),
+            "<stdin>",
+            json,
+            &mut out,
+        )
+    } else {
+        let file =
+            std::fs::File::open(trace).with_context(|| format!("cannot open trace {name}"))?;
+        crate::simulate::replay(
+            &loaded.config,
+            std::io::BufReader::with_capacity(1 << 16, file),
+            &name,
+            json,
+            &mut out,
+        )
+    };
+    result?;
+    Ok(exit::SUCCESS)
+}
+
+/// `check-config`: the effective configuration, provenance and worst-case times.
+pub fn print_check_config(loaded: &LoadedConfig, out: &mut impl Write) -> std::io::Result<()> {
+    match &loaded.origin {
+        FileOrigin::Named(path) | FileOrigin::DefaultPath(path) => {
+            writeln!(out, "configuration: {} (valid)", path.display())?
+        }
+        FileOrigin::NoFile(path) => writeln!(
+            out,
+            "configuration: no file at {}: using built-in defaults (plus environment overrides)",
+            path.display()
+        )?,
+        FileOrigin::Inline => writeln!(out, "configuration: inline (valid)")?,
+    }
+    writeln!(
+        out,
+        "profile: {}   hash: {}",
+        loaded.config.profile, loaded.hash
+    )?;
+    writeln!(out)?;
+    let width = loaded
+        .values
+        .iter()
+        .map(|(k, _, _)| k.len())
+        .max()
+        .unwrap_or(0);
+    for (key, value, source) in &loaded.values {
+        writeln!(out, "  {key:<width$} = {value:<28} # {source}")?;
+    }
+    let unset: Vec<&str> = config::key_paths()
+        .filter(|key| !loaded.values.iter().any(|(k, _, _)| k == key))
+        .collect();
+    if !unset.is_empty() {
+        writeln!(out, "  not set: {}", unset.join(", "))?;
+    }
+    writeln!(out)?;
+    writeln!(out, "worst-case times:")?;
+    for line in config::worst_case_times(&loaded.config) {
+        writeln!(out, "  {line}")?;
+    }
+    if !loaded.warnings.is_empty() {
+        writeln!(out)?;
+        writeln!(out, "warnings:")?;
+        for warning in &loaded.warnings {
+            writeln!(out, "  {warning}")?;
+        }
+    }
+    Ok(())
+}

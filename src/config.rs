@@ -1,0 +1,1265 @@
+//! Configuration: TOML file, profiles, environment overrides, validation, provenance.
+//!
+//! Layers, weakest first: built-in defaults, the profile's presets, the file, the
+//! environment (`ROLLBACKD_<SECTION>_<KEY>` and the four legacy `WVO_ROLLBACK_*` names).
+//! Every key is declared once in [`KEYS`] with its type; each layer is type-checked against
+//! that table, so an error names the key path and the layer it came from. A configuration
+//! with any error is refused as a whole (the CLI exits 78).
+
+use std::collections::BTreeMap;
+use std::fmt::{self, Write as _};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use toml::Value;
+
+use crate::engine::{EngineConfig, NoDataPolicy, Rule};
+
+/// Where the file is looked for when neither `--config` nor `$ROLLBACKD_CONFIG` names one.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/rollbackd/rollbackd.toml";
+
+/// Environment variable naming the configuration file.
+pub const CONFIG_ENV: &str = "ROLLBACKD_CONFIG";
+
+/// The type of a configuration key.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Kind {
+    Duration,
+    Float,
+    Int,
+    Bool,
+    Str,
+    StrList,
+    Enum(&'static [&'static str]),
+}
+
+impl Kind {
+    fn describe(self) -> String {
+        match self {
+            Kind::Duration => "a duration such as \"30s\" or \"10m\"".into(),
+            Kind::Float => "a number".into(),
+            Kind::Int => "a whole number".into(),
+            Kind::Bool => "true or false".into(),
+            Kind::Str => "a string".into(),
+            Kind::StrList => "an array of strings".into(),
+            Kind::Enum(names) => format!("one of {}", names.join(", ")),
+        }
+    }
+}
+
+const PROFILES: &[&str] = &["default", "production", "staging", "development"];
+
+/// Every key the configuration accepts, with its type. `flags.defaults.*` is free-form.
+const KEYS: &[(&str, Kind)] = &[
+    ("state_dir", Kind::Str),
+    ("profile", Kind::Enum(PROFILES)),
+    ("monitor.check_interval", Kind::Duration),
+    ("monitor.degraded_check_interval", Kind::Duration),
+    ("monitor.check_timeout", Kind::Duration),
+    ("monitor.grace_period", Kind::Duration),
+    ("monitor.window", Kind::Int),
+    ("rules.error_rate_threshold", Kind::Float),
+    ("rules.degraded_error_rate", Kind::Float),
+    ("rules.rollback_min_breaches", Kind::Int),
+    ("rules.consecutive_failures", Kind::Int),
+    ("rules.min_requests", Kind::Int),
+    ("rules.max_consecutive_no_data", Kind::Int),
+    ("rules.no_data_policy", Kind::Enum(&["escalate", "ignore"])),
+    ("rules.baseline_error_multiplier", Kind::Float),
+    ("rules.latency_p95_multiplier", Kind::Float),
+    ("rules.memory_percent", Kind::Float),
+    ("rules.dry_run", Kind::Bool),
+    ("rules.dry_run_rules", Kind::StrList),
+    ("worker.health_url", Kind::Str),
+    ("worker.health_command", Kind::StrList),
+    ("worker.health_tcp", Kind::Str),
+    ("worker.pid_file", Kind::Str),
+    ("operations.snapshot_url", Kind::Str),
+    ("operations.snapshot_command", Kind::StrList),
+    ("operations.prometheus.url", Kind::Str),
+    ("operations.prometheus.error_rate", Kind::Str),
+    ("operations.prometheus.requests", Kind::Str),
+    ("operations.prometheus.latency_p95_ms", Kind::Str),
+    ("operations.prometheus.latency_p99_ms", Kind::Str),
+    ("rollback.switch_command", Kind::StrList),
+    ("rollback.pause_command", Kind::StrList),
+    ("rollback.drain_command", Kind::StrList),
+    ("rollback.resume_command", Kind::StrList),
+    ("rollback.hook_timeout", Kind::Duration),
+    ("rollback.verify_timeout", Kind::Duration),
+    ("rollback.verify_interval", Kind::Duration),
+    ("rollback.max_attempts", Kind::Int),
+    ("rollback.max_rollbacks_per_hour", Kind::Int),
+    ("kill_switch.database", Kind::Str),
+    ("kill_switch.key", Kind::Str),
+    ("kill_switch.reset_quiet_period", Kind::Duration),
+    ("alerts.webhook_url", Kind::Str),
+    (
+        "alerts.format",
+        Kind::Enum(&["generic", "slack", "alertmanager"]),
+    ),
+    ("alerts.timeout", Kind::Duration),
+    ("alerts.max_retries", Kind::Int),
+    ("http.listen", Kind::Str),
+];
+
+/// Every declared key path, in declaration order (for listings that show unset keys too).
+pub fn key_paths() -> impl Iterator<Item = &'static str> {
+    KEYS.iter().map(|(key, _)| *key)
+}
+
+const FLAG_DEFAULTS_PREFIX: &str = "flags.defaults.";
+
+/// Built-in defaults (profile `default`). `monitor.degraded_check_interval` is derived
+/// (half the check interval) unless a layer sets it.
+const DEFAULTS_TOML: &str = r#"
+state_dir = "state"
+profile = "default"
+
+[monitor]
+check_interval = "30s"
+check_timeout = "5s"
+grace_period = "10m"
+window = 5
+
+[rules]
+error_rate_threshold = 0.20
+degraded_error_rate = 0.05
+rollback_min_breaches = 3
+consecutive_failures = 2
+min_requests = 0
+max_consecutive_no_data = 4
+no_data_policy = "escalate"
+baseline_error_multiplier = 2.0
+latency_p95_multiplier = 1.5
+memory_percent = 90.0
+dry_run = false
+dry_run_rules = []
+
+[rollback]
+hook_timeout = "30s"
+verify_timeout = "2m"
+verify_interval = "5s"
+max_attempts = 3
+max_rollbacks_per_hour = 3
+
+[kill_switch]
+database = "state/orchestrator.db"
+key = "DISABLE_NEW"
+reset_quiet_period = "15m"
+
+[alerts]
+format = "generic"
+timeout = "5s"
+max_retries = 3
+
+[http]
+listen = "127.0.0.1:9187"
+"#;
+
+/// The presets of each profile (SPEC §2, contract).
+fn profile_presets(profile: &str) -> [(&'static str, Value); 3] {
+    let (threshold, grace, failures) = match profile {
+        "production" => (0.15, "15m", 1),
+        "staging" => (0.25, "5m", 2),
+        "development" => (0.50, "2m", 3),
+        _ => (0.20, "10m", 2),
+    };
+    [
+        ("rules.error_rate_threshold", Value::Float(threshold)),
+        ("monitor.grace_period", Value::String(grace.into())),
+        ("rules.consecutive_failures", Value::Integer(failures)),
+    ]
+}
+
+/// Where an effective value came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    Default,
+    Derived,
+    Profile(String),
+    File(PathBuf),
+    Env(String),
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::Default => f.write_str("default"),
+            Source::Derived => f.write_str("derived"),
+            Source::Profile(name) => write!(f, "profile {name}"),
+            Source::File(path) => write!(f, "file {}", path.display()),
+            Source::Env(name) => write!(f, "environment {name}"),
+        }
+    }
+}
+
+/// One problem with the configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigIssue {
+    /// The key path (`rules.error_rate_threshold`), or the file for file-level problems.
+    pub key: String,
+    pub message: String,
+}
+
+/// The configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read configuration file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("configuration file {path} is not valid TOML: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid configuration ({} problem{}):\n{}", .0.len(), if .0.len() == 1 { "" } else { "s" }, format_issues(.0))]
+    Invalid(Vec<ConfigIssue>),
+}
+
+fn format_issues(issues: &[ConfigIssue]) -> String {
+    issues
+        .iter()
+        .map(|issue| format!("  {}: {}", issue.key, issue.message))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// How the worker is probed.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ProbeSpec {
+    Http(String),
+    Command(Vec<String>),
+    Tcp(String),
+}
+
+/// Prometheus queries for the snapshot.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PrometheusSpec {
+    pub url: String,
+    pub error_rate: String,
+    pub requests: Option<String>,
+    pub latency_p95_ms: Option<String>,
+    pub latency_p99_ms: Option<String>,
+}
+
+/// Where the operations snapshot comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SnapshotSpec {
+    Http(String),
+    Command(Vec<String>),
+    Prometheus(PrometheusSpec),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct MonitorConfig {
+    pub check_interval: Duration,
+    pub degraded_check_interval: Duration,
+    pub check_timeout: Duration,
+    pub grace_period: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkerConfig {
+    pub probe: Option<ProbeSpec>,
+    /// Path template; `{worker}` is the active worker's id.
+    pub pid_file: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RollbackConfig {
+    pub switch_command: Option<Vec<String>>,
+    pub pause_command: Option<Vec<String>>,
+    pub drain_command: Option<Vec<String>>,
+    pub resume_command: Option<Vec<String>>,
+    /// Time limit of each hook.
+    pub hook_timeout: Duration,
+    pub verify_timeout: Duration,
+    pub verify_interval: Duration,
+    pub max_attempts: u32,
+    pub max_rollbacks_per_hour: u32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct KillSwitchConfig {
+    pub database: PathBuf,
+    pub key: String,
+    pub reset_quiet_period: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AlertFormat {
+    Generic,
+    Slack,
+    Alertmanager,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AlertsConfig {
+    pub webhook_url: Option<String>,
+    pub format: AlertFormat,
+    pub timeout: Duration,
+    pub max_retries: u32,
+}
+
+/// The validated, typed configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub state_dir: PathBuf,
+    pub profile: String,
+    pub monitor: MonitorConfig,
+    pub rules: EngineConfig,
+    pub worker: WorkerConfig,
+    pub operations: Option<SnapshotSpec>,
+    pub rollback: RollbackConfig,
+    pub kill_switch: KillSwitchConfig,
+    /// Safe defaults LiveFlags falls back to when the kill switch is on.
+    pub flag_defaults: BTreeMap<String, String>,
+    pub alerts: AlertsConfig,
+    /// `None` when `http.listen` is empty (endpoint disabled).
+    pub http_listen: Option<SocketAddr>,
+}
+
+impl Config {
+    pub fn rollbackd_db(&self) -> PathBuf {
+        self.state_dir.join("rollbackd.db")
+    }
+
+    pub fn socket_path(&self) -> PathBuf {
+        self.state_dir.join("rollbackd.sock")
+    }
+
+    pub fn analytics_dir(&self) -> PathBuf {
+        self.state_dir.join("analytics")
+    }
+}
+
+/// Where the file came from, for `check-config`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FileOrigin {
+    /// Named by `--config` or `$ROLLBACKD_CONFIG`.
+    Named(PathBuf),
+    /// Found at the default path.
+    DefaultPath(PathBuf),
+    /// No file at the default path: built-in defaults only.
+    NoFile(PathBuf),
+    /// Given as text (tests, the demo).
+    Inline,
+}
+
+/// A configuration with the provenance of each value.
+#[derive(Debug, Clone)]
+pub struct LoadedConfig {
+    pub config: Config,
+    pub origin: FileOrigin,
+    /// Every effective key, its value as TOML text, and where it came from.
+    pub values: Vec<(String, String, Source)>,
+    /// Things worth saying that do not make the configuration invalid.
+    pub warnings: Vec<String>,
+    /// Short hash of the effective configuration, recorded in every artifact.
+    pub hash: String,
+}
+
+/// The file path to read: `--config`, else `$ROLLBACKD_CONFIG`, else the default path.
+pub fn resolve_path(explicit: Option<&Path>, env: &BTreeMap<String, String>) -> (PathBuf, bool) {
+    if let Some(path) = explicit {
+        return (path.to_path_buf(), true);
+    }
+    if let Some(path) = env.get(CONFIG_ENV).filter(|p| !p.is_empty()) {
+        return (PathBuf::from(path), true);
+    }
+    (PathBuf::from(DEFAULT_CONFIG_PATH), false)
+}
+
+/// The process environment as UTF-8 pairs; a non-UTF-8 `ROLLBACKD_*` variable is reported
+/// by [`load`] through its lossy name so it is not silently ignored.
+pub fn process_env() -> BTreeMap<String, String> {
+    std::env::vars_os()
+        .map(|(k, v)| {
+            (
+                k.to_string_lossy().into_owned(),
+                v.to_string_lossy().into_owned(),
+            )
+        })
+        .collect()
+}
+
+/// Loads the configuration the CLI would: file by the path rules, then the environment.
+pub fn load(
+    explicit: Option<&Path>,
+    env: &BTreeMap<String, String>,
+) -> Result<LoadedConfig, ConfigError> {
+    let (path, named) = resolve_path(explicit, env);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let origin = if named {
+                FileOrigin::Named(path.clone())
+            } else {
+                FileOrigin::DefaultPath(path.clone())
+            };
+            load_layers(Some((&text, &path)), origin, env)
+        }
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound && !named => {
+            load_layers(None, FileOrigin::NoFile(path), env)
+        }
+        Err(source) => Err(ConfigError::Read { path, source }),
+    }
+}
+
+/// Loads from TOML text and an environment (tests and the demo).
+pub fn load_str(text: &str, env: &BTreeMap<String, String>) -> Result<LoadedConfig, ConfigError> {
+    load_layers(Some((text, Path::new("<inline>"))), FileOrigin::Inline, env)
+}
+
+fn load_layers(
+    file: Option<(&str, &Path)>,
+    origin: FileOrigin,
+    env: &BTreeMap<String, String>,
+) -> Result<LoadedConfig, ConfigError> {
+    let mut issues = Vec::new();
+    let mut warnings = Vec::new();
+
+    let file_values = match file {
+        Some((text, path)) => {
+            let table: toml::Table =
+                text.parse()
+                    .map_err(|err: toml::de::Error| ConfigError::Parse {
+                        path: path.to_path_buf(),
+                        message: err.to_string().trim().replace('\n', " "),
+                    })?;
+            let mut leaves = Vec::new();
+            flatten("", &table, &mut leaves);
+            let source = Source::File(path.to_path_buf());
+            leaves
+                .into_iter()
+                .filter_map(|(key, value)| match check_leaf(&key, &value) {
+                    Ok(()) => Some((key, value, source.clone())),
+                    Err(message) => {
+                        issues.push(ConfigIssue { key, message });
+                        None
+                    }
+                })
+                .collect::<Vec<_>>()
+        }
+        None => Vec::new(),
+    };
+    let env_values = env_layer(env, &mut issues, &mut warnings);
+
+    // The profile is chosen first: it decides the presets layer under the file.
+    let profile = env_values
+        .iter()
+        .chain(file_values.iter())
+        .find(|(key, _, _)| key == "profile")
+        .and_then(|(_, value, _)| value.as_str().map(str::to_owned))
+        .unwrap_or_else(|| "default".to_owned());
+
+    let defaults: toml::Table = DEFAULTS_TOML.parse().expect("built-in defaults parse");
+    let mut default_leaves = Vec::new();
+    flatten("", &defaults, &mut default_leaves);
+
+    let mut merged: BTreeMap<String, (Value, Source)> = BTreeMap::new();
+    for (key, value) in default_leaves {
+        merged.insert(key, (value, Source::Default));
+    }
+    if profile != "default" {
+        for (key, value) in profile_presets(&profile) {
+            merged.insert(key.to_owned(), (value, Source::Profile(profile.clone())));
+        }
+    }
+    for (key, value, source) in file_values.into_iter().chain(env_values) {
+        merged.insert(key, (value, source));
+    }
+    if !merged.contains_key("monitor.degraded_check_interval") {
+        if let Some((Value::String(interval), _)) = merged.get("monitor.check_interval") {
+            if let Ok(interval) = humantime::parse_duration(interval) {
+                let half = humantime::format_duration(interval / 2).to_string();
+                merged.insert(
+                    "monitor.degraded_check_interval".into(),
+                    (Value::String(half), Source::Derived),
+                );
+            }
+        }
+    }
+
+    let config = build(&merged, &mut issues, &mut warnings);
+    if !issues.is_empty() {
+        return Err(ConfigError::Invalid(issues));
+    }
+    let config = config.expect("no issues means a config was built");
+
+    let values: Vec<(String, String, Source)> = merged
+        .into_iter()
+        .map(|(key, (value, source))| (key, value.to_string(), source))
+        .collect();
+    let mut hasher = Sha256::new();
+    for (key, value, _) in &values {
+        hasher.update(key.as_bytes());
+        hasher.update(b"=");
+        hasher.update(value.as_bytes());
+        hasher.update(b"\n");
+    }
+    let digest = hasher.finalize();
+    let hash = digest[..6].iter().fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    });
+
+    Ok(LoadedConfig {
+        config,
+        origin,
+        values,
+        warnings,
+        hash,
+    })
+}
+
+fn flatten(prefix: &str, table: &toml::Table, out: &mut Vec<(String, Value)>) {
+    for (key, value) in table {
+        let path = if prefix.is_empty() {
+            key.clone()
+        } else {
+            format!("{prefix}.{key}")
+        };
+        match value {
+            // A table is a section unless the key itself is a leaf (none are tables).
+            Value::Table(inner) => flatten(&path, inner, out),
+            other => out.push((path, other.clone())),
+        }
+    }
+}
+
+fn kind_of(key: &str) -> Option<Kind> {
+    if let Some(flag) = key.strip_prefix(FLAG_DEFAULTS_PREFIX) {
+        return (!flag.is_empty() && !flag.contains('.')).then_some(Kind::Str);
+    }
+    KEYS.iter().find(|(k, _)| *k == key).map(|(_, kind)| *kind)
+}
+
+/// Checks one leaf's key is known and its value has the key's type.
+fn check_leaf(key: &str, value: &Value) -> Result<(), String> {
+    let Some(kind) = kind_of(key) else {
+        return Err(unknown_key_message(key));
+    };
+    let ok = match (kind, value) {
+        (Kind::Duration, Value::String(text)) => {
+            return humantime::parse_duration(text).map(|_| ()).map_err(|err| {
+                format!(
+                    "{text:?} is not a duration ({err}); expected {}",
+                    kind.describe()
+                )
+            });
+        }
+        (Kind::Float, Value::Float(_) | Value::Integer(_)) => true,
+        (Kind::Int, Value::Integer(n)) => {
+            return if *n >= 0 {
+                Ok(())
+            } else {
+                Err(format!("{n} is negative; expected {}", kind.describe()))
+            };
+        }
+        (Kind::Bool, Value::Boolean(_)) => true,
+        (Kind::Str, Value::String(_)) => true,
+        (Kind::StrList, Value::Array(items)) => items.iter().all(Value::is_str),
+        (Kind::Enum(names), Value::String(text)) => names.contains(&text.as_str()),
+        _ => false,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("{value} is not {}", kind.describe()))
+    }
+}
+
+fn unknown_key_message(key: &str) -> String {
+    let leaf = key.rsplit('.').next().unwrap_or(key);
+    let suggestion = KEYS
+        .iter()
+        .map(|(k, _)| *k)
+        .find(|k| k.rsplit('.').next() == Some(leaf) && *k != key);
+    match suggestion {
+        Some(known) => format!("unknown key (did you mean {known}?)"),
+        None => "unknown key".to_owned(),
+    }
+}
+
+fn env_name(key: &str) -> String {
+    format!("ROLLBACKD_{}", key.replace('.', "_").to_ascii_uppercase())
+}
+
+/// Reads `ROLLBACKD_*` and the legacy `WVO_ROLLBACK_*` variables into typed leaves.
+fn env_layer(
+    env: &BTreeMap<String, String>,
+    issues: &mut Vec<ConfigIssue>,
+    warnings: &mut Vec<String>,
+) -> Vec<(String, Value, Source)> {
+    let mut out: Vec<(String, Value, Source)> = Vec::new();
+
+    type ParseLegacy = fn(&str) -> Result<Value, String>;
+    let legacy: [(&str, &str, ParseLegacy); 4] = [
+        (
+            "WVO_ROLLBACK_ERROR_THRESHOLD",
+            "rules.error_rate_threshold",
+            |v| {
+                v.trim()
+                    .parse::<f64>()
+                    .map(Value::Float)
+                    .map_err(|e| e.to_string())
+            },
+        ),
+        (
+            "WVO_ROLLBACK_GRACE_PERIOD_MS",
+            "monitor.grace_period",
+            millis_value,
+        ),
+        (
+            "WVO_ROLLBACK_CHECK_INTERVAL_MS",
+            "monitor.check_interval",
+            millis_value,
+        ),
+        (
+            "WVO_ROLLBACK_FAILURE_THRESHOLD",
+            "rules.consecutive_failures",
+            |v| {
+                v.trim()
+                    .parse::<i64>()
+                    .map(Value::Integer)
+                    .map_err(|e| e.to_string())
+            },
+        ),
+    ];
+    for (name, key, parse) in legacy {
+        if let Some(raw) = env.get(name) {
+            match parse(raw) {
+                Ok(value) => match check_leaf(key, &value) {
+                    Ok(()) => out.push((key.to_owned(), value, Source::Env(name.to_owned()))),
+                    Err(message) => issues.push(ConfigIssue {
+                        key: format!("{key} (from {name})"),
+                        message,
+                    }),
+                },
+                Err(err) => issues.push(ConfigIssue {
+                    key: format!("{key} (from {name})"),
+                    message: format!("{raw:?} is not valid: {err}"),
+                }),
+            }
+        }
+    }
+
+    // ROLLBACKD_ names come after the legacy ones so they win when both are set.
+    for (name, raw) in env {
+        let Some(rest) = name.strip_prefix("ROLLBACKD_") else {
+            continue;
+        };
+        if name == CONFIG_ENV {
+            continue;
+        }
+        let key = if let Some(flag) = rest.strip_prefix("FLAGS_DEFAULTS_") {
+            format!("{FLAG_DEFAULTS_PREFIX}{flag}")
+        } else if let Some((key, _)) = KEYS.iter().find(|(k, _)| env_name(k) == *name) {
+            (*key).to_owned()
+        } else {
+            issues.push(ConfigIssue {
+                key: name.clone(),
+                message: "unknown environment override (ROLLBACKD_<SECTION>_<KEY>)".into(),
+            });
+            continue;
+        };
+        let kind = kind_of(&key).unwrap_or(Kind::Str);
+        let value = match env_value(kind, raw) {
+            Ok(value) => value,
+            Err(message) => {
+                issues.push(ConfigIssue {
+                    key: format!("{key} (from {name})"),
+                    message,
+                });
+                continue;
+            }
+        };
+        if let Err(message) = check_leaf(&key, &value) {
+            issues.push(ConfigIssue {
+                key: format!("{key} (from {name})"),
+                message,
+            });
+            continue;
+        }
+        if let Some(previous) = out.iter().position(|(k, _, _)| *k == key) {
+            if let Source::Env(legacy_name) = &out[previous].2 {
+                warnings.push(format!("{name} overrides {legacy_name} for {key}"));
+            }
+            out.remove(previous);
+        }
+        out.push((key, value, Source::Env(name.clone())));
+    }
+    out
+}
+
+fn millis_value(raw: &str) -> Result<Value, String> {
+    let ms: u64 = raw.trim().parse().map_err(|e| format!("{e}"))?;
+    Ok(Value::String(
+        humantime::format_duration(Duration::from_millis(ms)).to_string(),
+    ))
+}
+
+fn env_value(kind: Kind, raw: &str) -> Result<Value, String> {
+    let raw_trimmed = raw.trim();
+    match kind {
+        Kind::Duration | Kind::Str | Kind::Enum(_) => Ok(Value::String(raw.to_owned())),
+        Kind::Float => raw_trimmed
+            .parse::<f64>()
+            .map(Value::Float)
+            .map_err(|_| format!("{raw:?} is not {}", kind.describe())),
+        Kind::Int => raw_trimmed
+            .parse::<i64>()
+            .map(Value::Integer)
+            .map_err(|_| format!("{raw:?} is not {}", kind.describe())),
+        Kind::Bool => match raw_trimmed {
+            "true" | "1" | "yes" => Ok(Value::Boolean(true)),
+            "false" | "0" | "no" => Ok(Value::Boolean(false)),
+            _ => Err(format!("{raw:?} is not {}", kind.describe())),
+        },
+        Kind::StrList => {
+            let parsed: Result<toml::Table, _> = format!("v = {raw_trimmed}").parse();
+            match parsed.ok().and_then(|mut t| t.remove("v")) {
+                Some(value @ Value::Array(_)) => Ok(value),
+                _ => Err(format!(
+                    "{raw:?} is not a TOML array of strings such as [\"/bin/switch\", \"{{to}}\"]"
+                )),
+            }
+        }
+    }
+}
+
+/// Reads typed values out of the merged layers and checks ranges and contradictions.
+fn build(
+    merged: &BTreeMap<String, (Value, Source)>,
+    issues: &mut Vec<ConfigIssue>,
+    warnings: &mut Vec<String>,
+) -> Option<Config> {
+    let get = |key: &str| merged.get(key).map(|(value, _)| value);
+    let mut problem = |key: &str, message: String| {
+        issues.push(ConfigIssue {
+            key: key.to_owned(),
+            message,
+        })
+    };
+    let duration = |key: &str| -> Duration {
+        get(key)
+            .and_then(Value::as_str)
+            .and_then(|text| humantime::parse_duration(text).ok())
+            .unwrap_or_default()
+    };
+    let float = |key: &str| -> f64 {
+        match get(key) {
+            Some(Value::Float(f)) => *f,
+            Some(Value::Integer(i)) => *i as f64,
+            _ => f64::NAN,
+        }
+    };
+    let int = |key: &str| -> u64 { get(key).and_then(Value::as_integer).unwrap_or(0) as u64 };
+    let string =
+        |key: &str| -> Option<String> { get(key).and_then(Value::as_str).map(str::to_owned) };
+    let list = |key: &str| -> Option<Vec<String>> {
+        get(key).and_then(Value::as_array).map(|items| {
+            items
+                .iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        })
+    };
+
+    // [monitor]
+    let monitor = MonitorConfig {
+        check_interval: duration("monitor.check_interval"),
+        degraded_check_interval: duration("monitor.degraded_check_interval"),
+        check_timeout: duration("monitor.check_timeout"),
+        grace_period: duration("monitor.grace_period"),
+    };
+    let min_interval = Duration::from_millis(10);
+    for (key, value) in [
+        ("monitor.check_interval", monitor.check_interval),
+        (
+            "monitor.degraded_check_interval",
+            monitor.degraded_check_interval,
+        ),
+        ("monitor.check_timeout", monitor.check_timeout),
+        ("monitor.grace_period", monitor.grace_period),
+    ] {
+        if value < min_interval {
+            problem(key, format!("must be at least 10ms, got {}", show(value)));
+        }
+    }
+    if monitor.degraded_check_interval > monitor.check_interval {
+        problem(
+            "monitor.degraded_check_interval",
+            format!(
+                "{} is longer than monitor.check_interval {}: degraded checks must come at least as often",
+                show(monitor.degraded_check_interval),
+                show(monitor.check_interval)
+            ),
+        );
+    }
+    if monitor.check_timeout > monitor.check_interval {
+        problem(
+            "monitor.check_timeout",
+            format!(
+                "{} is longer than monitor.check_interval {}",
+                show(monitor.check_timeout),
+                show(monitor.check_interval)
+            ),
+        );
+    }
+    if monitor.grace_period < monitor.check_interval {
+        problem(
+            "monitor.grace_period",
+            format!(
+                "{} is shorter than monitor.check_interval {}: no check would run",
+                show(monitor.grace_period),
+                show(monitor.check_interval)
+            ),
+        );
+    }
+
+    // [rules]
+    let window = int("monitor.window") as usize;
+    if !(1..=1000).contains(&window) {
+        problem(
+            "monitor.window",
+            format!("must be between 1 and 1000, got {window}"),
+        );
+    }
+    let mut dry_run_rules = Vec::new();
+    for name in list("rules.dry_run_rules").unwrap_or_default() {
+        match Rule::from_name(&name) {
+            Some(rule) => dry_run_rules.push(rule),
+            None => problem(
+                "rules.dry_run_rules",
+                format!(
+                    "unknown rule {name:?}; rules are {}",
+                    Rule::ALL.map(Rule::as_str).join(", ")
+                ),
+            ),
+        }
+    }
+    let rules = EngineConfig {
+        window,
+        error_rate_threshold: float("rules.error_rate_threshold"),
+        degraded_error_rate: float("rules.degraded_error_rate"),
+        rollback_min_breaches: int("rules.rollback_min_breaches") as usize,
+        consecutive_failures: int("rules.consecutive_failures") as usize,
+        min_requests: int("rules.min_requests"),
+        max_consecutive_no_data: int("rules.max_consecutive_no_data") as usize,
+        no_data_policy: match string("rules.no_data_policy").as_deref() {
+            Some("ignore") => NoDataPolicy::Ignore,
+            _ => NoDataPolicy::Escalate,
+        },
+        baseline_error_multiplier: float("rules.baseline_error_multiplier"),
+        latency_p95_multiplier: float("rules.latency_p95_multiplier"),
+        memory_percent: float("rules.memory_percent"),
+        dry_run: get("rules.dry_run")
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
+        dry_run_rules,
+    };
+    let fraction = |v: f64| v.is_finite() && v > 0.0 && v <= 1.0;
+    if !fraction(rules.error_rate_threshold) {
+        problem(
+            "rules.error_rate_threshold",
+            format!(
+                "must be a fraction in (0, 1], got {}",
+                rules.error_rate_threshold
+            ),
+        );
+    }
+    if !(rules.degraded_error_rate.is_finite() && (0.0..=1.0).contains(&rules.degraded_error_rate))
+    {
+        problem(
+            "rules.degraded_error_rate",
+            format!(
+                "must be a fraction in [0, 1], got {}",
+                rules.degraded_error_rate
+            ),
+        );
+    } else if rules.degraded_error_rate > rules.error_rate_threshold {
+        problem(
+            "rules.degraded_error_rate",
+            format!(
+                "{} is above rules.error_rate_threshold {}: degraded must come before rollback",
+                rules.degraded_error_rate, rules.error_rate_threshold
+            ),
+        );
+    }
+    for (key, value) in [
+        ("rules.rollback_min_breaches", rules.rollback_min_breaches),
+        ("rules.consecutive_failures", rules.consecutive_failures),
+        (
+            "rules.max_consecutive_no_data",
+            rules.max_consecutive_no_data,
+        ),
+    ] {
+        if value == 0 {
+            problem(key, "must be at least 1".into());
+        } else if window >= 1 && value > window {
+            problem(
+                key,
+                format!("{value} is larger than monitor.window {window}: it is counted inside the window and could never be reached"),
+            );
+        }
+    }
+    for key in [
+        "rules.baseline_error_multiplier",
+        "rules.latency_p95_multiplier",
+    ] {
+        let value = float(key);
+        if !(value.is_finite() && value >= 1.0) {
+            problem(
+                key,
+                format!("must be a number of at least 1.0, got {value}"),
+            );
+        }
+    }
+    if !(rules.memory_percent.is_finite()
+        && rules.memory_percent > 0.0
+        && rules.memory_percent <= 100.0)
+    {
+        problem(
+            "rules.memory_percent",
+            format!(
+                "must be a percentage in (0, 100], got {}",
+                rules.memory_percent
+            ),
+        );
+    }
+
+    // [worker]
+    let probes: Vec<ProbeSpec> = [
+        string("worker.health_url").map(ProbeSpec::Http),
+        list("worker.health_command").map(ProbeSpec::Command),
+        string("worker.health_tcp").map(ProbeSpec::Tcp),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    if probes.len() > 1 {
+        problem(
+            "worker",
+            "set only one of health_url, health_command, health_tcp".into(),
+        );
+    }
+    let probe = probes.into_iter().next();
+    match &probe {
+        Some(ProbeSpec::Http(url)) => check_http_url("worker.health_url", url, &mut problem),
+        Some(ProbeSpec::Command(argv)) => check_argv("worker.health_command", argv, &mut problem),
+        Some(ProbeSpec::Tcp(addr)) => {
+            if addr
+                .rsplit_once(':')
+                .and_then(|(_, p)| p.parse::<u16>().ok())
+                .is_none()
+            {
+                problem("worker.health_tcp", format!("{addr:?} is not host:port"));
+            }
+        }
+        None => warnings
+            .push("worker: no health_url, health_command or health_tcp; `run` needs one".into()),
+    }
+    let worker = WorkerConfig {
+        probe,
+        pid_file: string("worker.pid_file").filter(|p| !p.is_empty()),
+    };
+
+    // [operations]
+    let prometheus_url = string("operations.prometheus.url");
+    let mut sources = Vec::new();
+    if let Some(url) = string("operations.snapshot_url") {
+        check_http_url("operations.snapshot_url", &url, &mut problem);
+        sources.push(SnapshotSpec::Http(url));
+    }
+    if let Some(argv) = list("operations.snapshot_command") {
+        check_argv("operations.snapshot_command", &argv, &mut problem);
+        sources.push(SnapshotSpec::Command(argv));
+    }
+    let prometheus_keys_set = merged
+        .keys()
+        .any(|k| k.starts_with("operations.prometheus."));
+    if prometheus_keys_set {
+        match (prometheus_url, string("operations.prometheus.error_rate")) {
+            (Some(url), Some(error_rate)) => {
+                check_http_url("operations.prometheus.url", &url, &mut problem);
+                sources.push(SnapshotSpec::Prometheus(PrometheusSpec {
+                    url,
+                    error_rate,
+                    requests: string("operations.prometheus.requests"),
+                    latency_p95_ms: string("operations.prometheus.latency_p95_ms"),
+                    latency_p99_ms: string("operations.prometheus.latency_p99_ms"),
+                }))
+            }
+            (None, _) => problem(
+                "operations.prometheus.url",
+                "is required with [operations.prometheus]".into(),
+            ),
+            (_, None) => problem(
+                "operations.prometheus.error_rate",
+                "is required with [operations.prometheus]".into(),
+            ),
+        }
+    }
+    if sources.len() > 1 {
+        problem(
+            "operations",
+            "set only one of snapshot_url, snapshot_command, [operations.prometheus]".into(),
+        );
+    }
+    let operations = sources.into_iter().next();
+    if operations.is_none() {
+        warnings.push(
+            "operations: no snapshot source; every check will have no error rate (no-data)".into(),
+        );
+    }
+
+    // [rollback]
+    let rollback = RollbackConfig {
+        switch_command: list("rollback.switch_command"),
+        pause_command: list("rollback.pause_command"),
+        drain_command: list("rollback.drain_command"),
+        resume_command: list("rollback.resume_command"),
+        hook_timeout: duration("rollback.hook_timeout"),
+        verify_timeout: duration("rollback.verify_timeout"),
+        verify_interval: duration("rollback.verify_interval"),
+        max_attempts: int("rollback.max_attempts") as u32,
+        max_rollbacks_per_hour: int("rollback.max_rollbacks_per_hour") as u32,
+    };
+    for (key, argv) in [
+        ("rollback.switch_command", &rollback.switch_command),
+        ("rollback.pause_command", &rollback.pause_command),
+        ("rollback.drain_command", &rollback.drain_command),
+        ("rollback.resume_command", &rollback.resume_command),
+    ] {
+        if let Some(argv) = argv {
+            check_argv(key, argv, &mut problem);
+        }
+    }
+    if rollback.switch_command.is_none() {
+        warnings.push("rollback.switch_command is not set; `run` needs it to roll back".into());
+    }
+    for (key, value) in [
+        ("rollback.hook_timeout", rollback.hook_timeout),
+        ("rollback.verify_timeout", rollback.verify_timeout),
+        ("rollback.verify_interval", rollback.verify_interval),
+    ] {
+        if value < min_interval {
+            problem(key, format!("must be at least 10ms, got {}", show(value)));
+        }
+    }
+    if rollback.verify_interval > rollback.verify_timeout {
+        problem(
+            "rollback.verify_interval",
+            format!(
+                "{} is longer than rollback.verify_timeout {}",
+                show(rollback.verify_interval),
+                show(rollback.verify_timeout)
+            ),
+        );
+    }
+    if !(1..=10).contains(&rollback.max_attempts) {
+        problem(
+            "rollback.max_attempts",
+            format!("must be between 1 and 10, got {}", rollback.max_attempts),
+        );
+    }
+    if !(1..=60).contains(&rollback.max_rollbacks_per_hour) {
+        problem(
+            "rollback.max_rollbacks_per_hour",
+            format!(
+                "must be between 1 and 60, got {}",
+                rollback.max_rollbacks_per_hour
+            ),
+        );
+    }
+
+    // [kill_switch]
+    let kill_switch = KillSwitchConfig {
+        database: PathBuf::from(string("kill_switch.database").unwrap_or_default()),
+        key: string("kill_switch.key").unwrap_or_default(),
+        reset_quiet_period: duration("kill_switch.reset_quiet_period"),
+    };
+    if kill_switch.database.as_os_str().is_empty() {
+        problem("kill_switch.database", "must not be empty".into());
+    }
+    if kill_switch.key.trim().is_empty() {
+        problem("kill_switch.key", "must not be empty".into());
+    }
+
+    let flag_defaults: BTreeMap<String, String> = merged
+        .iter()
+        .filter_map(|(key, (value, _))| {
+            let flag = key.strip_prefix(FLAG_DEFAULTS_PREFIX)?;
+            Some((flag.to_owned(), value.as_str()?.to_owned()))
+        })
+        .collect();
+
+    // [alerts]
+    let alerts = AlertsConfig {
+        webhook_url: string("alerts.webhook_url").filter(|u| !u.is_empty()),
+        format: match string("alerts.format").as_deref() {
+            Some("slack") => AlertFormat::Slack,
+            Some("alertmanager") => AlertFormat::Alertmanager,
+            _ => AlertFormat::Generic,
+        },
+        timeout: duration("alerts.timeout"),
+        max_retries: int("alerts.max_retries") as u32,
+    };
+    if let Some(url) = &alerts.webhook_url {
+        check_http_url("alerts.webhook_url", url, &mut problem);
+    }
+    if alerts.max_retries > 10 {
+        problem(
+            "alerts.max_retries",
+            format!("must be at most 10, got {}", alerts.max_retries),
+        );
+    }
+
+    // [http]
+    let listen = string("http.listen").unwrap_or_default();
+    let http_listen = if listen.trim().is_empty() {
+        None
+    } else {
+        match listen.parse::<SocketAddr>() {
+            Ok(addr) => Some(addr),
+            Err(_) => {
+                problem(
+                    "http.listen",
+                    format!("{listen:?} is not an address such as \"127.0.0.1:9187\" (or \"\" to disable)"),
+                );
+                None
+            }
+        }
+    };
+
+    let state_dir = PathBuf::from(string("state_dir").unwrap_or_default());
+    if state_dir.as_os_str().is_empty() {
+        problem("state_dir", "must not be empty".into());
+    }
+
+    Some(Config {
+        state_dir,
+        profile: string("profile").unwrap_or_else(|| "default".into()),
+        monitor,
+        rules,
+        worker,
+        operations,
+        rollback,
+        kill_switch,
+        flag_defaults,
+        alerts,
+        http_listen,
+    })
+}
+
+fn check_http_url(key: &str, url: &str, problem: &mut impl FnMut(&str, String)) {
+    if !(url.starts_with("http://") || url.starts_with("https://")) || url.len() <= "http://".len()
+    {
+        problem(key, format!("{url:?} is not an http:// or https:// URL"));
+    }
+}
+
+fn check_argv(key: &str, argv: &[String], problem: &mut impl FnMut(&str, String)) {
+    match argv.first() {
+        None => problem(key, "must name a program: the array is empty".into()),
+        Some(program) if program.trim().is_empty() => {
+            problem(key, "the program (first element) is empty".into())
+        }
+        Some(_) => {}
+    }
+}
+
+/// A duration the way operators write it ("30s", "1m 30s", "250ms").
+pub fn show(duration: Duration) -> String {
+    humantime::format_duration(duration).to_string()
+}
+
+/// Worst-case times from the onset of a problem to each action, derived from the config.
+///
+/// A problem that starts just after a check is seen at the next check (one
+/// `check_interval`, plus up to `check_timeout` for that check to finish); from then on
+/// the window is degraded, so the remaining checks come every `degraded_check_interval`.
+pub fn worst_case_times(config: &Config) -> Vec<String> {
+    let m = &config.monitor;
+    let r = &config.rules;
+    let to_detect = |checks: usize| -> Duration {
+        m.check_interval
+            + m.degraded_check_interval * (checks.saturating_sub(1) as u32)
+            + m.check_timeout
+    };
+    let describe = |checks: usize| -> String {
+        format!(
+            "at most {} (1 × {} interval + {} × {} degraded interval + {} check timeout)",
+            show(to_detect(checks)),
+            show(m.check_interval),
+            checks.saturating_sub(1),
+            show(m.degraded_check_interval),
+            show(m.check_timeout)
+        )
+    };
+    let mut lines = vec![
+        format!(
+            "rollback after {} breaching checks (of the last {}): {}",
+            r.rollback_min_breaches,
+            r.window,
+            describe(r.rollback_min_breaches)
+        ),
+        format!(
+            "escalate after {} consecutive probe failures: {}",
+            r.consecutive_failures,
+            describe(r.consecutive_failures)
+        ),
+    ];
+    lines.push(match r.no_data_policy {
+        NoDataPolicy::Escalate => format!(
+            "escalate after {} checks without a usable error rate: {}",
+            r.max_consecutive_no_data,
+            describe(r.max_consecutive_no_data)
+        ),
+        NoDataPolicy::Ignore => {
+            "checks without a usable error rate: never escalate (no_data_policy = \"ignore\")"
+                .into()
+        }
+    });
+    let rb = &config.rollback;
+    let hooks = [
+        &rb.pause_command,
+        &rb.drain_command,
+        &rb.switch_command,
+        &rb.resume_command,
+    ]
+    .iter()
+    .filter(|hook| hook.is_some())
+    .count() as u32;
+    let one_attempt = rb.hook_timeout * hooks + rb.verify_timeout;
+    lines.push(format!(
+        "a rollback takes at most {} per attempt ({} hooks × {} + {} verify), {} attempts at most: {}",
+        show(one_attempt),
+        hooks,
+        show(rb.hook_timeout),
+        show(rb.verify_timeout),
+        rb.max_attempts,
+        show(one_attempt * rb.max_attempts)
+    ));
+    lines.push(format!(
+        "monitoring ends (promotion confirmed) {} after promotion",
+        show(m.grace_period)
+    ));
+    if r.dry_run {
+        lines.push("dry_run = true: actions are recorded, never taken".into());
+    } else if !r.dry_run_rules.is_empty() {
+        lines.push(format!(
+            "dry-run rules (recorded, never acted on): {}",
+            r.dry_run_rules
+                .iter()
+                .map(|r| r.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    lines
+}

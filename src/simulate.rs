@@ -1,0 +1,283 @@
+//! `rollbackd simulate`: replays a trace through the engine exactly as a monitoring
+//! session would — checks after the grace period are not evaluated, and the replay stops
+//! at the first check whose action is not null.
+
+use std::io::{BufRead, Write};
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::config::{show, Config};
+use crate::engine::{Action, Decision, Engine, Firing, Verdict};
+use crate::trace::{parse_line, TraceLine};
+
+/// A trace that could not be replayed.
+#[derive(Debug, thiserror::Error)]
+pub enum SimulateError {
+    #[error("{name}:{line}: {message}")]
+    Malformed {
+        name: String,
+        line: usize,
+        message: String,
+    },
+    #[error("reading {name}: {source}")]
+    Read {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("writing output: {0}")]
+    Write(#[source] std::io::Error),
+}
+
+/// How a replay ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Summary {
+    pub checks_evaluated: u64,
+    pub first_action: Option<(Duration, Action, String)>,
+    /// The grace period ended before the trace did: the promotion would be confirmed.
+    pub grace_expired_at: Option<Duration>,
+    pub last_verdict: Option<Verdict>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct JsonDecision<'a> {
+    #[serde(serialize_with = "serialize_at")]
+    at: Duration,
+    verdict: Verdict,
+    action: Option<Action>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    would_act: Option<Action>,
+    error_rate: Option<f64>,
+    error_class: &'static str,
+    probe: &'static str,
+    failure_pattern: &'static str,
+    failures: usize,
+    rules: &'a [Firing],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<String>,
+}
+
+/// Replays `trace` through a fresh engine built from `config`, writing one line per
+/// evaluated check (`json`: the contract JSON object; otherwise a human timeline).
+pub fn replay(
+    config: &Config,
+    trace: impl BufRead,
+    name: &str,
+    json: bool,
+    out: &mut impl Write,
+) -> Result<Summary, SimulateError> {
+    let mut lines = trace;
+    let mut buffer = String::new();
+    let mut line_number = 0usize;
+    let mut engine: Option<Engine> = None;
+    let mut last_at = Duration::ZERO;
+    let mut summary = Summary {
+        checks_evaluated: 0,
+        first_action: None,
+        grace_expired_at: None,
+        last_verdict: None,
+    };
+    let malformed = |line: usize, message: String| SimulateError::Malformed {
+        name: name.to_owned(),
+        line,
+        message,
+    };
+    let write_err = SimulateError::Write;
+
+    if !json {
+        writeln!(
+            out,
+            "replaying {name}: profile {}, window {}, rollback at {} of {} checks over {:.1}%, grace period {}",
+            config.profile,
+            config.rules.window,
+            config.rules.rollback_min_breaches,
+            config.rules.window,
+            config.rules.error_rate_threshold * 100.0,
+            show(config.monitor.grace_period)
+        )
+        .map_err(write_err)?;
+    }
+
+    loop {
+        buffer.clear();
+        let read = lines.read_line(&mut buffer).map_err(|source| {
+            if source.kind() == std::io::ErrorKind::InvalidData {
+                malformed(line_number + 1, "not valid UTF-8".into())
+            } else {
+                SimulateError::Read {
+                    name: name.to_owned(),
+                    source,
+                }
+            }
+        })?;
+        if read == 0 {
+            break;
+        }
+        line_number += 1;
+        let parsed = parse_line(&buffer).map_err(|message| malformed(line_number, message))?;
+        let (at, check) = match parsed {
+            None => continue,
+            Some(TraceLine::Baseline(baseline)) => {
+                if engine.is_some() {
+                    return Err(malformed(
+                        line_number,
+                        "a baseline line must come before the first check".into(),
+                    ));
+                }
+                if !json {
+                    writeln!(
+                        out,
+                        "baseline: error rate {}, p95 {}",
+                        baseline
+                            .error_rate
+                            .map(|r| format!("{:.1}%", r * 100.0))
+                            .unwrap_or_else(|| "unknown".into()),
+                        baseline
+                            .latency_p95_ms
+                            .map(|p| format!("{p} ms"))
+                            .unwrap_or_else(|| "unknown".into())
+                    )
+                    .map_err(write_err)?;
+                }
+                engine = Some(Engine::new(config.rules.clone(), Some(baseline)));
+                continue;
+            }
+            Some(TraceLine::Check { at, check }) => (at, check),
+        };
+        if at < last_at {
+            return Err(malformed(
+                line_number,
+                format!(
+                    "\"at\" goes back in time ({} after {})",
+                    at.as_secs_f64(),
+                    last_at.as_secs_f64()
+                ),
+            ));
+        }
+        last_at = at;
+        if at > config.monitor.grace_period {
+            summary.grace_expired_at = Some(config.monitor.grace_period);
+            break;
+        }
+        let engine = engine.get_or_insert_with(|| Engine::new(config.rules.clone(), None));
+        let decision = engine.observe(at, &check);
+        summary.checks_evaluated += 1;
+        summary.last_verdict = Some(decision.verdict);
+        if json {
+            write_json(out, &decision, check.probe.is_failed()).map_err(write_err)?;
+        } else {
+            write_human(out, &decision).map_err(write_err)?;
+        }
+        if let Some(action) = decision.action {
+            summary.first_action = Some((at, action, decision.reason()));
+            break;
+        }
+    }
+
+    if !json {
+        match (&summary.first_action, summary.grace_expired_at) {
+            (Some((at, action, reason)), _) => writeln!(
+                out,
+                "first action: {} at +{}s — {}",
+                action.as_str(),
+                seconds(*at),
+                reason
+            ),
+            (None, Some(grace)) => writeln!(
+                out,
+                "no action: grace period {} ended after {} checks; the promotion would be confirmed",
+                show(grace),
+                summary.checks_evaluated
+            ),
+            (None, None) => writeln!(
+                out,
+                "no action in {} checks; last verdict {}",
+                summary.checks_evaluated,
+                summary.last_verdict.map(Verdict::as_str).unwrap_or("none")
+            ),
+        }
+        .map_err(write_err)?;
+    }
+    out.flush().map_err(write_err)?;
+    Ok(summary)
+}
+
+/// Whole seconds as an integer (`"at": 60`, as in the trace), fractions as a float.
+fn serialize_at<S: serde::Serializer>(at: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    if at.subsec_nanos() == 0 {
+        s.serialize_u64(at.as_secs())
+    } else {
+        s.serialize_f64(at.as_secs_f64())
+    }
+}
+
+fn seconds(at: Duration) -> String {
+    let secs = at.as_secs_f64();
+    if secs.fract() == 0.0 {
+        format!("{secs:.0}")
+    } else {
+        format!("{secs:.3}")
+    }
+}
+
+fn write_json(
+    out: &mut impl Write,
+    decision: &Decision,
+    probe_failed: bool,
+) -> std::io::Result<()> {
+    let record = JsonDecision {
+        at: decision.at,
+        verdict: decision.verdict,
+        action: decision.action,
+        would_act: decision.would_act(),
+        error_rate: decision.error_rate,
+        error_class: decision.error_class.as_str(),
+        probe: if probe_failed { "failed" } else { "ok" },
+        failure_pattern: decision.failure_pattern.as_str(),
+        failures: decision.failure_count,
+        rules: &decision.fired,
+        reason: (decision.verdict != Verdict::Healthy).then(|| decision.reason()),
+    };
+    serde_json::to_writer(&mut *out, &record)?;
+    out.write_all(b"\n")
+}
+
+fn write_human(out: &mut impl Write, decision: &Decision) -> std::io::Result<()> {
+    let error = match decision.error_rate {
+        Some(rate) => format!("{:>5.1}% {}", rate * 100.0, decision.error_class.as_str()),
+        None => format!("   -   {}", decision.error_class.as_str()),
+    };
+    let probe = if decision.probe_reason.is_some() {
+        "failed"
+    } else {
+        "ok"
+    };
+    let rules: Vec<String> = decision
+        .fired
+        .iter()
+        .map(|f| {
+            format!(
+                "{}{}",
+                f.rule.as_str(),
+                if f.dry_run { "(dry-run)" } else { "" }
+            )
+        })
+        .collect();
+    let action = match (decision.action, decision.would_act()) {
+        (Some(action), _) => format!("  → {}", action.as_str().to_uppercase()),
+        (None, Some(would)) => format!("  (would {} — dry run)", would.as_str()),
+        _ => String::new(),
+    };
+    writeln!(
+        out,
+        "  {:>9}  {:<8}  probe {:<6}  error {:<22} {}{}",
+        format!("+{}s", seconds(decision.at)),
+        decision.verdict.as_str(),
+        probe,
+        error,
+        rules.join(","),
+        action
+    )
+}

@@ -1,0 +1,377 @@
+//! Configuration layering, provenance and refusal (SPEC §3).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use rollbackd::config::{load, load_str, ConfigError, FileOrigin, Source};
+
+fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn source_of(loaded: &rollbackd::config::LoadedConfig, key: &str) -> Source {
+    loaded
+        .values
+        .iter()
+        .find(|(k, _, _)| k == key)
+        .unwrap_or_else(|| panic!("{key} not in values"))
+        .2
+        .clone()
+}
+
+fn issues(result: Result<rollbackd::config::LoadedConfig, ConfigError>) -> Vec<(String, String)> {
+    match result {
+        Err(ConfigError::Invalid(issues)) => {
+            issues.into_iter().map(|i| (i.key, i.message)).collect()
+        }
+        Err(other) => panic!("expected Invalid, got {other}"),
+        Ok(_) => panic!("expected the configuration to be refused"),
+    }
+}
+
+#[test]
+fn layers_apply_in_order_and_record_provenance() {
+    let text = r#"
+        profile = "production"
+        [monitor]
+        check_interval = "20s"
+        [rules]
+        consecutive_failures = 2
+    "#;
+    let loaded = load_str(text, &env(&[("ROLLBACKD_MONITOR_CHECK_INTERVAL", "10s")])).unwrap();
+    let c = &loaded.config;
+    // env beats file
+    assert_eq!(c.monitor.check_interval, Duration::from_secs(10));
+    assert_eq!(
+        source_of(&loaded, "monitor.check_interval"),
+        Source::Env("ROLLBACKD_MONITOR_CHECK_INTERVAL".into())
+    );
+    // file beats profile, key by key
+    assert_eq!(c.rules.consecutive_failures, 2);
+    assert!(matches!(
+        source_of(&loaded, "rules.consecutive_failures"),
+        Source::File(_)
+    ));
+    // profile beats default
+    assert_eq!(c.rules.error_rate_threshold, 0.15);
+    assert_eq!(
+        source_of(&loaded, "rules.error_rate_threshold"),
+        Source::Profile("production".into())
+    );
+    assert_eq!(c.monitor.grace_period, Duration::from_secs(900));
+    // derived from the effective check interval
+    assert_eq!(c.monitor.degraded_check_interval, Duration::from_secs(5));
+    assert_eq!(
+        source_of(&loaded, "monitor.degraded_check_interval"),
+        Source::Derived
+    );
+    assert_eq!(source_of(&loaded, "monitor.window"), Source::Default);
+}
+
+#[test]
+fn profile_can_come_from_the_environment() {
+    let loaded = load_str("", &env(&[("ROLLBACKD_PROFILE", "staging")])).unwrap();
+    assert_eq!(loaded.config.rules.error_rate_threshold, 0.25);
+    assert_eq!(loaded.config.monitor.grace_period, Duration::from_secs(300));
+}
+
+#[test]
+fn legacy_environment_names_are_honoured() {
+    let loaded = load_str(
+        "",
+        &env(&[
+            ("WVO_ROLLBACK_ERROR_THRESHOLD", "0.3"),
+            ("WVO_ROLLBACK_GRACE_PERIOD_MS", "120000"),
+            ("WVO_ROLLBACK_CHECK_INTERVAL_MS", "5000"),
+            ("WVO_ROLLBACK_FAILURE_THRESHOLD", "3"),
+        ]),
+    )
+    .unwrap();
+    let c = &loaded.config;
+    assert_eq!(c.rules.error_rate_threshold, 0.3);
+    assert_eq!(c.monitor.grace_period, Duration::from_secs(120));
+    assert_eq!(c.monitor.check_interval, Duration::from_secs(5));
+    assert_eq!(c.rules.consecutive_failures, 3);
+    assert_eq!(
+        source_of(&loaded, "rules.error_rate_threshold"),
+        Source::Env("WVO_ROLLBACK_ERROR_THRESHOLD".into())
+    );
+}
+
+#[test]
+fn new_environment_names_beat_legacy_ones_with_a_warning() {
+    let loaded = load_str(
+        "",
+        &env(&[
+            ("WVO_ROLLBACK_ERROR_THRESHOLD", "0.3"),
+            ("ROLLBACKD_RULES_ERROR_RATE_THRESHOLD", "0.4"),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(loaded.config.rules.error_rate_threshold, 0.4);
+    assert!(loaded
+        .warnings
+        .iter()
+        .any(|w| w.contains("overrides WVO_ROLLBACK_ERROR_THRESHOLD")));
+}
+
+#[test]
+fn environment_lists_and_flag_defaults() {
+    let loaded = load_str(
+        "",
+        &env(&[
+            (
+                "ROLLBACKD_ROLLBACK_SWITCH_COMMAND",
+                r#"["/bin/switch", "{to}"]"#,
+            ),
+            ("ROLLBACKD_FLAGS_DEFAULTS_NEW_CHECKOUT", "0"),
+            ("ROLLBACKD_HTTP_LISTEN", ""),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(
+        loaded.config.rollback.switch_command,
+        Some(vec!["/bin/switch".to_owned(), "{to}".to_owned()])
+    );
+    assert_eq!(
+        loaded
+            .config
+            .flag_defaults
+            .get("NEW_CHECKOUT")
+            .map(String::as_str),
+        Some("0")
+    );
+    assert_eq!(loaded.config.http_listen, None);
+}
+
+/// Each malformed configuration is refused, naming the key path.
+#[test]
+fn bad_configurations_are_refused_naming_the_key() {
+    type Case = (&'static str, &'static [(&'static str, &'static str)], &'static str);
+    let cases: &[Case] = &[
+        (
+            "[rules]\nerror_rate_threshold = 1.5",
+            &[],
+            "rules.error_rate_threshold",
+        ),
+        (
+            "[rules]\nerror_rate_threshold = 0",
+            &[],
+            "rules.error_rate_threshold",
+        ),
+        (
+            "[rules]\nerror_rate_threshold = \"high\"",
+            &[],
+            "rules.error_rate_threshold",
+        ),
+        (
+            "[rules]\nerror_rate_treshold = 0.1",
+            &[],
+            "rules.error_rate_treshold",
+        ),
+        (
+            "[monitor]\ncheck_interval = \"soon\"",
+            &[],
+            "monitor.check_interval",
+        ),
+        (
+            "[monitor]\ncheck_interval = 30",
+            &[],
+            "monitor.check_interval",
+        ),
+        ("[monitor]\nwindow = 0", &[], "monitor.window"),
+        ("[monitor]\nwindow = -3", &[], "monitor.window"),
+        (
+            "[monitor]\ndegraded_check_interval = \"1m\"",
+            &[],
+            "monitor.degraded_check_interval",
+        ),
+        (
+            "[monitor]\ncheck_timeout = \"1m\"",
+            &[],
+            "monitor.check_timeout",
+        ),
+        (
+            "[rules]\nrollback_min_breaches = 6",
+            &[],
+            "rules.rollback_min_breaches",
+        ),
+        (
+            "[rules]\nconsecutive_failures = 0",
+            &[],
+            "rules.consecutive_failures",
+        ),
+        (
+            "[rules]\ndegraded_error_rate = 0.3",
+            &[],
+            "rules.degraded_error_rate",
+        ),
+        (
+            "[rules]\nno_data_policy = \"panic\"",
+            &[],
+            "rules.no_data_policy",
+        ),
+        (
+            "[rules]\nmemory_percent = 150.0",
+            &[],
+            "rules.memory_percent",
+        ),
+        (
+            "[rules]\nlatency_p95_multiplier = 0.5",
+            &[],
+            "rules.latency_p95_multiplier",
+        ),
+        ("[rules]\ndry_run = \"yes\"", &[], "rules.dry_run"),
+        (
+            "[rules]\ndry_run_rules = [\"everything\"]",
+            &[],
+            "rules.dry_run_rules",
+        ),
+        ("profile = \"prod\"", &[], "profile"),
+        (
+            "[worker]\nhealth_url = \"http://a\"\nhealth_tcp = \"a:1\"",
+            &[],
+            "worker",
+        ),
+        (
+            "[worker]\nhealth_url = \"ftp://host\"",
+            &[],
+            "worker.health_url",
+        ),
+        (
+            "[worker]\nhealth_tcp = \"nohost\"",
+            &[],
+            "worker.health_tcp",
+        ),
+        (
+            "[worker]\nhealth_command = []",
+            &[],
+            "worker.health_command",
+        ),
+        (
+            "[rollback]\nswitch_command = \"/bin/switch {to}\"",
+            &[],
+            "rollback.switch_command",
+        ),
+        ("[rollback]\nmax_attempts = 0", &[], "rollback.max_attempts"),
+        (
+            "[rollback]\nverify_interval = \"5m\"",
+            &[],
+            "rollback.verify_interval",
+        ),
+        (
+            "[operations]\nsnapshot_url = \"http://a\"\nsnapshot_command = [\"x\"]",
+            &[],
+            "operations",
+        ),
+        (
+            "[operations.prometheus]\nurl = \"http://127.0.0.1:9090\"",
+            &[],
+            "operations.prometheus.error_rate",
+        ),
+        ("[http]\nlisten = \"everywhere\"", &[], "http.listen"),
+        ("[alerts]\nformat = \"teams\"", &[], "alerts.format"),
+        ("[kill_switch]\nkey = \"\"", &[], "kill_switch.key"),
+        (
+            "[flags.defaults]\nNEW_CHECKOUT = 0",
+            &[],
+            "flags.defaults.NEW_CHECKOUT",
+        ),
+        ("[surprise]\nx = 1", &[], "surprise.x"),
+        (
+            "",
+            &[("ROLLBACKD_RULES_WINDOW", "5")],
+            "ROLLBACKD_RULES_WINDOW",
+        ),
+        (
+            "",
+            &[("ROLLBACKD_MONITOR_WINDOW", "five")],
+            "monitor.window",
+        ),
+        (
+            "",
+            &[("WVO_ROLLBACK_GRACE_PERIOD_MS", "10m")],
+            "monitor.grace_period",
+        ),
+        (
+            "",
+            &[("WVO_ROLLBACK_ERROR_THRESHOLD", "2")],
+            "rules.error_rate_threshold",
+        ),
+    ];
+    for (text, vars, key) in cases {
+        let found = issues(load_str(text, &env(vars)));
+        assert!(
+            found.iter().any(|(k, _)| k.starts_with(key)),
+            "{text:?} {vars:?}: expected an issue at {key}, got {found:?}"
+        );
+    }
+}
+
+#[test]
+fn several_problems_are_reported_together() {
+    let found = issues(load_str(
+        "[rules]\nerror_rate_threshold = 2.0\nmemory_percent = -1.0\nbogus = 1",
+        &env(&[]),
+    ));
+    assert_eq!(found.len(), 3, "{found:?}");
+}
+
+#[test]
+fn invalid_toml_is_a_parse_error() {
+    assert!(matches!(
+        load_str("[rules\n", &env(&[])),
+        Err(ConfigError::Parse { .. })
+    ));
+}
+
+#[test]
+fn file_paths_follow_the_lookup_rules() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("r.toml");
+    std::fs::write(&file, "[monitor]\nwindow = 7\n").unwrap();
+    // --config wins
+    let loaded = load(Some(&file), &env(&[("ROLLBACKD_CONFIG", "/nonexistent")])).unwrap();
+    assert_eq!(loaded.config.rules.window, 7);
+    assert_eq!(loaded.origin, FileOrigin::Named(file.clone()));
+    // then $ROLLBACKD_CONFIG
+    let loaded = load(None, &env(&[("ROLLBACKD_CONFIG", file.to_str().unwrap())])).unwrap();
+    assert_eq!(loaded.config.rules.window, 7);
+    // a named file that is missing is an error
+    let missing = dir.path().join("missing.toml");
+    assert!(matches!(
+        load(Some(&missing), &env(&[])),
+        Err(ConfigError::Read { .. })
+    ));
+    assert!(matches!(
+        load(
+            None,
+            &env(&[("ROLLBACKD_CONFIG", missing.to_str().unwrap())])
+        ),
+        Err(ConfigError::Read { .. })
+    ));
+}
+
+#[test]
+fn the_example_configuration_is_valid() {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/config/rollbackd.example.toml"
+    ))
+    .unwrap();
+    let loaded = load_str(&text, &env(&[])).unwrap();
+    assert!(loaded.config.rollback.switch_command.is_some());
+}
+
+#[test]
+fn the_hash_changes_with_any_value() {
+    let a = load_str("", &env(&[])).unwrap().hash;
+    let b = load_str("[rules]\nmin_requests = 1", &env(&[]))
+        .unwrap()
+        .hash;
+    assert_ne!(a, b);
+    assert_eq!(a, load_str("", &env(&[])).unwrap().hash);
+}

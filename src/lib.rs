@@ -2,5 +2,6 @@
 //!
 //! See `docs/ARCHITECTURE.md` for the codemap and the invariants.
 
+pub mod audit;
 pub mod check;
 pub mod engine;

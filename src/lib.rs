@@ -5,3 +5,4 @@
 pub mod audit;
 pub mod check;
 pub mod engine;
+pub mod store;

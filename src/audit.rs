@@ -989,6 +989,74 @@ mod tests {
         assert_eq!(lines(&path), vec![json!({"n": 1}), json!({"n": 2})]);
     }
 
+    const FSIZE_CHILD_ENV: &str = "ROLLBACKD_TEST_FSIZE_LOG";
+
+    /// Runs only in the child spawned by `real_short_write_leaves_no_torn_line`: caps the
+    /// process's file size so the kernel itself cuts a write short, then appends until the
+    /// log refuses.
+    #[test]
+    #[ignore = "helper: run by real_short_write_leaves_no_torn_line in a child process"]
+    fn fsize_limited_child() {
+        let Some(path) = std::env::var_os(FSIZE_CHILD_ENV) else {
+            return;
+        };
+        let (mut log, _) = JsonLinesLog::open(Path::new(&path)).unwrap();
+        // SAFETY: plain syscalls on this (child) process; SIGXFSZ ignored so the write
+        // returns EFBIG instead of killing the process.
+        unsafe {
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            let limit = libc::rlimit {
+                rlim_cur: 1000,
+                rlim_max: libc::RLIM_INFINITY,
+            };
+            assert_eq!(libc::setrlimit(libc::RLIMIT_FSIZE, &limit), 0);
+        }
+        let padding = "p".repeat(150);
+        let mut appended = 0;
+        let error = loop {
+            match log.append(&json!({"n": appended, "padding": padding})) {
+                Ok(()) => appended += 1,
+                Err(error) => break error,
+            }
+        };
+        assert_eq!(error.raw_os_error(), Some(libc::EFBIG), "{error}");
+        println!("appended={appended}");
+    }
+
+    #[test]
+    fn real_short_write_leaves_no_torn_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let output = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "audit::tests::fsize_limited_child",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(FSIZE_CHILD_ENV, &path)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "{stdout}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let appended: usize = stdout
+            .split("appended=")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .expect("child reported its count");
+        // Each line is ~170 bytes, so the 1000-byte cap cut a write part-way.
+        assert!(appended > 0);
+        let lines = lines(&path);
+        assert_eq!(lines.len(), appended);
+        assert!(fs::metadata(&path).unwrap().len() < 1000);
+    }
+
     #[test]
     fn write_atomic_replaces_and_leaves_no_temp() {
         let dir = tempfile::tempdir().unwrap();

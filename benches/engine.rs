@@ -77,7 +77,11 @@ fn bench_simulate() {
     let config = dir.join("bench.toml");
     {
         let mut out = std::io::BufWriter::new(std::fs::File::create(&trace).unwrap());
-        writeln!(out, r#"{{"baseline": {{"failureRate": 0.05, "latencyP95Ms": 180}}}}"#).unwrap();
+        writeln!(
+            out,
+            r#"{{"baseline": {{"failureRate": 0.05, "latencyP95Ms": 180}}}}"#
+        )
+        .unwrap();
         for i in 0..CHECKS {
             let rate = match i % 10 {
                 0 => 0.25,

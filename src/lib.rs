@@ -2,9 +2,11 @@
 //!
 //! See `docs/ARCHITECTURE.md` for the codemap and the invariants.
 
+pub mod audit;
 pub mod check;
 pub mod cli;
 pub mod config;
 pub mod engine;
 pub mod simulate;
+pub mod store;
 pub mod trace;

@@ -150,7 +150,11 @@ fn environment_lists_and_flag_defaults() {
 /// Each malformed configuration is refused, naming the key path.
 #[test]
 fn bad_configurations_are_refused_naming_the_key() {
-    type Case = (&'static str, &'static [(&'static str, &'static str)], &'static str);
+    type Case = (
+        &'static str,
+        &'static [(&'static str, &'static str)],
+        &'static str,
+    );
     let cases: &[Case] = &[
         (
             "[rules]\nerror_rate_threshold = 1.5",

@@ -1,0 +1,1093 @@
+//! The daemon's own SQLite state, `state_dir/rollbackd.db`: monitoring sessions, the checks
+//! taken in them, the actions (rollbacks, escalations, kill switch changes) with the phase
+//! each one reached, an outbox of audit records waiting for a writable disk, and a small
+//! key/value table. **This is the only code that speaks SQL to it.**
+//!
+//! Why it exists: the daemon restarts (crash, `kill -9`, reboot) into the same session
+//! and window, and resumes an action in flight instead of starting a second one. So an
+//! action's intent is written here before its first side effect, and every phase it
+//! completes is written before the next one starts.
+//!
+//! The API is blocking (rusqlite); callers run it on a dedicated or blocking thread. The
+//! database is in WAL mode with `synchronous=FULL` (a committed row survives power loss),
+//! writes take the lock up front with `BEGIN IMMEDIATE` (no deadlock-prone lock upgrade
+//! between the daemon and a CLI), and a busy database is waited on for up to
+//! [`BUSY_TIMEOUT`]. The schema evolves through the numbered [`MIGRATIONS`], tracked in
+//! `PRAGMA user_version`, each applied in its own transaction.
+//!
+//! States and kinds are plain strings in the rows (see the `*_STATE`/`KIND_*` constants);
+//! the callers own their meaning.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rusqlite::{
+    params, Connection, OpenFlags, OptionalExtension, Row, Transaction, TransactionBehavior,
+};
+
+/// How long a statement waits for another connection's lock before failing.
+pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Schema migrations; `MIGRATIONS[i]` moves `user_version` from `i` to `i + 1`. Append
+/// only: never edit an entry once it has shipped.
+pub const MIGRATIONS: &[&str] = &[
+    // v1
+    "CREATE TABLE sessions (
+        id TEXT PRIMARY KEY,
+        active TEXT NOT NULL,
+        previous TEXT,
+        promoted_at_ms INTEGER NOT NULL,
+        state TEXT NOT NULL,
+        paused INTEGER NOT NULL DEFAULT 0,
+        pause_reason TEXT,
+        baseline_json TEXT,
+        operator TEXT,
+        ended_at_ms INTEGER,
+        end_reason TEXT
+    );
+    CREATE INDEX sessions_open ON sessions(promoted_at_ms) WHERE ended_at_ms IS NULL;
+    CREATE TABLE checks (
+        session_id TEXT NOT NULL,
+        check_index INTEGER NOT NULL,
+        taken_at_ms INTEGER NOT NULL,
+        check_json TEXT NOT NULL,
+        verdict TEXT NOT NULL,
+        failed INTEGER NOT NULL,
+        PRIMARY KEY (session_id, check_index)
+    );
+    CREATE INDEX checks_failed_at ON checks(taken_at_ms) WHERE failed = 1;
+    CREATE TABLE actions (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        session_id TEXT,
+        kind TEXT NOT NULL,
+        trigger TEXT NOT NULL,
+        state TEXT NOT NULL,
+        phase TEXT,
+        attempt INTEGER NOT NULL DEFAULT 1,
+        from_worker TEXT,
+        to_worker TEXT,
+        reason TEXT NOT NULL,
+        operator TEXT,
+        started_at_ms INTEGER NOT NULL,
+        updated_at_ms INTEGER NOT NULL,
+        finished_at_ms INTEGER,
+        artifact_name TEXT,
+        detail_json TEXT
+    );
+    CREATE INDEX actions_kind_started ON actions(kind, started_at_ms);
+    CREATE INDEX actions_session ON actions(session_id);
+    CREATE TABLE outbox (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        kind TEXT NOT NULL,
+        name TEXT,
+        payload TEXT NOT NULL,
+        created_at_ms INTEGER NOT NULL
+    );
+    CREATE TABLE meta (
+        key TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    );",
+];
+
+/// Session states (`sessions.state`).
+pub const SESSION_MONITORING: &str = "monitoring";
+pub const SESSION_ESCALATED: &str = "escalated";
+pub const SESSION_ROLLED_BACK: &str = "rolled-back";
+pub const SESSION_CONFIRMED: &str = "confirmed";
+pub const SESSION_STOPPED: &str = "stopped";
+pub const SESSION_ROLLBACK_FAILED: &str = "rollback-failed";
+
+/// Action kinds (`actions.kind`).
+pub const KIND_ROLLBACK: &str = "rollback";
+pub const KIND_ESCALATION: &str = "escalation";
+pub const KIND_KILL_SWITCH: &str = "kill-switch";
+
+/// Action states (`actions.state`); pending and running are unfinished.
+pub const ACTION_PENDING: &str = "pending";
+pub const ACTION_RUNNING: &str = "running";
+pub const ACTION_DONE: &str = "done";
+pub const ACTION_FAILED: &str = "failed";
+
+/// Outbox kinds (`outbox.kind`).
+pub const OUTBOX_AUDIT: &str = "audit";
+pub const OUTBOX_KILL_SWITCH: &str = "kill-switch";
+pub const OUTBOX_ARTIFACT: &str = "artifact";
+pub const OUTBOX_WORKER_MANAGER: &str = "worker-manager";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("state database {} does not exist", .0.display())]
+    NotFound(PathBuf),
+    #[error("cannot create the directory of the state database {}", path.display())]
+    CreateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "state database schema version {found} is newer than this rollbackd understands ({known})"
+    )]
+    SchemaTooNew { found: i64, known: usize },
+    #[error("state database schema version {found} is older than {known}; start the daemon once to migrate it")]
+    SchemaTooOld { found: i64, known: usize },
+    #[error("no {table} row with id {id}")]
+    NoSuchRow { table: &'static str, id: String },
+    #[error("state database error")]
+    Sqlite(#[from] rusqlite::Error),
+}
+
+/// One monitoring session (one promotion).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SessionRow {
+    pub id: String,
+    pub active: String,
+    pub previous: Option<String>,
+    /// Unix time in milliseconds.
+    pub promoted_at_ms: i64,
+    pub state: String,
+    pub paused: bool,
+    pub pause_reason: Option<String>,
+    pub baseline_json: Option<String>,
+    pub operator: Option<String>,
+    pub ended_at_ms: Option<i64>,
+    pub end_reason: Option<String>,
+}
+
+/// One check taken in a session.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CheckRow {
+    pub session_id: String,
+    pub check_index: i64,
+    pub taken_at_ms: i64,
+    pub check_json: String,
+    pub verdict: String,
+    /// The check had a problem: the probe failed, or the error rate was not ok.
+    pub failed: bool,
+}
+
+/// An action about to start; `updated_at_ms` starts equal to `started_at_ms`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewAction {
+    pub session_id: Option<String>,
+    pub kind: String,
+    pub trigger: String,
+    pub state: String,
+    pub phase: Option<String>,
+    pub attempt: u32,
+    pub from_worker: Option<String>,
+    pub to_worker: Option<String>,
+    pub reason: String,
+    pub operator: Option<String>,
+    pub started_at_ms: i64,
+    pub detail_json: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ActionRow {
+    pub id: i64,
+    pub session_id: Option<String>,
+    pub kind: String,
+    pub trigger: String,
+    pub state: String,
+    pub phase: Option<String>,
+    pub attempt: u32,
+    pub from_worker: Option<String>,
+    pub to_worker: Option<String>,
+    pub reason: String,
+    pub operator: Option<String>,
+    pub started_at_ms: i64,
+    pub updated_at_ms: i64,
+    pub finished_at_ms: Option<i64>,
+    pub artifact_name: Option<String>,
+    pub detail_json: Option<String>,
+}
+
+/// A record waiting to be written to `analytics/`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboxRow {
+    pub id: i64,
+    pub kind: String,
+    pub name: Option<String>,
+    pub payload: String,
+    pub created_at_ms: i64,
+}
+
+const SESSION_COLUMNS: &str = "id, active, previous, promoted_at_ms, state, paused, pause_reason, \
+     baseline_json, operator, ended_at_ms, end_reason";
+
+const CHECK_COLUMNS: &str = "session_id, check_index, taken_at_ms, check_json, verdict, failed";
+
+const ACTION_COLUMNS: &str = "id, session_id, kind, trigger, state, phase, attempt, from_worker, \
+     to_worker, reason, operator, started_at_ms, updated_at_ms, finished_at_ms, artifact_name, \
+     detail_json";
+
+fn session_from_row(row: &Row) -> rusqlite::Result<SessionRow> {
+    Ok(SessionRow {
+        id: row.get(0)?,
+        active: row.get(1)?,
+        previous: row.get(2)?,
+        promoted_at_ms: row.get(3)?,
+        state: row.get(4)?,
+        paused: row.get(5)?,
+        pause_reason: row.get(6)?,
+        baseline_json: row.get(7)?,
+        operator: row.get(8)?,
+        ended_at_ms: row.get(9)?,
+        end_reason: row.get(10)?,
+    })
+}
+
+fn check_from_row(row: &Row) -> rusqlite::Result<CheckRow> {
+    Ok(CheckRow {
+        session_id: row.get(0)?,
+        check_index: row.get(1)?,
+        taken_at_ms: row.get(2)?,
+        check_json: row.get(3)?,
+        verdict: row.get(4)?,
+        failed: row.get(5)?,
+    })
+}
+
+fn action_from_row(row: &Row) -> rusqlite::Result<ActionRow> {
+    Ok(ActionRow {
+        id: row.get(0)?,
+        session_id: row.get(1)?,
+        kind: row.get(2)?,
+        trigger: row.get(3)?,
+        state: row.get(4)?,
+        phase: row.get(5)?,
+        attempt: row.get(6)?,
+        from_worker: row.get(7)?,
+        to_worker: row.get(8)?,
+        reason: row.get(9)?,
+        operator: row.get(10)?,
+        started_at_ms: row.get(11)?,
+        updated_at_ms: row.get(12)?,
+        finished_at_ms: row.get(13)?,
+        artifact_name: row.get(14)?,
+        detail_json: row.get(15)?,
+    })
+}
+
+fn outbox_from_row(row: &Row) -> rusqlite::Result<OutboxRow> {
+    Ok(OutboxRow {
+        id: row.get(0)?,
+        kind: row.get(1)?,
+        name: row.get(2)?,
+        payload: row.get(3)?,
+        created_at_ms: row.get(4)?,
+    })
+}
+
+/// A connection to `rollbackd.db`.
+#[derive(Debug)]
+pub struct Store {
+    conn: Connection,
+}
+
+impl Store {
+    /// Opens (creating it and its directory if needed) and migrates the database.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(|source| StoreError::CreateDir {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        }
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(BUSY_TIMEOUT)?;
+        enable_wal(&conn)?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        let mut store = Store { conn };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    /// Opens an existing database read-only, for CLI queries: no migration, nothing
+    /// created. A missing file is [`StoreError::NotFound`].
+    pub fn open_read_only(path: &Path) -> Result<Store, StoreError> {
+        if !path.is_file() {
+            return Err(StoreError::NotFound(path.to_path_buf()));
+        }
+        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn = Connection::open_with_flags(path, flags)?;
+        conn.busy_timeout(BUSY_TIMEOUT)?;
+        let found: i64 = conn.pragma_query_value(None, "user_version", |row| row.get(0))?;
+        let known = MIGRATIONS.len();
+        if found < known as i64 {
+            return Err(StoreError::SchemaTooOld { found, known });
+        }
+        if found > known as i64 {
+            return Err(StoreError::SchemaTooNew { found, known });
+        }
+        Ok(Store { conn })
+    }
+
+    /// The schema version recorded in the database.
+    pub fn schema_version(&self) -> Result<i64, StoreError> {
+        Ok(self
+            .conn
+            .pragma_query_value(None, "user_version", |row| row.get(0))?)
+    }
+
+    fn migrate(&mut self) -> Result<(), StoreError> {
+        let known = MIGRATIONS.len();
+        loop {
+            let tx = self.write()?;
+            // Read inside the write lock: a second process migrating at the same moment
+            // waits here, then sees the new version and applies nothing twice.
+            let found: i64 = tx.pragma_query_value(None, "user_version", |row| row.get(0))?;
+            if found > known as i64 {
+                return Err(StoreError::SchemaTooNew { found, known });
+            }
+            let Some(migration) = MIGRATIONS.get(found as usize) else {
+                return Ok(());
+            };
+            tx.execute_batch(migration)?;
+            tx.pragma_update(None, "user_version", found + 1)?;
+            tx.commit()?;
+        }
+    }
+
+    /// A write transaction holding the write lock from its start.
+    fn write(&mut self) -> Result<Transaction<'_>, StoreError> {
+        Ok(self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?)
+    }
+
+    /// Runs one statement in a write transaction; `Ok(false)` when it changed no row.
+    fn write_one(&mut self, sql: &str, params: impl rusqlite::Params) -> Result<bool, StoreError> {
+        let tx = self.write()?;
+        let changed = tx.execute(sql, params)?;
+        tx.commit()?;
+        Ok(changed > 0)
+    }
+
+    // --- sessions ------------------------------------------------------------------------
+
+    pub fn insert_session(&mut self, s: &SessionRow) -> Result<(), StoreError> {
+        self.write_one(
+            &format!(
+                "INSERT INTO sessions ({SESSION_COLUMNS}) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
+            ),
+            params![
+                s.id,
+                s.active,
+                s.previous,
+                s.promoted_at_ms,
+                s.state,
+                s.paused,
+                s.pause_reason,
+                s.baseline_json,
+                s.operator,
+                s.ended_at_ms,
+                s.end_reason,
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// The newest session that has not ended.
+    pub fn current_session(&self) -> Result<Option<SessionRow>, StoreError> {
+        Ok(self
+            .conn
+            .query_row(
+                &format!(
+                    "SELECT {SESSION_COLUMNS} FROM sessions WHERE ended_at_ms IS NULL \
+                     ORDER BY promoted_at_ms DESC, rowid DESC LIMIT 1"
+                ),
+                [],
+                session_from_row,
+            )
+            .optional()?)
+    }
+
+    pub fn session(&self, id: &str) -> Result<Option<SessionRow>, StoreError> {
+        Ok(self
+            .conn
+            .query_row(
+                &format!("SELECT {SESSION_COLUMNS} FROM sessions WHERE id = ?1"),
+                [id],
+                session_from_row,
+            )
+            .optional()?)
+    }
+
+    /// Sets the session's state; with `ended = Some((at_ms, reason))` also ends it.
+    pub fn update_session_state(
+        &mut self,
+        id: &str,
+        state: &str,
+        ended: Option<(i64, &str)>,
+    ) -> Result<(), StoreError> {
+        let changed = match ended {
+            None => self.write_one(
+                "UPDATE sessions SET state = ?2 WHERE id = ?1",
+                params![id, state],
+            )?,
+            Some((at_ms, reason)) => self.write_one(
+                "UPDATE sessions SET state = ?2, ended_at_ms = ?3, end_reason = ?4 WHERE id = ?1",
+                params![id, state, at_ms, reason],
+            )?,
+        };
+        require_row(changed, "sessions", id)
+    }
+
+    /// Pauses or resumes automatic actions for the session.
+    pub fn set_paused(
+        &mut self,
+        id: &str,
+        paused: bool,
+        reason: Option<&str>,
+    ) -> Result<(), StoreError> {
+        let changed = self.write_one(
+            "UPDATE sessions SET paused = ?2, pause_reason = ?3 WHERE id = ?1",
+            params![id, paused, reason],
+        )?;
+        require_row(changed, "sessions", id)
+    }
+
+    // --- checks --------------------------------------------------------------------------
+
+    /// Records a check. Idempotent: a check already recorded under the same
+    /// `(session_id, check_index)` is kept as it is (first write wins).
+    pub fn insert_check(&mut self, c: &CheckRow) -> Result<(), StoreError> {
+        self.write_one(
+            &format!(
+                "INSERT OR IGNORE INTO checks ({CHECK_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
+            ),
+            params![
+                c.session_id,
+                c.check_index,
+                c.taken_at_ms,
+                c.check_json,
+                c.verdict,
+                c.failed
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// The last `limit` checks of the session, oldest first.
+    pub fn recent_checks(
+        &self,
+        session_id: &str,
+        limit: usize,
+    ) -> Result<Vec<CheckRow>, StoreError> {
+        let mut statement = self.conn.prepare_cached(&format!(
+            "SELECT {CHECK_COLUMNS} FROM checks WHERE session_id = ?1 \
+             ORDER BY check_index DESC LIMIT ?2"
+        ))?;
+        let mut checks = statement
+            .query_map(params![session_id, clamp_limit(limit)], check_from_row)?
+            .collect::<Result<Vec<_>, _>>()?;
+        checks.reverse();
+        Ok(checks)
+    }
+
+    /// When the newest failed check (of any session) was taken; the kill switch reset
+    /// precondition.
+    pub fn last_failed_check_at(&self) -> Result<Option<i64>, StoreError> {
+        Ok(self.conn.query_row(
+            "SELECT MAX(taken_at_ms) FROM checks WHERE failed = 1",
+            [],
+            |row| row.get(0),
+        )?)
+    }
+
+    // --- actions -------------------------------------------------------------------------
+
+    /// Records an action's intent; returns its id.
+    pub fn insert_action(&mut self, a: &NewAction) -> Result<i64, StoreError> {
+        let tx = self.write()?;
+        tx.execute(
+            "INSERT INTO actions (session_id, kind, trigger, state, phase, attempt, from_worker, \
+             to_worker, reason, operator, started_at_ms, updated_at_ms, detail_json) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?11, ?12)",
+            params![
+                a.session_id,
+                a.kind,
+                a.trigger,
+                a.state,
+                a.phase,
+                a.attempt,
+                a.from_worker,
+                a.to_worker,
+                a.reason,
+                a.operator,
+                a.started_at_ms,
+                a.detail_json,
+            ],
+        )?;
+        let id = tx.last_insert_rowid();
+        tx.commit()?;
+        Ok(id)
+    }
+
+    /// Moves an action on. `phase`, `detail_json` and `artifact_name` are left as they
+    /// were when `None`. Reaching `done` or `failed` sets `finished_at_ms` (once).
+    #[allow(clippy::too_many_arguments)]
+    pub fn update_action(
+        &mut self,
+        id: i64,
+        state: &str,
+        phase: Option<&str>,
+        attempt: u32,
+        detail_json: Option<&str>,
+        artifact_name: Option<&str>,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        let changed = self.write_one(
+            "UPDATE actions SET state = ?2, phase = COALESCE(?3, phase), attempt = ?4, \
+             detail_json = COALESCE(?5, detail_json), \
+             artifact_name = COALESCE(?6, artifact_name), updated_at_ms = ?7, \
+             finished_at_ms = CASE WHEN ?2 IN ('done', 'failed') \
+                 THEN COALESCE(finished_at_ms, ?7) ELSE NULL END \
+             WHERE id = ?1",
+            params![
+                id,
+                state,
+                phase,
+                attempt,
+                detail_json,
+                artifact_name,
+                now_ms
+            ],
+        )?;
+        require_row(changed, "actions", &id.to_string())
+    }
+
+    /// Actions that were pending or running: after a restart these are resumed.
+    pub fn unfinished_actions(&self) -> Result<Vec<ActionRow>, StoreError> {
+        self.actions_where("state IN ('pending', 'running')", [])
+    }
+
+    pub fn action(&self, id: i64) -> Result<Option<ActionRow>, StoreError> {
+        Ok(self
+            .conn
+            .query_row(
+                &format!("SELECT {ACTION_COLUMNS} FROM actions WHERE id = ?1"),
+                [id],
+                action_from_row,
+            )
+            .optional()?)
+    }
+
+    /// How many rollbacks started at or after `since_ms` (loop protection).
+    pub fn rollbacks_since(&self, since_ms: i64) -> Result<u32, StoreError> {
+        Ok(self.conn.query_row(
+            "SELECT COUNT(*) FROM actions WHERE kind = 'rollback' AND started_at_ms >= ?1",
+            [since_ms],
+            |row| row.get(0),
+        )?)
+    }
+
+    /// The session's actions, oldest first.
+    pub fn actions_for_session(&self, session_id: &str) -> Result<Vec<ActionRow>, StoreError> {
+        self.actions_where("session_id = ?1", [session_id])
+    }
+
+    fn actions_where(
+        &self,
+        condition: &str,
+        params: impl rusqlite::Params,
+    ) -> Result<Vec<ActionRow>, StoreError> {
+        let mut statement = self.conn.prepare_cached(&format!(
+            "SELECT {ACTION_COLUMNS} FROM actions WHERE {condition} ORDER BY id"
+        ))?;
+        let rows = statement
+            .query_map(params, action_from_row)?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
+    // --- outbox --------------------------------------------------------------------------
+
+    /// Keeps a record that could not be written to `analytics/`; returns its id.
+    pub fn push_outbox(
+        &mut self,
+        kind: &str,
+        name: Option<&str>,
+        payload: &str,
+        now_ms: i64,
+    ) -> Result<i64, StoreError> {
+        let tx = self.write()?;
+        tx.execute(
+            "INSERT INTO outbox (kind, name, payload, created_at_ms) VALUES (?1, ?2, ?3, ?4)",
+            params![kind, name, payload, now_ms],
+        )?;
+        let id = tx.last_insert_rowid();
+        tx.commit()?;
+        Ok(id)
+    }
+
+    /// The oldest `limit` waiting records, oldest first (retry in this order so the log
+    /// keeps the order of events).
+    pub fn outbox(&self, limit: usize) -> Result<Vec<OutboxRow>, StoreError> {
+        let mut statement = self.conn.prepare_cached(
+            "SELECT id, kind, name, payload, created_at_ms FROM outbox ORDER BY id LIMIT ?1",
+        )?;
+        let rows = statement
+            .query_map([clamp_limit(limit)], outbox_from_row)?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
+    /// Drops a record once it has been written. Removing an absent id is not an error
+    /// (a retry after a crash may remove it twice).
+    pub fn remove_outbox(&mut self, id: i64) -> Result<(), StoreError> {
+        self.write_one("DELETE FROM outbox WHERE id = ?1", [id])?;
+        Ok(())
+    }
+
+    // --- meta ----------------------------------------------------------------------------
+
+    pub fn get_meta(&self, key: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .conn
+            .query_row("SELECT value FROM meta WHERE key = ?1", [key], |row| {
+                row.get(0)
+            })
+            .optional()?)
+    }
+
+    pub fn set_meta(&mut self, key: &str, value: &str) -> Result<(), StoreError> {
+        self.write_one(
+            "INSERT INTO meta (key, value) VALUES (?1, ?2) \
+             ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            [key, value],
+        )?;
+        Ok(())
+    }
+}
+
+/// Switches the database to WAL (persistent: a no-op once done). SQLite answers a journal
+/// mode change that races another connection with `SQLITE_BUSY` at once, without calling
+/// the busy handler, so this retries until [`BUSY_TIMEOUT`] itself.
+fn enable_wal(conn: &Connection) -> Result<(), StoreError> {
+    let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
+    loop {
+        match conn
+            .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get::<_, String>(0))
+        {
+            Ok(mode) => {
+                if !mode.eq_ignore_ascii_case("wal") {
+                    tracing::warn!(%mode, "state database could not switch to WAL");
+                }
+                return Ok(());
+            }
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+fn require_row(changed: bool, table: &'static str, id: &str) -> Result<(), StoreError> {
+    if changed {
+        Ok(())
+    } else {
+        Err(StoreError::NoSuchRow {
+            table,
+            id: id.to_owned(),
+        })
+    }
+}
+
+/// SQLite takes a signed limit; anything beyond `i64::MAX` means "all".
+fn clamp_limit(limit: usize) -> i64 {
+    i64::try_from(limit).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("state/rollbackd.db")).unwrap();
+        (dir, store)
+    }
+
+    fn session(id: &str, promoted_at_ms: i64) -> SessionRow {
+        SessionRow {
+            id: id.into(),
+            active: "v2".into(),
+            previous: Some("v1".into()),
+            promoted_at_ms,
+            state: SESSION_MONITORING.into(),
+            paused: false,
+            pause_reason: None,
+            baseline_json: Some(r#"{"failureRate":0.01}"#.into()),
+            operator: Some("uid:1000".into()),
+            ended_at_ms: None,
+            end_reason: None,
+        }
+    }
+
+    fn check(session_id: &str, check_index: i64, taken_at_ms: i64, failed: bool) -> CheckRow {
+        CheckRow {
+            session_id: session_id.into(),
+            check_index,
+            taken_at_ms,
+            check_json: format!(r#"{{"i":{check_index}}}"#),
+            verdict: if failed { "degraded" } else { "healthy" }.into(),
+            failed,
+        }
+    }
+
+    fn rollback(session_id: Option<&str>, started_at_ms: i64) -> NewAction {
+        NewAction {
+            session_id: session_id.map(str::to_owned),
+            kind: KIND_ROLLBACK.into(),
+            trigger: "automatic".into(),
+            state: ACTION_PENDING.into(),
+            phase: None,
+            attempt: 1,
+            from_worker: Some("v2".into()),
+            to_worker: Some("v1".into()),
+            reason: "error rate".into(),
+            operator: None,
+            started_at_ms,
+            detail_json: None,
+        }
+    }
+
+    #[test]
+    fn migrations_are_idempotent_and_tracked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rollbackd.db");
+        let mut store = Store::open(&path).unwrap();
+        assert_eq!(store.schema_version().unwrap(), MIGRATIONS.len() as i64);
+        store.set_meta("active", "v1").unwrap();
+        drop(store);
+
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.schema_version().unwrap(), MIGRATIONS.len() as i64);
+        assert_eq!(store.get_meta("active").unwrap().as_deref(), Some("v1"));
+        let journal: String = store
+            .conn
+            .pragma_query_value(None, "journal_mode", |row| row.get(0))
+            .unwrap();
+        assert_eq!(journal, "wal");
+        // synchronous: 2 = FULL
+        let synchronous: i64 = store
+            .conn
+            .pragma_query_value(None, "synchronous", |row| row.get(0))
+            .unwrap();
+        assert_eq!(synchronous, 2);
+    }
+
+    #[test]
+    fn concurrent_first_opens_migrate_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rollbackd.db");
+        let handles: Vec<_> = (0..4)
+            .map(|_| {
+                let path = path.clone();
+                std::thread::spawn(move || Store::open(&path).map(|s| s.schema_version().unwrap()))
+            })
+            .collect();
+        for handle in handles {
+            assert_eq!(handle.join().unwrap().unwrap(), MIGRATIONS.len() as i64);
+        }
+    }
+
+    #[test]
+    fn newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rollbackd.db");
+        let store = Store::open(&path).unwrap();
+        store
+            .conn
+            .pragma_update(None, "user_version", MIGRATIONS.len() as i64 + 1)
+            .unwrap();
+        drop(store);
+        assert!(matches!(
+            Store::open(&path),
+            Err(StoreError::SchemaTooNew { .. })
+        ));
+        assert!(matches!(
+            Store::open_read_only(&path),
+            Err(StoreError::SchemaTooNew { .. })
+        ));
+    }
+
+    #[test]
+    fn session_round_trip_and_current() {
+        let (_dir, mut store) = temp_store();
+        assert_eq!(store.current_session().unwrap(), None);
+        let first = session("s-1", 1_000);
+        store.insert_session(&first).unwrap();
+        assert_eq!(store.session("s-1").unwrap(), Some(first.clone()));
+        assert_eq!(store.current_session().unwrap(), Some(first.clone()));
+        assert!(store.insert_session(&first).is_err(), "ids are unique");
+
+        let second = session("s-2", 2_000);
+        store.insert_session(&second).unwrap();
+        assert_eq!(store.current_session().unwrap().unwrap().id, "s-2");
+
+        store.set_paused("s-2", true, Some("deploy")).unwrap();
+        let paused = store.session("s-2").unwrap().unwrap();
+        assert!(paused.paused);
+        assert_eq!(paused.pause_reason.as_deref(), Some("deploy"));
+        store.set_paused("s-2", false, None).unwrap();
+        assert!(!store.session("s-2").unwrap().unwrap().paused);
+
+        store
+            .update_session_state("s-2", SESSION_ESCALATED, None)
+            .unwrap();
+        assert_eq!(
+            store.current_session().unwrap().unwrap().state,
+            SESSION_ESCALATED
+        );
+        store
+            .update_session_state("s-2", SESSION_ROLLED_BACK, Some((3_000, "rolled back")))
+            .unwrap();
+        let ended = store.session("s-2").unwrap().unwrap();
+        assert_eq!(ended.ended_at_ms, Some(3_000));
+        assert_eq!(ended.end_reason.as_deref(), Some("rolled back"));
+        // The older, still open session is current again.
+        assert_eq!(store.current_session().unwrap().unwrap().id, "s-1");
+
+        assert!(matches!(
+            store.update_session_state("nope", SESSION_STOPPED, None),
+            Err(StoreError::NoSuchRow { .. })
+        ));
+        assert!(matches!(
+            store.set_paused("nope", true, None),
+            Err(StoreError::NoSuchRow { .. })
+        ));
+        assert_eq!(store.session("nope").unwrap(), None);
+    }
+
+    #[test]
+    fn checks_round_trip_idempotent_oldest_first() {
+        let (_dir, mut store) = temp_store();
+        for i in 0..10 {
+            store
+                .insert_check(&check("s-1", i, 1_000 * i, false))
+                .unwrap();
+        }
+        // The same key again (a retry after a crash) changes nothing.
+        let mut duplicate = check("s-1", 9, 99_999, true);
+        duplicate.check_json = "{}".into();
+        store.insert_check(&duplicate).unwrap();
+        store.insert_check(&check("s-2", 0, 50, true)).unwrap();
+
+        let recent = store.recent_checks("s-1", 3).unwrap();
+        assert_eq!(
+            recent,
+            vec![
+                check("s-1", 7, 7_000, false),
+                check("s-1", 8, 8_000, false),
+                check("s-1", 9, 9_000, false),
+            ]
+        );
+        assert_eq!(store.recent_checks("s-1", usize::MAX).unwrap().len(), 10);
+        assert_eq!(store.recent_checks("s-3", 5).unwrap(), vec![]);
+    }
+
+    #[test]
+    fn last_failed_check_is_the_newest_failed_one() {
+        let (_dir, mut store) = temp_store();
+        assert_eq!(store.last_failed_check_at().unwrap(), None);
+        store.insert_check(&check("s-1", 0, 1_000, true)).unwrap();
+        store.insert_check(&check("s-1", 1, 2_000, false)).unwrap();
+        store.insert_check(&check("s-2", 0, 5_000, true)).unwrap();
+        store.insert_check(&check("s-2", 1, 9_000, false)).unwrap();
+        store.insert_check(&check("s-1", 2, 4_000, true)).unwrap();
+        assert_eq!(store.last_failed_check_at().unwrap(), Some(5_000));
+    }
+
+    #[test]
+    fn action_round_trip_and_updates() {
+        let (_dir, mut store) = temp_store();
+        let id = store.insert_action(&rollback(Some("s-1"), 1_000)).unwrap();
+        let row = store.action(id).unwrap().unwrap();
+        assert_eq!(
+            row,
+            ActionRow {
+                id,
+                session_id: Some("s-1".into()),
+                kind: KIND_ROLLBACK.into(),
+                trigger: "automatic".into(),
+                state: ACTION_PENDING.into(),
+                phase: None,
+                attempt: 1,
+                from_worker: Some("v2".into()),
+                to_worker: Some("v1".into()),
+                reason: "error rate".into(),
+                operator: None,
+                started_at_ms: 1_000,
+                updated_at_ms: 1_000,
+                finished_at_ms: None,
+                artifact_name: None,
+                detail_json: None,
+            }
+        );
+        assert_eq!(store.unfinished_actions().unwrap(), vec![row]);
+
+        store
+            .update_action(
+                id,
+                ACTION_RUNNING,
+                Some("switch"),
+                1,
+                Some(r#"{"pause":0.01}"#),
+                None,
+                1_500,
+            )
+            .unwrap();
+        // None leaves phase and detail as they were.
+        store
+            .update_action(id, ACTION_RUNNING, None, 2, None, None, 1_600)
+            .unwrap();
+        let running = store.action(id).unwrap().unwrap();
+        assert_eq!(running.phase.as_deref(), Some("switch"));
+        assert_eq!(running.attempt, 2);
+        assert_eq!(running.detail_json.as_deref(), Some(r#"{"pause":0.01}"#));
+        assert_eq!(running.updated_at_ms, 1_600);
+        assert_eq!(running.finished_at_ms, None);
+
+        store
+            .update_action(
+                id,
+                ACTION_DONE,
+                Some("resume"),
+                2,
+                None,
+                Some("rollback_x.json"),
+                2_000,
+            )
+            .unwrap();
+        let done = store.action(id).unwrap().unwrap();
+        assert_eq!(done.state, ACTION_DONE);
+        assert_eq!(done.finished_at_ms, Some(2_000));
+        assert_eq!(done.artifact_name.as_deref(), Some("rollback_x.json"));
+        assert_eq!(store.unfinished_actions().unwrap(), vec![]);
+
+        let other = store.insert_action(&rollback(Some("s-2"), 3_000)).unwrap();
+        let mut kill = rollback(Some("s-1"), 4_000);
+        kill.kind = KIND_KILL_SWITCH.into();
+        kill.state = ACTION_RUNNING.into();
+        let kill_id = store.insert_action(&kill).unwrap();
+        let ids = |rows: Vec<ActionRow>| rows.into_iter().map(|r| r.id).collect::<Vec<_>>();
+        assert_eq!(
+            ids(store.actions_for_session("s-1").unwrap()),
+            vec![id, kill_id]
+        );
+        assert_eq!(
+            ids(store.unfinished_actions().unwrap()),
+            vec![other, kill_id]
+        );
+
+        assert_eq!(store.action(9_999).unwrap(), None);
+        assert!(matches!(
+            store.update_action(9_999, ACTION_DONE, None, 1, None, None, 0),
+            Err(StoreError::NoSuchRow { .. })
+        ));
+    }
+
+    #[test]
+    fn rollbacks_since_counts_only_rollbacks_in_range() {
+        let (_dir, mut store) = temp_store();
+        for started in [1_000, 2_000, 3_000] {
+            store.insert_action(&rollback(None, started)).unwrap();
+        }
+        let mut escalation = rollback(None, 2_500);
+        escalation.kind = KIND_ESCALATION.into();
+        store.insert_action(&escalation).unwrap();
+        assert_eq!(store.rollbacks_since(0).unwrap(), 3);
+        assert_eq!(store.rollbacks_since(2_000).unwrap(), 2);
+        assert_eq!(store.rollbacks_since(3_001).unwrap(), 0);
+    }
+
+    #[test]
+    fn outbox_is_fifo() {
+        let (_dir, mut store) = temp_store();
+        let a = store.push_outbox(OUTBOX_AUDIT, None, "a", 30).unwrap();
+        let b = store
+            .push_outbox(OUTBOX_ARTIFACT, Some("rollback_x.json"), "b", 10)
+            .unwrap();
+        let c = store.push_outbox(OUTBOX_AUDIT, None, "c", 20).unwrap();
+        let payloads = |store: &Store| {
+            store
+                .outbox(10)
+                .unwrap()
+                .into_iter()
+                .map(|r| r.payload)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(payloads(&store), vec!["a", "b", "c"]);
+        assert_eq!(
+            store.outbox(1).unwrap(),
+            vec![OutboxRow {
+                id: a,
+                kind: OUTBOX_AUDIT.into(),
+                name: None,
+                payload: "a".into(),
+                created_at_ms: 30,
+            }]
+        );
+        store.remove_outbox(a).unwrap();
+        store.remove_outbox(a).unwrap();
+        assert_eq!(store.outbox(10).unwrap()[0].id, b);
+        assert_eq!(
+            store.outbox(10).unwrap()[0].name.as_deref(),
+            Some("rollback_x.json")
+        );
+        store.remove_outbox(c).unwrap();
+        assert_eq!(payloads(&store), vec!["b"]);
+    }
+
+    #[test]
+    fn meta_set_overwrites() {
+        let (_dir, mut store) = temp_store();
+        assert_eq!(store.get_meta("active").unwrap(), None);
+        store.set_meta("active", "v2").unwrap();
+        store.set_meta("active", "v1").unwrap();
+        assert_eq!(store.get_meta("active").unwrap().as_deref(), Some("v1"));
+    }
+
+    #[test]
+    fn read_only_open_of_missing_file_creates_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state/rollbackd.db");
+        assert!(matches!(
+            Store::open_read_only(&path),
+            Err(StoreError::NotFound(p)) if p == path
+        ));
+        assert!(!path.exists());
+        assert!(!dir.path().join("state").exists());
+    }
+
+    #[test]
+    fn read_only_store_reads_what_the_daemon_wrote_while_it_is_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rollbackd.db");
+        let mut daemon = Store::open(&path).unwrap();
+        daemon.insert_session(&session("s-1", 1_000)).unwrap();
+        let cli = Store::open_read_only(&path).unwrap();
+        assert_eq!(cli.current_session().unwrap().unwrap().id, "s-1");
+        daemon.insert_check(&check("s-1", 0, 1_000, true)).unwrap();
+        assert_eq!(cli.last_failed_check_at().unwrap(), Some(1_000));
+    }
+
+    #[test]
+    fn read_only_open_of_unmigrated_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rollbackd.db");
+        Connection::open(&path).unwrap();
+        assert!(matches!(
+            Store::open_read_only(&path),
+            Err(StoreError::SchemaTooOld { found: 0, .. })
+        ));
+    }
+}

@@ -57,6 +57,10 @@ pub fn parse_line(line: &str) -> Result<Option<TraceLine>, String> {
     if trimmed.is_empty() {
         return Ok(None);
     }
+    // serde would read a JSON array positionally into the struct: refuse it first.
+    if !trimmed.starts_with('{') {
+        return Err("not a JSON object: each line is one {...} check".into());
+    }
     let raw: RawLine =
         serde_json::from_str(trimmed).map_err(|err| format!("not a JSON object: {err}"))?;
     if let Some(baseline) = raw.baseline {

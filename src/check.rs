@@ -215,7 +215,8 @@ mod tests {
         assert_eq!(top.requests, Sample::Number(100.0));
         let nested = Snapshot::from_json(&json!({"validation": {"failureRate": 0.5}}));
         assert_eq!(nested.error_rate, Sample::Number(0.5));
-        let both = Snapshot::from_json(&json!({"failureRate": 0.1, "validation": {"failureRate": 0.9}}));
+        let both =
+            Snapshot::from_json(&json!({"failureRate": 0.1, "validation": {"failureRate": 0.9}}));
         assert_eq!(both.error_rate, Sample::Number(0.1));
     }
 
@@ -234,7 +235,10 @@ mod tests {
         let array = Snapshot::from_body(b"[0.5]");
         assert_eq!(array.error_rate, Sample::Wrong("[0.5]".into()));
         let deep = "[".repeat(100_000);
-        assert!(matches!(Snapshot::from_body(deep.as_bytes()).error_rate, Sample::Wrong(_)));
+        assert!(matches!(
+            Snapshot::from_body(deep.as_bytes()).error_rate,
+            Sample::Wrong(_)
+        ));
     }
 
     #[test]

@@ -341,13 +341,10 @@ impl Decision {
                 window,
                 percent(top.threshold)
             ),
-            Rule::Baseline => format!(
-                "Error rate or p95 latency over the baseline × multiplier in {window}"
-            ),
-            Rule::Memory => format!(
-                "Host memory over {}% in {window}",
-                top.threshold
-            ),
+            Rule::Baseline => {
+                format!("Error rate or p95 latency over the baseline × multiplier in {window}")
+            }
+            Rule::Memory => format!("Host memory over {}% in {window}", top.threshold),
             Rule::ProbeFailures => format!(
                 "Worker probe failed {} consecutive times{}",
                 top.count,
@@ -596,7 +593,12 @@ impl Engine {
         let verdict = strongest(false);
         let action = verdict_action(strongest(true));
         // Strongest verdict first, rules in declaration order within a verdict.
-        fired.sort_by(|a, b| b.rule.verdict().cmp(&a.rule.verdict()).then(a.rule.cmp(&b.rule)));
+        fired.sort_by(|a, b| {
+            b.rule
+                .verdict()
+                .cmp(&a.rule.verdict())
+                .then(a.rule.cmp(&b.rule))
+        });
 
         let failure_count = self.window.iter().filter(|e| e.is_failure()).count();
         let failure_pattern = failure_pattern(&self.window, config.window, failure_count);

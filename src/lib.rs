@@ -4,3 +4,4 @@
 
 pub mod check;
 pub mod engine;
+pub mod settings;

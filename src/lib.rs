@@ -4,4 +4,5 @@
 
 pub mod check;
 pub mod engine;
+pub mod flags;
 pub mod settings;

@@ -207,13 +207,7 @@ impl SettingsStore {
     /// A busy database gives [`SettingsError::Busy`] with nothing changed.
     pub fn write_once(&mut self, key: &str, value: &str) -> Result<WriteReport, SettingsError> {
         let (previous, committed_at) = self.write_transaction(key, value)?;
-        let found = self.read(key)?;
-        if found.as_deref() != Some(value) {
-            return Err(SettingsError::ReadBack {
-                expected: value.to_string(),
-                found,
-            });
-        }
+        self.verify(key, value)?;
         Ok(WriteReport {
             key: key.to_string(),
             previous,
@@ -227,16 +221,38 @@ impl SettingsStore {
     /// Retries busy/locked with backoff (starting at [`FIRST_BACKOFF`], doubling, capped
     /// at [`MAX_BACKOFF`]). Before each wait calls `keep_waiting(&err, waited_so_far)`;
     /// returning false stops with [`SettingsError::GaveUp`]. Non-busy errors return at once.
+    ///
+    /// Only the transaction is retried; once it has committed, a busy read-back is
+    /// retried on its own (never by writing again), under the same `keep_waiting`.
     pub fn write_until_landed(
         &mut self,
         key: &str,
         value: &str,
-        keep_waiting: impl FnMut(&SettingsError, Duration) -> bool,
+        mut keep_waiting: impl FnMut(&SettingsError, Duration) -> bool,
     ) -> Result<WriteReport, SettingsError> {
-        let (mut report, retries) = retry_while_busy(keep_waiting, || self.write_once(key, value))?;
-        report.attempts = retries.attempts;
-        report.waited = retries.waited;
-        Ok(report)
+        let ((previous, committed_at), retries) =
+            retry_while_busy(&mut keep_waiting, || self.write_transaction(key, value))?;
+        retry_while_busy(&mut keep_waiting, || self.verify(key, value))?;
+        Ok(WriteReport {
+            key: key.to_string(),
+            previous,
+            value: value.to_string(),
+            attempts: retries.attempts,
+            waited: retries.waited,
+            committed_at,
+        })
+    }
+
+    /// Reads `key` back after a commit; anything but `value` is [`SettingsError::ReadBack`].
+    fn verify(&self, key: &str, value: &str) -> Result<(), SettingsError> {
+        let found = self.read(key)?;
+        if found.as_deref() != Some(value) {
+            return Err(SettingsError::ReadBack {
+                expected: value.to_string(),
+                found,
+            });
+        }
+        Ok(())
     }
 
     /// The transaction of [`Self::write_once`]; rolls back on any failure inside it.

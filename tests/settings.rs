@@ -284,3 +284,26 @@ fn a_thousand_writes_racing_an_external_writer_lose_nothing() {
     }
     assert!(n_external_commits > 10, "the external writer hardly ran");
 }
+
+#[test]
+fn a_value_the_table_does_not_keep_as_written_is_a_read_back_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("app.db");
+    {
+        let connection = Connection::open(&path).unwrap();
+        // An application table whose REAL column turns the text '1.50' into 1.5.
+        connection
+            .execute_batch("CREATE TABLE settings (key TEXT PRIMARY KEY, value REAL)")
+            .unwrap();
+    }
+    let mut store = SettingsStore::open(&path).unwrap();
+    match store.write_until_landed("RATIO", "1.50", |_, _| true) {
+        Err(SettingsError::ReadBack { expected, found }) => {
+            assert_eq!(expected, "1.50");
+            assert_eq!(found.as_deref(), Some("1.5"));
+        }
+        other => panic!("expected ReadBack, got {other:?}"),
+    }
+    // Values the column keeps as written read back fine (the kill switch's '1' and '0').
+    store.write_once("DISABLE_NEW", "1").unwrap();
+}

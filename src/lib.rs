@@ -5,8 +5,12 @@
 pub mod audit;
 pub mod check;
 pub mod cli;
+pub mod cmd_flags;
 pub mod config;
+pub mod daemon;
 pub mod engine;
+pub mod flags;
+pub mod settings;
 pub mod simulate;
 pub mod store;
 pub mod trace;

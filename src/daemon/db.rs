@@ -27,7 +27,9 @@ impl Db {
         tokio::task::spawn_blocking(move || {
             // A panic while holding the lock poisons it; the data is still consistent
             // (SQLite transactions), so keep going.
-            let mut guard = store.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut guard = store
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
             f(&mut guard)
         })
         .await

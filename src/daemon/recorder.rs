@@ -24,7 +24,10 @@ use crate::daemon::db::Db;
 pub enum Pending {
     Audit(AuditRecord),
     KillSwitch(KillSwitchRecord),
-    Artifact { name: String, record: Box<DecisionRecord> },
+    Artifact {
+        name: String,
+        record: Box<DecisionRecord>,
+    },
     WorkerManager(WorkerManagerRecord),
 }
 
@@ -220,7 +223,9 @@ impl Recorder {
                     }
                 }
                 Err(err) => {
-                    tracing::error!("cannot keep an unwritten record in rollbackd.db either: {err}");
+                    tracing::error!(
+                        "cannot keep an unwritten record in rollbackd.db either: {err}"
+                    );
                     break;
                 }
             }

@@ -1,0 +1,482 @@
+//! LiveFlags: an application's view of the `settings` table, kept current on a thread
+//! of its own, with the kill switch applied.
+//!
+//! The effective value of a flag is its safe default when the kill key's row is exactly
+//! `'1'`, else the row's value, else the safe default (SPEC §4). Applications call
+//! [`LiveFlags::get`] on their hot path; that is a lock-free-ish `watch` borrow, no SQL.
+//!
+//! How commits of other processes are noticed: the poller thread owns a read-only
+//! connection ([`SettingsReader`]) and asks `PRAGMA data_version` every `poll_interval`
+//! (default 20 ms). That pragma reads no table and changes whenever another connection
+//! has committed, so the whole table is re-read only after a commit, plus once every
+//! `full_reread_interval` (default 5 s) as a backstop. The seed design re-read the whole
+//! table every 500 ms: slower to notice and more work. Every statement is finished before
+//! the thread sleeps, so **the reader never holds a transaction between polls** and, in
+//! WAL mode, never delays a writer.
+//!
+//! Faults are data, not panics: a missing or unreadable database is retried (reopened)
+//! at every poll and reported in [`FlagsSnapshot::error`]. While there is an error the
+//! last rows read are kept: a flapping read error neither clears the kill switch nor
+//! floods watchers with one change per key. The file is also re-identified (device and
+//! inode) at every poll, so a database replaced by rename is reopened at once.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+use crate::settings::{SettingsError, SettingsReader};
+
+/// The kill key of the spec: `DISABLE_NEW = '1'` reverts every flag to its safe default.
+pub const DEFAULT_KILL_KEY: &str = "DISABLE_NEW";
+
+/// How long a busy database may keep a poll from reading before the snapshot reports it.
+const BUSY_REPORT_AFTER: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveFlagsOptions {
+    /// How often `PRAGMA data_version` is asked (and a missing database looked for).
+    pub poll_interval: Duration,
+    /// How often the whole table is re-read even when no commit was noticed.
+    pub full_reread_interval: Duration,
+    /// The kill switch key; its row value exactly `'1'` means "use safe defaults".
+    pub kill_key: String,
+    /// Safe default of each flag.
+    pub defaults: BTreeMap<String, String>,
+}
+
+impl Default for LiveFlagsOptions {
+    fn default() -> Self {
+        LiveFlagsOptions {
+            poll_interval: Duration::from_millis(20),
+            full_reread_interval: Duration::from_secs(5),
+            kill_key: DEFAULT_KILL_KEY.to_string(),
+            defaults: BTreeMap::new(),
+        }
+    }
+}
+
+/// What LiveFlags last read.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct FlagsSnapshot {
+    /// Every row of `settings` with a non-NULL value (the last ones read, if `error`).
+    pub rows: BTreeMap<String, String>,
+    /// Bumps on each observed change of `rows` or `error`; 0 is the state found at start
+    /// when the table is empty or absent and readable.
+    pub version: u64,
+    /// Why the latest poll could not read the table, if it could not.
+    pub error: Option<String>,
+}
+
+impl FlagsSnapshot {
+    /// The kill key's row value is exactly `'1'`.
+    pub fn killed(&self, kill_key: &str) -> bool {
+        self.rows.get(kill_key).map(String::as_str) == Some("1")
+    }
+
+    /// Effective value of `key`: its safe default when the kill switch is on, else the
+    /// row's value, else the safe default. The kill key itself always reads its row.
+    pub fn effective(&self, key: &str, options: &LiveFlagsOptions) -> Option<String> {
+        let row = self.rows.get(key);
+        let default = options.defaults.get(key);
+        if key == options.kill_key {
+            return row.or(default).cloned();
+        }
+        if self.killed(&options.kill_key) {
+            return default.cloned();
+        }
+        row.or(default).cloned()
+    }
+}
+
+/// One key whose row changed between two snapshots.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlagChange {
+    pub key: String,
+    /// `None`: there was no row.
+    pub previous: Option<String>,
+    /// `None`: the row is gone.
+    pub value: Option<String>,
+}
+
+/// Per-key differences between two snapshots, in key order, for "one line per change".
+pub fn changes(old: &FlagsSnapshot, new: &FlagsSnapshot) -> Vec<FlagChange> {
+    let mut keys: Vec<&String> = old.rows.keys().chain(new.rows.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    keys.into_iter()
+        .filter_map(|key| {
+            let previous = old.rows.get(key);
+            let value = new.rows.get(key);
+            (previous != value).then(|| FlagChange {
+                key: key.clone(),
+                previous: previous.cloned(),
+                value: value.cloned(),
+            })
+        })
+        .collect()
+}
+
+/// Reads the whole table once over a read-only connection (for `flags get`).
+pub fn read_once(path: &Path) -> Result<BTreeMap<String, String>, SettingsError> {
+    SettingsReader::open(path)?.read_all()
+}
+
+/// Live view of the `settings` table. Dropping it stops and joins the poller thread.
+pub struct LiveFlags {
+    options: LiveFlagsOptions,
+    snapshots: watch::Receiver<Arc<FlagsSnapshot>>,
+    /// Dropped (disconnected) to stop the poller.
+    stop: Option<mpsc::Sender<()>>,
+    poller: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for LiveFlags {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LiveFlags")
+            .field("options", &self.options)
+            .field("snapshot", &*self.snapshots.borrow())
+            .finish_non_exhaustive()
+    }
+}
+
+impl LiveFlags {
+    /// Reads the table once on the caller's thread (so the first snapshot is real), then
+    /// starts the poller thread. Never fails: a missing or unreadable database is in the
+    /// snapshot's `error` and retried at every poll.
+    pub fn start(path: impl Into<PathBuf>, options: LiveFlagsOptions) -> LiveFlags {
+        let mut poller = Poller::new(path.into(), options.clone());
+        poller.poll();
+        let (sender, snapshots) = watch::channel(poller.current.clone());
+        let (stop, stop_requests) = mpsc::channel::<()>();
+        let poll_interval = options.poll_interval;
+        let poller = std::thread::Builder::new()
+            .name("liveflags".to_string())
+            .spawn(move || loop {
+                match stop_requests.recv_timeout(poll_interval) {
+                    Err(mpsc::RecvTimeoutError::Timeout) => {}
+                    Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                }
+                if let Some(snapshot) = poller.poll() {
+                    sender.send_replace(snapshot);
+                }
+            })
+            .expect("spawning the liveflags thread");
+        LiveFlags {
+            options,
+            snapshots,
+            stop: Some(stop),
+            poller: Some(poller),
+        }
+    }
+
+    pub fn options(&self) -> &LiveFlagsOptions {
+        &self.options
+    }
+
+    /// The latest snapshot.
+    pub fn snapshot(&self) -> Arc<FlagsSnapshot> {
+        self.snapshots.borrow().clone()
+    }
+
+    /// Effective value of `key` (see [`FlagsSnapshot::effective`]).
+    pub fn get(&self, key: &str) -> Option<String> {
+        self.snapshots.borrow().effective(key, &self.options)
+    }
+
+    /// The kill switch is on: flags use their safe defaults.
+    pub fn killed(&self) -> bool {
+        self.snapshots.borrow().killed(&self.options.kill_key)
+    }
+
+    /// Every published snapshot (only when rows or error changed). `borrow()` on the
+    /// receiver gives the current one; `changed()` resolves on the next.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<FlagsSnapshot>> {
+        let mut receiver = self.snapshots.clone();
+        receiver.mark_unchanged();
+        receiver
+    }
+}
+
+impl Drop for LiveFlags {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(poller) = self.poller.take() {
+            if poller.join().is_err() {
+                tracing::error!("the liveflags thread panicked");
+            }
+        }
+    }
+}
+
+/// The poller thread's state: one read-only connection (reopened after errors), the last
+/// `data_version` seen and the snapshot last published.
+struct Poller {
+    path: PathBuf,
+    options: LiveFlagsOptions,
+    reader: Option<SettingsReader>,
+    /// (device, inode) of the file `reader` has open.
+    file_identity: Option<(u64, u64)>,
+    data_version: Option<i64>,
+    last_full_read: Option<Instant>,
+    busy_since: Option<Instant>,
+    current: Arc<FlagsSnapshot>,
+}
+
+impl Poller {
+    fn new(path: PathBuf, options: LiveFlagsOptions) -> Poller {
+        Poller {
+            path,
+            options,
+            reader: None,
+            file_identity: None,
+            data_version: None,
+            last_full_read: None,
+            busy_since: None,
+            current: Arc::new(FlagsSnapshot::default()),
+        }
+    }
+
+    /// One poll; returns the new snapshot when rows or error changed.
+    fn poll(&mut self) -> Option<Arc<FlagsSnapshot>> {
+        match self.read_if_changed() {
+            Ok(None) => {
+                self.busy_since = None;
+                None
+            }
+            Ok(Some(rows)) => {
+                self.busy_since = None;
+                self.publish(rows, None)
+            }
+            Err(error) if error.is_busy() => {
+                // Transient (another connection is recovering the WAL, or the database
+                // is in rollback-journal mode mid-commit): keep the connection, try at
+                // the next poll, and only report it if it lasts.
+                let busy_since = *self.busy_since.get_or_insert_with(Instant::now);
+                if busy_since.elapsed() >= BUSY_REPORT_AFTER {
+                    let rows = self.current.rows.clone();
+                    let error = format!(
+                        "cannot read {}: busy for {:?}",
+                        self.path.display(),
+                        busy_since.elapsed()
+                    );
+                    return self.publish(rows, Some(error));
+                }
+                None
+            }
+            Err(error) => {
+                self.busy_since = None;
+                self.close();
+                let rows = self.current.rows.clone();
+                self.publish(
+                    rows,
+                    Some(format!("cannot read {}: {error}", self.path.display())),
+                )
+            }
+        }
+    }
+
+    /// Reads the table when a commit was noticed, the backstop interval passed, or the
+    /// connection is new. `Ok(None)`: nothing to read.
+    fn read_if_changed(&mut self) -> Result<Option<BTreeMap<String, String>>, PollError> {
+        let identity = file_identity(&self.path).map_err(PollError::File)?;
+        if self.reader.is_some() && self.file_identity != Some(identity) {
+            tracing::info!(path = %self.path.display(), "settings database replaced; reopening");
+            self.close();
+        }
+        if self.reader.is_none() {
+            self.reader = Some(SettingsReader::open(&self.path)?);
+            self.file_identity = Some(identity);
+        }
+        let reader = self.reader.as_ref().expect("opened above");
+        let data_version = reader.data_version()?;
+        let backstop_due = self
+            .last_full_read
+            .is_none_or(|at| at.elapsed() >= self.options.full_reread_interval);
+        if self.data_version == Some(data_version) && !backstop_due {
+            return Ok(None);
+        }
+        let rows = reader.read_all()?;
+        // Only remember the version once the rows of that version were read.
+        self.data_version = Some(data_version);
+        self.last_full_read = Some(Instant::now());
+        Ok(Some(rows))
+    }
+
+    fn close(&mut self) {
+        self.reader = None;
+        self.file_identity = None;
+        self.data_version = None;
+        self.last_full_read = None;
+    }
+
+    fn publish(
+        &mut self,
+        rows: BTreeMap<String, String>,
+        error: Option<String>,
+    ) -> Option<Arc<FlagsSnapshot>> {
+        if rows == self.current.rows && error == self.current.error {
+            return None;
+        }
+        if let Some(error) = &error {
+            if self.current.error.as_ref() != Some(error) {
+                tracing::warn!(%error, "liveflags cannot read the settings table");
+            }
+        }
+        self.current = Arc::new(FlagsSnapshot {
+            rows,
+            version: self.current.version + 1,
+            error,
+        });
+        Some(self.current.clone())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum PollError {
+    #[error("{0}")]
+    File(std::io::Error),
+    #[error(transparent)]
+    Settings(#[from] SettingsError),
+}
+
+impl PollError {
+    fn is_busy(&self) -> bool {
+        matches!(self, PollError::Settings(error) if error.is_busy())
+    }
+}
+
+#[cfg(unix)]
+fn file_identity(path: &Path) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let metadata = std::fs::metadata(path)?;
+    Ok((metadata.dev(), metadata.ino()))
+}
+
+#[cfg(not(unix))]
+fn file_identity(path: &Path) -> std::io::Result<(u64, u64)> {
+    std::fs::metadata(path).map(|_| (0, 0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snapshot(rows: &[(&str, &str)]) -> FlagsSnapshot {
+        FlagsSnapshot {
+            rows: rows
+                .iter()
+                .map(|(key, value)| (key.to_string(), value.to_string()))
+                .collect(),
+            version: 0,
+            error: None,
+        }
+    }
+
+    fn options_with_defaults() -> LiveFlagsOptions {
+        LiveFlagsOptions {
+            defaults: [("NEW_CHECKOUT".to_string(), "0".to_string())].into(),
+            ..LiveFlagsOptions::default()
+        }
+    }
+
+    #[test]
+    fn defaults_match_the_spec() {
+        let options = LiveFlagsOptions::default();
+        assert_eq!(options.poll_interval, Duration::from_millis(20));
+        assert_eq!(options.full_reread_interval, Duration::from_secs(5));
+        assert_eq!(options.kill_key, "DISABLE_NEW");
+        assert!(options.defaults.is_empty());
+    }
+
+    #[test]
+    fn effective_value_table() {
+        let options = options_with_defaults();
+        /// (rows, key, expected effective value)
+        type Case<'a> = (&'a [(&'a str, &'a str)], &'a str, Option<&'a str>);
+        let cases: &[Case] = &[
+            (&[], "NEW_CHECKOUT", Some("0")),
+            (&[("NEW_CHECKOUT", "1")], "NEW_CHECKOUT", Some("1")),
+            (
+                &[("NEW_CHECKOUT", "1"), ("DISABLE_NEW", "1")],
+                "NEW_CHECKOUT",
+                Some("0"),
+            ),
+            (
+                &[("NEW_CHECKOUT", "1"), ("DISABLE_NEW", "0")],
+                "NEW_CHECKOUT",
+                Some("1"),
+            ),
+            // Only exactly '1' kills.
+            (
+                &[("NEW_CHECKOUT", "1"), ("DISABLE_NEW", "true")],
+                "NEW_CHECKOUT",
+                Some("1"),
+            ),
+            (
+                &[("NEW_CHECKOUT", "1"), ("DISABLE_NEW", " 1")],
+                "NEW_CHECKOUT",
+                Some("1"),
+            ),
+            // A flag without a safe default has no value while killed.
+            (&[("OTHER", "x"), ("DISABLE_NEW", "1")], "OTHER", None),
+            (&[("OTHER", "x")], "OTHER", Some("x")),
+            (&[], "OTHER", None),
+            // The kill key reads its own row.
+            (&[("DISABLE_NEW", "1")], "DISABLE_NEW", Some("1")),
+        ];
+        for (rows, key, expected) in cases {
+            let snapshot = snapshot(rows);
+            assert_eq!(
+                snapshot.effective(key, &options).as_deref(),
+                *expected,
+                "{rows:?} {key}"
+            );
+        }
+        assert!(snapshot(&[("DISABLE_NEW", "1")]).killed("DISABLE_NEW"));
+        assert!(!snapshot(&[("DISABLE_NEW", "1")]).killed("OTHER_KILL"));
+    }
+
+    #[test]
+    fn changes_lists_added_changed_and_removed_keys_in_order() {
+        let old = snapshot(&[("A", "1"), ("B", "x"), ("C", "same")]);
+        let new = snapshot(&[("B", "y"), ("C", "same"), ("D", "new")]);
+        let found = changes(&old, &new);
+        let expected = vec![
+            FlagChange {
+                key: "A".into(),
+                previous: Some("1".into()),
+                value: None,
+            },
+            FlagChange {
+                key: "B".into(),
+                previous: Some("x".into()),
+                value: Some("y".into()),
+            },
+            FlagChange {
+                key: "D".into(),
+                previous: None,
+                value: Some("new".into()),
+            },
+        ];
+        assert_eq!(found, expected);
+        assert!(changes(&new, &new).is_empty());
+    }
+
+    #[test]
+    fn a_missing_database_is_an_error_in_the_snapshot_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("absent.db");
+        let mut poller = Poller::new(path.clone(), LiveFlagsOptions::default());
+        let snapshot = poller.poll().expect("the error is a change");
+        assert_eq!(snapshot.version, 1);
+        assert!(snapshot.error.as_deref().unwrap().contains("absent.db"));
+        // The same error again is not a new snapshot.
+        assert!(poller.poll().is_none());
+        assert!(!path.exists(), "a reader must never create the database");
+    }
+}

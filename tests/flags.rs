@@ -1,0 +1,224 @@
+//! LiveFlags against real SQLite files: commits of other connections and of the
+//! `sqlite3` shell are noticed quickly, a database that appears later is picked up, and
+//! the reader never makes a writer busy.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rollbackd::flags::{FlagsSnapshot, LiveFlags, LiveFlagsOptions};
+use rollbackd::settings::SettingsStore;
+use tokio::sync::watch;
+
+const SQLITE3_SHELL: &str = "/usr/bin/sqlite3";
+
+fn options() -> LiveFlagsOptions {
+    LiveFlagsOptions {
+        defaults: BTreeMap::from([("NEW_CHECKOUT".to_string(), "0".to_string())]),
+        ..LiveFlagsOptions::default()
+    }
+}
+
+/// Waits (at most `limit`) for a published snapshot satisfying `done`.
+async fn wait_for(
+    receiver: &mut watch::Receiver<Arc<FlagsSnapshot>>,
+    limit: Duration,
+    mut done: impl FnMut(&FlagsSnapshot) -> bool,
+) -> Result<Arc<FlagsSnapshot>, String> {
+    let waiting = async {
+        loop {
+            let snapshot = receiver.borrow_and_update().clone();
+            if done(&snapshot) {
+                return Ok(snapshot);
+            }
+            if receiver.changed().await.is_err() {
+                return Err("liveflags stopped".to_string());
+            }
+        }
+    };
+    match tokio::time::timeout(limit, waiting).await {
+        Ok(result) => result,
+        Err(_) => Err(format!(
+            "not seen within {limit:?}; last snapshot {:?}",
+            receiver.borrow()
+        )),
+    }
+}
+
+fn store_with(path: &Path, rows: &[(&str, &str)]) -> SettingsStore {
+    let mut store = SettingsStore::open(path).unwrap();
+    for (key, value) in rows {
+        store.write_once(key, value).unwrap();
+    }
+    store
+}
+
+#[tokio::test]
+async fn a_write_from_another_connection_is_seen_within_200_ms() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("app.db");
+    let mut store = store_with(&path, &[("NEW_CHECKOUT", "1")]);
+    let flags = LiveFlags::start(&path, options());
+    assert_eq!(flags.get("NEW_CHECKOUT").as_deref(), Some("1"));
+    assert!(!flags.killed());
+    let mut receiver = flags.subscribe();
+
+    for round in 0..5 {
+        let value = format!("v{round}");
+        store.write_once("NEW_CHECKOUT", &value).unwrap();
+        wait_for(&mut receiver, Duration::from_millis(200), |snapshot| {
+            snapshot.rows.get("NEW_CHECKOUT") == Some(&value)
+        })
+        .await
+        .unwrap();
+        assert_eq!(flags.get("NEW_CHECKOUT"), Some(value));
+    }
+    assert_eq!(flags.snapshot().error, None);
+}
+
+#[tokio::test]
+async fn a_kill_switch_set_from_the_sqlite3_shell_is_seen_and_reverts_flags_to_defaults() {
+    if !Path::new(SQLITE3_SHELL).exists() {
+        eprintln!("skipped: {SQLITE3_SHELL} is not installed");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("app.db");
+    let _store = store_with(&path, &[("NEW_CHECKOUT", "1"), ("DISABLE_NEW", "0")]);
+    let flags = LiveFlags::start(&path, options());
+    assert_eq!(flags.get("NEW_CHECKOUT").as_deref(), Some("1"));
+    let mut receiver = flags.subscribe();
+
+    let output = std::process::Command::new(SQLITE3_SHELL)
+        .arg(&path)
+        .arg(".timeout 2000")
+        .arg("INSERT OR REPLACE INTO settings (key, value) VALUES ('DISABLE_NEW','1')")
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+
+    wait_for(&mut receiver, Duration::from_millis(500), |snapshot| {
+        snapshot.killed("DISABLE_NEW")
+    })
+    .await
+    .unwrap();
+    assert!(flags.killed());
+    assert_eq!(flags.get("NEW_CHECKOUT").as_deref(), Some("0"));
+    assert_eq!(flags.get("DISABLE_NEW").as_deref(), Some("1"));
+    assert_eq!(flags.get("NO_DEFAULT"), None);
+    assert_eq!(
+        flags
+            .snapshot()
+            .rows
+            .get("NEW_CHECKOUT")
+            .map(String::as_str),
+        Some("1"),
+        "the row itself is untouched"
+    );
+}
+
+#[tokio::test]
+async fn started_before_the_database_exists_it_picks_it_up_once_created() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("later.db");
+    let flags = LiveFlags::start(&path, options());
+    let first = flags.snapshot();
+    assert!(first.error.is_some(), "{first:?}");
+    assert!(first.rows.is_empty());
+    assert_eq!(flags.get("NEW_CHECKOUT").as_deref(), Some("0"));
+    assert!(!path.exists(), "LiveFlags must not create the database");
+    let mut receiver = flags.subscribe();
+
+    // Let it fail a few polls first.
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    let path_for_writer = path.clone();
+    tokio::task::spawn_blocking(move || {
+        store_with(&path_for_writer, &[("NEW_CHECKOUT", "1")]);
+    })
+    .await
+    .unwrap();
+
+    let seen = wait_for(&mut receiver, Duration::from_millis(500), |snapshot| {
+        snapshot.error.is_none()
+            && snapshot.rows.get("NEW_CHECKOUT").map(String::as_str) == Some("1")
+    })
+    .await
+    .unwrap();
+    assert!(seen.version > first.version);
+    assert_eq!(flags.get("NEW_CHECKOUT").as_deref(), Some("1"));
+}
+
+#[tokio::test]
+async fn a_replaced_database_file_is_reopened() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("app.db");
+    drop(store_with(&path, &[("NEW_CHECKOUT", "1")]));
+    let flags = LiveFlags::start(&path, options());
+    let mut receiver = flags.subscribe();
+
+    let replacement = dir.path().join("replacement.db");
+    drop(store_with(&replacement, &[("NEW_CHECKOUT", "2")]));
+    // A WAL database is only complete with its -wal file; the store checkpointed and
+    // removed it on close, so the main file alone is the whole database.
+    std::fs::rename(&replacement, &path).unwrap();
+
+    wait_for(&mut receiver, Duration::from_millis(500), |snapshot| {
+        snapshot.rows.get("NEW_CHECKOUT").map(String::as_str) == Some("2")
+    })
+    .await
+    .unwrap();
+}
+
+#[test]
+fn a_reader_polling_every_millisecond_never_makes_a_writer_busy() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("app.db");
+    let mut store = store_with(&path, &[("NEW_CHECKOUT", "1")]);
+    let flags = LiveFlags::start(
+        &path,
+        LiveFlagsOptions {
+            poll_interval: Duration::from_millis(1),
+            full_reread_interval: Duration::from_millis(1),
+            ..options()
+        },
+    );
+    for write_idx in 0..200 {
+        if let Err(error) = store.write_once("NEW_CHECKOUT", &write_idx.to_string()) {
+            panic!("write {write_idx} failed while LiveFlags polled: {error}");
+        }
+    }
+    // And the reader kept up.
+    let deadline = std::time::Instant::now() + Duration::from_secs(1);
+    while flags.get("NEW_CHECKOUT").as_deref() != Some("199") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{:?}",
+            flags.snapshot()
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(flags.snapshot().version > 1);
+}
+
+#[test]
+fn dropping_live_flags_stops_its_thread_promptly() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("app.db");
+    let _store = store_with(&path, &[]);
+    let flags = LiveFlags::start(
+        &path,
+        LiveFlagsOptions {
+            poll_interval: Duration::from_secs(60),
+            ..options()
+        },
+    );
+    let receiver = flags.subscribe();
+    let started = std::time::Instant::now();
+    drop(flags);
+    assert!(started.elapsed() < Duration::from_secs(1));
+    assert!(
+        receiver.has_changed().is_err(),
+        "the sender is gone with the thread"
+    );
+}

@@ -10,6 +10,7 @@ pub mod config;
 pub mod daemon;
 pub mod engine;
 pub mod flags;
+pub mod killswitch;
 pub mod settings;
 pub mod simulate;
 pub mod store;

@@ -1,4 +1,1178 @@
-//! The daemon: one driver task owns the engine and the session.
+//! The daemon: one driver task owns the engine and the monitoring session, and selects
+//! over a closed set of events — the next check's deadline, a finished check, a finished
+//! action, an operator command, a kill-switch change seen by LiveFlags, a reload, the
+//! watchdog, shutdown. Checks and actions run in their own tasks and report back, so a
+//! slow probe never stops the daemon from answering `status`.
 
 pub mod db;
+pub mod executor;
 pub mod recorder;
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::adapters::{ResourceSampler, SnapshotSource, WorkerProbe};
+use crate::audit::{rfc3339_millis, AuditEvent, AuditRecord, Evidence, KillSwitchSource, WorkerManagerRecord};
+use crate::check::{Baseline, CheckResult, ProbeOutcome};
+use crate::config::{ConfigError, LoadedConfig};
+use crate::control::{Command, Operator, Reply, Request};
+use crate::engine::{Action, Decision, Engine, Verdict};
+use crate::flags::FlagsSnapshot;
+use crate::store::{self, ActionRow, CheckRow, NewAction, SessionRow};
+use db::Db;
+use executor::{ActionContext, ActionDetail, ActionOutcome};
+use recorder::{now_ms, Recorder};
+
+/// Wall-clock time, an adapter like any other (tests make it follow tokio's paused clock).
+pub trait Clock: Send + Sync {
+    fn now(&self) -> SystemTime;
+}
+
+/// The real clock.
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> SystemTime {
+        SystemTime::now()
+    }
+}
+
+/// A wall clock that advances with tokio's clock, for paused-time tests.
+pub struct TokioClock {
+    base: SystemTime,
+    start: Instant,
+}
+
+impl TokioClock {
+    pub fn new(base: SystemTime) -> TokioClock {
+        TokioClock {
+            base,
+            start: Instant::now(),
+        }
+    }
+}
+
+impl Clock for TokioClock {
+    fn now(&self) -> SystemTime {
+        self.base + self.start.elapsed()
+    }
+}
+
+/// The I/O the driver checks through.
+#[derive(Clone)]
+pub struct Adapters {
+    pub probe: Arc<dyn WorkerProbe>,
+    pub snapshot: Arc<dyn SnapshotSource>,
+    pub resources: Arc<dyn ResourceSampler>,
+}
+
+/// Builds adapters for a configuration (again on reload).
+pub type AdapterFactory = Arc<dyn Fn(&crate::config::Config) -> Adapters + Send + Sync>;
+/// Loads the configuration again (SIGHUP).
+pub type Reloader = Arc<dyn Fn() -> Result<LoadedConfig, ConfigError> + Send + Sync>;
+
+/// Inputs of the driver besides the configuration.
+pub struct DriverInputs {
+    pub factory: AdapterFactory,
+    pub clock: Arc<dyn Clock>,
+    pub commands: mpsc::Receiver<Command>,
+    pub flags: Option<watch::Receiver<Arc<FlagsSnapshot>>>,
+    pub reload: Option<(mpsc::Receiver<()>, Reloader)>,
+    pub shutdown: CancellationToken,
+    /// Called with a one-line status whenever it changes (systemd STATUS=).
+    pub on_status: Option<Box<dyn Fn(&str) + Send>>,
+    /// Half the systemd watchdog period, and what to call on each beat.
+    pub watchdog: Option<(Duration, Box<dyn Fn() + Send>)>,
+}
+
+struct Session {
+    row: SessionRow,
+    engine: Engine,
+    next_check_index: i64,
+    last_decision: Option<Decision>,
+    dry_run_recorded: Vec<Action>,
+}
+
+struct RunningAction {
+    id: i64,
+    kind: &'static str,
+    replies: Option<mpsc::Sender<Reply>>,
+}
+
+struct CheckDone {
+    session_id: String,
+    check_index: i64,
+    started: Instant,
+    taken_at: SystemTime,
+    result: CheckResult,
+}
+
+/// A compact line for `status`.
+#[derive(Clone)]
+struct CheckSummary {
+    at: SystemTime,
+    index: i64,
+    verdict: Verdict,
+    probe: String,
+    error_rate: Option<f64>,
+    error_class: &'static str,
+}
+
+pub struct Driver {
+    config: Arc<LoadedConfig>,
+    adapters: Adapters,
+    factory: AdapterFactory,
+    clock: Arc<dyn Clock>,
+    db: Db,
+    recorder: Recorder,
+    session: Option<Session>,
+    action: Option<RunningAction>,
+    check_in_flight: bool,
+    next_check: Option<Instant>,
+    recent: VecDeque<CheckSummary>,
+    kill_value: Option<Option<String>>,
+    expected_kill_writes: Vec<String>,
+    checks_tx: mpsc::Sender<CheckDone>,
+    actions_tx: mpsc::Sender<(i64, ActionOutcome)>,
+    status_line: String,
+    started_at: SystemTime,
+}
+
+fn session_id_for(at: SystemTime, active: &str) -> String {
+    format!("{}-{}", crate::audit::artifact_stamp(at), active)
+}
+
+impl Driver {
+    /// Opens the state, resumes the recorded session and any action in flight, and runs
+    /// until `shutdown` (after an action in flight has finished).
+    pub async fn run(config: LoadedConfig, mut inputs: DriverInputs) -> anyhow::Result<()> {
+        let config = Arc::new(config);
+        let db_path = config.config.rollbackd_db();
+        let db = tokio::task::spawn_blocking(move || Db::open(&db_path)).await??;
+        let recorder = Recorder::new(config.config.analytics_dir(), Some(db.clone())).await;
+        let adapters = (inputs.factory)(&config.config);
+        let (checks_tx, mut checks_rx) = mpsc::channel(4);
+        let (actions_tx, mut actions_rx) = mpsc::channel(4);
+        let clock = inputs.clock.clone();
+        let mut driver = Driver {
+            config,
+            adapters,
+            factory: inputs.factory.clone(),
+            clock: clock.clone(),
+            db,
+            recorder,
+            session: None,
+            action: None,
+            check_in_flight: false,
+            next_check: None,
+            recent: VecDeque::new(),
+            kill_value: None,
+            expected_kill_writes: Vec::new(),
+            checks_tx,
+            actions_tx,
+            status_line: String::new(),
+            started_at: clock.now(),
+        };
+        driver.restore().await?;
+        driver.publish_status(&inputs.on_status);
+
+        let mut watchdog = inputs.watchdog.as_ref().map(|(period, _)| {
+            let mut interval = tokio::time::interval(*period);
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            interval
+        });
+        let mut retry_records = tokio::time::interval(Duration::from_secs(5));
+        retry_records.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut stopping = false;
+        let mut flags = inputs.flags.take();
+        if let Some(rx) = &flags {
+            let snapshot = rx.borrow().clone();
+            driver.kill_value = Some(snapshot.rows.get(&driver.config.config.kill_switch.key).cloned());
+        }
+        let (mut reload_rx, reloader) = match inputs.reload.take() {
+            Some((rx, reloader)) => (Some(rx), Some(reloader)),
+            None => (None, None),
+        };
+
+        loop {
+            if stopping && driver.action.is_none() {
+                break;
+            }
+            let next_check = if stopping || driver.check_in_flight || driver.action.is_some() {
+                None
+            } else {
+                driver.next_check
+            };
+            tokio::select! {
+                biased;
+                _ = inputs.shutdown.cancelled(), if !stopping => {
+                    stopping = true;
+                    if let Some(action) = &driver.action {
+                        tracing::info!(action = action.id, "shutting down after the {} in flight finishes", action.kind);
+                    }
+                }
+                Some((id, outcome)) = actions_rx.recv() => {
+                    driver.action_finished(id, outcome).await;
+                    driver.publish_status(&inputs.on_status);
+                }
+                Some(done) = checks_rx.recv() => {
+                    driver.check_finished(done).await;
+                    driver.publish_status(&inputs.on_status);
+                }
+                Some(command) = inputs.commands.recv() => {
+                    if stopping {
+                        let _ = command.replies.send(Reply::Failed { message: "rollbackd is shutting down".into(), exit: 1 }).await;
+                    } else {
+                        driver.command(command).await;
+                        driver.publish_status(&inputs.on_status);
+                    }
+                }
+                changed = async { flags.as_mut().expect("guarded").changed().await }, if flags.is_some() => {
+                    match changed {
+                        Ok(()) => {
+                            let snapshot = flags.as_mut().expect("guarded").borrow_and_update().clone();
+                            driver.flags_changed(&snapshot).await;
+                        }
+                        Err(_) => flags = None,
+                    }
+                }
+                Some(()) = async { reload_rx.as_mut().expect("guarded").recv().await }, if reload_rx.is_some() => {
+                    if let Some(reloader) = &reloader {
+                        driver.reload(reloader).await;
+                    }
+                }
+                _ = async { tokio::time::sleep_until(next_check.expect("guarded")).await }, if next_check.is_some() => {
+                    driver.tick().await;
+                    driver.publish_status(&inputs.on_status);
+                }
+                _ = async { watchdog.as_mut().expect("guarded").tick().await }, if watchdog.is_some() => {
+                    if let Some((_, beat)) = &inputs.watchdog {
+                        beat();
+                    }
+                }
+                _ = retry_records.tick() => {
+                    if driver.recorder.backlog() > 0 {
+                        driver.recorder.retry().await;
+                    }
+                }
+            }
+        }
+        driver.recorder.retry().await;
+        tracing::info!("driver stopped");
+        Ok(())
+    }
+
+    fn now(&self) -> SystemTime {
+        self.clock.now()
+    }
+
+    fn publish_status(&mut self, on_status: &Option<Box<dyn Fn(&str) + Send>>) {
+        let line = match (&self.session, &self.action) {
+            (_, Some(action)) => format!("{} #{} in progress", action.kind, action.id),
+            (Some(session), None) => format!(
+                "{} {} (previous {}), {}{}",
+                session.row.state,
+                session.row.active,
+                session.row.previous.as_deref().unwrap_or("-"),
+                session.last_decision.as_ref().map(|d| d.verdict.as_str()).unwrap_or("no checks yet"),
+                if session.row.paused { ", paused" } else { "" }
+            ),
+            (None, None) => "idle: waiting for a promotion".to_owned(),
+        };
+        if line != self.status_line {
+            self.status_line = line;
+            if let Some(on_status) = on_status {
+                on_status(&self.status_line);
+            }
+        }
+    }
+
+    /// Picks up the recorded session, its window and any action in flight.
+    async fn restore(&mut self) -> anyhow::Result<()> {
+        let found = self
+            .db
+            .call(|store| {
+                let session = store.current_session()?;
+                let checks = match &session {
+                    Some(s) => store.recent_checks(&s.id, 1000)?,
+                    None => Vec::new(),
+                };
+                let actions = store.unfinished_actions()?;
+                Ok((session, checks, actions))
+            })
+            .await?;
+        let (session, checks, actions) = found;
+        if let Some(row) = session {
+            let baseline = row
+                .baseline_json
+                .as_deref()
+                .and_then(|text| serde_json::from_str::<Baseline>(text).ok());
+            let mut engine = Engine::new(self.config.config.rules.clone(), baseline);
+            let window = self.config.config.rules.window;
+            let mut last = None;
+            let mut next_index = 0;
+            for check in checks.iter().rev().take(window).rev() {
+                if let Ok(result) = serde_json::from_str::<CheckResult>(&check.check_json) {
+                    let at = Duration::from_millis((check.taken_at_ms - row.promoted_at_ms).max(0) as u64);
+                    last = Some(engine.observe(at, &result));
+                }
+            }
+            if let Some(check) = checks.last() {
+                next_index = check.check_index + 1;
+            }
+            let fresh = row.promoted_at_ms > now_ms(self.now()) - 1000 && checks.is_empty();
+            tracing::info!(
+                session = %row.id,
+                active = %row.active,
+                checks = checks.len(),
+                state = %row.state,
+                "{} monitoring session",
+                if fresh { "starting recorded" } else { "resuming" }
+            );
+            if checks.is_empty() {
+                // Recorded by `rollbackd promote` while no daemon ran: this is its start.
+                self.recorder
+                    .audit(
+                        AuditRecord::new(self.now(), AuditEvent::MonitoringStarted, Some(&row.id))
+                            .field("active", row.active.clone())
+                            .field("previous", row.previous.clone())
+                            .field("resumed", false),
+                    )
+                    .await;
+            }
+            self.session = Some(Session {
+                row,
+                engine,
+                next_check_index: next_index,
+                last_decision: last,
+                dry_run_recorded: Vec::new(),
+            });
+            self.next_check = Some(Instant::now());
+        }
+        for action in actions {
+            if self.action.is_some() {
+                tracing::error!(action = action.id, "more than one unfinished action recorded; resuming only the first");
+                continue;
+            }
+            tracing::warn!(action = action.id, kind = %action.kind, phase = ?action.phase, "resuming an action interrupted by a restart");
+            self.spawn_action(action, None);
+        }
+        Ok(())
+    }
+
+    fn context(&self, progress: Option<mpsc::Sender<Reply>>) -> ActionContext {
+        ActionContext {
+            config: self.config.clone(),
+            db: self.db.clone(),
+            recorder: self.recorder.clone(),
+            probe: self.adapters.probe.clone(),
+            clock: self.clock.clone(),
+            progress,
+        }
+    }
+
+    fn spawn_action(&mut self, row: ActionRow, replies: Option<mpsc::Sender<Reply>>) {
+        let kind: &'static str = if row.kind == store::KIND_ESCALATION { "escalation" } else { "rollback" };
+        if kind == "escalation" {
+            self.expected_kill_writes.push("1".into());
+        }
+        self.action = Some(RunningAction {
+            id: row.id,
+            kind,
+            replies: replies.clone(),
+        });
+        let ctx = self.context(replies);
+        let tx = self.actions_tx.clone();
+        let id = row.id;
+        tokio::spawn(async move {
+            let outcome = if kind == "escalation" {
+                executor::escalate(ctx, row).await
+            } else {
+                executor::rollback(ctx, row).await
+            };
+            let _ = tx.send((id, outcome)).await;
+        });
+    }
+
+    /// Records the intent of an action (before any side effect) and starts it.
+    #[allow(clippy::too_many_arguments)]
+    async fn start_action(
+        &mut self,
+        kind: &'static str,
+        trigger: &str,
+        reason: String,
+        operator: Option<String>,
+        from: Option<String>,
+        to: Option<String>,
+        detail: ActionDetail,
+        replies: Option<mpsc::Sender<Reply>>,
+    ) {
+        let new = NewAction {
+            session_id: self.session.as_ref().map(|s| s.row.id.clone()),
+            kind: kind.to_owned(),
+            trigger: trigger.to_owned(),
+            state: store::ACTION_PENDING.into(),
+            phase: None,
+            attempt: 1,
+            from_worker: from,
+            to_worker: to,
+            reason,
+            operator,
+            started_at_ms: now_ms(self.now()),
+            detail_json: serde_json::to_string(&detail).ok(),
+        };
+        let insert = new.clone();
+        let result = self
+            .db
+            .call(move |store| {
+                let id = store.insert_action(&insert)?;
+                store.action(id)
+            })
+            .await;
+        let row = match result {
+            Ok(Some(row)) => row,
+            failed => {
+                // Without a durable intent the action is not crash-safe; not acting would
+                // be worse (a full disk must not stop a rollback). Act, and say so.
+                let err = match failed {
+                    Err(err) => err.to_string(),
+                    _ => "the inserted action was not found".into(),
+                };
+                tracing::error!("cannot record the action's intent ({err}); acting without crash protection");
+                ActionRow {
+                    id: -1,
+                    session_id: new.session_id,
+                    kind: new.kind,
+                    trigger: new.trigger,
+                    state: new.state,
+                    phase: None,
+                    attempt: 1,
+                    from_worker: new.from_worker,
+                    to_worker: new.to_worker,
+                    reason: new.reason,
+                    operator: new.operator,
+                    started_at_ms: new.started_at_ms,
+                    updated_at_ms: new.started_at_ms,
+                    finished_at_ms: None,
+                    artifact_name: None,
+                    detail_json: new.detail_json,
+                }
+            }
+        };
+        if kind == store::KIND_ROLLBACK {
+            let mut audit = AuditRecord::new(self.now(), AuditEvent::RollbackStarted, row.session_id.as_deref())
+                .field("actionId", row.id)
+                .field("from", row.from_worker.clone())
+                .field("to", row.to_worker.clone())
+                .field("trigger", row.trigger.clone())
+                .field("reason", row.reason.clone());
+            if let Some(operator) = &row.operator {
+                audit = audit.operator(operator.clone());
+            }
+            self.recorder.audit(audit).await;
+        }
+        self.spawn_action(row, replies);
+    }
+
+    async fn tick(&mut self) {
+        let Some(session) = &self.session else {
+            self.next_check = None;
+            return;
+        };
+        let grace = self.config.config.monitor.grace_period;
+        let promoted = SystemTime::UNIX_EPOCH + Duration::from_millis(session.row.promoted_at_ms.max(0) as u64);
+        if session.row.state == store::SESSION_MONITORING
+            && self.now().duration_since(promoted).unwrap_or_default() >= grace
+        {
+            self.end_session(store::SESSION_CONFIRMED, &format!(
+                "grace period of {} ended without an action: promotion confirmed",
+                crate::config::show(grace)
+            ), None)
+            .await;
+            return;
+        }
+        self.check_in_flight = true;
+        let adapters = self.adapters.clone();
+        let worker = session.row.active.clone();
+        let session_id = session.row.id.clone();
+        let check_index = session.next_check_index;
+        let tx = self.checks_tx.clone();
+        let clock = self.clock.clone();
+        let limit = self.config.config.monitor.check_timeout;
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let taken_at = clock.now();
+            let result = take_check(&adapters, &worker, limit).await;
+            let _ = tx
+                .send(CheckDone {
+                    session_id,
+                    check_index,
+                    started,
+                    taken_at,
+                    result,
+                })
+                .await;
+        });
+    }
+
+    async fn check_finished(&mut self, done: CheckDone) {
+        self.check_in_flight = false;
+        let config = self.config.clone();
+        let now = self.now();
+        let Some(session) = self.session.as_mut() else { return };
+        if session.row.id != done.session_id || done.check_index != session.next_check_index {
+            return; // a check of a session that ended meanwhile
+        }
+        session.next_check_index += 1;
+        let at = Duration::from_millis((now_ms(done.taken_at) - session.row.promoted_at_ms).max(0) as u64);
+        let decision = session.engine.observe(at, &done.result);
+        let failed = done.result.probe.is_failed() || decision.error_class != crate::engine::ValueClass::Ok;
+        let row = CheckRow {
+            session_id: session.row.id.clone(),
+            check_index: done.check_index,
+            taken_at_ms: now_ms(done.taken_at),
+            check_json: serde_json::to_string(&done.result).unwrap_or_default(),
+            verdict: decision.verdict.as_str().into(),
+            failed,
+        };
+        let probe_text = match &done.result.probe {
+            ProbeOutcome::Ok => "ok".to_owned(),
+            ProbeOutcome::Failed { reason } => format!("failed: {reason}"),
+        };
+        self.recent.push_back(CheckSummary {
+            at: done.taken_at,
+            index: done.check_index,
+            verdict: decision.verdict,
+            probe: probe_text,
+            error_rate: decision.error_rate,
+            error_class: decision.error_class.as_str(),
+        });
+        while self.recent.len() > 20 {
+            self.recent.pop_front();
+        }
+        if let Err(err) = self.db.call(move |store| store.insert_check(&row)).await {
+            tracing::error!("cannot record the check in rollbackd.db: {err}");
+        }
+
+        let session = self.session.as_mut().expect("checked above");
+        let paused = session.row.paused;
+        let escalated = session.row.state == store::SESSION_ESCALATED;
+        let mut audit = AuditRecord::new(now, AuditEvent::HealthCheck, Some(&session.row.id))
+            .field("checkIndex", done.check_index)
+            .field("worker", session.row.active.clone())
+            .field("verdict", decision.verdict.as_str())
+            .field("action", decision.action.map(|a| a.as_str()))
+            .field("errorRate", decision.error_rate)
+            .field("errorClass", decision.error_class.as_str())
+            .field("probe", if done.result.probe.is_failed() { "failed" } else { "ok" })
+            .field("failurePattern", decision.failure_pattern.as_str())
+            .field("rules", decision.fired.iter().map(|f| f.rule.as_str()).collect::<Vec<_>>());
+        if let Some(would) = decision.would_act() {
+            audit = audit.field("wouldAct", would.as_str()).field("dryRun", true);
+        }
+        if paused {
+            audit = audit.field("paused", true);
+        }
+        if decision.verdict != Verdict::Healthy {
+            audit = audit.field("reason", decision.reason());
+            // Raw inputs of a check that was not clean, for the 3 a.m. reader.
+            audit = audit.field("check", serde_json::to_value(&done.result).unwrap_or(Value::Null));
+        }
+        session.last_decision = Some(decision.clone());
+        self.recorder.audit(audit).await;
+
+        // Next check: from the start of this one, so a slow check causes no catch-up burst.
+        let interval = if decision.verdict == Verdict::Healthy {
+            config.config.monitor.check_interval
+        } else {
+            config.config.monitor.degraded_check_interval
+        };
+        self.next_check = Some((done.started + interval).max(Instant::now()));
+
+        if escalated || self.action.is_some() {
+            return;
+        }
+        if let Some(would) = decision.would_act() {
+            self.record_dry_run(&decision, would).await;
+        }
+        let Some(action) = decision.action else { return };
+        if paused {
+            tracing::warn!(verdict = %decision.verdict, "monitoring is paused: not acting on {}", action.as_str());
+            return;
+        }
+        let detail = self.detail_for(&decision);
+        let session = self.session.as_ref().expect("checked above");
+        let (active, previous) = (session.row.active.clone(), session.row.previous.clone());
+        match action {
+            Action::Rollback => {
+                let hour_ago = now_ms(now) - 3_600_000;
+                let recent = self.db.call(move |store| store.rollbacks_since(hour_ago)).await.unwrap_or(0);
+                let limit = config.config.rollback.max_rollbacks_per_hour;
+                if recent >= limit {
+                    let reason = format!(
+                        "{}; but {recent} rollbacks in the last hour reached max_rollbacks_per_hour = {limit}: escalating instead of looping",
+                        decision.reason()
+                    );
+                    self.start_action(store::KIND_ESCALATION, "automatic", reason, None, Some(active), previous, detail, None).await;
+                } else if previous.is_none() {
+                    let reason = format!("{}; no previous worker is known, so escalating", decision.reason());
+                    self.start_action(store::KIND_ESCALATION, "automatic", reason, None, Some(active), None, detail, None).await;
+                } else {
+                    self.start_action(store::KIND_ROLLBACK, "automatic", decision.reason(), None, Some(active), previous, detail, None).await;
+                }
+            }
+            Action::Escalate => {
+                self.start_action(store::KIND_ESCALATION, "automatic", decision.reason(), None, Some(active), previous, detail, None).await;
+            }
+        }
+    }
+
+    fn detail_for(&self, decision: &Decision) -> ActionDetail {
+        let session = self.session.as_ref();
+        let recent_checks: Vec<Value> = session
+            .map(|s| s.engine.window().map(|e| serde_json::to_value(e).unwrap_or(Value::Null)).collect())
+            .unwrap_or_default();
+        let rules = &self.config.config.rules;
+        ActionDetail {
+            evidence: Evidence {
+                recent_checks,
+                failure_pattern: decision.failure_pattern.as_str().into(),
+                threshold: format!(
+                    "errorRate>{}, breaches>={} of {}, probeFailures>={}",
+                    rules.error_rate_threshold, rules.rollback_min_breaches, rules.window, rules.consecutive_failures
+                ),
+                rules_fired: decision.fired.iter().map(|f| serde_json::to_value(f).unwrap_or(Value::Null)).collect(),
+            },
+            error_rate: decision.error_rate,
+            failure_count: decision.failure_count as u32,
+            config_hash: self.config.hash.clone(),
+            ..ActionDetail::default()
+        }
+    }
+
+    async fn record_dry_run(&mut self, decision: &Decision, would: Action) {
+        let Some(session) = self.session.as_mut() else { return };
+        if session.dry_run_recorded.contains(&would) {
+            return;
+        }
+        session.dry_run_recorded.push(would);
+        let now = self.clock.now();
+        let detail = self.detail_for(decision);
+        let session = self.session.as_ref().expect("present");
+        let kind = match would {
+            Action::Rollback => crate::audit::ArtifactKind::Rollback,
+            Action::Escalate => crate::audit::ArtifactKind::Escalation,
+        };
+        let record = crate::audit::DecisionRecord {
+            timestamp: rfc3339_millis(now),
+            decision: kind,
+            reason: format!("dry run: would have {}: {}", if would == Action::Rollback { "rolled back" } else { "escalated" }, decision.reason()),
+            status: crate::audit::DecisionStatus::DryRun,
+            error_rate: decision.error_rate,
+            failure_count: decision.failure_count as u32,
+            recommended_action: "none taken (dry run); review the evidence".into(),
+            evidence: detail.evidence,
+            from: Some(session.row.active.clone()),
+            to: session.row.previous.clone(),
+            trigger: crate::audit::Trigger::Automatic,
+            operator: None,
+            phases: crate::audit::Phases::new(),
+            rollback_duration_seconds: None,
+            config_hash: self.config.hash.clone(),
+            session_id: Some(session.row.id.clone()),
+            attempts: 0,
+            error: None,
+        };
+        let name = crate::audit::artifact_file_name(kind, now);
+        let path = self.recorder.artifact(name, record).await;
+        tracing::warn!(artifact = %path.display(), "dry run: would have acted ({})", would.as_str());
+    }
+
+    async fn action_finished(&mut self, id: i64, outcome: ActionOutcome) {
+        let Some(action) = self.action.take() else { return };
+        if action.id != id {
+            tracing::error!(expected = action.id, got = id, "an unexpected action finished");
+        }
+        let replies = action.replies;
+        match &outcome {
+            ActionOutcome::RolledBack { from, to, artifact } => {
+                if let Some(session) = &mut self.session {
+                    session.row.active = to.clone();
+                    session.row.previous = Some(from.clone());
+                }
+                self.end_session(store::SESSION_ROLLED_BACK, &format!("rolled back from {from} to {to}"), None).await;
+                if let Some(replies) = replies {
+                    let _ = replies
+                        .send(Reply::Done { result: json!({"outcome": "rolled-back", "from": from, "to": to, "artifact": artifact}) })
+                        .await;
+                }
+            }
+            ActionOutcome::RollbackFailed { reason, artifact } => {
+                if let Some(replies) = &replies {
+                    let _ = replies
+                        .send(Reply::Progress { message: format!("rollback failed ({reason}); escalating"), detail: json!({"artifact": artifact}) })
+                        .await;
+                }
+                let (active, previous) = self
+                    .session
+                    .as_ref()
+                    .map(|s| (Some(s.row.active.clone()), s.row.previous.clone()))
+                    .unwrap_or((None, None));
+                let detail = ActionDetail { config_hash: self.config.hash.clone(), ..ActionDetail::default() };
+                self.start_action(store::KIND_ESCALATION, "automatic", reason.clone(), None, active, previous, detail, replies).await;
+            }
+            ActionOutcome::Escalated { artifact } => {
+                if let Some(session) = &mut self.session {
+                    session.row.state = store::SESSION_ESCALATED.into();
+                    let id = session.row.id.clone();
+                    let _ = self
+                        .db
+                        .call(move |store| store.update_session_state(&id, store::SESSION_ESCALATED, None))
+                        .await;
+                }
+                if let Some(replies) = replies {
+                    let _ = replies.send(Reply::Done { result: json!({"outcome": "escalated", "artifact": artifact}) }).await;
+                }
+            }
+        }
+    }
+
+    async fn end_session(&mut self, state: &str, reason: &str, operator: Option<&Operator>) {
+        let Some(session) = self.session.take() else { return };
+        self.next_check = None;
+        let now = self.now();
+        let id = session.row.id.clone();
+        let (state_owned, reason_owned, at) = (state.to_owned(), reason.to_owned(), now_ms(now));
+        if let Err(err) = self
+            .db
+            .call(move |store| store.update_session_state(&id, &state_owned, Some((at, &reason_owned))))
+            .await
+        {
+            tracing::error!("cannot record the end of the session: {err}");
+        }
+        let mut audit = AuditRecord::new(now, AuditEvent::MonitoringStopped, Some(&session.row.id))
+            .field("state", state)
+            .field("reason", reason)
+            .field("active", session.row.active.clone())
+            .field("previous", session.row.previous.clone())
+            .field("checks", session.next_check_index);
+        if let Some(operator) = operator {
+            audit = audit.operator(operator.name.clone());
+        }
+        self.recorder.audit(audit).await;
+        self.recorder
+            .worker_manager(WorkerManagerRecord {
+                active: session.row.active.clone(),
+                previous: session.row.previous.clone(),
+                updated_at: rfc3339_millis(now),
+                session_id: Some(session.row.id.clone()),
+                state: state.to_owned(),
+            })
+            .await;
+        tracing::info!(session = %session.row.id, state, "monitoring stopped: {reason}");
+    }
+
+    async fn flags_changed(&mut self, snapshot: &FlagsSnapshot) {
+        let key = self.config.config.kill_switch.key.clone();
+        let value = snapshot.rows.get(&key).cloned();
+        let before = self.kill_value.replace(value.clone());
+        let Some(before) = before else { return };
+        if before == value {
+            return;
+        }
+        if let Some(position) = value.as_ref().and_then(|v| self.expected_kill_writes.iter().position(|e| e == v)) {
+            self.expected_kill_writes.remove(position);
+            return;
+        }
+        let now = self.now();
+        let session_id = self.session.as_ref().map(|s| s.row.id.clone());
+        let shown = value.clone().unwrap_or_else(|| "(no row)".into());
+        tracing::warn!(key = %key, value = %shown, "the kill switch was changed outside rollbackd");
+        let (kill_record, audit) = crate::killswitch::records(
+            now,
+            &key,
+            &shown,
+            before.as_deref(),
+            KillSwitchSource::External,
+            None,
+            "changed outside rollbackd (e.g. by hand in the sqlite3 shell)",
+            session_id.as_deref(),
+        );
+        self.recorder.kill_switch(kill_record).await;
+        self.recorder.audit(audit).await;
+    }
+
+    async fn reload(&mut self, reloader: &Reloader) {
+        let reloader = reloader.clone();
+        let result = tokio::task::spawn_blocking(move || reloader()).await;
+        let now = self.now();
+        match result {
+            Ok(Ok(loaded)) => {
+                let old_hash = self.config.hash.clone();
+                self.adapters = (self.factory)(&loaded.config);
+                self.config = Arc::new(loaded);
+                if let Some(session) = &mut self.session {
+                    // The window is replayed under the new thresholds.
+                    let id = session.row.id.clone();
+                    let window = self.config.config.rules.window;
+                    let checks = self.db.call(move |store| store.recent_checks(&id, window)).await.unwrap_or_default();
+                    let mut engine = Engine::new(self.config.config.rules.clone(), session.engine.baseline());
+                    for check in &checks {
+                        if let Ok(result) = serde_json::from_str::<CheckResult>(&check.check_json) {
+                            let at = Duration::from_millis((check.taken_at_ms - session.row.promoted_at_ms).max(0) as u64);
+                            engine.observe(at, &result);
+                        }
+                    }
+                    session.engine = engine;
+                }
+                tracing::info!(old = %old_hash, new = %self.config.hash, "configuration reloaded");
+                self.recorder
+                    .audit(
+                        AuditRecord::new(now, AuditEvent::ConfigReloaded, self.session.as_ref().map(|s| s.row.id.as_str()))
+                            .field("ok", true)
+                            .field("configHash", self.config.hash.clone())
+                            .field("previousConfigHash", old_hash),
+                    )
+                    .await;
+            }
+            Ok(Err(err)) => {
+                tracing::error!("new configuration refused, keeping the old one ({}): {err}", self.config.hash);
+                self.recorder
+                    .audit(
+                        AuditRecord::new(now, AuditEvent::ConfigReloaded, self.session.as_ref().map(|s| s.row.id.as_str()))
+                            .field("ok", false)
+                            .field("error", err.to_string())
+                            .field("configHash", self.config.hash.clone()),
+                    )
+                    .await;
+            }
+            Err(err) => tracing::error!("configuration reload panicked: {err}"),
+        }
+    }
+
+    async fn command(&mut self, command: Command) {
+        let Command { operator, request, replies } = command;
+        let reply = match request {
+            Request::Status => Reply::Done { result: self.status_json().await },
+            Request::Promote { active, previous, baseline_error_rate, baseline_latency_p95_ms } => {
+                self.promote(&operator, active, previous, baseline_error_rate, baseline_latency_p95_ms).await
+            }
+            Request::Rollback { reason, emergency } => {
+                match self.manual_rollback(&operator, reason, emergency, replies.clone()).await {
+                    Some(reply) => reply,
+                    None => return, // the action replies when it ends
+                }
+            }
+            Request::KillSwitchSet { reason } => {
+                self.manual_kill_switch(&operator, "1", reason, replies).await;
+                return;
+            }
+            Request::KillSwitchReset { reason, force } => {
+                let quiet = self.config.config.kill_switch.reset_quiet_period;
+                let db_path = self.config.config.rollbackd_db();
+                let now = self.now();
+                let refusal = tokio::task::spawn_blocking(move || crate::killswitch::reset_refusal(&db_path, quiet, now))
+                    .await
+                    .expect("reset check panicked");
+                match refusal {
+                    Ok(Some(why)) if !force => Reply::Failed { message: format!("refused: {why}"), exit: 3 },
+                    Err(err) => Reply::Failed { message: format!("cannot check the reset precondition: {err}"), exit: 1 },
+                    _ => {
+                        if force {
+                            tracing::warn!(operator = %operator.name, "kill switch reset forced past the quiet period");
+                        }
+                        self.manual_kill_switch(&operator, "0", reason, replies).await;
+                        return;
+                    }
+                }
+            }
+            Request::KillSwitchStatus => {
+                let (db, key) = (self.config.config.kill_switch.database.clone(), self.config.config.kill_switch.key.clone());
+                let key2 = key.clone();
+                match tokio::task::spawn_blocking(move || crate::killswitch::read(&db, &key2)).await.expect("read panicked") {
+                    Ok(value) => Reply::Done { result: json!({"key": key, "value": value, "on": value.as_deref() == Some("1")}) },
+                    Err(err) => Reply::Failed { message: format!("cannot read the kill switch: {err}"), exit: 1 },
+                }
+            }
+            Request::Pause { reason } => self.set_paused(&operator, true, reason).await,
+            Request::Resume => self.set_paused(&operator, false, None).await,
+        };
+        let _ = replies.send(reply).await;
+    }
+
+    async fn promote(
+        &mut self,
+        operator: &Operator,
+        active: String,
+        previous: String,
+        baseline_error_rate: Option<f64>,
+        baseline_latency_p95_ms: Option<f64>,
+    ) -> Reply {
+        if let Some(action) = &self.action {
+            return Reply::Failed { message: format!("refused: {} #{} is in progress", action.kind, action.id), exit: 3 };
+        }
+        if active.trim().is_empty() || previous.trim().is_empty() || active == previous {
+            return Reply::Failed { message: "refused: --active and --previous must be two different worker ids".into(), exit: 3 };
+        }
+        if self.session.is_some() {
+            self.end_session(store::SESSION_STOPPED, &format!("superseded by the promotion of {active}"), Some(operator)).await;
+        }
+        let now = self.now();
+        let baseline = (baseline_error_rate.is_some() || baseline_latency_p95_ms.is_some()).then_some(Baseline {
+            error_rate: baseline_error_rate,
+            latency_p95_ms: baseline_latency_p95_ms,
+        });
+        let row = new_session_row(now, &active, &previous, baseline, Some(operator.name.clone()));
+        let insert = row.clone();
+        let (a, p) = (active.clone(), previous.clone());
+        if let Err(err) = self
+            .db
+            .call(move |store| {
+                store.insert_session(&insert)?;
+                store.set_meta("active", &a)?;
+                store.set_meta("previous", &p)
+            })
+            .await
+        {
+            return Reply::Failed { message: format!("cannot record the session: {err}"), exit: 1 };
+        }
+        self.start_session(row, operator).await
+    }
+
+    async fn start_session(&mut self, row: SessionRow, operator: &Operator) -> Reply {
+        let now = self.now();
+        let baseline = row.baseline_json.as_deref().and_then(|t| serde_json::from_str::<Baseline>(t).ok());
+        self.recorder
+            .audit(
+                AuditRecord::new(now, AuditEvent::MonitoringStarted, Some(&row.id))
+                    .operator(operator.name.clone())
+                    .field("active", row.active.clone())
+                    .field("previous", row.previous.clone())
+                    .field("baseline", serde_json::to_value(baseline).unwrap_or(Value::Null))
+                    .field("gracePeriodSeconds", self.config.config.monitor.grace_period.as_secs_f64())
+                    .field("configHash", self.config.hash.clone()),
+            )
+            .await;
+        self.recorder
+            .worker_manager(WorkerManagerRecord {
+                active: row.active.clone(),
+                previous: row.previous.clone(),
+                updated_at: rfc3339_millis(now),
+                session_id: Some(row.id.clone()),
+                state: row.state.clone(),
+            })
+            .await;
+        let result = json!({"sessionId": row.id, "active": row.active, "previous": row.previous});
+        self.recent.clear();
+        self.session = Some(Session {
+            engine: Engine::new(self.config.config.rules.clone(), baseline),
+            row,
+            next_check_index: 0,
+            last_decision: None,
+            dry_run_recorded: Vec::new(),
+        });
+        // The first check comes one interval after promotion: the canary gets that long
+        // to warm up before it is judged.
+        self.next_check = Some(Instant::now() + self.config.config.monitor.check_interval);
+        Reply::Done { result }
+    }
+
+    async fn manual_rollback(
+        &mut self,
+        operator: &Operator,
+        reason: String,
+        emergency: bool,
+        replies: mpsc::Sender<Reply>,
+    ) -> Option<Reply> {
+        if let Some(action) = &self.action {
+            return Some(Reply::Failed { message: format!("refused: {} #{} is already in progress", action.kind, action.id), exit: 3 });
+        }
+        let (active, previous) = match &self.session {
+            Some(session) => (Some(session.row.active.clone()), session.row.previous.clone()),
+            None => self
+                .db
+                .call(|store| Ok((store.get_meta("active")?, store.get_meta("previous")?)))
+                .await
+                .unwrap_or((None, None)),
+        };
+        let (Some(active), Some(previous)) = (active, previous) else {
+            return Some(Reply::Failed {
+                message: "refused: no active/previous worker is known (run `rollbackd promote` first)".into(),
+                exit: 3,
+            });
+        };
+        let mut detail = match &self.session.as_ref().and_then(|s| s.last_decision.clone()) {
+            Some(decision) => self.detail_for(decision),
+            None => ActionDetail { config_hash: self.config.hash.clone(), ..ActionDetail::default() },
+        };
+        detail.emergency = emergency;
+        let trigger = if emergency { "emergency" } else { "manual" };
+        let _ = replies
+            .send(Reply::Progress { message: format!("{trigger} rollback {active} → {previous} recorded; starting"), detail: json!({}) })
+            .await;
+        self.start_action(store::KIND_ROLLBACK, trigger, reason, Some(operator.name.clone()), Some(active), Some(previous), detail, Some(replies))
+            .await;
+        None
+    }
+
+    async fn manual_kill_switch(&mut self, operator: &Operator, value: &str, reason: String, replies: mpsc::Sender<Reply>) {
+        self.expected_kill_writes.push(value.to_owned());
+        let ctx = self.context(Some(replies.clone()));
+        let config = self.config.clone();
+        let session_id = self.session.as_ref().map(|s| s.row.id.clone());
+        let operator_name = operator.name.clone();
+        let value = value.to_owned();
+        let clock = self.clock.clone();
+        // A reset ends an escalated session: a human has decided it is over.
+        if value == "0" && self.session.as_ref().is_some_and(|s| s.row.state == store::SESSION_ESCALATED) {
+            self.end_session(store::SESSION_STOPPED, "kill switch reset by an operator", Some(operator)).await;
+        }
+        tokio::spawn(async move {
+            let ks = &config.config.kill_switch;
+            let previous = executor::set_kill_switch(&ctx, &ks.database, &ks.key, &value).await;
+            let (kill_record, audit) = crate::killswitch::records(
+                clock.now(),
+                &ks.key,
+                &value,
+                previous.as_deref(),
+                KillSwitchSource::Manual,
+                Some(&operator_name),
+                &reason,
+                session_id.as_deref(),
+            );
+            ctx.recorder.kill_switch(kill_record).await;
+            ctx.recorder.audit(audit).await;
+            let _ = replies
+                .send(Reply::Done { result: json!({"key": ks.key, "value": value, "previous": previous}) })
+                .await;
+        });
+    }
+
+    async fn set_paused(&mut self, operator: &Operator, paused: bool, reason: Option<String>) -> Reply {
+        let now = self.now();
+        let Some(session) = self.session.as_mut() else {
+            return Reply::Failed { message: "refused: no monitoring session".into(), exit: 3 };
+        };
+        if session.row.paused == paused {
+            return Reply::Done { result: json!({"paused": paused, "changed": false}) };
+        }
+        session.row.paused = paused;
+        session.row.pause_reason = reason.clone();
+        let id = session.row.id.clone();
+        let reason2 = reason.clone();
+        if let Err(err) = self.db.call(move |store| store.set_paused(&id, paused, reason2.as_deref())).await {
+            tracing::error!("cannot record pause state: {err}");
+        }
+        let session = self.session.as_ref().expect("present");
+        let event = if paused { AuditEvent::MonitoringPaused } else { AuditEvent::MonitoringResumed };
+        self.recorder
+            .audit(
+                AuditRecord::new(now, event, Some(&session.row.id))
+                    .operator(operator.name.clone())
+                    .field("reason", reason),
+            )
+            .await;
+        Reply::Done { result: json!({"paused": paused, "changed": true}) }
+    }
+
+    async fn status_json(&self) -> Value {
+        let now = self.now();
+        let config = &self.config.config;
+        let (db, key) = (config.kill_switch.database.clone(), config.kill_switch.key.clone());
+        let key2 = key.clone();
+        let kill = tokio::task::spawn_blocking(move || crate::killswitch::read(&db, &key2))
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .flatten();
+        let session = self.session.as_ref().map(|s| {
+            let promoted = SystemTime::UNIX_EPOCH + Duration::from_millis(s.row.promoted_at_ms.max(0) as u64);
+            let age = now.duration_since(promoted).unwrap_or_default();
+            let grace_left = config.monitor.grace_period.saturating_sub(age);
+            json!({
+                "id": s.row.id,
+                "state": s.row.state,
+                "active": s.row.active,
+                "previous": s.row.previous,
+                "promotedAt": rfc3339_millis(promoted),
+                "ageSeconds": age.as_secs(),
+                "graceLeftSeconds": if s.row.state == store::SESSION_MONITORING { Some(grace_left.as_secs()) } else { None },
+                "paused": s.row.paused,
+                "pauseReason": s.row.pause_reason,
+                "checks": s.next_check_index,
+                "verdict": s.last_decision.as_ref().map(|d| d.verdict.as_str()),
+                "reason": s.last_decision.as_ref().map(|d| d.reason()),
+            })
+        });
+        let recent: Vec<Value> = self
+            .recent
+            .iter()
+            .map(|c| {
+                json!({"at": rfc3339_millis(c.at), "index": c.index, "verdict": c.verdict.as_str(), "probe": c.probe,
+                       "errorRate": c.error_rate, "errorClass": c.error_class})
+            })
+            .collect();
+        json!({
+            "daemon": "running",
+            "pid": std::process::id(),
+            "since": rfc3339_millis(self.started_at),
+            "state": self.session.as_ref().map(|s| s.row.state.as_str()).unwrap_or("idle"),
+            "session": session,
+            "action": self.action.as_ref().map(|a| json!({"id": a.id, "kind": a.kind})),
+            "killSwitch": {"key": key, "value": kill, "on": kill.as_deref() == Some("1")},
+            "recentChecks": recent,
+            "configHash": self.config.hash,
+            "recordsPending": self.recorder.backlog(),
+        })
+    }
+}
+
+/// A new monitoring session row (also used by `rollbackd promote` without a daemon).
+pub fn new_session_row(
+    now: SystemTime,
+    active: &str,
+    previous: &str,
+    baseline: Option<Baseline>,
+    operator: Option<String>,
+) -> SessionRow {
+    SessionRow {
+        id: session_id_for(now, active),
+        active: active.to_owned(),
+        previous: Some(previous.to_owned()),
+        promoted_at_ms: now_ms(now),
+        state: store::SESSION_MONITORING.into(),
+        paused: false,
+        pause_reason: None,
+        baseline_json: baseline.and_then(|b| serde_json::to_string(&b).ok()),
+        operator,
+        ended_at_ms: None,
+        end_reason: None,
+    }
+}
+
+/// One check: probe, snapshot and resources at once, each bounded by `limit` in its
+/// adapter; a safety net here cuts an adapter that ignores its limit.
+pub async fn take_check(adapters: &Adapters, worker: &str, limit: Duration) -> CheckResult {
+    let net = limit * 2 + Duration::from_secs(1);
+    let probe = async {
+        tokio::time::timeout(net, adapters.probe.probe(worker))
+            .await
+            .unwrap_or_else(|_| ProbeOutcome::failed(format!("probe did not finish within {}", crate::config::show(net))))
+    };
+    let snapshot = async {
+        tokio::time::timeout(net, adapters.snapshot.snapshot())
+            .await
+            .unwrap_or_else(|_| crate::check::SnapshotOutcome::Unavailable {
+                reason: format!("snapshot did not finish within {}", crate::config::show(net)),
+            })
+    };
+    let resources = async { tokio::time::timeout(net, adapters.resources.sample(worker)).await.ok().flatten() };
+    let (probe, snapshot, resources) = tokio::join!(probe, snapshot, resources);
+    CheckResult { probe, snapshot, resources }
+}

@@ -136,6 +136,29 @@ impl Recorder {
         self.push(Pending::WorkerManager(record)).await;
     }
 
+    /// Whether an audit line for `event` about action `action_id` exists already, written or
+    /// queued: a resumed action uses it so its audit lines are written exactly once.
+    pub async fn audit_has(&self, action_id: i64, event: crate::audit::AuditEvent) -> bool {
+        let matches = |record: &AuditRecord| {
+            record.event == event
+                && record.fields.get("actionId").and_then(serde_json::Value::as_i64) == Some(action_id)
+        };
+        if self.lock().queue.iter().any(|q| matches!(&q.record, Pending::Audit(r) if matches(r))) {
+            return true;
+        }
+        let path = self.dir.join(crate::audit::AUDIT_LOG_FILE);
+        tokio::task::spawn_blocking(move || {
+            let Ok(text) = std::fs::read_to_string(&path) else {
+                return false;
+            };
+            text.lines()
+                .filter_map(|line| serde_json::from_str::<AuditRecord>(line).ok())
+                .any(|record| matches(&record))
+        })
+        .await
+        .unwrap_or(false)
+    }
+
     /// Number of records not yet written.
     pub fn backlog(&self) -> usize {
         self.lock().queue.len()

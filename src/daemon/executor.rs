@@ -1,0 +1,546 @@
+//! Carries out actions: rollback (pause → drain → switch → verify → resume, with retries)
+//! and escalation (kill switch on). Intent is recorded in `rollbackd.db` by the driver
+//! before the first side effect; each phase is marked before it starts and after it ends,
+//! so after a crash the daemon resumes the recorded action at the interrupted phase
+//! instead of starting a second one. Hooks must therefore be safe to run twice.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+use crate::adapters::WorkerProbe;
+use crate::audit::{
+    rfc3339_millis, ArtifactKind, AuditEvent, AuditRecord, DecisionRecord, DecisionStatus,
+    Evidence, KillSwitchSource, Phases, Trigger, WorkerManagerRecord,
+};
+use crate::check::ProbeOutcome;
+use crate::config::LoadedConfig;
+use crate::control::Reply;
+use crate::daemon::db::Db;
+use crate::daemon::recorder::{artifact_name, now_ms, Recorder};
+use crate::daemon::Clock;
+use crate::hooks::{run_hook, HookVars};
+use crate::store::{self, ActionRow};
+
+/// What the driver needs from an action's end.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ActionOutcome {
+    RolledBack {
+        from: String,
+        to: String,
+        artifact: PathBuf,
+    },
+    /// Every attempt failed: the driver escalates next.
+    RollbackFailed { reason: String, artifact: PathBuf },
+    Escalated { artifact: PathBuf },
+}
+
+/// Everything an action needs; cheap to clone.
+#[derive(Clone)]
+pub struct ActionContext {
+    pub config: Arc<LoadedConfig>,
+    pub db: Db,
+    pub recorder: Recorder,
+    pub probe: Arc<dyn WorkerProbe>,
+    pub clock: Arc<dyn Clock>,
+    /// Where phase progress goes (manual commands stream it to the operator).
+    pub progress: Option<mpsc::Sender<Reply>>,
+}
+
+impl ActionContext {
+    async fn say(&self, message: String, detail: Value) {
+        tracing::info!("{message}");
+        if let Some(progress) = &self.progress {
+            let _ = progress.send(Reply::Progress { message, detail }).await;
+        }
+    }
+}
+
+/// The durable part of an action, kept in `actions.detail_json` and updated as phases end.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ActionDetail {
+    pub evidence: Evidence,
+    pub error_rate: Option<f64>,
+    pub failure_count: u32,
+    pub emergency: bool,
+    /// Phase name → seconds, for phases that finished.
+    pub phases: Vec<(String, f64)>,
+    /// Phases finished in the current attempt.
+    pub completed: Vec<String>,
+    /// Hook results (argv, exit, output tails), newest last.
+    pub hooks: Vec<Value>,
+    /// How many times this action was resumed after a restart.
+    pub resumed: u32,
+    /// The restored worker answered its probe before the switch.
+    pub target_healthy_before: Option<bool>,
+    pub config_hash: String,
+    /// Every side effect is done; only the records remain (a resume writes just those).
+    pub work_done: bool,
+}
+
+fn detail_of(row: &ActionRow) -> ActionDetail {
+    row.detail_json
+        .as_deref()
+        .and_then(|text| serde_json::from_str(text).ok())
+        .unwrap_or_default()
+}
+
+async fn save(ctx: &ActionContext, id: i64, state: &str, phase: Option<&str>, attempt: u32, detail: &ActionDetail) {
+    let detail_json = serde_json::to_string(detail).unwrap_or_default();
+    let state = state.to_owned();
+    let phase = phase.map(str::to_owned);
+    let now = now_ms(ctx.clock.now());
+    // The store is local; if it fails, the action still goes on (it matters more than its
+    // bookkeeping) and the failure is in the journal.
+    let result = ctx
+        .db
+        .call(move |store| {
+            store.update_action(id, &state, phase.as_deref(), attempt, Some(&detail_json), None, now)
+        })
+        .await;
+    if let Err(err) = result {
+        tracing::error!(action = id, "cannot record action progress: {err}");
+    }
+}
+
+fn trigger_of(row: &ActionRow) -> Trigger {
+    match row.trigger.as_str() {
+        "manual" => Trigger::Manual,
+        "emergency" => Trigger::Emergency,
+        _ => Trigger::Automatic,
+    }
+}
+
+/// Runs (or resumes) the rollback recorded as `row`.
+pub async fn rollback(ctx: ActionContext, row: ActionRow) -> ActionOutcome {
+    let config = ctx.config.clone();
+    let rb = &config.config.rollback;
+    let mut detail = detail_of(&row);
+    let resuming = row.state == store::ACTION_RUNNING;
+    if resuming {
+        detail.resumed += 1;
+        ctx.say(
+            format!(
+                "resuming rollback #{} at phase {} (attempt {})",
+                row.id,
+                row.phase.as_deref().unwrap_or("start"),
+                row.attempt
+            ),
+            json!({"phase": row.phase, "attempt": row.attempt}),
+        )
+        .await;
+    }
+    let from = row.from_worker.clone().unwrap_or_default();
+    let Some(to) = row.to_worker.clone().filter(|to| !to.is_empty()) else {
+        return finish_failed(&ctx, &row, &mut detail, "no previous worker is known: nothing to roll back to".into()).await;
+    };
+    let vars = HookVars {
+        from: from.clone(),
+        to: to.clone(),
+        reason: row.reason.clone(),
+        operator: row.operator.clone().unwrap_or_else(|| "rollbackd".into()),
+    };
+    let started = Instant::now();
+
+    if !detail.work_done {
+        // Probe the target first: never roll back into a dead worker without saying so.
+        if detail.target_healthy_before.is_none() {
+            let healthy = matches!(ctx.probe.probe(&to).await, ProbeOutcome::Ok);
+            detail.target_healthy_before = Some(healthy);
+            if !healthy {
+                ctx.say(
+                    format!("warning: the previous worker {to} does not answer its health probe; rolling back anyway (the canary is known bad)"),
+                    json!({"target": to, "healthy": false}),
+                )
+                .await;
+            }
+        }
+
+        let mut attempt = row.attempt.max(1);
+        let mut phases_before_switch: Vec<(&str, Option<&Vec<String>>)> = vec![("pause", rb.pause_command.as_ref())];
+        if !detail.emergency {
+            phases_before_switch.push(("drain", rb.drain_command.as_ref()));
+        }
+        for (phase, hook) in phases_before_switch {
+            if detail.completed.iter().any(|p| p == phase) {
+                continue;
+            }
+            save(&ctx, row.id, store::ACTION_RUNNING, Some(phase), attempt, &detail).await;
+            let t = Instant::now();
+            if let Some(template) = hook {
+                let ok = run_phase_hook(&ctx, phase, template, &vars, rb.hook_timeout, &mut detail).await;
+                if !ok {
+                    ctx.say(format!("{phase} hook failed; continuing the rollback"), json!({"phase": phase})).await;
+                }
+            }
+            let seconds = t.elapsed().as_secs_f64();
+            push_phase(&mut detail, phase, seconds);
+            ctx.say(format!("{phase}: done in {seconds:.3}s"), json!({"phase": phase, "seconds": seconds})).await;
+        }
+
+        let mut verified = false;
+        let mut last_error = String::new();
+        while attempt <= rb.max_attempts {
+            // switch
+            if !detail.completed.iter().any(|p| p == "switch") {
+                save(&ctx, row.id, store::ACTION_RUNNING, Some("switch"), attempt, &detail).await;
+                let t = Instant::now();
+                let ok = match &rb.switch_command {
+                    Some(template) => run_phase_hook(&ctx, "switch", template, &vars, rb.hook_timeout, &mut detail).await,
+                    None => {
+                        last_error = "rollback.switch_command is not configured".into();
+                        false
+                    }
+                };
+                let seconds = t.elapsed().as_secs_f64();
+                push_phase(&mut detail, "switch", seconds);
+                if !ok {
+                    if last_error.is_empty() || rb.switch_command.is_some() {
+                        last_error = format!("switch hook failed (attempt {attempt})");
+                    }
+                    ctx.say(format!("switch: failed on attempt {attempt} of {}", rb.max_attempts), json!({"phase": "switch", "attempt": attempt, "ok": false})).await;
+                    attempt += 1;
+                    detail.completed.retain(|p| p != "switch" && p != "verify");
+                    continue;
+                }
+                ctx.say(format!("switch: {from} → {to} in {seconds:.3}s"), json!({"phase": "switch", "seconds": seconds})).await;
+            }
+            // verify
+            save(&ctx, row.id, store::ACTION_RUNNING, Some("verify"), attempt, &detail).await;
+            let t = Instant::now();
+            let outcome = verify(&ctx, &to, rb.verify_interval, rb.verify_timeout).await;
+            let seconds = t.elapsed().as_secs_f64();
+            push_phase(&mut detail, "verify", seconds);
+            match outcome {
+                Ok(()) => {
+                    ctx.say(format!("verify: {to} healthy after {seconds:.3}s"), json!({"phase": "verify", "seconds": seconds})).await;
+                    verified = true;
+                    break;
+                }
+                Err(reason) => {
+                    last_error = format!("{to} not healthy after {}: {reason}", crate::config::show(rb.verify_timeout));
+                    ctx.say(format!("verify: failed on attempt {attempt} of {}: {last_error}", rb.max_attempts), json!({"phase": "verify", "attempt": attempt, "ok": false})).await;
+                    attempt += 1;
+                    detail.completed.retain(|p| p != "switch" && p != "verify");
+                }
+            }
+        }
+        if !verified {
+            let reason = format!("previous version also unhealthy: {last_error}");
+            return finish_failed(&ctx, &row, &mut detail, reason).await;
+        }
+
+        if !detail.completed.iter().any(|p| p == "resume") {
+            save(&ctx, row.id, store::ACTION_RUNNING, Some("resume"), attempt, &detail).await;
+            let t = Instant::now();
+            if let Some(template) = &rb.resume_command {
+                if !run_phase_hook(&ctx, "resume", template, &vars, rb.hook_timeout, &mut detail).await {
+                    ctx.say("resume hook failed; the switch itself is verified".into(), json!({"phase": "resume"})).await;
+                }
+            }
+            let seconds = t.elapsed().as_secs_f64();
+            push_phase(&mut detail, "resume", seconds);
+            ctx.say(format!("resume: done in {seconds:.3}s"), json!({"phase": "resume", "seconds": seconds})).await;
+        }
+
+        // The workers swap places; the mirror follows.
+        let (active, previous) = (to.clone(), from.clone());
+        let result = ctx
+            .db
+            .call(move |store| {
+                store.set_meta("active", &active)?;
+                store.set_meta("previous", &previous)
+            })
+            .await;
+        if let Err(err) = result {
+            tracing::error!("cannot record the new active worker: {err}");
+        }
+        detail.work_done = true;
+        let _ = attempt;
+        save(&ctx, row.id, store::ACTION_RUNNING, Some("record"), row.attempt.max(1), &detail).await;
+    } else {
+        ctx.say("rollback finished before the restart; writing its records".into(), json!({})).await;
+    }
+
+    let attempts = row.attempt.max(1);
+    let now = ctx.clock.now();
+    let name = artifact_name(ArtifactKind::Rollback, row.started_at_ms);
+    let duration = (now_ms(now) - row.started_at_ms).max(0) as f64 / 1000.0;
+    let record = decision_record(&ctx, &row, &detail, ArtifactKind::Rollback, DecisionStatus::Executed, Some(duration), None, attempts);
+    let artifact = ctx.recorder.artifact(name.clone(), record).await;
+    let session_id = row.session_id.clone();
+    ctx.recorder
+        .worker_manager(WorkerManagerRecord {
+            active: to.clone(),
+            previous: Some(from.clone()),
+            updated_at: rfc3339_millis(now),
+            session_id: session_id.clone(),
+            state: store::SESSION_ROLLED_BACK.into(),
+        })
+        .await;
+    let mut audit = AuditRecord::new(now, AuditEvent::RollbackExecuted, session_id.as_deref())
+        .field("actionId", row.id)
+        .field("from", from.clone())
+        .field("to", to.clone())
+        .field("trigger", row.trigger.clone())
+        .field("reason", row.reason.clone())
+        .field("phases", phases_json(&detail))
+        .field("rollbackDurationSeconds", duration)
+        .field("artifact", artifact.display().to_string())
+        .field("resumed", detail.resumed);
+    if let Some(operator) = &row.operator {
+        audit = audit.operator(operator.clone());
+    }
+    if !(resuming && ctx.recorder.audit_has(row.id, AuditEvent::RollbackExecuted).await) {
+        ctx.recorder.audit(audit).await;
+    }
+    finish_row(&ctx, row.id, store::ACTION_DONE, &name, &detail).await;
+    let _ = started;
+    ctx.say(format!("rollback executed: {from} → {to}; artifact {}", artifact.display()), json!({"artifact": artifact, "from": from, "to": to})).await;
+    ActionOutcome::RolledBack { from, to, artifact }
+}
+
+async fn finish_failed(ctx: &ActionContext, row: &ActionRow, detail: &mut ActionDetail, reason: String) -> ActionOutcome {
+    let now = ctx.clock.now();
+    let name = artifact_name(ArtifactKind::Rollback, row.started_at_ms);
+    let duration = (now_ms(now) - row.started_at_ms).max(0) as f64 / 1000.0;
+    let max_attempts = ctx.config.config.rollback.max_attempts;
+    let record = decision_record(ctx, row, detail, ArtifactKind::Rollback, DecisionStatus::Failed, Some(duration), Some(reason.clone()), max_attempts);
+    let artifact = ctx.recorder.artifact(name.clone(), record).await;
+    let mut audit = AuditRecord::new(now, AuditEvent::RollbackFailed, row.session_id.as_deref())
+        .field("actionId", row.id)
+        .field("from", row.from_worker.clone())
+        .field("to", row.to_worker.clone())
+        .field("trigger", row.trigger.clone())
+        .field("reason", reason.clone())
+        .field("phases", phases_json(detail))
+        .field("artifact", artifact.display().to_string());
+    if let Some(operator) = &row.operator {
+        audit = audit.operator(operator.clone());
+    }
+    let resumed = row.state == store::ACTION_RUNNING;
+    if !(resumed && ctx.recorder.audit_has(row.id, AuditEvent::RollbackFailed).await) {
+        ctx.recorder.audit(audit).await;
+    }
+    detail.work_done = true;
+    finish_row(ctx, row.id, store::ACTION_FAILED, &name, detail).await;
+    ctx.say(format!("rollback failed: {reason}"), json!({"artifact": artifact})).await;
+    ActionOutcome::RollbackFailed { reason, artifact }
+}
+
+async fn finish_row(ctx: &ActionContext, id: i64, state: &'static str, name: &str, detail: &ActionDetail) {
+    let detail_json = serde_json::to_string(detail).unwrap_or_default();
+    let name = name.to_owned();
+    let now = now_ms(ctx.clock.now());
+    let result = ctx
+        .db
+        .call(move |store| store.update_action(id, state, None, 0, Some(&detail_json), Some(&name), now))
+        .await;
+    if let Err(err) = result {
+        tracing::error!(action = id, "cannot mark the action finished: {err}");
+    }
+}
+
+fn push_phase(detail: &mut ActionDetail, phase: &str, seconds: f64) {
+    let seconds = (seconds * 1000.0).round() / 1000.0;
+    match detail.phases.iter_mut().find(|(p, _)| p == phase) {
+        Some(entry) => entry.1 = seconds,
+        None => detail.phases.push((phase.to_owned(), seconds)),
+    }
+    if !detail.completed.iter().any(|p| p == phase) {
+        detail.completed.push(phase.to_owned());
+    }
+}
+
+fn phases_json(detail: &ActionDetail) -> Value {
+    let mut map = serde_json::Map::new();
+    for (phase, seconds) in &detail.phases {
+        map.insert(phase.clone(), json!(seconds));
+    }
+    Value::Object(map)
+}
+
+async fn run_phase_hook(
+    ctx: &ActionContext,
+    phase: &str,
+    template: &[String],
+    vars: &HookVars,
+    limit: Duration,
+    detail: &mut ActionDetail,
+) -> bool {
+    match run_hook(template, vars, limit).await {
+        Ok(outcome) => {
+            let ok = outcome.succeeded();
+            let mut value = serde_json::to_value(&outcome).unwrap_or(Value::Null);
+            if let Value::Object(map) = &mut value {
+                map.insert("phase".into(), json!(phase));
+            }
+            if !ok {
+                tracing::warn!(phase, exit = ?outcome.exit_code, timed_out = outcome.timed_out, stderr = %outcome.stderr_tail, "hook failed");
+            }
+            detail.hooks.push(value);
+            ok
+        }
+        Err(err) => {
+            tracing::error!(phase, "hook could not run: {err}");
+            detail.hooks.push(json!({"phase": phase, "error": err.to_string()}));
+            let _ = ctx;
+            false
+        }
+    }
+}
+
+/// Probes `worker` every `interval` until it is healthy or `timeout` has passed.
+async fn verify(ctx: &ActionContext, worker: &str, interval: Duration, timeout: Duration) -> Result<(), String> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut last = String::from("no probe finished");
+    loop {
+        let attempt_started = tokio::time::Instant::now();
+        match tokio::time::timeout_at(deadline, ctx.probe.probe(worker)).await {
+            Ok(ProbeOutcome::Ok) => return Ok(()),
+            Ok(ProbeOutcome::Failed { reason }) => last = reason,
+            Err(_) => return Err(last),
+        }
+        let next = attempt_started + interval;
+        if next >= deadline {
+            return Err(last);
+        }
+        tokio::time::sleep_until(next).await;
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn decision_record(
+    ctx: &ActionContext,
+    row: &ActionRow,
+    detail: &ActionDetail,
+    kind: ArtifactKind,
+    status: DecisionStatus,
+    duration: Option<f64>,
+    error: Option<String>,
+    attempts: u32,
+) -> DecisionRecord {
+    let trigger = trigger_of(row);
+    let recommended = match (kind, status) {
+        (ArtifactKind::Rollback, DecisionStatus::Failed) => "escalate: kill switch on, page on-call".to_owned(),
+        (ArtifactKind::Rollback, _) => match trigger {
+            Trigger::Automatic => "automatic rollback to previous worker".to_owned(),
+            Trigger::Manual => "manual rollback to previous worker".to_owned(),
+            Trigger::Emergency => "emergency rollback to previous worker (drain skipped)".to_owned(),
+        },
+        (ArtifactKind::Escalation, _) => {
+            "kill switch on: apps use safe flag defaults; on-call investigates, then `rollbackd kill-switch reset`".to_owned()
+        }
+    };
+    let mut phases = Phases::new();
+    for (phase, seconds) in &detail.phases {
+        phases.push(phase.clone(), *seconds);
+    }
+    DecisionRecord {
+        timestamp: rfc3339_millis(SystemTime::UNIX_EPOCH + Duration::from_millis(row.started_at_ms.max(0) as u64)),
+        decision: kind,
+        reason: row.reason.clone(),
+        status,
+        error_rate: detail.error_rate,
+        failure_count: detail.failure_count,
+        recommended_action: recommended,
+        evidence: detail.evidence.clone(),
+        from: row.from_worker.clone(),
+        to: row.to_worker.clone(),
+        trigger,
+        operator: row.operator.clone(),
+        phases,
+        rollback_duration_seconds: duration,
+        config_hash: if detail.config_hash.is_empty() { ctx.config.hash.clone() } else { detail.config_hash.clone() },
+        session_id: row.session_id.clone(),
+        attempts,
+        error,
+    }
+}
+
+/// Runs (or resumes) the escalation recorded as `row`: kill switch on (waiting out a
+/// locked database for as long as it takes), then the records.
+pub async fn escalate(ctx: ActionContext, row: ActionRow) -> ActionOutcome {
+    let mut detail = detail_of(&row);
+    let config = ctx.config.clone();
+    let ks = &config.config.kill_switch;
+    if row.state == store::ACTION_RUNNING {
+        detail.resumed += 1;
+    }
+    save(&ctx, row.id, store::ACTION_RUNNING, Some("kill-switch"), 1, &detail).await;
+    let t = Instant::now();
+    let previous = set_kill_switch(&ctx, &ks.database, &ks.key, "1").await;
+    push_phase(&mut detail, "kill-switch", t.elapsed().as_secs_f64());
+    let now = ctx.clock.now();
+    let name = artifact_name(ArtifactKind::Escalation, row.started_at_ms);
+    let record = decision_record(&ctx, &row, &detail, ArtifactKind::Escalation, DecisionStatus::Executed, None, None, 1);
+    let artifact = ctx.recorder.artifact(name.clone(), record).await;
+    let session_id = row.session_id.as_deref();
+    let (kill_record, kill_audit) = crate::killswitch::records(
+        now,
+        &ks.key,
+        "1",
+        previous.as_deref(),
+        if row.trigger == "automatic" { KillSwitchSource::Automatic } else { KillSwitchSource::Manual },
+        row.operator.as_deref(),
+        &row.reason,
+        session_id,
+    );
+    let mut escalation = AuditRecord::new(now, AuditEvent::EscalationTriggered, session_id)
+        .field("actionId", row.id)
+        .field("reason", row.reason.clone())
+        .field("worker", row.from_worker.clone())
+        .field("artifact", artifact.display().to_string());
+    if let Some(operator) = &row.operator {
+        escalation = escalation.operator(operator.clone());
+    }
+    let resumed_and_recorded = row.state == store::ACTION_RUNNING
+        && ctx.recorder.audit_has(row.id, AuditEvent::EscalationTriggered).await;
+    if !resumed_and_recorded {
+        ctx.recorder.audit(escalation).await;
+        ctx.recorder.kill_switch(kill_record).await;
+        ctx.recorder.audit(kill_audit.field("actionId", row.id)).await;
+    }
+    detail.work_done = true;
+    finish_row(&ctx, row.id, store::ACTION_DONE, &name, &detail).await;
+    ctx.say(
+        format!("escalated: {}=1 set; artifact {}", ks.key, artifact.display()),
+        json!({"artifact": artifact}),
+    )
+    .await;
+    ActionOutcome::Escalated { artifact }
+}
+
+/// Writes the kill switch until it lands; returns the previous value. Other errors than
+/// busy (an unreadable file, a full disk) are retried too, with backoff, and logged: the
+/// kill switch is delayed, never dropped.
+pub async fn set_kill_switch(ctx: &ActionContext, db: &std::path::Path, key: &str, value: &str) -> Option<String> {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let (db_path, key_owned, value_owned) = (db.to_path_buf(), key.to_owned(), value.to_owned());
+        let result = tokio::task::spawn_blocking(move || {
+            crate::killswitch::write(&db_path, &key_owned, &value_owned, |waited| {
+                tracing::warn!(waited = ?waited, db = %db_path.display(), "kill switch: database busy, still waiting");
+            })
+        })
+        .await
+        .expect("kill switch write panicked");
+        match result {
+            Ok(report) => {
+                tracing::info!(key, value, attempts = report.attempts, waited = ?report.waited, "kill switch written and read back");
+                return report.previous;
+            }
+            Err(err) => {
+                tracing::error!(db = %db.display(), "kill switch write failed, retrying in {backoff:?}: {err}");
+                ctx.say(format!("kill switch write failed ({err}); retrying"), json!({})).await;
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+}

@@ -1,0 +1,117 @@
+//! The kill switch as an operation: write `'1'`/`'0'` under `kill_switch.key` until it
+//! lands, check the reset precondition, and build the records that say who did it.
+//! Shared by the daemon (automatic escalation, commands over the socket) and the CLI
+//! (when no daemon runs).
+
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use crate::audit::{AuditEvent, AuditRecord, KillSwitchAction, KillSwitchRecord, KillSwitchSource};
+use crate::settings::{SettingsError, SettingsStore, WriteReport};
+use crate::store::{Store, StoreError};
+
+/// Writes `value` under `key`, waiting out a busy or locked database for as long as it
+/// takes. `on_wait(waited)` is called about every two seconds while waiting, so callers
+/// can tell an operator or the journal. Blocking: call it off the async runtime.
+pub fn write(
+    db: &Path,
+    key: &str,
+    value: &str,
+    mut on_wait: impl FnMut(Duration),
+) -> Result<WriteReport, SettingsError> {
+    let mut next_report = Duration::from_secs(2);
+    let mut patience = |_: &SettingsError, waited: Duration| {
+        if waited >= next_report {
+            on_wait(waited);
+            next_report = waited + Duration::from_secs(2);
+        }
+        true
+    };
+    let mut store = SettingsStore::open_with_patience(db, &mut patience)?;
+    store.write_until_landed(key, value, &mut patience)
+}
+
+/// Reads the current value of `key` (`None`: no row, or no database yet).
+pub fn read(db: &Path, key: &str) -> Result<Option<String>, SettingsError> {
+    if !db.exists() {
+        return Ok(None);
+    }
+    Ok(crate::flags::read_once(db)?.get(key).cloned())
+}
+
+/// Why a reset must be refused now, or `None` when it may go ahead: a check failed within
+/// `quiet_period` according to the daemon's own database.
+pub fn reset_refusal(
+    rollbackd_db: &Path,
+    quiet_period: Duration,
+    now: SystemTime,
+) -> Result<Option<String>, StoreError> {
+    let store = match Store::open_read_only(rollbackd_db) {
+        Ok(store) => store,
+        Err(StoreError::NotFound(_)) => return Ok(None),
+        Err(err) => return Err(err),
+    };
+    let Some(last_failed_ms) = store.last_failed_check_at()? else {
+        return Ok(None);
+    };
+    let last_failed = SystemTime::UNIX_EPOCH + Duration::from_millis(last_failed_ms.max(0) as u64);
+    let since = now.duration_since(last_failed).unwrap_or_default();
+    if since >= quiet_period {
+        return Ok(None);
+    }
+    let left = quiet_period - since;
+    Ok(Some(format!(
+        "a check failed {} ago ({}), inside the reset quiet period of {}; the kill switch stays on \
+         for another {} unless you pass --force with a --reason",
+        crate::config::show(Duration::from_secs(since.as_secs())),
+        crate::audit::rfc3339_millis(last_failed),
+        crate::config::show(quiet_period),
+        crate::config::show(Duration::from_secs(left.as_secs().max(1)))
+    )))
+}
+
+/// The kill-switch log line and the audit line for one change.
+#[allow(clippy::too_many_arguments)]
+pub fn records(
+    at: SystemTime,
+    key: &str,
+    value: &str,
+    previous: Option<&str>,
+    source: KillSwitchSource,
+    operator: Option<&str>,
+    reason: &str,
+    session_id: Option<&str>,
+) -> (KillSwitchRecord, AuditRecord) {
+    let action = if value == "1" {
+        KillSwitchAction::Activated
+    } else {
+        KillSwitchAction::Reset
+    };
+    let kill_record = KillSwitchRecord {
+        timestamp: crate::audit::rfc3339_millis(at),
+        action,
+        value: value.to_owned(),
+        source,
+        operator: operator.map(str::to_owned),
+        reason: reason.to_owned(),
+        session_id: session_id.map(str::to_owned),
+    };
+    let event = match (source, action) {
+        (KillSwitchSource::External, _) => AuditEvent::KillSwitchExternal,
+        (_, KillSwitchAction::Activated) => AuditEvent::KillSwitchActivated,
+        (_, KillSwitchAction::Reset) => AuditEvent::KillSwitchReset,
+    };
+    let mut audit = AuditRecord::new(at, event, session_id)
+        .field("key", key)
+        .field("value", value)
+        .field("previous", previous.map(str::to_owned))
+        .field(
+            "source",
+            serde_json::to_value(source).unwrap_or(serde_json::Value::Null),
+        )
+        .field("reason", reason);
+    if let Some(operator) = operator {
+        audit = audit.operator(operator);
+    }
+    (kill_record, audit)
+}

@@ -1,0 +1,178 @@
+//! The whole daemon process around the driver: state directory and its lock, the control
+//! socket, LiveFlags on the application's database, signals, and systemd notification.
+//! `rollbackd run` and `rollbackd demo` both come through here.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use anyhow::Context;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{ConfigError, ConfigIssue, LoadedConfig};
+use crate::control::ControlServer;
+use crate::daemon::{AdapterFactory, Adapters, Driver, DriverInputs, Reloader, SystemClock};
+use crate::flags::{LiveFlags, LiveFlagsOptions};
+use crate::notify::Notifier;
+
+/// The state directory is held by one process at a time: a daemon, or a CLI command
+/// acting on the state directly while no daemon runs.
+pub struct StateLock {
+    _file: File,
+    pub path: PathBuf,
+}
+
+/// Takes the lock on `state_dir` without waiting; `Ok(None)` when another process has it.
+pub fn try_lock_state(state_dir: &Path) -> std::io::Result<Option<StateLock>> {
+    std::fs::create_dir_all(state_dir)?;
+    let path = state_dir.join("rollbackd.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)?;
+    // SAFETY: flock on a file descriptor we own; no memory is shared.
+    let result = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if result != 0 {
+        let err = std::io::Error::last_os_error();
+        if err.kind() == std::io::ErrorKind::WouldBlock {
+            return Ok(None);
+        }
+        return Err(err);
+    }
+    Ok(Some(StateLock { _file: file, path }))
+}
+
+/// What `run` needs beyond what `check-config` accepts.
+pub fn check_runnable(loaded: &LoadedConfig) -> Result<(), ConfigError> {
+    let mut issues = Vec::new();
+    if loaded.config.worker.probe.is_none() {
+        issues.push(ConfigIssue {
+            key: "worker".into(),
+            message: "the daemon needs one of health_url, health_command, health_tcp".into(),
+        });
+    }
+    if loaded.config.rollback.switch_command.is_none() {
+        issues.push(ConfigIssue {
+            key: "rollback.switch_command".into(),
+            message: "the daemon needs it to roll back".into(),
+        });
+    }
+    if issues.is_empty() {
+        Ok(())
+    } else {
+        Err(ConfigError::Invalid(issues))
+    }
+}
+
+/// Real adapters from the configuration.
+pub fn real_adapters() -> AdapterFactory {
+    Arc::new(|config: &crate::config::Config| {
+        let timeout = config.monitor.check_timeout;
+        Adapters {
+            probe: match &config.worker.probe {
+                Some(spec) => crate::adapters::worker_probe(spec, timeout),
+                None => crate::adapters::worker_probe(&crate::config::ProbeSpec::Tcp("127.0.0.1:1".into()), timeout),
+            },
+            snapshot: crate::adapters::snapshot_source(config.operations.as_ref(), timeout),
+            resources: crate::adapters::resource_sampler(config.worker.pid_file.as_deref()),
+        }
+    })
+}
+
+/// Runs the daemon until `shutdown` is cancelled or SIGTERM/SIGINT arrives. `ready` is
+/// told once everything listens (the same moment systemd gets READY=1).
+pub async fn run(
+    loaded: LoadedConfig,
+    reloader: Reloader,
+    factory: AdapterFactory,
+    shutdown: CancellationToken,
+    ready: Option<tokio::sync::oneshot::Sender<PathBuf>>,
+) -> anyhow::Result<()> {
+    check_runnable(&loaded)?;
+    let config = &loaded.config;
+    let state_dir = config.state_dir.clone();
+    let notifier = Notifier::from_env();
+    let _lock = try_lock_state(&state_dir)
+        .with_context(|| format!("cannot lock the state directory {}", state_dir.display()))?
+        .ok_or_else(|| anyhow::anyhow!("another rollbackd holds {} (is the daemon already running?)", state_dir.join("rollbackd.lock").display()))?;
+    let _ = std::fs::set_permissions(&state_dir, std::fs::Permissions::from_mode(0o750));
+
+    let socket_path = config.socket_path();
+    let server = ControlServer::bind(&socket_path, 0o600)
+        .with_context(|| format!("cannot bind the control socket {}", socket_path.display()))?;
+    let (commands_tx, commands_rx) = mpsc::channel(16);
+    let server_shutdown = CancellationToken::new();
+    let server_task = tokio::spawn(server.serve(commands_tx, server_shutdown.clone()));
+
+    let flags = LiveFlags::start(
+        config.kill_switch.database.clone(),
+        LiveFlagsOptions {
+            kill_key: config.kill_switch.key.clone(),
+            defaults: config.flag_defaults.clone(),
+            ..LiveFlagsOptions::default()
+        },
+    );
+
+    // Signals: TERM/INT stop (after an action in flight), HUP reloads.
+    let (reload_tx, reload_rx) = mpsc::channel(1);
+    let signal_shutdown = shutdown.clone();
+    let signals = tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::hangup()),
+        ) else {
+            tracing::error!("cannot install signal handlers");
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = term.recv() => { tracing::info!("SIGTERM: stopping"); signal_shutdown.cancel(); }
+                _ = int.recv() => { tracing::info!("SIGINT: stopping"); signal_shutdown.cancel(); }
+                _ = hup.recv() => { tracing::info!("SIGHUP: reloading the configuration"); let _ = reload_tx.try_send(()); }
+                _ = signal_shutdown.cancelled() => return,
+            }
+        }
+    });
+
+    let status_notifier = notifier.clone();
+    let watchdog_notifier = notifier.clone();
+    let inputs = DriverInputs {
+        factory,
+        clock: Arc::new(SystemClock),
+        commands: commands_rx,
+        flags: Some(flags.subscribe()),
+        reload: Some((reload_rx, reloader)),
+        shutdown: shutdown.clone(),
+        on_status: Some(Box::new(move |line: &str| status_notifier.status(line))),
+        watchdog: notifier
+            .watchdog_interval()
+            .map(|period| (period, Box::new(move || watchdog_notifier.watchdog()) as Box<dyn Fn() + Send>)),
+    };
+    tracing::info!(
+        state_dir = %state_dir.display(),
+        socket = %socket_path.display(),
+        config = %loaded.hash,
+        "rollbackd starting"
+    );
+    let driver = tokio::spawn(Driver::run(loaded, inputs));
+    // Everything listens: the socket is bound, LiveFlags runs, the driver is started.
+    notifier.ready();
+    if let Some(ready) = ready {
+        let _ = ready.send(socket_path.clone());
+    }
+    let result = driver.await.context("the driver task panicked")?;
+    notifier.stopping();
+    server_shutdown.cancel();
+    let _ = server_task.await;
+    signals.abort();
+    drop(flags);
+    tracing::info!(at = %crate::audit::rfc3339_millis(SystemTime::now()), "rollbackd stopped");
+    result
+}

@@ -22,8 +22,11 @@ use crate::check::{ProbeOutcome, Snapshot, SnapshotOutcome};
 
 /// How long output readers get to drain the pipes after the command's group was killed.
 const DRAIN_AFTER_KILL: Duration = Duration::from_millis(200);
-/// How long reaping a SIGKILLed child may take before it is left to tokio's reaper.
-const REAP_AFTER_KILL: Duration = Duration::from_secs(1);
+/// How long reaping a SIGKILLed child may take before it is left to tokio's orphan
+/// reaper (`kill_on_drop`). Together with [`DRAIN_AFTER_KILL`] this bounds how far past
+/// the check timeout a timed-out command can keep the caller: 400 ms at worst, a few
+/// milliseconds in practice.
+const REAP_AFTER_KILL: Duration = Duration::from_millis(200);
 
 /// What was read from one pipe.
 #[derive(Debug, Default)]

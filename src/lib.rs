@@ -2,6 +2,7 @@
 //!
 //! See `docs/ARCHITECTURE.md` for the codemap and the invariants.
 
+pub mod adapters;
 pub mod audit;
 pub mod check;
 pub mod cli;

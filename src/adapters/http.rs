@@ -1,0 +1,180 @@
+//! HTTP probe and HTTP snapshot source, and the pieces the Prometheus source shares: one
+//! `reqwest::Client` per adapter and a body reader that stops at [`MAX_BODY`].
+
+use std::time::Duration;
+
+use super::{
+    error_chain, excerpt, substitute_worker, timeout_reason, BoxFuture, SnapshotSource,
+    WorkerProbe, MAX_BODY,
+};
+use crate::check::{health_body_verdict, ProbeOutcome, Snapshot, SnapshotOutcome};
+
+/// The client every HTTP adapter uses: no proxy (the targets are local and a proxy from
+/// the environment would only add a failure mode) and no redirects (a health endpoint or
+/// snapshot that redirects is misconfigured, and its 3xx is reported as such). Building
+/// can only fail in TLS set-up; the error is then reported by every call instead.
+pub(super) fn build_client() -> Result<reqwest::Client, String> {
+    reqwest::Client::builder()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(concat!("rollbackd/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|error| format!("cannot build the HTTP client: {}", error_chain(&error)))
+}
+
+/// A body read up to a limit.
+pub(super) struct CappedBody {
+    pub bytes: Vec<u8>,
+    /// The body went on past the limit; the rest was not read.
+    pub cut: bool,
+}
+
+/// Reads `response`'s body chunk by chunk and stops at `limit` bytes without reading
+/// further: the response (and its connection) is dropped with the rest unread. The
+/// declared Content-Length is deliberately not used to pre-allocate.
+pub(super) async fn read_capped(
+    mut response: reqwest::Response,
+    limit: usize,
+) -> Result<CappedBody, reqwest::Error> {
+    let mut bytes = Vec::new();
+    while let Some(chunk) = response.chunk().await? {
+        let room = limit - bytes.len();
+        if chunk.len() > room {
+            bytes.extend_from_slice(&chunk[..room]);
+            return Ok(CappedBody { bytes, cut: true });
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    Ok(CappedBody { bytes, cut: false })
+}
+
+/// `GET {url}`: healthy iff the status is 2xx and the body does not say otherwise
+/// ([`health_body_verdict`]).
+pub(super) struct HttpProbe {
+    client: Result<reqwest::Client, String>,
+    url_template: String,
+    timeout: Duration,
+}
+
+impl HttpProbe {
+    pub(super) fn new(url_template: String, timeout: Duration) -> Self {
+        HttpProbe {
+            client: build_client(),
+            url_template,
+            timeout,
+        }
+    }
+
+    async fn probe_untimed(&self, client: &reqwest::Client, url: &str) -> ProbeOutcome {
+        let response = match client.get(url).send().await {
+            Ok(response) => response,
+            Err(error) => return ProbeOutcome::failed(error_chain(&error)),
+        };
+        let status = response.status();
+        let body = match read_capped(response, MAX_BODY).await {
+            Ok(body) => body,
+            Err(error) => {
+                return ProbeOutcome::failed(format!(
+                    "HTTP {status}: reading the body failed: {}",
+                    error_chain(&error)
+                ))
+            }
+        };
+        if !status.is_success() {
+            return ProbeOutcome::failed(format!("HTTP {status}: {}", excerpt(&body.bytes)));
+        }
+        // A body cut at MAX_BODY is not a JSON object, so it cannot say "unhealthy".
+        match health_body_verdict(&body.bytes) {
+            None => ProbeOutcome::Ok,
+            Some(reason) => ProbeOutcome::failed(format!("HTTP {status}: {reason}")),
+        }
+    }
+}
+
+impl WorkerProbe for HttpProbe {
+    fn probe<'a>(&'a self, worker: &'a str) -> BoxFuture<'a, ProbeOutcome> {
+        Box::pin(async move {
+            let client = match &self.client {
+                Ok(client) => client,
+                Err(reason) => return ProbeOutcome::failed(reason.clone()),
+            };
+            let url = substitute_worker(&self.url_template, worker);
+            match tokio::time::timeout(self.timeout, self.probe_untimed(client, &url)).await {
+                Ok(outcome) => outcome,
+                Err(_) => ProbeOutcome::failed(timeout_reason(self.timeout)),
+            }
+        })
+    }
+}
+
+/// `GET {url}` returning the snapshot JSON (SPEC §3). Only a source that could not be
+/// asked (refused, timeout, non-2xx, broken body) is `Unavailable`; any 2xx body becomes
+/// values, a malformed one an invalid error rate.
+pub(super) struct HttpSnapshotSource {
+    client: Result<reqwest::Client, String>,
+    url: String,
+    timeout: Duration,
+}
+
+impl HttpSnapshotSource {
+    pub(super) fn new(url: String, timeout: Duration) -> Self {
+        HttpSnapshotSource {
+            client: build_client(),
+            url,
+            timeout,
+        }
+    }
+
+    async fn snapshot_untimed(&self, client: &reqwest::Client) -> SnapshotOutcome {
+        let unavailable = |reason: String| SnapshotOutcome::Unavailable { reason };
+        let response = match client
+            .get(&self.url)
+            .header(reqwest::header::ACCEPT, "application/json")
+            .send()
+            .await
+        {
+            Ok(response) => response,
+            Err(error) => return unavailable(error_chain(&error)),
+        };
+        let status = response.status();
+        let body = match read_capped(response, MAX_BODY).await {
+            Ok(body) => body,
+            Err(error) => {
+                return unavailable(format!(
+                    "HTTP {status}: reading the body failed: {}",
+                    error_chain(&error)
+                ))
+            }
+        };
+        if !status.is_success() {
+            return unavailable(format!("HTTP {status}: {}", excerpt(&body.bytes)));
+        }
+        // A body cut at MAX_BODY is (almost always) truncated JSON, so it parses as an
+        // invalid error rate carrying its first bytes: recorded, never trusted.
+        if body.cut {
+            tracing::debug!(url = %self.url, "snapshot body cut at {MAX_BODY} bytes");
+        }
+        SnapshotOutcome::Values(Snapshot::from_body(&body.bytes))
+    }
+}
+
+impl SnapshotSource for HttpSnapshotSource {
+    fn snapshot(&self) -> BoxFuture<'_, SnapshotOutcome> {
+        Box::pin(async move {
+            let client = match &self.client {
+                Ok(client) => client,
+                Err(reason) => {
+                    return SnapshotOutcome::Unavailable {
+                        reason: reason.clone(),
+                    }
+                }
+            };
+            match tokio::time::timeout(self.timeout, self.snapshot_untimed(client)).await {
+                Ok(outcome) => outcome,
+                Err(_) => SnapshotOutcome::Unavailable {
+                    reason: timeout_reason(self.timeout),
+                },
+            }
+        })
+    }
+}

@@ -1,0 +1,174 @@
+//! The daemon's view of the outside world during a check: the worker health probe, the
+//! operations snapshot and the `/proc` resource sample, each behind a narrow object-safe
+//! trait so the driver holds `Arc<dyn ...>` and tests swap in fakes.
+//!
+//! **Adapters never panic and never return an error: every failure is data**
+//! (`ProbeOutcome::Failed`, `SnapshotOutcome::Unavailable`, a `Sample::Wrong`, a `None`
+//! field). **Every network or process operation is bounded in total by the check
+//! timeout** (connect, headers and body together), and **no body or command output is
+//! buffered beyond [`MAX_BODY`]**: reading stops at the cut, so a hostile endpoint costs at
+//! most one timeout and one mebibyte.
+//!
+//! Codemap:
+//! - `http`: the shared `reqwest` client set-up and the capped body reader; the HTTP
+//!   probe and the HTTP snapshot source.
+//! - `exec`: running an argv (never a shell) with a deadline, killing its process group
+//!   on timeout; the exec probe and the command snapshot source.
+//! - `tcp`: the TCP connect probe.
+//! - `prometheus`: instant queries against the Prometheus HTTP API.
+//! - `resources`: host memory, worker RSS and open file handles from `/proc`.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::check::{ProbeOutcome, Resources, SnapshotOutcome};
+use crate::config::{ProbeSpec, SnapshotSpec};
+
+mod exec;
+mod http;
+mod prometheus;
+mod resources;
+mod tcp;
+
+/// A boxed future, so the traits below stay object-safe.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Largest HTTP body or command stdout read, in bytes; the rest is not read (HTTP) or is
+/// read and discarded (a command's stdout, so the command is not blocked on a full pipe).
+pub const MAX_BODY: usize = 1 << 20;
+
+/// How much of a command's stderr/stdout tail goes into a failure reason, in bytes.
+pub const OUTPUT_TAIL_BYTES: usize = 1024;
+
+/// Probes the active worker's health. `{worker}` in the URL, argv or address is replaced
+/// with the worker id.
+pub trait WorkerProbe: Send + Sync {
+    fn probe<'a>(&'a self, worker: &'a str) -> BoxFuture<'a, ProbeOutcome>;
+}
+
+/// Takes the operations-manager snapshot.
+pub trait SnapshotSource: Send + Sync {
+    fn snapshot(&self) -> BoxFuture<'_, SnapshotOutcome>;
+}
+
+/// Samples host and worker resources. `None` when nothing at all could be read.
+pub trait ResourceSampler: Send + Sync {
+    fn sample<'a>(&'a self, worker: &'a str) -> BoxFuture<'a, Option<Resources>>;
+}
+
+/// The probe for `spec`, each call bounded by `timeout`.
+pub fn worker_probe(spec: &ProbeSpec, timeout: Duration) -> Arc<dyn WorkerProbe> {
+    match spec {
+        ProbeSpec::Http(url) => Arc::new(http::HttpProbe::new(url.clone(), timeout)),
+        ProbeSpec::Command(argv) => Arc::new(exec::CommandProbe::new(argv.clone(), timeout)),
+        ProbeSpec::Tcp(address) => Arc::new(tcp::TcpProbe::new(address.clone(), timeout)),
+    }
+}
+
+/// The snapshot source for `spec`, each call bounded by `timeout`. Without a spec every
+/// snapshot is `Unavailable { reason: "no snapshot source configured" }`.
+pub fn snapshot_source(spec: Option<&SnapshotSpec>, timeout: Duration) -> Arc<dyn SnapshotSource> {
+    match spec {
+        None => Arc::new(NoSnapshotSource),
+        Some(SnapshotSpec::Http(url)) => {
+            Arc::new(http::HttpSnapshotSource::new(url.clone(), timeout))
+        }
+        Some(SnapshotSpec::Command(argv)) => {
+            Arc::new(exec::CommandSnapshotSource::new(argv.clone(), timeout))
+        }
+        Some(SnapshotSpec::Prometheus(spec)) => Arc::new(
+            prometheus::PrometheusSnapshotSource::new(spec.clone(), timeout),
+        ),
+    }
+}
+
+/// The `/proc` sampler; `pid_file` is a path template (`{worker}` substituted) naming a
+/// file that holds the worker's pid. Without it only host memory is sampled.
+pub fn resource_sampler(pid_file: Option<&str>) -> Arc<dyn ResourceSampler> {
+    Arc::new(resources::ProcResourceSampler::new(
+        "/proc".into(),
+        pid_file.map(str::to_owned),
+    ))
+}
+
+/// Replaces every `{worker}` in `template` with `worker`.
+pub fn substitute_worker(template: &str, worker: &str) -> String {
+    template.replace("{worker}", worker)
+}
+
+struct NoSnapshotSource;
+
+impl SnapshotSource for NoSnapshotSource {
+    fn snapshot(&self) -> BoxFuture<'_, SnapshotOutcome> {
+        Box::pin(async {
+            SnapshotOutcome::Unavailable {
+                reason: "no snapshot source configured".into(),
+            }
+        })
+    }
+}
+
+/// The reason recorded when an operation is cut at the check timeout.
+fn timeout_reason(timeout: Duration) -> String {
+    format!("timeout after {}", humantime::format_duration(timeout))
+}
+
+/// An error and all its sources, `: `-separated, skipping a source whose text the
+/// previous message already contains (reqwest and hyper repeat each other).
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// A short, lossy-UTF-8 excerpt of raw bytes for a reason string.
+fn excerpt(bytes: &[u8]) -> String {
+    let head = &bytes[..bytes.len().min(crate::check::RAW_KEEP_BYTES * 4)];
+    let text = String::from_utf8_lossy(head);
+    let text = text.trim();
+    if text.is_empty() {
+        "(empty body)".into()
+    } else {
+        crate::check::truncate_raw(text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn substitutes_every_occurrence() {
+        assert_eq!(
+            substitute_worker("http://h/{worker}/x?w={worker}", "v2"),
+            "http://h/v2/x?w=v2"
+        );
+        assert_eq!(substitute_worker("plain", "v2"), "plain");
+    }
+
+    #[test]
+    fn timeout_reason_is_humantime() {
+        assert_eq!(timeout_reason(Duration::from_secs(5)), "timeout after 5s");
+        assert_eq!(
+            timeout_reason(Duration::from_millis(500)),
+            "timeout after 500ms"
+        );
+    }
+
+    #[test]
+    fn excerpt_is_lossy_and_short() {
+        assert_eq!(excerpt(b""), "(empty body)");
+        assert!(excerpt(b"\xff\xfeoops").contains("oops"));
+        assert!(excerpt(&[b'x'; 10_000]).len() < 300);
+    }
+}

@@ -1,0 +1,262 @@
+//! Snapshot from Prometheus instant queries (`GET {url}/api/v1/query?query=...`).
+//!
+//! The configured queries run concurrently, each bounded by one shared deadline (the
+//! check timeout), so a slow optional query cannot cost the error rate its answer.
+//!
+//! Mapping to samples:
+//! - a vector result takes the **first series** when there are several (a query meant for
+//!   a snapshot should aggregate to one series; which one comes first is Prometheus's
+//!   choice, and nothing records that there were more); a scalar result is used as is;
+//! - an empty vector is `Missing` (no data);
+//! - the value string is parsed as Prometheus writes it, so `NaN` and `+Inf` become
+//!   `Number(NaN)` / `Number(inf)` for the engine to classify as invalid; a value string
+//!   that is not a number at all is `Wrong(raw)`;
+//! - a failed request, a non-2xx status, `"status":"error"` or a response that is not the
+//!   query API's shape is a provider failure: `Unavailable` for the error-rate query,
+//!   `Wrong(reason)` for an optional one.
+
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::time::Instant;
+
+use super::http::{build_client, read_capped};
+use super::{error_chain, excerpt, timeout_reason, BoxFuture, SnapshotSource, MAX_BODY};
+use crate::check::{truncate_raw, Sample, Snapshot, SnapshotOutcome};
+use crate::config::PrometheusSpec;
+
+pub(super) struct PrometheusSnapshotSource {
+    client: Result<reqwest::Client, String>,
+    /// `{url}/api/v1/query`, or why it is not a URL.
+    endpoint: Result<reqwest::Url, String>,
+    spec: PrometheusSpec,
+    timeout: Duration,
+}
+
+impl PrometheusSnapshotSource {
+    pub(super) fn new(spec: PrometheusSpec, timeout: Duration) -> Self {
+        let endpoint_text = format!("{}/api/v1/query", spec.url.trim_end_matches('/'));
+        let endpoint = reqwest::Url::parse(&endpoint_text)
+            .map_err(|error| format!("{endpoint_text:?} is not a URL: {error}"));
+        PrometheusSnapshotSource {
+            client: build_client(),
+            endpoint,
+            spec,
+            timeout,
+        }
+    }
+
+    /// One instant query; `Err` is a provider failure.
+    async fn query(&self, expression: &str, deadline: Instant) -> Result<Sample, String> {
+        let client = self.client.as_ref().map_err(Clone::clone)?;
+        let mut url = self.endpoint.clone()?;
+        url.query_pairs_mut().append_pair("query", expression);
+        match tokio::time::timeout_at(deadline, query_untimed(client, url)).await {
+            Ok(result) => result,
+            Err(_) => Err(timeout_reason(self.timeout)),
+        }
+    }
+
+    async fn optional_query(&self, expression: Option<&str>, deadline: Instant) -> Sample {
+        match expression {
+            None => Sample::Missing,
+            Some(expression) => self
+                .query(expression, deadline)
+                .await
+                .unwrap_or_else(|reason| Sample::Wrong(truncate_raw(&reason))),
+        }
+    }
+}
+
+async fn query_untimed(client: &reqwest::Client, url: reqwest::Url) -> Result<Sample, String> {
+    let response = client
+        .get(url)
+        .header(reqwest::header::ACCEPT, "application/json")
+        .send()
+        .await
+        .map_err(|error| error_chain(&error))?;
+    let status = response.status();
+    let body = read_capped(response, MAX_BODY).await.map_err(|error| {
+        format!(
+            "HTTP {status}: reading the body failed: {}",
+            error_chain(&error)
+        )
+    })?;
+    if !status.is_success() {
+        // Prometheus explains 4xx/5xx in the error envelope; fall back to the raw body.
+        let detail = api_error(&body.bytes).unwrap_or_else(|| excerpt(&body.bytes));
+        return Err(format!("HTTP {status}: {detail}"));
+    }
+    parse_query_response(&body.bytes)
+}
+
+/// `errorType: error` from an API error envelope, if the body is one.
+fn api_error(body: &[u8]) -> Option<String> {
+    let value: Value = serde_json::from_slice(body).ok()?;
+    let error = value.get("error")?.as_str()?;
+    let error_type = value
+        .get("errorType")
+        .and_then(Value::as_str)
+        .unwrap_or("error");
+    Some(truncate_raw(&format!("{error_type}: {error}")))
+}
+
+/// Reads an instant-query response body. `Err` is a provider failure.
+pub(super) fn parse_query_response(body: &[u8]) -> Result<Sample, String> {
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|error| format!("unparsable response ({error}): {}", excerpt(body)))?;
+    match value.get("status").and_then(Value::as_str) {
+        Some("success") => {}
+        Some("error") => {
+            return Err(api_error(body).unwrap_or_else(|| "query failed".into()));
+        }
+        _ => return Err(format!("not a query API response: {}", excerpt(body))),
+    }
+    let data = value
+        .get("data")
+        .ok_or_else(|| format!("response has no data: {}", excerpt(body)))?;
+    let result = data.get("result");
+    match data.get("resultType").and_then(Value::as_str) {
+        Some("vector") => {
+            let series = result
+                .and_then(Value::as_array)
+                .ok_or_else(|| format!("vector result is not an array: {}", excerpt(body)))?;
+            match series.first() {
+                None => Ok(Sample::Missing),
+                Some(first) => sample_from_pair(first.get("value"), body),
+            }
+        }
+        Some("scalar") => sample_from_pair(result, body),
+        Some(other) => Err(format!(
+            "result type {} is not a vector or scalar",
+            truncate_raw(other)
+        )),
+        None => Err(format!("response has no resultType: {}", excerpt(body))),
+    }
+}
+
+/// `[timestamp, "value"]` to a sample.
+fn sample_from_pair(pair: Option<&Value>, body: &[u8]) -> Result<Sample, String> {
+    let value = pair
+        .and_then(Value::as_array)
+        .filter(|pair| pair.len() == 2)
+        .map(|pair| &pair[1])
+        .ok_or_else(|| format!("sample is not [timestamp, value]: {}", excerpt(body)))?;
+    Ok(match value {
+        // Rust's float parser accepts Prometheus's spellings: NaN, +Inf, -Inf, 1e+308.
+        Value::String(text) => match text.trim().parse::<f64>() {
+            Ok(number) => Sample::Number(number),
+            Err(_) => Sample::Wrong(truncate_raw(&value.to_string())),
+        },
+        Value::Number(number) => match number.as_f64() {
+            Some(number) => Sample::Number(number),
+            None => Sample::Wrong(truncate_raw(&number.to_string())),
+        },
+        other => Sample::Wrong(truncate_raw(&other.to_string())),
+    })
+}
+
+impl SnapshotSource for PrometheusSnapshotSource {
+    fn snapshot(&self) -> BoxFuture<'_, SnapshotOutcome> {
+        Box::pin(async move {
+            let deadline = Instant::now() + self.timeout;
+            let spec = &self.spec;
+            let (error_rate, requests, latency_p95_ms, latency_p99_ms) = tokio::join!(
+                self.query(&spec.error_rate, deadline),
+                self.optional_query(spec.requests.as_deref(), deadline),
+                self.optional_query(spec.latency_p95_ms.as_deref(), deadline),
+                self.optional_query(spec.latency_p99_ms.as_deref(), deadline),
+            );
+            match error_rate {
+                Ok(error_rate) => SnapshotOutcome::Values(Snapshot {
+                    error_rate,
+                    requests,
+                    latency_p95_ms,
+                    latency_p99_ms,
+                    ..Snapshot::default()
+                }),
+                Err(reason) => SnapshotOutcome::Unavailable {
+                    reason: format!("prometheus error_rate query: {reason}"),
+                },
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vector(values: &[&str]) -> Vec<u8> {
+        let series: Vec<String> = values
+            .iter()
+            .map(|v| format!(r#"{{"metric":{{}},"value":[1700000000.123,"{v}"]}}"#))
+            .collect();
+        format!(
+            r#"{{"status":"success","data":{{"resultType":"vector","result":[{}]}}}}"#,
+            series.join(",")
+        )
+        .into_bytes()
+    }
+
+    #[test]
+    fn vector_values() {
+        assert_eq!(
+            parse_query_response(&vector(&["0.25"])),
+            Ok(Sample::Number(0.25))
+        );
+        assert_eq!(parse_query_response(&vector(&[])), Ok(Sample::Missing));
+        assert_eq!(
+            parse_query_response(&vector(&["0.1", "0.9"])),
+            Ok(Sample::Number(0.1)),
+            "first series wins"
+        );
+        assert!(matches!(
+            parse_query_response(&vector(&["NaN"])),
+            Ok(Sample::Number(v)) if v.is_nan()
+        ));
+        assert_eq!(
+            parse_query_response(&vector(&["+Inf"])),
+            Ok(Sample::Number(f64::INFINITY))
+        );
+        assert_eq!(
+            parse_query_response(&vector(&["-Inf"])),
+            Ok(Sample::Number(f64::NEG_INFINITY))
+        );
+        assert_eq!(
+            parse_query_response(&vector(&["1e+308"])),
+            Ok(Sample::Number(1e308))
+        );
+        assert_eq!(
+            parse_query_response(&vector(&["abc"])),
+            Ok(Sample::Wrong("\"abc\"".into()))
+        );
+    }
+
+    #[test]
+    fn scalar_value() {
+        let body = br#"{"status":"success","data":{"resultType":"scalar","result":[1.5,"42"]}}"#;
+        assert_eq!(parse_query_response(body), Ok(Sample::Number(42.0)));
+    }
+
+    #[test]
+    fn provider_failures() {
+        let error = br#"{"status":"error","errorType":"bad_data","error":"parse error at char 3"}"#;
+        let reason = parse_query_response(error).unwrap_err();
+        assert!(
+            reason.contains("bad_data") && reason.contains("parse error"),
+            "{reason}"
+        );
+        assert!(parse_query_response(b"<html>").is_err());
+        assert!(parse_query_response(b"{}").is_err());
+        assert!(parse_query_response(
+            br#"{"status":"success","data":{"resultType":"matrix","result":[]}}"#
+        )
+        .is_err());
+        assert!(parse_query_response(
+            br#"{"status":"success","data":{"resultType":"vector","result":[{"value":7}]}}"#
+        )
+        .is_err());
+        assert!(parse_query_response("[".repeat(100_000).as_bytes()).is_err());
+    }
+}

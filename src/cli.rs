@@ -58,9 +58,83 @@ pub enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the daemon in the foreground (systemd Type=notify)
+    Run,
+
+    /// The whole daemon against built-in loopback workers: promotion, degradation,
+    /// rollback and verification in under a minute, no set-up
+    Demo,
+
+    /// The demo's switch hook (internal)
+    #[command(hide = true)]
+    DemoHook {
+        #[arg(long)]
+        state_dir: PathBuf,
+        #[arg(long)]
+        to: String,
+    },
+
     /// Validate the configuration; print the effective values, where each came from, and
     /// the worst-case time to each action
     CheckConfig,
+
+    /// Record a promotion and start a monitoring session (through the daemon when it runs;
+    /// otherwise recorded for the daemon to pick up when it starts)
+    Promote {
+        /// The worker that was just promoted (the canary)
+        #[arg(long, value_name = "ID")]
+        active: String,
+        /// The worker to roll back to
+        #[arg(long, value_name = "ID")]
+        previous: String,
+        /// Error rate before the promotion (fraction), for the baseline rule
+        #[arg(long, value_name = "FRACTION")]
+        baseline_error_rate: Option<f64>,
+        /// p95 latency before the promotion, in milliseconds, for the baseline rule
+        #[arg(long = "baseline-p95-ms", value_name = "MS")]
+        baseline_latency_p95_ms: Option<f64>,
+    },
+
+    /// State, active/previous workers, recent checks, verdict, kill switch
+    Status {
+        /// The status as JSON
+        #[arg(long)]
+        json: bool,
+    },
+
+    /// Roll back to the previous worker now; prints each phase as it completes
+    Rollback {
+        /// Why (recorded in the audit trail and passed to hooks as {reason})
+        #[arg(long)]
+        reason: String,
+        /// Skip the drain phase
+        #[arg(long)]
+        emergency: bool,
+        /// Do not ask for confirmation
+        #[arg(long, short = 'y')]
+        yes: bool,
+    },
+
+    /// The DISABLE_NEW kill switch in the application's database
+    KillSwitch {
+        #[command(subcommand)]
+        action: KillSwitchAction,
+    },
+
+    /// Stop automatic actions (checks continue)
+    Pause {
+        #[arg(long)]
+        reason: Option<String>,
+    },
+
+    /// Restart automatic actions after `pause`
+    Resume,
+
+    /// LiveFlags from the command line
+    Flags {
+        #[command(subcommand)]
+        action: FlagsAction,
+    },
 
     /// Replay a JSON-lines trace of checks through the engine and print the verdict
     /// timeline and the first action
@@ -69,6 +143,45 @@ pub enum Command {
         #[arg(long, value_name = "FILE")]
         trace: PathBuf,
         /// One JSON object per evaluated check instead of the human timeline
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KillSwitchAction {
+    /// Turn the kill switch on: every app falls back to its safe flag defaults
+    Set {
+        #[arg(long, default_value = "manual")]
+        reason: String,
+    },
+    /// Turn it off; refused while a check failed within reset_quiet_period
+    Reset {
+        #[arg(long)]
+        reason: Option<String>,
+        /// Reset even inside the quiet period (needs --reason)
+        #[arg(long, requires = "reason")]
+        force: bool,
+    },
+    /// Show the kill switch's value
+    Status,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum FlagsAction {
+    /// The effective value of a flag
+    Get {
+        key: String,
+        /// The application database [default: kill_switch.database]
+        #[arg(long, value_name = "PATH")]
+        db: Option<PathBuf>,
+    },
+    /// Print the flags, then one line per change
+    Watch {
+        /// The application database [default: kill_switch.database]
+        #[arg(long, value_name = "PATH")]
+        db: Option<PathBuf>,
+        /// JSON lines
         #[arg(long)]
         json: bool,
     },
@@ -172,7 +285,72 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             let loaded = load_config(&cli)?;
             simulate(&loaded, trace, *json)
         }
+        Command::DemoHook { state_dir, to } => {
+            crate::demo::hook(state_dir, to)?;
+            Ok(exit::SUCCESS)
+        }
+        Command::Demo => runtime()?.block_on(async {
+            let mut out = std::io::stdout();
+            crate::demo::run(&mut out).await
+        }),
+        Command::Run => {
+            let loaded = load_config(&cli)?;
+            let config_path = cli.config.clone();
+            let reloader: crate::daemon::Reloader =
+                std::sync::Arc::new(move || config::load(config_path.as_deref(), &config::process_env()));
+            runtime()?.block_on(crate::service::run(
+                loaded,
+                reloader,
+                crate::service::real_adapters(),
+                tokio_util::sync::CancellationToken::new(),
+                None,
+            ))?;
+            Ok(exit::SUCCESS)
+        }
+        Command::Flags { action } => {
+            let loaded = load_config(&cli)?;
+            let options = crate::flags::LiveFlagsOptions {
+                kill_key: loaded.config.kill_switch.key.clone(),
+                defaults: loaded.config.flag_defaults.clone(),
+                ..crate::flags::LiveFlagsOptions::default()
+            };
+            let default_db = loaded.config.kill_switch.database.clone();
+            let stdout = std::io::stdout();
+            match action {
+                FlagsAction::Get { key, db } => {
+                    let mut out = stdout.lock();
+                    crate::cmd_flags::flags_get(db.as_deref().unwrap_or(&default_db), key, &options, &mut out)?;
+                }
+                FlagsAction::Watch { db, json } => {
+                    let db = db.clone().unwrap_or(default_db);
+                    runtime()?.block_on(async {
+                        let mut out = std::io::stdout();
+                        let stop = async {
+                            let _ = tokio::signal::ctrl_c().await;
+                        };
+                        crate::cmd_flags::flags_watch(&db, options, *json, &mut out, stop).await
+                    })?;
+                }
+            }
+            Ok(exit::SUCCESS)
+        }
+        Command::Promote { .. }
+        | Command::Status { .. }
+        | Command::Rollback { .. }
+        | Command::KillSwitch { .. }
+        | Command::Pause { .. }
+        | Command::Resume => {
+            let loaded = load_config(&cli)?;
+            runtime()?.block_on(crate::commands::run(&cli.command, &loaded))
+        }
     }
+}
+
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
 }
 
 fn simulate(loaded: &LoadedConfig, trace: &PathBuf, json: bool) -> anyhow::Result<u8> {

@@ -80,6 +80,7 @@ pub fn real_adapters() -> AdapterFactory {
             },
             snapshot: crate::adapters::snapshot_source(config.operations.as_ref(), timeout),
             resources: crate::adapters::resource_sampler(config.worker.pid_file.as_deref()),
+            hooks: Arc::new(crate::daemon::ProcessHooks),
         }
     })
 }

@@ -22,8 +22,8 @@ use crate::config::LoadedConfig;
 use crate::control::Reply;
 use crate::daemon::db::Db;
 use crate::daemon::recorder::{artifact_name, now_ms, Recorder};
-use crate::daemon::Clock;
-use crate::hooks::{run_hook, HookVars};
+use crate::daemon::{Clock, HookRunner};
+use crate::hooks::HookVars;
 use crate::store::{self, ActionRow};
 
 /// What the driver needs from an action's end.
@@ -46,6 +46,7 @@ pub struct ActionContext {
     pub db: Db,
     pub recorder: Recorder,
     pub probe: Arc<dyn WorkerProbe>,
+    pub hooks: Arc<dyn HookRunner>,
     pub clock: Arc<dyn Clock>,
     /// Where phase progress goes (manual commands stream it to the operator).
     pub progress: Option<mpsc::Sender<Reply>>,
@@ -373,7 +374,7 @@ async fn run_phase_hook(
     limit: Duration,
     detail: &mut ActionDetail,
 ) -> bool {
-    match run_hook(template, vars, limit).await {
+    match ctx.hooks.run(template, vars, limit).await {
         Ok(outcome) => {
             let ok = outcome.succeeded();
             let mut value = serde_json::to_value(&outcome).unwrap_or(Value::Null);
@@ -389,7 +390,6 @@ async fn run_phase_hook(
         Err(err) => {
             tracing::error!(phase, "hook could not run: {err}");
             detail.hooks.push(json!({"phase": phase, "error": err.to_string()}));
-            let _ = ctx;
             false
         }
     }

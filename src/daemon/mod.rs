@@ -17,7 +17,8 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::adapters::{ResourceSampler, SnapshotSource, WorkerProbe};
+use crate::adapters::{BoxFuture, ResourceSampler, SnapshotSource, WorkerProbe};
+use crate::hooks::{HookError, HookOutcome, HookVars};
 use crate::audit::{rfc3339_millis, AuditEvent, AuditRecord, Evidence, KillSwitchSource, WorkerManagerRecord};
 use crate::check::{Baseline, CheckResult, ProbeOutcome};
 use crate::config::{ConfigError, LoadedConfig};
@@ -64,12 +65,38 @@ impl Clock for TokioClock {
     }
 }
 
-/// The I/O the driver checks through.
+/// Runs rollback phase hooks (an adapter, so driver tests can count switches without
+/// spawning processes under paused time).
+pub trait HookRunner: Send + Sync {
+    fn run<'a>(
+        &'a self,
+        argv_template: &'a [String],
+        vars: &'a HookVars,
+        limit: Duration,
+    ) -> BoxFuture<'a, Result<HookOutcome, HookError>>;
+}
+
+/// Hooks as real processes.
+pub struct ProcessHooks;
+
+impl HookRunner for ProcessHooks {
+    fn run<'a>(
+        &'a self,
+        argv_template: &'a [String],
+        vars: &'a HookVars,
+        limit: Duration,
+    ) -> BoxFuture<'a, Result<HookOutcome, HookError>> {
+        Box::pin(crate::hooks::run_hook(argv_template, vars, limit))
+    }
+}
+
+/// The I/O the driver checks and acts through.
 #[derive(Clone)]
 pub struct Adapters {
     pub probe: Arc<dyn WorkerProbe>,
     pub snapshot: Arc<dyn SnapshotSource>,
     pub resources: Arc<dyn ResourceSampler>,
+    pub hooks: Arc<dyn HookRunner>,
 }
 
 /// Builds adapters for a configuration (again on reload).
@@ -372,6 +399,7 @@ impl Driver {
             db: self.db.clone(),
             recorder: self.recorder.clone(),
             probe: self.adapters.probe.clone(),
+            hooks: self.adapters.hooks.clone(),
             clock: self.clock.clone(),
             progress,
         }

@@ -139,7 +139,7 @@ impl Recorder {
     /// Whether an audit line for `event` about action `action_id` exists already, written or
     /// queued: a resumed action uses it so its audit lines are written exactly once.
     pub async fn audit_has(&self, action_id: i64, event: crate::audit::AuditEvent) -> bool {
-        let matches = |record: &AuditRecord| {
+        let matches = move |record: &AuditRecord| {
             record.event == event
                 && record.fields.get("actionId").and_then(serde_json::Value::as_i64) == Some(action_id)
         };

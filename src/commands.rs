@@ -1,0 +1,552 @@
+//! Operator commands: `promote`, `status`, `rollback`, `kill-switch`, `pause`, `resume`.
+//!
+//! Each goes through the daemon's control socket when the daemon runs, so the driver
+//! stays the one owner of the session. When no daemon answers, the command acts on the
+//! state directly, holding the state directory's lock so a daemon starting meanwhile
+//! cannot act at the same time.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+use crate::audit::{rfc3339_millis, Analytics, AuditEvent, AuditRecord, KillSwitchSource};
+use crate::cli::{exit, Command, KillSwitchAction, Refused};
+use crate::config::LoadedConfig;
+use crate::control::{self, CallError, Operator, Reply, Request};
+use crate::daemon::db::Db;
+use crate::daemon::executor::{self, ActionContext, ActionDetail, ActionOutcome};
+use crate::daemon::recorder::{now_ms, Recorder};
+use crate::daemon::SystemClock;
+use crate::store::{self, NewAction, Store, StoreError};
+
+/// Runs one operator command; returns the exit status.
+pub async fn run(command: &Command, loaded: &LoadedConfig) -> anyhow::Result<u8> {
+    let request = match command {
+        Command::Promote {
+            active,
+            previous,
+            baseline_error_rate,
+            baseline_latency_p95_ms,
+        } => Request::Promote {
+            active: active.clone(),
+            previous: previous.clone(),
+            baseline_error_rate: *baseline_error_rate,
+            baseline_latency_p95_ms: *baseline_latency_p95_ms,
+        },
+        Command::Status { .. } => Request::Status,
+        Command::Rollback {
+            reason, emergency, ..
+        } => Request::Rollback {
+            reason: reason.clone(),
+            emergency: *emergency,
+        },
+        Command::KillSwitch { action } => match action {
+            KillSwitchAction::Set { reason } => Request::KillSwitchSet {
+                reason: reason.clone(),
+            },
+            KillSwitchAction::Reset { reason, force } => Request::KillSwitchReset {
+                reason: reason.clone().unwrap_or_else(|| "manual reset".into()),
+                force: *force,
+            },
+            KillSwitchAction::Status => Request::KillSwitchStatus,
+        },
+        Command::Pause { reason } => Request::Pause {
+            reason: reason.clone(),
+        },
+        Command::Resume => Request::Resume,
+        _ => unreachable!("not an operator command"),
+    };
+
+    if let Command::Rollback { yes, emergency, reason } = command {
+        if !yes && std::io::stdin().is_terminal() {
+            let status = status_value(loaded).await?;
+            let (active, previous) = workers_of(&status);
+            eprint!(
+                "{} rollback from {} to {} (reason: {reason})? [y/N] ",
+                if *emergency { "EMERGENCY" } else { "Manual" },
+                active.as_deref().unwrap_or("?"),
+                previous.as_deref().unwrap_or("?"),
+            );
+            let mut answer = String::new();
+            std::io::stdin().lock().read_line(&mut answer)?;
+            if !matches!(answer.trim(), "y" | "Y" | "yes") {
+                return Err(Refused("rollback not confirmed".into()).into());
+            }
+        }
+    }
+
+    let socket = loaded.config.socket_path();
+    let json_status = matches!(command, Command::Status { json: true });
+    let result = control::call(&socket, &request, |message, _detail| {
+        eprintln!("  {} {message}", short_time(SystemTime::now()));
+    })
+    .await;
+    let value = match result {
+        Ok(value) => value,
+        Err(err) if err.is_not_running() => {
+            tracing::debug!("no daemon answers on {}: acting on the state directly", socket.display());
+            match local(command, &request, loaded).await {
+                Ok(value) => value,
+                Err(err) => return Err(err),
+            }
+        }
+        Err(CallError::Failed { message, exit }) => {
+            eprintln!("rollbackd: {message}");
+            return Ok(exit);
+        }
+        Err(err) => return Err(err.into()),
+    };
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    match command {
+        Command::Status { .. } if json_status => {
+            writeln!(out, "{}", serde_json::to_string_pretty(&value)?)?;
+        }
+        Command::Status { .. } => print_status(&value, &mut out)?,
+        Command::Promote { .. } => {
+            let note = if value.get("recordedOnly").and_then(Value::as_bool) == Some(true) {
+                " (no daemon running: recorded; monitoring starts when rollbackd starts)"
+            } else {
+                ""
+            };
+            writeln!(
+                out,
+                "monitoring session {} started: active {}, previous {}{note}",
+                value["sessionId"].as_str().unwrap_or("?"),
+                value["active"].as_str().unwrap_or("?"),
+                value["previous"].as_str().unwrap_or("?"),
+            )?;
+        }
+        Command::Rollback { .. } => match value["outcome"].as_str() {
+            Some("rolled-back") => writeln!(
+                out,
+                "rolled back {} → {}; artifact {}",
+                value["from"].as_str().unwrap_or("?"),
+                value["to"].as_str().unwrap_or("?"),
+                value["artifact"].as_str().unwrap_or("?")
+            )?,
+            Some("escalated") => {
+                writeln!(
+                    out,
+                    "the rollback failed and rollbackd escalated (kill switch on); artifact {}",
+                    value["artifact"].as_str().unwrap_or("?")
+                )?;
+                return Ok(exit::FAILURE);
+            }
+            _ => writeln!(out, "{value}")?,
+        },
+        Command::KillSwitch { action: KillSwitchAction::Status } => {
+            let on = value["on"].as_bool().unwrap_or(false);
+            writeln!(
+                out,
+                "{}={} ({})",
+                value["key"].as_str().unwrap_or("DISABLE_NEW"),
+                value["value"].as_str().unwrap_or("unset"),
+                if on { "ON: apps use their safe flag defaults" } else { "off" }
+            )?;
+        }
+        Command::KillSwitch { .. } => writeln!(
+            out,
+            "{}={} (was {})",
+            value["key"].as_str().unwrap_or("?"),
+            value["value"].as_str().unwrap_or("?"),
+            value["previous"].as_str().unwrap_or("unset")
+        )?,
+        Command::Pause { .. } | Command::Resume => writeln!(
+            out,
+            "automatic actions {}",
+            if value["paused"].as_bool() == Some(true) { "paused (checks continue)" } else { "resumed" }
+        )?,
+        _ => {}
+    }
+    Ok(exit::SUCCESS)
+}
+
+fn short_time(t: SystemTime) -> String {
+    let text = rfc3339_millis(t);
+    text.get(11..23).unwrap_or(&text).to_owned()
+}
+
+fn workers_of(status: &Value) -> (Option<String>, Option<String>) {
+    let session = &status["session"];
+    let active = session["active"].as_str().or(status["workers"]["active"].as_str());
+    let previous = session["previous"].as_str().or(status["workers"]["previous"].as_str());
+    (active.map(str::to_owned), previous.map(str::to_owned))
+}
+
+async fn status_value(loaded: &LoadedConfig) -> anyhow::Result<Value> {
+    match control::call(&loaded.config.socket_path(), &Request::Status, |_, _| {}).await {
+        Ok(value) => Ok(value),
+        Err(err) if err.is_not_running() => local_status(loaded).await,
+        Err(err) => Err(err.into()),
+    }
+}
+
+/// The command carried out without a daemon.
+async fn local(command: &Command, request: &Request, loaded: &LoadedConfig) -> anyhow::Result<Value> {
+    if matches!(request, Request::Status) {
+        return local_status(loaded).await;
+    }
+    if let Request::KillSwitchStatus = request {
+        let ks = &loaded.config.kill_switch;
+        let value = crate::killswitch::read(&ks.database, &ks.key)?;
+        return Ok(json!({"key": ks.key, "value": value, "on": value.as_deref() == Some("1")}));
+    }
+    let state_dir = loaded.config.state_dir.clone();
+    let _lock = crate::service::try_lock_state(&state_dir)
+        .with_context(|| format!("cannot lock {}", state_dir.display()))?
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "the daemon holds {} but does not answer on {}; try again, or check `systemctl status rollbackd`",
+                state_dir.display(),
+                loaded.config.socket_path().display()
+            )
+        })?;
+    let operator = Operator::current();
+    let now = SystemTime::now();
+    match request {
+        Request::KillSwitchSet { reason } => local_kill_switch(loaded, "1", reason, &operator).await,
+        Request::KillSwitchReset { reason, force } => {
+            let ks = &loaded.config.kill_switch;
+            if let Some(why) = crate::killswitch::reset_refusal(&loaded.config.rollbackd_db(), ks.reset_quiet_period, now)? {
+                if !force {
+                    return Err(Refused(why).into());
+                }
+                tracing::warn!("kill switch reset forced past the quiet period: {why}");
+            }
+            local_kill_switch(loaded, "0", reason, &operator).await
+        }
+        Request::Promote { active, previous, baseline_error_rate, baseline_latency_p95_ms } => {
+            if active.trim().is_empty() || active == previous {
+                return Err(Refused("--active and --previous must be two different worker ids".into()).into());
+            }
+            let baseline = (baseline_error_rate.is_some() || baseline_latency_p95_ms.is_some()).then_some(crate::check::Baseline {
+                error_rate: *baseline_error_rate,
+                latency_p95_ms: *baseline_latency_p95_ms,
+            });
+            let row = crate::daemon::new_session_row(now, active, previous, baseline, Some(operator.name.clone()));
+            let mut store = Store::open(&loaded.config.rollbackd_db())?;
+            if let Some(current) = store.current_session()? {
+                store.update_session_state(
+                    &current.id,
+                    store::SESSION_STOPPED,
+                    Some((now_ms(now), &format!("superseded by the promotion of {active}"))),
+                )?;
+            }
+            store.insert_session(&row)?;
+            store.set_meta("active", active)?;
+            store.set_meta("previous", previous)?;
+            Ok(json!({"sessionId": row.id, "active": active, "previous": previous, "recordedOnly": true}))
+        }
+        Request::Pause { reason } => local_pause(loaded, &operator, true, reason.clone()).await,
+        Request::Resume => local_pause(loaded, &operator, false, None).await,
+        Request::Rollback { reason, emergency } => local_rollback(loaded, &operator, reason, *emergency).await,
+        Request::Status | Request::KillSwitchStatus => unreachable!("handled above"),
+    }
+    .map_err(|err| {
+        let _ = command;
+        err
+    })
+}
+
+async fn local_kill_switch(loaded: &LoadedConfig, value: &str, reason: &str, operator: &Operator) -> anyhow::Result<Value> {
+    let ks = loaded.config.kill_switch.clone();
+    let value_owned = value.to_owned();
+    let report = tokio::task::spawn_blocking(move || {
+        crate::killswitch::write(&ks.database, &ks.key, &value_owned, |waited| {
+            eprintln!("  the database is busy; still waiting after {}", crate::config::show(Duration::from_secs(waited.as_secs())));
+        })
+    })
+    .await??;
+    let now = SystemTime::now();
+    let session = Store::open_read_only(&loaded.config.rollbackd_db())
+        .ok()
+        .and_then(|s| s.current_session().ok().flatten())
+        .map(|s| s.id);
+    let ks = &loaded.config.kill_switch;
+    let (kill_record, audit) = crate::killswitch::records(
+        now,
+        &ks.key,
+        value,
+        report.previous.as_deref(),
+        KillSwitchSource::Manual,
+        Some(&operator.name),
+        reason,
+        session.as_deref(),
+    );
+    let mut analytics = Analytics::new(&loaded.config.analytics_dir());
+    // The switch has landed; a failure to record it is reported, not hidden.
+    if let Err(err) = analytics.kill_switch(&kill_record).and_then(|_| analytics.audit(&audit)) {
+        eprintln!("rollbackd: warning: the kill switch is {value} but the audit record could not be written: {err}");
+    }
+    Ok(json!({"key": ks.key, "value": value, "previous": report.previous}))
+}
+
+async fn local_pause(loaded: &LoadedConfig, operator: &Operator, paused: bool, reason: Option<String>) -> anyhow::Result<Value> {
+    let mut store = Store::open(&loaded.config.rollbackd_db())?;
+    let Some(session) = store.current_session()? else {
+        return Err(Refused("no monitoring session".into()).into());
+    };
+    store.set_paused(&session.id, paused, reason.as_deref())?;
+    let event = if paused { AuditEvent::MonitoringPaused } else { AuditEvent::MonitoringResumed };
+    let audit = AuditRecord::new(SystemTime::now(), event, Some(&session.id))
+        .operator(operator.name.clone())
+        .field("reason", reason);
+    Analytics::new(&loaded.config.analytics_dir()).audit(&audit)?;
+    Ok(json!({"paused": paused, "changed": session.paused != paused}))
+}
+
+async fn local_rollback(loaded: &LoadedConfig, operator: &Operator, reason: &str, emergency: bool) -> anyhow::Result<Value> {
+    crate::service::check_runnable(loaded)?;
+    let config = Arc::new(loaded.clone());
+    let db = Db::open(&config.config.rollbackd_db())?;
+    let (session, active, previous) = db
+        .call(|store| {
+            let session = store.current_session()?;
+            Ok((session, store.get_meta("active")?, store.get_meta("previous")?))
+        })
+        .await?;
+    let (active, previous) = match &session {
+        Some(s) => (Some(s.active.clone()), s.previous.clone()),
+        None => (active, previous),
+    };
+    let (Some(active), Some(previous)) = (active, previous) else {
+        return Err(Refused("no active/previous worker is known (run `rollbackd promote` first)".into()).into());
+    };
+    let recorder = Recorder::new(config.config.analytics_dir(), Some(db.clone())).await;
+    let adapters = (crate::service::real_adapters())(&config.config);
+    let (progress_tx, mut progress_rx) = mpsc::channel::<Reply>(16);
+    let printer = tokio::spawn(async move {
+        while let Some(reply) = progress_rx.recv().await {
+            if let Reply::Progress { message, .. } = reply {
+                eprintln!("  {} {message}", short_time(SystemTime::now()));
+            }
+        }
+    });
+    let ctx = ActionContext {
+        config: config.clone(),
+        db: db.clone(),
+        recorder: recorder.clone(),
+        probe: adapters.probe.clone(),
+        hooks: adapters.hooks.clone(),
+        clock: Arc::new(SystemClock),
+        progress: Some(progress_tx),
+    };
+    let detail = ActionDetail {
+        emergency,
+        config_hash: config.hash.clone(),
+        ..ActionDetail::default()
+    };
+    let trigger = if emergency { "emergency" } else { "manual" };
+    let new = NewAction {
+        session_id: session.as_ref().map(|s| s.id.clone()),
+        kind: store::KIND_ROLLBACK.into(),
+        trigger: trigger.into(),
+        state: store::ACTION_PENDING.into(),
+        phase: None,
+        attempt: 1,
+        from_worker: Some(active.clone()),
+        to_worker: Some(previous.clone()),
+        reason: reason.to_owned(),
+        operator: Some(operator.name.clone()),
+        started_at_ms: now_ms(SystemTime::now()),
+        detail_json: serde_json::to_string(&detail).ok(),
+    };
+    let row = db
+        .call(move |store| {
+            let id = store.insert_action(&new)?;
+            store.action(id)?.ok_or(StoreError::NoSuchRow { table: "actions", id: id.to_string() })
+        })
+        .await?;
+    recorder
+        .audit(
+            AuditRecord::new(SystemTime::now(), AuditEvent::RollbackStarted, row.session_id.as_deref())
+                .operator(operator.name.clone())
+                .field("actionId", row.id)
+                .field("from", active.clone())
+                .field("to", previous.clone())
+                .field("trigger", trigger)
+                .field("reason", reason),
+        )
+        .await;
+    let outcome = executor::rollback(ctx.clone(), row).await;
+    let value = match outcome {
+        ActionOutcome::RolledBack { from, to, artifact } => {
+            if let Some(session) = &session {
+                let (id, at) = (session.id.clone(), now_ms(SystemTime::now()));
+                let end = format!("rolled back from {from} to {to}");
+                db.call(move |store| store.update_session_state(&id, store::SESSION_ROLLED_BACK, Some((at, &end)))).await?;
+            }
+            json!({"outcome": "rolled-back", "from": from, "to": to, "artifact": artifact})
+        }
+        ActionOutcome::RollbackFailed { reason, .. } => {
+            let new = NewAction {
+                session_id: session.as_ref().map(|s| s.id.clone()),
+                kind: store::KIND_ESCALATION.into(),
+                trigger: trigger.into(),
+                state: store::ACTION_PENDING.into(),
+                phase: None,
+                attempt: 1,
+                from_worker: Some(active.clone()),
+                to_worker: Some(previous.clone()),
+                reason,
+                operator: Some(operator.name.clone()),
+                started_at_ms: now_ms(SystemTime::now()),
+                detail_json: None,
+            };
+            let row = db
+                .call(move |store| {
+                    let id = store.insert_action(&new)?;
+                    store.action(id)?.ok_or(StoreError::NoSuchRow { table: "actions", id: id.to_string() })
+                })
+                .await?;
+            match executor::escalate(ctx.clone(), row).await {
+                ActionOutcome::Escalated { artifact } => json!({"outcome": "escalated", "artifact": artifact}),
+                other => json!({"outcome": format!("{other:?}")}),
+            }
+        }
+        ActionOutcome::Escalated { artifact } => json!({"outcome": "escalated", "artifact": artifact}),
+    };
+    drop(ctx);
+    recorder.retry().await;
+    let _ = printer.await;
+    Ok(value)
+}
+
+/// `status` without a daemon: what `rollbackd.db` and the settings table say.
+async fn local_status(loaded: &LoadedConfig) -> anyhow::Result<Value> {
+    let config = &loaded.config;
+    let ks = &config.kill_switch;
+    let kill = crate::killswitch::read(&ks.database, &ks.key).ok().flatten();
+    let now = SystemTime::now();
+    let (session, recent, active, previous) = match Store::open_read_only(&config.rollbackd_db()) {
+        Ok(store) => {
+            let session = store.current_session()?;
+            let recent = match &session {
+                Some(s) => store.recent_checks(&s.id, 10)?,
+                None => Vec::new(),
+            };
+            (session, recent, store.get_meta("active")?, store.get_meta("previous")?)
+        }
+        Err(StoreError::NotFound(_)) => (None, Vec::new(), None, None),
+        Err(err) => return Err(err.into()),
+    };
+    let session_value = session.as_ref().map(|s| {
+        let promoted = SystemTime::UNIX_EPOCH + Duration::from_millis(s.promoted_at_ms.max(0) as u64);
+        let age = now.duration_since(promoted).unwrap_or_default();
+        json!({
+            "id": s.id, "state": s.state, "active": s.active, "previous": s.previous,
+            "promotedAt": rfc3339_millis(promoted), "ageSeconds": age.as_secs(),
+            "graceLeftSeconds": (s.state == store::SESSION_MONITORING).then(|| config.monitor.grace_period.saturating_sub(age).as_secs()),
+            "paused": s.paused, "pauseReason": s.pause_reason,
+            "verdict": recent.last().map(|c| c.verdict.clone()),
+        })
+    });
+    let recent: Vec<Value> = recent
+        .iter()
+        .map(|c| {
+            let check: Value = serde_json::from_str(&c.check_json).unwrap_or(Value::Null);
+            let probe = match check["probe"]["outcome"].as_str() {
+                Some("failed") => format!("failed: {}", check["probe"]["reason"].as_str().unwrap_or("")),
+                Some(other) => other.to_owned(),
+                None => "?".into(),
+            };
+            let rate = check["snapshot"]["error_rate"]["value"].as_f64();
+            json!({"at": rfc3339_millis(SystemTime::UNIX_EPOCH + Duration::from_millis(c.taken_at_ms.max(0) as u64)),
+                   "index": c.check_index, "verdict": c.verdict, "probe": probe, "errorRate": rate})
+        })
+        .collect();
+    Ok(json!({
+        "daemon": "not running",
+        "state": session.as_ref().map(|s| s.state.as_str()).unwrap_or("idle"),
+        "session": session_value,
+        "workers": {"active": active, "previous": previous},
+        "killSwitch": {"key": ks.key, "value": kill, "on": kill.as_deref() == Some("1")},
+        "recentChecks": recent,
+        "configHash": loaded.hash,
+    }))
+}
+
+fn print_status(status: &Value, out: &mut impl Write) -> std::io::Result<()> {
+    let daemon = status["daemon"].as_str().unwrap_or("?");
+    match status["pid"].as_u64() {
+        Some(pid) => writeln!(out, "rollbackd    {daemon} (pid {pid}, since {})", status["since"].as_str().unwrap_or("?"))?,
+        None => writeln!(out, "rollbackd    {daemon}")?,
+    }
+    let session = &status["session"];
+    if session.is_object() {
+        let age = session["ageSeconds"].as_u64().unwrap_or(0);
+        writeln!(
+            out,
+            "session      {}  {}",
+            session["id"].as_str().unwrap_or("?"),
+            session["state"].as_str().unwrap_or("?")
+        )?;
+        writeln!(
+            out,
+            "workers      active {}  previous {}",
+            session["active"].as_str().unwrap_or("?"),
+            session["previous"].as_str().unwrap_or("-")
+        )?;
+        let grace = match session["graceLeftSeconds"].as_u64() {
+            Some(left) => format!(", grace period left {}", crate::config::show(Duration::from_secs(left))),
+            None => String::new(),
+        };
+        writeln!(out, "age          {}{grace}", crate::config::show(Duration::from_secs(age)))?;
+        if session["paused"].as_bool() == Some(true) {
+            writeln!(out, "paused       yes ({})", session["pauseReason"].as_str().unwrap_or("no reason given"))?;
+        }
+        if let Some(verdict) = session["verdict"].as_str() {
+            match session["reason"].as_str() {
+                Some(reason) => writeln!(out, "verdict      {verdict} — {reason}")?,
+                None => writeln!(out, "verdict      {verdict}")?,
+            }
+        }
+    } else {
+        writeln!(out, "session      none (waiting for `rollbackd promote`)")?;
+        let workers = &status["workers"];
+        if workers["active"].is_string() {
+            writeln!(
+                out,
+                "workers      active {}  previous {}",
+                workers["active"].as_str().unwrap_or("?"),
+                workers["previous"].as_str().unwrap_or("-")
+            )?;
+        }
+    }
+    if let Some(action) = status["action"].as_object() {
+        writeln!(out, "action       {} #{} in progress", action["kind"].as_str().unwrap_or("?"), action["id"])?;
+    }
+    let kill = &status["killSwitch"];
+    writeln!(
+        out,
+        "kill switch  {}={} ({})",
+        kill["key"].as_str().unwrap_or("DISABLE_NEW"),
+        kill["value"].as_str().unwrap_or("unset"),
+        if kill["on"].as_bool() == Some(true) { "ON: apps use safe defaults" } else { "off" }
+    )?;
+    if let Some(checks) = status["recentChecks"].as_array().filter(|c| !c.is_empty()) {
+        writeln!(out, "recent checks")?;
+        writeln!(out, "  {:<24} {:>5}  {:<9} {:>7}  probe", "time", "#", "verdict", "error")?;
+        for check in checks.iter().rev().take(10).rev() {
+            let rate = check["errorRate"]
+                .as_f64()
+                .map(|r| format!("{:.1}%", r * 100.0))
+                .unwrap_or_else(|| check["errorClass"].as_str().unwrap_or("-").to_owned());
+            writeln!(
+                out,
+                "  {:<24} {:>5}  {:<9} {:>7}  {}",
+                check["at"].as_str().unwrap_or("?"),
+                check["index"],
+                check["verdict"].as_str().unwrap_or("?"),
+                rate,
+                check["probe"].as_str().unwrap_or("?")
+            )?;
+        }
+    }
+    Ok(())
+}

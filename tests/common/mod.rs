@@ -1,0 +1,278 @@
+//! Shared pieces of the system tests: a loopback HTTP server playing workers and the
+//! operations manager, a daemon started as the real binary, and audit-log readers.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_rollbackd");
+
+/// What the loopback server answers: path → (status, body).
+#[derive(Clone, Default)]
+pub struct Routes(Arc<Mutex<HashMap<String, (u16, String)>>>);
+
+impl Routes {
+    pub fn set(&self, path: &str, status: u16, body: &str) {
+        self.0.lock().unwrap().insert(path.to_owned(), (status, body.to_owned()));
+    }
+    pub fn error_rate(&self, rate: f64) {
+        self.set("/snapshot", 200, &format!(r#"{{"failureRate": {rate}, "requests": 1000}}"#));
+    }
+}
+
+/// A loopback HTTP/1.1 server on its own thread; answers from `Routes`, closes each connection.
+pub fn serve(routes: Routes) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let routes = routes.clone();
+            std::thread::spawn(move || handle(stream, &routes));
+        }
+    });
+    port
+}
+
+fn handle(mut stream: TcpStream, routes: &Routes) {
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut request_line = String::new();
+    if reader.read_line(&mut request_line).is_err() {
+        return;
+    }
+    loop {
+        let mut header = String::new();
+        match reader.read_line(&mut header) {
+            Ok(0) | Err(_) => break,
+            Ok(_) if header == "\r\n" || header == "\n" => break,
+            Ok(_) => {}
+        }
+    }
+    let path = request_line.split_whitespace().nth(1).unwrap_or("/").to_owned();
+    let (status, body) = routes
+        .0
+        .lock()
+        .unwrap()
+        .get(&path)
+        .cloned()
+        .unwrap_or((404, "not found".into()));
+    let _ = write!(
+        stream,
+        "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+}
+
+/// A state directory and a configuration for a daemon on the loopback server.
+pub struct Setup {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub routes: Routes,
+    pub port: u16,
+}
+
+impl Setup {
+    /// `extra` is appended to the configuration (TOML).
+    pub fn new(extra: &str) -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        let routes = Routes::default();
+        routes.set("/v1/health", 200, r#"{"status":"ok"}"#);
+        routes.set("/v2/health", 200, r#"{"status":"ok"}"#);
+        routes.error_rate(0.01);
+        let port = serve(routes.clone());
+        let state = dir.path().join("state");
+        let hook = dir.path().join("switch.sh");
+        std::fs::write(
+            &hook,
+            "#!/bin/sh\n# test switch hook: record the call, optionally sleep\necho \"$1\" >> \"$(dirname \"$0\")/switches\"\n[ -f \"$(dirname \"$0\")/slow\" ] && sleep \"$(cat \"$(dirname \"$0\")/slow\")\"\nexit 0\n",
+        )
+        .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let base = format!(
+            r#"state_dir = {state:?}
+[monitor]
+check_interval = "300ms"
+degraded_check_interval = "150ms"
+check_timeout = "250ms"
+grace_period = "2m"
+[worker]
+health_url = "http://127.0.0.1:{port}/{{worker}}/health"
+[operations]
+snapshot_url = "http://127.0.0.1:{port}/snapshot"
+[rollback]
+switch_command = [{hook:?}, "{{to}}"]
+hook_timeout = "20s"
+verify_interval = "100ms"
+verify_timeout = "1s"
+[kill_switch]
+database = {db:?}
+reset_quiet_period = "1s"
+[http]
+listen = ""
+"#,
+            state = state.display().to_string(),
+            hook = hook.display().to_string(),
+            db = dir.path().join("app.db").display().to_string(),
+        );
+        let config = dir.path().join("rollbackd.toml");
+        std::fs::write(&config, merge_toml(&base, extra)).unwrap();
+        Setup { dir, config, routes, port }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    pub fn state(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(BIN)
+            .arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
+    pub fn start(&self) -> Daemon {
+        let child = Command::new(BIN)
+            .arg("--config")
+            .arg(&self.config)
+            .arg("run")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(self.path("daemon.log")).unwrap())
+            .spawn()
+            .unwrap();
+        let socket = self.state().join("rollbackd.sock");
+        wait_for(Duration::from_secs(10), || {
+            std::os::unix::net::UnixStream::connect(&socket).is_ok()
+        })
+        .expect("daemon socket comes up");
+        Daemon { child }
+    }
+
+    pub fn audit(&self) -> Vec<Value> {
+        audit_lines(&self.state().join("analytics/audit.log"))
+    }
+
+    pub fn events(&self, event: &str) -> Vec<Value> {
+        self.audit().into_iter().filter(|v| v["event"] == event).collect()
+    }
+
+    pub fn switches(&self) -> Vec<String> {
+        std::fs::read_to_string(self.path("switches"))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    pub fn artifacts(&self, prefix: &str) -> Vec<PathBuf> {
+        let mut found: Vec<PathBuf> = std::fs::read_dir(self.state().join("analytics"))
+            .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+            .unwrap_or_default();
+        found.retain(|p| {
+            let name = p.file_name().unwrap().to_string_lossy();
+            name.starts_with(prefix) && name.ends_with(".json")
+        });
+        found.sort();
+        found
+    }
+
+    pub fn daemon_log(&self) -> String {
+        std::fs::read_to_string(self.path("daemon.log")).unwrap_or_default()
+    }
+}
+
+/// Appends `extra` sections, replacing keys of sections that already exist.
+fn merge_toml(base: &str, extra: &str) -> String {
+    let mut table: toml::Table = base.parse().unwrap();
+    let extra: toml::Table = extra.parse().unwrap();
+    for (key, value) in extra {
+        match (table.get_mut(&key), value) {
+            (Some(toml::Value::Table(existing)), toml::Value::Table(new)) => {
+                for (k, v) in new {
+                    existing.insert(k, v);
+                }
+            }
+            (_, value) => {
+                table.insert(key, value);
+            }
+        }
+    }
+    toml::to_string(&table).unwrap()
+}
+
+pub struct Daemon {
+    pub child: Child,
+}
+
+impl Daemon {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("daemon did not stop within 30 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn audit_lines(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("audit line does not parse ({e}): {line}")))
+        .collect()
+}
+
+/// Polls `condition` every 20 ms until it holds or `limit` passes.
+pub fn wait_for(limit: Duration, mut condition: impl FnMut() -> bool) -> Option<Duration> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if condition() {
+            return Some(start.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+pub fn sqlite3_available() -> bool {
+    Command::new("sqlite3").arg("-version").output().map(|o| o.status.success()).unwrap_or(false)
+}

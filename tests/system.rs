@@ -1,0 +1,140 @@
+//! The real binary against real loopback HTTP servers and real SQLite files.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+fn promote(setup: &Setup) {
+    let out = setup.cli(&["promote", "--active", "v2", "--previous", "v1"]);
+    assert!(out.status.success(), "promote: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn an_error_spike_rolls_back_and_calls_the_switch_hook_once() {
+    let setup = Setup::new("");
+    let daemon = setup.start();
+    promote(&setup);
+    setup.routes.error_rate(0.45);
+    let waited = wait_for(Duration::from_secs(20), || !setup.events("rollback-executed").is_empty());
+    assert!(waited.is_some(), "no rollback; daemon log:\n{}", setup.daemon_log());
+    // Let a few more intervals pass: nothing else may happen.
+    std::thread::sleep(Duration::from_millis(1200));
+    assert_eq!(setup.switches(), ["v1"], "the switch hook ran exactly once, to v1");
+    let artifacts = setup.artifacts("rollback_");
+    assert_eq!(artifacts.len(), 1);
+    let record: Value = serde_json::from_str(&std::fs::read_to_string(&artifacts[0]).unwrap()).unwrap();
+    assert_eq!(record["status"], "executed");
+    assert!(record["errorRate"].as_f64().unwrap() > 0.2);
+    assert!(record["phases"]["switch"].is_number() && record["phases"]["verify"].is_number());
+    let status = setup.cli(&["status", "--json"]);
+    let status: Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(status["daemon"], "running");
+    assert_eq!(status["state"], "idle");
+    assert_eq!(daemon.terminate().code(), Some(0));
+}
+
+#[test]
+fn probe_failures_set_the_kill_switch_where_the_sqlite3_shell_sees_it() {
+    if !sqlite3_available() {
+        eprintln!("SKIP probe_failures_set_the_kill_switch...: the sqlite3 shell is not installed");
+        return;
+    }
+    let setup = Setup::new("");
+    let _daemon = setup.start();
+    promote(&setup);
+    setup.routes.set("/v2/health", 503, r#"{"status":"down"}"#);
+    let waited = wait_for(Duration::from_secs(20), || !setup.events("kill-switch-activated").is_empty());
+    assert!(waited.is_some(), "no escalation; daemon log:\n{}", setup.daemon_log());
+    let out = std::process::Command::new("sqlite3")
+        .arg(setup.path("app.db"))
+        .arg("SELECT value FROM settings WHERE key = 'DISABLE_NEW'")
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1");
+    assert_eq!(setup.artifacts("escalation_").len(), 1);
+    let log = std::fs::read_to_string(setup.state().join("analytics/kill_switch_audit.log")).unwrap();
+    let line: Value = serde_json::from_str(log.lines().next().unwrap()).unwrap();
+    assert_eq!((line["action"].as_str(), line["source"].as_str()), (Some("activated"), Some("automatic")));
+}
+
+#[test]
+fn an_unhealthy_previous_worker_escalates_after_max_attempts() {
+    let setup = Setup::new("[rollback]\nmax_attempts = 2\nverify_timeout = \"300ms\"\nverify_interval = \"100ms\"");
+    let _daemon = setup.start();
+    promote(&setup);
+    setup.routes.set("/v1/health", 500, "broken too");
+    setup.routes.error_rate(0.6);
+    let waited = wait_for(Duration::from_secs(20), || !setup.events("escalation-triggered").is_empty());
+    assert!(waited.is_some(), "no escalation; daemon log:\n{}", setup.daemon_log());
+    assert_eq!(setup.switches(), ["v1", "v1"], "one switch per attempt");
+    let failed = setup.events("rollback-failed");
+    assert_eq!(failed.len(), 1);
+    assert!(failed[0]["reason"].as_str().unwrap().contains("previous version also unhealthy"));
+    let record: Value = serde_json::from_str(&std::fs::read_to_string(&setup.artifacts("rollback_")[0]).unwrap()).unwrap();
+    assert_eq!(record["status"], "failed");
+    assert_eq!(setup.artifacts("escalation_").len(), 1);
+}
+
+#[test]
+fn kill_9_during_a_slow_switch_then_restart_gives_exactly_one_rollback() {
+    let setup = Setup::new("");
+    std::fs::write(setup.path("slow"), "3").unwrap();
+    let daemon = setup.start();
+    promote(&setup);
+    setup.routes.error_rate(0.5);
+    let in_switch = wait_for(Duration::from_secs(20), || !setup.switches().is_empty());
+    assert!(in_switch.is_some(), "switch never started; log:\n{}", setup.daemon_log());
+    daemon.kill9();
+    std::fs::remove_file(setup.path("slow")).unwrap();
+    let daemon = setup.start();
+    let done = wait_for(Duration::from_secs(20), || !setup.events("rollback-executed").is_empty());
+    assert!(done.is_some(), "resumed rollback did not finish; log:\n{}", setup.daemon_log());
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(setup.artifacts("rollback_").len(), 1, "exactly one artifact");
+    assert_eq!(setup.events("rollback-executed").len(), 1, "one rollback-executed line");
+    assert_eq!(setup.events("rollback-started").len(), 1, "the restart resumed, it did not start again");
+    // The interrupted switch phase ran again (safe to run twice), once.
+    assert_eq!(setup.switches(), ["v1", "v1"]);
+    let stopped = setup.events("monitoring-stopped");
+    assert_eq!(stopped.last().unwrap()["state"], "rolled-back");
+    assert_eq!(daemon.terminate().code(), Some(0));
+}
+
+#[test]
+fn a_hand_made_kill_switch_change_is_audited_as_external() {
+    if !sqlite3_available() {
+        eprintln!("SKIP a_hand_made_kill_switch_change...: the sqlite3 shell is not installed");
+        return;
+    }
+    let setup = Setup::new("");
+    let _daemon = setup.start();
+    // Make sure the table exists, as the application would have it.
+    let out = std::process::Command::new("sqlite3")
+        .arg(setup.path("app.db"))
+        .arg("CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT); INSERT OR REPLACE INTO settings (key, value) VALUES ('DISABLE_NEW','1');")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let seen = wait_for(Duration::from_secs(10), || !setup.events("kill-switch-external").is_empty());
+    assert!(seen.is_some(), "external change not audited; log:\n{}", setup.daemon_log());
+    let line = &setup.events("kill-switch-external")[0];
+    assert_eq!(line["value"], "1");
+    assert_eq!(line["source"], "external");
+}
+
+#[test]
+fn promote_without_a_daemon_is_picked_up_at_start() {
+    let setup = Setup::new("");
+    promote(&setup);
+    let status = setup.cli(&["status", "--json"]);
+    let status: Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(status["daemon"], "not running");
+    assert_eq!(status["session"]["active"], "v2");
+    let _daemon = setup.start();
+    let started = wait_for(Duration::from_secs(10), || !setup.events("health-check").is_empty());
+    assert!(started.is_some(), "log:\n{}", setup.daemon_log());
+    assert_eq!(setup.events("monitoring-started").len(), 1);
+}

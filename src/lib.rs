@@ -7,6 +7,7 @@ pub mod check;
 pub mod cli;
 pub mod config;
 pub mod engine;
+pub mod hooks;
 pub mod simulate;
 pub mod store;
 pub mod trace;

@@ -6,6 +6,7 @@ pub mod audit;
 pub mod check;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod engine;
 pub mod hooks;
 pub mod simulate;

@@ -9,6 +9,7 @@ pub mod config;
 pub mod control;
 pub mod engine;
 pub mod hooks;
+pub mod notify;
 pub mod simulate;
 pub mod store;
 pub mod trace;

@@ -296,8 +296,9 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Run => {
             let loaded = load_config(&cli)?;
             let config_path = cli.config.clone();
-            let reloader: crate::daemon::Reloader =
-                std::sync::Arc::new(move || config::load(config_path.as_deref(), &config::process_env()));
+            let reloader: crate::daemon::Reloader = std::sync::Arc::new(move || {
+                config::load(config_path.as_deref(), &config::process_env())
+            });
             runtime()?.block_on(crate::service::run(
                 loaded,
                 reloader,
@@ -319,7 +320,12 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             match action {
                 FlagsAction::Get { key, db } => {
                     let mut out = stdout.lock();
-                    crate::cmd_flags::flags_get(db.as_deref().unwrap_or(&default_db), key, &options, &mut out)?;
+                    crate::cmd_flags::flags_get(
+                        db.as_deref().unwrap_or(&default_db),
+                        key,
+                        &options,
+                        &mut out,
+                    )?;
                 }
                 FlagsAction::Watch { db, json } => {
                     let db = db.clone().unwrap_or(default_db);

@@ -61,7 +61,12 @@ pub async fn run(command: &Command, loaded: &LoadedConfig) -> anyhow::Result<u8>
         _ => unreachable!("not an operator command"),
     };
 
-    if let Command::Rollback { yes, emergency, reason } = command {
+    if let Command::Rollback {
+        yes,
+        emergency,
+        reason,
+    } = command
+    {
         if !yes && std::io::stdin().is_terminal() {
             let status = status_value(loaded).await?;
             let (active, previous) = workers_of(&status);
@@ -88,8 +93,11 @@ pub async fn run(command: &Command, loaded: &LoadedConfig) -> anyhow::Result<u8>
     let value = match result {
         Ok(value) => value,
         Err(err) if err.is_not_running() => {
-            tracing::debug!("no daemon answers on {}: acting on the state directly", socket.display());
-            match local(command, &request, loaded).await {
+            tracing::debug!(
+                "no daemon answers on {}: acting on the state directly",
+                socket.display()
+            );
+            match local(&request, loaded).await {
                 Ok(value) => value,
                 Err(err) => return Err(err),
             }
@@ -139,14 +147,20 @@ pub async fn run(command: &Command, loaded: &LoadedConfig) -> anyhow::Result<u8>
             }
             _ => writeln!(out, "{value}")?,
         },
-        Command::KillSwitch { action: KillSwitchAction::Status } => {
+        Command::KillSwitch {
+            action: KillSwitchAction::Status,
+        } => {
             let on = value["on"].as_bool().unwrap_or(false);
             writeln!(
                 out,
                 "{}={} ({})",
                 value["key"].as_str().unwrap_or("DISABLE_NEW"),
                 value["value"].as_str().unwrap_or("unset"),
-                if on { "ON: apps use their safe flag defaults" } else { "off" }
+                if on {
+                    "ON: apps use their safe flag defaults"
+                } else {
+                    "off"
+                }
             )?;
         }
         Command::KillSwitch { .. } => writeln!(
@@ -159,7 +173,11 @@ pub async fn run(command: &Command, loaded: &LoadedConfig) -> anyhow::Result<u8>
         Command::Pause { .. } | Command::Resume => writeln!(
             out,
             "automatic actions {}",
-            if value["paused"].as_bool() == Some(true) { "paused (checks continue)" } else { "resumed" }
+            if value["paused"].as_bool() == Some(true) {
+                "paused (checks continue)"
+            } else {
+                "resumed"
+            }
         )?,
         _ => {}
     }
@@ -173,8 +191,12 @@ fn short_time(t: SystemTime) -> String {
 
 fn workers_of(status: &Value) -> (Option<String>, Option<String>) {
     let session = &status["session"];
-    let active = session["active"].as_str().or(status["workers"]["active"].as_str());
-    let previous = session["previous"].as_str().or(status["workers"]["previous"].as_str());
+    let active = session["active"]
+        .as_str()
+        .or(status["workers"]["active"].as_str());
+    let previous = session["previous"]
+        .as_str()
+        .or(status["workers"]["previous"].as_str());
     (active.map(str::to_owned), previous.map(str::to_owned))
 }
 
@@ -187,7 +209,7 @@ async fn status_value(loaded: &LoadedConfig) -> anyhow::Result<Value> {
 }
 
 /// The command carried out without a daemon.
-async fn local(command: &Command, request: &Request, loaded: &LoadedConfig) -> anyhow::Result<Value> {
+async fn local(request: &Request, loaded: &LoadedConfig) -> anyhow::Result<Value> {
     if matches!(request, Request::Status) {
         return local_status(loaded).await;
     }
@@ -209,10 +231,16 @@ async fn local(command: &Command, request: &Request, loaded: &LoadedConfig) -> a
     let operator = Operator::current();
     let now = SystemTime::now();
     match request {
-        Request::KillSwitchSet { reason } => local_kill_switch(loaded, "1", reason, &operator).await,
+        Request::KillSwitchSet { reason } => {
+            local_kill_switch(loaded, "1", reason, &operator).await
+        }
         Request::KillSwitchReset { reason, force } => {
             let ks = &loaded.config.kill_switch;
-            if let Some(why) = crate::killswitch::reset_refusal(&loaded.config.rollbackd_db(), ks.reset_quiet_period, now)? {
+            if let Some(why) = crate::killswitch::reset_refusal(
+                &loaded.config.rollbackd_db(),
+                ks.reset_quiet_period,
+                now,
+            )? {
                 if !force {
                     return Err(Refused(why).into());
                 }
@@ -220,45 +248,71 @@ async fn local(command: &Command, request: &Request, loaded: &LoadedConfig) -> a
             }
             local_kill_switch(loaded, "0", reason, &operator).await
         }
-        Request::Promote { active, previous, baseline_error_rate, baseline_latency_p95_ms } => {
+        Request::Promote {
+            active,
+            previous,
+            baseline_error_rate,
+            baseline_latency_p95_ms,
+        } => {
             if active.trim().is_empty() || active == previous {
-                return Err(Refused("--active and --previous must be two different worker ids".into()).into());
+                return Err(Refused(
+                    "--active and --previous must be two different worker ids".into(),
+                )
+                .into());
             }
-            let baseline = (baseline_error_rate.is_some() || baseline_latency_p95_ms.is_some()).then_some(crate::check::Baseline {
-                error_rate: *baseline_error_rate,
-                latency_p95_ms: *baseline_latency_p95_ms,
-            });
-            let row = crate::daemon::new_session_row(now, active, previous, baseline, Some(operator.name.clone()));
+            let baseline = (baseline_error_rate.is_some() || baseline_latency_p95_ms.is_some())
+                .then_some(crate::check::Baseline {
+                    error_rate: *baseline_error_rate,
+                    latency_p95_ms: *baseline_latency_p95_ms,
+                });
+            let row = crate::daemon::new_session_row(
+                now,
+                active,
+                previous,
+                baseline,
+                Some(operator.name.clone()),
+            );
             let mut store = Store::open(&loaded.config.rollbackd_db())?;
             if let Some(current) = store.current_session()? {
                 store.update_session_state(
                     &current.id,
                     store::SESSION_STOPPED,
-                    Some((now_ms(now), &format!("superseded by the promotion of {active}"))),
+                    Some((
+                        now_ms(now),
+                        &format!("superseded by the promotion of {active}"),
+                    )),
                 )?;
             }
             store.insert_session(&row)?;
             store.set_meta("active", active)?;
             store.set_meta("previous", previous)?;
-            Ok(json!({"sessionId": row.id, "active": active, "previous": previous, "recordedOnly": true}))
+            Ok(
+                json!({"sessionId": row.id, "active": active, "previous": previous, "recordedOnly": true}),
+            )
         }
         Request::Pause { reason } => local_pause(loaded, &operator, true, reason.clone()).await,
         Request::Resume => local_pause(loaded, &operator, false, None).await,
-        Request::Rollback { reason, emergency } => local_rollback(loaded, &operator, reason, *emergency).await,
+        Request::Rollback { reason, emergency } => {
+            local_rollback(loaded, &operator, reason, *emergency).await
+        }
         Request::Status | Request::KillSwitchStatus => unreachable!("handled above"),
     }
-    .map_err(|err| {
-        let _ = command;
-        err
-    })
 }
 
-async fn local_kill_switch(loaded: &LoadedConfig, value: &str, reason: &str, operator: &Operator) -> anyhow::Result<Value> {
+async fn local_kill_switch(
+    loaded: &LoadedConfig,
+    value: &str,
+    reason: &str,
+    operator: &Operator,
+) -> anyhow::Result<Value> {
     let ks = loaded.config.kill_switch.clone();
     let value_owned = value.to_owned();
     let report = tokio::task::spawn_blocking(move || {
         crate::killswitch::write(&ks.database, &ks.key, &value_owned, |waited| {
-            eprintln!("  the database is busy; still waiting after {}", crate::config::show(Duration::from_secs(waited.as_secs())));
+            eprintln!(
+                "  the database is busy; still waiting after {}",
+                crate::config::show(Duration::from_secs(waited.as_secs()))
+            );
         })
     })
     .await??;
@@ -280,19 +334,31 @@ async fn local_kill_switch(loaded: &LoadedConfig, value: &str, reason: &str, ope
     );
     let mut analytics = Analytics::new(&loaded.config.analytics_dir());
     // The switch has landed; a failure to record it is reported, not hidden.
-    if let Err(err) = analytics.kill_switch(&kill_record).and_then(|_| analytics.audit(&audit)) {
+    if let Err(err) = analytics
+        .kill_switch(&kill_record)
+        .and_then(|_| analytics.audit(&audit))
+    {
         eprintln!("rollbackd: warning: the kill switch is {value} but the audit record could not be written: {err}");
     }
     Ok(json!({"key": ks.key, "value": value, "previous": report.previous}))
 }
 
-async fn local_pause(loaded: &LoadedConfig, operator: &Operator, paused: bool, reason: Option<String>) -> anyhow::Result<Value> {
+async fn local_pause(
+    loaded: &LoadedConfig,
+    operator: &Operator,
+    paused: bool,
+    reason: Option<String>,
+) -> anyhow::Result<Value> {
     let mut store = Store::open(&loaded.config.rollbackd_db())?;
     let Some(session) = store.current_session()? else {
         return Err(Refused("no monitoring session".into()).into());
     };
     store.set_paused(&session.id, paused, reason.as_deref())?;
-    let event = if paused { AuditEvent::MonitoringPaused } else { AuditEvent::MonitoringResumed };
+    let event = if paused {
+        AuditEvent::MonitoringPaused
+    } else {
+        AuditEvent::MonitoringResumed
+    };
     let audit = AuditRecord::new(SystemTime::now(), event, Some(&session.id))
         .operator(operator.name.clone())
         .field("reason", reason);
@@ -300,14 +366,23 @@ async fn local_pause(loaded: &LoadedConfig, operator: &Operator, paused: bool, r
     Ok(json!({"paused": paused, "changed": session.paused != paused}))
 }
 
-async fn local_rollback(loaded: &LoadedConfig, operator: &Operator, reason: &str, emergency: bool) -> anyhow::Result<Value> {
+async fn local_rollback(
+    loaded: &LoadedConfig,
+    operator: &Operator,
+    reason: &str,
+    emergency: bool,
+) -> anyhow::Result<Value> {
     crate::service::check_runnable(loaded)?;
     let config = Arc::new(loaded.clone());
     let db = Db::open(&config.config.rollbackd_db())?;
     let (session, active, previous) = db
         .call(|store| {
             let session = store.current_session()?;
-            Ok((session, store.get_meta("active")?, store.get_meta("previous")?))
+            Ok((
+                session,
+                store.get_meta("active")?,
+                store.get_meta("previous")?,
+            ))
         })
         .await?;
     let (active, previous) = match &session {
@@ -315,7 +390,10 @@ async fn local_rollback(loaded: &LoadedConfig, operator: &Operator, reason: &str
         None => (active, previous),
     };
     let (Some(active), Some(previous)) = (active, previous) else {
-        return Err(Refused("no active/previous worker is known (run `rollbackd promote` first)".into()).into());
+        return Err(Refused(
+            "no active/previous worker is known (run `rollbackd promote` first)".into(),
+        )
+        .into());
     };
     let recorder = Recorder::new(config.config.analytics_dir(), Some(db.clone())).await;
     let adapters = (crate::service::real_adapters())(&config.config);
@@ -359,18 +437,25 @@ async fn local_rollback(loaded: &LoadedConfig, operator: &Operator, reason: &str
     let row = db
         .call(move |store| {
             let id = store.insert_action(&new)?;
-            store.action(id)?.ok_or(StoreError::NoSuchRow { table: "actions", id: id.to_string() })
+            store.action(id)?.ok_or(StoreError::NoSuchRow {
+                table: "actions",
+                id: id.to_string(),
+            })
         })
         .await?;
     recorder
         .audit(
-            AuditRecord::new(SystemTime::now(), AuditEvent::RollbackStarted, row.session_id.as_deref())
-                .operator(operator.name.clone())
-                .field("actionId", row.id)
-                .field("from", active.clone())
-                .field("to", previous.clone())
-                .field("trigger", trigger)
-                .field("reason", reason),
+            AuditRecord::new(
+                SystemTime::now(),
+                AuditEvent::RollbackStarted,
+                row.session_id.as_deref(),
+            )
+            .operator(operator.name.clone())
+            .field("actionId", row.id)
+            .field("from", active.clone())
+            .field("to", previous.clone())
+            .field("trigger", trigger)
+            .field("reason", reason),
         )
         .await;
     let outcome = executor::rollback(ctx.clone(), row).await;
@@ -379,7 +464,10 @@ async fn local_rollback(loaded: &LoadedConfig, operator: &Operator, reason: &str
             if let Some(session) = &session {
                 let (id, at) = (session.id.clone(), now_ms(SystemTime::now()));
                 let end = format!("rolled back from {from} to {to}");
-                db.call(move |store| store.update_session_state(&id, store::SESSION_ROLLED_BACK, Some((at, &end)))).await?;
+                db.call(move |store| {
+                    store.update_session_state(&id, store::SESSION_ROLLED_BACK, Some((at, &end)))
+                })
+                .await?;
             }
             json!({"outcome": "rolled-back", "from": from, "to": to, "artifact": artifact})
         }
@@ -401,15 +489,22 @@ async fn local_rollback(loaded: &LoadedConfig, operator: &Operator, reason: &str
             let row = db
                 .call(move |store| {
                     let id = store.insert_action(&new)?;
-                    store.action(id)?.ok_or(StoreError::NoSuchRow { table: "actions", id: id.to_string() })
+                    store.action(id)?.ok_or(StoreError::NoSuchRow {
+                        table: "actions",
+                        id: id.to_string(),
+                    })
                 })
                 .await?;
             match executor::escalate(ctx.clone(), row).await {
-                ActionOutcome::Escalated { artifact } => json!({"outcome": "escalated", "artifact": artifact}),
+                ActionOutcome::Escalated { artifact } => {
+                    json!({"outcome": "escalated", "artifact": artifact})
+                }
                 other => json!({"outcome": format!("{other:?}")}),
             }
         }
-        ActionOutcome::Escalated { artifact } => json!({"outcome": "escalated", "artifact": artifact}),
+        ActionOutcome::Escalated { artifact } => {
+            json!({"outcome": "escalated", "artifact": artifact})
+        }
     };
     drop(ctx);
     recorder.retry().await;
@@ -421,7 +516,9 @@ async fn local_rollback(loaded: &LoadedConfig, operator: &Operator, reason: &str
 async fn local_status(loaded: &LoadedConfig) -> anyhow::Result<Value> {
     let config = &loaded.config;
     let ks = &config.kill_switch;
-    let kill = crate::killswitch::read(&ks.database, &ks.key).ok().flatten();
+    let kill = crate::killswitch::read(&ks.database, &ks.key)
+        .ok()
+        .flatten();
     let now = SystemTime::now();
     let (session, recent, active, previous) = match Store::open_read_only(&config.rollbackd_db()) {
         Ok(store) => {
@@ -430,7 +527,12 @@ async fn local_status(loaded: &LoadedConfig) -> anyhow::Result<Value> {
                 Some(s) => store.recent_checks(&s.id, 10)?,
                 None => Vec::new(),
             };
-            (session, recent, store.get_meta("active")?, store.get_meta("previous")?)
+            (
+                session,
+                recent,
+                store.get_meta("active")?,
+                store.get_meta("previous")?,
+            )
         }
         Err(StoreError::NotFound(_)) => (None, Vec::new(), None, None),
         Err(err) => return Err(err.into()),
@@ -474,7 +576,11 @@ async fn local_status(loaded: &LoadedConfig) -> anyhow::Result<Value> {
 fn print_status(status: &Value, out: &mut impl Write) -> std::io::Result<()> {
     let daemon = status["daemon"].as_str().unwrap_or("?");
     match status["pid"].as_u64() {
-        Some(pid) => writeln!(out, "rollbackd    {daemon} (pid {pid}, since {})", status["since"].as_str().unwrap_or("?"))?,
+        Some(pid) => writeln!(
+            out,
+            "rollbackd    {daemon} (pid {pid}, since {})",
+            status["since"].as_str().unwrap_or("?")
+        )?,
         None => writeln!(out, "rollbackd    {daemon}")?,
     }
     let session = &status["session"];
@@ -493,12 +599,23 @@ fn print_status(status: &Value, out: &mut impl Write) -> std::io::Result<()> {
             session["previous"].as_str().unwrap_or("-")
         )?;
         let grace = match session["graceLeftSeconds"].as_u64() {
-            Some(left) => format!(", grace period left {}", crate::config::show(Duration::from_secs(left))),
+            Some(left) => format!(
+                ", grace period left {}",
+                crate::config::show(Duration::from_secs(left))
+            ),
             None => String::new(),
         };
-        writeln!(out, "age          {}{grace}", crate::config::show(Duration::from_secs(age)))?;
+        writeln!(
+            out,
+            "age          {}{grace}",
+            crate::config::show(Duration::from_secs(age))
+        )?;
         if session["paused"].as_bool() == Some(true) {
-            writeln!(out, "paused       yes ({})", session["pauseReason"].as_str().unwrap_or("no reason given"))?;
+            writeln!(
+                out,
+                "paused       yes ({})",
+                session["pauseReason"].as_str().unwrap_or("no reason given")
+            )?;
         }
         if let Some(verdict) = session["verdict"].as_str() {
             match session["reason"].as_str() {
@@ -519,7 +636,12 @@ fn print_status(status: &Value, out: &mut impl Write) -> std::io::Result<()> {
         }
     }
     if let Some(action) = status["action"].as_object() {
-        writeln!(out, "action       {} #{} in progress", action["kind"].as_str().unwrap_or("?"), action["id"])?;
+        writeln!(
+            out,
+            "action       {} #{} in progress",
+            action["kind"].as_str().unwrap_or("?"),
+            action["id"]
+        )?;
     }
     let kill = &status["killSwitch"];
     writeln!(
@@ -527,11 +649,19 @@ fn print_status(status: &Value, out: &mut impl Write) -> std::io::Result<()> {
         "kill switch  {}={} ({})",
         kill["key"].as_str().unwrap_or("DISABLE_NEW"),
         kill["value"].as_str().unwrap_or("unset"),
-        if kill["on"].as_bool() == Some(true) { "ON: apps use safe defaults" } else { "off" }
+        if kill["on"].as_bool() == Some(true) {
+            "ON: apps use safe defaults"
+        } else {
+            "off"
+        }
     )?;
     if let Some(checks) = status["recentChecks"].as_array().filter(|c| !c.is_empty()) {
         writeln!(out, "recent checks")?;
-        writeln!(out, "  {:<24} {:>5}  {:<9} {:>7}  probe", "time", "#", "verdict", "error")?;
+        writeln!(
+            out,
+            "  {:<24} {:>5}  {:<9} {:>7}  probe",
+            "time", "#", "verdict", "error"
+        )?;
         for check in checks.iter().rev().take(10).rev() {
             let rate = check["errorRate"]
                 .as_f64()

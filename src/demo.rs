@@ -83,18 +83,19 @@ async fn serve_workers(workers: Arc<Workers>, shutdown: CancellationToken) -> an
             let Ok((stream, _)) = accepted else { continue };
             let workers = workers.clone();
             tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
-                    let (status, body) = workers.respond(request.uri().path());
-                    async move {
-                        Ok::<_, Infallible>(
-                            Response::builder()
-                                .status(status)
-                                .header("content-type", "application/json")
-                                .body(Full::new(Bytes::from(body)))
-                                .expect("static response"),
-                        )
-                    }
-                });
+                let service =
+                    hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
+                        let (status, body) = workers.respond(request.uri().path());
+                        async move {
+                            Ok::<_, Infallible>(
+                                Response::builder()
+                                    .status(status)
+                                    .header("content-type", "application/json")
+                                    .body(Full::new(Bytes::from(body)))
+                                    .expect("static response"),
+                            )
+                        }
+                    });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
                     .await;
@@ -173,7 +174,8 @@ pub async fn run(out: &mut (dyn Write + Send)) -> anyhow::Result<u8> {
     });
     let shutdown = CancellationToken::new();
     let port = serve_workers(workers.clone(), shutdown.clone()).await?;
-    let exe = std::env::current_exe().context("cannot find this program's path for the switch hook")?;
+    let exe =
+        std::env::current_exe().context("cannot find this program's path for the switch hook")?;
     let config_text = demo_config(&state_dir, port, &exe);
     let config_path = state_dir.join("demo.toml");
     std::fs::write(&config_path, &config_text)?;
@@ -187,9 +189,11 @@ pub async fn run(out: &mut (dyn Write + Send)) -> anyhow::Result<u8> {
 
     let reload_path = config_path.clone();
     let reloader: crate::daemon::Reloader = Arc::new(move || {
-        let text = std::fs::read_to_string(&reload_path).map_err(|source| crate::config::ConfigError::Read {
-            path: reload_path.clone(),
-            source,
+        let text = std::fs::read_to_string(&reload_path).map_err(|source| {
+            crate::config::ConfigError::Read {
+                path: reload_path.clone(),
+                source,
+            }
         })?;
         crate::config::load_str(&text, &Default::default())
     });
@@ -222,11 +226,16 @@ pub async fn run(out: &mut (dyn Write + Send)) -> anyhow::Result<u8> {
     writeln!(
         out,
         "promoted v2 (previous v1): session {}",
-        promoted.get("sessionId").and_then(|v| v.as_str()).unwrap_or("?")
+        promoted
+            .get("sessionId")
+            .and_then(|v| v.as_str())
+            .unwrap_or("?")
     )?;
 
     // Follow the audit log until the session ends.
-    let audit_path = state_dir.join("analytics").join(crate::audit::AUDIT_LOG_FILE);
+    let audit_path = state_dir
+        .join("analytics")
+        .join(crate::audit::AUDIT_LOG_FILE);
     let mut printed = 0usize;
     let mut outcome: Option<String> = None;
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -281,9 +290,17 @@ pub async fn run(out: &mut (dyn Write + Send)) -> anyhow::Result<u8> {
         writeln!(out, "  {}", path.display())?;
     }
     writeln!(out, "explore:")?;
-    writeln!(out, "  rollbackd --config {} audit tail -n 50", config_path.display())?;
+    writeln!(
+        out,
+        "  rollbackd --config {} audit tail -n 50",
+        config_path.display()
+    )?;
     writeln!(out, "  rollbackd --config {} status", config_path.display())?;
-    writeln!(out, "  jq . {}/analytics/rollback_*.json", state_dir.display())?;
+    writeln!(
+        out,
+        "  jq . {}/analytics/rollback_*.json",
+        state_dir.display()
+    )?;
     out.flush()?;
     Ok(code)
 }

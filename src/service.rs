@@ -76,7 +76,10 @@ pub fn real_adapters() -> AdapterFactory {
         Adapters {
             probe: match &config.worker.probe {
                 Some(spec) => crate::adapters::worker_probe(spec, timeout),
-                None => crate::adapters::worker_probe(&crate::config::ProbeSpec::Tcp("127.0.0.1:1".into()), timeout),
+                None => crate::adapters::worker_probe(
+                    &crate::config::ProbeSpec::Tcp("127.0.0.1:1".into()),
+                    timeout,
+                ),
             },
             snapshot: crate::adapters::snapshot_source(config.operations.as_ref(), timeout),
             resources: crate::adapters::resource_sampler(config.worker.pid_file.as_deref()),
@@ -100,7 +103,12 @@ pub async fn run(
     let notifier = Notifier::from_env();
     let _lock = try_lock_state(&state_dir)
         .with_context(|| format!("cannot lock the state directory {}", state_dir.display()))?
-        .ok_or_else(|| anyhow::anyhow!("another rollbackd holds {} (is the daemon already running?)", state_dir.join("rollbackd.lock").display()))?;
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "another rollbackd holds {} (is the daemon already running?)",
+                state_dir.join("rollbackd.lock").display()
+            )
+        })?;
     let _ = std::fs::set_permissions(&state_dir, std::fs::Permissions::from_mode(0o750));
 
     let socket_path = config.socket_path();
@@ -152,9 +160,12 @@ pub async fn run(
         reload: Some((reload_rx, reloader)),
         shutdown: shutdown.clone(),
         on_status: Some(Box::new(move |line: &str| status_notifier.status(line))),
-        watchdog: notifier
-            .watchdog_interval()
-            .map(|period| (period, Box::new(move || watchdog_notifier.watchdog()) as Box<dyn Fn() + Send>)),
+        watchdog: notifier.watchdog_interval().map(|period| {
+            (
+                period,
+                Box::new(move || watchdog_notifier.watchdog()) as Box<dyn Fn() + Send>,
+            )
+        }),
     };
     tracing::info!(
         state_dir = %state_dir.display(),

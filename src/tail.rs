@@ -25,7 +25,10 @@ pub fn format_line(line: &str, colour: bool) -> Option<String> {
             parts.push(format!(
                 "{} #{} verdict={} error={} probe={}",
                 text("worker").unwrap_or_default(),
-                object.get("checkIndex").and_then(Value::as_i64).unwrap_or(-1),
+                object
+                    .get("checkIndex")
+                    .and_then(Value::as_i64)
+                    .unwrap_or(-1),
                 verdict,
                 rate,
                 text("probe").unwrap_or_default()
@@ -54,7 +57,10 @@ pub fn format_line(line: &str, colour: bool) -> Option<String> {
                 text("to").unwrap_or_default(),
                 text("trigger").unwrap_or_default()
             ));
-            if let Some(seconds) = object.get("rollbackDurationSeconds").and_then(Value::as_f64) {
+            if let Some(seconds) = object
+                .get("rollbackDurationSeconds")
+                .and_then(Value::as_f64)
+            {
                 parts.push(format!("in {seconds:.2}s"));
             }
         }
@@ -129,7 +135,12 @@ mod tests {
         let line = r#"{"timestamp":"2025-10-22T14:32:15.123Z","event":"rollback-executed","sessionId":"s","from":"v2","to":"v1","trigger":"automatic","rollbackDurationSeconds":1.71,"reason":"High error rate","artifact":"/x/rollback_1.json"}"#;
         let text = format_line(line, false).unwrap();
         assert!(text.contains("rollback-executed"), "{text}");
-        assert!(text.contains("v2 → v1 trigger=automatic in 1.71s — High error rate [/x/rollback_1.json]"), "{text}");
+        assert!(
+            text.contains(
+                "v2 → v1 trigger=automatic in 1.71s — High error rate [/x/rollback_1.json]"
+            ),
+            "{text}"
+        );
         assert!(!text.contains('\x1b'));
         assert!(format_line(line, true).unwrap().contains("\x1b[1;31m"));
         assert_eq!(format_line("not json", false), None);

@@ -10,7 +10,10 @@ use serde_json::Value;
 
 fn run(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
     let mut command = Command::new(BIN);
-    command.args(args).stdin(Stdio::null()).env_remove("ROLLBACKD_CONFIG");
+    command
+        .args(args)
+        .stdin(Stdio::null())
+        .env_remove("ROLLBACKD_CONFIG");
     for (k, v) in env {
         command.env(k, v);
     }
@@ -26,28 +29,59 @@ fn run(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
 fn check_config_refuses_bad_files_with_exit_78_and_the_key_path() {
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.toml");
-    std::fs::write(&bad, "[rules]\nerror_rate_threshold = 3\n[monitor]\nwindwo = 5\n").unwrap();
+    std::fs::write(
+        &bad,
+        "[rules]\nerror_rate_threshold = 3\n[monitor]\nwindwo = 5\n",
+    )
+    .unwrap();
     let (code, _, err) = run(&["--config", bad.to_str().unwrap(), "check-config"], &[]);
     assert_eq!(code, 78, "{err}");
     assert!(err.contains("rules.error_rate_threshold"), "{err}");
     assert!(err.contains("monitor.windwo"), "{err}");
     let (code, _, err) = run(&["--config", "/nonexistent/r.toml", "check-config"], &[]);
     assert_eq!(code, 78, "{err}");
-    let (code, _, err) = run(&["check-config"], &[("ROLLBACKD_CONFIG", "/nonexistent/r.toml")]);
+    let (code, _, err) = run(
+        &["check-config"],
+        &[("ROLLBACKD_CONFIG", "/nonexistent/r.toml")],
+    );
     assert_eq!(code, 78, "{err}");
-    let (code, _, err) = run(&["--config", bad.to_str().unwrap(), "simulate", "--trace", "config/example-trace.jsonl"], &[]);
+    let (code, _, err) = run(
+        &[
+            "--config",
+            bad.to_str().unwrap(),
+            "simulate",
+            "--trace",
+            "config/example-trace.jsonl",
+        ],
+        &[],
+    );
     assert_eq!(code, 78, "simulate refuses a bad config too: {err}");
 }
 
 #[test]
 fn check_config_prints_sources_and_worst_case_times() {
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/config/rollbackd.example.toml");
-    let (code, out, err) = run(&["--config", example, "check-config"], &[("ROLLBACKD_MONITOR_WINDOW", "6"), ("WVO_ROLLBACK_FAILURE_THRESHOLD", "3")]);
+    let (code, out, err) = run(
+        &["--config", example, "check-config"],
+        &[
+            ("ROLLBACKD_MONITOR_WINDOW", "6"),
+            ("WVO_ROLLBACK_FAILURE_THRESHOLD", "3"),
+        ],
+    );
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("monitor.window                  = 6"), "{out}");
-    assert!(out.contains("# environment ROLLBACKD_MONITOR_WINDOW"), "{out}");
-    assert!(out.contains("# environment WVO_ROLLBACK_FAILURE_THRESHOLD"), "{out}");
-    assert!(out.contains("rollback after 3 breaching checks (of the last 6): at most 1m 5s"), "{out}");
+    assert!(
+        out.contains("# environment ROLLBACKD_MONITOR_WINDOW"),
+        "{out}"
+    );
+    assert!(
+        out.contains("# environment WVO_ROLLBACK_FAILURE_THRESHOLD"),
+        "{out}"
+    );
+    assert!(
+        out.contains("rollback after 3 breaching checks (of the last 6): at most 1m 5s"),
+        "{out}"
+    );
 }
 
 #[test]
@@ -55,12 +89,17 @@ fn simulate_replays_the_example_and_reports_malformed_lines() {
     let trace = concat!(env!("CARGO_MANIFEST_DIR"), "/config/example-trace.jsonl");
     let (code, out, err) = run(&["simulate", "--trace", trace, "--json"], &[]);
     assert_eq!(code, 0, "{err}");
-    let lines: Vec<Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     let last = lines.last().unwrap();
     assert_eq!(last["at"], 195);
     assert_eq!(last["verdict"], "rollback");
     assert_eq!(last["action"], "rollback");
-    assert!(lines[..lines.len() - 1].iter().all(|l| l["action"].is_null()));
+    assert!(lines[..lines.len() - 1]
+        .iter()
+        .all(|l| l["action"].is_null()));
     // stops at the first action: the check at 210 s is not evaluated
     assert_eq!(lines.len(), 8);
 
@@ -70,7 +109,11 @@ fn simulate_replays_the_example_and_reports_malformed_lines() {
 
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.jsonl");
-    std::fs::write(&bad, "{\"at\": 30, \"probe\": \"ok\", \"snapshot\": null}\n\n{\"at\": 60, \"probe\": \n").unwrap();
+    std::fs::write(
+        &bad,
+        "{\"at\": 30, \"probe\": \"ok\", \"snapshot\": null}\n\n{\"at\": 60, \"probe\": \n",
+    )
+    .unwrap();
     let (code, _, err) = run(&["simulate", "--trace", bad.to_str().unwrap()], &[]);
     assert_eq!(code, 1);
     assert!(err.contains("bad.jsonl:3:"), "{err}");
@@ -82,10 +125,16 @@ fn simulate_stops_evaluating_after_the_grace_period() {
     let trace = dir.path().join("t.jsonl");
     let mut text = String::new();
     for i in 1..=30 {
-        text.push_str(&format!("{{\"at\": {}, \"probe\": \"ok\", \"snapshot\": {{\"failureRate\": 0.01}}}}\n", i * 30));
+        text.push_str(&format!(
+            "{{\"at\": {}, \"probe\": \"ok\", \"snapshot\": {{\"failureRate\": 0.01}}}}\n",
+            i * 30
+        ));
     }
     std::fs::write(&trace, text).unwrap();
-    let (code, out, _) = run(&["simulate", "--trace", trace.to_str().unwrap(), "--json"], &[("ROLLBACKD_PROFILE", "staging")]);
+    let (code, out, _) = run(
+        &["simulate", "--trace", trace.to_str().unwrap(), "--json"],
+        &[("ROLLBACKD_PROFILE", "staging")],
+    );
     assert_eq!(code, 0);
     // staging: grace period 5m = 300 s → checks at 30..300 s
     assert_eq!(out.lines().count(), 10);
@@ -95,10 +144,15 @@ fn simulate_stops_evaluating_after_the_grace_period() {
 fn kill_switch_without_a_daemon_sets_audits_and_guards_the_reset() {
     let setup = Setup::new("[kill_switch]\nreset_quiet_period = \"15m\"");
     let out = setup.cli(&["kill-switch", "set", "--reason", "incident 42"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let rows = rollbackd::flags::read_once(&setup.path("app.db")).unwrap();
     assert_eq!(rows.get("DISABLE_NEW").map(String::as_str), Some("1"));
-    let log = std::fs::read_to_string(setup.state().join("analytics/kill_switch_audit.log")).unwrap();
+    let log =
+        std::fs::read_to_string(setup.state().join("analytics/kill_switch_audit.log")).unwrap();
     let line: Value = serde_json::from_str(log.lines().last().unwrap()).unwrap();
     assert_eq!(line["source"], "manual");
     assert_eq!(line["reason"], "incident 42");
@@ -122,12 +176,27 @@ fn kill_switch_without_a_daemon_sets_audits_and_guards_the_reset() {
             .unwrap();
     }
     let out = setup.cli(&["kill-switch", "reset"]);
-    assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stderr).contains("quiet period"));
     let out = setup.cli(&["kill-switch", "reset", "--force"]);
     assert_eq!(out.status.code(), Some(2), "--force needs --reason");
-    let out = setup.cli(&["kill-switch", "reset", "--force", "--reason", "fixed by hand"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = setup.cli(&[
+        "kill-switch",
+        "reset",
+        "--force",
+        "--reason",
+        "fixed by hand",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = setup.cli(&["kill-switch", "status"]);
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("DISABLE_NEW=0 (off)"));
 }
@@ -138,10 +207,17 @@ fn flags_get_uses_safe_defaults_while_the_kill_switch_is_on() {
     let mut store = rollbackd::settings::SettingsStore::open(&setup.path("app.db")).unwrap();
     store.write_once("NEW_CHECKOUT", "1").unwrap();
     let out = setup.cli(&["flags", "get", "NEW_CHECKOUT"]);
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "NEW_CHECKOUT=1");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "NEW_CHECKOUT=1"
+    );
     store.write_once("DISABLE_NEW", "1").unwrap();
     let out = setup.cli(&["flags", "get", "NEW_CHECKOUT"]);
-    assert!(String::from_utf8_lossy(&out.stdout).starts_with("NEW_CHECKOUT=0 (safe default"), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with("NEW_CHECKOUT=0 (safe default"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }
 
 #[test]

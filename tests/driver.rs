@@ -73,7 +73,9 @@ impl SnapshotSource for Fake {
                     requests: Sample::Number(1000.0),
                     ..Snapshot::default()
                 }),
-                None => SnapshotOutcome::Unavailable { reason: "down".into() },
+                None => SnapshotOutcome::Unavailable {
+                    reason: "down".into(),
+                },
             }
         })
     }
@@ -86,7 +88,12 @@ impl ResourceSampler for Fake {
 }
 
 impl HookRunner for Fake {
-    fn run<'a>(&'a self, argv: &'a [String], vars: &'a HookVars, _limit: Duration) -> BoxFuture<'a, Result<HookOutcome, HookError>> {
+    fn run<'a>(
+        &'a self,
+        argv: &'a [String],
+        vars: &'a HookVars,
+        _limit: Duration,
+    ) -> BoxFuture<'a, Result<HookOutcome, HookError>> {
         Box::pin(async move {
             if argv.first().map(String::as_str) == Some("switch") {
                 self.set(|w| w.switches.push(vars.clone()));
@@ -150,7 +157,9 @@ fn start(extra: &str) -> Harness {
     let shutdown = CancellationToken::new();
     let inputs = DriverInputs {
         factory: adapters,
-        clock: Arc::new(TokioClock::new(SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000))),
+        clock: Arc::new(TokioClock::new(
+            SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000),
+        )),
         commands: commands_rx,
         flags: None,
         reload: None,
@@ -159,17 +168,35 @@ fn start(extra: &str) -> Harness {
         watchdog: None,
     };
     let driver = tokio::spawn(Driver::run(loaded, inputs));
-    Harness { fake, dir, commands, shutdown, driver }
+    Harness {
+        fake,
+        dir,
+        commands,
+        shutdown,
+        driver,
+    }
 }
 
 fn operator() -> Operator {
-    Operator { uid: 1000, gid: 1000, pid: Some(42), name: "uid:1000(alice)".into() }
+    Operator {
+        uid: 1000,
+        gid: 1000,
+        pid: Some(42),
+        name: "uid:1000(alice)".into(),
+    }
 }
 
 impl Harness {
     async fn send(&self, request: Request) -> Vec<Reply> {
         let (tx, mut rx) = mpsc::channel(16);
-        self.commands.send(Command { operator: operator(), request, replies: tx }).await.unwrap();
+        self.commands
+            .send(Command {
+                operator: operator(),
+                request,
+                replies: tx,
+            })
+            .await
+            .unwrap();
         let mut replies = Vec::new();
         while let Some(reply) = rx.recv().await {
             let last = !matches!(reply, Reply::Progress { .. });
@@ -190,7 +217,10 @@ impl Harness {
                 baseline_latency_p95_ms: None,
             })
             .await;
-        assert!(matches!(replies.last(), Some(Reply::Done { .. })), "{replies:?}");
+        assert!(
+            matches!(replies.last(), Some(Reply::Done { .. })),
+            "{replies:?}"
+        );
     }
 
     async fn stop(self) -> (Fake, tempfile::TempDir) {
@@ -210,7 +240,10 @@ fn audit(dir: &Path) -> Vec<Value> {
 }
 
 fn events(dir: &Path, event: &str) -> Vec<Value> {
-    audit(dir).into_iter().filter(|v| v["event"] == event).collect()
+    audit(dir)
+        .into_iter()
+        .filter(|v| v["event"] == event)
+        .collect()
 }
 
 fn seconds_between(starts: &[tokio::time::Instant]) -> Vec<u64> {
@@ -227,7 +260,10 @@ async fn rollback_on_the_third_breaching_check_and_the_switch_runs_once() {
     let (fake, dir) = h.stop().await;
 
     let checks = events(dir.path(), "health-check");
-    let verdicts: Vec<&str> = checks.iter().map(|c| c["verdict"].as_str().unwrap()).collect();
+    let verdicts: Vec<&str> = checks
+        .iter()
+        .map(|c| c["verdict"].as_str().unwrap())
+        .collect();
     assert_eq!(verdicts, ["degraded", "degraded", "rollback"]);
     // First check one interval after promotion, then the degraded cadence (15 s).
     let starts = fake.get(|w| w.probe_starts.clone());
@@ -235,7 +271,10 @@ async fn rollback_on_the_third_breaching_check_and_the_switch_runs_once() {
     assert_eq!(seconds_between(&starts), [15, 15]);
     let switches = fake.get(|w| w.switches.clone());
     assert_eq!(switches.len(), 1, "exactly one switch");
-    assert_eq!((switches[0].from.as_str(), switches[0].to.as_str()), ("v2", "v1"));
+    assert_eq!(
+        (switches[0].from.as_str(), switches[0].to.as_str()),
+        ("v2", "v1")
+    );
     let executed = events(dir.path(), "rollback-executed");
     assert_eq!(executed.len(), 1);
     let artifact = executed[0]["artifact"].as_str().unwrap();
@@ -243,15 +282,27 @@ async fn rollback_on_the_third_breaching_check_and_the_switch_runs_once() {
     assert_eq!(record["decision"], "rollback");
     assert_eq!(record["status"], "executed");
     assert_eq!(record["trigger"], "automatic");
-    assert_eq!((record["from"].as_str(), record["to"].as_str()), (Some("v2"), Some("v1")));
-    assert_eq!(record["evidence"]["recentChecks"].as_array().unwrap().len(), 3);
+    assert_eq!(
+        (record["from"].as_str(), record["to"].as_str()),
+        (Some("v2"), Some("v1"))
+    );
+    assert_eq!(
+        record["evidence"]["recentChecks"].as_array().unwrap().len(),
+        3
+    );
     let stopped = events(dir.path(), "monitoring-stopped");
     assert_eq!(stopped.len(), 1);
     assert_eq!(stopped[0]["state"], "rolled-back");
     // No more checks after the session ended.
     assert_eq!(starts.len(), 3);
-    let manager: Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("analytics/worker_manager.json")).unwrap()).unwrap();
-    assert_eq!((manager["active"].as_str(), manager["previous"].as_str()), (Some("v1"), Some("v2")));
+    let manager: Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("analytics/worker_manager.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        (manager["active"].as_str(), manager["previous"].as_str()),
+        (Some("v1"), Some("v2"))
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -262,7 +313,9 @@ async fn grace_period_expiry_confirms_the_promotion() {
     let (fake, dir) = h.stop().await;
     // Checks at 30, 60, ..., 270 s; the tick at 300 s finds the grace period over.
     assert_eq!(fake.get(|w| w.probe_starts.len()), 9);
-    assert!(seconds_between(&fake.get(|w| w.probe_starts.clone())).iter().all(|s| *s == 30));
+    assert!(seconds_between(&fake.get(|w| w.probe_starts.clone()))
+        .iter()
+        .all(|s| *s == 30));
     let stopped = events(dir.path(), "monitoring-stopped");
     assert_eq!(stopped.len(), 1);
     assert_eq!(stopped[0]["state"], "confirmed");
@@ -330,7 +383,11 @@ async fn paused_sessions_check_but_do_not_act() {
     let h = start("");
     h.fake.set(|w| w.error_rate = Some(0.5));
     h.promote().await;
-    let replies = h.send(Request::Pause { reason: Some("investigating".into()) }).await;
+    let replies = h
+        .send(Request::Pause {
+            reason: Some("investigating".into()),
+        })
+        .await;
     assert!(matches!(replies.last(), Some(Reply::Done { .. })));
     tokio::time::sleep(Duration::from_secs(120)).await;
     let replies = h.send(Request::Resume).await;
@@ -342,7 +399,13 @@ async fn paused_sessions_check_but_do_not_act() {
     // Rollback verdicts while paused took no action; after resume, the next one did.
     assert_eq!(fake.get(|w| w.switches.len()), 1);
     let checks = events(dir.path(), "health-check");
-    assert!(checks.iter().filter(|c| c["paused"] == true && c["verdict"] == "rollback").count() >= 2);
+    assert!(
+        checks
+            .iter()
+            .filter(|c| c["paused"] == true && c["verdict"] == "rollback")
+            .count()
+            >= 2
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -350,10 +413,20 @@ async fn manual_rollback_streams_phases_and_names_the_operator() {
     let h = start("");
     h.promote().await;
     tokio::time::sleep(Duration::from_secs(31)).await;
-    let replies = h.send(Request::Rollback { reason: "bad deploy".into(), emergency: false }).await;
-    let progress = replies.iter().filter(|r| matches!(r, Reply::Progress { .. })).count();
+    let replies = h
+        .send(Request::Rollback {
+            reason: "bad deploy".into(),
+            emergency: false,
+        })
+        .await;
+    let progress = replies
+        .iter()
+        .filter(|r| matches!(r, Reply::Progress { .. }))
+        .count();
     assert!(progress >= 3, "{replies:?}");
-    let Some(Reply::Done { result }) = replies.last() else { panic!("{replies:?}") };
+    let Some(Reply::Done { result }) = replies.last() else {
+        panic!("{replies:?}")
+    };
     assert_eq!(result["outcome"], "rolled-back");
     let (_fake, dir) = h.stop().await;
     let executed = events(dir.path(), "rollback-executed");

@@ -9,7 +9,11 @@ use serde_json::Value;
 
 fn promote(setup: &Setup) {
     let out = setup.cli(&["promote", "--active", "v2", "--previous", "v1"]);
-    assert!(out.status.success(), "promote: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "promote: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -18,14 +22,25 @@ fn an_error_spike_rolls_back_and_calls_the_switch_hook_once() {
     let daemon = setup.start();
     promote(&setup);
     setup.routes.error_rate(0.45);
-    let waited = wait_for(Duration::from_secs(20), || !setup.events("rollback-executed").is_empty());
-    assert!(waited.is_some(), "no rollback; daemon log:\n{}", setup.daemon_log());
+    let waited = wait_for(Duration::from_secs(20), || {
+        !setup.events("rollback-executed").is_empty()
+    });
+    assert!(
+        waited.is_some(),
+        "no rollback; daemon log:\n{}",
+        setup.daemon_log()
+    );
     // Let a few more intervals pass: nothing else may happen.
     std::thread::sleep(Duration::from_millis(1200));
-    assert_eq!(setup.switches(), ["v1"], "the switch hook ran exactly once, to v1");
+    assert_eq!(
+        setup.switches(),
+        ["v1"],
+        "the switch hook ran exactly once, to v1"
+    );
     let artifacts = setup.artifacts("rollback_");
     assert_eq!(artifacts.len(), 1);
-    let record: Value = serde_json::from_str(&std::fs::read_to_string(&artifacts[0]).unwrap()).unwrap();
+    let record: Value =
+        serde_json::from_str(&std::fs::read_to_string(&artifacts[0]).unwrap()).unwrap();
     assert_eq!(record["status"], "executed");
     assert!(record["errorRate"].as_f64().unwrap() > 0.2);
     assert!(record["phases"]["switch"].is_number() && record["phases"]["verify"].is_number());
@@ -46,8 +61,14 @@ fn probe_failures_set_the_kill_switch_where_the_sqlite3_shell_sees_it() {
     let _daemon = setup.start();
     promote(&setup);
     setup.routes.set("/v2/health", 503, r#"{"status":"down"}"#);
-    let waited = wait_for(Duration::from_secs(20), || !setup.events("kill-switch-activated").is_empty());
-    assert!(waited.is_some(), "no escalation; daemon log:\n{}", setup.daemon_log());
+    let waited = wait_for(Duration::from_secs(20), || {
+        !setup.events("kill-switch-activated").is_empty()
+    });
+    assert!(
+        waited.is_some(),
+        "no escalation; daemon log:\n{}",
+        setup.daemon_log()
+    );
     let out = std::process::Command::new("sqlite3")
         .arg(setup.path("app.db"))
         .arg("SELECT value FROM settings WHERE key = 'DISABLE_NEW'")
@@ -55,25 +76,42 @@ fn probe_failures_set_the_kill_switch_where_the_sqlite3_shell_sees_it() {
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1");
     assert_eq!(setup.artifacts("escalation_").len(), 1);
-    let log = std::fs::read_to_string(setup.state().join("analytics/kill_switch_audit.log")).unwrap();
+    let log =
+        std::fs::read_to_string(setup.state().join("analytics/kill_switch_audit.log")).unwrap();
     let line: Value = serde_json::from_str(log.lines().next().unwrap()).unwrap();
-    assert_eq!((line["action"].as_str(), line["source"].as_str()), (Some("activated"), Some("automatic")));
+    assert_eq!(
+        (line["action"].as_str(), line["source"].as_str()),
+        (Some("activated"), Some("automatic"))
+    );
 }
 
 #[test]
 fn an_unhealthy_previous_worker_escalates_after_max_attempts() {
-    let setup = Setup::new("[rollback]\nmax_attempts = 2\nverify_timeout = \"300ms\"\nverify_interval = \"100ms\"");
+    let setup = Setup::new(
+        "[rollback]\nmax_attempts = 2\nverify_timeout = \"300ms\"\nverify_interval = \"100ms\"",
+    );
     let _daemon = setup.start();
     promote(&setup);
     setup.routes.set("/v1/health", 500, "broken too");
     setup.routes.error_rate(0.6);
-    let waited = wait_for(Duration::from_secs(20), || !setup.events("escalation-triggered").is_empty());
-    assert!(waited.is_some(), "no escalation; daemon log:\n{}", setup.daemon_log());
+    let waited = wait_for(Duration::from_secs(20), || {
+        !setup.events("escalation-triggered").is_empty()
+    });
+    assert!(
+        waited.is_some(),
+        "no escalation; daemon log:\n{}",
+        setup.daemon_log()
+    );
     assert_eq!(setup.switches(), ["v1", "v1"], "one switch per attempt");
     let failed = setup.events("rollback-failed");
     assert_eq!(failed.len(), 1);
-    assert!(failed[0]["reason"].as_str().unwrap().contains("previous version also unhealthy"));
-    let record: Value = serde_json::from_str(&std::fs::read_to_string(&setup.artifacts("rollback_")[0]).unwrap()).unwrap();
+    assert!(failed[0]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("previous version also unhealthy"));
+    let record: Value =
+        serde_json::from_str(&std::fs::read_to_string(&setup.artifacts("rollback_")[0]).unwrap())
+            .unwrap();
     assert_eq!(record["status"], "failed");
     assert_eq!(setup.artifacts("escalation_").len(), 1);
 }
@@ -86,16 +124,38 @@ fn kill_9_during_a_slow_switch_then_restart_gives_exactly_one_rollback() {
     promote(&setup);
     setup.routes.error_rate(0.5);
     let in_switch = wait_for(Duration::from_secs(20), || !setup.switches().is_empty());
-    assert!(in_switch.is_some(), "switch never started; log:\n{}", setup.daemon_log());
+    assert!(
+        in_switch.is_some(),
+        "switch never started; log:\n{}",
+        setup.daemon_log()
+    );
     daemon.kill9();
     std::fs::remove_file(setup.path("slow")).unwrap();
     let daemon = setup.start();
-    let done = wait_for(Duration::from_secs(20), || !setup.events("rollback-executed").is_empty());
-    assert!(done.is_some(), "resumed rollback did not finish; log:\n{}", setup.daemon_log());
+    let done = wait_for(Duration::from_secs(20), || {
+        !setup.events("rollback-executed").is_empty()
+    });
+    assert!(
+        done.is_some(),
+        "resumed rollback did not finish; log:\n{}",
+        setup.daemon_log()
+    );
     std::thread::sleep(Duration::from_millis(800));
-    assert_eq!(setup.artifacts("rollback_").len(), 1, "exactly one artifact");
-    assert_eq!(setup.events("rollback-executed").len(), 1, "one rollback-executed line");
-    assert_eq!(setup.events("rollback-started").len(), 1, "the restart resumed, it did not start again");
+    assert_eq!(
+        setup.artifacts("rollback_").len(),
+        1,
+        "exactly one artifact"
+    );
+    assert_eq!(
+        setup.events("rollback-executed").len(),
+        1,
+        "one rollback-executed line"
+    );
+    assert_eq!(
+        setup.events("rollback-started").len(),
+        1,
+        "the restart resumed, it did not start again"
+    );
     // The interrupted switch phase ran again (safe to run twice), once.
     assert_eq!(setup.switches(), ["v1", "v1"]);
     let stopped = setup.events("monitoring-stopped");
@@ -118,8 +178,14 @@ fn a_hand_made_kill_switch_change_is_audited_as_external() {
         .output()
         .unwrap();
     assert!(out.status.success());
-    let seen = wait_for(Duration::from_secs(10), || !setup.events("kill-switch-external").is_empty());
-    assert!(seen.is_some(), "external change not audited; log:\n{}", setup.daemon_log());
+    let seen = wait_for(Duration::from_secs(10), || {
+        !setup.events("kill-switch-external").is_empty()
+    });
+    assert!(
+        seen.is_some(),
+        "external change not audited; log:\n{}",
+        setup.daemon_log()
+    );
     let line = &setup.events("kill-switch-external")[0];
     assert_eq!(line["value"], "1");
     assert_eq!(line["source"], "external");
@@ -134,7 +200,28 @@ fn promote_without_a_daemon_is_picked_up_at_start() {
     assert_eq!(status["daemon"], "not running");
     assert_eq!(status["session"]["active"], "v2");
     let _daemon = setup.start();
-    let started = wait_for(Duration::from_secs(10), || !setup.events("health-check").is_empty());
+    let started = wait_for(Duration::from_secs(10), || {
+        !setup.events("health-check").is_empty()
+    });
     assert!(started.is_some(), "log:\n{}", setup.daemon_log());
     assert_eq!(setup.events("monitoring-started").len(), 1);
+}
+
+#[test]
+fn a_kill_switch_changed_while_the_daemon_was_down_is_audited_at_start() {
+    let setup = Setup::new("");
+    let daemon = setup.start();
+    assert_eq!(daemon.terminate().code(), Some(0));
+    let mut store = rollbackd::settings::SettingsStore::open(&setup.path("app.db")).unwrap();
+    store.write_once("DISABLE_NEW", "1").unwrap();
+    let _daemon = setup.start();
+    let seen = wait_for(Duration::from_secs(10), || {
+        !setup.events("kill-switch-external").is_empty()
+    });
+    assert!(seen.is_some(), "log:\n{}", setup.daemon_log());
+    let line = &setup.events("kill-switch-external")[0];
+    assert!(
+        line["reason"].as_str().unwrap().contains("not running"),
+        "{line}"
+    );
 }

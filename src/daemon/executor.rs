@@ -35,8 +35,13 @@ pub enum ActionOutcome {
         artifact: PathBuf,
     },
     /// Every attempt failed: the driver escalates next.
-    RollbackFailed { reason: String, artifact: PathBuf },
-    Escalated { artifact: PathBuf },
+    RollbackFailed {
+        reason: String,
+        artifact: PathBuf,
+    },
+    Escalated {
+        artifact: PathBuf,
+    },
 }
 
 /// Everything an action needs; cheap to clone.
@@ -91,7 +96,14 @@ fn detail_of(row: &ActionRow) -> ActionDetail {
         .unwrap_or_default()
 }
 
-async fn save(ctx: &ActionContext, id: i64, state: &str, phase: Option<&str>, attempt: u32, detail: &ActionDetail) {
+async fn save(
+    ctx: &ActionContext,
+    id: i64,
+    state: &str,
+    phase: Option<&str>,
+    attempt: u32,
+    detail: &ActionDetail,
+) {
     let detail_json = serde_json::to_string(detail).unwrap_or_default();
     let state = state.to_owned();
     let phase = phase.map(str::to_owned);
@@ -101,7 +113,15 @@ async fn save(ctx: &ActionContext, id: i64, state: &str, phase: Option<&str>, at
     let result = ctx
         .db
         .call(move |store| {
-            store.update_action(id, &state, phase.as_deref(), attempt, Some(&detail_json), None, now)
+            store.update_action(
+                id,
+                &state,
+                phase.as_deref(),
+                attempt,
+                Some(&detail_json),
+                None,
+                now,
+            )
         })
         .await;
     if let Err(err) = result {
@@ -138,7 +158,13 @@ pub async fn rollback(ctx: ActionContext, row: ActionRow) -> ActionOutcome {
     }
     let from = row.from_worker.clone().unwrap_or_default();
     let Some(to) = row.to_worker.clone().filter(|to| !to.is_empty()) else {
-        return finish_failed(&ctx, &row, &mut detail, "no previous worker is known: nothing to roll back to".into()).await;
+        return finish_failed(
+            &ctx,
+            &row,
+            &mut detail,
+            "no previous worker is known: nothing to roll back to".into(),
+        )
+        .await;
     };
     let vars = HookVars {
         from: from.clone(),
@@ -163,7 +189,8 @@ pub async fn rollback(ctx: ActionContext, row: ActionRow) -> ActionOutcome {
         }
 
         let mut attempt = row.attempt.max(1);
-        let mut phases_before_switch: Vec<(&str, Option<&Vec<String>>)> = vec![("pause", rb.pause_command.as_ref())];
+        let mut phases_before_switch: Vec<(&str, Option<&Vec<String>>)> =
+            vec![("pause", rb.pause_command.as_ref())];
         if !detail.emergency {
             phases_before_switch.push(("drain", rb.drain_command.as_ref()));
         }
@@ -171,17 +198,34 @@ pub async fn rollback(ctx: ActionContext, row: ActionRow) -> ActionOutcome {
             if detail.completed.iter().any(|p| p == phase) {
                 continue;
             }
-            save(&ctx, row.id, store::ACTION_RUNNING, Some(phase), attempt, &detail).await;
+            save(
+                &ctx,
+                row.id,
+                store::ACTION_RUNNING,
+                Some(phase),
+                attempt,
+                &detail,
+            )
+            .await;
             let t = Instant::now();
             if let Some(template) = hook {
-                let ok = run_phase_hook(&ctx, phase, template, &vars, rb.hook_timeout, &mut detail).await;
+                let ok = run_phase_hook(&ctx, phase, template, &vars, rb.hook_timeout, &mut detail)
+                    .await;
                 if !ok {
-                    ctx.say(format!("{phase} hook failed; continuing the rollback"), json!({"phase": phase})).await;
+                    ctx.say(
+                        format!("{phase} hook failed; continuing the rollback"),
+                        json!({"phase": phase}),
+                    )
+                    .await;
                 }
             }
             let seconds = t.elapsed().as_secs_f64();
             push_phase(&mut detail, phase, seconds);
-            ctx.say(format!("{phase}: done in {seconds:.3}s"), json!({"phase": phase, "seconds": seconds})).await;
+            ctx.say(
+                format!("{phase}: done in {seconds:.3}s"),
+                json!({"phase": phase, "seconds": seconds}),
+            )
+            .await;
         }
 
         let mut verified = false;
@@ -189,10 +233,28 @@ pub async fn rollback(ctx: ActionContext, row: ActionRow) -> ActionOutcome {
         while attempt <= rb.max_attempts {
             // switch
             if !detail.completed.iter().any(|p| p == "switch") {
-                save(&ctx, row.id, store::ACTION_RUNNING, Some("switch"), attempt, &detail).await;
+                save(
+                    &ctx,
+                    row.id,
+                    store::ACTION_RUNNING,
+                    Some("switch"),
+                    attempt,
+                    &detail,
+                )
+                .await;
                 let t = Instant::now();
                 let ok = match &rb.switch_command {
-                    Some(template) => run_phase_hook(&ctx, "switch", template, &vars, rb.hook_timeout, &mut detail).await,
+                    Some(template) => {
+                        run_phase_hook(
+                            &ctx,
+                            "switch",
+                            template,
+                            &vars,
+                            rb.hook_timeout,
+                            &mut detail,
+                        )
+                        .await
+                    }
                     None => {
                         last_error = "rollback.switch_command is not configured".into();
                         false
@@ -204,28 +266,58 @@ pub async fn rollback(ctx: ActionContext, row: ActionRow) -> ActionOutcome {
                     if last_error.is_empty() || rb.switch_command.is_some() {
                         last_error = format!("switch hook failed (attempt {attempt})");
                     }
-                    ctx.say(format!("switch: failed on attempt {attempt} of {}", rb.max_attempts), json!({"phase": "switch", "attempt": attempt, "ok": false})).await;
+                    ctx.say(
+                        format!("switch: failed on attempt {attempt} of {}", rb.max_attempts),
+                        json!({"phase": "switch", "attempt": attempt, "ok": false}),
+                    )
+                    .await;
                     attempt += 1;
                     detail.completed.retain(|p| p != "switch" && p != "verify");
                     continue;
                 }
-                ctx.say(format!("switch: {from} → {to} in {seconds:.3}s"), json!({"phase": "switch", "seconds": seconds})).await;
+                ctx.say(
+                    format!("switch: {from} → {to} in {seconds:.3}s"),
+                    json!({"phase": "switch", "seconds": seconds}),
+                )
+                .await;
             }
             // verify
-            save(&ctx, row.id, store::ACTION_RUNNING, Some("verify"), attempt, &detail).await;
+            save(
+                &ctx,
+                row.id,
+                store::ACTION_RUNNING,
+                Some("verify"),
+                attempt,
+                &detail,
+            )
+            .await;
             let t = Instant::now();
             let outcome = verify(&ctx, &to, rb.verify_interval, rb.verify_timeout).await;
             let seconds = t.elapsed().as_secs_f64();
             push_phase(&mut detail, "verify", seconds);
             match outcome {
                 Ok(()) => {
-                    ctx.say(format!("verify: {to} healthy after {seconds:.3}s"), json!({"phase": "verify", "seconds": seconds})).await;
+                    ctx.say(
+                        format!("verify: {to} healthy after {seconds:.3}s"),
+                        json!({"phase": "verify", "seconds": seconds}),
+                    )
+                    .await;
                     verified = true;
                     break;
                 }
                 Err(reason) => {
-                    last_error = format!("{to} not healthy after {}: {reason}", crate::config::show(rb.verify_timeout));
-                    ctx.say(format!("verify: failed on attempt {attempt} of {}: {last_error}", rb.max_attempts), json!({"phase": "verify", "attempt": attempt, "ok": false})).await;
+                    last_error = format!(
+                        "{to} not healthy after {}: {reason}",
+                        crate::config::show(rb.verify_timeout)
+                    );
+                    ctx.say(
+                        format!(
+                            "verify: failed on attempt {attempt} of {}: {last_error}",
+                            rb.max_attempts
+                        ),
+                        json!({"phase": "verify", "attempt": attempt, "ok": false}),
+                    )
+                    .await;
                     attempt += 1;
                     detail.completed.retain(|p| p != "switch" && p != "verify");
                 }
@@ -237,16 +329,41 @@ pub async fn rollback(ctx: ActionContext, row: ActionRow) -> ActionOutcome {
         }
 
         if !detail.completed.iter().any(|p| p == "resume") {
-            save(&ctx, row.id, store::ACTION_RUNNING, Some("resume"), attempt, &detail).await;
+            save(
+                &ctx,
+                row.id,
+                store::ACTION_RUNNING,
+                Some("resume"),
+                attempt,
+                &detail,
+            )
+            .await;
             let t = Instant::now();
             if let Some(template) = &rb.resume_command {
-                if !run_phase_hook(&ctx, "resume", template, &vars, rb.hook_timeout, &mut detail).await {
-                    ctx.say("resume hook failed; the switch itself is verified".into(), json!({"phase": "resume"})).await;
+                if !run_phase_hook(
+                    &ctx,
+                    "resume",
+                    template,
+                    &vars,
+                    rb.hook_timeout,
+                    &mut detail,
+                )
+                .await
+                {
+                    ctx.say(
+                        "resume hook failed; the switch itself is verified".into(),
+                        json!({"phase": "resume"}),
+                    )
+                    .await;
                 }
             }
             let seconds = t.elapsed().as_secs_f64();
             push_phase(&mut detail, "resume", seconds);
-            ctx.say(format!("resume: done in {seconds:.3}s"), json!({"phase": "resume", "seconds": seconds})).await;
+            ctx.say(
+                format!("resume: done in {seconds:.3}s"),
+                json!({"phase": "resume", "seconds": seconds}),
+            )
+            .await;
         }
 
         // The workers swap places; the mirror follows.
@@ -263,16 +380,37 @@ pub async fn rollback(ctx: ActionContext, row: ActionRow) -> ActionOutcome {
         }
         detail.work_done = true;
         let _ = attempt;
-        save(&ctx, row.id, store::ACTION_RUNNING, Some("record"), row.attempt.max(1), &detail).await;
+        save(
+            &ctx,
+            row.id,
+            store::ACTION_RUNNING,
+            Some("record"),
+            row.attempt.max(1),
+            &detail,
+        )
+        .await;
     } else {
-        ctx.say("rollback finished before the restart; writing its records".into(), json!({})).await;
+        ctx.say(
+            "rollback finished before the restart; writing its records".into(),
+            json!({}),
+        )
+        .await;
     }
 
     let attempts = row.attempt.max(1);
     let now = ctx.clock.now();
     let name = artifact_name(ArtifactKind::Rollback, row.started_at_ms);
     let duration = (now_ms(now) - row.started_at_ms).max(0) as f64 / 1000.0;
-    let record = decision_record(&ctx, &row, &detail, ArtifactKind::Rollback, DecisionStatus::Executed, Some(duration), None, attempts);
+    let record = decision_record(
+        &ctx,
+        &row,
+        &detail,
+        ArtifactKind::Rollback,
+        DecisionStatus::Executed,
+        Some(duration),
+        None,
+        attempts,
+    );
     let artifact = ctx.recorder.artifact(name.clone(), record).await;
     let session_id = row.session_id.clone();
     ctx.recorder
@@ -297,21 +435,47 @@ pub async fn rollback(ctx: ActionContext, row: ActionRow) -> ActionOutcome {
     if let Some(operator) = &row.operator {
         audit = audit.operator(operator.clone());
     }
-    if !(resuming && ctx.recorder.audit_has(row.id, AuditEvent::RollbackExecuted).await) {
+    if !(resuming
+        && ctx
+            .recorder
+            .audit_has(row.id, AuditEvent::RollbackExecuted)
+            .await)
+    {
         ctx.recorder.audit(audit).await;
     }
     finish_row(&ctx, row.id, store::ACTION_DONE, &name, &detail).await;
     let _ = started;
-    ctx.say(format!("rollback executed: {from} → {to}; artifact {}", artifact.display()), json!({"artifact": artifact, "from": from, "to": to})).await;
+    ctx.say(
+        format!(
+            "rollback executed: {from} → {to}; artifact {}",
+            artifact.display()
+        ),
+        json!({"artifact": artifact, "from": from, "to": to}),
+    )
+    .await;
     ActionOutcome::RolledBack { from, to, artifact }
 }
 
-async fn finish_failed(ctx: &ActionContext, row: &ActionRow, detail: &mut ActionDetail, reason: String) -> ActionOutcome {
+async fn finish_failed(
+    ctx: &ActionContext,
+    row: &ActionRow,
+    detail: &mut ActionDetail,
+    reason: String,
+) -> ActionOutcome {
     let now = ctx.clock.now();
     let name = artifact_name(ArtifactKind::Rollback, row.started_at_ms);
     let duration = (now_ms(now) - row.started_at_ms).max(0) as f64 / 1000.0;
     let max_attempts = ctx.config.config.rollback.max_attempts;
-    let record = decision_record(ctx, row, detail, ArtifactKind::Rollback, DecisionStatus::Failed, Some(duration), Some(reason.clone()), max_attempts);
+    let record = decision_record(
+        ctx,
+        row,
+        detail,
+        ArtifactKind::Rollback,
+        DecisionStatus::Failed,
+        Some(duration),
+        Some(reason.clone()),
+        max_attempts,
+    );
     let artifact = ctx.recorder.artifact(name.clone(), record).await;
     let mut audit = AuditRecord::new(now, AuditEvent::RollbackFailed, row.session_id.as_deref())
         .field("actionId", row.id)
@@ -325,22 +489,39 @@ async fn finish_failed(ctx: &ActionContext, row: &ActionRow, detail: &mut Action
         audit = audit.operator(operator.clone());
     }
     let resumed = row.state == store::ACTION_RUNNING;
-    if !(resumed && ctx.recorder.audit_has(row.id, AuditEvent::RollbackFailed).await) {
+    if !(resumed
+        && ctx
+            .recorder
+            .audit_has(row.id, AuditEvent::RollbackFailed)
+            .await)
+    {
         ctx.recorder.audit(audit).await;
     }
     detail.work_done = true;
     finish_row(ctx, row.id, store::ACTION_FAILED, &name, detail).await;
-    ctx.say(format!("rollback failed: {reason}"), json!({"artifact": artifact})).await;
+    ctx.say(
+        format!("rollback failed: {reason}"),
+        json!({"artifact": artifact}),
+    )
+    .await;
     ActionOutcome::RollbackFailed { reason, artifact }
 }
 
-async fn finish_row(ctx: &ActionContext, id: i64, state: &'static str, name: &str, detail: &ActionDetail) {
+async fn finish_row(
+    ctx: &ActionContext,
+    id: i64,
+    state: &'static str,
+    name: &str,
+    detail: &ActionDetail,
+) {
     let detail_json = serde_json::to_string(detail).unwrap_or_default();
     let name = name.to_owned();
     let now = now_ms(ctx.clock.now());
     let result = ctx
         .db
-        .call(move |store| store.update_action(id, state, None, 0, Some(&detail_json), Some(&name), now))
+        .call(move |store| {
+            store.update_action(id, state, None, 0, Some(&detail_json), Some(&name), now)
+        })
         .await;
     if let Err(err) = result {
         tracing::error!(action = id, "cannot mark the action finished: {err}");
@@ -389,14 +570,21 @@ async fn run_phase_hook(
         }
         Err(err) => {
             tracing::error!(phase, "hook could not run: {err}");
-            detail.hooks.push(json!({"phase": phase, "error": err.to_string()}));
+            detail
+                .hooks
+                .push(json!({"phase": phase, "error": err.to_string()}));
             false
         }
     }
 }
 
 /// Probes `worker` every `interval` until it is healthy or `timeout` has passed.
-async fn verify(ctx: &ActionContext, worker: &str, interval: Duration, timeout: Duration) -> Result<(), String> {
+async fn verify(
+    ctx: &ActionContext,
+    worker: &str,
+    interval: Duration,
+    timeout: Duration,
+) -> Result<(), String> {
     let deadline = tokio::time::Instant::now() + timeout;
     let mut last = String::from("no probe finished");
     loop {
@@ -442,7 +630,9 @@ fn decision_record(
         phases.push(phase.clone(), *seconds);
     }
     DecisionRecord {
-        timestamp: rfc3339_millis(SystemTime::UNIX_EPOCH + Duration::from_millis(row.started_at_ms.max(0) as u64)),
+        timestamp: rfc3339_millis(
+            SystemTime::UNIX_EPOCH + Duration::from_millis(row.started_at_ms.max(0) as u64),
+        ),
         decision: kind,
         reason: row.reason.clone(),
         status,
@@ -456,7 +646,11 @@ fn decision_record(
         operator: row.operator.clone(),
         phases,
         rollback_duration_seconds: duration,
-        config_hash: if detail.config_hash.is_empty() { ctx.config.hash.clone() } else { detail.config_hash.clone() },
+        config_hash: if detail.config_hash.is_empty() {
+            ctx.config.hash.clone()
+        } else {
+            detail.config_hash.clone()
+        },
         session_id: row.session_id.clone(),
         attempts,
         error,
@@ -472,13 +666,30 @@ pub async fn escalate(ctx: ActionContext, row: ActionRow) -> ActionOutcome {
     if row.state == store::ACTION_RUNNING {
         detail.resumed += 1;
     }
-    save(&ctx, row.id, store::ACTION_RUNNING, Some("kill-switch"), 1, &detail).await;
+    save(
+        &ctx,
+        row.id,
+        store::ACTION_RUNNING,
+        Some("kill-switch"),
+        1,
+        &detail,
+    )
+    .await;
     let t = Instant::now();
     let previous = set_kill_switch(&ctx, &ks.database, &ks.key, "1").await;
     push_phase(&mut detail, "kill-switch", t.elapsed().as_secs_f64());
     let now = ctx.clock.now();
     let name = artifact_name(ArtifactKind::Escalation, row.started_at_ms);
-    let record = decision_record(&ctx, &row, &detail, ArtifactKind::Escalation, DecisionStatus::Executed, None, None, 1);
+    let record = decision_record(
+        &ctx,
+        &row,
+        &detail,
+        ArtifactKind::Escalation,
+        DecisionStatus::Executed,
+        None,
+        None,
+        1,
+    );
     let artifact = ctx.recorder.artifact(name.clone(), record).await;
     let session_id = row.session_id.as_deref();
     let (kill_record, kill_audit) = crate::killswitch::records(
@@ -486,7 +697,11 @@ pub async fn escalate(ctx: ActionContext, row: ActionRow) -> ActionOutcome {
         &ks.key,
         "1",
         previous.as_deref(),
-        if row.trigger == "automatic" { KillSwitchSource::Automatic } else { KillSwitchSource::Manual },
+        if row.trigger == "automatic" {
+            KillSwitchSource::Automatic
+        } else {
+            KillSwitchSource::Manual
+        },
         row.operator.as_deref(),
         &row.reason,
         session_id,
@@ -500,16 +715,25 @@ pub async fn escalate(ctx: ActionContext, row: ActionRow) -> ActionOutcome {
         escalation = escalation.operator(operator.clone());
     }
     let resumed_and_recorded = row.state == store::ACTION_RUNNING
-        && ctx.recorder.audit_has(row.id, AuditEvent::EscalationTriggered).await;
+        && ctx
+            .recorder
+            .audit_has(row.id, AuditEvent::EscalationTriggered)
+            .await;
     if !resumed_and_recorded {
         ctx.recorder.audit(escalation).await;
         ctx.recorder.kill_switch(kill_record).await;
-        ctx.recorder.audit(kill_audit.field("actionId", row.id)).await;
+        ctx.recorder
+            .audit(kill_audit.field("actionId", row.id))
+            .await;
     }
     detail.work_done = true;
     finish_row(&ctx, row.id, store::ACTION_DONE, &name, &detail).await;
     ctx.say(
-        format!("escalated: {}=1 set; artifact {}", ks.key, artifact.display()),
+        format!(
+            "escalated: {}=1 set; artifact {}",
+            ks.key,
+            artifact.display()
+        ),
         json!({"artifact": artifact}),
     )
     .await;
@@ -519,10 +743,16 @@ pub async fn escalate(ctx: ActionContext, row: ActionRow) -> ActionOutcome {
 /// Writes the kill switch until it lands; returns the previous value. Other errors than
 /// busy (an unreadable file, a full disk) are retried too, with backoff, and logged: the
 /// kill switch is delayed, never dropped.
-pub async fn set_kill_switch(ctx: &ActionContext, db: &std::path::Path, key: &str, value: &str) -> Option<String> {
+pub async fn set_kill_switch(
+    ctx: &ActionContext,
+    db: &std::path::Path,
+    key: &str,
+    value: &str,
+) -> Option<String> {
     let mut backoff = Duration::from_millis(200);
     loop {
-        let (db_path, key_owned, value_owned) = (db.to_path_buf(), key.to_owned(), value.to_owned());
+        let (db_path, key_owned, value_owned) =
+            (db.to_path_buf(), key.to_owned(), value.to_owned());
         let result = tokio::task::spawn_blocking(move || {
             crate::killswitch::write(&db_path, &key_owned, &value_owned, |waited| {
                 tracing::warn!(waited = ?waited, db = %db_path.display(), "kill switch: database busy, still waiting");
@@ -537,7 +767,11 @@ pub async fn set_kill_switch(ctx: &ActionContext, db: &std::path::Path, key: &st
             }
             Err(err) => {
                 tracing::error!(db = %db.display(), "kill switch write failed, retrying in {backoff:?}: {err}");
-                ctx.say(format!("kill switch write failed ({err}); retrying"), json!({})).await;
+                ctx.say(
+                    format!("kill switch write failed ({err}); retrying"),
+                    json!({}),
+                )
+                .await;
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(10));
             }

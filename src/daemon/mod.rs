@@ -18,17 +18,22 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::adapters::{BoxFuture, ResourceSampler, SnapshotSource, WorkerProbe};
-use crate::hooks::{HookError, HookOutcome, HookVars};
-use crate::audit::{rfc3339_millis, AuditEvent, AuditRecord, Evidence, KillSwitchSource, WorkerManagerRecord};
+use crate::audit::{
+    rfc3339_millis, AuditEvent, AuditRecord, Evidence, KillSwitchSource, WorkerManagerRecord,
+};
 use crate::check::{Baseline, CheckResult, ProbeOutcome};
 use crate::config::{ConfigError, LoadedConfig};
 use crate::control::{Command, Operator, Reply, Request};
 use crate::engine::{Action, Decision, Engine, Verdict};
 use crate::flags::FlagsSnapshot;
+use crate::hooks::{HookError, HookOutcome, HookVars};
 use crate::store::{self, ActionRow, CheckRow, NewAction, SessionRow};
 use db::Db;
 use executor::{ActionContext, ActionDetail, ActionOutcome};
 use recorder::{now_ms, Recorder};
+
+/// `meta` key: the kill-switch value the daemon last saw (JSON `null` for no row).
+const KILL_SWITCH_SEEN: &str = "kill_switch_value";
 
 /// Wall-clock time, an adapter like any other (tests make it follow tokio's paused clock).
 pub trait Clock: Send + Sync {
@@ -104,6 +109,9 @@ pub type AdapterFactory = Arc<dyn Fn(&crate::config::Config) -> Adapters + Send 
 /// Loads the configuration again (SIGHUP).
 pub type Reloader = Arc<dyn Fn() -> Result<LoadedConfig, ConfigError> + Send + Sync>;
 
+/// Told the daemon's one-line status whenever it changes (systemd `STATUS=`).
+pub type StatusSink = Box<dyn Fn(&str) + Send>;
+
 /// Inputs of the driver besides the configuration.
 pub struct DriverInputs {
     pub factory: AdapterFactory,
@@ -113,7 +121,7 @@ pub struct DriverInputs {
     pub reload: Option<(mpsc::Receiver<()>, Reloader)>,
     pub shutdown: CancellationToken,
     /// Called with a one-line status whenever it changes (systemd STATUS=).
-    pub on_status: Option<Box<dyn Fn(&str) + Send>>,
+    pub on_status: Option<StatusSink>,
     /// Half the systemd watchdog period, and what to call on each beat.
     pub watchdog: Option<(Duration, Box<dyn Fn() + Send>)>,
 }
@@ -220,7 +228,7 @@ impl Driver {
         let mut flags = inputs.flags.take();
         if let Some(rx) = &flags {
             let snapshot = rx.borrow().clone();
-            driver.kill_value = Some(snapshot.rows.get(&driver.config.config.kill_switch.key).cloned());
+            driver.kill_switch_at_start(&snapshot).await;
         }
         let (mut reload_rx, reloader) = match inputs.reload.take() {
             Some((rx, reloader)) => (Some(rx), Some(reloader)),
@@ -299,7 +307,7 @@ impl Driver {
         self.clock.now()
     }
 
-    fn publish_status(&mut self, on_status: &Option<Box<dyn Fn(&str) + Send>>) {
+    fn publish_status(&mut self, on_status: &Option<StatusSink>) {
         let line = match (&self.session, &self.action) {
             (_, Some(action)) => format!("{} #{} in progress", action.kind, action.id),
             (Some(session), None) => format!(
@@ -307,7 +315,11 @@ impl Driver {
                 session.row.state,
                 session.row.active,
                 session.row.previous.as_deref().unwrap_or("-"),
-                session.last_decision.as_ref().map(|d| d.verdict.as_str()).unwrap_or("no checks yet"),
+                session
+                    .last_decision
+                    .as_ref()
+                    .map(|d| d.verdict.as_str())
+                    .unwrap_or("no checks yet"),
                 if session.row.paused { ", paused" } else { "" }
             ),
             (None, None) => "idle: waiting for a promotion".to_owned(),
@@ -346,7 +358,9 @@ impl Driver {
             let mut next_index = 0;
             for check in checks.iter().rev().take(window).rev() {
                 if let Ok(result) = serde_json::from_str::<CheckResult>(&check.check_json) {
-                    let at = Duration::from_millis((check.taken_at_ms - row.promoted_at_ms).max(0) as u64);
+                    let at = Duration::from_millis(
+                        (check.taken_at_ms - row.promoted_at_ms).max(0) as u64
+                    );
                     last = Some(engine.observe(at, &result));
                 }
             }
@@ -384,7 +398,10 @@ impl Driver {
         }
         for action in actions {
             if self.action.is_some() {
-                tracing::error!(action = action.id, "more than one unfinished action recorded; resuming only the first");
+                tracing::error!(
+                    action = action.id,
+                    "more than one unfinished action recorded; resuming only the first"
+                );
                 continue;
             }
             tracing::warn!(action = action.id, kind = %action.kind, phase = ?action.phase, "resuming an action interrupted by a restart");
@@ -406,7 +423,11 @@ impl Driver {
     }
 
     fn spawn_action(&mut self, row: ActionRow, replies: Option<mpsc::Sender<Reply>>) {
-        let kind: &'static str = if row.kind == store::KIND_ESCALATION { "escalation" } else { "rollback" };
+        let kind: &'static str = if row.kind == store::KIND_ESCALATION {
+            "escalation"
+        } else {
+            "rollback"
+        };
         if kind == "escalation" {
             self.expected_kill_writes.push("1".into());
         }
@@ -472,7 +493,9 @@ impl Driver {
                     Err(err) => err.to_string(),
                     _ => "the inserted action was not found".into(),
                 };
-                tracing::error!("cannot record the action's intent ({err}); acting without crash protection");
+                tracing::error!(
+                    "cannot record the action's intent ({err}); acting without crash protection"
+                );
                 ActionRow {
                     id: -1,
                     session_id: new.session_id,
@@ -494,12 +517,16 @@ impl Driver {
             }
         };
         if kind == store::KIND_ROLLBACK {
-            let mut audit = AuditRecord::new(self.now(), AuditEvent::RollbackStarted, row.session_id.as_deref())
-                .field("actionId", row.id)
-                .field("from", row.from_worker.clone())
-                .field("to", row.to_worker.clone())
-                .field("trigger", row.trigger.clone())
-                .field("reason", row.reason.clone());
+            let mut audit = AuditRecord::new(
+                self.now(),
+                AuditEvent::RollbackStarted,
+                row.session_id.as_deref(),
+            )
+            .field("actionId", row.id)
+            .field("from", row.from_worker.clone())
+            .field("to", row.to_worker.clone())
+            .field("trigger", row.trigger.clone())
+            .field("reason", row.reason.clone());
             if let Some(operator) = &row.operator {
                 audit = audit.operator(operator.clone());
             }
@@ -514,14 +541,19 @@ impl Driver {
             return;
         };
         let grace = self.config.config.monitor.grace_period;
-        let promoted = SystemTime::UNIX_EPOCH + Duration::from_millis(session.row.promoted_at_ms.max(0) as u64);
+        let promoted = SystemTime::UNIX_EPOCH
+            + Duration::from_millis(session.row.promoted_at_ms.max(0) as u64);
         if session.row.state == store::SESSION_MONITORING
             && self.now().duration_since(promoted).unwrap_or_default() >= grace
         {
-            self.end_session(store::SESSION_CONFIRMED, &format!(
-                "grace period of {} ended without an action: promotion confirmed",
-                crate::config::show(grace)
-            ), None)
+            self.end_session(
+                store::SESSION_CONFIRMED,
+                &format!(
+                    "grace period of {} ended without an action: promotion confirmed",
+                    crate::config::show(grace)
+                ),
+                None,
+            )
             .await;
             return;
         }
@@ -553,14 +585,19 @@ impl Driver {
         self.check_in_flight = false;
         let config = self.config.clone();
         let now = self.now();
-        let Some(session) = self.session.as_mut() else { return };
+        let Some(session) = self.session.as_mut() else {
+            return;
+        };
         if session.row.id != done.session_id || done.check_index != session.next_check_index {
             return; // a check of a session that ended meanwhile
         }
         session.next_check_index += 1;
-        let at = Duration::from_millis((now_ms(done.taken_at) - session.row.promoted_at_ms).max(0) as u64);
+        let at = Duration::from_millis(
+            (now_ms(done.taken_at) - session.row.promoted_at_ms).max(0) as u64
+        );
         let decision = session.engine.observe(at, &done.result);
-        let failed = done.result.probe.is_failed() || decision.error_class != crate::engine::ValueClass::Ok;
+        let failed =
+            done.result.probe.is_failed() || decision.error_class != crate::engine::ValueClass::Ok;
         let row = CheckRow {
             session_id: session.row.id.clone(),
             check_index: done.check_index,
@@ -598,11 +635,27 @@ impl Driver {
             .field("action", decision.action.map(|a| a.as_str()))
             .field("errorRate", decision.error_rate)
             .field("errorClass", decision.error_class.as_str())
-            .field("probe", if done.result.probe.is_failed() { "failed" } else { "ok" })
+            .field(
+                "probe",
+                if done.result.probe.is_failed() {
+                    "failed"
+                } else {
+                    "ok"
+                },
+            )
             .field("failurePattern", decision.failure_pattern.as_str())
-            .field("rules", decision.fired.iter().map(|f| f.rule.as_str()).collect::<Vec<_>>());
+            .field(
+                "rules",
+                decision
+                    .fired
+                    .iter()
+                    .map(|f| f.rule.as_str())
+                    .collect::<Vec<_>>(),
+            );
         if let Some(would) = decision.would_act() {
-            audit = audit.field("wouldAct", would.as_str()).field("dryRun", true);
+            audit = audit
+                .field("wouldAct", would.as_str())
+                .field("dryRun", true);
         }
         if paused {
             audit = audit.field("paused", true);
@@ -610,7 +663,10 @@ impl Driver {
         if decision.verdict != Verdict::Healthy {
             audit = audit.field("reason", decision.reason());
             // Raw inputs of a check that was not clean, for the 3 a.m. reader.
-            audit = audit.field("check", serde_json::to_value(&done.result).unwrap_or(Value::Null));
+            audit = audit.field(
+                "check",
+                serde_json::to_value(&done.result).unwrap_or(Value::Null),
+            );
         }
         session.last_decision = Some(decision.clone());
         self.recorder.audit(audit).await;
@@ -629,7 +685,9 @@ impl Driver {
         if let Some(would) = decision.would_act() {
             self.record_dry_run(&decision, would).await;
         }
-        let Some(action) = decision.action else { return };
+        let Some(action) = decision.action else {
+            return;
+        };
         if paused {
             tracing::warn!(verdict = %decision.verdict, "monitoring is paused: not acting on {}", action.as_str());
             return;
@@ -640,23 +698,70 @@ impl Driver {
         match action {
             Action::Rollback => {
                 let hour_ago = now_ms(now) - 3_600_000;
-                let recent = self.db.call(move |store| store.rollbacks_since(hour_ago)).await.unwrap_or(0);
+                let recent = self
+                    .db
+                    .call(move |store| store.rollbacks_since(hour_ago))
+                    .await
+                    .unwrap_or(0);
                 let limit = config.config.rollback.max_rollbacks_per_hour;
                 if recent >= limit {
                     let reason = format!(
                         "{}; but {recent} rollbacks in the last hour reached max_rollbacks_per_hour = {limit}: escalating instead of looping",
                         decision.reason()
                     );
-                    self.start_action(store::KIND_ESCALATION, "automatic", reason, None, Some(active), previous, detail, None).await;
+                    self.start_action(
+                        store::KIND_ESCALATION,
+                        "automatic",
+                        reason,
+                        None,
+                        Some(active),
+                        previous,
+                        detail,
+                        None,
+                    )
+                    .await;
                 } else if previous.is_none() {
-                    let reason = format!("{}; no previous worker is known, so escalating", decision.reason());
-                    self.start_action(store::KIND_ESCALATION, "automatic", reason, None, Some(active), None, detail, None).await;
+                    let reason = format!(
+                        "{}; no previous worker is known, so escalating",
+                        decision.reason()
+                    );
+                    self.start_action(
+                        store::KIND_ESCALATION,
+                        "automatic",
+                        reason,
+                        None,
+                        Some(active),
+                        None,
+                        detail,
+                        None,
+                    )
+                    .await;
                 } else {
-                    self.start_action(store::KIND_ROLLBACK, "automatic", decision.reason(), None, Some(active), previous, detail, None).await;
+                    self.start_action(
+                        store::KIND_ROLLBACK,
+                        "automatic",
+                        decision.reason(),
+                        None,
+                        Some(active),
+                        previous,
+                        detail,
+                        None,
+                    )
+                    .await;
                 }
             }
             Action::Escalate => {
-                self.start_action(store::KIND_ESCALATION, "automatic", decision.reason(), None, Some(active), previous, detail, None).await;
+                self.start_action(
+                    store::KIND_ESCALATION,
+                    "automatic",
+                    decision.reason(),
+                    None,
+                    Some(active),
+                    previous,
+                    detail,
+                    None,
+                )
+                .await;
             }
         }
     }
@@ -664,7 +769,12 @@ impl Driver {
     fn detail_for(&self, decision: &Decision) -> ActionDetail {
         let session = self.session.as_ref();
         let recent_checks: Vec<Value> = session
-            .map(|s| s.engine.window().map(|e| serde_json::to_value(e).unwrap_or(Value::Null)).collect())
+            .map(|s| {
+                s.engine
+                    .window()
+                    .map(|e| serde_json::to_value(e).unwrap_or(Value::Null))
+                    .collect()
+            })
             .unwrap_or_default();
         let rules = &self.config.config.rules;
         ActionDetail {
@@ -673,9 +783,16 @@ impl Driver {
                 failure_pattern: decision.failure_pattern.as_str().into(),
                 threshold: format!(
                     "errorRate>{}, breaches>={} of {}, probeFailures>={}",
-                    rules.error_rate_threshold, rules.rollback_min_breaches, rules.window, rules.consecutive_failures
+                    rules.error_rate_threshold,
+                    rules.rollback_min_breaches,
+                    rules.window,
+                    rules.consecutive_failures
                 ),
-                rules_fired: decision.fired.iter().map(|f| serde_json::to_value(f).unwrap_or(Value::Null)).collect(),
+                rules_fired: decision
+                    .fired
+                    .iter()
+                    .map(|f| serde_json::to_value(f).unwrap_or(Value::Null))
+                    .collect(),
             },
             error_rate: decision.error_rate,
             failure_count: decision.failure_count as u32,
@@ -685,7 +802,9 @@ impl Driver {
     }
 
     async fn record_dry_run(&mut self, decision: &Decision, would: Action) {
-        let Some(session) = self.session.as_mut() else { return };
+        let Some(session) = self.session.as_mut() else {
+            return;
+        };
         if session.dry_run_recorded.contains(&would) {
             return;
         }
@@ -700,7 +819,15 @@ impl Driver {
         let record = crate::audit::DecisionRecord {
             timestamp: rfc3339_millis(now),
             decision: kind,
-            reason: format!("dry run: would have {}: {}", if would == Action::Rollback { "rolled back" } else { "escalated" }, decision.reason()),
+            reason: format!(
+                "dry run: would have {}: {}",
+                if would == Action::Rollback {
+                    "rolled back"
+                } else {
+                    "escalated"
+                },
+                decision.reason()
+            ),
             status: crate::audit::DecisionStatus::DryRun,
             error_rate: decision.error_rate,
             failure_count: decision.failure_count as u32,
@@ -723,9 +850,15 @@ impl Driver {
     }
 
     async fn action_finished(&mut self, id: i64, outcome: ActionOutcome) {
-        let Some(action) = self.action.take() else { return };
+        let Some(action) = self.action.take() else {
+            return;
+        };
         if action.id != id {
-            tracing::error!(expected = action.id, got = id, "an unexpected action finished");
+            tracing::error!(
+                expected = action.id,
+                got = id,
+                "an unexpected action finished"
+            );
         }
         let replies = action.replies;
         match &outcome {
@@ -734,7 +867,12 @@ impl Driver {
                     session.row.active = to.clone();
                     session.row.previous = Some(from.clone());
                 }
-                self.end_session(store::SESSION_ROLLED_BACK, &format!("rolled back from {from} to {to}"), None).await;
+                self.end_session(
+                    store::SESSION_ROLLED_BACK,
+                    &format!("rolled back from {from} to {to}"),
+                    None,
+                )
+                .await;
                 if let Some(replies) = replies {
                     let _ = replies
                         .send(Reply::Done { result: json!({"outcome": "rolled-back", "from": from, "to": to, "artifact": artifact}) })
@@ -744,7 +882,10 @@ impl Driver {
             ActionOutcome::RollbackFailed { reason, artifact } => {
                 if let Some(replies) = &replies {
                     let _ = replies
-                        .send(Reply::Progress { message: format!("rollback failed ({reason}); escalating"), detail: json!({"artifact": artifact}) })
+                        .send(Reply::Progress {
+                            message: format!("rollback failed ({reason}); escalating"),
+                            detail: json!({"artifact": artifact}),
+                        })
                         .await;
                 }
                 let (active, previous) = self
@@ -752,8 +893,21 @@ impl Driver {
                     .as_ref()
                     .map(|s| (Some(s.row.active.clone()), s.row.previous.clone()))
                     .unwrap_or((None, None));
-                let detail = ActionDetail { config_hash: self.config.hash.clone(), ..ActionDetail::default() };
-                self.start_action(store::KIND_ESCALATION, "automatic", reason.clone(), None, active, previous, detail, replies).await;
+                let detail = ActionDetail {
+                    config_hash: self.config.hash.clone(),
+                    ..ActionDetail::default()
+                };
+                self.start_action(
+                    store::KIND_ESCALATION,
+                    "automatic",
+                    reason.clone(),
+                    None,
+                    active,
+                    previous,
+                    detail,
+                    replies,
+                )
+                .await;
             }
             ActionOutcome::Escalated { artifact } => {
                 if let Some(session) = &mut self.session {
@@ -761,25 +915,35 @@ impl Driver {
                     let id = session.row.id.clone();
                     let _ = self
                         .db
-                        .call(move |store| store.update_session_state(&id, store::SESSION_ESCALATED, None))
+                        .call(move |store| {
+                            store.update_session_state(&id, store::SESSION_ESCALATED, None)
+                        })
                         .await;
                 }
                 if let Some(replies) = replies {
-                    let _ = replies.send(Reply::Done { result: json!({"outcome": "escalated", "artifact": artifact}) }).await;
+                    let _ = replies
+                        .send(Reply::Done {
+                            result: json!({"outcome": "escalated", "artifact": artifact}),
+                        })
+                        .await;
                 }
             }
         }
     }
 
     async fn end_session(&mut self, state: &str, reason: &str, operator: Option<&Operator>) {
-        let Some(session) = self.session.take() else { return };
+        let Some(session) = self.session.take() else {
+            return;
+        };
         self.next_check = None;
         let now = self.now();
         let id = session.row.id.clone();
         let (state_owned, reason_owned, at) = (state.to_owned(), reason.to_owned(), now_ms(now));
         if let Err(err) = self
             .db
-            .call(move |store| store.update_session_state(&id, &state_owned, Some((at, &reason_owned))))
+            .call(move |store| {
+                store.update_session_state(&id, &state_owned, Some((at, &reason_owned)))
+            })
             .await
         {
             tracing::error!("cannot record the end of the session: {err}");
@@ -806,7 +970,50 @@ impl Driver {
         tracing::info!(session = %session.row.id, state, "monitoring stopped: {reason}");
     }
 
+    /// The kill switch as the daemon finds it at start; a value different from the last
+    /// one it saw was changed while nobody watched, and is audited as external.
+    async fn kill_switch_at_start(&mut self, snapshot: &FlagsSnapshot) {
+        let value = snapshot
+            .rows
+            .get(&self.config.config.kill_switch.key)
+            .cloned();
+        self.kill_value = Some(value.clone());
+        let last_seen = self
+            .db
+            .call(|store| store.get_meta(KILL_SWITCH_SEEN))
+            .await
+            .ok()
+            .flatten()
+            .and_then(|text| serde_json::from_str::<Option<String>>(&text).ok());
+        match last_seen {
+            Some(before) if before != value && snapshot.error.is_none() => {
+                self.audit_external_kill_switch(
+                    before,
+                    value.clone(),
+                    "changed while rollbackd was not running",
+                )
+                .await;
+            }
+            _ => {}
+        }
+        self.remember_kill_switch(value).await;
+    }
+
+    async fn remember_kill_switch(&self, value: Option<String>) {
+        let text = serde_json::to_string(&value).unwrap_or_default();
+        if let Err(err) = self
+            .db
+            .call(move |store| store.set_meta(KILL_SWITCH_SEEN, &text))
+            .await
+        {
+            tracing::warn!("cannot remember the kill switch value: {err}");
+        }
+    }
+
     async fn flags_changed(&mut self, snapshot: &FlagsSnapshot) {
+        if snapshot.error.is_some() {
+            return; // unreadable for now: rows are the last good read, nothing changed
+        }
         let key = self.config.config.kill_switch.key.clone();
         let value = snapshot.rows.get(&key).cloned();
         let before = self.kill_value.replace(value.clone());
@@ -814,10 +1021,29 @@ impl Driver {
         if before == value {
             return;
         }
-        if let Some(position) = value.as_ref().and_then(|v| self.expected_kill_writes.iter().position(|e| e == v)) {
+        self.remember_kill_switch(value.clone()).await;
+        if let Some(position) = value
+            .as_ref()
+            .and_then(|v| self.expected_kill_writes.iter().position(|e| e == v))
+        {
             self.expected_kill_writes.remove(position);
             return;
         }
+        self.audit_external_kill_switch(
+            before,
+            value,
+            "changed outside rollbackd (e.g. by hand in the sqlite3 shell)",
+        )
+        .await;
+    }
+
+    async fn audit_external_kill_switch(
+        &mut self,
+        before: Option<String>,
+        value: Option<String>,
+        reason: &str,
+    ) {
+        let key = self.config.config.kill_switch.key.clone();
         let now = self.now();
         let session_id = self.session.as_ref().map(|s| s.row.id.clone());
         let shown = value.clone().unwrap_or_else(|| "(no row)".into());
@@ -829,7 +1055,7 @@ impl Driver {
             before.as_deref(),
             KillSwitchSource::External,
             None,
-            "changed outside rollbackd (e.g. by hand in the sqlite3 shell)",
+            reason,
             session_id.as_deref(),
         );
         self.recorder.kill_switch(kill_record).await;
@@ -849,11 +1075,18 @@ impl Driver {
                     // The window is replayed under the new thresholds.
                     let id = session.row.id.clone();
                     let window = self.config.config.rules.window;
-                    let checks = self.db.call(move |store| store.recent_checks(&id, window)).await.unwrap_or_default();
-                    let mut engine = Engine::new(self.config.config.rules.clone(), session.engine.baseline());
+                    let checks = self
+                        .db
+                        .call(move |store| store.recent_checks(&id, window))
+                        .await
+                        .unwrap_or_default();
+                    let mut engine =
+                        Engine::new(self.config.config.rules.clone(), session.engine.baseline());
                     for check in &checks {
                         if let Ok(result) = serde_json::from_str::<CheckResult>(&check.check_json) {
-                            let at = Duration::from_millis((check.taken_at_ms - session.row.promoted_at_ms).max(0) as u64);
+                            let at = Duration::from_millis(
+                                (check.taken_at_ms - session.row.promoted_at_ms).max(0) as u64,
+                            );
                             engine.observe(at, &result);
                         }
                     }
@@ -862,21 +1095,32 @@ impl Driver {
                 tracing::info!(old = %old_hash, new = %self.config.hash, "configuration reloaded");
                 self.recorder
                     .audit(
-                        AuditRecord::new(now, AuditEvent::ConfigReloaded, self.session.as_ref().map(|s| s.row.id.as_str()))
-                            .field("ok", true)
-                            .field("configHash", self.config.hash.clone())
-                            .field("previousConfigHash", old_hash),
+                        AuditRecord::new(
+                            now,
+                            AuditEvent::ConfigReloaded,
+                            self.session.as_ref().map(|s| s.row.id.as_str()),
+                        )
+                        .field("ok", true)
+                        .field("configHash", self.config.hash.clone())
+                        .field("previousConfigHash", old_hash),
                     )
                     .await;
             }
             Ok(Err(err)) => {
-                tracing::error!("new configuration refused, keeping the old one ({}): {err}", self.config.hash);
+                tracing::error!(
+                    "new configuration refused, keeping the old one ({}): {err}",
+                    self.config.hash
+                );
                 self.recorder
                     .audit(
-                        AuditRecord::new(now, AuditEvent::ConfigReloaded, self.session.as_ref().map(|s| s.row.id.as_str()))
-                            .field("ok", false)
-                            .field("error", err.to_string())
-                            .field("configHash", self.config.hash.clone()),
+                        AuditRecord::new(
+                            now,
+                            AuditEvent::ConfigReloaded,
+                            self.session.as_ref().map(|s| s.row.id.as_str()),
+                        )
+                        .field("ok", false)
+                        .field("error", err.to_string())
+                        .field("configHash", self.config.hash.clone()),
                     )
                     .await;
             }
@@ -885,47 +1129,89 @@ impl Driver {
     }
 
     async fn command(&mut self, command: Command) {
-        let Command { operator, request, replies } = command;
+        let Command {
+            operator,
+            request,
+            replies,
+        } = command;
         let reply = match request {
-            Request::Status => Reply::Done { result: self.status_json().await },
-            Request::Promote { active, previous, baseline_error_rate, baseline_latency_p95_ms } => {
-                self.promote(&operator, active, previous, baseline_error_rate, baseline_latency_p95_ms).await
+            Request::Status => Reply::Done {
+                result: self.status_json().await,
+            },
+            Request::Promote {
+                active,
+                previous,
+                baseline_error_rate,
+                baseline_latency_p95_ms,
+            } => {
+                self.promote(
+                    &operator,
+                    active,
+                    previous,
+                    baseline_error_rate,
+                    baseline_latency_p95_ms,
+                )
+                .await
             }
             Request::Rollback { reason, emergency } => {
-                match self.manual_rollback(&operator, reason, emergency, replies.clone()).await {
+                match self
+                    .manual_rollback(&operator, reason, emergency, replies.clone())
+                    .await
+                {
                     Some(reply) => reply,
                     None => return, // the action replies when it ends
                 }
             }
             Request::KillSwitchSet { reason } => {
-                self.manual_kill_switch(&operator, "1", reason, replies).await;
+                self.manual_kill_switch(&operator, "1", reason, replies)
+                    .await;
                 return;
             }
             Request::KillSwitchReset { reason, force } => {
                 let quiet = self.config.config.kill_switch.reset_quiet_period;
                 let db_path = self.config.config.rollbackd_db();
                 let now = self.now();
-                let refusal = tokio::task::spawn_blocking(move || crate::killswitch::reset_refusal(&db_path, quiet, now))
-                    .await
-                    .expect("reset check panicked");
+                let refusal = tokio::task::spawn_blocking(move || {
+                    crate::killswitch::reset_refusal(&db_path, quiet, now)
+                })
+                .await
+                .expect("reset check panicked");
                 match refusal {
-                    Ok(Some(why)) if !force => Reply::Failed { message: format!("refused: {why}"), exit: 3 },
-                    Err(err) => Reply::Failed { message: format!("cannot check the reset precondition: {err}"), exit: 1 },
+                    Ok(Some(why)) if !force => Reply::Failed {
+                        message: format!("refused: {why}"),
+                        exit: 3,
+                    },
+                    Err(err) => Reply::Failed {
+                        message: format!("cannot check the reset precondition: {err}"),
+                        exit: 1,
+                    },
                     _ => {
                         if force {
                             tracing::warn!(operator = %operator.name, "kill switch reset forced past the quiet period");
                         }
-                        self.manual_kill_switch(&operator, "0", reason, replies).await;
+                        self.manual_kill_switch(&operator, "0", reason, replies)
+                            .await;
                         return;
                     }
                 }
             }
             Request::KillSwitchStatus => {
-                let (db, key) = (self.config.config.kill_switch.database.clone(), self.config.config.kill_switch.key.clone());
+                let (db, key) = (
+                    self.config.config.kill_switch.database.clone(),
+                    self.config.config.kill_switch.key.clone(),
+                );
                 let key2 = key.clone();
-                match tokio::task::spawn_blocking(move || crate::killswitch::read(&db, &key2)).await.expect("read panicked") {
-                    Ok(value) => Reply::Done { result: json!({"key": key, "value": value, "on": value.as_deref() == Some("1")}) },
-                    Err(err) => Reply::Failed { message: format!("cannot read the kill switch: {err}"), exit: 1 },
+                match tokio::task::spawn_blocking(move || crate::killswitch::read(&db, &key2))
+                    .await
+                    .expect("read panicked")
+                {
+                    Ok(value) => Reply::Done {
+                        result: json!({"key": key, "value": value, "on": value.as_deref() == Some("1")}),
+                    },
+                    Err(err) => Reply::Failed {
+                        message: format!("cannot read the kill switch: {err}"),
+                        exit: 1,
+                    },
                 }
             }
             Request::Pause { reason } => self.set_paused(&operator, true, reason).await,
@@ -943,20 +1229,38 @@ impl Driver {
         baseline_latency_p95_ms: Option<f64>,
     ) -> Reply {
         if let Some(action) = &self.action {
-            return Reply::Failed { message: format!("refused: {} #{} is in progress", action.kind, action.id), exit: 3 };
+            return Reply::Failed {
+                message: format!("refused: {} #{} is in progress", action.kind, action.id),
+                exit: 3,
+            };
         }
         if active.trim().is_empty() || previous.trim().is_empty() || active == previous {
-            return Reply::Failed { message: "refused: --active and --previous must be two different worker ids".into(), exit: 3 };
+            return Reply::Failed {
+                message: "refused: --active and --previous must be two different worker ids".into(),
+                exit: 3,
+            };
         }
         if self.session.is_some() {
-            self.end_session(store::SESSION_STOPPED, &format!("superseded by the promotion of {active}"), Some(operator)).await;
+            self.end_session(
+                store::SESSION_STOPPED,
+                &format!("superseded by the promotion of {active}"),
+                Some(operator),
+            )
+            .await;
         }
         let now = self.now();
-        let baseline = (baseline_error_rate.is_some() || baseline_latency_p95_ms.is_some()).then_some(Baseline {
-            error_rate: baseline_error_rate,
-            latency_p95_ms: baseline_latency_p95_ms,
-        });
-        let row = new_session_row(now, &active, &previous, baseline, Some(operator.name.clone()));
+        let baseline = (baseline_error_rate.is_some() || baseline_latency_p95_ms.is_some())
+            .then_some(Baseline {
+                error_rate: baseline_error_rate,
+                latency_p95_ms: baseline_latency_p95_ms,
+            });
+        let row = new_session_row(
+            now,
+            &active,
+            &previous,
+            baseline,
+            Some(operator.name.clone()),
+        );
         let insert = row.clone();
         let (a, p) = (active.clone(), previous.clone());
         if let Err(err) = self
@@ -968,22 +1272,34 @@ impl Driver {
             })
             .await
         {
-            return Reply::Failed { message: format!("cannot record the session: {err}"), exit: 1 };
+            return Reply::Failed {
+                message: format!("cannot record the session: {err}"),
+                exit: 1,
+            };
         }
         self.start_session(row, operator).await
     }
 
     async fn start_session(&mut self, row: SessionRow, operator: &Operator) -> Reply {
         let now = self.now();
-        let baseline = row.baseline_json.as_deref().and_then(|t| serde_json::from_str::<Baseline>(t).ok());
+        let baseline = row
+            .baseline_json
+            .as_deref()
+            .and_then(|t| serde_json::from_str::<Baseline>(t).ok());
         self.recorder
             .audit(
                 AuditRecord::new(now, AuditEvent::MonitoringStarted, Some(&row.id))
                     .operator(operator.name.clone())
                     .field("active", row.active.clone())
                     .field("previous", row.previous.clone())
-                    .field("baseline", serde_json::to_value(baseline).unwrap_or(Value::Null))
-                    .field("gracePeriodSeconds", self.config.config.monitor.grace_period.as_secs_f64())
+                    .field(
+                        "baseline",
+                        serde_json::to_value(baseline).unwrap_or(Value::Null),
+                    )
+                    .field(
+                        "gracePeriodSeconds",
+                        self.config.config.monitor.grace_period.as_secs_f64(),
+                    )
                     .field("configHash", self.config.hash.clone()),
             )
             .await;
@@ -1019,10 +1335,19 @@ impl Driver {
         replies: mpsc::Sender<Reply>,
     ) -> Option<Reply> {
         if let Some(action) = &self.action {
-            return Some(Reply::Failed { message: format!("refused: {} #{} is already in progress", action.kind, action.id), exit: 3 });
+            return Some(Reply::Failed {
+                message: format!(
+                    "refused: {} #{} is already in progress",
+                    action.kind, action.id
+                ),
+                exit: 3,
+            });
         }
         let (active, previous) = match &self.session {
-            Some(session) => (Some(session.row.active.clone()), session.row.previous.clone()),
+            Some(session) => (
+                Some(session.row.active.clone()),
+                session.row.previous.clone(),
+            ),
             None => self
                 .db
                 .call(|store| Ok((store.get_meta("active")?, store.get_meta("previous")?)))
@@ -1031,25 +1356,48 @@ impl Driver {
         };
         let (Some(active), Some(previous)) = (active, previous) else {
             return Some(Reply::Failed {
-                message: "refused: no active/previous worker is known (run `rollbackd promote` first)".into(),
+                message:
+                    "refused: no active/previous worker is known (run `rollbackd promote` first)"
+                        .into(),
                 exit: 3,
             });
         };
         let mut detail = match &self.session.as_ref().and_then(|s| s.last_decision.clone()) {
             Some(decision) => self.detail_for(decision),
-            None => ActionDetail { config_hash: self.config.hash.clone(), ..ActionDetail::default() },
+            None => ActionDetail {
+                config_hash: self.config.hash.clone(),
+                ..ActionDetail::default()
+            },
         };
         detail.emergency = emergency;
         let trigger = if emergency { "emergency" } else { "manual" };
         let _ = replies
-            .send(Reply::Progress { message: format!("{trigger} rollback {active} → {previous} recorded; starting"), detail: json!({}) })
+            .send(Reply::Progress {
+                message: format!("{trigger} rollback {active} → {previous} recorded; starting"),
+                detail: json!({}),
+            })
             .await;
-        self.start_action(store::KIND_ROLLBACK, trigger, reason, Some(operator.name.clone()), Some(active), Some(previous), detail, Some(replies))
-            .await;
+        self.start_action(
+            store::KIND_ROLLBACK,
+            trigger,
+            reason,
+            Some(operator.name.clone()),
+            Some(active),
+            Some(previous),
+            detail,
+            Some(replies),
+        )
+        .await;
         None
     }
 
-    async fn manual_kill_switch(&mut self, operator: &Operator, value: &str, reason: String, replies: mpsc::Sender<Reply>) {
+    async fn manual_kill_switch(
+        &mut self,
+        operator: &Operator,
+        value: &str,
+        reason: String,
+        replies: mpsc::Sender<Reply>,
+    ) {
         self.expected_kill_writes.push(value.to_owned());
         let ctx = self.context(Some(replies.clone()));
         let config = self.config.clone();
@@ -1058,8 +1406,18 @@ impl Driver {
         let value = value.to_owned();
         let clock = self.clock.clone();
         // A reset ends an escalated session: a human has decided it is over.
-        if value == "0" && self.session.as_ref().is_some_and(|s| s.row.state == store::SESSION_ESCALATED) {
-            self.end_session(store::SESSION_STOPPED, "kill switch reset by an operator", Some(operator)).await;
+        if value == "0"
+            && self
+                .session
+                .as_ref()
+                .is_some_and(|s| s.row.state == store::SESSION_ESCALATED)
+        {
+            self.end_session(
+                store::SESSION_STOPPED,
+                "kill switch reset by an operator",
+                Some(operator),
+            )
+            .await;
         }
         tokio::spawn(async move {
             let ks = &config.config.kill_switch;
@@ -1077,28 +1435,48 @@ impl Driver {
             ctx.recorder.kill_switch(kill_record).await;
             ctx.recorder.audit(audit).await;
             let _ = replies
-                .send(Reply::Done { result: json!({"key": ks.key, "value": value, "previous": previous}) })
+                .send(Reply::Done {
+                    result: json!({"key": ks.key, "value": value, "previous": previous}),
+                })
                 .await;
         });
     }
 
-    async fn set_paused(&mut self, operator: &Operator, paused: bool, reason: Option<String>) -> Reply {
+    async fn set_paused(
+        &mut self,
+        operator: &Operator,
+        paused: bool,
+        reason: Option<String>,
+    ) -> Reply {
         let now = self.now();
         let Some(session) = self.session.as_mut() else {
-            return Reply::Failed { message: "refused: no monitoring session".into(), exit: 3 };
+            return Reply::Failed {
+                message: "refused: no monitoring session".into(),
+                exit: 3,
+            };
         };
         if session.row.paused == paused {
-            return Reply::Done { result: json!({"paused": paused, "changed": false}) };
+            return Reply::Done {
+                result: json!({"paused": paused, "changed": false}),
+            };
         }
         session.row.paused = paused;
         session.row.pause_reason = reason.clone();
         let id = session.row.id.clone();
         let reason2 = reason.clone();
-        if let Err(err) = self.db.call(move |store| store.set_paused(&id, paused, reason2.as_deref())).await {
+        if let Err(err) = self
+            .db
+            .call(move |store| store.set_paused(&id, paused, reason2.as_deref()))
+            .await
+        {
             tracing::error!("cannot record pause state: {err}");
         }
         let session = self.session.as_ref().expect("present");
-        let event = if paused { AuditEvent::MonitoringPaused } else { AuditEvent::MonitoringResumed };
+        let event = if paused {
+            AuditEvent::MonitoringPaused
+        } else {
+            AuditEvent::MonitoringResumed
+        };
         self.recorder
             .audit(
                 AuditRecord::new(now, event, Some(&session.row.id))
@@ -1106,13 +1484,18 @@ impl Driver {
                     .field("reason", reason),
             )
             .await;
-        Reply::Done { result: json!({"paused": paused, "changed": true}) }
+        Reply::Done {
+            result: json!({"paused": paused, "changed": true}),
+        }
     }
 
     async fn status_json(&self) -> Value {
         let now = self.now();
         let config = &self.config.config;
-        let (db, key) = (config.kill_switch.database.clone(), config.kill_switch.key.clone());
+        let (db, key) = (
+            config.kill_switch.database.clone(),
+            config.kill_switch.key.clone(),
+        );
         let key2 = key.clone();
         let kill = tokio::task::spawn_blocking(move || crate::killswitch::read(&db, &key2))
             .await
@@ -1191,16 +1574,33 @@ pub async fn take_check(adapters: &Adapters, worker: &str, limit: Duration) -> C
     let probe = async {
         tokio::time::timeout(net, adapters.probe.probe(worker))
             .await
-            .unwrap_or_else(|_| ProbeOutcome::failed(format!("probe did not finish within {}", crate::config::show(net))))
+            .unwrap_or_else(|_| {
+                ProbeOutcome::failed(format!(
+                    "probe did not finish within {}",
+                    crate::config::show(net)
+                ))
+            })
     };
     let snapshot = async {
         tokio::time::timeout(net, adapters.snapshot.snapshot())
             .await
             .unwrap_or_else(|_| crate::check::SnapshotOutcome::Unavailable {
-                reason: format!("snapshot did not finish within {}", crate::config::show(net)),
+                reason: format!(
+                    "snapshot did not finish within {}",
+                    crate::config::show(net)
+                ),
             })
     };
-    let resources = async { tokio::time::timeout(net, adapters.resources.sample(worker)).await.ok().flatten() };
+    let resources = async {
+        tokio::time::timeout(net, adapters.resources.sample(worker))
+            .await
+            .ok()
+            .flatten()
+    };
     let (probe, snapshot, resources) = tokio::join!(probe, snapshot, resources);
-    CheckResult { probe, snapshot, resources }
+    CheckResult {
+        probe,
+        snapshot,
+        resources,
+    }
 }

@@ -141,9 +141,18 @@ impl Recorder {
     pub async fn audit_has(&self, action_id: i64, event: crate::audit::AuditEvent) -> bool {
         let matches = move |record: &AuditRecord| {
             record.event == event
-                && record.fields.get("actionId").and_then(serde_json::Value::as_i64) == Some(action_id)
+                && record
+                    .fields
+                    .get("actionId")
+                    .and_then(serde_json::Value::as_i64)
+                    == Some(action_id)
         };
-        if self.lock().queue.iter().any(|q| matches!(&q.record, Pending::Audit(r) if matches(r))) {
+        if self
+            .lock()
+            .queue
+            .iter()
+            .any(|q| matches!(&q.record, Pending::Audit(r) if matches(r)))
+        {
             return true;
         }
         let path = self.dir.join(crate::audit::AUDIT_LOG_FILE);

@@ -20,10 +20,17 @@ pub struct Routes(Arc<Mutex<HashMap<String, (u16, String)>>>);
 
 impl Routes {
     pub fn set(&self, path: &str, status: u16, body: &str) {
-        self.0.lock().unwrap().insert(path.to_owned(), (status, body.to_owned()));
+        self.0
+            .lock()
+            .unwrap()
+            .insert(path.to_owned(), (status, body.to_owned()));
     }
     pub fn error_rate(&self, rate: f64) {
-        self.set("/snapshot", 200, &format!(r#"{{"failureRate": {rate}, "requests": 1000}}"#));
+        self.set(
+            "/snapshot",
+            200,
+            &format!(r#"{{"failureRate": {rate}, "requests": 1000}}"#),
+        );
     }
 }
 
@@ -55,7 +62,11 @@ fn handle(mut stream: TcpStream, routes: &Routes) {
             Ok(_) => {}
         }
     }
-    let path = request_line.split_whitespace().nth(1).unwrap_or("/").to_owned();
+    let path = request_line
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or("/")
+        .to_owned();
     let (status, body) = routes
         .0
         .lock()
@@ -124,7 +135,12 @@ listen = ""
         );
         let config = dir.path().join("rollbackd.toml");
         std::fs::write(&config, merge_toml(&base, extra)).unwrap();
-        Setup { dir, config, routes, port }
+        Setup {
+            dir,
+            config,
+            routes,
+            port,
+        }
     }
 
     pub fn path(&self, rel: &str) -> PathBuf {
@@ -161,6 +177,13 @@ listen = ""
             std::os::unix::net::UnixStream::connect(&socket).is_ok()
         })
         .expect("daemon socket comes up");
+        // The driver answers `status` only once it has restored its state and read the
+        // kill switch: from then on changes are seen as changes.
+        wait_for(Duration::from_secs(10), || {
+            let out = self.cli(&["status", "--json"]);
+            out.status.success() && String::from_utf8_lossy(&out.stdout).contains("\"running\"")
+        })
+        .expect("daemon answers status");
         Daemon { child }
     }
 
@@ -169,7 +192,10 @@ listen = ""
     }
 
     pub fn events(&self, event: &str) -> Vec<Value> {
-        self.audit().into_iter().filter(|v| v["event"] == event).collect()
+        self.audit()
+            .into_iter()
+            .filter(|v| v["event"] == event)
+            .collect()
     }
 
     pub fn switches(&self) -> Vec<String> {
@@ -257,7 +283,10 @@ pub fn audit_lines(path: &Path) -> Vec<Value> {
     std::fs::read_to_string(path)
         .unwrap_or_default()
         .lines()
-        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("audit line does not parse ({e}): {line}")))
+        .map(|line| {
+            serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("audit line does not parse ({e}): {line}"))
+        })
         .collect()
 }
 
@@ -274,5 +303,9 @@ pub fn wait_for(limit: Duration, mut condition: impl FnMut() -> bool) -> Option<
 }
 
 pub fn sqlite3_available() -> bool {
-    Command::new("sqlite3").arg("-version").output().map(|o| o.status.success()).unwrap_or(false)
+    Command::new("sqlite3")
+        .arg("-version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
 }

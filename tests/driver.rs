@@ -29,6 +29,8 @@ struct World {
     /// Workers the verify loop probed.
     probed: Vec<String>,
     switches: Vec<HookVars>,
+    /// Every hook run, by program name, in order.
+    hooks: Vec<String>,
 }
 
 #[derive(Clone, Default)]
@@ -95,6 +97,7 @@ impl HookRunner for Fake {
         _limit: Duration,
     ) -> BoxFuture<'a, Result<HookOutcome, HookError>> {
         Box::pin(async move {
+            self.set(|w| w.hooks.push(argv.first().cloned().unwrap_or_default()));
             if argv.first().map(String::as_str) == Some("switch") {
                 self.set(|w| w.switches.push(vars.clone()));
             }
@@ -131,12 +134,22 @@ verify_interval = "1s"
 verify_timeout = "10s"
 [kill_switch]
 database = {db:?}
-{extra}
 "#,
         state = dir.display().to_string(),
         db = dir.join("app.db").display().to_string(),
     );
-    rollbackd::config::load_str(&text, &BTreeMap::new()).expect("test config is valid")
+    // Sections of `extra` are merged key by key into the base.
+    let mut table: toml::Table = text.parse().unwrap();
+    for (key, value) in extra.parse::<toml::Table>().unwrap() {
+        match (table.get_mut(&key), value) {
+            (Some(toml::Value::Table(existing)), toml::Value::Table(new)) => existing.extend(new),
+            (_, value) => {
+                table.insert(key, value);
+            }
+        }
+    }
+    rollbackd::config::load_str(&toml::to_string(&table).unwrap(), &BTreeMap::new())
+        .expect("test config is valid")
 }
 
 fn start(extra: &str) -> Harness {
@@ -432,4 +445,128 @@ async fn manual_rollback_streams_phases_and_names_the_operator() {
     let executed = events(dir.path(), "rollback-executed");
     assert_eq!(executed[0]["operator"], "uid:1000(alice)");
     assert_eq!(executed[0]["trigger"], "manual");
+}
+
+#[tokio::test(start_paused = true)]
+async fn past_max_rollbacks_per_hour_the_driver_escalates_instead() {
+    let h = start("[rollback]\nmax_rollbacks_per_hour = 1");
+    h.fake.set(|w| w.error_rate = Some(0.5));
+    h.promote().await;
+    tokio::time::sleep(Duration::from_secs(120)).await;
+    assert_eq!(h.fake.get(|w| w.switches.len()), 1);
+    // The same bad canary is promoted again within the hour: no second rollback.
+    h.promote().await;
+    tokio::time::sleep(Duration::from_secs(120)).await;
+    let (fake, dir) = h.stop().await;
+    assert_eq!(
+        fake.get(|w| w.switches.len()),
+        1,
+        "loop protection: no second switch"
+    );
+    let escalations = events(dir.path(), "escalation-triggered");
+    assert_eq!(escalations.len(), 1);
+    assert!(
+        escalations[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("max_rollbacks_per_hour = 1"),
+        "{}",
+        escalations[0]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_emergency_rollback_skips_the_drain_phase() {
+    let extra = "[rollback]\npause_command = [\"pause\"]\ndrain_command = [\"drain\"]\nresume_command = [\"resume\"]";
+    for (emergency, expected) in [
+        (false, ["pause", "drain", "switch", "resume"].as_slice()),
+        (true, ["pause", "switch", "resume"].as_slice()),
+    ] {
+        let h = start(extra);
+        h.promote().await;
+        let replies = h
+            .send(Request::Rollback {
+                reason: "test".into(),
+                emergency,
+            })
+            .await;
+        assert!(
+            matches!(replies.last(), Some(Reply::Done { .. })),
+            "{replies:?}"
+        );
+        let (fake, dir) = h.stop().await;
+        assert_eq!(
+            fake.get(|w| w.hooks.clone()),
+            expected,
+            "emergency = {emergency}"
+        );
+        let artifact = events(dir.path(), "rollback-executed")[0]["artifact"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let text = std::fs::read_to_string(artifact).unwrap();
+        let record: Value = serde_json::from_str(&text).unwrap();
+        let mut want: Vec<&str> = expected.to_vec();
+        want.insert(want.len() - 1, "verify");
+        let mut keys: Vec<&str> = record["phases"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        // serde_json's map is sorted: read the order from the file's text instead.
+        let phases_text = &text[text.find("\"phases\"").unwrap()..];
+        keys.sort_by_key(|k| phases_text.find(&format!("\"{k}\"")).unwrap());
+        assert_eq!(keys, want, "phases are timed in the order they ran");
+        assert_eq!(
+            record["trigger"],
+            if emergency { "emergency" } else { "manual" }
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_rollback_in_flight_refuses_a_second_one_and_shutdown_waits_for_it() {
+    let h = start("[rollback]\nverify_timeout = \"60s\"");
+    // The restored worker answers only after 20 s, so verify keeps the rollback in flight.
+    h.fake.set(|w| w.probe_delay = Duration::from_secs(20));
+    h.promote().await;
+    let commands = h.commands.clone();
+    let first = tokio::spawn(async move {
+        let (tx, mut rx) = mpsc::channel(16);
+        commands
+            .send(Command {
+                operator: operator(),
+                request: Request::Rollback {
+                    reason: "one".into(),
+                    emergency: true,
+                },
+                replies: tx,
+            })
+            .await
+            .unwrap();
+        let mut last = None;
+        while let Some(reply) = rx.recv().await {
+            last = Some(reply);
+        }
+        last
+    });
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let second = h
+        .send(Request::Rollback {
+            reason: "two".into(),
+            emergency: true,
+        })
+        .await;
+    match second.last() {
+        Some(Reply::Failed { exit: 3, message }) => {
+            assert!(message.contains("in progress"), "{message}")
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    // Shutdown now: the rollback in flight finishes first.
+    let (fake, dir) = h.stop().await;
+    assert!(matches!(first.await.unwrap(), Some(Reply::Done { .. })));
+    assert_eq!(fake.get(|w| w.switches.len()), 1);
+    assert_eq!(events(dir.path(), "rollback-executed").len(), 1);
 }

@@ -225,3 +225,91 @@ fn a_kill_switch_changed_while_the_daemon_was_down_is_audited_at_start() {
         "{line}"
     );
 }
+
+#[test]
+fn sigterm_during_a_rollback_lets_it_finish_then_exits_0() {
+    let setup = Setup::new("");
+    std::fs::write(setup.path("slow"), "2").unwrap();
+    let daemon = setup.start();
+    promote(&setup);
+    setup.routes.error_rate(0.5);
+    let in_switch = wait_for(Duration::from_secs(20), || !setup.switches().is_empty());
+    assert!(
+        in_switch.is_some(),
+        "switch never started; log:\n{}",
+        setup.daemon_log()
+    );
+    let status = daemon.terminate();
+    assert_eq!(status.code(), Some(0), "log:\n{}", setup.daemon_log());
+    assert_eq!(
+        setup.events("rollback-executed").len(),
+        1,
+        "the rollback finished before exit"
+    );
+    assert_eq!(setup.switches(), ["v1"]);
+    assert!(
+        !setup.state().join("rollbackd.sock").exists(),
+        "the socket is removed on exit"
+    );
+}
+
+#[test]
+fn systemd_notify_ready_status_watchdog_stopping() {
+    let setup = Setup::new("");
+    let socket_path = setup.path("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let daemon = setup.start_with_env(&[
+        ("NOTIFY_SOCKET", socket_path.to_str().unwrap()),
+        ("WATCHDOG_USEC", "400000"),
+    ]);
+    let mut received: Vec<String> = Vec::new();
+    let recv_one = |received: &mut Vec<String>| {
+        let mut buf = [0u8; 4096];
+        let n = socket
+            .recv(&mut buf)
+            .expect("a notification before the timeout");
+        received.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    };
+    let recv_until = |received: &mut Vec<String>, want: &str| {
+        while !received.iter().any(|m| m.starts_with(want)) {
+            recv_one(received);
+        }
+    };
+    recv_until(&mut received, "READY=1");
+    recv_until(&mut received, "STATUS=");
+    recv_until(&mut received, "WATCHDOG=1");
+    let ready_at = received
+        .iter()
+        .position(|m| m.starts_with("READY=1"))
+        .unwrap();
+    assert!(
+        received.iter().any(|m| m.starts_with("STATUS=idle")),
+        "{received:?}"
+    );
+    promote(&setup);
+    recv_until(&mut received, "STATUS=monitoring");
+    // Watchdog beats keep coming at half of WATCHDOG_USEC.
+    let beats_before = received
+        .iter()
+        .filter(|m| m.starts_with("WATCHDOG=1"))
+        .count();
+    let start = std::time::Instant::now();
+    while start.elapsed() < Duration::from_millis(900) {
+        recv_one(&mut received);
+    }
+    let beats = received
+        .iter()
+        .filter(|m| m.starts_with("WATCHDOG=1"))
+        .count()
+        - beats_before;
+    assert!(
+        beats >= 3,
+        "{beats} watchdog beats in 0.9 s at a 0.2 s period: {received:?}"
+    );
+    assert_eq!(daemon.terminate().code(), Some(0));
+    recv_until(&mut received, "STOPPING=1");
+    assert!(ready_at < received.len());
+}

@@ -162,11 +162,16 @@ listen = ""
     }
 
     pub fn start(&self) -> Daemon {
+        self.start_with_env(&[])
+    }
+
+    pub fn start_with_env(&self, env: &[(&str, &str)]) -> Daemon {
         let child = Command::new(BIN)
             .arg("--config")
             .arg(&self.config)
             .arg("run")
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(self.path("daemon.log")).unwrap())

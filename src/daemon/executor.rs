@@ -198,15 +198,18 @@ pub async fn rollback(ctx: ActionContext, row: ActionRow) -> ActionOutcome {
             if detail.completed.iter().any(|p| p == phase) {
                 continue;
             }
-            save(
-                &ctx,
-                row.id,
-                store::ACTION_RUNNING,
-                Some(phase),
-                attempt,
-                &detail,
-            )
-            .await;
+            // Only a phase with a side effect needs its start marked for a resume.
+            if hook.is_some() {
+                save(
+                    &ctx,
+                    row.id,
+                    store::ACTION_RUNNING,
+                    Some(phase),
+                    attempt,
+                    &detail,
+                )
+                .await;
+            }
             let t = Instant::now();
             if let Some(template) = hook {
                 let ok = run_phase_hook(&ctx, phase, template, &vars, rb.hook_timeout, &mut detail)
@@ -329,15 +332,17 @@ pub async fn rollback(ctx: ActionContext, row: ActionRow) -> ActionOutcome {
         }
 
         if !detail.completed.iter().any(|p| p == "resume") {
-            save(
-                &ctx,
-                row.id,
-                store::ACTION_RUNNING,
-                Some("resume"),
-                attempt,
-                &detail,
-            )
-            .await;
+            if rb.resume_command.is_some() {
+                save(
+                    &ctx,
+                    row.id,
+                    store::ACTION_RUNNING,
+                    Some("resume"),
+                    attempt,
+                    &detail,
+                )
+                .await;
+            }
             let t = Instant::now();
             if let Some(template) = &rb.resume_command {
                 if !run_phase_hook(

@@ -863,6 +863,13 @@ impl Driver {
         let replies = action.replies;
         match &outcome {
             ActionOutcome::RolledBack { from, to, artifact } => {
+                // The operator's answer first: the rollback is done and recorded; the
+                // session's end is bookkeeping.
+                if let Some(replies) = replies {
+                    let _ = replies
+                        .send(Reply::Done { result: json!({"outcome": "rolled-back", "from": from, "to": to, "artifact": artifact}) })
+                        .await;
+                }
                 if let Some(session) = &mut self.session {
                     session.row.active = to.clone();
                     session.row.previous = Some(from.clone());
@@ -873,11 +880,6 @@ impl Driver {
                     None,
                 )
                 .await;
-                if let Some(replies) = replies {
-                    let _ = replies
-                        .send(Reply::Done { result: json!({"outcome": "rolled-back", "from": from, "to": to, "artifact": artifact}) })
-                        .await;
-                }
             }
             ActionOutcome::RollbackFailed { reason, artifact } => {
                 if let Some(replies) = &replies {
@@ -958,15 +960,18 @@ impl Driver {
             audit = audit.operator(operator.name.clone());
         }
         self.recorder.audit(audit).await;
-        self.recorder
-            .worker_manager(WorkerManagerRecord {
-                active: session.row.active.clone(),
-                previous: session.row.previous.clone(),
-                updated_at: rfc3339_millis(now),
-                session_id: Some(session.row.id.clone()),
-                state: state.to_owned(),
-            })
-            .await;
+        // After a rollback the executor has written the mirror already.
+        if state != store::SESSION_ROLLED_BACK {
+            self.recorder
+                .worker_manager(WorkerManagerRecord {
+                    active: session.row.active.clone(),
+                    previous: session.row.previous.clone(),
+                    updated_at: rfc3339_millis(now),
+                    session_id: Some(session.row.id.clone()),
+                    state: state.to_owned(),
+                })
+                .await;
+        }
         tracing::info!(session = %session.row.id, state, "monitoring stopped: {reason}");
     }
 

@@ -1,0 +1,157 @@
+//! Daemon figures: manual rollback overhead (CLI to artifact), RSS and CPU while
+//! monitoring at a 100 ms interval, and the delay from an error spike to the switch hook.
+//!
+//! Run: `cargo bench --bench daemon`. Loopback only; about a minute.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::time::{Duration, Instant, SystemTime};
+
+use common::*;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn manual_rollback_overhead() {
+    let setup = Setup::new("[rollback]\nswitch_command = [\"/bin/true\", \"{to}\"]\nverify_interval = \"10ms\"\n[monitor]\ncheck_interval = \"10s\"\ndegraded_check_interval = \"5s\"\ncheck_timeout = \"1s\"");
+    let _daemon = setup.start();
+    let mut times = Vec::new();
+    for i in 0..30 {
+        let (active, previous) = if i % 2 == 0 {
+            ("v2", "v1")
+        } else {
+            ("v1", "v2")
+        };
+        let out = setup.cli(&["promote", "--active", active, "--previous", previous]);
+        assert!(out.status.success());
+        let before = setup.artifacts("rollback_").len();
+        let start = Instant::now();
+        let out = setup.cli(&["rollback", "--reason", "bench", "--yes"]);
+        let elapsed = start.elapsed().as_secs_f64() * 1000.0;
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            setup.artifacts("rollback_").len(),
+            before + 1,
+            "the artifact exists when the CLI returns"
+        );
+        times.push(elapsed);
+    }
+    println!(
+        "manual rollback, no-op hooks, `rollbackd rollback --yes` start to exit (artifact written): median {:.1} ms, p90 {:.1} ms, max {:.1} ms over {} runs",
+        median(times.clone()),
+        percentile(times.clone(), 0.9),
+        percentile(times.clone(), 1.0),
+        times.len()
+    );
+}
+
+fn proc_stat(pid: u32) -> (f64, u64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..]
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let rss_kb: u64 = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    (ticks as f64 / hz, rss_kb)
+}
+
+fn monitoring_cost() {
+    let setup = Setup::new("[monitor]\ncheck_interval = \"100ms\"\ndegraded_check_interval = \"50ms\"\ncheck_timeout = \"50ms\"\ngrace_period = \"10m\"");
+    let daemon = setup.start();
+    let out = setup.cli(&["promote", "--active", "v2", "--previous", "v1"]);
+    assert!(out.status.success());
+    std::thread::sleep(Duration::from_secs(2));
+    let pid = daemon.pid();
+    let window = Duration::from_secs(20);
+    let (cpu_before, _) = proc_stat(pid);
+    let checks_before = setup.events("health-check").len();
+    let start = Instant::now();
+    let mut peak_rss = 0;
+    while start.elapsed() < window {
+        std::thread::sleep(Duration::from_millis(500));
+        peak_rss = peak_rss.max(proc_stat(pid).1);
+    }
+    let (cpu_after, rss) = proc_stat(pid);
+    let checks = setup.events("health-check").len() - checks_before;
+    println!(
+        "monitoring at a 100 ms interval for {}s: {checks} checks, CPU {:.2}% of one core, RSS {:.1} MB (peak {:.1} MB)",
+        window.as_secs(),
+        (cpu_after - cpu_before) / start.elapsed().as_secs_f64() * 100.0,
+        rss as f64 / 1024.0,
+        peak_rss as f64 / 1024.0
+    );
+}
+
+fn detection_delay() {
+    let mut delays = Vec::new();
+    for _ in 0..7 {
+        let setup = Setup::new("[monitor]\ncheck_interval = \"100ms\"\ndegraded_check_interval = \"50ms\"\ncheck_timeout = \"50ms\"\ngrace_period = \"10m\"\n[rollback]\nswitch_command = [\"/bin/sh\", \"-c\", \"date +%s%N > \\\"$0\\\"\", \"SWITCHED\"]");
+        // The hook writes the time it ran to <state dir's parent>/SWITCHED ($0 is relative to the daemon's cwd).
+        let _daemon = setup.start();
+        let out = setup.cli(&["promote", "--active", "v2", "--previous", "v1"]);
+        assert!(out.status.success());
+        // A random phase against the check schedule.
+        let jitter = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos()
+            % 100;
+        std::thread::sleep(Duration::from_millis(700 + jitter as u64));
+        let onset = SystemTime::now();
+        setup.routes.error_rate(0.6);
+        let marker = std::env::current_dir().unwrap().join("SWITCHED");
+        let seen = wait_for(Duration::from_secs(10), || {
+            marker.exists()
+                && std::fs::read_to_string(&marker)
+                    .map(|t| !t.trim().is_empty())
+                    .unwrap_or(false)
+        });
+        assert!(seen.is_some(), "no switch; log:\n{}", setup.daemon_log());
+        let ns: u128 = std::fs::read_to_string(&marker)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        std::fs::remove_file(&marker).unwrap();
+        let onset_ns = onset
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        delays.push((ns.saturating_sub(onset_ns)) as f64 / 1e6);
+    }
+    println!(
+        "error spike onset to switch hook at a 100 ms interval (3 breaching checks): median {:.0} ms, min {:.0} ms, max {:.0} ms over {} runs",
+        median(delays.clone()),
+        percentile(delays.clone(), 0.0),
+        percentile(delays.clone(), 1.0),
+        delays.len()
+    );
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    manual_rollback_overhead();
+    monitoring_cost();
+    detection_delay();
+}

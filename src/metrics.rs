@@ -180,7 +180,7 @@ impl Metrics {
         }
     }
 
-    /// A check was evaluated.
+    /// A check was evaluated (its verdict is now the session's latest).
     pub fn check_observed(
         &self,
         verdict: Verdict,
@@ -195,6 +195,7 @@ impl Metrics {
                 verdict: verdict.as_str(),
             })
             .inc();
+        self.set_verdict(Some(verdict));
         inner.last_error_rate.set(error_rate.unwrap_or(f64::NAN));
         inner.probe_duration.observe(probe_duration.as_secs_f64());
         match error_class {
@@ -226,6 +227,10 @@ impl Metrics {
                     .set(0);
             }
         }
+        self.set_verdict(verdict);
+    }
+
+    fn set_verdict(&self, verdict: Option<Verdict>) {
         for v in VERDICTS {
             self.inner
                 .verdict

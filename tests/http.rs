@@ -14,21 +14,31 @@ fn metrics(addr: std::net::SocketAddr) -> String {
     response.body
 }
 
-/// Polls `/metrics` until `series` has `predicate`'s value; the exposition on timeout.
-fn wait_metric(
+/// Polls `/metrics` until every `(series, value)` holds at once (one scrape is not a
+/// transaction: the driver updates counters and gauges at separate points of an event).
+fn wait_metrics(setup: &Setup, addr: std::net::SocketAddr, expected: &[(&str, f64)]) -> String {
+    wait_metric_where(setup, addr, &format!("{expected:?}"), |text| {
+        expected
+            .iter()
+            .all(|(series, value)| metric_value(text, series) == Some(*value))
+    })
+}
+
+/// Polls `/metrics` until `condition` holds; fails with the last exposition.
+fn wait_metric_where(
     setup: &Setup,
     addr: std::net::SocketAddr,
-    series: &str,
-    predicate: impl Fn(f64) -> bool,
+    what: &str,
+    condition: impl Fn(&str) -> bool,
 ) -> String {
     let mut last = String::new();
     let seen = wait_for(Duration::from_secs(15), || {
         last = metrics(addr);
-        metric_value(&last, series).is_some_and(&predicate)
+        condition(&last)
     });
     assert!(
         seen.is_some(),
-        "{series} never reached the expected value; last /metrics:\n{last}\ndaemon log:\n{}",
+        "/metrics never showed {what}; last /metrics:\n{last}\ndaemon log:\n{}",
         setup.daemon_log()
     );
     last
@@ -82,21 +92,19 @@ fn metrics_status_and_healthz_follow_a_session_to_its_rollback() {
 
     let out = setup.cli(&["promote", "--active", "v2", "--previous", "v1"]);
     assert!(out.status.success());
-    let text = wait_metric(
+    wait_metric_where(&setup, addr, "a healthy check", |text| {
+        metric_value(text, "rollbackd_checks_total{verdict=\"healthy\"}").is_some_and(|n| n >= 1.0)
+    });
+    wait_metrics(
         &setup,
         addr,
-        "rollbackd_checks_total{verdict=\"healthy\"}",
-        |n| n >= 1.0,
+        &[
+            ("rollbackd_session_state{state=\"monitoring\"}", 1.0),
+            ("rollbackd_session_state{state=\"idle\"}", 0.0),
+            ("rollbackd_verdict{verdict=\"healthy\"}", 1.0),
+            ("rollbackd_last_error_rate", 0.01),
+        ],
     );
-    assert_eq!(
-        metric_value(&text, "rollbackd_session_state{state=\"monitoring\"}"),
-        Some(1.0)
-    );
-    assert_eq!(
-        metric_value(&text, "rollbackd_verdict{verdict=\"healthy\"}"),
-        Some(1.0)
-    );
-    assert_eq!(metric_value(&text, "rollbackd_last_error_rate"), Some(0.01));
     let status: Value = serde_json::from_str(&http_get(addr, "/status").body).unwrap();
     assert_eq!(status["state"], "monitoring");
     assert_eq!(status["session"]["active"], "v2");
@@ -106,10 +114,12 @@ fn metrics_status_and_healthz_follow_a_session_to_its_rollback() {
     setup
         .routes
         .set("/snapshot", 200, r#"{"failureRate": 1.5}"#);
-    wait_metric(&setup, addr, "rollbackd_invalid_data_total", |n| n >= 1.0);
+    wait_metric_where(&setup, addr, "an invalid check", |text| {
+        metric_value(text, "rollbackd_invalid_data_total").is_some_and(|n| n >= 1.0)
+    });
     setup.routes.set("/snapshot", 500, "upstream down");
-    let text = wait_metric(&setup, addr, "rollbackd_provider_errors_total", |n| {
-        n >= 1.0
+    let text = wait_metric_where(&setup, addr, "a provider error", |text| {
+        metric_value(text, "rollbackd_provider_errors_total").is_some_and(|n| n >= 1.0)
     });
     assert!(
         metric_value(&text, "rollbackd_last_error_rate").is_some_and(f64::is_nan),
@@ -117,20 +127,22 @@ fn metrics_status_and_healthz_follow_a_session_to_its_rollback() {
     );
 
     setup.routes.error_rate(0.45);
-    let text = wait_metric(
+    let text = wait_metrics(
         &setup,
         addr,
-        "rollbackd_rollbacks_total{trigger=\"automatic\",outcome=\"executed\"}",
-        |n| n == 1.0,
+        &[
+            (
+                "rollbackd_rollbacks_total{trigger=\"automatic\",outcome=\"executed\"}",
+                1.0,
+            ),
+            ("rollbackd_session_state{state=\"idle\"}", 1.0),
+            ("rollbackd_session_state{state=\"monitoring\"}", 0.0),
+        ],
     );
     assert_eq!(setup.switches(), ["v1"]);
     assert!(
         metric_value(&text, "rollbackd_checks_total{verdict=\"rollback\"}").unwrap() >= 1.0,
         "{text}"
-    );
-    assert_eq!(
-        metric_value(&text, "rollbackd_session_state{state=\"idle\"}"),
-        Some(1.0)
     );
     assert_eq!(metric_value(&text, "rollbackd_last_error_rate"), Some(0.45));
     assert_eq!(
@@ -160,7 +172,7 @@ fn metrics_status_and_healthz_follow_a_session_to_its_rollback() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    wait_metric(&setup, addr, "rollbackd_kill_switch", |v| v == 1.0);
+    wait_metrics(&setup, addr, &[("rollbackd_kill_switch", 1.0)]);
 
     assert_eq!(daemon.terminate().code(), Some(0));
     assert!(

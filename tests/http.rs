@@ -182,6 +182,30 @@ fn metrics_status_and_healthz_follow_a_session_to_its_rollback() {
 }
 
 #[test]
+fn an_escalation_shows_in_the_metrics() {
+    let setup = Setup::new("[http]\nlisten = \"127.0.0.1:0\"");
+    let _daemon = setup.start();
+    let addr = setup.http_addr();
+    let out = setup.cli(&["promote", "--active", "v2", "--previous", "v1"]);
+    assert!(out.status.success());
+    setup.routes.set("/v2/health", 503, r#"{"status":"down"}"#);
+    wait_metrics(
+        &setup,
+        addr,
+        &[
+            ("rollbackd_escalations_total", 1.0),
+            ("rollbackd_session_state{state=\"escalated\"}", 1.0),
+            ("rollbackd_session_state{state=\"monitoring\"}", 0.0),
+            ("rollbackd_kill_switch", 1.0),
+        ],
+    );
+    assert_eq!(setup.events("escalation-triggered").len(), 1);
+    let status: Value = serde_json::from_str(&http_get(addr, "/status").body).unwrap();
+    assert_eq!(status["state"], "escalated");
+    assert_eq!(status["killSwitch"]["on"], true);
+}
+
+#[test]
 fn the_endpoint_is_off_when_listen_is_empty() {
     let setup = Setup::new(""); // the test configuration has listen = ""
     let _daemon = setup.start();

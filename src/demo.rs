@@ -206,7 +206,7 @@ pub async fn run(out: &mut (dyn Write + Send)) -> anyhow::Result<u8> {
         daemon_shutdown.clone(),
         Some(ready_tx),
     ));
-    let socket = ready_rx.await.context("the daemon did not start")?;
+    let socket = ready_rx.await.context("the daemon did not start")?.socket;
 
     // The deploy pipeline's step: v2 is now active, tell rollbackd.
     std::fs::write(state_dir.join(ACTIVE_FILE), "v2")?;

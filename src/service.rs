@@ -1,8 +1,10 @@
 //! The whole daemon process around the driver: state directory and its lock, the control
-//! socket, LiveFlags on the application's database, signals, and systemd notification.
+//! socket, the HTTP endpoint, LiveFlags on the application's database, signals, and systemd
+//! notification.
 //! `rollbackd run` and `rollbackd demo` both come through here.
 
 use std::fs::File;
+use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -17,6 +19,8 @@ use crate::config::{ConfigError, ConfigIssue, LoadedConfig};
 use crate::control::ControlServer;
 use crate::daemon::{AdapterFactory, Adapters, Driver, DriverInputs, Reloader, SystemClock};
 use crate::flags::{LiveFlags, LiveFlagsOptions};
+use crate::http::HttpServer;
+use crate::metrics::Metrics;
 use crate::notify::Notifier;
 
 /// The state directory is held by one process at a time: a daemon, or a CLI command
@@ -88,6 +92,16 @@ pub fn real_adapters() -> AdapterFactory {
     })
 }
 
+/// Where a started daemon listens, told to [`run`]'s caller.
+#[derive(Debug, Clone)]
+pub struct Ready {
+    /// The control socket.
+    pub socket: PathBuf,
+    /// The HTTP endpoint's bound address (the real port when `[http] listen` asked for
+    /// port 0); `None` when disabled or when it could not be bound.
+    pub http: Option<SocketAddr>,
+}
+
 /// Runs the daemon until `shutdown` is cancelled or SIGTERM/SIGINT arrives. `ready` is
 /// told once everything listens (the same moment systemd gets READY=1).
 pub async fn run(
@@ -95,7 +109,7 @@ pub async fn run(
     reloader: Reloader,
     factory: AdapterFactory,
     shutdown: CancellationToken,
-    ready: Option<tokio::sync::oneshot::Sender<PathBuf>>,
+    ready: Option<tokio::sync::oneshot::Sender<Ready>>,
 ) -> anyhow::Result<()> {
     check_runnable(&loaded)?;
     let config = &loaded.config;
@@ -116,6 +130,27 @@ pub async fn run(
         .with_context(|| format!("cannot bind the control socket {}", socket_path.display()))?;
     let (commands_tx, commands_rx) = mpsc::channel(16);
     let server_shutdown = CancellationToken::new();
+
+    // The HTTP endpoint is an operator surface, not part of guarding: when its address
+    // cannot be bound the daemon says so and guards without it rather than not at all.
+    let mut http_addr = None;
+    let mut metrics = None;
+    let mut http_task = None;
+    if let Some(listen) = config.http_listen {
+        let endpoint_metrics = Metrics::new();
+        match HttpServer::bind(listen, endpoint_metrics.clone(), commands_tx.clone()).await {
+            Ok(http) => {
+                let addr = http.local_addr().unwrap_or(listen);
+                tracing::info!(%addr, "http endpoint listening: /metrics, /status, /healthz");
+                http_addr = Some(addr);
+                metrics = Some(endpoint_metrics);
+                http_task = Some(tokio::spawn(http.serve(server_shutdown.clone())));
+            }
+            Err(err) => tracing::error!(
+                "cannot bind the http endpoint on {listen} ({err}); running without /metrics, /status, /healthz"
+            ),
+        }
+    }
     let server_task = tokio::spawn(server.serve(commands_tx, server_shutdown.clone()));
 
     let flags = LiveFlags::start(
@@ -166,6 +201,7 @@ pub async fn run(
                 Box::new(move || watchdog_notifier.watchdog()) as Box<dyn Fn() + Send>,
             )
         }),
+        metrics,
     };
     tracing::info!(
         state_dir = %state_dir.display(),
@@ -177,12 +213,18 @@ pub async fn run(
     // Everything listens: the socket is bound, LiveFlags runs, the driver is started.
     notifier.ready();
     if let Some(ready) = ready {
-        let _ = ready.send(socket_path.clone());
+        let _ = ready.send(Ready {
+            socket: socket_path.clone(),
+            http: http_addr,
+        });
     }
     let result = driver.await.context("the driver task panicked")?;
     notifier.stopping();
     server_shutdown.cancel();
     let _ = server_task.await;
+    if let Some(http_task) = http_task {
+        let _ = http_task.await;
+    }
     signals.abort();
     drop(flags);
     tracing::info!(at = %crate::audit::rfc3339_millis(SystemTime::now()), "rollbackd stopped");

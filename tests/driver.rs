@@ -179,6 +179,7 @@ fn start(extra: &str) -> Harness {
         shutdown: shutdown.clone(),
         on_status: None,
         watchdog: None,
+        metrics: None,
     };
     let driver = tokio::spawn(Driver::run(loaded, inputs));
     Harness {

@@ -27,6 +27,7 @@ use crate::control::{Command, Operator, Reply, Request};
 use crate::engine::{Action, Decision, Engine, Verdict};
 use crate::flags::FlagsSnapshot;
 use crate::hooks::{HookError, HookOutcome, HookVars};
+use crate::metrics::Metrics;
 use crate::store::{self, ActionRow, CheckRow, NewAction, SessionRow};
 use db::Db;
 use executor::{ActionContext, ActionDetail, ActionOutcome};
@@ -124,6 +125,8 @@ pub struct DriverInputs {
     pub on_status: Option<StatusSink>,
     /// Half the systemd watchdog period, and what to call on each beat.
     pub watchdog: Option<(Duration, Box<dyn Fn() + Send>)>,
+    /// The daemon's Prometheus metrics, kept up to date when present.
+    pub metrics: Option<Metrics>,
 }
 
 struct Session {
@@ -137,6 +140,7 @@ struct Session {
 struct RunningAction {
     id: i64,
     kind: &'static str,
+    trigger: String,
     replies: Option<mpsc::Sender<Reply>>,
 }
 
@@ -146,6 +150,7 @@ struct CheckDone {
     started: Instant,
     taken_at: SystemTime,
     result: CheckResult,
+    probe_duration: Duration,
 }
 
 /// A compact line for `status`.
@@ -177,6 +182,7 @@ pub struct Driver {
     actions_tx: mpsc::Sender<(i64, ActionOutcome)>,
     status_line: String,
     started_at: SystemTime,
+    metrics: Option<Metrics>,
 }
 
 fn session_id_for(at: SystemTime, active: &str) -> String {
@@ -213,6 +219,7 @@ impl Driver {
             actions_tx,
             status_line: String::new(),
             started_at: clock.now(),
+            metrics: inputs.metrics.take(),
         };
         driver.restore().await?;
         driver.publish_status(&inputs.on_status);
@@ -273,6 +280,7 @@ impl Driver {
                         Ok(()) => {
                             let snapshot = flags.as_mut().expect("guarded").borrow_and_update().clone();
                             driver.flags_changed(&snapshot).await;
+                            driver.publish_status(&inputs.on_status);
                         }
                         Err(_) => flags = None,
                     }
@@ -295,6 +303,7 @@ impl Driver {
                     if driver.recorder.backlog() > 0 {
                         driver.recorder.retry().await;
                     }
+                    driver.publish_status(&inputs.on_status);
                 }
             }
         }
@@ -307,7 +316,19 @@ impl Driver {
         self.clock.now()
     }
 
+    /// Tells systemd (`STATUS=`) and the metrics what the daemon is doing now; called
+    /// after every event that may have changed it.
     fn publish_status(&mut self, on_status: &Option<StatusSink>) {
+        if let Some(metrics) = &self.metrics {
+            metrics.session(
+                self.session.as_ref().map(|s| s.row.state.as_str()),
+                self.session
+                    .as_ref()
+                    .and_then(|s| s.last_decision.as_ref())
+                    .map(|d| d.verdict),
+            );
+            metrics.records_pending(self.recorder.backlog());
+        }
         let line = match (&self.session, &self.action) {
             (_, Some(action)) => format!("{} #{} in progress", action.kind, action.id),
             (Some(session), None) => format!(
@@ -434,6 +455,7 @@ impl Driver {
         self.action = Some(RunningAction {
             id: row.id,
             kind,
+            trigger: row.trigger.clone(),
             replies: replies.clone(),
         });
         let ctx = self.context(replies);
@@ -568,7 +590,7 @@ impl Driver {
         tokio::spawn(async move {
             let started = Instant::now();
             let taken_at = clock.now();
-            let result = take_check(&adapters, &worker, limit).await;
+            let (result, probe_duration) = take_check(&adapters, &worker, limit).await;
             let _ = tx
                 .send(CheckDone {
                     session_id,
@@ -576,6 +598,7 @@ impl Driver {
                     started,
                     taken_at,
                     result,
+                    probe_duration,
                 })
                 .await;
         });
@@ -596,6 +619,14 @@ impl Driver {
             (now_ms(done.taken_at) - session.row.promoted_at_ms).max(0) as u64
         );
         let decision = session.engine.observe(at, &done.result);
+        if let Some(metrics) = &self.metrics {
+            metrics.check_observed(
+                decision.verdict,
+                decision.error_rate,
+                decision.error_class,
+                done.probe_duration,
+            );
+        }
         let failed =
             done.result.probe.is_failed() || decision.error_class != crate::engine::ValueClass::Ok;
         let row = CheckRow {
@@ -861,6 +892,17 @@ impl Driver {
             );
         }
         let replies = action.replies;
+        if let Some(metrics) = &self.metrics {
+            match &outcome {
+                ActionOutcome::RolledBack { .. } => {
+                    metrics.rollback_finished(&action.trigger, true)
+                }
+                ActionOutcome::RollbackFailed { .. } => {
+                    metrics.rollback_finished(&action.trigger, false)
+                }
+                ActionOutcome::Escalated { .. } => metrics.escalation_finished(),
+            }
+        }
         match &outcome {
             ActionOutcome::RolledBack { from, to, artifact } => {
                 // The operator's answer first: the rollback is done and recorded; the
@@ -983,6 +1025,9 @@ impl Driver {
             .get(&self.config.config.kill_switch.key)
             .cloned();
         self.kill_value = Some(value.clone());
+        if let Some(metrics) = &self.metrics {
+            metrics.kill_switch(value.as_deref() == Some("1"));
+        }
         let last_seen = self
             .db
             .call(|store| store.get_meta(KILL_SWITCH_SEEN))
@@ -1022,6 +1067,9 @@ impl Driver {
         let key = self.config.config.kill_switch.key.clone();
         let value = snapshot.rows.get(&key).cloned();
         let before = self.kill_value.replace(value.clone());
+        if let Some(metrics) = &self.metrics {
+            metrics.kill_switch(value.as_deref() == Some("1"));
+        }
         let Some(before) = before else { return };
         if before == value {
             return;
@@ -1573,18 +1621,25 @@ pub fn new_session_row(
 }
 
 /// One check: probe, snapshot and resources at once, each bounded by `limit` in its
-/// adapter; a safety net here cuts an adapter that ignores its limit.
-pub async fn take_check(adapters: &Adapters, worker: &str, limit: Duration) -> CheckResult {
+/// adapter; a safety net here cuts an adapter that ignores its limit. Also returns how
+/// long the worker probe took (for the probe-duration metric).
+pub async fn take_check(
+    adapters: &Adapters,
+    worker: &str,
+    limit: Duration,
+) -> (CheckResult, Duration) {
     let net = limit * 2 + Duration::from_secs(1);
     let probe = async {
-        tokio::time::timeout(net, adapters.probe.probe(worker))
+        let started = Instant::now();
+        let outcome = tokio::time::timeout(net, adapters.probe.probe(worker))
             .await
             .unwrap_or_else(|_| {
                 ProbeOutcome::failed(format!(
                     "probe did not finish within {}",
                     crate::config::show(net)
                 ))
-            })
+            });
+        (outcome, started.elapsed())
     };
     let snapshot = async {
         tokio::time::timeout(net, adapters.snapshot.snapshot())
@@ -1602,10 +1657,11 @@ pub async fn take_check(adapters: &Adapters, worker: &str, limit: Duration) -> C
             .ok()
             .flatten()
     };
-    let (probe, snapshot, resources) = tokio::join!(probe, snapshot, resources);
-    CheckResult {
+    let ((probe, probe_duration), snapshot, resources) = tokio::join!(probe, snapshot, resources);
+    let result = CheckResult {
         probe,
         snapshot,
         resources,
-    }
+    };
+    (result, probe_duration)
 }

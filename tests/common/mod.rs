@@ -314,3 +314,111 @@ pub fn sqlite3_available() -> bool {
         .map(|o| o.status.success())
         .unwrap_or(false)
 }
+
+impl Setup {
+    /// Rewrites the configuration file in place (e.g. to swap the snapshot source).
+    pub fn rewrite_config(&self, edit: impl FnOnce(&mut toml::Table)) {
+        let mut table: toml::Table = std::fs::read_to_string(&self.config)
+            .unwrap()
+            .parse()
+            .unwrap();
+        edit(&mut table);
+        std::fs::write(&self.config, toml::to_string(&table).unwrap()).unwrap();
+    }
+
+    /// The HTTP endpoint's address as the daemon logs it once bound (so `[http] listen`
+    /// can ask for port 0).
+    pub fn http_addr(&self) -> std::net::SocketAddr {
+        let mut found = None;
+        wait_for(Duration::from_secs(10), || {
+            found = self
+                .daemon_log()
+                .lines()
+                .filter(|line| line.contains("http endpoint listening"))
+                .find_map(|line| {
+                    let rest = &line[line.find("addr=")? + "addr=".len()..];
+                    rest.split_whitespace().next()?.parse().ok()
+                });
+            found.is_some()
+        });
+        found.unwrap_or_else(|| {
+            panic!(
+                "the daemon did not log its http address; log:\n{}",
+                self.daemon_log()
+            )
+        })
+    }
+}
+
+/// A plain HTTP/1.1 response.
+#[derive(Debug)]
+pub struct HttpResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl HttpResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// One request on its own connection (`connection: close`); bodies are content-length
+/// framed, as hyper sends a full body.
+pub fn http_request(
+    method: &str,
+    addr: std::net::SocketAddr,
+    path: &str,
+) -> std::io::Result<HttpResponse> {
+    use std::io::Read;
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\ncontent-length: 0\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_owned(), v.trim().to_owned()))
+        .collect();
+    Ok(HttpResponse {
+        status,
+        headers,
+        body: body.to_owned(),
+    })
+}
+
+pub fn http_get(addr: std::net::SocketAddr, path: &str) -> HttpResponse {
+    http_request("GET", addr, path).unwrap_or_else(|e| panic!("GET {path} on {addr}: {e}"))
+}
+
+/// The value of the sample whose series is exactly `series` in a text exposition.
+pub fn metric_value(exposition: &str, series: &str) -> Option<f64> {
+    exposition.lines().find_map(|line| {
+        let value = line.strip_prefix(series)?.strip_prefix(' ')?;
+        value.split_whitespace().next()?.parse().ok()
+    })
+}
+
+/// A loopback port that was free a moment ago (for programs that cannot report theirs).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}

@@ -299,7 +299,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             let reloader: crate::daemon::Reloader = std::sync::Arc::new(move || {
                 config::load(config_path.as_deref(), &config::process_env())
             });
-            runtime()?.block_on(crate::service::run(
+            daemon_runtime()?.block_on(crate::service::run(
                 loaded,
                 reloader,
                 crate::service::real_adapters(),
@@ -350,6 +350,15 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             runtime()?.block_on(crate::commands::run(&cli.command, &loaded))
         }
     }
+}
+
+/// The daemon's runtime: one thread is plenty for one driver and a check at a time, and
+/// it halves the cross-thread wake-ups of a two-worker runtime (CPU while monitoring).
+/// SQLite, file writes and hooks' waits run on the blocking pool.
+fn daemon_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
 }
 
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {

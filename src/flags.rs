@@ -224,6 +224,8 @@ struct Poller {
     data_version: Option<i64>,
     last_full_read: Option<Instant>,
     busy_since: Option<Instant>,
+    /// The last poll found no database file.
+    missing: bool,
     current: Arc<FlagsSnapshot>,
 }
 
@@ -237,6 +239,7 @@ impl Poller {
             data_version: None,
             last_full_read: None,
             busy_since: None,
+            missing: false,
             current: Arc::new(FlagsSnapshot::default()),
         }
     }
@@ -250,6 +253,7 @@ impl Poller {
             }
             Ok(Some(rows)) => {
                 self.busy_since = None;
+                self.missing = false;
                 self.publish(rows, None)
             }
             Err(error) if error.is_busy() => {
@@ -268,7 +272,15 @@ impl Poller {
                 }
                 None
             }
+            // Still missing, as at the last poll: nothing new to say, and saying it again
+            // (formatting the error) was most of an idle daemon's CPU.
+            Err(PollError::File(error))
+                if error.kind() == std::io::ErrorKind::NotFound && self.missing =>
+            {
+                None
+            }
             Err(error) => {
+                self.missing = matches!(&error, PollError::File(e) if e.kind() == std::io::ErrorKind::NotFound);
                 self.busy_since = None;
                 self.close();
                 let rows = self.current.rows.clone();

@@ -453,7 +453,20 @@ impl Store {
 
     /// Records a check. Idempotent: a check already recorded under the same
     /// `(session_id, check_index)` is kept as it is (first write wins).
+    ///
+    /// Checks are committed with `synchronous=NORMAL`: in WAL mode that survives a crash
+    /// or kill -9 of the daemon, and only a power loss can take the last few checks (the
+    /// next `FULL` commit — any session or action write — syncs them too). Checks are
+    /// evidence, rewritten every interval; actions and sessions keep `FULL`. This halves
+    /// the fsyncs of a check.
     pub fn insert_check(&mut self, c: &CheckRow) -> Result<(), StoreError> {
+        self.conn.pragma_update(None, "synchronous", "NORMAL")?;
+        let result = self.insert_check_row(c);
+        self.conn.pragma_update(None, "synchronous", "FULL")?;
+        result
+    }
+
+    fn insert_check_row(&mut self, c: &CheckRow) -> Result<(), StoreError> {
         self.write_one(
             &format!(
                 "INSERT OR IGNORE INTO checks ({CHECK_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"

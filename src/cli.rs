@@ -136,6 +136,12 @@ pub enum Command {
         action: FlagsAction,
     },
 
+    /// The audit log (state_dir/analytics/audit.log)
+    Audit {
+        #[command(subcommand)]
+        action: AuditAction,
+    },
+
     /// Replay a JSON-lines trace of checks through the engine and print the verdict
     /// timeline and the first action
     Simulate {
@@ -143,6 +149,38 @@ pub enum Command {
         #[arg(long, value_name = "FILE")]
         trace: PathBuf,
         /// One JSON object per evaluated check instead of the human timeline
+        #[arg(long)]
+        json: bool,
+    },
+
+    /// Shell completions for bash, zsh or fish, generated from these definitions
+    Completions {
+        #[arg(value_enum)]
+        shell: CompletionShell,
+    },
+
+    /// The manual page (roff), generated from these definitions
+    Man,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CompletionShell {
+    Bash,
+    Zsh,
+    Fish,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditAction {
+    /// The last lines of the audit log, one readable line per event
+    Tail {
+        /// Keep printing lines as they are appended (through truncation and rotation)
+        #[arg(long, short = 'f')]
+        follow: bool,
+        /// How many of the last lines to print first
+        #[arg(long, short = 'n', value_name = "N", default_value_t = 20)]
+        lines: usize,
+        /// The raw JSON lines, unchanged (for jq)
         #[arg(long)]
         json: bool,
     },
@@ -284,6 +322,51 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Simulate { trace, json } => {
             let loaded = load_config(&cli)?;
             simulate(&loaded, trace, *json)
+        }
+        Command::Audit {
+            action:
+                AuditAction::Tail {
+                    follow,
+                    lines,
+                    json,
+                },
+        } => {
+            let loaded = load_config(&cli)?;
+            let path = loaded
+                .config
+                .analytics_dir()
+                .join(crate::audit::AUDIT_LOG_FILE);
+            let style = crate::tail::TailStyle {
+                json: *json,
+                colour: !*json && std::io::stdout().is_terminal(),
+            };
+            runtime()?.block_on(async {
+                let mut out = std::io::stdout();
+                let stop = async {
+                    let _ = tokio::signal::ctrl_c().await;
+                };
+                crate::tail::audit_tail(&path, *lines, *follow, style, &mut out, stop).await
+            })?;
+            Ok(exit::SUCCESS)
+        }
+        Command::Completions { shell } => {
+            let shell = match shell {
+                CompletionShell::Bash => clap_complete::Shell::Bash,
+                CompletionShell::Zsh => clap_complete::Shell::Zsh,
+                CompletionShell::Fish => clap_complete::Shell::Fish,
+            };
+            let mut command = <Cli as clap::CommandFactory>::command();
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut command, "rollbackd", &mut out);
+            std::io::stdout().lock().write_all(&out)?;
+            Ok(exit::SUCCESS)
+        }
+        Command::Man => {
+            let command = <Cli as clap::CommandFactory>::command();
+            let mut out = Vec::new();
+            clap_mangen::Man::new(command).render(&mut out)?;
+            std::io::stdout().lock().write_all(&out)?;
+            Ok(exit::SUCCESS)
         }
         Command::DemoHook { state_dir, to } => {
             crate::demo::hook(state_dir, to)?;

@@ -396,6 +396,7 @@ async fn local_rollback(
         .into());
     };
     let recorder = Recorder::new(config.config.analytics_dir(), Some(db.clone())).await;
+    recorder.set_alerts(crate::alerts::Alerter::from_config(&config.config.alerts));
     let adapters = (crate::service::real_adapters())(&config.config);
     let (progress_tx, mut progress_rx) = mpsc::channel::<Reply>(16);
     let printer = tokio::spawn(async move {
@@ -508,6 +509,10 @@ async fn local_rollback(
     };
     drop(ctx);
     recorder.retry().await;
+    // The rollback is done; its alerts get one POST timeout's worth of time to go out.
+    if !recorder.flush_alerts(config.config.alerts.timeout).await {
+        tracing::warn!("exiting with alerts not yet delivered");
+    }
     let _ = printer.await;
     Ok(value)
 }

@@ -1112,6 +1112,12 @@ fn build(
     if let Some(url) = &alerts.webhook_url {
         check_http_url("alerts.webhook_url", url, &mut problem);
     }
+    if alerts.timeout < min_interval {
+        problem(
+            "alerts.timeout",
+            format!("must be at least 10ms, got {}", show(alerts.timeout)),
+        );
+    }
     if alerts.max_retries > 10 {
         problem(
             "alerts.max_retries",

@@ -3,6 +3,7 @@
 //! See `docs/ARCHITECTURE.md` for the codemap and the invariants.
 
 pub mod adapters;
+pub mod alerts;
 pub mod audit;
 pub mod check;
 pub mod cli;

@@ -1,7 +1,245 @@
 //! Reading `audit.log` for humans: one line per event (local time, event, workers,
 //! verdict, reason). Used by `rollbackd audit tail` and the demo.
+//!
+//! `audit tail -f` follows the file by polling (no inotify: it works the same on every
+//! filesystem and needs no dependency). Between polls the file may have grown (print the
+//! new complete lines), shrunk below what was read (truncated: start again from 0), or been
+//! replaced (rotated: another inode at the path; the old file is read to its end first,
+//! then the new one from its start).
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde_json::Value;
+
+/// Shown before a line that is not an audit record; the line itself follows unchanged.
+pub const UNPARSED_MARKER: &str = "[unparsed]";
+
+/// How `audit tail` shows each line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TailStyle {
+    /// The raw JSON line, unchanged (for `jq`).
+    pub json: bool,
+    /// ANSI colours (only when stdout is a terminal).
+    pub colour: bool,
+}
+
+/// One line of the log as `audit tail` prints it. Never fails: a line that is not an
+/// audit record is shown raw after [`UNPARSED_MARKER`].
+pub fn render_line(line: &str, style: TailStyle) -> String {
+    if style.json {
+        return line.to_owned();
+    }
+    format_line(line, style.colour).unwrap_or_else(|| format!("{UNPARSED_MARKER} {line}"))
+}
+
+/// The last `n` lines of `path` (fewer if the file is shorter) and the byte offset just
+/// after the last complete line. Reads backwards from the end, so a long log costs no
+/// more than the lines shown. A final line without its newline is left for the follower.
+pub fn last_lines(path: &Path, n: usize) -> std::io::Result<(Vec<String>, u64)> {
+    let mut file = File::open(path)?;
+    let len = file.metadata()?.len();
+    // Only complete lines count: find the end of the last one.
+    let mut tail_chunk: Vec<u8> = Vec::new();
+    let mut pos = len;
+    let chunk_size: u64 = 64 * 1024;
+    // Read chunks from the end until n+1 newlines (or the start) are in memory.
+    loop {
+        let newlines = tail_chunk.iter().filter(|&&b| b == b'\n').count();
+        if pos == 0 || newlines > n {
+            break;
+        }
+        let start = pos.saturating_sub(chunk_size);
+        let mut chunk = vec![0u8; (pos - start) as usize];
+        file.seek(SeekFrom::Start(start))?;
+        file.read_exact(&mut chunk)?;
+        chunk.extend_from_slice(&tail_chunk);
+        tail_chunk = chunk;
+        pos = start;
+    }
+    let offset = match tail_chunk.iter().rposition(|&b| b == b'\n') {
+        Some(last_newline) => {
+            tail_chunk.truncate(last_newline + 1);
+            pos + last_newline as u64 + 1
+        }
+        None => {
+            tail_chunk.clear();
+            0
+        }
+    };
+    let text = String::from_utf8_lossy(&tail_chunk);
+    let mut lines: Vec<String> = text
+        .split('\n')
+        .filter(|line| !line.is_empty())
+        .map(str::to_owned)
+        .collect();
+    // The first line may be cut by the chunk boundary; it is dropped when there are more
+    // than n, which is the only case in which it is not the file's first line.
+    if lines.len() > n {
+        lines.drain(..lines.len() - n);
+    }
+    Ok((lines, offset))
+}
+
+/// Follows a file through appends, truncation and rotation.
+pub struct Follower {
+    path: PathBuf,
+    file: Option<File>,
+    inode: Option<(u64, u64)>,
+    offset: u64,
+    partial: Vec<u8>,
+}
+
+impl Follower {
+    /// Starts at `offset` of the file now at `path` (which may not exist yet).
+    pub fn new(path: &Path, offset: u64) -> Follower {
+        let file = File::open(path).ok();
+        let inode = file
+            .as_ref()
+            .and_then(|f| f.metadata().ok())
+            .map(|m| (m.dev(), m.ino()));
+        Follower {
+            path: path.to_owned(),
+            file,
+            inode,
+            offset: if inode.is_some() { offset } else { 0 },
+            partial: Vec::new(),
+        }
+    }
+
+    /// The complete lines that arrived since the last poll.
+    pub fn poll(&mut self) -> std::io::Result<Vec<String>> {
+        let mut lines = Vec::new();
+        let now_at_path = std::fs::metadata(&self.path)
+            .ok()
+            .map(|m| ((m.dev(), m.ino()), m.len()));
+        match now_at_path {
+            Some((inode, _)) if Some(inode) != self.inode => {
+                // Rotated (or created): finish the old file, then read the new one from 0.
+                if self.file.is_some() {
+                    self.read_available(&mut lines)?;
+                    self.flush_partial(&mut lines);
+                }
+                match File::open(&self.path) {
+                    Ok(file) => {
+                        self.inode = file.metadata().ok().map(|m| (m.dev(), m.ino()));
+                        self.file = Some(file);
+                    }
+                    Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                        self.file = None;
+                        self.inode = None;
+                    }
+                    Err(err) => return Err(err),
+                }
+                self.offset = 0;
+                self.partial.clear();
+            }
+            Some((_, len)) if len < self.offset => {
+                // Truncated in place: everything now in it is new.
+                self.offset = 0;
+                self.partial.clear();
+            }
+            Some(_) => {}
+            // Removed and not yet re-created: the old file may still get its last lines.
+            None => {}
+        }
+        if self.file.is_some() {
+            self.read_available(&mut lines)?;
+        }
+        Ok(lines)
+    }
+
+    fn read_available(&mut self, lines: &mut Vec<String>) -> std::io::Result<()> {
+        let Some(file) = self.file.as_mut() else {
+            return Ok(());
+        };
+        file.seek(SeekFrom::Start(self.offset))?;
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes)?;
+        self.offset += bytes.len() as u64;
+        self.partial.extend_from_slice(&bytes);
+        if let Some(last_newline) = self.partial.iter().rposition(|&b| b == b'\n') {
+            let rest = self.partial.split_off(last_newline + 1);
+            let complete = std::mem::replace(&mut self.partial, rest);
+            lines.extend(
+                String::from_utf8_lossy(&complete)
+                    .split('\n')
+                    .filter(|line| !line.is_empty())
+                    .map(str::to_owned),
+            );
+        }
+        Ok(())
+    }
+
+    /// A rotated-away file's last line without its newline is still a line.
+    fn flush_partial(&mut self, lines: &mut Vec<String>) {
+        if !self.partial.is_empty() {
+            lines.push(String::from_utf8_lossy(&self.partial).into_owned());
+            self.partial.clear();
+        }
+    }
+}
+
+/// How often `audit tail -f` looks at the file.
+pub const FOLLOW_INTERVAL: Duration = Duration::from_millis(200);
+
+/// `rollbackd audit tail`: the last `n` lines of `path`; with `follow`, then every line
+/// appended until `stop` resolves.
+pub async fn audit_tail(
+    path: &Path,
+    n: usize,
+    follow: bool,
+    style: TailStyle,
+    out: &mut impl Write,
+    stop: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let offset = match last_lines(path, n) {
+        Ok((lines, offset)) => {
+            for line in lines {
+                writeln!(out, "{}", render_line(&line, style))?;
+            }
+            out.flush()?;
+            offset
+        }
+        Err(err) if follow && err.kind() == std::io::ErrorKind::NotFound => {
+            eprintln!(
+                "rollbackd: no audit log at {} yet; waiting for it",
+                path.display()
+            );
+            0
+        }
+        Err(err) => {
+            return Err(err).with_context(|| format!("cannot read {}", path.display()));
+        }
+    };
+    if !follow {
+        return Ok(());
+    }
+    let mut follower = Follower::new(path, offset);
+    tokio::pin!(stop);
+    let mut interval = tokio::time::interval(FOLLOW_INTERVAL);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tokio::select! {
+            _ = &mut stop => return Ok(()),
+            _ = interval.tick() => {
+                let lines = follower
+                    .poll()
+                    .with_context(|| format!("cannot read {}", path.display()))?;
+                for line in &lines {
+                    writeln!(out, "{}", render_line(line, style))?;
+                }
+                if !lines.is_empty() {
+                    out.flush()?;
+                }
+            }
+        }
+    }
+}
 
 /// Formats one audit record as a readable line; `None` if the line is not a JSON object.
 pub fn format_line(line: &str, colour: bool) -> Option<String> {
@@ -129,6 +367,33 @@ fn local_time(t: std::time::SystemTime) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn last_lines_reads_across_chunks_and_leaves_an_unfinished_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let mut text = String::new();
+        for i in 0..3000 {
+            text.push_str(&format!(
+                "{{\"line\": {i}, \"pad\": \"{}\"}}\n",
+                "x".repeat(90)
+            ));
+        }
+        let complete = text.len() as u64;
+        text.push_str("{\"unfinished");
+        std::fs::write(&path, &text).unwrap();
+        let (lines, offset) = last_lines(&path, 2500).unwrap();
+        assert_eq!(lines.len(), 2500);
+        assert!(lines[0].starts_with("{\"line\": 500,"), "{}", lines[0]);
+        assert!(lines[2499].starts_with("{\"line\": 2999,"));
+        assert_eq!(
+            offset, complete,
+            "the unfinished line is left for the follower"
+        );
+        let (all, _) = last_lines(&path, 10_000).unwrap();
+        assert_eq!(all.len(), 3000);
+        assert_eq!(last_lines(&path, 0).unwrap().0, Vec::<String>::new());
+    }
 
     #[test]
     fn formats_events_readably() {

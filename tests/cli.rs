@@ -227,3 +227,212 @@ fn usage_errors_exit_2() {
     let (code, _, _) = run(&["no-such-command"], &[]);
     assert_eq!(code, 2);
 }
+
+fn health_line(index: u32) -> String {
+    format!(
+        r#"{{"timestamp":"2025-10-22T14:32:15.000Z","event":"health-check","sessionId":"s-1","worker":"v2","checkIndex":{index},"verdict":"healthy","errorRate":0.01,"probe":"ok"}}"#
+    )
+}
+
+fn write_audit_log(setup: &Setup, lines: &[String]) -> std::path::PathBuf {
+    let dir = setup.state().join("analytics");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("audit.log");
+    let mut text = lines.join("\n");
+    text.push('\n');
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn append(path: &std::path::Path, line: &str) {
+    use std::io::Write;
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(path)
+        .unwrap();
+    writeln!(file, "{line}").unwrap();
+}
+
+#[test]
+fn audit_tail_prints_the_last_lines_readably_and_marks_unparsed_ones() {
+    let setup = Setup::new("");
+    let mut lines: Vec<String> = (1..=30).map(health_line).collect();
+    lines.push("{torn or garbage".into());
+    write_audit_log(&setup, &lines);
+
+    let out = setup.cli(&["audit", "tail", "-n", "3"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let shown: Vec<&str> = stdout.lines().collect();
+    assert_eq!(shown.len(), 3, "{stdout}");
+    assert!(
+        shown[0].contains("health-check")
+            && shown[0].contains("v2 #29 verdict=healthy error=1.0% probe=ok"),
+        "{stdout}"
+    );
+    assert!(shown[1].contains("#30"), "{stdout}");
+    assert_eq!(shown[2], "[unparsed] {torn or garbage");
+    assert!(
+        !stdout.contains('\x1b'),
+        "no colour when stdout is not a terminal"
+    );
+
+    let out = setup.cli(&["audit", "tail"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(stdout.lines().count(), 20, "20 lines by default");
+    assert!(stdout.lines().next().unwrap().contains("#12"), "{stdout}");
+}
+
+#[test]
+fn audit_tail_json_passes_the_raw_lines_through() {
+    let setup = Setup::new("");
+    let mut lines: Vec<String> = (1..=5).map(health_line).collect();
+    lines.push("not json at all".into());
+    write_audit_log(&setup, &lines);
+    let out = setup.cli(&["audit", "tail", "--json", "-n", "4"]);
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("{}\n", lines[2..].join("\n")),
+        "byte for byte, unparsed lines included"
+    );
+}
+
+#[test]
+fn audit_tail_without_a_log_fails_with_its_path() {
+    let setup = Setup::new("");
+    let out = setup.cli(&["audit", "tail"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("analytics/audit.log"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `audit tail -f` as a child whose stdout lines arrive on a channel.
+struct Following {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Following {
+    fn start(setup: &Setup, args: &[&str]) -> Following {
+        use std::io::BufRead;
+        let mut child = Command::new(BIN)
+            .arg("--config")
+            .arg(&setup.config)
+            .args(["audit", "tail", "-f"])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Following { child, lines }
+    }
+
+    /// The next line, or a panic after 10 s.
+    fn next(&self, what: &str) -> String {
+        self.lines
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .unwrap_or_else(|_| panic!("no line within 10 s: expected {what}"))
+    }
+}
+
+impl Drop for Following {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn audit_tail_follow_picks_up_appends_truncation_and_rotation() {
+    let setup = Setup::new("");
+    let lines: Vec<String> = (1..=3).map(health_line).collect();
+    let path = write_audit_log(&setup, &lines);
+    let follow = Following::start(&setup, &["-n", "1", "--json"]);
+    assert_eq!(follow.next("the last existing line"), lines[2]);
+
+    // Appended lines.
+    append(&path, &health_line(4));
+    append(&path, &health_line(5));
+    assert_eq!(follow.next("appended line 4"), health_line(4));
+    assert_eq!(follow.next("appended line 5"), health_line(5));
+
+    // Truncated in place (copytruncate), then written again: read from the start.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    // Whether or not the follower polls while it is empty, one line is shorter than
+    // what it had read: it starts again from 0.
+    append(&path, &health_line(6));
+    assert_eq!(follow.next("line 6 after truncation"), health_line(6));
+
+    // Rotated: renamed away and replaced by a new file.
+    let rotated = path.with_extension("log.1");
+    std::fs::rename(&path, &rotated).unwrap();
+    append(&rotated, &health_line(7));
+    append(&path, &health_line(8));
+    assert_eq!(
+        follow.next("line 7, written to the old file after the rename"),
+        health_line(7)
+    );
+    assert_eq!(follow.next("line 8 from the new file"), health_line(8));
+    append(&path, &health_line(9));
+    assert_eq!(follow.next("line 9"), health_line(9));
+}
+
+#[test]
+fn audit_tail_follow_shows_readable_lines_for_a_log_that_appears_later() {
+    let setup = Setup::new("");
+    let follow = Following::start(&setup, &[]);
+    let path = write_audit_log(&setup, &[health_line(1)]);
+    let shown = follow.next("the first line of a new log");
+    assert!(shown.contains("v2 #1 verdict=healthy"), "{shown}");
+    append(&path, "not an audit record");
+    append(&path, &health_line(2));
+    assert_eq!(
+        follow.next("unparsed line"),
+        "[unparsed] not an audit record"
+    );
+    assert!(follow.next("line 2").contains("#2"));
+}
+
+#[test]
+fn completions_and_man_page_are_generated_from_the_command_line() {
+    for shell in ["bash", "zsh", "fish"] {
+        let (code, out, err) = run(&["completions", shell], &[]);
+        assert_eq!(code, 0, "{shell}: {err}");
+        assert!(out.contains("kill-switch"), "{shell}: {out}");
+        assert!(out.contains("audit"), "{shell}");
+    }
+    let (code, out, err) = run(&["man"], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.starts_with(".ie") || out.contains(".TH rollbackd"),
+        "{out}"
+    );
+    assert!(out.contains("kill\\-switch"), "{out}");
+    let (code, _, _) = run(&["completions", "powershell"], &[]);
+    assert_eq!(code, 2, "only bash, zsh and fish");
+}

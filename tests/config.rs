@@ -278,6 +278,7 @@ fn bad_configurations_are_refused_naming_the_key() {
         ),
         ("[http]\nlisten = \"everywhere\"", &[], "http.listen"),
         ("[alerts]\nformat = \"teams\"", &[], "alerts.format"),
+        ("[alerts]\ntimeout = \"0s\"", &[], "alerts.timeout"),
         ("[kill_switch]\nkey = \"\"", &[], "kill_switch.key"),
         (
             "[flags.defaults]\nNEW_CHECKOUT = 0",

@@ -313,3 +313,75 @@ fn systemd_notify_ready_status_watchdog_stopping() {
     recv_until(&mut received, "STOPPING=1");
     assert!(ready_at < received.len());
 }
+
+/// A webhook that reads each request and never answers; returns its port and the
+/// request bodies it has seen.
+fn silent_webhook() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use std::io::Read;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let bodies = seen.clone();
+    std::thread::spawn(move || {
+        for mut stream in listener.incoming().flatten() {
+            let bodies = bodies.clone();
+            std::thread::spawn(move || {
+                // Keep everything that arrives; never write a byte back.
+                let mut request = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while let Ok(n) = stream.read(&mut chunk) {
+                    if n == 0 {
+                        break;
+                    }
+                    request.extend_from_slice(&chunk[..n]);
+                    let text = String::from_utf8_lossy(&request).into_owned();
+                    if let Some((_, body)) = text.split_once("\r\n\r\n") {
+                        if !body.is_empty() {
+                            bodies.lock().unwrap().push(body.to_owned());
+                            request.clear();
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (port, seen)
+}
+
+#[test]
+fn a_webhook_that_never_answers_does_not_delay_the_rollback() {
+    let (port, seen) = silent_webhook();
+    let setup = Setup::new(&format!(
+        "[alerts]\nwebhook_url = \"http://127.0.0.1:{port}/hook\"\ntimeout = \"10s\"\nmax_retries = 3"
+    ));
+    let _daemon = setup.start();
+    promote(&setup);
+    setup.routes.error_rate(0.45);
+    let waited = wait_for(Duration::from_secs(20), || {
+        !setup.events("rollback-executed").is_empty()
+    });
+    assert!(
+        waited.is_some(),
+        "no rollback; daemon log:\n{}",
+        setup.daemon_log()
+    );
+    // Well inside one webhook timeout (10 s): nothing waited for the webhook.
+    assert!(
+        waited.unwrap() < Duration::from_secs(8),
+        "rollback took {waited:?}"
+    );
+    assert_eq!(setup.switches(), ["v1"]);
+    // The alert went out (and hangs there, unanswered) while the rollback finished.
+    let alerted = wait_for(Duration::from_secs(5), || {
+        seen.lock()
+            .unwrap()
+            .iter()
+            .any(|body| body.contains("\"rollback-executed\""))
+    });
+    assert!(
+        alerted.is_some(),
+        "the webhook saw no rollback alert: {:?}; daemon log:\n{}",
+        seen.lock().unwrap(),
+        setup.daemon_log()
+    );
+}

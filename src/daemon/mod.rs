@@ -197,6 +197,7 @@ impl Driver {
         let db_path = config.config.rollbackd_db();
         let db = tokio::task::spawn_blocking(move || Db::open(&db_path)).await??;
         let recorder = Recorder::new(config.config.analytics_dir(), Some(db.clone())).await;
+        recorder.set_alerts(crate::alerts::Alerter::from_config(&config.config.alerts));
         let adapters = (inputs.factory)(&config.config);
         let (checks_tx, mut checks_rx) = mpsc::channel(4);
         let (actions_tx, mut actions_rx) = mpsc::channel(4);
@@ -308,6 +309,14 @@ impl Driver {
             }
         }
         driver.recorder.retry().await;
+        // Alerts still queued get one POST timeout's worth of time before the process exits.
+        if !driver
+            .recorder
+            .flush_alerts(driver.config.config.alerts.timeout)
+            .await
+        {
+            tracing::warn!("stopping with alerts not yet delivered");
+        }
         tracing::info!("driver stopped");
         Ok(())
     }
@@ -1123,6 +1132,11 @@ impl Driver {
             Ok(Ok(loaded)) => {
                 let old_hash = self.config.hash.clone();
                 self.adapters = (self.factory)(&loaded.config);
+                if loaded.config.alerts != self.config.config.alerts {
+                    // Alerts queued for the old webhook are still sent by its task.
+                    self.recorder
+                        .set_alerts(crate::alerts::Alerter::from_config(&loaded.config.alerts));
+                }
                 self.config = Arc::new(loaded);
                 if let Some(session) = &mut self.session {
                     // The window is replayed under the new thresholds.

@@ -5,6 +5,10 @@
 //! record stays queued — also copied into the `outbox` table of `rollbackd.db` when that
 //! is writable, so a restart does not lose it — and is retried on the next record or the
 //! next [`Recorder::retry`]. Records are written in the order they were made.
+//!
+//! The recorder is also the one place alerts come from: with an [`Alerter`] attached,
+//! every audit record whose event is alerted (rollback executed/failed, escalation,
+//! kill-switch changes) is handed to it as it is recorded. Handing over never waits.
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -13,6 +17,7 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
+use crate::alerts::Alerter;
 use crate::audit::{
     Analytics, ArtifactKind, AuditRecord, DecisionRecord, KillSwitchRecord, WorkerManagerRecord,
 };
@@ -57,6 +62,8 @@ pub struct Recorder {
     inner: Arc<Mutex<Inner>>,
     db: Option<Db>,
     dir: PathBuf,
+    /// Shared by every clone, so a reload that replaces it reaches the executor too.
+    alerts: Arc<Mutex<Option<Alerter>>>,
 }
 
 impl Recorder {
@@ -70,6 +77,7 @@ impl Recorder {
             })),
             db,
             dir,
+            alerts: Arc::new(Mutex::new(None)),
         };
         if let Some(db) = &recorder.db {
             match db.call(|store| store.outbox(10_000)).await {
@@ -112,7 +120,40 @@ impl Recorder {
         self.dir.join(name)
     }
 
+    /// Attaches an alerter: alerted audit records are handed to it from now on.
+    pub fn with_alerts(self, alerter: Alerter) -> Recorder {
+        self.set_alerts(Some(alerter));
+        self
+    }
+
+    /// Replaces (or removes) the alerter, for every clone of this recorder.
+    pub fn set_alerts(&self, alerter: Option<Alerter>) {
+        *self.alerts.lock().unwrap_or_else(|p| p.into_inner()) = alerter;
+    }
+
+    /// The attached alerter, if any.
+    pub fn alerter(&self) -> Option<Alerter> {
+        self.alerts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Waits up to `within` for queued alerts to be delivered or given up on (before the
+    /// process exits). True when none is left.
+    pub async fn flush_alerts(&self, within: std::time::Duration) -> bool {
+        match self.alerter() {
+            Some(alerter) => alerter.flush(within).await,
+            None => true,
+        }
+    }
+
+    /// Records an audit line. An alerted event is first handed to the alerter (queued,
+    /// never awaited), so a failing disk does not hold the alert back either.
     pub async fn audit(&self, record: AuditRecord) {
+        if let Some(alerter) = self.alerter() {
+            alerter.send(&record);
+        }
         self.push(Pending::Audit(record)).await;
     }
 

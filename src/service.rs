@@ -23,6 +23,9 @@ use crate::http::HttpServer;
 use crate::metrics::Metrics;
 use crate::notify::Notifier;
 
+/// How often the daemon's own LiveFlags looks for kill-switch changes.
+const DAEMON_FLAGS_POLL: std::time::Duration = std::time::Duration::from_millis(200);
+
 /// The state directory is held by one process at a time: a daemon, or a CLI command
 /// acting on the state directly while no daemon runs.
 pub struct StateLock {
@@ -158,6 +161,9 @@ pub async fn run(
         LiveFlagsOptions {
             kill_key: config.kill_switch.key.clone(),
             defaults: config.flag_defaults.clone(),
+            // The daemon only audits hand-made changes: 200 ms is plenty, and a tenth of
+            // the wake-ups of the 20 ms the applications' LiveFlags use.
+            poll_interval: DAEMON_FLAGS_POLL,
             ..LiveFlagsOptions::default()
         },
     );

@@ -156,17 +156,19 @@ pub async fn run(
     }
     let server_task = tokio::spawn(server.serve(commands_tx, server_shutdown.clone()));
 
-    let flags = LiveFlags::start(
-        config.kill_switch.database.clone(),
-        LiveFlagsOptions {
-            kill_key: config.kill_switch.key.clone(),
-            defaults: config.flag_defaults.clone(),
-            // The daemon only audits hand-made changes: 200 ms is plenty, and a tenth of
-            // the wake-ups of the 20 ms the applications' LiveFlags use.
-            poll_interval: DAEMON_FLAGS_POLL,
-            ..LiveFlagsOptions::default()
-        },
-    );
+    let flags_options = LiveFlagsOptions {
+        kill_key: config.kill_switch.key.clone(),
+        defaults: config.flag_defaults.clone(),
+        // The daemon only audits hand-made changes: 200 ms is plenty, and a tenth of
+        // the wake-ups of the 20 ms the applications' LiveFlags use.
+        poll_interval: DAEMON_FLAGS_POLL,
+        ..LiveFlagsOptions::default()
+    };
+    let flags_db = config.kill_switch.database.clone();
+    // LiveFlags reads the table once as it starts: off the async thread.
+    let flags = tokio::task::spawn_blocking(move || LiveFlags::start(flags_db, flags_options))
+        .await
+        .context("starting LiveFlags")?;
 
     // Signals: TERM/INT stop (after an action in flight), HUP reloads.
     let (reload_tx, reload_rx) = mpsc::channel(1);
@@ -232,7 +234,8 @@ pub async fn run(
         let _ = http_task.await;
     }
     signals.abort();
-    drop(flags);
+    // Joining the LiveFlags thread may wait for its current poll.
+    let _ = tokio::task::spawn_blocking(move || drop(flags)).await;
     tracing::info!(at = %crate::audit::rfc3339_millis(SystemTime::now()), "rollbackd stopped");
     result
 }

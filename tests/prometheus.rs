@@ -118,14 +118,11 @@ fn worker_metrics(error_rate: f64) -> String {
 
 #[test]
 fn rollbackd_rolls_back_on_prometheus_data_and_prometheus_scrapes_rollbackd() {
-    if !prometheus_installed() {
-        // Straight to stderr: libtest captures eprintln! of passing tests, and a skip
-        // must be seen.
-        use std::io::Write;
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIP rollbackd_rolls_back_on_prometheus_data_and_prometheus_scrapes_rollbackd: prometheus not installed"
-        );
+    if !tool_available(
+        prometheus_installed(),
+        "rollbackd_rolls_back_on_prometheus_data_and_prometheus_scrapes_rollbackd",
+        "prometheus",
+    ) {
         return;
     }
     let started = Instant::now();

@@ -53,8 +53,11 @@ fn an_error_spike_rolls_back_and_calls_the_switch_hook_once() {
 
 #[test]
 fn probe_failures_set_the_kill_switch_where_the_sqlite3_shell_sees_it() {
-    if !sqlite3_available() {
-        eprintln!("SKIP probe_failures_set_the_kill_switch...: the sqlite3 shell is not installed");
+    if !tool_available(
+        sqlite3_available(),
+        "probe_failures_set_the_kill_switch",
+        "the sqlite3 shell",
+    ) {
         return;
     }
     let setup = Setup::new("");
@@ -165,8 +168,11 @@ fn kill_9_during_a_slow_switch_then_restart_gives_exactly_one_rollback() {
 
 #[test]
 fn a_hand_made_kill_switch_change_is_audited_as_external() {
-    if !sqlite3_available() {
-        eprintln!("SKIP a_hand_made_kill_switch_change...: the sqlite3 shell is not installed");
+    if !tool_available(
+        sqlite3_available(),
+        "a_hand_made_kill_switch_change",
+        "the sqlite3 shell",
+    ) {
         return;
     }
     let setup = Setup::new("");

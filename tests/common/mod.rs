@@ -422,3 +422,18 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// Whether a test that needs an external tool may run. Locally, a missing tool skips the
+/// test with a line on stderr that libtest does not swallow; in CI (`CI` set), where
+/// `.ci/run` installs the tool, a missing tool fails the test instead of passing silently.
+pub fn tool_available(available: bool, test: &str, tool: &str) -> bool {
+    if available {
+        return true;
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("{test}: {tool} is required in CI (.ci/run installs it) but is missing");
+    }
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIP {test}: {tool} is not installed");
+    false
+}

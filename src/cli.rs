@@ -239,7 +239,10 @@ pub fn main() -> ExitCode {
             });
         }
     };
-    init_logging(&cli);
+    if let Err(message) = init_logging(&cli) {
+        eprintln!("rollbackd: {message}");
+        return ExitCode::from(exit::USAGE);
+    }
     match run(cli) {
         Ok(code) => ExitCode::from(code),
         Err(err) => {
@@ -253,11 +256,19 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn init_logging(cli: &Cli) {
+fn init_logging(cli: &Cli) -> Result<(), String> {
     use tracing_subscriber::EnvFilter;
+    // The daemon logs its work at info; the other commands print their own output and
+    // log only what goes wrong, unless asked.
+    let default = if matches!(cli.command, Command::Run) {
+        "info"
+    } else {
+        "warn"
+    };
     let filter = match &cli.log_level {
-        Some(level) => EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info")),
-        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        Some(level) => EnvFilter::try_new(level)
+            .map_err(|err| format!("invalid --log-level {level:?}: {err}"))?,
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default)),
     };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -268,6 +279,7 @@ fn init_logging(cli: &Cli) {
             .with_ansi(std::io::stderr().is_terminal())
             .try_init(),
     };
+    Ok(())
 }
 
 /// The whole chain of an error, outermost first, joined by ": ".

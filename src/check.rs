@@ -106,8 +106,8 @@ impl Snapshot {
     /// Parses a raw body (HTTP or command output). Never fails: a body that is not JSON
     /// becomes an invalid error rate carrying the body's first bytes.
     pub fn from_body(body: &[u8]) -> Snapshot {
-        match serde_json::from_slice::<Value>(body) {
-            Ok(value) => Snapshot::from_json(&value),
+        match serde_json::from_slice::<SnapshotDoc>(body) {
+            Ok(doc) => doc.0,
             Err(_) => Snapshot {
                 error_rate: Sample::Wrong(truncate_raw(&String::from_utf8_lossy(
                     &body[..body.len().min(RAW_KEEP_BYTES * 4)],
@@ -115,6 +115,185 @@ impl Snapshot {
                 ..Snapshot::default()
             },
         }
+    }
+}
+
+/// A snapshot document read straight from JSON text, without building a map of the
+/// object first (the trace replay reads a million of these a second). Same meaning as
+/// [`Snapshot::from_json`]; a value that is not an object is an invalid error rate.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SnapshotDoc(pub Snapshot);
+
+enum SnapshotKey {
+    FailureRate,
+    Validation,
+    Requests,
+    LatencyP95,
+    LatencyP99,
+    Memory,
+    DbConnectionErrors,
+    Other,
+}
+
+impl<'de> Deserialize<'de> for SnapshotKey {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct KeyVisitor;
+        impl serde::de::Visitor<'_> for KeyVisitor {
+            type Value = SnapshotKey;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a field name")
+            }
+            fn visit_str<E: serde::de::Error>(self, key: &str) -> Result<SnapshotKey, E> {
+                Ok(match key {
+                    "failureRate" => SnapshotKey::FailureRate,
+                    "validation" => SnapshotKey::Validation,
+                    "requests" => SnapshotKey::Requests,
+                    "latencyP95Ms" => SnapshotKey::LatencyP95,
+                    "latencyP99Ms" => SnapshotKey::LatencyP99,
+                    "memoryPercent" => SnapshotKey::Memory,
+                    "dbConnectionErrors" => SnapshotKey::DbConnectionErrors,
+                    _ => SnapshotKey::Other,
+                })
+            }
+        }
+        deserializer.deserialize_identifier(KeyVisitor)
+    }
+}
+
+/// `validation.failureRate`, if `validation` is an object that has one.
+struct NestedRate(Option<Value>);
+
+impl<'de> Deserialize<'de> for NestedRate {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct NestedVisitor;
+        impl<'de> serde::de::Visitor<'de> for NestedVisitor {
+            type Value = NestedRate;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("any value")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<NestedRate, A::Error> {
+                let mut rate = None;
+                while let Some(key) = map.next_key::<SnapshotKey>()? {
+                    match key {
+                        SnapshotKey::FailureRate => rate = Some(map.next_value::<Value>()?),
+                        _ => {
+                            map.next_value::<serde::de::IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(NestedRate(rate))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<NestedRate, A::Error> {
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(NestedRate(None))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<NestedRate, E> {
+                Ok(NestedRate(None))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<NestedRate, E> {
+                Ok(NestedRate(None))
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<NestedRate, E> {
+                Ok(NestedRate(None))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<NestedRate, E> {
+                Ok(NestedRate(None))
+            }
+            fn visit_str<E>(self, _: &str) -> Result<NestedRate, E> {
+                Ok(NestedRate(None))
+            }
+            fn visit_unit<E>(self) -> Result<NestedRate, E> {
+                Ok(NestedRate(None))
+            }
+        }
+        deserializer.deserialize_any(NestedVisitor)
+    }
+}
+
+impl<'de> Deserialize<'de> for SnapshotDoc {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct DocVisitor;
+        fn wrong(value: Value) -> SnapshotDoc {
+            SnapshotDoc(Snapshot {
+                error_rate: Sample::Wrong(truncate_raw(&value.to_string())),
+                ..Snapshot::default()
+            })
+        }
+        impl<'de> serde::de::Visitor<'de> for DocVisitor {
+            type Value = SnapshotDoc;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a snapshot object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<SnapshotDoc, A::Error> {
+                let mut snapshot = Snapshot::default();
+                let mut top = None;
+                let mut nested = None;
+                while let Some(key) = map.next_key::<SnapshotKey>()? {
+                    let field = match key {
+                        SnapshotKey::FailureRate => {
+                            top = Some(map.next_value::<Value>()?);
+                            continue;
+                        }
+                        SnapshotKey::Validation => {
+                            nested = map.next_value::<NestedRate>()?.0;
+                            continue;
+                        }
+                        SnapshotKey::Other => {
+                            map.next_value::<serde::de::IgnoredAny>()?;
+                            continue;
+                        }
+                        SnapshotKey::Requests => &mut snapshot.requests,
+                        SnapshotKey::LatencyP95 => &mut snapshot.latency_p95_ms,
+                        SnapshotKey::LatencyP99 => &mut snapshot.latency_p99_ms,
+                        SnapshotKey::Memory => &mut snapshot.memory_percent,
+                        SnapshotKey::DbConnectionErrors => &mut snapshot.db_connection_errors,
+                    };
+                    *field = Sample::from_json(Some(&map.next_value::<Value>()?));
+                }
+                // As in `from_json`: a present, non-null top-level rate wins.
+                let rate = match top {
+                    Some(value) if !value.is_null() => Some(value),
+                    _ => nested,
+                };
+                snapshot.error_rate = Sample::from_json(rate.as_ref());
+                Ok(SnapshotDoc(snapshot))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                seq: A,
+            ) -> Result<SnapshotDoc, A::Error> {
+                let value = Value::deserialize(serde::de::value::SeqAccessDeserializer::new(seq))?;
+                Ok(wrong(value))
+            }
+            fn visit_bool<E>(self, v: bool) -> Result<SnapshotDoc, E> {
+                Ok(wrong(Value::from(v)))
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<SnapshotDoc, E> {
+                Ok(wrong(Value::from(v)))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<SnapshotDoc, E> {
+                Ok(wrong(Value::from(v)))
+            }
+            fn visit_f64<E>(self, v: f64) -> Result<SnapshotDoc, E> {
+                Ok(wrong(Value::from(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<SnapshotDoc, E> {
+                Ok(wrong(Value::from(v)))
+            }
+            fn visit_unit<E>(self) -> Result<SnapshotDoc, E> {
+                Ok(wrong(Value::Null))
+            }
+        }
+        deserializer.deserialize_any(DocVisitor)
     }
 }
 
@@ -239,6 +418,32 @@ mod tests {
             Snapshot::from_body(deep.as_bytes()).error_rate,
             Sample::Wrong(_)
         ));
+    }
+
+    #[test]
+    fn the_streaming_parser_agrees_with_the_value_parser() {
+        for body in [
+            r#"{"failureRate": 0.25, "requests": 100, "extra": {"deep": [1, 2]}}"#,
+            r#"{"validation": {"failureRate": 0.5, "other": 1}, "latencyP95Ms": 180}"#,
+            r#"{"failureRate": null, "validation": {"failureRate": 0.3}}"#,
+            r#"{"failureRate": 0.1, "validation": {"failureRate": 0.9}}"#,
+            r#"{"failureRate": "0.5", "memoryPercent": [1], "dbConnectionErrors": -3}"#,
+            r#"{"validation": 7, "requests": 1e308}"#,
+            r#"{"failureRate": 1, "failureRate": 0.2}"#,
+            r#"[0.5, {"a": 1}]"#,
+            r#""text""#,
+            "3",
+            "true",
+            "null",
+            "{}",
+        ] {
+            let value: Value = serde_json::from_str(body).unwrap();
+            assert_eq!(
+                Snapshot::from_body(body.as_bytes()),
+                Snapshot::from_json(&value),
+                "{body}"
+            );
+        }
     }
 
     #[test]

@@ -16,7 +16,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::check::{Baseline, CheckResult, ProbeOutcome, Resources, Snapshot, SnapshotOutcome};
+use crate::check::{Baseline, CheckResult, ProbeOutcome, Resources, SnapshotDoc, SnapshotOutcome};
 
 /// One meaningful line of a trace.
 #[derive(Debug, Clone, PartialEq)]
@@ -33,8 +33,9 @@ struct RawLine {
     at: Option<Value>,
     #[serde(default)]
     probe: Option<Value>,
+    /// `null` or absent: the provider was down.
     #[serde(default)]
-    snapshot: Option<Value>,
+    snapshot: Option<SnapshotDoc>,
     #[serde(default)]
     resources: Option<RawResources>,
 }
@@ -92,10 +93,10 @@ pub fn parse_line(line: &str) -> Result<Option<TraceLine>, String> {
         }
     };
     let snapshot = match raw.snapshot {
-        None | Some(Value::Null) => SnapshotOutcome::Unavailable {
+        None => SnapshotOutcome::Unavailable {
             reason: "provider down (snapshot null in trace)".into(),
         },
-        Some(value) => SnapshotOutcome::Values(Snapshot::from_json(&value)),
+        Some(doc) => SnapshotOutcome::Values(doc.0),
     };
     let resources = raw.resources.map(|r| Resources {
         host_memory_percent: r.host_memory_percent,

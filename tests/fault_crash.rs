@@ -1,0 +1,192 @@
+//! Proof under fire: `kill -9` at random points of monitoring and of a rollback, then a
+//! restart, trial after trial. After each trial the records must add up: one artifact per
+//! executed rollback, the switch hook at most twice (the interrupted phase re-run once),
+//! every audit line whole, and the session finished as rolled back.
+//!
+//! Three trials run in the default `cargo test`; `RBD_CRASH_TRIALS=N` runs N (the long
+//! run; see docs/TESTING.md). `RBD_CRASH_SEED=S` replays a seed. (Not `ROLLBACKD_*`: the
+//! daemon refuses unknown variables of its own prefix.)
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// xorshift64*: small, seeded, good enough to pick kill points.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Rng {
+        Rng(seed.max(1))
+    }
+    fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    /// Uniform in `0..bound_ms` milliseconds.
+    fn millis(&mut self, bound_ms: u64) -> Duration {
+        Duration::from_millis(self.next() % bound_ms)
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum KillPoint {
+    /// `delay` after the promotion (while monitoring, or early in the rollback).
+    AfterPromotion(Duration),
+    /// `delay` after the switch hook started (in switch, verify, resume or recording).
+    AfterSwitchStarted(Duration),
+}
+
+fn promote(setup: &Setup) {
+    let out = setup.cli(&["promote", "--active", "v2", "--previous", "v1"]);
+    assert!(
+        out.status.success(),
+        "promote: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// One trial: a fresh state, a failing canary, one `kill -9` at `kill`, a restart, and the
+/// invariants. Returns where the kill landed, for the summary.
+fn trial(index: usize, kill: KillPoint) -> &'static str {
+    let setup = Setup::new("");
+    // The switch hook takes a moment, so kills land inside it too.
+    std::fs::write(setup.path("slow"), "0.4").unwrap();
+    let daemon = setup.start();
+    promote(&setup);
+    setup.routes.error_rate(0.5);
+    match kill {
+        KillPoint::AfterPromotion(delay) => std::thread::sleep(delay),
+        KillPoint::AfterSwitchStarted(delay) => {
+            let started = wait_for(Duration::from_secs(20), || !setup.switches().is_empty());
+            assert!(
+                started.is_some(),
+                "trial {index}: the switch never started; log:\n{}",
+                setup.daemon_log()
+            );
+            std::thread::sleep(delay);
+        }
+    }
+    let landed = landed_in(&setup);
+    daemon.kill9();
+    let log_before = setup.daemon_log();
+
+    let daemon = setup.start();
+    let finished = wait_for(Duration::from_secs(30), || {
+        setup
+            .events("monitoring-stopped")
+            .iter()
+            .any(|line| line["state"] == "rolled-back")
+    });
+    assert!(
+        finished.is_some(),
+        "trial {index} ({kill:?}, landed {landed}): the session did not finish as rolled back\n\
+         before the kill:\n{log_before}\nafter the restart:\n{}",
+        setup.daemon_log()
+    );
+    // A clean stop makes the counts final: nothing is written after the daemon exits.
+    assert_eq!(daemon.terminate().code(), Some(0), "trial {index}");
+
+    let context = || {
+        format!(
+            "trial {index} ({kill:?}, landed {landed})\naudit:\n{}\nlog after restart:\n{}",
+            std::fs::read_to_string(setup.state().join("analytics/audit.log")).unwrap_or_default(),
+            setup.daemon_log()
+        )
+    };
+    // Every audit line parses (audit() panics on a torn line).
+    let audit = setup.audit();
+    let count = |event: &str| audit.iter().filter(|l| l["event"] == event).count();
+    let executed = count("rollback-executed");
+    assert_eq!(executed, 1, "one rollback executed; {}", context());
+    assert_eq!(
+        setup.artifacts("rollback_").len(),
+        executed,
+        "one artifact per executed rollback; {}",
+        context()
+    );
+    assert_eq!(
+        count("rollback-started"),
+        1,
+        "the rollback was started once (a restart resumes it); {}",
+        context()
+    );
+    let switches = setup.switches();
+    assert!(
+        (1..=2).contains(&switches.len()) && switches.iter().all(|to| to == "v1"),
+        "the switch hook ran once, or twice when the kill interrupted it: {switches:?}; {}",
+        context()
+    );
+    let stopped: Vec<_> = audit
+        .iter()
+        .filter(|l| l["event"] == "monitoring-stopped")
+        .collect();
+    assert_eq!(stopped.len(), 1, "the session ended once; {}", context());
+    assert_eq!(stopped[0]["state"], "rolled-back", "{}", context());
+    // The other analytics files are whole too.
+    let kill_log = setup.state().join("analytics/kill_switch_audit.log");
+    audit_lines(&kill_log);
+    let manager = std::fs::read_to_string(setup.state().join("analytics/worker_manager.json"))
+        .expect("worker_manager.json written");
+    let manager: serde_json::Value = serde_json::from_str(&manager)
+        .unwrap_or_else(|e| panic!("worker_manager.json parses ({e}); {}", context()));
+    assert_eq!(manager["active"], "v1", "{}", context());
+    landed
+}
+
+/// Where the daemon was when it was killed, judged from its records (for the summary).
+fn landed_in(setup: &Setup) -> &'static str {
+    let audit =
+        std::fs::read_to_string(setup.state().join("analytics/audit.log")).unwrap_or_default();
+    if audit.contains("\"monitoring-stopped\"") {
+        "after the session ended"
+    } else if audit.contains("\"rollback-executed\"") {
+        "after rollback-executed"
+    } else if !setup.switches().is_empty() {
+        "during the rollback (switch or later)"
+    } else if audit.contains("\"rollback-started\"") {
+        "early in the rollback"
+    } else {
+        "while monitoring"
+    }
+}
+
+#[test]
+fn kill_9_at_random_points_then_restart_gives_exactly_one_rollback() {
+    let trials: usize = std::env::var("RBD_CRASH_TRIALS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let seed: u64 = std::env::var("RBD_CRASH_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    eprintln!("crash trials: {trials}, seed {seed} (replay with RBD_CRASH_SEED={seed})");
+    let mut rng = Rng::new(seed);
+    let started = Instant::now();
+    let mut landed: std::collections::BTreeMap<&str, usize> = Default::default();
+    for index in 0..trials {
+        // Alternate the two kinds of kill point; the delay is random.
+        let kill = if index % 2 == 0 {
+            KillPoint::AfterPromotion(rng.millis(1500))
+        } else {
+            KillPoint::AfterSwitchStarted(rng.millis(900))
+        };
+        let place = trial(index, kill);
+        *landed.entry(place).or_default() += 1;
+    }
+    eprintln!(
+        "crash trials: {trials} passed in {:.1}s (seed {seed}); kills landed: {landed:?}",
+        started.elapsed().as_secs_f64()
+    );
+}

@@ -239,7 +239,7 @@ impl Driver {
             if stopping && driver.action.is_none() {
                 break;
             }
-            let next_check = if stopping || driver.check_in_flight || driver.action.is_some() {
+            let next_check = if stopping || driver.check_in_flight || !driver.checks_may_run() {
                 None
             } else {
                 driver.next_check
@@ -305,6 +305,16 @@ impl Driver {
 
     fn now(&self) -> SystemTime {
         self.clock.now()
+    }
+
+    /// Whether the next check may start. A rollback pauses checking (the active worker is
+    /// being switched under it); an escalation does not: it may wait for a locked
+    /// application database for as long as it takes, and the checks go on meanwhile as
+    /// evidence (they take no action while an action is in flight).
+    fn checks_may_run(&self) -> bool {
+        self.action
+            .as_ref()
+            .is_none_or(|action| action.kind == "escalation")
     }
 
     fn publish_status(&mut self, on_status: &Option<StatusSink>) {
@@ -544,6 +554,7 @@ impl Driver {
         let promoted = SystemTime::UNIX_EPOCH
             + Duration::from_millis(session.row.promoted_at_ms.max(0) as u64);
         if session.row.state == store::SESSION_MONITORING
+            && self.action.is_none()
             && self.now().duration_since(promoted).unwrap_or_default() >= grace
         {
             self.end_session(

@@ -190,3 +190,65 @@ fn kill_9_at_random_points_then_restart_gives_exactly_one_rollback() {
         started.elapsed().as_secs_f64()
     );
 }
+
+/// Regression (found by the random kills above): a kill between recording a rollback's
+/// intent in `rollbackd.db` and writing its `rollback-started` line left a rollback that
+/// was resumed and executed but never said it had started. The crash state is built by
+/// hand here: a session, and a rollback intent with no audit line yet.
+#[test]
+fn a_rollback_intent_recorded_just_before_a_kill_is_audited_as_started_on_resume() {
+    let setup = Setup::new("");
+    promote(&setup);
+    let session = {
+        let store = rollbackd::store::Store::open(&setup.state().join("rollbackd.db")).unwrap();
+        store
+            .current_session()
+            .unwrap()
+            .expect("promote recorded a session")
+    };
+    let mut store = rollbackd::store::Store::open(&setup.state().join("rollbackd.db")).unwrap();
+    let started_at_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let action_id = store
+        .insert_action(&rollbackd::store::NewAction {
+            session_id: Some(session.id.clone()),
+            kind: rollbackd::store::KIND_ROLLBACK.into(),
+            trigger: "automatic".into(),
+            state: rollbackd::store::ACTION_PENDING.into(),
+            phase: None,
+            attempt: 1,
+            from_worker: Some("v2".into()),
+            to_worker: Some("v1".into()),
+            reason: "error rate 50% in 3 of 5 checks".into(),
+            operator: None,
+            started_at_ms,
+            detail_json: None,
+        })
+        .unwrap();
+    drop(store);
+
+    let daemon = setup.start();
+    wait_for(Duration::from_secs(20), || {
+        !setup.events("monitoring-stopped").is_empty()
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "the resumed rollback did not finish; log:\n{}",
+            setup.daemon_log()
+        )
+    });
+    assert_eq!(daemon.terminate().code(), Some(0));
+    let started = setup.events("rollback-started");
+    assert_eq!(started.len(), 1, "audit: {:?}", setup.audit());
+    assert_eq!(started[0]["actionId"], action_id);
+    assert_eq!(started[0]["resumed"], true);
+    assert_eq!(setup.events("rollback-executed").len(), 1);
+    assert_eq!(setup.switches(), ["v1"]);
+
+    // A second restart finds the line and does not write it again.
+    let daemon = setup.start();
+    assert_eq!(daemon.terminate().code(), Some(0));
+    assert_eq!(setup.events("rollback-started").len(), 1);
+}

@@ -179,6 +179,24 @@ pub struct Driver {
     started_at: SystemTime,
 }
 
+/// The `rollback-started` audit line of an action; `resumed` when it is written by a
+/// restart that found the intent but not the line.
+fn rollback_started(now: SystemTime, row: &ActionRow, resumed: bool) -> AuditRecord {
+    let mut audit = AuditRecord::new(now, AuditEvent::RollbackStarted, row.session_id.as_deref())
+        .field("actionId", row.id)
+        .field("from", row.from_worker.clone())
+        .field("to", row.to_worker.clone())
+        .field("trigger", row.trigger.clone())
+        .field("reason", row.reason.clone());
+    if resumed {
+        audit = audit.field("resumed", true);
+    }
+    if let Some(operator) = &row.operator {
+        audit = audit.operator(operator.clone());
+    }
+    audit
+}
+
 fn session_id_for(at: SystemTime, active: &str) -> String {
     format!("{}-{}", crate::audit::artifact_stamp(at), active)
 }
@@ -415,6 +433,18 @@ impl Driver {
                 continue;
             }
             tracing::warn!(action = action.id, kind = %action.kind, phase = ?action.phase, "resuming an action interrupted by a restart");
+            // A kill between recording the intent and writing its first audit line leaves
+            // a rollback nobody was told about: say it started, once.
+            if action.kind == store::KIND_ROLLBACK
+                && !self
+                    .recorder
+                    .audit_has(action.id, AuditEvent::RollbackStarted)
+                    .await
+            {
+                self.recorder
+                    .audit(rollback_started(self.now(), &action, true))
+                    .await;
+            }
             self.spawn_action(action, None);
         }
         Ok(())
@@ -527,20 +557,9 @@ impl Driver {
             }
         };
         if kind == store::KIND_ROLLBACK {
-            let mut audit = AuditRecord::new(
-                self.now(),
-                AuditEvent::RollbackStarted,
-                row.session_id.as_deref(),
-            )
-            .field("actionId", row.id)
-            .field("from", row.from_worker.clone())
-            .field("to", row.to_worker.clone())
-            .field("trigger", row.trigger.clone())
-            .field("reason", row.reason.clone());
-            if let Some(operator) = &row.operator {
-                audit = audit.operator(operator.clone());
-            }
-            self.recorder.audit(audit).await;
+            self.recorder
+                .audit(rollback_started(self.now(), &row, false))
+                .await;
         }
         self.spawn_action(row, replies);
     }

@@ -252,3 +252,66 @@ fn a_rollback_intent_recorded_just_before_a_kill_is_audited_as_started_on_resume
     assert_eq!(daemon.terminate().code(), Some(0));
     assert_eq!(setup.events("rollback-started").len(), 1);
 }
+
+/// Regression: a kill after a rollback finished (action `done`) but before the session
+/// was ended left a session still `monitoring` the old canary; the restart resumed its
+/// checks and rolled back a second time. The crash state is built by hand.
+#[test]
+fn a_kill_after_the_rollback_finished_but_before_the_session_ended_does_not_roll_back_again() {
+    let setup = Setup::new("");
+    promote(&setup);
+    let db = setup.state().join("rollbackd.db");
+    let session = rollbackd::store::Store::open(&db)
+        .unwrap()
+        .current_session()
+        .unwrap()
+        .expect("promote recorded a session");
+    let mut store = rollbackd::store::Store::open(&db).unwrap();
+    let started_at_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+        - 2_000;
+    store
+        .insert_action(&rollbackd::store::NewAction {
+            session_id: Some(session.id.clone()),
+            kind: rollbackd::store::KIND_ROLLBACK.into(),
+            trigger: "automatic".into(),
+            state: rollbackd::store::ACTION_DONE.into(),
+            phase: None,
+            attempt: 1,
+            from_worker: Some("v2".into()),
+            to_worker: Some("v1".into()),
+            reason: "error rate 50% in 3 of 5 checks".into(),
+            operator: None,
+            started_at_ms,
+            detail_json: None,
+        })
+        .unwrap();
+    store.set_meta("active", "v1").unwrap();
+    store.set_meta("previous", "v2").unwrap();
+    drop(store);
+    // The canary's numbers are still bad: resuming its checks would roll back again.
+    setup.routes.error_rate(0.5);
+
+    let daemon = setup.start();
+    wait_for(Duration::from_secs(10), || {
+        !setup.events("monitoring-stopped").is_empty()
+    })
+    .unwrap_or_else(|| panic!("the session was not ended; log:\n{}", setup.daemon_log()));
+    assert_eq!(daemon.terminate().code(), Some(0));
+    let stopped = setup.events("monitoring-stopped");
+    assert_eq!(stopped.len(), 1);
+    assert_eq!(stopped[0]["state"], "rolled-back");
+    assert_eq!(stopped[0]["active"], "v1");
+    assert!(
+        setup.switches().is_empty(),
+        "rolled back a second time: {:?}",
+        setup.switches()
+    );
+    assert!(setup.events("rollback-started").is_empty());
+    assert!(
+        setup.events("health-check").is_empty(),
+        "the old canary was checked again"
+    );
+}

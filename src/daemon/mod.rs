@@ -424,6 +424,9 @@ impl Driver {
             });
             self.next_check = Some(Instant::now());
         }
+        if actions.is_empty() {
+            self.settle_finished_action().await;
+        }
         for action in actions {
             if self.action.is_some() {
                 tracing::error!(
@@ -448,6 +451,69 @@ impl Driver {
             self.spawn_action(action, None);
         }
         Ok(())
+    }
+
+    /// A kill after an action finished but before the driver acted on its outcome leaves
+    /// a session still `monitoring` beside a finished rollback or escalation. Resuming
+    /// the checks would act a second time (a second rollback of a worker that is no
+    /// longer active); instead the outcome is carried out now, as it would have been.
+    async fn settle_finished_action(&mut self) {
+        let Some(session) = &self.session else {
+            return;
+        };
+        if session.row.state != store::SESSION_MONITORING {
+            return;
+        }
+        let id = session.row.id.clone();
+        let actions = match self
+            .db
+            .call(move |store| store.actions_for_session(&id))
+            .await
+        {
+            Ok(actions) => actions,
+            Err(err) => {
+                tracing::error!("cannot read the session's actions: {err}");
+                return;
+            }
+        };
+        let Some(last) = actions
+            .into_iter()
+            .rfind(|a| a.kind == store::KIND_ROLLBACK || a.kind == store::KIND_ESCALATION)
+        else {
+            return;
+        };
+        tracing::warn!(
+            action = last.id,
+            kind = %last.kind,
+            state = %last.state,
+            "the last action finished just before a restart; carrying out its outcome"
+        );
+        let artifact = self
+            .recorder
+            .artifact_path(last.artifact_name.as_deref().unwrap_or_default());
+        let outcome = match (last.kind.as_str(), last.state.as_str()) {
+            (store::KIND_ROLLBACK, store::ACTION_DONE) => ActionOutcome::RolledBack {
+                from: last.from_worker.clone().unwrap_or_default(),
+                to: last.to_worker.clone().unwrap_or_default(),
+                artifact,
+            },
+            (store::KIND_ROLLBACK, _) => ActionOutcome::RollbackFailed {
+                reason: format!("rollback #{} failed before the restart", last.id),
+                artifact,
+            },
+            _ => ActionOutcome::Escalated { artifact },
+        };
+        // As if the action had just reported back (no operator is waiting for it).
+        self.action = Some(RunningAction {
+            id: last.id,
+            kind: if last.kind == store::KIND_ROLLBACK {
+                "rollback"
+            } else {
+                "escalation"
+            },
+            replies: None,
+        });
+        self.action_finished(last.id, outcome).await;
     }
 
     fn context(&self, progress: Option<mpsc::Sender<Reply>>) -> ActionContext {

@@ -74,6 +74,20 @@ fn a_bad_value_exits_78_with_its_key_path() {
     assert!(stderr.contains("rules.error_rate_threshold"), "{stderr}");
 }
 
+/// Regression: a FIFO named as the configuration file made `check-config` (and `run`, and
+/// a SIGHUP reload) block forever in `read`, waiting for a writer.
+#[test]
+fn a_fifo_as_the_config_file_exits_78_instead_of_hanging() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("rollbackd.toml");
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+    let (code, stderr) = check_config(&path);
+    assert_eq!(code, Some(78), "{stderr}");
+    assert!(stderr.contains(&path.display().to_string()), "{stderr}");
+    assert!(stderr.contains("not a regular file"), "{stderr}");
+}
+
 fn hup(pid: u32) {
     assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGHUP) }, 0);
 }

@@ -178,9 +178,9 @@ fn kill_9_at_random_points_then_restart_gives_exactly_one_rollback() {
     for index in 0..trials {
         // Alternate the two kinds of kill point; the delay is random.
         let kill = if index % 2 == 0 {
-            KillPoint::AfterPromotion(rng.millis(1500))
+            KillPoint::AfterPromotion(rng.millis(1000))
         } else {
-            KillPoint::AfterSwitchStarted(rng.millis(900))
+            KillPoint::AfterSwitchStarted(rng.millis(600))
         };
         let place = trial(index, kill);
         *landed.entry(place).or_default() += 1;

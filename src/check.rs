@@ -447,6 +447,30 @@ mod tests {
     }
 
     #[test]
+    fn a_deeply_nested_unknown_field_does_not_hide_the_known_ones() {
+        let depth = 100_000;
+        let body = format!(
+            r#"{{"failureRate": 0.3, "extra": {}{}}}"#,
+            "[".repeat(depth),
+            "]".repeat(depth)
+        );
+        assert_eq!(
+            Snapshot::from_body(body.as_bytes()).error_rate,
+            Sample::Number(0.3)
+        );
+        // Deep nesting in a field that is read is still refused as invalid, without overflow.
+        let deep_rate = format!(
+            r#"{{"failureRate": {}{}}}"#,
+            "[".repeat(depth),
+            "]".repeat(depth)
+        );
+        assert!(matches!(
+            Snapshot::from_body(deep_rate.as_bytes()).error_rate,
+            Sample::Wrong(_)
+        ));
+    }
+
+    #[test]
     fn raw_text_is_truncated_on_char_boundary() {
         let long = "é".repeat(1000);
         let cut = truncate_raw(&long);

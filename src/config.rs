@@ -392,7 +392,7 @@ pub fn load(
     env: &BTreeMap<String, String>,
 ) -> Result<LoadedConfig, ConfigError> {
     let (path, named) = resolve_path(explicit, env);
-    match std::fs::read_to_string(&path) {
+    match read_regular_file(&path) {
         Ok(text) => {
             let origin = if named {
                 FileOrigin::Named(path.clone())
@@ -406,6 +406,24 @@ pub fn load(
         }
         Err(source) => Err(ConfigError::Read { path, source }),
     }
+}
+
+/// Reads the configuration file, refusing anything but a regular file (after symlinks)
+/// before opening it: a FIFO would block the read — and `run`, or a SIGHUP reload —
+/// forever, waiting for a writer; a device could be endless.
+fn read_regular_file(path: &Path) -> std::io::Result<String> {
+    let metadata = std::fs::metadata(path)?;
+    if !metadata.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            if metadata.is_dir() {
+                "is a directory, not a regular file"
+            } else {
+                "not a regular file"
+            },
+        ));
+    }
+    std::fs::read_to_string(path)
 }
 
 /// Loads from TOML text and an environment (tests and the demo).

@@ -185,6 +185,24 @@ pub struct Driver {
     metrics: Option<Metrics>,
 }
 
+/// The `rollback-started` audit line of an action; `resumed` when it is written by a
+/// restart that found the intent but not the line.
+fn rollback_started(now: SystemTime, row: &ActionRow, resumed: bool) -> AuditRecord {
+    let mut audit = AuditRecord::new(now, AuditEvent::RollbackStarted, row.session_id.as_deref())
+        .field("actionId", row.id)
+        .field("from", row.from_worker.clone())
+        .field("to", row.to_worker.clone())
+        .field("trigger", row.trigger.clone())
+        .field("reason", row.reason.clone());
+    if resumed {
+        audit = audit.field("resumed", true);
+    }
+    if let Some(operator) = &row.operator {
+        audit = audit.operator(operator.clone());
+    }
+    audit
+}
+
 fn session_id_for(at: SystemTime, active: &str) -> String {
     format!("{}-{}", crate::audit::artifact_stamp(at), active)
 }
@@ -247,7 +265,7 @@ impl Driver {
             if stopping && driver.action.is_none() {
                 break;
             }
-            let next_check = if stopping || driver.check_in_flight || driver.action.is_some() {
+            let next_check = if stopping || driver.check_in_flight || !driver.checks_may_run() {
                 None
             } else {
                 driver.next_check
@@ -323,6 +341,16 @@ impl Driver {
 
     fn now(&self) -> SystemTime {
         self.clock.now()
+    }
+
+    /// Whether the next check may start. A rollback pauses checking (the active worker is
+    /// being switched under it); an escalation does not: it may wait for a locked
+    /// application database for as long as it takes, and the checks go on meanwhile as
+    /// evidence (they take no action while an action is in flight).
+    fn checks_may_run(&self) -> bool {
+        self.action
+            .as_ref()
+            .is_none_or(|action| action.kind == "escalation")
     }
 
     /// Tells systemd (`STATUS=`) and the metrics what the daemon is doing now; called
@@ -426,6 +454,9 @@ impl Driver {
             });
             self.next_check = Some(Instant::now());
         }
+        if actions.is_empty() {
+            self.settle_finished_action().await;
+        }
         for action in actions {
             if self.action.is_some() {
                 tracing::error!(
@@ -435,9 +466,85 @@ impl Driver {
                 continue;
             }
             tracing::warn!(action = action.id, kind = %action.kind, phase = ?action.phase, "resuming an action interrupted by a restart");
+            // A kill between recording the intent and writing its first audit line leaves
+            // a rollback nobody was told about: say it started, once.
+            if action.kind == store::KIND_ROLLBACK
+                && !self
+                    .recorder
+                    .audit_has(action.id, AuditEvent::RollbackStarted)
+                    .await
+            {
+                self.recorder
+                    .audit(rollback_started(self.now(), &action, true))
+                    .await;
+            }
             self.spawn_action(action, None);
         }
         Ok(())
+    }
+
+    /// A kill after an action finished but before the driver acted on its outcome leaves
+    /// a session still `monitoring` beside a finished rollback or escalation. Resuming
+    /// the checks would act a second time (a second rollback of a worker that is no
+    /// longer active); instead the outcome is carried out now, as it would have been.
+    async fn settle_finished_action(&mut self) {
+        let Some(session) = &self.session else {
+            return;
+        };
+        if session.row.state != store::SESSION_MONITORING {
+            return;
+        }
+        let id = session.row.id.clone();
+        let actions = match self
+            .db
+            .call(move |store| store.actions_for_session(&id))
+            .await
+        {
+            Ok(actions) => actions,
+            Err(err) => {
+                tracing::error!("cannot read the session's actions: {err}");
+                return;
+            }
+        };
+        let Some(last) = actions
+            .into_iter()
+            .rfind(|a| a.kind == store::KIND_ROLLBACK || a.kind == store::KIND_ESCALATION)
+        else {
+            return;
+        };
+        tracing::warn!(
+            action = last.id,
+            kind = %last.kind,
+            state = %last.state,
+            "the last action finished just before a restart; carrying out its outcome"
+        );
+        let artifact = self
+            .recorder
+            .artifact_path(last.artifact_name.as_deref().unwrap_or_default());
+        let outcome = match (last.kind.as_str(), last.state.as_str()) {
+            (store::KIND_ROLLBACK, store::ACTION_DONE) => ActionOutcome::RolledBack {
+                from: last.from_worker.clone().unwrap_or_default(),
+                to: last.to_worker.clone().unwrap_or_default(),
+                artifact,
+            },
+            (store::KIND_ROLLBACK, _) => ActionOutcome::RollbackFailed {
+                reason: format!("rollback #{} failed before the restart", last.id),
+                artifact,
+            },
+            _ => ActionOutcome::Escalated { artifact },
+        };
+        // As if the action had just reported back (no operator is waiting for it).
+        self.action = Some(RunningAction {
+            id: last.id,
+            kind: if last.kind == store::KIND_ROLLBACK {
+                "rollback"
+            } else {
+                "escalation"
+            },
+            trigger: last.trigger.clone(),
+            replies: None,
+        });
+        self.action_finished(last.id, outcome).await;
     }
 
     fn context(&self, progress: Option<mpsc::Sender<Reply>>) -> ActionContext {
@@ -548,20 +655,9 @@ impl Driver {
             }
         };
         if kind == store::KIND_ROLLBACK {
-            let mut audit = AuditRecord::new(
-                self.now(),
-                AuditEvent::RollbackStarted,
-                row.session_id.as_deref(),
-            )
-            .field("actionId", row.id)
-            .field("from", row.from_worker.clone())
-            .field("to", row.to_worker.clone())
-            .field("trigger", row.trigger.clone())
-            .field("reason", row.reason.clone());
-            if let Some(operator) = &row.operator {
-                audit = audit.operator(operator.clone());
-            }
-            self.recorder.audit(audit).await;
+            self.recorder
+                .audit(rollback_started(self.now(), &row, false))
+                .await;
         }
         self.spawn_action(row, replies);
     }
@@ -575,6 +671,7 @@ impl Driver {
         let promoted = SystemTime::UNIX_EPOCH
             + Duration::from_millis(session.row.promoted_at_ms.max(0) as u64);
         if session.row.state == store::SESSION_MONITORING
+            && self.action.is_none()
             && self.now().duration_since(promoted).unwrap_or_default() >= grace
         {
             self.end_session(

@@ -132,7 +132,7 @@ pub enum StoreError {
     SchemaTooOld { found: i64, known: usize },
     #[error("no {table} row with id {id}")]
     NoSuchRow { table: &'static str, id: String },
-    #[error("state database error")]
+    #[error("state database error: {0}")]
     Sqlite(#[from] rusqlite::Error),
 }
 

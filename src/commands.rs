@@ -435,30 +435,7 @@ async fn local_rollback(
         started_at_ms: now_ms(SystemTime::now()),
         detail_json: serde_json::to_string(&detail).ok(),
     };
-    let row = db
-        .call(move |store| {
-            let id = store.insert_action(&new)?;
-            store.action(id)?.ok_or(StoreError::NoSuchRow {
-                table: "actions",
-                id: id.to_string(),
-            })
-        })
-        .await?;
-    recorder
-        .audit(
-            AuditRecord::new(
-                SystemTime::now(),
-                AuditEvent::RollbackStarted,
-                row.session_id.as_deref(),
-            )
-            .operator(operator.name.clone())
-            .field("actionId", row.id)
-            .field("from", active.clone())
-            .field("to", previous.clone())
-            .field("trigger", trigger)
-            .field("reason", reason),
-        )
-        .await;
+    let row = executor::record_intent(&db, &recorder, SystemTime::now(), new).await;
     let outcome = executor::rollback(ctx.clone(), row).await;
     let value = match outcome {
         ActionOutcome::RolledBack { from, to, artifact } => {
@@ -487,15 +464,7 @@ async fn local_rollback(
                 started_at_ms: now_ms(SystemTime::now()),
                 detail_json: None,
             };
-            let row = db
-                .call(move |store| {
-                    let id = store.insert_action(&new)?;
-                    store.action(id)?.ok_or(StoreError::NoSuchRow {
-                        table: "actions",
-                        id: id.to_string(),
-                    })
-                })
-                .await?;
+            let row = executor::record_intent(&db, &recorder, SystemTime::now(), new).await;
             match executor::escalate(ctx.clone(), row).await {
                 ActionOutcome::Escalated { artifact } => {
                     json!({"outcome": "escalated", "artifact": artifact})

@@ -24,7 +24,7 @@ use crate::daemon::db::Db;
 use crate::daemon::recorder::{artifact_name, now_ms, Recorder};
 use crate::daemon::{Clock, HookRunner};
 use crate::hooks::HookVars;
-use crate::store::{self, ActionRow};
+use crate::store::{self, ActionRow, NewAction};
 
 /// What the driver needs from an action's end.
 #[derive(Debug, Clone, PartialEq)]
@@ -135,6 +135,77 @@ fn trigger_of(row: &ActionRow) -> Trigger {
         "emergency" => Trigger::Emergency,
         _ => Trigger::Automatic,
     }
+}
+
+/// Records an action's intent in `rollbackd.db` before its first side effect, and for a
+/// rollback its `rollback-started` line. Never fails: when the state database cannot be
+/// written (a full disk), the action goes ahead without crash protection (id -1) and
+/// the journal says so — not acting would be worse.
+pub async fn record_intent(
+    db: &Db,
+    recorder: &Recorder,
+    now: SystemTime,
+    new: NewAction,
+) -> ActionRow {
+    let insert = new.clone();
+    let result = db
+        .call(move |store| {
+            let id = store.insert_action(&insert)?;
+            store.action(id)
+        })
+        .await;
+    let row = match result {
+        Ok(Some(row)) => row,
+        failed => {
+            let err = match failed {
+                Err(err) => err.to_string(),
+                _ => "the inserted action was not found".into(),
+            };
+            tracing::error!(
+                "cannot record the action's intent ({err}); acting without crash protection"
+            );
+            ActionRow {
+                id: -1,
+                session_id: new.session_id,
+                kind: new.kind,
+                trigger: new.trigger,
+                state: new.state,
+                phase: None,
+                attempt: 1,
+                from_worker: new.from_worker,
+                to_worker: new.to_worker,
+                reason: new.reason,
+                operator: new.operator,
+                started_at_ms: new.started_at_ms,
+                updated_at_ms: new.started_at_ms,
+                finished_at_ms: None,
+                artifact_name: None,
+                detail_json: new.detail_json,
+            }
+        }
+    };
+    if row.kind == store::KIND_ROLLBACK {
+        recorder.audit(rollback_started(now, &row, false)).await;
+    }
+    row
+}
+
+/// The `rollback-started` line of an action (`resumed`: written by a restart that found
+/// the intent without it).
+pub fn rollback_started(now: SystemTime, row: &ActionRow, resumed: bool) -> AuditRecord {
+    let mut audit = AuditRecord::new(now, AuditEvent::RollbackStarted, row.session_id.as_deref())
+        .field("actionId", row.id)
+        .field("from", row.from_worker.clone())
+        .field("to", row.to_worker.clone())
+        .field("trigger", row.trigger.clone())
+        .field("reason", row.reason.clone());
+    if resumed {
+        audit = audit.field("resumed", true);
+    }
+    if let Some(operator) = &row.operator {
+        audit = audit.operator(operator.clone());
+    }
+    audit
 }
 
 /// Runs (or resumes) the rollback recorded as `row`.

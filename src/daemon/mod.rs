@@ -187,22 +187,6 @@ pub struct Driver {
 
 /// The `rollback-started` audit line of an action; `resumed` when it is written by a
 /// restart that found the intent but not the line.
-fn rollback_started(now: SystemTime, row: &ActionRow, resumed: bool) -> AuditRecord {
-    let mut audit = AuditRecord::new(now, AuditEvent::RollbackStarted, row.session_id.as_deref())
-        .field("actionId", row.id)
-        .field("from", row.from_worker.clone())
-        .field("to", row.to_worker.clone())
-        .field("trigger", row.trigger.clone())
-        .field("reason", row.reason.clone());
-    if resumed {
-        audit = audit.field("resumed", true);
-    }
-    if let Some(operator) = &row.operator {
-        audit = audit.operator(operator.clone());
-    }
-    audit
-}
-
 fn session_id_for(at: SystemTime, active: &str) -> String {
     format!("{}-{}", crate::audit::artifact_stamp(at), active)
 }
@@ -475,7 +459,7 @@ impl Driver {
                     .await
             {
                 self.recorder
-                    .audit(rollback_started(self.now(), &action, true))
+                    .audit(executor::rollback_started(self.now(), &action, true))
                     .await;
             }
             self.spawn_action(action, None);
@@ -614,51 +598,7 @@ impl Driver {
             started_at_ms: now_ms(self.now()),
             detail_json: serde_json::to_string(&detail).ok(),
         };
-        let insert = new.clone();
-        let result = self
-            .db
-            .call(move |store| {
-                let id = store.insert_action(&insert)?;
-                store.action(id)
-            })
-            .await;
-        let row = match result {
-            Ok(Some(row)) => row,
-            failed => {
-                // Without a durable intent the action is not crash-safe; not acting would
-                // be worse (a full disk must not stop a rollback). Act, and say so.
-                let err = match failed {
-                    Err(err) => err.to_string(),
-                    _ => "the inserted action was not found".into(),
-                };
-                tracing::error!(
-                    "cannot record the action's intent ({err}); acting without crash protection"
-                );
-                ActionRow {
-                    id: -1,
-                    session_id: new.session_id,
-                    kind: new.kind,
-                    trigger: new.trigger,
-                    state: new.state,
-                    phase: None,
-                    attempt: 1,
-                    from_worker: new.from_worker,
-                    to_worker: new.to_worker,
-                    reason: new.reason,
-                    operator: new.operator,
-                    started_at_ms: new.started_at_ms,
-                    updated_at_ms: new.started_at_ms,
-                    finished_at_ms: None,
-                    artifact_name: None,
-                    detail_json: new.detail_json,
-                }
-            }
-        };
-        if kind == store::KIND_ROLLBACK {
-            self.recorder
-                .audit(rollback_started(self.now(), &row, false))
-                .await;
-        }
+        let row = executor::record_intent(&self.db, &self.recorder, self.now(), new).await;
         self.spawn_action(row, replies);
     }
 

@@ -156,13 +156,25 @@ impl LiveFlags {
         let poll_interval = options.poll_interval;
         let poller = std::thread::Builder::new()
             .name("liveflags".to_string())
-            .spawn(move || loop {
-                match stop_requests.recv_timeout(poll_interval) {
-                    Err(mpsc::RecvTimeoutError::Timeout) => {}
-                    Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => return,
-                }
-                if let Some(snapshot) = poller.poll() {
-                    sender.send_replace(snapshot);
+            .spawn(move || {
+                // Fixed-rate polls: the period is `poll_interval`, not `poll_interval` plus
+                // the time a poll takes, so a commit is seen within one period. After a
+                // stall (a slow read) the schedule restarts rather than catching up.
+                let mut next_poll = Instant::now() + poll_interval;
+                loop {
+                    let wait = next_poll.saturating_duration_since(Instant::now());
+                    match stop_requests.recv_timeout(wait) {
+                        Err(mpsc::RecvTimeoutError::Timeout) => {}
+                        Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                    }
+                    if let Some(snapshot) = poller.poll() {
+                        sender.send_replace(snapshot);
+                    }
+                    next_poll += poll_interval;
+                    let now = Instant::now();
+                    if next_poll < now {
+                        next_poll = now + poll_interval;
+                    }
                 }
             })
             .expect("spawning the liveflags thread");

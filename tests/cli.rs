@@ -436,3 +436,49 @@ fn completions_and_man_page_are_generated_from_the_command_line() {
     let (code, _, _) = run(&["completions", "powershell"], &[]);
     assert_eq!(code, 2, "only bash, zsh and fish");
 }
+
+/// On a terminal, `rollback` asks first; declining exits 3 and changes nothing. `script`
+/// gives the command a pseudo-terminal.
+#[test]
+fn rollback_on_a_terminal_asks_and_a_no_is_refused() {
+    let has_script = Command::new("script")
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !tool_available(
+        has_script,
+        "rollback_on_a_terminal_asks_and_a_no_is_refused",
+        "script (util-linux)",
+    ) {
+        return;
+    }
+    let setup = Setup::new("");
+    let out = setup.cli(&["promote", "--active", "v2", "--previous", "v1"]);
+    assert!(out.status.success());
+    let command_line = format!(
+        "{BIN} --config {} rollback --reason 'asked on a tty'",
+        setup.config.display()
+    );
+    let mut child = Command::new("script")
+        .args(["-qec", &command_line, "/dev/null"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let stdin = child.stdin.as_mut().unwrap();
+        stdin.write_all(b"n\n").unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        shown.contains("rollback from v2 to v1"),
+        "the prompt names the workers: {shown}"
+    );
+    assert_eq!(out.status.code(), Some(3), "declined: {shown}");
+    assert!(setup.switches().is_empty(), "nothing was switched");
+    assert!(setup.events("rollback-started").is_empty());
+}

@@ -260,6 +260,20 @@ fn a_full_file_system_under_rollbackd_db_does_not_stop_a_rollback() {
         "records not written after space came back; log:\n{}",
         setup.daemon_log()
     );
+    // The state database catches up too: the session is over and v1 is active, so a
+    // restart will not go back to watching the old canary.
+    let caught_up = wait_for(Duration::from_secs(15), || {
+        let Ok(store) = rollbackd::store::Store::open_read_only(&state.join("rollbackd.db")) else {
+            return false;
+        };
+        store.current_session().ok().flatten().is_none()
+            && store.get_meta("active").ok().flatten().as_deref() == Some("v1")
+    });
+    assert!(
+        caught_up.is_some(),
+        "rollbackd.db did not catch up after space came back; log:\n{}",
+        setup.daemon_log()
+    );
     assert_eq!(daemon.terminate().code(), Some(0));
     assert_eq!(setup.switches(), ["v1"]);
     assert_eq!(setup.events("rollback-executed").len(), 1);

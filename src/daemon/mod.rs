@@ -164,6 +164,37 @@ struct CheckSummary {
     error_class: &'static str,
 }
 
+/// A state change the driver could not write to `rollbackd.db` yet.
+#[derive(Debug, Clone)]
+enum StateWrite {
+    /// A session's state; `ended` is its end time and reason when it ended.
+    Session {
+        id: String,
+        state: String,
+        ended: Option<(i64, String)>,
+    },
+    Workers {
+        active: String,
+        previous: String,
+    },
+}
+
+impl StateWrite {
+    fn apply(&self, store: &mut crate::store::Store) -> Result<(), crate::store::StoreError> {
+        match self {
+            StateWrite::Session { id, state, ended } => store.update_session_state(
+                id,
+                state,
+                ended.as_ref().map(|(at, reason)| (*at, reason.as_str())),
+            ),
+            StateWrite::Workers { active, previous } => {
+                store.set_meta("active", active)?;
+                store.set_meta("previous", previous)
+            }
+        }
+    }
+}
+
 pub struct Driver {
     config: Arc<LoadedConfig>,
     adapters: Adapters,
@@ -182,6 +213,9 @@ pub struct Driver {
     actions_tx: mpsc::Sender<(i64, ActionOutcome)>,
     status_line: String,
     started_at: SystemTime,
+    /// Writes to `rollbackd.db` that failed (a full disk), retried on the record-retry
+    /// tick so the state catches up once there is space again.
+    pending_state: Vec<StateWrite>,
     metrics: Option<Metrics>,
 }
 
@@ -222,6 +256,7 @@ impl Driver {
             actions_tx,
             status_line: String::new(),
             started_at: clock.now(),
+            pending_state: Vec::new(),
             metrics: inputs.metrics.take(),
         };
         driver.restore().await?;
@@ -305,6 +340,9 @@ impl Driver {
                 _ = retry_records.tick() => {
                     if driver.recorder.backlog() > 0 {
                         driver.recorder.retry().await;
+                    }
+                    if !driver.pending_state.is_empty() {
+                        driver.retry_state().await;
                     }
                     driver.publish_status(&inputs.on_status);
                 }
@@ -968,6 +1006,13 @@ impl Driver {
                     None,
                 )
                 .await;
+                // The executor wrote this too; again here so that, if the disk was full
+                // then, it is retried until it lands.
+                self.write_state(StateWrite::Workers {
+                    active: to.clone(),
+                    previous: from.clone(),
+                })
+                .await;
             }
             ActionOutcome::RollbackFailed { reason, artifact } => {
                 if let Some(replies) = &replies {
@@ -1003,12 +1048,12 @@ impl Driver {
                 if let Some(session) = &mut self.session {
                     session.row.state = store::SESSION_ESCALATED.into();
                     let id = session.row.id.clone();
-                    let _ = self
-                        .db
-                        .call(move |store| {
-                            store.update_session_state(&id, store::SESSION_ESCALATED, None)
-                        })
-                        .await;
+                    self.write_state(StateWrite::Session {
+                        id,
+                        state: store::SESSION_ESCALATED.into(),
+                        ended: None,
+                    })
+                    .await;
                 }
                 if let Some(replies) = replies {
                     let _ = replies
@@ -1021,23 +1066,55 @@ impl Driver {
         }
     }
 
+    /// Writes a state change, or keeps it for [`Self::retry_state`] when the database
+    /// cannot take it now.
+    async fn write_state(&mut self, write: StateWrite) {
+        if !self.pending_state.is_empty() {
+            // Keep the order: earlier writes are still waiting.
+            self.pending_state.push(write);
+            self.retry_state().await;
+            return;
+        }
+        let attempt = write.clone();
+        if let Err(err) = self.db.call(move |store| attempt.apply(store)).await {
+            tracing::error!(
+                ?write,
+                "cannot record a state change in rollbackd.db, will retry: {err}"
+            );
+            self.pending_state.push(write);
+        }
+    }
+
+    /// Writes the state changes that failed before, in order, stopping at the first failure.
+    async fn retry_state(&mut self) {
+        while let Some(write) = self.pending_state.first().cloned() {
+            match self.db.call(move |store| write.apply(store)).await {
+                Ok(()) => {
+                    self.pending_state.remove(0);
+                }
+                Err(err) => {
+                    tracing::warn!(
+                        pending = self.pending_state.len(),
+                        "rollbackd.db still cannot take state changes: {err}"
+                    );
+                    return;
+                }
+            }
+        }
+    }
+
     async fn end_session(&mut self, state: &str, reason: &str, operator: Option<&Operator>) {
         let Some(session) = self.session.take() else {
             return;
         };
         self.next_check = None;
         let now = self.now();
-        let id = session.row.id.clone();
-        let (state_owned, reason_owned, at) = (state.to_owned(), reason.to_owned(), now_ms(now));
-        if let Err(err) = self
-            .db
-            .call(move |store| {
-                store.update_session_state(&id, &state_owned, Some((at, &reason_owned)))
-            })
-            .await
-        {
-            tracing::error!("cannot record the end of the session: {err}");
-        }
+        self.write_state(StateWrite::Session {
+            id: session.row.id.clone(),
+            state: state.to_owned(),
+            ended: Some((now_ms(now), reason.to_owned())),
+        })
+        .await;
         let mut audit = AuditRecord::new(now, AuditEvent::MonitoringStopped, Some(&session.row.id))
             .field("state", state)
             .field("reason", reason)

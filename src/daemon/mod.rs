@@ -810,7 +810,17 @@ impl Driver {
         let detail = self.detail_for(&decision);
         let session = self.session.as_ref().expect("checked above");
         let (active, previous) = (session.row.active.clone(), session.row.previous.clone());
-        match action {
+        // A rollback the engine asks for becomes an escalation when it cannot help: no
+        // previous worker, or the hour's rollback budget is spent (a loop).
+        let (kind, reason) = match action {
+            Action::Escalate => (store::KIND_ESCALATION, decision.reason()),
+            Action::Rollback if previous.is_none() => (
+                store::KIND_ESCALATION,
+                format!(
+                    "{}; no previous worker is known, so escalating",
+                    decision.reason()
+                ),
+            ),
             Action::Rollback => {
                 let hour_ago = now_ms(now) - 3_600_000;
                 let recent = self
@@ -820,65 +830,29 @@ impl Driver {
                     .unwrap_or(0);
                 let limit = config.config.rollback.max_rollbacks_per_hour;
                 if recent >= limit {
-                    let reason = format!(
-                        "{}; but {recent} rollbacks in the last hour reached max_rollbacks_per_hour = {limit}: escalating instead of looping",
-                        decision.reason()
-                    );
-                    self.start_action(
+                    (
                         store::KIND_ESCALATION,
-                        "automatic",
-                        reason,
-                        None,
-                        Some(active),
-                        previous,
-                        detail,
-                        None,
+                        format!(
+                            "{}; but {recent} rollbacks in the last hour reached max_rollbacks_per_hour = {limit}: escalating instead of looping",
+                            decision.reason()
+                        ),
                     )
-                    .await;
-                } else if previous.is_none() {
-                    let reason = format!(
-                        "{}; no previous worker is known, so escalating",
-                        decision.reason()
-                    );
-                    self.start_action(
-                        store::KIND_ESCALATION,
-                        "automatic",
-                        reason,
-                        None,
-                        Some(active),
-                        None,
-                        detail,
-                        None,
-                    )
-                    .await;
                 } else {
-                    self.start_action(
-                        store::KIND_ROLLBACK,
-                        "automatic",
-                        decision.reason(),
-                        None,
-                        Some(active),
-                        previous,
-                        detail,
-                        None,
-                    )
-                    .await;
+                    (store::KIND_ROLLBACK, decision.reason())
                 }
             }
-            Action::Escalate => {
-                self.start_action(
-                    store::KIND_ESCALATION,
-                    "automatic",
-                    decision.reason(),
-                    None,
-                    Some(active),
-                    previous,
-                    detail,
-                    None,
-                )
-                .await;
-            }
-        }
+        };
+        self.start_action(
+            kind,
+            "automatic",
+            reason,
+            None,
+            Some(active),
+            previous,
+            detail,
+            None,
+        )
+        .await;
     }
 
     fn detail_for(&self, decision: &Decision) -> ActionDetail {

@@ -33,11 +33,17 @@ impl ResourceSampler for ProcResourceSampler {
             .as_deref()
             .map(|template| PathBuf::from(substitute_worker(template, worker)));
         Box::pin(async move {
-            let resources = tokio::task::spawn_blocking(move || {
-                sample_blocking(&proc_root, pid_file.as_deref())
-            })
-            .await
-            .ok()?;
+            let resources = match pid_file {
+                // Only /proc/meminfo: a small read the kernel answers from memory, done in
+                // place — a hop to the blocking pool cost more than the read itself.
+                None => sample_blocking(&proc_root, None),
+                // A worker's fd directory can be long: off the runtime thread.
+                Some(pid_file) => tokio::task::spawn_blocking(move || {
+                    sample_blocking(&proc_root, Some(&pid_file))
+                })
+                .await
+                .ok()?,
+            };
             let nothing = resources.host_memory_percent.is_none()
                 && resources.worker_rss_bytes.is_none()
                 && resources.worker_open_files.is_none();

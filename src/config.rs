@@ -1210,18 +1210,24 @@ pub fn show(duration: Duration) -> String {
 pub fn worst_case_times(config: &Config) -> Vec<String> {
     let m = &config.monitor;
     let r = &config.rules;
+    // Checks are scheduled from the start of the previous one, so a check slower than the
+    // degraded interval (up to check_timeout) pushes the next one back.
+    let step = m.degraded_check_interval.max(m.check_timeout);
     let to_detect = |checks: usize| -> Duration {
-        m.check_interval
-            + m.degraded_check_interval * (checks.saturating_sub(1) as u32)
-            + m.check_timeout
+        m.check_interval + step * (checks.saturating_sub(1) as u32) + m.check_timeout
     };
     let describe = |checks: usize| -> String {
+        let step_name = if m.check_timeout > m.degraded_check_interval {
+            "check timeout (longer than the degraded interval)"
+        } else {
+            "degraded interval"
+        };
         format!(
-            "at most {} (1 × {} interval + {} × {} degraded interval + {} check timeout)",
+            "at most {} (1 × {} interval + {} × {} {step_name} + {} check timeout)",
             show(to_detect(checks)),
             show(m.check_interval),
             checks.saturating_sub(1),
-            show(m.degraded_check_interval),
+            show(step),
             show(m.check_timeout)
         )
     };

@@ -380,3 +380,14 @@ fn the_hash_changes_with_any_value() {
     assert_ne!(a, b);
     assert_eq!(a, load_str("", &env(&[])).unwrap().hash);
 }
+
+#[test]
+fn worst_case_times_follow_the_cadence_and_a_slow_check() {
+    let at_defaults = rollbackd::config::worst_case_times(&load_str("", &env(&[])).unwrap().config);
+    // 30 s to the first breaching check, two more at the 15 s degraded cadence, 5 s for the last to finish.
+    assert!(at_defaults[0].contains("at most 1m 5s"), "{at_defaults:?}");
+    // A check timeout longer than the degraded interval stretches each later step.
+    let slow = load_str("[monitor]\ncheck_timeout = \"20s\"", &env(&[])).unwrap();
+    let lines = rollbackd::config::worst_case_times(&slow.config);
+    assert!(lines[0].contains("at most 1m 30s"), "{lines:?}");
+}

@@ -292,10 +292,16 @@ pub async fn run(out: &mut (dyn Write + Send)) -> anyhow::Result<u8> {
     writeln!(out, "explore:")?;
     writeln!(
         out,
-        "  rollbackd --config {} audit tail -n 50",
+        "  {} --config {} audit tail -n 50",
+        exe.display(),
         config_path.display()
     )?;
-    writeln!(out, "  rollbackd --config {} status", config_path.display())?;
+    writeln!(
+        out,
+        "  {} --config {} status",
+        exe.display(),
+        config_path.display()
+    )?;
     writeln!(
         out,
         "  jq . {}/analytics/rollback_*.json",

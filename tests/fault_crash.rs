@@ -42,15 +42,6 @@ enum KillPoint {
     AfterSwitchStarted(Duration),
 }
 
-fn promote(setup: &Setup) {
-    let out = setup.cli(&["promote", "--active", "v2", "--previous", "v1"]);
-    assert!(
-        out.status.success(),
-        "promote: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// One trial: a fresh state, a failing canary, one `kill -9` at `kill`, a restart, and the
 /// invariants. Returns where the kill landed, for the summary.
 fn trial(index: usize, kill: KillPoint) -> &'static str {
@@ -58,7 +49,7 @@ fn trial(index: usize, kill: KillPoint) -> &'static str {
     // The switch hook takes a moment, so kills land inside it too.
     std::fs::write(setup.path("slow"), "0.4").unwrap();
     let daemon = setup.start();
-    promote(&setup);
+    setup.promote();
     setup.routes.error_rate(0.5);
     match kill {
         KillPoint::AfterPromotion(delay) => std::thread::sleep(delay),
@@ -198,7 +189,7 @@ fn kill_9_at_random_points_then_restart_gives_exactly_one_rollback() {
 #[test]
 fn a_rollback_intent_recorded_just_before_a_kill_is_audited_as_started_on_resume() {
     let setup = Setup::new("");
-    promote(&setup);
+    setup.promote();
     let session = {
         let store = rollbackd::store::Store::open(&setup.state().join("rollbackd.db")).unwrap();
         store
@@ -259,7 +250,7 @@ fn a_rollback_intent_recorded_just_before_a_kill_is_audited_as_started_on_resume
 #[test]
 fn a_kill_after_the_rollback_finished_but_before_the_session_ended_does_not_roll_back_again() {
     let setup = Setup::new("");
-    promote(&setup);
+    setup.promote();
     let db = setup.state().join("rollbackd.db");
     let session = rollbackd::store::Store::open(&db)
         .unwrap()

@@ -104,15 +104,6 @@ fn unmount_later(setup: &Setup) -> impl Drop {
     Later(setup.state().join("analytics"))
 }
 
-fn promote(setup: &Setup) {
-    let out = setup.cli(&["promote", "--active", "v2", "--previous", "v1"]);
-    assert!(
-        out.status.success(),
-        "promote: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 #[test]
 fn a_rollback_happens_with_analytics_unwritable_and_is_recorded_once_it_is_back() {
     let setup = Setup::new("");
@@ -120,7 +111,7 @@ fn a_rollback_happens_with_analytics_unwritable_and_is_recorded_once_it_is_back(
     let (repair, how) = break_analytics(&setup);
     eprintln!("analytics unwritable: {how}");
     let daemon = setup.start();
-    promote(&setup);
+    setup.promote();
     setup.routes.error_rate(0.5);
 
     // The action does not wait for its records.
@@ -186,7 +177,7 @@ fn the_kill_switch_is_set_with_analytics_unwritable_and_recorded_once_it_is_back
     let _unmount = unmount_later(&setup);
     let (repair, how) = break_analytics(&setup);
     let daemon = setup.start();
-    promote(&setup);
+    setup.promote();
     setup.routes.set("/v2/health", 503, r#"{"status":"down"}"#);
 
     let set = wait_for(Duration::from_secs(20), || {
@@ -234,7 +225,7 @@ fn a_full_file_system_under_rollbackd_db_does_not_stop_a_rollback() {
         return;
     };
     let daemon = setup.start();
-    promote(&setup);
+    setup.promote();
     wait_for(Duration::from_secs(10), || {
         !setup.events("health-check").is_empty()
     })

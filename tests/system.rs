@@ -7,20 +7,11 @@ use std::time::Duration;
 use common::*;
 use serde_json::Value;
 
-fn promote(setup: &Setup) {
-    let out = setup.cli(&["promote", "--active", "v2", "--previous", "v1"]);
-    assert!(
-        out.status.success(),
-        "promote: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 #[test]
 fn an_error_spike_rolls_back_and_calls_the_switch_hook_once() {
     let setup = Setup::new("");
     let daemon = setup.start();
-    promote(&setup);
+    setup.promote();
     setup.routes.error_rate(0.45);
     let waited = wait_for(Duration::from_secs(20), || {
         !setup.events("rollback-executed").is_empty()
@@ -62,7 +53,7 @@ fn probe_failures_set_the_kill_switch_where_the_sqlite3_shell_sees_it() {
     }
     let setup = Setup::new("");
     let _daemon = setup.start();
-    promote(&setup);
+    setup.promote();
     setup.routes.set("/v2/health", 503, r#"{"status":"down"}"#);
     let waited = wait_for(Duration::from_secs(20), || {
         !setup.events("kill-switch-activated").is_empty()
@@ -94,7 +85,7 @@ fn an_unhealthy_previous_worker_escalates_after_max_attempts() {
         "[rollback]\nmax_attempts = 2\nverify_timeout = \"300ms\"\nverify_interval = \"100ms\"",
     );
     let _daemon = setup.start();
-    promote(&setup);
+    setup.promote();
     setup.routes.set("/v1/health", 500, "broken too");
     setup.routes.error_rate(0.6);
     let waited = wait_for(Duration::from_secs(20), || {
@@ -124,7 +115,7 @@ fn kill_9_during_a_slow_switch_then_restart_gives_exactly_one_rollback() {
     let setup = Setup::new("");
     std::fs::write(setup.path("slow"), "3").unwrap();
     let daemon = setup.start();
-    promote(&setup);
+    setup.promote();
     setup.routes.error_rate(0.5);
     let in_switch = wait_for(Duration::from_secs(20), || !setup.switches().is_empty());
     assert!(
@@ -200,7 +191,7 @@ fn a_hand_made_kill_switch_change_is_audited_as_external() {
 #[test]
 fn promote_without_a_daemon_is_picked_up_at_start() {
     let setup = Setup::new("");
-    promote(&setup);
+    setup.promote();
     let status = setup.cli(&["status", "--json"]);
     let status: Value = serde_json::from_slice(&status.stdout).unwrap();
     assert_eq!(status["daemon"], "not running");
@@ -237,7 +228,7 @@ fn sigterm_during_a_rollback_lets_it_finish_then_exits_0() {
     let setup = Setup::new("");
     std::fs::write(setup.path("slow"), "2").unwrap();
     let daemon = setup.start();
-    promote(&setup);
+    setup.promote();
     setup.routes.error_rate(0.5);
     let in_switch = wait_for(Duration::from_secs(20), || !setup.switches().is_empty());
     assert!(
@@ -295,7 +286,7 @@ fn systemd_notify_ready_status_watchdog_stopping() {
         received.iter().any(|m| m.starts_with("STATUS=idle")),
         "{received:?}"
     );
-    promote(&setup);
+    setup.promote();
     recv_until(&mut received, "STATUS=monitoring");
     // Watchdog beats keep coming at half of WATCHDOG_USEC.
     let beats_before = received
@@ -361,7 +352,7 @@ fn a_webhook_that_never_answers_does_not_delay_the_rollback() {
         "[alerts]\nwebhook_url = \"http://127.0.0.1:{port}/hook\"\ntimeout = \"10s\"\nmax_retries = 3"
     ));
     let _daemon = setup.start();
-    promote(&setup);
+    setup.promote();
     setup.routes.error_rate(0.45);
     let waited = wait_for(Duration::from_secs(20), || {
         !setup.events("rollback-executed").is_empty()

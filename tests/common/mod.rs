@@ -223,6 +223,16 @@ listen = ""
         found
     }
 
+    /// `rollbackd promote --active v2 --previous v1`, which must succeed.
+    pub fn promote(&self) {
+        let out = self.cli(&["promote", "--active", "v2", "--previous", "v1"]);
+        assert!(
+            out.status.success(),
+            "promote: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     pub fn daemon_log(&self) -> String {
         std::fs::read_to_string(self.path("daemon.log")).unwrap_or_default()
     }

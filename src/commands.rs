@@ -421,20 +421,25 @@ async fn local_rollback(
         ..ActionDetail::default()
     };
     let trigger = if emergency { "emergency" } else { "manual" };
-    let new = NewAction {
+    let new_action = |kind: &str, reason: String, detail_json: Option<String>| NewAction {
         session_id: session.as_ref().map(|s| s.id.clone()),
-        kind: store::KIND_ROLLBACK.into(),
+        kind: kind.into(),
         trigger: trigger.into(),
         state: store::ACTION_PENDING.into(),
         phase: None,
         attempt: 1,
         from_worker: Some(active.clone()),
         to_worker: Some(previous.clone()),
-        reason: reason.to_owned(),
+        reason,
         operator: Some(operator.name.clone()),
         started_at_ms: now_ms(SystemTime::now()),
-        detail_json: serde_json::to_string(&detail).ok(),
+        detail_json,
     };
+    let new = new_action(
+        store::KIND_ROLLBACK,
+        reason.to_owned(),
+        serde_json::to_string(&detail).ok(),
+    );
     let row = executor::record_intent(&db, &recorder, SystemTime::now(), new).await;
     let outcome = executor::rollback(ctx.clone(), row).await;
     let value = match outcome {
@@ -442,28 +447,25 @@ async fn local_rollback(
             if let Some(session) = &session {
                 let (id, at) = (session.id.clone(), now_ms(SystemTime::now()));
                 let end = format!("rolled back from {from} to {to}");
-                db.call(move |store| {
-                    store.update_session_state(&id, store::SESSION_ROLLED_BACK, Some((at, &end)))
-                })
-                .await?;
+                // The rollback happened; failing to record the session's end is a warning,
+                // not a failed command.
+                if let Err(err) = db
+                    .call(move |store| {
+                        store.update_session_state(
+                            &id,
+                            store::SESSION_ROLLED_BACK,
+                            Some((at, &end)),
+                        )
+                    })
+                    .await
+                {
+                    eprintln!("rollbackd: warning: rolled back, but the session's end could not be recorded: {err}");
+                }
             }
             json!({"outcome": "rolled-back", "from": from, "to": to, "artifact": artifact})
         }
         ActionOutcome::RollbackFailed { reason, .. } => {
-            let new = NewAction {
-                session_id: session.as_ref().map(|s| s.id.clone()),
-                kind: store::KIND_ESCALATION.into(),
-                trigger: trigger.into(),
-                state: store::ACTION_PENDING.into(),
-                phase: None,
-                attempt: 1,
-                from_worker: Some(active.clone()),
-                to_worker: Some(previous.clone()),
-                reason,
-                operator: Some(operator.name.clone()),
-                started_at_ms: now_ms(SystemTime::now()),
-                detail_json: None,
-            };
+            let new = new_action(store::KIND_ESCALATION, reason, None);
             let row = executor::record_intent(&db, &recorder, SystemTime::now(), new).await;
             match executor::escalate(ctx.clone(), row).await {
                 ActionOutcome::Escalated { artifact } => {

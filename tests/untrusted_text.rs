@@ -408,3 +408,25 @@ fn a_hostile_value_written_into_the_settings_table_is_escaped_in_the_journal_sta
     );
     daemon.terminate();
 }
+
+#[test]
+fn simulate_escapes_a_probe_reason_from_the_trace() {
+    let setup = Setup::new("");
+    let trace = setup.path("trace.jsonl");
+    let line = |at: u32| {
+        serde_json::json!({"at": at, "probe": HOSTILE_BODY,
+                           "snapshot": {"failureRate": 0.01, "requests": 1000}})
+        .to_string()
+    };
+    std::fs::write(
+        &trace,
+        format!("{}\n{}\n{}\n", line(30), line(60), line(90)),
+    )
+    .unwrap();
+    let out = setup.cli(&["simulate", "--trace", trace.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_no_terminal_controls("simulate", &out.stdout);
+    let shown = text(&out.stdout);
+    assert!(shown.contains("first action: escalate"), "{shown}");
+    assert!(shown.contains(HOSTILE_SHOWN), "{shown}");
+}

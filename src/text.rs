@@ -95,7 +95,7 @@ pub fn check_operator_text(what: &str, text: &str) -> Result<(), String> {
 
 /// [`check_operator_text`] for `--reason`, as a clap value parser.
 pub fn parse_reason(text: &str) -> Result<String, String> {
-    check_operator_text("--reason", text).map(|()| text.to_owned())
+    check_operator_text("the reason", text).map(|()| text.to_owned())
 }
 
 /// `text` with every character that could act on a terminal or hide itself written as an

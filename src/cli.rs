@@ -70,7 +70,7 @@ pub enum Command {
     DemoHook {
         #[arg(long)]
         state_dir: PathBuf,
-        #[arg(long)]
+        #[arg(long, value_parser = crate::text::parse_worker_id)]
         to: String,
     },
 
@@ -81,11 +81,12 @@ pub enum Command {
     /// Record a promotion and start a monitoring session (through the daemon when it runs;
     /// otherwise recorded for the daemon to pick up when it starts)
     Promote {
-        /// The worker that was just promoted (the canary)
-        #[arg(long, value_name = "ID")]
+        /// The worker that was just promoted (the canary). A worker id is 1-64
+        /// characters of A-Z a-z 0-9 . _ + -, starting with a letter or digit
+        #[arg(long, value_name = "ID", value_parser = crate::text::parse_worker_id)]
         active: String,
-        /// The worker to roll back to
-        #[arg(long, value_name = "ID")]
+        /// The worker to roll back to (same rule as --active)
+        #[arg(long, value_name = "ID", value_parser = crate::text::parse_worker_id)]
         previous: String,
         /// Error rate before the promotion (fraction), for the baseline rule
         #[arg(long, value_name = "FRACTION")]
@@ -104,8 +105,9 @@ pub enum Command {
 
     /// Roll back to the previous worker now; prints each phase as it completes
     Rollback {
-        /// Why (recorded in the audit trail and passed to hooks as {reason})
-        #[arg(long)]
+        /// Why (recorded in the audit trail and passed to hooks as {reason}); one line,
+        /// at most 1024 characters
+        #[arg(long, value_parser = crate::text::parse_reason)]
         reason: String,
         /// Skip the drain phase
         #[arg(long)]
@@ -123,7 +125,8 @@ pub enum Command {
 
     /// Stop automatic actions (checks continue)
     Pause {
-        #[arg(long)]
+        /// Why (one line, at most 1024 characters)
+        #[arg(long, value_parser = crate::text::parse_reason)]
         reason: Option<String>,
     },
 
@@ -190,12 +193,14 @@ pub enum AuditAction {
 pub enum KillSwitchAction {
     /// Turn the kill switch on: every app falls back to its safe flag defaults
     Set {
-        #[arg(long, default_value = "manual")]
+        /// Why (one line, at most 1024 characters)
+        #[arg(long, default_value = "manual", value_parser = crate::text::parse_reason)]
         reason: String,
     },
     /// Turn it off; refused while a check failed within reset_quiet_period
     Reset {
-        #[arg(long)]
+        /// Why (one line, at most 1024 characters)
+        #[arg(long, value_parser = crate::text::parse_reason)]
         reason: Option<String>,
         /// Reset even inside the quiet period (needs --reason)
         #[arg(long, requires = "reason")]
@@ -230,13 +235,15 @@ pub fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(err) => {
-            let _ = err.print();
-            return ExitCode::from(match err.kind() {
-                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
-                    exit::SUCCESS
-                }
-                _ => exit::USAGE,
-            });
+            if matches!(
+                err.kind(),
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion
+            ) {
+                let _ = err.print();
+                return ExitCode::from(exit::SUCCESS);
+            }
+            eprint!("{}", usage_error_text(&err));
+            return ExitCode::from(exit::USAGE);
         }
     };
     if let Err(message) = init_logging(&cli) {
@@ -254,6 +261,28 @@ pub fn main() -> ExitCode {
             ExitCode::from(code)
         }
     }
+}
+
+/// A usage error as printed. clap quotes the offending argument as typed; a refused
+/// value is shown through its parser's message instead (which quotes it escaped and cut
+/// short: a 130,000-character id is not echoed back), and any other quoted argument is
+/// escaped ([`crate::text::escape`]), so what was typed cannot act on the terminal.
+fn usage_error_text(err: &clap::Error) -> String {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    use std::error::Error as _;
+    if err.kind() == ErrorKind::ValueValidation {
+        if let (Some(ContextValue::String(arg)), Some(problem)) =
+            (err.get(ContextKind::InvalidArg), err.source())
+        {
+            return format!("error: {arg}: {problem}\n\nFor more information, try '--help'.\n");
+        }
+    }
+    let mut text = String::new();
+    for line in err.render().to_string().lines() {
+        text.push_str(&crate::text::escape(line));
+        text.push('\n');
+    }
+    text
 }
 
 fn init_logging(cli: &Cli) -> Result<(), String> {
@@ -276,6 +305,7 @@ fn init_logging(cli: &Cli) -> Result<(), String> {
     let _ = match cli.log_format {
         LogFormat::Json => builder.json().try_init(),
         LogFormat::Text => builder
+            .fmt_fields(crate::text::JournalFields)
             .with_ansi(std::io::stderr().is_terminal())
             .try_init(),
     };

@@ -19,6 +19,7 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::flags::{changes, read_once, FlagChange, FlagsSnapshot, LiveFlags, LiveFlagsOptions};
+use crate::text::Escaped;
 
 /// Prints the effective value of `key` as `KEY=value`, followed by why when it is not
 /// simply the row's value (kill switch on, or no row). An unset flag prints `KEY unset`.
@@ -180,11 +181,16 @@ impl LinePrinter<'_> {
             )?;
             for (key, value) in &snapshot.rows {
                 let effective = snapshot.effective(key, self.options);
+                // Rows are the application's: shown escaped (see crate::text).
+                let (key, value_shown) = (Escaped(key), Escaped(value));
                 if effective.as_ref() == Some(value) {
-                    writeln!(out, "{timestamp} {key}={value}")?;
+                    writeln!(out, "{timestamp} {key}={value_shown}")?;
                 } else {
-                    let effective = effective.as_deref().unwrap_or("unset");
-                    writeln!(out, "{timestamp} {key}={value} (effective: {effective})")?;
+                    let effective = Escaped(effective.as_deref().unwrap_or("unset"));
+                    writeln!(
+                        out,
+                        "{timestamp} {key}={value_shown} (effective: {effective})"
+                    )?;
                 }
             }
             if let Some(error) = &snapshot.error {
@@ -238,10 +244,10 @@ impl LinePrinter<'_> {
         }
         let key = &change.key;
         let assignment = match &change.value {
-            Some(value) => format!("{key}={value}"),
-            None => format!("{key} unset"),
+            Some(value) => format!("{}={}", Escaped(key), Escaped(value)),
+            None => format!("{} unset", Escaped(key)),
         };
-        let previous = change.previous.as_deref().unwrap_or("unset");
+        let previous = Escaped(change.previous.as_deref().unwrap_or("unset"));
         let mut line = format!("{timestamp} {assignment} (was {previous})");
         if key == kill_key {
             let was_killed = change.previous.as_deref() == Some("1");
@@ -254,7 +260,7 @@ impl LinePrinter<'_> {
             let effective = new.effective(key, self.options);
             line.push_str(&format!(
                 " — kill switch ON: effective {}",
-                effective.as_deref().unwrap_or("unset")
+                Escaped(effective.as_deref().unwrap_or("unset"))
             ));
         }
         line
@@ -339,6 +345,36 @@ mod tests {
             rest,
             "DISABLE_NEW=1 (was unset) — kill switch ON: flags use safe defaults"
         );
+    }
+
+    #[test]
+    fn watch_lines_escape_what_the_application_wrote() {
+        let options = options();
+        let printer = LinePrinter {
+            json: false,
+            options: &options,
+        };
+        let old = snapshot(&[("NEW_CHECKOUT", "1\x1b[2J")]);
+        let new = snapshot(&[("NEW_CHECKOUT", "2\nFAKE"), ("X\x07", "\x1b]0;t\x07")]);
+        let mut out = Vec::new();
+        printer
+            .initial(&mut out, Path::new("app.db"), &new)
+            .unwrap();
+        printer.transition(&mut out, &old, &new).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(!text.contains(['\x1b', '\x07']), "{text:?}");
+        assert!(
+            text.contains(r"NEW_CHECKOUT=2\nFAKE (was 1\u{1b}[2J)"),
+            "{text}"
+        );
+        assert!(text.contains(r"X\u{7}=\u{1b}]0;t\u{7}"), "{text}");
+        for line in text.lines() {
+            let (timestamp, _) = line.split_once(' ').unwrap();
+            assert!(
+                humantime::parse_rfc3339(timestamp).is_ok(),
+                "forged line: {line:?}"
+            );
+        }
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! state directly, holding the state directory's lock so a daemon starting meanwhile
 //! cannot act at the same time.
 
+use std::borrow::Cow;
 use std::io::{BufRead, IsTerminal, Write};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -20,8 +21,9 @@ use crate::control::{self, CallError, Operator, Reply, Request};
 use crate::daemon::db::Db;
 use crate::daemon::executor::{self, ActionContext, ActionDetail, ActionOutcome};
 use crate::daemon::recorder::{now_ms, Recorder};
-use crate::daemon::SystemClock;
+use crate::daemon::{stored_worker_id, SystemClock};
 use crate::store::{self, NewAction, Store, StoreError};
+use crate::text::Escaped;
 
 /// Runs one operator command; returns the exit status.
 pub async fn run(command: &Command, loaded: &LoadedConfig) -> anyhow::Result<u8> {
@@ -60,6 +62,11 @@ pub async fn run(command: &Command, loaded: &LoadedConfig) -> anyhow::Result<u8>
         Command::Resume => Request::Resume,
         _ => unreachable!("not an operator command"),
     };
+    // The CLI's parsers already check these; the same rules, once more, for every path.
+    if let Err(problem) = request.validate() {
+        eprintln!("rollbackd: {problem}");
+        return Ok(exit::USAGE);
+    }
 
     if let Command::Rollback {
         yes,
@@ -71,10 +78,11 @@ pub async fn run(command: &Command, loaded: &LoadedConfig) -> anyhow::Result<u8>
             let status = status_value(loaded).await?;
             let (active, previous) = workers_of(&status);
             eprint!(
-                "{} rollback from {} to {} (reason: {reason})? [y/N] ",
+                "{} rollback from {} to {} (reason: {})? [y/N] ",
                 if *emergency { "EMERGENCY" } else { "Manual" },
-                active.as_deref().unwrap_or("?"),
-                previous.as_deref().unwrap_or("?"),
+                Escaped(active.as_deref().unwrap_or("?")),
+                Escaped(previous.as_deref().unwrap_or("?")),
+                Escaped(reason),
             );
             let mut answer = String::new();
             std::io::stdin().lock().read_line(&mut answer)?;
@@ -87,7 +95,7 @@ pub async fn run(command: &Command, loaded: &LoadedConfig) -> anyhow::Result<u8>
     let socket = loaded.config.socket_path();
     let json_status = matches!(command, Command::Status { json: true });
     let result = control::call(&socket, &request, |message, _detail| {
-        eprintln!("  {} {message}", short_time(SystemTime::now()));
+        eprintln!("  {} {}", short_time(SystemTime::now()), Escaped(message));
     })
     .await;
     let value = match result {
@@ -103,7 +111,7 @@ pub async fn run(command: &Command, loaded: &LoadedConfig) -> anyhow::Result<u8>
             }
         }
         Err(CallError::Failed { message, exit }) => {
-            eprintln!("rollbackd: {message}");
+            eprintln!("rollbackd: {}", Escaped(&message));
             return Ok(exit);
         }
         Err(err) => return Err(err.into()),
@@ -124,28 +132,28 @@ pub async fn run(command: &Command, loaded: &LoadedConfig) -> anyhow::Result<u8>
             writeln!(
                 out,
                 "monitoring session {} started: active {}, previous {}{note}",
-                value["sessionId"].as_str().unwrap_or("?"),
-                value["active"].as_str().unwrap_or("?"),
-                value["previous"].as_str().unwrap_or("?"),
+                show(&value["sessionId"], "?"),
+                show(&value["active"], "?"),
+                show(&value["previous"], "?"),
             )?;
         }
         Command::Rollback { .. } => match value["outcome"].as_str() {
             Some("rolled-back") => writeln!(
                 out,
                 "rolled back {} → {}; artifact {}",
-                value["from"].as_str().unwrap_or("?"),
-                value["to"].as_str().unwrap_or("?"),
-                value["artifact"].as_str().unwrap_or("?")
+                show(&value["from"], "?"),
+                show(&value["to"], "?"),
+                show(&value["artifact"], "?")
             )?,
             Some("escalated") => {
                 writeln!(
                     out,
                     "the rollback failed and rollbackd escalated (kill switch on); artifact {}",
-                    value["artifact"].as_str().unwrap_or("?")
+                    show(&value["artifact"], "?")
                 )?;
                 return Ok(exit::FAILURE);
             }
-            _ => writeln!(out, "{value}")?,
+            _ => writeln!(out, "{}", Escaped(&value.to_string()))?,
         },
         Command::KillSwitch {
             action: KillSwitchAction::Status,
@@ -154,8 +162,8 @@ pub async fn run(command: &Command, loaded: &LoadedConfig) -> anyhow::Result<u8>
             writeln!(
                 out,
                 "{}={} ({})",
-                value["key"].as_str().unwrap_or("DISABLE_NEW"),
-                value["value"].as_str().unwrap_or("unset"),
+                show(&value["key"], "DISABLE_NEW"),
+                show(&value["value"], "unset"),
                 if on {
                     "ON: apps use their safe flag defaults"
                 } else {
@@ -166,9 +174,9 @@ pub async fn run(command: &Command, loaded: &LoadedConfig) -> anyhow::Result<u8>
         Command::KillSwitch { .. } => writeln!(
             out,
             "{}={} (was {})",
-            value["key"].as_str().unwrap_or("?"),
-            value["value"].as_str().unwrap_or("?"),
-            value["previous"].as_str().unwrap_or("unset")
+            show(&value["key"], "?"),
+            show(&value["value"], "?"),
+            show(&value["previous"], "unset")
         )?,
         Command::Pause { .. } | Command::Resume => writeln!(
             out,
@@ -182,6 +190,11 @@ pub async fn run(command: &Command, loaded: &LoadedConfig) -> anyhow::Result<u8>
         _ => {}
     }
     Ok(exit::SUCCESS)
+}
+
+/// A string field of a reply, escaped for the terminal (see [`crate::text`]).
+fn show<'a>(value: &'a Value, default: &'a str) -> Cow<'a, str> {
+    crate::text::escape(value.as_str().unwrap_or(default))
 }
 
 fn short_time(t: SystemTime) -> String {
@@ -389,6 +402,8 @@ async fn local_rollback(
         Some(s) => (Some(s.active.clone()), s.previous.clone()),
         None => (active, previous),
     };
+    let active = stored_worker_id("active worker", active);
+    let previous = stored_worker_id("previous worker", previous);
     let (Some(active), Some(previous)) = (active, previous) else {
         return Err(Refused(
             "no active/previous worker is known (run `rollbackd promote` first)".into(),
@@ -402,7 +417,7 @@ async fn local_rollback(
     let printer = tokio::spawn(async move {
         while let Some(reply) = progress_rx.recv().await {
             if let Reply::Progress { message, .. } = reply {
-                eprintln!("  {} {message}", short_time(SystemTime::now()));
+                eprintln!("  {} {}", short_time(SystemTime::now()), Escaped(&message));
             }
         }
     });
@@ -506,18 +521,20 @@ async fn local_status(loaded: &LoadedConfig) -> anyhow::Result<Value> {
             (
                 session,
                 recent,
-                store.get_meta("active")?,
-                store.get_meta("previous")?,
+                stored_worker_id("active worker", store.get_meta("active")?),
+                stored_worker_id("previous worker", store.get_meta("previous")?),
             )
         }
         Err(StoreError::NotFound(_)) => (None, Vec::new(), None, None),
         Err(err) => return Err(err.into()),
     };
     let session_value = session.as_ref().map(|s| {
+        let active = stored_worker_id("active worker of the session", Some(s.active.clone()));
+        let previous = stored_worker_id("previous worker of the session", s.previous.clone());
         let promoted = SystemTime::UNIX_EPOCH + Duration::from_millis(s.promoted_at_ms.max(0) as u64);
         let age = now.duration_since(promoted).unwrap_or_default();
         json!({
-            "id": s.id, "state": s.state, "active": s.active, "previous": s.previous,
+            "id": s.id, "state": s.state, "active": active, "previous": previous,
             "promotedAt": rfc3339_millis(promoted), "ageSeconds": age.as_secs(),
             "graceLeftSeconds": (s.state == store::SESSION_MONITORING).then(|| config.monitor.grace_period.saturating_sub(age).as_secs()),
             "paused": s.paused, "pauseReason": s.pause_reason,
@@ -550,12 +567,12 @@ async fn local_status(loaded: &LoadedConfig) -> anyhow::Result<Value> {
 }
 
 fn print_status(status: &Value, out: &mut impl Write) -> std::io::Result<()> {
-    let daemon = status["daemon"].as_str().unwrap_or("?");
+    let daemon = show(&status["daemon"], "?");
     match status["pid"].as_u64() {
         Some(pid) => writeln!(
             out,
             "rollbackd    {daemon} (pid {pid}, since {})",
-            status["since"].as_str().unwrap_or("?")
+            show(&status["since"], "?")
         )?,
         None => writeln!(out, "rollbackd    {daemon}")?,
     }
@@ -565,14 +582,14 @@ fn print_status(status: &Value, out: &mut impl Write) -> std::io::Result<()> {
         writeln!(
             out,
             "session      {}  {}",
-            session["id"].as_str().unwrap_or("?"),
-            session["state"].as_str().unwrap_or("?")
+            show(&session["id"], "?"),
+            show(&session["state"], "?")
         )?;
         writeln!(
             out,
             "workers      active {}  previous {}",
-            session["active"].as_str().unwrap_or("?"),
-            session["previous"].as_str().unwrap_or("-")
+            show(&session["active"], "?"),
+            show(&session["previous"], "-")
         )?;
         let grace = match session["graceLeftSeconds"].as_u64() {
             Some(left) => format!(
@@ -590,12 +607,13 @@ fn print_status(status: &Value, out: &mut impl Write) -> std::io::Result<()> {
             writeln!(
                 out,
                 "paused       yes ({})",
-                session["pauseReason"].as_str().unwrap_or("no reason given")
+                show(&session["pauseReason"], "no reason given")
             )?;
         }
         if let Some(verdict) = session["verdict"].as_str() {
+            let verdict = Escaped(verdict);
             match session["reason"].as_str() {
-                Some(reason) => writeln!(out, "verdict      {verdict} — {reason}")?,
+                Some(reason) => writeln!(out, "verdict      {verdict} — {}", Escaped(reason))?,
                 None => writeln!(out, "verdict      {verdict}")?,
             }
         }
@@ -606,8 +624,8 @@ fn print_status(status: &Value, out: &mut impl Write) -> std::io::Result<()> {
             writeln!(
                 out,
                 "workers      active {}  previous {}",
-                workers["active"].as_str().unwrap_or("?"),
-                workers["previous"].as_str().unwrap_or("-")
+                show(&workers["active"], "?"),
+                show(&workers["previous"], "-")
             )?;
         }
     }
@@ -615,7 +633,7 @@ fn print_status(status: &Value, out: &mut impl Write) -> std::io::Result<()> {
         writeln!(
             out,
             "action       {} #{} in progress",
-            action["kind"].as_str().unwrap_or("?"),
+            show(&action["kind"], "?"),
             action["id"]
         )?;
     }
@@ -623,8 +641,8 @@ fn print_status(status: &Value, out: &mut impl Write) -> std::io::Result<()> {
     writeln!(
         out,
         "kill switch  {}={} ({})",
-        kill["key"].as_str().unwrap_or("DISABLE_NEW"),
-        kill["value"].as_str().unwrap_or("unset"),
+        show(&kill["key"], "DISABLE_NEW"),
+        show(&kill["value"], "unset"),
         if kill["on"].as_bool() == Some(true) {
             "ON: apps use safe defaults"
         } else {
@@ -642,15 +660,15 @@ fn print_status(status: &Value, out: &mut impl Write) -> std::io::Result<()> {
             let rate = check["errorRate"]
                 .as_f64()
                 .map(|r| format!("{:.1}%", r * 100.0))
-                .unwrap_or_else(|| check["errorClass"].as_str().unwrap_or("-").to_owned());
+                .unwrap_or_else(|| show(&check["errorClass"], "-").into_owned());
             writeln!(
                 out,
                 "  {:<24} {:>5}  {:<9} {:>7}  {}",
-                check["at"].as_str().unwrap_or("?"),
+                show(&check["at"], "?"),
                 check["index"],
-                check["verdict"].as_str().unwrap_or("?"),
+                show(&check["verdict"], "?"),
                 rate,
-                check["probe"].as_str().unwrap_or("?")
+                show(&check["probe"], "?")
             )?;
         }
     }

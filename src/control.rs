@@ -100,6 +100,32 @@ impl Request {
             Request::Resume => "resume",
         }
     }
+
+    /// Why the request's text fields break the rules every entry point applies (worker
+    /// ids, operator text: see [`crate::text`]), or `Ok`. The CLI checks the same while
+    /// parsing; this is for a request from any other client, and for the paths that act
+    /// without a daemon.
+    pub fn validate(&self) -> Result<(), String> {
+        use crate::text::{check_operator_text, check_worker_id};
+        match self {
+            Request::Promote {
+                active, previous, ..
+            } => {
+                check_worker_id(active).map_err(|e| format!("active: {e}"))?;
+                check_worker_id(previous).map_err(|e| format!("previous: {e}"))
+            }
+            Request::Rollback { reason, .. }
+            | Request::KillSwitchSet { reason }
+            | Request::KillSwitchReset { reason, .. } => check_operator_text("reason", reason),
+            Request::Pause {
+                reason: Some(reason),
+            } => check_operator_text("reason", reason),
+            Request::Pause { reason: None }
+            | Request::Status
+            | Request::KillSwitchStatus
+            | Request::Resume => Ok(()),
+        }
+    }
 }
 
 /// One line from the daemon. `{"type": "progress", "message": "...", "detail": {...}}`.
@@ -419,6 +445,16 @@ async fn handle_connection(
             return;
         }
     };
+    if let Err(problem) = request.validate() {
+        tracing::warn!(
+            uid,
+            command = request.command_name(),
+            "control socket: refused an invalid request: {problem}"
+        );
+        let reply = Reply::failed(format!("invalid request: {problem}"), 2);
+        let _ = write_reply(&mut write_half, &reply).await;
+        return;
+    }
 
     // getpwuid_r may ask NSS (LDAP, sssd): keep it off the async workers.
     let operator = tokio::task::spawn_blocking(move || Operator::from_peer(uid, gid, pid))

@@ -226,10 +226,12 @@ pub async fn run(out: &mut (dyn Write + Send)) -> anyhow::Result<u8> {
     writeln!(
         out,
         "promoted v2 (previous v1): session {}",
-        promoted
-            .get("sessionId")
-            .and_then(|v| v.as_str())
-            .unwrap_or("?")
+        crate::text::Escaped(
+            promoted
+                .get("sessionId")
+                .and_then(|v| v.as_str())
+                .unwrap_or("?")
+        )
     )?;
 
     // Follow the audit log until the session ends.
@@ -277,7 +279,11 @@ pub async fn run(out: &mut (dyn Write + Send)) -> anyhow::Result<u8> {
             0
         }
         Some(other) => {
-            writeln!(out, "the session ended as {other}, not with a rollback")?;
+            writeln!(
+                out,
+                "the session ended as {}, not with a rollback",
+                crate::text::Escaped(other)
+            )?;
             1
         }
         None => {

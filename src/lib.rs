@@ -25,4 +25,5 @@ pub mod settings;
 pub mod simulate;
 pub mod store;
 pub mod tail;
+pub mod text;
 pub mod trace;

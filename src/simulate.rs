@@ -183,7 +183,7 @@ pub fn replay(
                 "first action: {} at +{}s — {}",
                 action.as_str(),
                 seconds(*at),
-                reason
+                crate::text::Escaped(reason)
             ),
             (None, Some(grace)) => writeln!(
                 out,

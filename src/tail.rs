@@ -15,7 +15,9 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-/// Shown before a line that is not an audit record; the line itself follows unchanged.
+use crate::text::escape;
+
+/// Shown before a line that is not an audit record; the line itself follows, escaped.
 pub const UNPARSED_MARKER: &str = "[unparsed]";
 
 /// How `audit tail` shows each line.
@@ -28,12 +30,15 @@ pub struct TailStyle {
 }
 
 /// One line of the log as `audit tail` prints it. Never fails: a line that is not an
-/// audit record is shown raw after [`UNPARSED_MARKER`].
+/// audit record is shown after [`UNPARSED_MARKER`]. Every text from the log is escaped
+/// ([`crate::text::escape`]): ids, reasons, probe and hook output cannot act on the
+/// terminal. `json` lines stay raw (JSON already escapes control characters; a line that
+/// is not JSON is escaped there too).
 pub fn render_line(line: &str, style: TailStyle) -> String {
     if style.json {
-        return line.to_owned();
+        return escape(line).into_owned();
     }
-    format_line(line, style.colour).unwrap_or_else(|| format!("{UNPARSED_MARKER} {line}"))
+    format_line(line, style.colour).unwrap_or_else(|| format!("{UNPARSED_MARKER} {}", escape(line)))
 }
 
 /// The last `n` lines of `path` (fewer if the file is shorter) and the byte offset just
@@ -245,10 +250,12 @@ pub async fn audit_tail(
 pub fn format_line(line: &str, colour: bool) -> Option<String> {
     let value: Value = serde_json::from_str(line).ok()?;
     let object = value.as_object()?;
-    let text = |key: &str| object.get(key).and_then(Value::as_str).map(str::to_owned);
+    let raw = |key: &str| object.get(key).and_then(Value::as_str);
+    // Everything shown is escaped; `raw` is only for matching.
+    let text = |key: &str| raw(key).map(|t| escape(t).into_owned());
     let event = text("event").unwrap_or_else(|| "?".into());
-    let time = text("timestamp")
-        .and_then(|t| humantime::parse_rfc3339_weak(&t).ok())
+    let time = raw("timestamp")
+        .and_then(|t| humantime::parse_rfc3339_weak(t).ok())
         .map(local_time)
         .unwrap_or_else(|| "????-??-?? ??:??:??".into());
     let mut parts: Vec<String> = Vec::new();
@@ -327,7 +334,7 @@ pub fn format_line(line: &str, colour: bool) -> Option<String> {
             "rollback-executed" | "escalation-triggered" | "kill-switch-activated" => "1;31",
             "rollback-failed" => "1;35",
             "rollback-started" | "kill-switch-external" => "33",
-            "health-check" => match text("verdict").as_deref() {
+            "health-check" => match raw("verdict") {
                 Some("healthy") => "32",
                 Some("degraded") => "33",
                 _ => "31",

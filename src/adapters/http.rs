@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use super::{
-    error_chain, excerpt, substitute_worker, timeout_reason, BoxFuture, SnapshotSource,
+    error_chain, excerpt, substitute_worker_url, timeout_reason, BoxFuture, SnapshotSource,
     WorkerProbe, MAX_BODY,
 };
 use crate::check::{health_body_verdict, ProbeOutcome, Snapshot, SnapshotOutcome};
@@ -98,7 +98,7 @@ impl WorkerProbe for HttpProbe {
                 Ok(client) => client,
                 Err(reason) => return ProbeOutcome::failed(reason.clone()),
             };
-            let url = substitute_worker(&self.url_template, worker);
+            let url = substitute_worker_url(&self.url_template, worker);
             match tokio::time::timeout(self.timeout, self.probe_untimed(client, &url)).await {
                 Ok(outcome) => outcome,
                 Err(_) => ProbeOutcome::failed(timeout_reason(self.timeout)),

@@ -98,6 +98,24 @@ pub fn substitute_worker(template: &str, worker: &str) -> String {
     template.replace("{worker}", worker)
 }
 
+/// What [`substitute_worker_url`] percent-encodes: everything but the URL's unreserved
+/// characters (RFC 3986 §2.3), so an id is one path segment or query value whatever it
+/// holds.
+const URL_COMPONENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// Replaces every `{worker}` in the URL `template` with `worker`, percent-encoded.
+/// Validation ([`crate::text::check_worker_id`]) already keeps `/`, `?`, `#` and `%` out
+/// of ids; this is the second line of defence, so an id can never turn into another path
+/// or a query.
+pub fn substitute_worker_url(template: &str, worker: &str) -> String {
+    let encoded = percent_encoding::utf8_percent_encode(worker, URL_COMPONENT).to_string();
+    template.replace("{worker}", &encoded)
+}
+
 struct NoSnapshotSource;
 
 impl SnapshotSource for NoSnapshotSource {
@@ -154,6 +172,23 @@ mod tests {
             "http://h/v2/x?w=v2"
         );
         assert_eq!(substitute_worker("plain", "v2"), "plain");
+    }
+
+    #[test]
+    fn url_substitution_encodes_the_id() {
+        let template = "http://127.0.0.1:8080/{worker}/health";
+        assert_eq!(
+            substitute_worker_url(template, "v1.2_3-a~"),
+            "http://127.0.0.1:8080/v1.2_3-a~/health"
+        );
+        assert_eq!(
+            substitute_worker_url(template, "../../snapshot?"),
+            "http://127.0.0.1:8080/..%2F..%2Fsnapshot%3F/health"
+        );
+        assert_eq!(
+            substitute_worker_url("http://h/x?w={worker}", "a+b&c=d#e"),
+            "http://h/x?w=a%2Bb%26c%3Dd%23e"
+        );
     }
 
     #[test]

@@ -237,6 +237,19 @@ pub async fn rollback(ctx: ActionContext, row: ActionRow) -> ActionOutcome {
         )
         .await;
     };
+    // Ids are checked where they come in; one read back from rollbackd.db is checked
+    // again before it reaches a probe or a hook's argv.
+    for (which, id) in [("previous", &to), ("active", &from)] {
+        if let Err(problem) = crate::text::check_worker_id(id) {
+            return finish_failed(
+                &ctx,
+                &row,
+                &mut detail,
+                format!("the recorded {which} worker is not usable: {problem}"),
+            )
+            .await;
+        }
+    }
     let vars = HookVars {
         from: from.clone(),
         to: to.clone(),

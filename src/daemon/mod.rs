@@ -426,7 +426,27 @@ impl Driver {
                 Ok((session, checks, actions))
             })
             .await?;
-        let (session, checks, actions) = found;
+        let (mut session, checks, actions) = found;
+        if let Some(row) = &mut session {
+            row.previous = stored_worker_id("previous worker of the session", row.previous.take());
+        }
+        if let Some(row) = session.take_if(|row| !crate::text::is_valid_worker_id(&row.active)) {
+            // Never probe, sample or hand to a hook an id that breaks the rule: end it.
+            let problem = crate::text::check_worker_id(&row.active).unwrap_err();
+            tracing::error!(
+                session = %row.id,
+                "rollbackd.db: the recorded session's active worker is not a valid id, so the session is not resumed (run `rollbackd promote` again): {problem}"
+            );
+            self.write_state(StateWrite::Session {
+                id: row.id.clone(),
+                state: store::SESSION_STOPPED.to_owned(),
+                ended: Some((
+                    now_ms(self.now()),
+                    "not resumed: the recorded active worker is not a valid id".to_owned(),
+                )),
+            })
+            .await;
+        }
         if let Some(row) = session {
             let baseline = row
                 .baseline_json
@@ -1389,7 +1409,20 @@ impl Driver {
                 exit: 3,
             };
         }
-        if active.trim().is_empty() || previous.trim().is_empty() || active == previous {
+        // The control socket checks these already; the driver checks again for every other
+        // way a promotion arrives (the demo, tests).
+        let checked = crate::text::check_worker_id(&active)
+            .map_err(|e| format!("active: {e}"))
+            .and_then(|()| {
+                crate::text::check_worker_id(&previous).map_err(|e| format!("previous: {e}"))
+            });
+        if let Err(problem) = checked {
+            return Reply::Failed {
+                message: format!("invalid request: {problem}"),
+                exit: 2,
+            };
+        }
+        if active == previous {
             return Reply::Failed {
                 message: "refused: --active and --previous must be two different worker ids".into(),
                 exit: 3,
@@ -1503,11 +1536,17 @@ impl Driver {
                 Some(session.row.active.clone()),
                 session.row.previous.clone(),
             ),
-            None => self
-                .db
-                .call(|store| Ok((store.get_meta("active")?, store.get_meta("previous")?)))
-                .await
-                .unwrap_or((None, None)),
+            None => {
+                let (active, previous) = self
+                    .db
+                    .call(|store| Ok((store.get_meta("active")?, store.get_meta("previous")?)))
+                    .await
+                    .unwrap_or((None, None));
+                (
+                    stored_worker_id("active worker", active),
+                    stored_worker_id("previous worker", previous),
+                )
+            }
         };
         let (Some(active), Some(previous)) = (active, previous) else {
             return Some(Reply::Failed {
@@ -1696,6 +1735,21 @@ impl Driver {
             "configHash": self.config.hash,
             "recordsPending": self.recorder.backlog(),
         })
+    }
+}
+
+/// A worker id read back from `rollbackd.db` (or any other file): the id, or `None`
+/// (unknown, with a warning naming `what`) when it breaks the id rule of
+/// [`crate::text::check_worker_id`], so a bad stored id is never probed, shown raw or
+/// handed to a hook, and never crashes anything.
+pub fn stored_worker_id(what: &str, id: Option<String>) -> Option<String> {
+    let id = id?;
+    match crate::text::check_worker_id(&id) {
+        Ok(()) => Some(id),
+        Err(problem) => {
+            tracing::warn!("rollbackd.db: the recorded {what} is treated as unknown: {problem}");
+            None
+        }
     }
 }
 

@@ -608,7 +608,7 @@ impl CallError {
 }
 
 /// `getpwuid_r`, or `None` if the uid has no entry (or the lookup fails).
-fn user_name(uid: u32) -> Option<String> {
+pub(crate) fn user_name(uid: u32) -> Option<String> {
     // SAFETY: sysconf has no preconditions.
     let suggested = unsafe { libc::sysconf(libc::_SC_GETPW_R_SIZE_MAX) };
     let mut buffer_len = usize::try_from(suggested)

@@ -7,15 +7,17 @@
 
 mod common;
 
-use std::io::Read;
+use std::io::{BufRead, BufReader, Read};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
 
 const NOBODY: u32 = 65534;
+/// The system interpreter, which `nobody` can run (a root-only pyenv shim would not do).
+const PYTHON: &str = "/usr/bin/python3";
 
 fn runs(program: &str, arg: &str) -> bool {
     Command::new(program)
@@ -36,8 +38,7 @@ fn can_act_as_nobody(test: &str, python: bool) -> bool {
     if !tool_available(runs("setpriv", "--version"), test, "setpriv") {
         return false;
     }
-    let _ = python;
-    true
+    !python || tool_available(runs(PYTHON, "--version"), test, PYTHON)
 }
 
 fn as_nobody(program: &str) -> Command {
@@ -241,6 +242,122 @@ fn a_symlinked_audit_log_in_our_own_state_dir_is_refused_and_its_target_untouche
         "the victim changed"
     );
     assert_eq!(mode_of(&state), 0o750);
+}
+
+/// A fake daemon run by `nobody` at `socket`: answers every request the way the real one
+/// answers a rollback that worked, and prints each request it got on stdout (a client that
+/// connects, looks at who listens and hangs up sent none).
+fn fake_listener(socket: &Path) -> Child {
+    let script = r#"
+import os, socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.bind(sys.argv[1])
+os.chmod(sys.argv[1], 0o666)
+s.listen(8)
+print("listening", flush=True)
+while True:
+    c, _ = s.accept()
+    request = c.makefile("rb").readline()
+    if request:
+        print("request:", request.decode(errors="replace").strip(), flush=True)
+    c.sendall(b'{"type":"done","result":{"outcome":"rolled-back","from":"v2","to":"v1","artifact":"/fake/rollback.json"}}\n')
+    c.close()
+"#;
+    let mut child = as_nobody(PYTHON)
+        .arg("-c")
+        .arg(script)
+        .arg(socket)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(child.stdout.as_mut().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert_eq!(first.trim(), "listening", "the fake listener did not start");
+    child
+}
+
+/// Stops the fake listener and returns the requests it got.
+fn stop(mut child: Child) -> String {
+    let _ = child.kill();
+    let _ = child.wait();
+    let mut rest = String::new();
+    let _ = child.stdout.take().unwrap().read_to_string(&mut rest);
+    rest
+}
+
+fn rollback_refused(setup: &Setup, needles: &[&str]) {
+    let out = setup.cli(&["rollback", "--reason", "operator's call", "--yes"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stdout.contains("rolled back"),
+        "the CLI believed a fake daemon: {stdout}"
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "stdout: {stdout}\nstderr: {stderr}"
+    );
+    for needle in needles {
+        assert!(
+            stderr.contains(needle),
+            "stderr lacks {needle:?}:\n{stderr}"
+        );
+    }
+}
+
+#[test]
+fn a_control_socket_planted_by_nobody_is_refused_and_gets_no_request() {
+    let name = "a_control_socket_planted_by_nobody_is_refused_and_gets_no_request";
+    if !can_act_as_nobody(name, true) {
+        return;
+    }
+    let setup = Setup::new("");
+    chmod(setup.dir.path(), 0o755);
+    let state = setup.state();
+    std::fs::create_dir(&state).unwrap();
+    std::os::unix::fs::chown(&state, Some(NOBODY), Some(NOBODY)).unwrap();
+    chmod(&state, 0o777);
+    let socket = state.join("rollbackd.sock");
+    let listener = fake_listener(&socket);
+
+    rollback_refused(
+        &setup,
+        &[
+            &socket.display().to_string(),
+            "the socket file is owned by uid 65534 (nobody)",
+        ],
+    );
+    let got = stop(listener);
+    assert!(!got.contains("request:"), "the fake daemon got: {got}");
+}
+
+#[test]
+fn a_listener_run_by_nobody_behind_a_root_owned_socket_file_is_refused() {
+    let name = "a_listener_run_by_nobody_behind_a_root_owned_socket_file_is_refused";
+    if !can_act_as_nobody(name, true) {
+        return;
+    }
+    let setup = Setup::new("");
+    chmod(setup.dir.path(), 0o755);
+    let state = setup.state();
+    std::fs::create_dir(&state).unwrap();
+    chmod(&state, 0o777);
+    let socket = state.join("rollbackd.sock");
+    let listener = fake_listener(&socket);
+    // The file now looks like root's; only the kernel's peer credentials tell.
+    std::os::unix::fs::lchown(&socket, Some(0), Some(0)).unwrap();
+
+    rollback_refused(
+        &setup,
+        &["the process listening on it runs as uid 65534 (nobody)"],
+    );
+    let got = stop(listener);
+    assert!(!got.contains("request:"), "the fake daemon got: {got}");
 }
 
 #[test]

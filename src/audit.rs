@@ -80,14 +80,17 @@ impl JsonLinesLog {
     /// partial tail is saved to `<path>.torn-<stamp>` and cut off, and reported.
     pub fn open(path: &Path) -> io::Result<(JsonLinesLog, Option<TornLine>)> {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            fs::create_dir_all(parent)?;
+            crate::statedir::create_dir(parent)?;
         }
         // O_APPEND: every write lands at the current end, even after a truncation.
+        // O_NOFOLLOW: a symlink planted in place of the log is an error (ELOOP), never
+        // followed to a file someone else chose.
         let mut file = OpenOptions::new()
             .read(true)
             .append(true)
             .create(true)
             .mode(FILE_MODE)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(path)?;
         let torn = repair_torn_tail(path, &mut file)?;
         Ok((
@@ -209,11 +212,13 @@ pub fn write_atomic(dir: &Path, file_name: &str, bytes: &[u8]) -> io::Result<Pat
     let final_path = dir.join(file_name);
     let temp_path = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
     let result = (|| {
+        // O_NOFOLLOW: a symlink planted at the temp name is an error, never written through.
         let mut file = OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
             .mode(FILE_MODE)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&temp_path)?;
         file.write_all(bytes)?;
         file.sync_all()?;
@@ -504,7 +509,7 @@ impl Analytics {
     /// Creates the directory if needed. Fails only if it cannot be created; use
     /// [`Analytics::new`] to defer even that to the first write.
     pub fn open(dir: &Path) -> io::Result<Analytics> {
-        fs::create_dir_all(dir)?;
+        crate::statedir::create_dir(dir)?;
         Ok(Analytics::new(dir))
     }
 
@@ -568,7 +573,7 @@ impl Analytics {
     fn write_document<T: Serialize>(&self, file_name: &str, record: &T) -> io::Result<PathBuf> {
         let mut bytes = serde_json::to_vec_pretty(record).map_err(io::Error::other)?;
         bytes.push(b'\n');
-        fs::create_dir_all(&self.dir)?;
+        crate::statedir::create_dir(&self.dir)?;
         write_atomic(&self.dir, file_name, &bytes)
     }
 }
@@ -1070,6 +1075,37 @@ mod tests {
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
         assert_eq!(names, vec!["rollback_x.json".to_string()]);
+    }
+
+    #[test]
+    fn opening_a_log_that_is_a_symlink_fails_and_leaves_its_target_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        // No trailing newline: following the link would "repair" (truncate) it.
+        fs::write(&victim, "secret\nlast line").unwrap();
+        let path = dir.path().join("audit.log");
+        std::os::unix::fs::symlink(&victim, &path).unwrap();
+        let error = JsonLinesLog::open(&path).unwrap_err();
+        assert_eq!(error.raw_os_error(), Some(libc::ELOOP), "{error}");
+        let mut analytics = Analytics::new(dir.path());
+        let record = AuditRecord::new(at(), AuditEvent::MonitoringStarted, Some("s"));
+        assert!(analytics.audit(&record).is_err());
+        assert_eq!(fs::read(&victim).unwrap(), b"secret\nlast line");
+    }
+
+    #[test]
+    fn write_atomic_does_not_write_through_a_symlink_at_its_temp_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        fs::write(&victim, "secret").unwrap();
+        let temp = dir
+            .path()
+            .join(format!(".worker_manager.json.tmp-{}", std::process::id()));
+        std::os::unix::fs::symlink(&victim, &temp).unwrap();
+        let error = write_atomic(dir.path(), "worker_manager.json", b"{}").unwrap_err();
+        assert_eq!(error.raw_os_error(), Some(libc::ELOOP), "{error}");
+        assert_eq!(fs::read(&victim).unwrap(), b"secret");
+        assert!(!dir.path().join("worker_manager.json").exists());
     }
 
     #[test]

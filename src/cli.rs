@@ -327,7 +327,12 @@ pub fn error_chain(err: &anyhow::Error) -> String {
 }
 
 fn exit_code_for(err: &anyhow::Error) -> u8 {
-    if err.chain().any(|cause| cause.is::<ConfigError>()) {
+    if let Some(untrusted) = err
+        .chain()
+        .find_map(|cause| cause.downcast_ref::<crate::statedir::Untrusted>())
+    {
+        untrusted.exit_status()
+    } else if err.chain().any(|cause| cause.is::<ConfigError>()) {
         exit::CONFIG
     } else if err.chain().any(|cause| cause.is::<Refused>()) {
         exit::REFUSED

@@ -10,7 +10,6 @@ use std::io::{BufRead, IsTerminal, Write};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use anyhow::Context;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
@@ -232,9 +231,7 @@ async fn local(request: &Request, loaded: &LoadedConfig) -> anyhow::Result<Value
         return Ok(json!({"key": ks.key, "value": value, "on": value.as_deref() == Some("1")}));
     }
     let state_dir = loaded.config.state_dir.clone();
-    let _lock = crate::service::try_lock_state(&state_dir)
-        .with_context(|| format!("cannot lock {}", state_dir.display()))?
-        .ok_or_else(|| {
+    let _lock = crate::service::try_lock_state(&state_dir)?.ok_or_else(|| {
             anyhow::anyhow!(
                 "the daemon holds {} but does not answer on {}; try again, or check `systemctl status rollbackd`",
                 state_dir.display(),

@@ -555,6 +555,36 @@ pub async fn call(
     request: &Request,
     mut on_progress: impl FnMut(&str, &serde_json::Value),
 ) -> Result<serde_json::Value, CallError> {
+    // Whoever answers on the socket decides what the CLI prints ("rolled back"), so the
+    // socket must be the daemon's: a socket file owned by a trusted uid, and a listener
+    // running as one. Checked before anything is sent.
+    let trusted = crate::statedir::trusted_socket_uids(path);
+    match fs::symlink_metadata(path) {
+        Err(error) if error.kind() == io::ErrorKind::NotFound => {
+            return Err(CallError::NotRunning(path.to_path_buf()))
+        }
+        Err(error) => return Err(CallError::Io(error)),
+        Ok(metadata) if !metadata.file_type().is_socket() => {
+            return Err(CallError::Untrusted(format!(
+                "refusing the control socket {}: it is not a socket{}; nothing was sent. \
+                 Fix: find out who put it there, then remove it",
+                path.display(),
+                if metadata.file_type().is_symlink() {
+                    " but a symlink"
+                } else {
+                    ""
+                },
+            )))
+        }
+        Ok(metadata) if !trusted.contains(&metadata.uid()) => {
+            return Err(CallError::Untrusted(untrusted_socket_message(
+                path,
+                "the socket file is owned by",
+                metadata.uid(),
+            )))
+        }
+        Ok(_) => {}
+    }
     let stream = match UnixStream::connect(path).await {
         Ok(stream) => stream,
         Err(error)
@@ -567,6 +597,16 @@ pub async fn call(
         }
         Err(error) => return Err(CallError::Io(error)),
     };
+    // The file may have been swapped between the look and the connect; the kernel's word
+    // on who listens is the authority.
+    let server_uid = stream.peer_cred().map_err(CallError::Io)?.uid();
+    if !trusted.contains(&server_uid) {
+        return Err(CallError::Untrusted(untrusted_socket_message(
+            path,
+            "the process listening on it runs as",
+            server_uid,
+        )));
+    }
     let (read_half, mut write_half) = stream.into_split();
     let mut line = serde_json::to_vec(request)
         .map_err(|error| CallError::Protocol(format!("cannot encode request: {error}")))?;
@@ -609,6 +649,19 @@ pub async fn call(
     }
 }
 
+fn untrusted_socket_message(path: &Path, what: &str, uid: u32) -> String {
+    format!(
+        "refusing the control socket {}: {what} {}, which is not root, you ({}) or the \
+         owner of a state directory nobody else can write; another user may have put it there to fake \
+         the daemon's answers, so nothing was sent and nothing was done. Fix: find who \
+         listens there (`ss -xlp | grep rollbackd.sock`), remove the socket, and make the \
+         state directory the daemon's own (`rollbackd run` names what is wrong with it)",
+        path.display(),
+        crate::statedir::describe_uid(uid),
+        crate::statedir::describe_uid(crate::statedir::euid()),
+    )
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum CallError {
     #[error("daemon not running (no socket at {0})")]
@@ -619,6 +672,9 @@ pub enum CallError {
     Io(#[from] io::Error),
     #[error("control socket: bad reply: {0}")]
     Protocol(String),
+    /// The socket, or whoever listens on it, is not the daemon's.
+    #[error("{0}")]
+    Untrusted(String),
 }
 
 impl CallError {
@@ -644,7 +700,7 @@ impl CallError {
 }
 
 /// `getpwuid_r`, or `None` if the uid has no entry (or the lookup fails).
-fn user_name(uid: u32) -> Option<String> {
+pub(crate) fn user_name(uid: u32) -> Option<String> {
     // SAFETY: sysconf has no preconditions.
     let suggested = unsafe { libc::sysconf(libc::_SC_GETPW_R_SIZE_MAX) };
     let mut buffer_len = usize::try_from(suggested)

@@ -165,7 +165,20 @@ pub async fn run(out: &mut (dyn Write + Send)) -> anyhow::Result<u8> {
         "rollbackd-demo-{}",
         crate::audit::artifact_stamp(std::time::SystemTime::now()).replace('.', "")
     ));
-    std::fs::create_dir_all(&state_dir)?;
+    // Created here, 0700, and never an existing one: the name is predictable, and a
+    // directory someone else made in /tmp beforehand is not ours to trust.
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&state_dir)
+            .with_context(|| {
+                format!(
+                    "cannot create the demo's state directory {}",
+                    state_dir.display()
+                )
+            })?;
+    }
     let state_dir = state_dir.canonicalize()?;
     std::fs::write(state_dir.join(ACTIVE_FILE), "v1")?;
     let workers = Arc::new(Workers {

@@ -23,6 +23,7 @@ pub mod notify;
 pub mod service;
 pub mod settings;
 pub mod simulate;
+pub mod statedir;
 pub mod store;
 pub mod tail;
 pub mod text;

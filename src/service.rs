@@ -6,7 +6,7 @@
 use std::fs::File;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -34,14 +34,24 @@ pub struct StateLock {
 }
 
 /// Takes the lock on `state_dir` without waiting; `Ok(None)` when another process has it.
-pub fn try_lock_state(state_dir: &Path) -> std::io::Result<Option<StateLock>> {
-    std::fs::create_dir_all(state_dir)?;
+///
+/// Every entry point that acts on the state comes through here, so this is where the state
+/// directory is created (mode 0750, only when missing: an existing directory's mode is
+/// never changed) and checked ([`crate::statedir::check`]): a state directory another user
+/// could write to is refused with [`crate::statedir::Untrusted`] before anything in it is
+/// opened.
+pub fn try_lock_state(state_dir: &Path) -> anyhow::Result<Option<StateLock>> {
+    crate::statedir::prepare(state_dir)?;
     let path = state_dir.join("rollbackd.lock");
+    // O_NOFOLLOW: a link planted after the check is an error (ELOOP), never followed.
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
-        .open(&path)?;
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&path)
+        .with_context(|| format!("cannot open the state lock {}", path.display()))?;
     // SAFETY: flock on a file descriptor we own; no memory is shared.
     let result = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
     if result != 0 {
@@ -49,7 +59,10 @@ pub fn try_lock_state(state_dir: &Path) -> std::io::Result<Option<StateLock>> {
         if err.kind() == std::io::ErrorKind::WouldBlock {
             return Ok(None);
         }
-        return Err(err);
+        return Err(anyhow::Error::new(err).context(format!(
+            "cannot lock the state directory {}",
+            path.display()
+        )));
     }
     Ok(Some(StateLock { _file: file, path }))
 }
@@ -118,15 +131,12 @@ pub async fn run(
     let config = &loaded.config;
     let state_dir = config.state_dir.clone();
     let notifier = Notifier::from_env();
-    let _lock = try_lock_state(&state_dir)
-        .with_context(|| format!("cannot lock the state directory {}", state_dir.display()))?
-        .ok_or_else(|| {
-            anyhow::anyhow!(
-                "another rollbackd holds {} (is the daemon already running?)",
-                state_dir.join("rollbackd.lock").display()
-            )
-        })?;
-    let _ = std::fs::set_permissions(&state_dir, std::fs::Permissions::from_mode(0o750));
+    let _lock = try_lock_state(&state_dir)?.ok_or_else(|| {
+        anyhow::anyhow!(
+            "another rollbackd holds {} (is the daemon already running?)",
+            state_dir.join("rollbackd.lock").display()
+        )
+    })?;
 
     let socket_path = config.socket_path();
     let server = ControlServer::bind(&socket_path, 0o600)

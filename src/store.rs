@@ -134,6 +134,23 @@ pub enum StoreError {
     NoSuchRow { table: &'static str, id: String },
     #[error("state database error: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    #[error("refusing the state database: {} is a symlink; rollbackd never follows links in its state directory (remove it after finding out who put it there)", .0.display())]
+    Symlink(PathBuf),
+}
+
+/// The database and its `-wal`, `-shm` and `-journal` files must not be symlinks: SQLite
+/// opens the side files by name, and `SQLITE_OPEN_NOFOLLOW` covers only the main file.
+fn refuse_symlinks(path: &Path) -> Result<(), StoreError> {
+    let name = path.as_os_str().to_owned();
+    for suffix in ["", "-wal", "-shm", "-journal"] {
+        let mut candidate = name.clone();
+        candidate.push(suffix);
+        let candidate = PathBuf::from(candidate);
+        if std::fs::symlink_metadata(&candidate).is_ok_and(|m| m.file_type().is_symlink()) {
+            return Err(StoreError::Symlink(candidate));
+        }
+    }
+    Ok(())
 }
 
 /// One monitoring session (one promotion).
@@ -289,12 +306,18 @@ impl Store {
     /// Opens (creating it and its directory if needed) and migrates the database.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent).map_err(|source| StoreError::CreateDir {
+            crate::statedir::create_dir(parent).map_err(|source| StoreError::CreateDir {
                 path: path.to_path_buf(),
                 source,
             })?;
         }
-        let conn = Connection::open(path)?;
+        refuse_symlinks(path)?;
+        // SQLITE_OPEN_NOFOLLOW: SQLite itself refuses a database path that is a symlink.
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX
+            | OpenFlags::SQLITE_OPEN_NOFOLLOW;
+        let conn = Connection::open_with_flags(path, flags)?;
         conn.busy_timeout(BUSY_TIMEOUT)?;
         enable_wal(&conn)?;
         conn.pragma_update(None, "synchronous", "FULL")?;
@@ -306,10 +329,13 @@ impl Store {
     /// Opens an existing database read-only, for CLI queries: no migration, nothing
     /// created. A missing file is [`StoreError::NotFound`].
     pub fn open_read_only(path: &Path) -> Result<Store, StoreError> {
+        refuse_symlinks(path)?;
         if !path.is_file() {
             return Err(StoreError::NotFound(path.to_path_buf()));
         }
-        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX
+            | OpenFlags::SQLITE_OPEN_NOFOLLOW;
         let conn = Connection::open_with_flags(path, flags)?;
         conn.busy_timeout(BUSY_TIMEOUT)?;
         let found: i64 = conn.pragma_query_value(None, "user_version", |row| row.get(0))?;
@@ -738,6 +764,26 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("state/rollbackd.db")).unwrap();
         (dir, store)
+    }
+
+    #[test]
+    fn a_symlinked_database_or_wal_is_refused_and_its_target_untouched() {
+        use std::fs;
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        fs::write(&victim, "secret").unwrap();
+        let db = dir.path().join("rollbackd.db");
+        std::os::unix::fs::symlink(&victim, &db).unwrap();
+        assert!(matches!(Store::open(&db), Err(StoreError::Symlink(p)) if p == db));
+        assert!(matches!(
+            Store::open_read_only(&db),
+            Err(StoreError::Symlink(_))
+        ));
+        fs::remove_file(&db).unwrap();
+        let wal = dir.path().join("rollbackd.db-wal");
+        std::os::unix::fs::symlink(&victim, &wal).unwrap();
+        assert!(matches!(Store::open(&db), Err(StoreError::Symlink(p)) if p == wal));
+        assert_eq!(fs::read(&victim).unwrap(), b"secret");
     }
 
     fn session(id: &str, promoted_at_ms: i64) -> SessionRow {

@@ -330,7 +330,7 @@ fn write_named_artifact(
 ) -> std::io::Result<()> {
     let mut bytes = serde_json::to_vec_pretty(record).map_err(std::io::Error::other)?;
     bytes.push(b'\n');
-    std::fs::create_dir_all(analytics.dir())?;
+    crate::statedir::create_dir(analytics.dir())?;
     crate::audit::write_atomic(analytics.dir(), name, &bytes).map(|_| ())
 }
 

@@ -7,6 +7,29 @@ use std::time::Duration;
 use common::*;
 use serde_json::Value;
 
+/// Waits for the proof that a rollback's session is over: its `monitoring-stopped` line
+/// says `rolled-back` and the driver itself answers `idle` (it has no session, so no check
+/// and no second rollback can follow). Anything that was going to happen in that session
+/// has happened by then.
+fn wait_until_idle_after_rollback(setup: &Setup) {
+    let idle = wait_for(Duration::from_secs(20), || {
+        let ended = setup
+            .events("monitoring-stopped")
+            .last()
+            .is_some_and(|line| line["state"] == "rolled-back");
+        ended && {
+            let out = setup.cli(&["status", "--json"]);
+            serde_json::from_slice::<Value>(&out.stdout)
+                .is_ok_and(|status| status["state"] == "idle")
+        }
+    });
+    assert!(
+        idle.is_some(),
+        "the session did not end as rolled back; log:\n{}",
+        setup.daemon_log()
+    );
+}
+
 #[test]
 fn an_error_spike_rolls_back_and_calls_the_switch_hook_once() {
     let setup = Setup::new("");
@@ -21,8 +44,9 @@ fn an_error_spike_rolls_back_and_calls_the_switch_hook_once() {
         "no rollback; daemon log:\n{}",
         setup.daemon_log()
     );
-    // Let a few more intervals pass: nothing else may happen.
-    std::thread::sleep(Duration::from_millis(1200));
+    // Nothing else may happen: wait until the daemon has moved on (the session ended as
+    // rolled back and the driver answers idle), then look.
+    wait_until_idle_after_rollback(&setup);
     assert_eq!(
         setup.switches(),
         ["v1"],
@@ -134,7 +158,7 @@ fn kill_9_during_a_slow_switch_then_restart_gives_exactly_one_rollback() {
         "resumed rollback did not finish; log:\n{}",
         setup.daemon_log()
     );
-    std::thread::sleep(Duration::from_millis(800));
+    wait_until_idle_after_rollback(&setup);
     assert_eq!(
         setup.artifacts("rollback_").len(),
         1,

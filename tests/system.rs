@@ -406,3 +406,81 @@ fn a_webhook_that_never_answers_does_not_delay_the_rollback() {
         setup.daemon_log()
     );
 }
+
+/// `[retention]` through the real daemon: a session that ended long ago is pruned from
+/// rollbackd.db at start-up, and one that appears while it runs is pruned when the
+/// current session ends. The unfinished and the recent stay.
+#[test]
+fn sessions_past_retention_are_pruned_at_start_and_when_a_session_ends() {
+    use rollbackd::store::{SessionRow, Store, SESSION_CONFIRMED};
+    let setup = Setup::new("[retention]\nsessions = \"30d\"");
+    let db = setup.state().join("rollbackd.db");
+    let day_ms = 24 * 3600 * 1000;
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let insert = |id: &str, ended_days_ago: i64| {
+        let mut store = Store::open(&db).unwrap();
+        let at = now_ms - ended_days_ago * day_ms;
+        store
+            .insert_session(&SessionRow {
+                id: id.into(),
+                active: "v0".into(),
+                previous: Some("v-1".into()),
+                promoted_at_ms: at - 600_000,
+                state: SESSION_CONFIRMED.into(),
+                paused: false,
+                pause_reason: None,
+                baseline_json: None,
+                operator: None,
+                ended_at_ms: Some(at),
+                end_reason: Some("grace period ended".into()),
+            })
+            .unwrap();
+    };
+    let exists = |id: &str| {
+        Store::open_read_only(&db)
+            .unwrap()
+            .session(id)
+            .unwrap()
+            .is_some()
+    };
+    insert("ended-100-days-ago", 100);
+    insert("ended-2-days-ago", 2);
+
+    let daemon = setup.start();
+    let pruned = wait_for(Duration::from_secs(20), || !exists("ended-100-days-ago"));
+    assert!(
+        pruned.is_some(),
+        "not pruned at start; log:\n{}",
+        setup.daemon_log()
+    );
+    assert!(
+        exists("ended-2-days-ago"),
+        "a session inside the retention was pruned"
+    );
+
+    // One more old session while the daemon runs: pruned when the current session ends.
+    setup.promote();
+    insert("ended-40-days-ago", 40);
+    setup.routes.error_rate(0.45);
+    wait_until_idle_after_rollback(&setup);
+    let pruned = wait_for(Duration::from_secs(20), || !exists("ended-40-days-ago"));
+    assert!(
+        pruned.is_some(),
+        "not pruned after the session ended; log:\n{}",
+        setup.daemon_log()
+    );
+    assert!(exists("ended-2-days-ago"));
+    let store = Store::open_read_only(&db).unwrap();
+    assert!(store.current_session().unwrap().is_none());
+    assert!(
+        setup
+            .daemon_log()
+            .contains("pruned rollbackd.db past retention.sessions = 30d"),
+        "{}",
+        setup.daemon_log()
+    );
+    assert_eq!(daemon.terminate().code(), Some(0));
+}

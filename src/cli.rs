@@ -76,7 +76,12 @@ pub enum Command {
 
     /// Validate the configuration; print the effective values, where each came from, and
     /// the worst-case time to each action
-    CheckConfig,
+    CheckConfig {
+        /// Also require what this command needs to start (exit 78 if `run` would refuse
+        /// the configuration, e.g. without rollback.switch_command)
+        #[arg(long = "for", value_enum, value_name = "COMMAND")]
+        for_command: Option<CheckFor>,
+    },
 
     /// Record a promotion and start a monitoring session (through the daemon when it runs;
     /// otherwise recorded for the daemon to pick up when it starts)
@@ -162,8 +167,21 @@ pub enum Command {
         shell: CompletionShell,
     },
 
-    /// The manual page (roff), generated from these definitions
-    Man,
+    /// The manual page (roff), generated from these definitions; with --dir, every page
+    Man {
+        /// Write rollbackd.1 and a page for every subcommand (rollbackd-promote.1,
+        /// rollbackd-kill-switch-set.1, ...) into this directory instead of printing the
+        /// top-level page
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
+}
+
+/// What `check-config --for` checks the configuration for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CheckFor {
+    /// `rollbackd run`: the checks `run` itself makes before it starts
+    Run,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -359,11 +377,22 @@ fn load_config(cli: &Cli) -> Result<LoadedConfig, ConfigError> {
 
 fn run(cli: Cli) -> anyhow::Result<u8> {
     match &cli.command {
-        Command::CheckConfig => {
+        Command::CheckConfig { for_command } => {
             let loaded = load_config(&cli)?;
-            let stdout = std::io::stdout();
-            let mut out = stdout.lock();
-            print_check_config(&loaded, &mut out)?;
+            {
+                let stdout = std::io::stdout();
+                let mut out = stdout.lock();
+                print_check_config(&loaded, &mut out)?;
+                out.flush()?;
+            }
+            if let Some(CheckFor::Run) = for_command {
+                // The very check `run` makes, so the two cannot drift apart.
+                crate::service::check_runnable(&loaded).map_err(|err| {
+                    anyhow::Error::new(err).context("`rollbackd run` would not start")
+                })?;
+                println!();
+                println!("ready for `rollbackd run`");
+            }
             Ok(exit::SUCCESS)
         }
         Command::Simulate { trace, json } => {
@@ -408,11 +437,15 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             std::io::stdout().lock().write_all(&out)?;
             Ok(exit::SUCCESS)
         }
-        Command::Man => {
-            let command = <Cli as clap::CommandFactory>::command();
-            let mut out = Vec::new();
-            clap_mangen::Man::new(command).render(&mut out)?;
+        Command::Man { dir: None } => {
+            let out = man_page(&man_command())?;
             std::io::stdout().lock().write_all(&out)?;
+            Ok(exit::SUCCESS)
+        }
+        Command::Man { dir: Some(dir) } => {
+            for path in write_man_pages(dir)? {
+                println!("{}", path.display());
+            }
             Ok(exit::SUCCESS)
         }
         Command::DemoHook { state_dir, to } => {
@@ -480,6 +513,76 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             runtime()?.block_on(crate::commands::run(&cli.command, &loaded))
         }
     }
+}
+
+/// The command tree the manual pages describe: built (so every subcommand has its
+/// `rollbackd-<sub>` name) and without the `help` subcommand, so that every page a page
+/// names under SUBCOMMANDS is one that `man --dir` writes.
+fn man_command() -> clap::Command {
+    let mut command = <Cli as clap::CommandFactory>::command().disable_help_subcommand(true);
+    command.build();
+    command
+}
+
+/// The EXIT STATUS section every page carries (SPEC §6).
+const MAN_EXIT_STATUS: &str = r#".SH "EXIT STATUS"
+.TP
+\fB0\fR
+Success.
+.TP
+\fB1\fR
+Failure: the message on standard error says what failed.
+.TP
+\fB2\fR
+Usage: the command line could not be parsed.
+.TP
+\fB3\fR
+Refused: a precondition is not met (for example a rollback already in progress, or a
+kill\-switch reset inside the quiet period), or the confirmation was declined.
+.TP
+\fB78\fR
+Invalid configuration: the message names the file or the key and what is wrong.
+"#;
+
+/// One manual page (roff): clap_mangen's sections plus EXIT STATUS, before VERSION.
+fn man_page(command: &clap::Command) -> std::io::Result<Vec<u8>> {
+    let mut page = Vec::new();
+    clap_mangen::Man::new(command.clone()).render(&mut page)?;
+    let mut page = String::from_utf8_lossy(&page).into_owned();
+    match page.find("\n.SH VERSION") {
+        Some(at) => page.insert_str(at + 1, MAN_EXIT_STATUS),
+        None => page.push_str(MAN_EXIT_STATUS),
+    }
+    Ok(page.into_bytes())
+}
+
+/// `man --dir DIR`: `rollbackd.1` and one page per visible subcommand, nested ones as
+/// `rollbackd-kill-switch-set.1` (clap_mangen's names). Returns the paths written.
+fn write_man_pages(dir: &std::path::Path) -> anyhow::Result<Vec<PathBuf>> {
+    use anyhow::Context;
+    fn write(
+        command: &clap::Command,
+        dir: &std::path::Path,
+        written: &mut Vec<PathBuf>,
+    ) -> anyhow::Result<()> {
+        let path = dir.join(clap_mangen::Man::new(command.clone()).get_filename());
+        std::fs::write(&path, man_page(command)?)
+            .with_context(|| format!("cannot write the manual page {}", path.display()))?;
+        written.push(path);
+        for sub in command.get_subcommands().filter(|sub| !sub.is_hide_set()) {
+            write(sub, dir, written)?;
+        }
+        Ok(())
+    }
+    if !dir.is_dir() {
+        anyhow::bail!(
+            "{} is not a directory: create it first (man --dir DIR writes the pages into DIR)",
+            dir.display()
+        );
+    }
+    let mut written = Vec::new();
+    write(&man_command(), dir, &mut written)?;
+    Ok(written)
 }
 
 /// The daemon's runtime: one thread is plenty for one driver and a check at a time, and

@@ -103,6 +103,8 @@ const KEYS: &[(&str, Kind)] = &[
     ("alerts.timeout", Kind::Duration),
     ("alerts.max_retries", Kind::Int),
     ("http.listen", Kind::Str),
+    ("retention.sessions", Kind::Duration),
+    ("retention.max_sessions", Kind::Int),
 ];
 
 /// Every declared key path, in declaration order (for listings that show unset keys too).
@@ -157,6 +159,10 @@ max_retries = 3
 
 [http]
 listen = "127.0.0.1:9187"
+
+[retention]
+sessions = "90d"
+max_sessions = 5000
 "#;
 
 /// The presets of each profile (SPEC §2, contract).
@@ -304,6 +310,22 @@ pub struct AlertsConfig {
     pub max_retries: u32,
 }
 
+/// How long `rollbackd.db` keeps ended sessions (with their checks and actions).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetentionConfig {
+    /// Sessions that ended longer ago than this are deleted.
+    pub sessions: Duration,
+    /// At most this many ended sessions are kept (the newest).
+    pub max_sessions: u32,
+}
+
+/// How long an ended session is kept whatever the retention says: loop protection counts
+/// the rollbacks of the last hour, and a kill-switch reset looks for failed checks within
+/// the quiet period, so pruning must not take those rows.
+pub fn retention_floor(reset_quiet_period: Duration) -> Duration {
+    Duration::from_secs(3600).max(reset_quiet_period)
+}
+
 /// The validated, typed configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -320,6 +342,7 @@ pub struct Config {
     pub alerts: AlertsConfig,
     /// `None` when `http.listen` is empty (endpoint disabled).
     pub http_listen: Option<SocketAddr>,
+    pub retention: RetentionConfig,
 }
 
 impl Config {
@@ -1160,6 +1183,29 @@ fn build(
         }
     };
 
+    // [retention]
+    let retention = RetentionConfig {
+        sessions: duration("retention.sessions"),
+        max_sessions: int("retention.max_sessions").min(u32::MAX as u64) as u32,
+    };
+    let keep_at_least = retention_floor(kill_switch.reset_quiet_period);
+    if retention.sessions < keep_at_least {
+        problem(
+            "retention.sessions",
+            format!(
+                "must be at least {} (1h, and no less than kill_switch.reset_quiet_period), got {}",
+                show(keep_at_least),
+                show(retention.sessions)
+            ),
+        );
+    }
+    if retention.max_sessions < 1 {
+        problem(
+            "retention.max_sessions",
+            format!("must be at least 1, got {}", int("retention.max_sessions")),
+        );
+    }
+
     let state_dir = PathBuf::from(string("state_dir").unwrap_or_default());
     if state_dir.as_os_str().is_empty() {
         problem("state_dir", "must not be empty".into());
@@ -1177,6 +1223,7 @@ fn build(
         flag_defaults,
         alerts,
         http_listen,
+        retention,
     })
 }
 

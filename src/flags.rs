@@ -22,6 +22,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -133,6 +134,8 @@ pub struct LiveFlags {
     /// Dropped (disconnected) to stop the poller.
     stop: Option<mpsc::Sender<()>>,
     poller: Option<JoinHandle<()>>,
+    /// Polls so far that could not read the table (shared with the poller thread).
+    failed_polls: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for LiveFlags {
@@ -150,6 +153,7 @@ impl LiveFlags {
     /// snapshot's `error` and retried at every poll.
     pub fn start(path: impl Into<PathBuf>, options: LiveFlagsOptions) -> LiveFlags {
         let mut poller = Poller::new(path.into(), options.clone());
+        let failed_polls = Arc::clone(&poller.failed_polls);
         poller.poll();
         let (sender, snapshots) = watch::channel(poller.current.clone());
         let (stop, stop_requests) = mpsc::channel::<()>();
@@ -183,7 +187,15 @@ impl LiveFlags {
             snapshots,
             stop: Some(stop),
             poller: Some(poller),
+            failed_polls,
         }
+    }
+
+    /// How many polls so far could not read the table (missing, unreadable, busy). The
+    /// snapshot changes only when what is read changes; this counts every failed poll, so
+    /// a caller can see that LiveFlags kept retrying.
+    pub fn failed_polls(&self) -> u64 {
+        self.failed_polls.load(Ordering::Relaxed)
     }
 
     pub fn options(&self) -> &LiveFlagsOptions {
@@ -239,6 +251,7 @@ struct Poller {
     /// The last poll found no database file.
     missing: bool,
     current: Arc<FlagsSnapshot>,
+    failed_polls: Arc<AtomicU64>,
 }
 
 impl Poller {
@@ -253,12 +266,17 @@ impl Poller {
             busy_since: None,
             missing: false,
             current: Arc::new(FlagsSnapshot::default()),
+            failed_polls: Arc::new(AtomicU64::new(0)),
         }
     }
 
     /// One poll; returns the new snapshot when rows or error changed.
     fn poll(&mut self) -> Option<Arc<FlagsSnapshot>> {
-        match self.read_if_changed() {
+        let read = self.read_if_changed();
+        if read.is_err() {
+            self.failed_polls.fetch_add(1, Ordering::Relaxed);
+        }
+        match read {
             Ok(None) => {
                 self.busy_since = None;
                 None

@@ -296,6 +296,26 @@ fn outbox_from_row(row: &Row) -> rusqlite::Result<OutboxRow> {
     })
 }
 
+/// Which ended sessions [`Store::prune_sessions`] deletes (times in ms since the epoch).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PruneRule {
+    /// Sessions that ended before this go (now − `retention.sessions`).
+    pub ended_before_ms: i64,
+    /// Of the ended sessions, at most this many of the newest are kept.
+    pub keep_newest: usize,
+    /// Sessions that ended at or after this always stay, whatever the count (now − what
+    /// loop protection and the kill-switch reset still read).
+    pub never_after_ms: i64,
+}
+
+/// What one prune deleted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pruned {
+    pub sessions: usize,
+    pub checks: usize,
+    pub actions: usize,
+}
+
 /// A connection to `rollbackd.db`.
 #[derive(Debug)]
 pub struct Store {
@@ -654,6 +674,65 @@ impl Store {
         Ok(rows)
     }
 
+    // --- retention -----------------------------------------------------------------------
+
+    /// Deletes ended sessions, with their checks and actions, that the retention no longer
+    /// keeps: those that ended before `rule.ended_before_ms`, and those beyond the newest
+    /// `rule.keep_newest` ended ones. Never a session that has not ended (the current
+    /// one), never one that ended at or after `rule.never_after_ms`, never one with an
+    /// action that is not finished (pending or running: it will be resumed). Finished
+    /// actions of no session (manual kill-switch changes) go by `ended_before_ms` too.
+    /// The outbox is not touched: its rows are records not yet delivered.
+    ///
+    /// One transaction. Freed pages are left in the file for new rows to reuse (no
+    /// VACUUM: it would rewrite the whole file under the write lock), so the file stays at
+    /// its high-water mark.
+    pub fn prune_sessions(&mut self, rule: &PruneRule) -> Result<Pruned, StoreError> {
+        let tx = self.write()?;
+        let doomed: Vec<String> = {
+            let mut statement = tx.prepare_cached(
+                "SELECT s.id FROM sessions s \
+                 WHERE s.ended_at_ms IS NOT NULL AND s.ended_at_ms < ?3 \
+                   AND (s.ended_at_ms < ?1 OR s.id NOT IN ( \
+                        SELECT id FROM sessions WHERE ended_at_ms IS NOT NULL \
+                        ORDER BY ended_at_ms DESC, rowid DESC LIMIT ?2)) \
+                   AND NOT EXISTS (SELECT 1 FROM actions a WHERE a.session_id = s.id \
+                        AND a.state NOT IN ('done', 'failed'))",
+            )?;
+            let ids = statement
+                .query_map(
+                    params![
+                        rule.ended_before_ms,
+                        clamp_limit(rule.keep_newest),
+                        rule.never_after_ms
+                    ],
+                    |row| row.get(0),
+                )?
+                .collect::<Result<Vec<_>, _>>()?;
+            ids
+        };
+        let mut pruned = Pruned::default();
+        for id in &doomed {
+            pruned.checks += tx
+                .prepare_cached("DELETE FROM checks WHERE session_id = ?1")?
+                .execute([id])?;
+            pruned.actions += tx
+                .prepare_cached("DELETE FROM actions WHERE session_id = ?1")?
+                .execute([id])?;
+            pruned.sessions += tx
+                .prepare_cached("DELETE FROM sessions WHERE id = ?1")?
+                .execute([id])?;
+        }
+        pruned.actions += tx
+            .prepare_cached(
+                "DELETE FROM actions WHERE session_id IS NULL \
+                 AND state IN ('done', 'failed') AND finished_at_ms < ?1 AND finished_at_ms < ?2",
+            )?
+            .execute(params![rule.ended_before_ms, rule.never_after_ms])?;
+        tx.commit()?;
+        Ok(pruned)
+    }
+
     // --- outbox --------------------------------------------------------------------------
 
     /// Keeps a record that could not be written to `analytics/`; returns its id.
@@ -828,6 +907,193 @@ mod tests {
             started_at_ms,
             detail_json: None,
         }
+    }
+
+    const HOUR: i64 = 3_600_000;
+
+    /// A session promoted at `at`, with `n_checks` checks, ended after 10 min unless
+    /// `ended` is false; returns its id.
+    fn old_session(store: &mut Store, id: &str, at: i64, n_checks: i64, ended: bool) -> String {
+        store.insert_session(&session(id, at)).unwrap();
+        for i in 0..n_checks {
+            store
+                .insert_check(&check(id, i, at + i * 30_000, i % 7 == 0))
+                .unwrap();
+        }
+        if ended {
+            store
+                .update_session_state(id, SESSION_CONFIRMED, Some((at + 600_000, "confirmed")))
+                .unwrap();
+        }
+        id.to_owned()
+    }
+
+    fn finish(store: &mut Store, action: i64, at: i64) {
+        store
+            .update_action(action, ACTION_DONE, Some("verify"), 1, None, None, at)
+            .unwrap();
+    }
+
+    fn count(store: &Store, sql: &str) -> i64 {
+        store.conn.query_row(sql, [], |row| row.get(0)).unwrap()
+    }
+
+    fn rule(now: i64) -> PruneRule {
+        PruneRule {
+            ended_before_ms: now - 90 * 24 * HOUR,
+            keep_newest: 5000,
+            never_after_ms: now - HOUR,
+        }
+    }
+
+    #[test]
+    fn pruning_deletes_only_ended_sessions_past_retention_with_their_rows() {
+        let (_dir, mut store) = temp_store();
+        let now = 1_000 * 24 * HOUR;
+        let long_ago = now - 200 * 24 * HOUR;
+        // Old and ended, with a finished rollback: goes, with its checks and actions.
+        let gone = old_session(&mut store, "old-ended", long_ago, 20, true);
+        let action = store
+            .insert_action(&rollback(Some(&gone), long_ago + 60_000))
+            .unwrap();
+        finish(&mut store, action, long_ago + 90_000);
+        // Old but never ended (a session a crash left open): stays.
+        let unended = old_session(&mut store, "old-unended", long_ago + HOUR, 5, false);
+        // Old and ended but its action is still running (to be resumed): stays.
+        let running = old_session(&mut store, "old-running", long_ago + 2 * HOUR, 5, true);
+        let running_action = store
+            .insert_action(&rollback(Some(&running), long_ago + 2 * HOUR + 60_000))
+            .unwrap();
+        store
+            .update_action(
+                running_action,
+                ACTION_RUNNING,
+                Some("switch"),
+                1,
+                None,
+                None,
+                0,
+            )
+            .unwrap();
+        // Ended inside the retention: stays.
+        let recent = old_session(&mut store, "recent", now - 10 * 24 * HOUR, 5, true);
+        // The current session: stays.
+        let current = old_session(&mut store, "current", now - 60_000, 2, false);
+        // A manual kill-switch change long ago (no session) and one not finished.
+        let mut manual = rollback(None, long_ago);
+        manual.kind = KIND_KILL_SWITCH.into();
+        let manual_done = store.insert_action(&manual).unwrap();
+        finish(&mut store, manual_done, long_ago + 1000);
+        let manual_pending = store.insert_action(&manual).unwrap();
+        // An undelivered record.
+        store
+            .push_outbox(OUTBOX_AUDIT, None, "{}", long_ago)
+            .unwrap();
+
+        let pruned = store.prune_sessions(&rule(now)).unwrap();
+        assert_eq!(
+            pruned,
+            Pruned {
+                sessions: 1,
+                checks: 20,
+                actions: 2
+            }
+        );
+        assert!(store.session(&gone).unwrap().is_none());
+        for kept in [&unended, &running, &recent, &current] {
+            assert!(store.session(kept).unwrap().is_some(), "{kept} was pruned");
+            assert!(
+                !store.recent_checks(kept, 100).unwrap().is_empty(),
+                "{kept}'s checks"
+            );
+        }
+        assert!(store.recent_checks(&gone, 100).unwrap().is_empty());
+        assert!(store.actions_for_session(&gone).unwrap().is_empty());
+        assert!(store.action(running_action).unwrap().is_some());
+        assert!(store.action(manual_done).unwrap().is_none());
+        assert!(store.action(manual_pending).unwrap().is_some());
+        assert_eq!(
+            store.outbox(10).unwrap().len(),
+            1,
+            "the outbox is not touched"
+        );
+        assert_eq!(store.current_session().unwrap().unwrap().id, current);
+        // Nothing more to do: a second prune deletes nothing.
+        assert_eq!(store.prune_sessions(&rule(now)).unwrap(), Pruned::default());
+    }
+
+    #[test]
+    fn pruning_keeps_at_most_the_newest_sessions_but_never_recent_ones() {
+        let (_dir, mut store) = temp_store();
+        let now = 1_000 * 24 * HOUR;
+        for i in 0..10 {
+            old_session(&mut store, &format!("s{i}"), now - (20 - i) * HOUR, 3, true);
+        }
+        // Two that ended within the last hour are kept whatever the count.
+        old_session(&mut store, "fresh-1", now - 40 * 60_000, 3, true);
+        old_session(&mut store, "fresh-2", now - 20 * 60_000, 3, true);
+        let pruned = store
+            .prune_sessions(&PruneRule {
+                keep_newest: 1,
+                ..rule(now)
+            })
+            .unwrap();
+        assert_eq!(pruned.sessions, 10);
+        assert_eq!(count(&store, "SELECT COUNT(*) FROM sessions"), 2);
+        assert!(store.session("fresh-1").unwrap().is_some());
+        let pruned = store
+            .prune_sessions(&PruneRule {
+                keep_newest: 3,
+                ..rule(now)
+            })
+            .unwrap();
+        assert_eq!(pruned, Pruned::default());
+    }
+
+    /// A host that promotes every hour: with pruning after each session the file stops
+    /// growing once the retention is full (freed pages are reused).
+    #[test]
+    fn a_thousand_hourly_sessions_keep_the_file_bounded() {
+        let (dir, mut store) = temp_store();
+        let path = dir.path().join("state/rollbackd.db");
+        let start = 1_000 * 24 * HOUR;
+        let retention = 48 * HOUR;
+        let mut size_at = Vec::new();
+        for i in 0..1000 {
+            let at = start + i * HOUR;
+            let id = old_session(&mut store, &format!("s-{i:04}"), at, 20, true);
+            let action = store
+                .insert_action(&rollback(Some(&id), at + 60_000))
+                .unwrap();
+            finish(&mut store, action, at + 90_000);
+            let now = at + 600_000;
+            store
+                .prune_sessions(&PruneRule {
+                    ended_before_ms: now - retention,
+                    keep_newest: 5000,
+                    never_after_ms: now - HOUR,
+                })
+                .unwrap();
+            if i % 100 == 99 {
+                store
+                    .conn
+                    .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+                    .unwrap();
+                size_at.push(std::fs::metadata(&path).unwrap().len());
+            }
+        }
+        // After the first hundred sessions (the retention is full after 48) the file does
+        // not grow: within a few pages of its size then.
+        let first = size_at[0];
+        let last = *size_at.last().unwrap();
+        assert!(
+            last <= first + 8 * 4096,
+            "the file grew from {first} to {last} bytes: {size_at:?}"
+        );
+        let sessions = count(&store, "SELECT COUNT(*) FROM sessions");
+        assert!((48..=50).contains(&sessions), "{sessions} sessions kept");
+        assert_eq!(count(&store, "SELECT COUNT(*) FROM checks"), sessions * 20);
+        assert_eq!(count(&store, "SELECT COUNT(*) FROM actions"), sessions);
     }
 
     #[test]

@@ -483,8 +483,11 @@ fn peak_rss_bytes() -> u64 {
 async fn snapshot_one_gibibyte_body_is_cut_without_reading_it() {
     let written = Arc::new(AtomicU64::new(0));
     let counter = Arc::clone(&written);
+    let server_done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let done = Arc::clone(&server_done);
     let server = raw_server(move |_, mut stream| {
         let counter = Arc::clone(&counter);
+        let done = Arc::clone(&done);
         async move {
             let _ = stream
                 .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1073741824\r\n\r\n")
@@ -496,6 +499,7 @@ async fn snapshot_one_gibibyte_body_is_cut_without_reading_it() {
                 }
                 counter.fetch_add(chunk.len() as u64, Ordering::Relaxed);
             }
+            done.store(true, Ordering::Relaxed);
         }
     })
     .await;
@@ -506,9 +510,18 @@ async fn snapshot_one_gibibyte_body_is_cut_without_reading_it() {
         matches!(&snapshot.error_rate, Sample::Wrong(raw) if raw.starts_with("xxxx")),
         "{snapshot:?}"
     );
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    // The client stopped reading at the cut: only the cut plus socket buffers left the
-    // server, nowhere near the declared gibibyte, and memory stayed small.
+    // The client stopped reading at the cut and hung up: the server's writes fail and its
+    // loop ends (wait for that, so the count below is final). Only the cut plus socket
+    // buffers left the server, nowhere near the declared gibibyte, and memory stayed small.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !server_done.load(Ordering::Relaxed) {
+        assert!(
+            Instant::now() < deadline,
+            "the client kept the connection open: {} bytes sent",
+            written.load(Ordering::Relaxed)
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let sent = written.load(Ordering::Relaxed);
     assert!(sent < 64 << 20, "server managed to send {sent} bytes");
     assert!(

@@ -437,6 +437,123 @@ fn completions_and_man_page_are_generated_from_the_command_line() {
     assert_eq!(code, 2, "only bash, zsh and fish");
 }
 
+/// Every `rollbackd-<sub>(1)` a page names (SUBCOMMANDS, the see-also list) in a roff
+/// page, unescaped.
+fn named_pages(roff: &str) -> Vec<String> {
+    let text = roff.replace("\\-", "-");
+    let mut names = Vec::new();
+    let mut rest = text.as_str();
+    while let Some(at) = rest.find("rollbackd-") {
+        let tail = &rest[at..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
+            .unwrap_or(tail.len());
+        if tail[end..].starts_with("(1)") {
+            names.push(tail[..end].to_owned());
+        }
+        rest = &tail[end..];
+    }
+    names
+}
+
+#[test]
+fn man_dir_writes_every_page_the_pages_name_each_with_an_exit_status_section() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, out, err) = run(&["man", "--dir", dir.path().to_str().unwrap()], &[]);
+    assert_eq!(code, 0, "{err}");
+    let page = |name: &str| std::fs::read_to_string(dir.path().join(format!("{name}.1")));
+    let top = page("rollbackd").expect("rollbackd.1");
+    let named = named_pages(&top);
+    for sub in [
+        "rollbackd-promote",
+        "rollbackd-kill-switch",
+        "rollbackd-audit",
+    ] {
+        assert!(named.iter().any(|n| n == sub), "{sub} not named: {named:?}");
+    }
+    // Follow every page a page names, down to the nested ones.
+    let mut pending = vec!["rollbackd".to_owned()];
+    let mut seen = std::collections::BTreeSet::new();
+    while let Some(name) = pending.pop() {
+        if !seen.insert(name.clone()) {
+            continue;
+        }
+        let text = page(&name).unwrap_or_else(|e| panic!("{name}.1 is named but missing: {e}"));
+        assert!(text.contains(".SH \"EXIT STATUS\""), "{name}.1: {text}");
+        for status in ["0", "1", "2", "3", "78"] {
+            assert!(
+                text.contains(&format!(".TP\n\\fB{status}\\fR\n")),
+                "{name}.1 lacks exit status {status}"
+            );
+        }
+        assert!(out.contains(&format!("{name}.1")), "not listed: {out}");
+        pending.extend(named_pages(&text));
+    }
+    for nested in [
+        "rollbackd-kill-switch-set",
+        "rollbackd-flags-get",
+        "rollbackd-audit-tail",
+    ] {
+        assert!(seen.contains(nested), "{nested} not reached: {seen:?}");
+    }
+    assert!(!seen.contains("rollbackd-help"), "no page for `help`");
+    assert!(
+        !seen.contains("rollbackd-demo-hook"),
+        "no page for a hidden command"
+    );
+    // Every file written is a page some page names.
+    let files = std::fs::read_dir(dir.path()).unwrap().count();
+    assert_eq!(files, seen.len(), "{seen:?}");
+
+    // Without --dir: the top-level page on stdout, the same one.
+    let (code, stdout_page, err) = run(&["man"], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(stdout_page, top);
+
+    let (code, _, err) = run(&["man", "--dir", "/nonexistent/man1"], &[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("/nonexistent/man1"), "{err}");
+}
+
+#[test]
+fn check_config_for_run_exits_78_when_run_could_not_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("rollbackd.toml");
+    // Valid for check-config, but `run` has nothing to roll back with.
+    std::fs::write(
+        &config,
+        "[worker]\nhealth_url = \"http://127.0.0.1:9/health\"\n",
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
+    let (code, out, err) = run(&["--config", config, "check-config"], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("`run` needs it"), "{out}");
+    let (code, out, err) = run(&["--config", config, "check-config", "--for", "run"], &[]);
+    assert_eq!(code, 78, "{out}{err}");
+    assert!(
+        out.contains("worst-case times:"),
+        "the report is still printed: {out}"
+    );
+    assert!(err.contains("rollback.switch_command"), "{err}");
+    assert!(err.contains("`rollbackd run` would not start"), "{err}");
+
+    // The test Setup's configuration is complete: ready.
+    let setup = Setup::new("");
+    let out = setup.cli(&["check-config", "--for", "run"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("ready for `rollbackd run`"), "{stdout}");
+
+    let (code, _, err) = run(&["--config", config, "check-config", "--for", "demo"], &[]);
+    assert_eq!(code, 2, "{err}");
+}
+
 /// On a terminal, `rollback` asks first; declining exits 3 and changes nothing. `script`
 /// gives the command a pseudo-terminal.
 #[test]

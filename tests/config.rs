@@ -317,6 +317,39 @@ fn bad_configurations_are_refused_naming_the_key() {
 }
 
 #[test]
+fn retention_defaults_and_limits() {
+    let loaded = load_str("", &env(&[])).unwrap();
+    assert_eq!(
+        loaded.config.retention.sessions,
+        Duration::from_secs(90 * 24 * 3600)
+    );
+    assert_eq!(loaded.config.retention.max_sessions, 5000);
+    let loaded = load_str(
+        "[retention]\nsessions = \"7d\"\nmax_sessions = 100",
+        &env(&[("ROLLBACKD_RETENTION_MAX_SESSIONS", "50")]),
+    )
+    .unwrap();
+    assert_eq!(
+        loaded.config.retention.sessions,
+        Duration::from_secs(7 * 24 * 3600)
+    );
+    assert_eq!(loaded.config.retention.max_sessions, 50);
+    // Shorter than loop protection's hour, or than the kill-switch reset's quiet period:
+    // pruning would take rows they read.
+    for text in [
+        "[retention]\nsessions = \"10m\"",
+        "[retention]\nsessions = \"2h\"\n[kill_switch]\nreset_quiet_period = \"3h\"",
+        "[retention]\nmax_sessions = 0",
+    ] {
+        let found = issues(load_str(text, &env(&[])));
+        assert!(
+            found.iter().any(|(k, _)| k.starts_with("retention.")),
+            "{text:?}: {found:?}"
+        );
+    }
+}
+
+#[test]
 fn several_problems_are_reported_together() {
     let found = issues(load_str(
         "[rules]\nerror_rate_threshold = 2.0\nmemory_percent = -1.0\nbogus = 1",

@@ -138,8 +138,20 @@ async fn started_before_the_database_exists_it_picks_it_up_once_created() {
     assert!(!path.exists(), "LiveFlags must not create the database");
     let mut receiver = flags.subscribe();
 
-    // Let it fail a few polls first.
-    tokio::time::sleep(Duration::from_millis(60)).await;
+    // Let it fail a few polls first, and see that it did: the database is still missing
+    // and LiveFlags kept retrying it.
+    let failed_before = flags.failed_polls();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while flags.failed_polls() < failed_before + 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "LiveFlags stopped polling a missing database: {} failed polls",
+            flags.failed_polls()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(flags.snapshot().error.is_some(), "{:?}", flags.snapshot());
+    assert!(!path.exists(), "LiveFlags must not create the database");
     let path_for_writer = path.clone();
     tokio::task::spawn_blocking(move || {
         store_with(&path_for_writer, &[("NEW_CHECKOUT", "1")]);

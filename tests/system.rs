@@ -7,6 +7,29 @@ use std::time::Duration;
 use common::*;
 use serde_json::Value;
 
+/// Waits for the proof that a rollback's session is over: its `monitoring-stopped` line
+/// says `rolled-back` and the driver itself answers `idle` (it has no session, so no check
+/// and no second rollback can follow). Anything that was going to happen in that session
+/// has happened by then.
+fn wait_until_idle_after_rollback(setup: &Setup) {
+    let idle = wait_for(Duration::from_secs(20), || {
+        let ended = setup
+            .events("monitoring-stopped")
+            .last()
+            .is_some_and(|line| line["state"] == "rolled-back");
+        ended && {
+            let out = setup.cli(&["status", "--json"]);
+            serde_json::from_slice::<Value>(&out.stdout)
+                .is_ok_and(|status| status["state"] == "idle")
+        }
+    });
+    assert!(
+        idle.is_some(),
+        "the session did not end as rolled back; log:\n{}",
+        setup.daemon_log()
+    );
+}
+
 #[test]
 fn an_error_spike_rolls_back_and_calls_the_switch_hook_once() {
     let setup = Setup::new("");
@@ -21,8 +44,9 @@ fn an_error_spike_rolls_back_and_calls_the_switch_hook_once() {
         "no rollback; daemon log:\n{}",
         setup.daemon_log()
     );
-    // Let a few more intervals pass: nothing else may happen.
-    std::thread::sleep(Duration::from_millis(1200));
+    // Nothing else may happen: wait until the daemon has moved on (the session ended as
+    // rolled back and the driver answers idle), then look.
+    wait_until_idle_after_rollback(&setup);
     assert_eq!(
         setup.switches(),
         ["v1"],
@@ -134,7 +158,7 @@ fn kill_9_during_a_slow_switch_then_restart_gives_exactly_one_rollback() {
         "resumed rollback did not finish; log:\n{}",
         setup.daemon_log()
     );
-    std::thread::sleep(Duration::from_millis(800));
+    wait_until_idle_after_rollback(&setup);
     assert_eq!(
         setup.artifacts("rollback_").len(),
         1,
@@ -381,4 +405,82 @@ fn a_webhook_that_never_answers_does_not_delay_the_rollback() {
         seen.lock().unwrap(),
         setup.daemon_log()
     );
+}
+
+/// `[retention]` through the real daemon: a session that ended long ago is pruned from
+/// rollbackd.db at start-up, and one that appears while it runs is pruned when the
+/// current session ends. The unfinished and the recent stay.
+#[test]
+fn sessions_past_retention_are_pruned_at_start_and_when_a_session_ends() {
+    use rollbackd::store::{SessionRow, Store, SESSION_CONFIRMED};
+    let setup = Setup::new("[retention]\nsessions = \"30d\"");
+    let db = setup.state().join("rollbackd.db");
+    let day_ms = 24 * 3600 * 1000;
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let insert = |id: &str, ended_days_ago: i64| {
+        let mut store = Store::open(&db).unwrap();
+        let at = now_ms - ended_days_ago * day_ms;
+        store
+            .insert_session(&SessionRow {
+                id: id.into(),
+                active: "v0".into(),
+                previous: Some("v-1".into()),
+                promoted_at_ms: at - 600_000,
+                state: SESSION_CONFIRMED.into(),
+                paused: false,
+                pause_reason: None,
+                baseline_json: None,
+                operator: None,
+                ended_at_ms: Some(at),
+                end_reason: Some("grace period ended".into()),
+            })
+            .unwrap();
+    };
+    let exists = |id: &str| {
+        Store::open_read_only(&db)
+            .unwrap()
+            .session(id)
+            .unwrap()
+            .is_some()
+    };
+    insert("ended-100-days-ago", 100);
+    insert("ended-2-days-ago", 2);
+
+    let daemon = setup.start();
+    let pruned = wait_for(Duration::from_secs(20), || !exists("ended-100-days-ago"));
+    assert!(
+        pruned.is_some(),
+        "not pruned at start; log:\n{}",
+        setup.daemon_log()
+    );
+    assert!(
+        exists("ended-2-days-ago"),
+        "a session inside the retention was pruned"
+    );
+
+    // One more old session while the daemon runs: pruned when the current session ends.
+    setup.promote();
+    insert("ended-40-days-ago", 40);
+    setup.routes.error_rate(0.45);
+    wait_until_idle_after_rollback(&setup);
+    let pruned = wait_for(Duration::from_secs(20), || !exists("ended-40-days-ago"));
+    assert!(
+        pruned.is_some(),
+        "not pruned after the session ended; log:\n{}",
+        setup.daemon_log()
+    );
+    assert!(exists("ended-2-days-ago"));
+    let store = Store::open_read_only(&db).unwrap();
+    assert!(store.current_session().unwrap().is_none());
+    assert!(
+        setup
+            .daemon_log()
+            .contains("pruned rollbackd.db past retention.sessions = 30d"),
+        "{}",
+        setup.daemon_log()
+    );
+    assert_eq!(daemon.terminate().code(), Some(0));
 }

@@ -260,6 +260,7 @@ impl Driver {
             metrics: inputs.metrics.take(),
         };
         driver.restore().await?;
+        driver.prune_sessions().await;
         driver.publish_status(&inputs.on_status);
 
         let mut watchdog = inputs.watchdog.as_ref().map(|(period, _)| {
@@ -1132,6 +1133,34 @@ impl Driver {
                 .await;
         }
         tracing::info!(session = %session.row.id, state, "monitoring stopped: {reason}");
+        self.prune_sessions().await;
+    }
+
+    /// Deletes the sessions `[retention]` no longer keeps (at start-up and after each
+    /// session ends). A failure is logged and tried again next time: it never stops
+    /// monitoring.
+    async fn prune_sessions(&mut self) {
+        let retention = self.config.config.retention.clone();
+        let now = now_ms(self.now());
+        let floor =
+            crate::config::retention_floor(self.config.config.kill_switch.reset_quiet_period);
+        let rule = store::PruneRule {
+            ended_before_ms: now.saturating_sub(retention.sessions.as_millis() as i64),
+            keep_newest: retention.max_sessions as usize,
+            never_after_ms: now.saturating_sub(floor.as_millis() as i64),
+        };
+        match self.db.call(move |store| store.prune_sessions(&rule)).await {
+            Ok(pruned) if pruned.sessions > 0 || pruned.actions > 0 => tracing::info!(
+                sessions = pruned.sessions,
+                checks = pruned.checks,
+                actions = pruned.actions,
+                "pruned rollbackd.db past retention.sessions = {} / retention.max_sessions = {}",
+                crate::config::show(retention.sessions),
+                retention.max_sessions
+            ),
+            Ok(_) => {}
+            Err(err) => tracing::warn!("cannot prune old sessions from rollbackd.db: {err}"),
+        }
     }
 
     /// The kill switch as the daemon finds it at start; a value different from the last

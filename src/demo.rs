@@ -145,7 +145,7 @@ listen = ""
         config = state_dir.join("demo.toml").display(),
         state = toml_string(&dir),
         exe = toml_string(&exe.display().to_string()),
-        db = toml_string(&state_dir.join("orchestrator.db").display().to_string()),
+        db = toml_string(&state_dir.join(DEMO_DB).display().to_string()),
     )
 }
 
@@ -155,6 +155,21 @@ pub fn hook(state_dir: &Path, to: &str) -> anyhow::Result<()> {
     crate::audit::write_atomic(state_dir, ACTIVE_FILE, to.as_bytes())
         .with_context(|| format!("cannot write {}", path.display()))?;
     println!("switched traffic to {to}");
+    Ok(())
+}
+
+/// The demo application's database (the kill switch's `settings` table).
+const DEMO_DB: &str = "orchestrator.db";
+
+/// Creates the demo application's database as an application would, before the daemon
+/// starts: rollbackd never creates it unless configured to (`kill_switch.create_database`),
+/// and its LiveFlags finds a readable table from the first poll.
+fn create_application_db(path: &Path) -> anyhow::Result<()> {
+    let connection = rusqlite::Connection::open(path)
+        .with_context(|| format!("cannot create the demo database {}", path.display()))?;
+    connection
+        .execute_batch("CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT)")
+        .with_context(|| format!("cannot create the settings table in {}", path.display()))?;
     Ok(())
 }
 
@@ -168,6 +183,7 @@ pub async fn run(out: &mut (dyn Write + Send)) -> anyhow::Result<u8> {
     std::fs::create_dir_all(&state_dir)?;
     let state_dir = state_dir.canonicalize()?;
     std::fs::write(state_dir.join(ACTIVE_FILE), "v1")?;
+    create_application_db(&state_dir.join(DEMO_DB))?;
     let workers = Arc::new(Workers {
         state_dir: state_dir.clone(),
         promoted_at: std::sync::Mutex::new(None),

@@ -230,7 +230,10 @@ impl LinePrinter<'_> {
                 writeln!(out, "{}", json!({"timestamp": timestamp, "error": error}))?;
             }
         } else {
-            let kill_state = if killed {
+            let kill_state = if snapshot.error.is_some() {
+                // Never "off" for a database that could not be read.
+                "UNKNOWN: the database cannot be read"
+            } else if killed {
                 "ON: flags use safe defaults"
             } else {
                 "off"

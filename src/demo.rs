@@ -161,16 +161,18 @@ pub fn hook(state_dir: &Path, to: &str) -> anyhow::Result<()> {
 /// The demo application's database (the kill switch's `settings` table).
 const DEMO_DB: &str = "orchestrator.db";
 
-/// Creates the demo application's database as an application would, before the daemon
-/// starts: rollbackd never creates it unless configured to (`kill_switch.create_database`),
-/// and its LiveFlags finds a readable table from the first poll.
-fn create_application_db(path: &Path) -> anyhow::Result<()> {
-    let connection = rusqlite::Connection::open(path)
-        .with_context(|| format!("cannot create the demo database {}", path.display()))?;
-    connection
-        .execute_batch("CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT)")
-        .with_context(|| format!("cannot create the settings table in {}", path.display()))?;
-    Ok(())
+/// Creates the demo application's database (an empty `settings` table) as the
+/// application would, before the daemon starts: rollbackd never creates it unless
+/// configured to (`kill_switch.create_database`), and its LiveFlags then finds a
+/// readable table from the first poll instead of warning about a missing file.
+async fn create_application_db(path: &Path) -> anyhow::Result<()> {
+    let path = path.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        crate::settings::SettingsStore::open(&path)
+            .map(drop)
+            .with_context(|| format!("cannot create the demo database {}", path.display()))
+    })
+    .await?
 }
 
 /// Runs the demo; returns the exit status.
@@ -183,7 +185,7 @@ pub async fn run(out: &mut (dyn Write + Send)) -> anyhow::Result<u8> {
     std::fs::create_dir_all(&state_dir)?;
     let state_dir = state_dir.canonicalize()?;
     std::fs::write(state_dir.join(ACTIVE_FILE), "v1")?;
-    create_application_db(&state_dir.join(DEMO_DB))?;
+    create_application_db(&state_dir.join(DEMO_DB)).await?;
     let workers = Arc::new(Workers {
         state_dir: state_dir.clone(),
         promoted_at: std::sync::Mutex::new(None),

@@ -396,3 +396,45 @@ fn a_value_the_table_does_not_keep_as_written_is_a_read_back_error() {
     // Values the column keeps as written read back fine (the kill switch's '1' and '0').
     store.write_once("DISABLE_NEW", "1").unwrap();
 }
+
+/// Issue 8 item 8: reads match the kill key as the write does (the column's collation),
+/// whatever the table declares.
+#[test]
+fn reads_match_keys_with_the_tables_collation_like_the_write() {
+    use rollbackd::settings::SettingsReader;
+    let dir = tempfile::tempdir().unwrap();
+    for (collation, matches) in [("COLLATE NOCASE", true), ("", false)] {
+        let path = dir.path().join(format!("{}.db", matches));
+        {
+            let connection = Connection::open(&path).unwrap();
+            connection
+                .execute_batch(&format!(
+                    "CREATE TABLE settings (key TEXT {collation} PRIMARY KEY, value TEXT);
+                     INSERT INTO settings VALUES ('disable_new', '0'), ('Other', 'x');"
+                ))
+                .unwrap();
+        }
+        let mut store = SettingsStore::open(&path).unwrap();
+        let report = store.write_once("DISABLE_NEW", "1").unwrap();
+        let reader = SettingsReader::open(&path).unwrap();
+        let rows = reader.read_all_for("DISABLE_NEW").unwrap();
+        assert_eq!(reader.read("DISABLE_NEW").unwrap().as_deref(), Some("1"));
+        assert_eq!(rows.get("DISABLE_NEW").map(String::as_str), Some("1"));
+        assert_eq!(rows.get("Other").map(String::as_str), Some("x"));
+        let n_rows: i64 = Connection::open(&path)
+            .unwrap()
+            .query_row("SELECT count(*) FROM settings", [], |row| row.get(0))
+            .unwrap();
+        if matches {
+            // One row, the application's, updated in place; filed under our spelling.
+            assert_eq!(report.previous.as_deref(), Some("0"), "{collation}");
+            assert_eq!(n_rows, 2);
+            assert!(!rows.contains_key("disable_new"), "{rows:?}");
+        } else {
+            // BINARY: a different key, as for the write.
+            assert_eq!(report.previous, None);
+            assert_eq!(n_rows, 3);
+            assert_eq!(rows.get("disable_new").map(String::as_str), Some("0"));
+        }
+    }
+}

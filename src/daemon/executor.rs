@@ -924,7 +924,9 @@ pub async fn set_kill_switch(
                 return Err(err);
             }
             Err(err) => {
-                failed_before = true;
+                // A missing database committed nothing; other failures (a read-back
+                // after COMMIT) may have made the change already.
+                failed_before |= !matches!(err, crate::settings::SettingsError::Missing { .. });
                 tracing::error!(db = %db.display(), "kill switch write failed, retrying in {backoff:?}: {err}");
                 ctx.say(
                     format!("kill switch write failed ({err}); retrying"),
@@ -935,5 +937,29 @@ pub async fn set_kill_switch(
                 backoff = (backoff * 2).min(Duration::from_secs(10));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ExpectedKillWrites;
+
+    #[test]
+    fn an_expected_write_is_consumed_once_and_a_withdrawn_one_swallows_nothing() {
+        let expected = ExpectedKillWrites::default();
+        let redundant = expected.register("1");
+        // The write found '1' already there: withdrawn, so a later '1' is not ours.
+        expected.withdraw(redundant);
+        let reset = expected.register("0");
+        assert!(expected.consume("0"), "the reset's own change");
+        assert!(!expected.consume("0"), "consumed once");
+        assert!(!expected.consume("1"), "a hand-made '1' is not rollbackd's");
+        assert_eq!(expected.pending(), 0);
+        expected.withdraw(reset); // already consumed: nothing happens
+        let a = expected.register("1");
+        let _b = expected.register("1");
+        expected.withdraw(a);
+        assert_eq!(expected.pending(), 1);
+        assert!(expected.consume("1"));
     }
 }

@@ -398,8 +398,12 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Run => {
             let loaded = load_config(&cli)?;
             let config_path = cli.config.clone();
+            // A reload is refused (the old configuration kept) for what would stop `run`
+            // from starting, e.g. a kill_switch.database that does not exist.
             let reloader: crate::daemon::Reloader = std::sync::Arc::new(move || {
-                config::load(config_path.as_deref(), &config::process_env())
+                let loaded = config::load(config_path.as_deref(), &config::process_env())?;
+                crate::service::check_runnable(&loaded)?;
+                Ok(loaded)
             });
             daemon_runtime()?.block_on(crate::service::run(
                 loaded,

@@ -459,3 +459,30 @@ fn a_nocase_key_column_reads_what_was_written() {
         "one row, the application's, updated in place"
     );
 }
+
+/// Item 5 for SIGHUP: a reload whose kill_switch.database does not exist is refused
+/// like a start-up would be, and the old configuration stays.
+#[test]
+fn a_reload_naming_a_missing_database_is_refused() {
+    let setup = Setup::new("[kill_switch]\ncreate_database = false");
+    app_db(&setup.path("app.db"), CONTRACT_TABLE, &[]);
+    let daemon = setup.start();
+    let typo = setup.path("app.bd");
+    setup.rewrite_config(|table| {
+        table["kill_switch"]["database"] = toml::Value::String(typo.display().to_string());
+    });
+    // SAFETY: signalling the child we started.
+    assert_eq!(unsafe { libc::kill(daemon.pid() as i32, libc::SIGHUP) }, 0);
+    wait_for(Duration::from_secs(10), || {
+        !setup.events("config-reloaded").is_empty()
+    })
+    .unwrap_or_else(|| panic!("no config-reloaded line; log:\n{}", setup.daemon_log()));
+    let reload = &setup.events("config-reloaded")[0];
+    assert_eq!(reload["ok"], false, "{reload}");
+    let error = reload["error"].as_str().unwrap_or("");
+    assert!(error.contains("kill_switch.database"), "{reload}");
+    assert!(!typo.exists(), "the reload created the typo's database");
+    let out = setup.cli(&["kill-switch", "set", "--reason", "old config"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(!typo.exists());
+}

@@ -230,12 +230,19 @@ pub enum KillSwitchAction {
 
 #[derive(Debug, Subcommand)]
 pub enum FlagsAction {
-    /// The effective value of a flag
+    /// The effective value of a flag, alone on stdout (exit 1: no value, or the
+    /// database cannot be read)
     Get {
         key: String,
         /// The application database [default: kill_switch.database]
         #[arg(long, value_name = "PATH")]
         db: Option<PathBuf>,
+        /// One JSON object: {"key","value","source":"row|default|kill-switch|none","row","killSwitch"}
+        #[arg(long)]
+        json: bool,
+        /// Also say why on stderr (safe default, kill switch on, no row)
+        #[arg(long)]
+        explain: bool,
     },
     /// Print the flags, then one line per change
     Watch {
@@ -459,8 +466,12 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Run => {
             let loaded = load_config(&cli)?;
             let config_path = cli.config.clone();
+            // A reload is refused (the old configuration kept) for what would stop `run`
+            // from starting, e.g. a kill_switch.database that does not exist.
             let reloader: crate::daemon::Reloader = std::sync::Arc::new(move || {
-                config::load(config_path.as_deref(), &config::process_env())
+                let loaded = config::load(config_path.as_deref(), &config::process_env())?;
+                crate::service::check_runnable(&loaded)?;
+                Ok(loaded)
             });
             daemon_runtime()?.block_on(crate::service::run(
                 loaded,
@@ -481,14 +492,27 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             let default_db = loaded.config.kill_switch.database.clone();
             let stdout = std::io::stdout();
             match action {
-                FlagsAction::Get { key, db } => {
+                FlagsAction::Get {
+                    key,
+                    db,
+                    json,
+                    explain,
+                } => {
                     let mut out = stdout.lock();
-                    crate::cmd_flags::flags_get(
+                    let has_value = crate::cmd_flags::flags_get(
                         db.as_deref().unwrap_or(&default_db),
                         key,
                         &options,
+                        crate::cmd_flags::GetFormat {
+                            json: *json,
+                            explain: *explain,
+                        },
                         &mut out,
+                        &mut std::io::stderr(),
                     )?;
+                    if !has_value {
+                        return Ok(exit::FAILURE);
+                    }
                 }
                 FlagsAction::Watch { db, json } => {
                     let db = db.clone().unwrap_or(default_db);

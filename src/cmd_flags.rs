@@ -21,26 +21,90 @@ use serde_json::json;
 use crate::flags::{changes, read_once, FlagChange, FlagsSnapshot, LiveFlags, LiveFlagsOptions};
 use crate::text::Escaped;
 
-/// Prints the effective value of `key` as `KEY=value`, followed by why when it is not
-/// simply the row's value (kill switch on, or no row). An unset flag prints `KEY unset`.
+/// Where the effective value of a flag comes from (`flags get --json`'s `source`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Source {
+    /// The row's value.
+    Row,
+    /// The safe default: there is no row.
+    Default,
+    /// The safe default because the kill switch is on (whatever the row says).
+    KillSwitch,
+    /// No value at all: no row and no safe default (or kill switch on, no default).
+    None,
+}
+
+/// `flags get --json`: `{"key","value","source","row","killSwitch"}`.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct GetLine<'a> {
+    key: &'a str,
+    value: Option<&'a str>,
+    source: Source,
+    row: Option<&'a str>,
+    kill_switch: bool,
+}
+
+/// How `flags get` prints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct GetFormat {
+    /// One JSON object on `out` instead of the value alone.
+    pub json: bool,
+    /// The sentence saying why (safe default, kill switch) on `err`.
+    pub explain: bool,
+}
+
+/// `flags get KEY`: the effective value alone on `out` (for scripts: `$(rollbackd flags
+/// get KEY)`), or one JSON object with `format.json`. The sentence saying why goes to
+/// `err` with `format.explain`, and always when there is no value (so a human sees why
+/// nothing was printed). Returns whether the flag has a value: the CLI exits 1 when it
+/// has none, and 1 too (with the reason) when the database cannot be read.
 pub fn flags_get(
     db: &Path,
     key: &str,
     options: &LiveFlagsOptions,
+    format: GetFormat,
     out: &mut dyn Write,
-) -> anyhow::Result<()> {
-    let rows = read_once(db).with_context(|| format!("reading flags from {}", db.display()))?;
+    err: &mut dyn Write,
+) -> anyhow::Result<bool> {
+    let rows = read_once(db, &options.kill_key)
+        .with_context(|| format!("reading flags from {}", db.display()))?;
     let snapshot = FlagsSnapshot {
         rows,
         version: 0,
         error: None,
     };
-    writeln!(out, "{}", describe_effective(&snapshot, key, options))?;
+    let effective = snapshot.effective(key, options);
+    let row = snapshot.rows.get(key).map(String::as_str);
+    let killed = snapshot.killed(&options.kill_key);
+    let source = match (&effective, row) {
+        (None, _) => Source::None,
+        (Some(_), _) if key != options.kill_key && killed => Source::KillSwitch,
+        (Some(_), Some(_)) => Source::Row,
+        (Some(_), None) => Source::Default,
+    };
+    if format.json {
+        let line = GetLine {
+            key,
+            value: effective.as_deref(),
+            source,
+            row,
+            kill_switch: killed,
+        };
+        writeln!(out, "{}", serde_json::to_string(&line)?)?;
+    } else if let Some(value) = &effective {
+        writeln!(out, "{value}")?;
+    }
     out.flush()?;
-    Ok(())
+    if format.explain || effective.is_none() {
+        writeln!(err, "{}", describe_effective(&snapshot, key, options))?;
+        err.flush()?;
+    }
+    Ok(effective.is_some())
 }
 
-/// `KEY=value (why)` for `flags get`.
+/// `KEY=value (why)` for `flags get --explain`.
 fn describe_effective(snapshot: &FlagsSnapshot, key: &str, options: &LiveFlagsOptions) -> String {
     let kill_key = &options.kill_key;
     let row = snapshot.rows.get(key);
@@ -167,7 +231,10 @@ impl LinePrinter<'_> {
                 writeln!(out, "{}", json!({"timestamp": timestamp, "error": error}))?;
             }
         } else {
-            let kill_state = if killed {
+            let kill_state = if snapshot.error.is_some() {
+                // Never "off" for a database that could not be read.
+                "UNKNOWN: the database cannot be read"
+            } else if killed {
                 "ON: flags use safe defaults"
             } else {
                 "off"

@@ -227,8 +227,12 @@ async fn local(request: &Request, loaded: &LoadedConfig) -> anyhow::Result<Value
     }
     if let Request::KillSwitchStatus = request {
         let ks = &loaded.config.kill_switch;
-        let value = crate::killswitch::read(&ks.database, &ks.key)?;
-        return Ok(json!({"key": ks.key, "value": value, "on": value.as_deref() == Some("1")}));
+        let state =
+            crate::killswitch::KillSwitchState::read(&ks.database, &ks.key, ks.create_database);
+        if let crate::killswitch::KillSwitchState::Unknown(why) = &state {
+            anyhow::bail!("the kill switch is UNKNOWN: {why}");
+        }
+        return Ok(state.to_json(&ks.key));
     }
     let state_dir = loaded.config.state_dir.clone();
     let _lock = crate::service::try_lock_state(&state_dir)?.ok_or_else(|| {
@@ -318,12 +322,18 @@ async fn local_kill_switch(
     let ks = loaded.config.kill_switch.clone();
     let value_owned = value.to_owned();
     let report = tokio::task::spawn_blocking(move || {
-        crate::killswitch::write(&ks.database, &ks.key, &value_owned, |waited| {
-            eprintln!(
-                "  the database is busy; still waiting after {}",
-                crate::config::show(Duration::from_secs(waited.as_secs()))
-            );
-        })
+        crate::killswitch::write(
+            &ks.database,
+            &ks.key,
+            &value_owned,
+            ks.create_mode(),
+            |waited| {
+                eprintln!(
+                    "  the database is busy; still waiting after {}",
+                    crate::config::show(Duration::from_secs(waited.as_secs()))
+                );
+            },
+        )
     })
     .await??;
     let now = SystemTime::now();
@@ -426,6 +436,7 @@ async fn local_rollback(
         hooks: adapters.hooks.clone(),
         clock: Arc::new(SystemClock),
         progress: Some(progress_tx),
+        kill_writes: Default::default(),
     };
     let detail = ActionDetail {
         emergency,
@@ -504,9 +515,7 @@ async fn local_rollback(
 async fn local_status(loaded: &LoadedConfig) -> anyhow::Result<Value> {
     let config = &loaded.config;
     let ks = &config.kill_switch;
-    let kill = crate::killswitch::read(&ks.database, &ks.key)
-        .ok()
-        .flatten();
+    let kill = crate::killswitch::KillSwitchState::read(&ks.database, &ks.key, ks.create_database);
     let now = SystemTime::now();
     let (session, recent, active, previous) = match Store::open_read_only(&config.rollbackd_db()) {
         Ok(store) => {
@@ -557,7 +566,7 @@ async fn local_status(loaded: &LoadedConfig) -> anyhow::Result<Value> {
         "state": session.as_ref().map(|s| s.state.as_str()).unwrap_or("idle"),
         "session": session_value,
         "workers": {"active": active, "previous": previous},
-        "killSwitch": {"key": ks.key, "value": kill, "on": kill.as_deref() == Some("1")},
+        "killSwitch": kill.to_json(&ks.key),
         "recentChecks": recent,
         "configHash": loaded.hash,
     }))
@@ -635,17 +644,26 @@ fn print_status(status: &Value, out: &mut impl Write) -> std::io::Result<()> {
         )?;
     }
     let kill = &status["killSwitch"];
-    writeln!(
-        out,
-        "kill switch  {}={} ({})",
-        show(&kill["key"], "DISABLE_NEW"),
-        show(&kill["value"], "unset"),
-        if kill["on"].as_bool() == Some(true) {
-            "ON: apps use safe defaults"
-        } else {
-            "off"
-        }
-    )?;
+    let kill_key = show(&kill["key"], "DISABLE_NEW");
+    if kill["state"] == "unknown" {
+        // Loud on purpose: an unreadable DISABLE_NEW=1 is still on for the application.
+        writeln!(
+            out,
+            "kill switch  {kill_key}: UNKNOWN ({})",
+            show(&kill["error"], "cannot read the database")
+        )?;
+    } else {
+        writeln!(
+            out,
+            "kill switch  {kill_key}={} ({})",
+            show(&kill["value"], "unset"),
+            if kill["on"].as_bool() == Some(true) {
+                "ON: apps use safe defaults"
+            } else {
+                "off"
+            }
+        )?;
+    }
     if let Some(checks) = status["recentChecks"].as_array().filter(|c| !c.is_empty()) {
         writeln!(out, "recent checks")?;
         writeln!(

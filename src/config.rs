@@ -95,6 +95,7 @@ const KEYS: &[(&str, Kind)] = &[
     ("kill_switch.database", Kind::Str),
     ("kill_switch.key", Kind::Str),
     ("kill_switch.reset_quiet_period", Kind::Duration),
+    ("kill_switch.create_database", Kind::Bool),
     ("alerts.webhook_url", Kind::Str),
     (
         "alerts.format",
@@ -151,6 +152,7 @@ max_rollbacks_per_hour = 3
 database = "state/orchestrator.db"
 key = "DISABLE_NEW"
 reset_quiet_period = "15m"
+create_database = false
 
 [alerts]
 format = "generic"
@@ -293,6 +295,21 @@ pub struct KillSwitchConfig {
     pub database: PathBuf,
     pub key: String,
     pub reset_quiet_period: Duration,
+    /// rollbackd may create `database` (and its `settings` table) when the file is
+    /// absent. Off by default: a typo in the path must not create a database no
+    /// application reads.
+    pub create_database: bool,
+}
+
+impl KillSwitchConfig {
+    /// Whether writing the kill switch may create `database`.
+    pub fn create_mode(&self) -> crate::settings::Create {
+        if self.create_database {
+            crate::settings::Create::IfMissing
+        } else {
+            crate::settings::Create::Never
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1123,6 +1140,9 @@ fn build(
         database: PathBuf::from(string("kill_switch.database").unwrap_or_default()),
         key: string("kill_switch.key").unwrap_or_default(),
         reset_quiet_period: duration("kill_switch.reset_quiet_period"),
+        create_database: get("kill_switch.create_database")
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
     };
     if kill_switch.database.as_os_str().is_empty() {
         problem("kill_switch.database", "must not be empty".into());

@@ -145,7 +145,7 @@ listen = ""
         config = state_dir.join("demo.toml").display(),
         state = toml_string(&dir),
         exe = toml_string(&exe.display().to_string()),
-        db = toml_string(&state_dir.join("orchestrator.db").display().to_string()),
+        db = toml_string(&state_dir.join(DEMO_DB).display().to_string()),
     )
 }
 
@@ -156,6 +156,23 @@ pub fn hook(state_dir: &Path, to: &str) -> anyhow::Result<()> {
         .with_context(|| format!("cannot write {}", path.display()))?;
     println!("switched traffic to {to}");
     Ok(())
+}
+
+/// The demo application's database (the kill switch's `settings` table).
+const DEMO_DB: &str = "orchestrator.db";
+
+/// Creates the demo application's database (an empty `settings` table) as the
+/// application would, before the daemon starts: rollbackd never creates it unless
+/// configured to (`kill_switch.create_database`), and its LiveFlags then finds a
+/// readable table from the first poll instead of warning about a missing file.
+async fn create_application_db(path: &Path) -> anyhow::Result<()> {
+    let path = path.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        crate::settings::SettingsStore::open(&path)
+            .map(drop)
+            .with_context(|| format!("cannot create the demo database {}", path.display()))
+    })
+    .await?
 }
 
 /// Runs the demo; returns the exit status.
@@ -181,6 +198,7 @@ pub async fn run(out: &mut (dyn Write + Send)) -> anyhow::Result<u8> {
     }
     let state_dir = state_dir.canonicalize()?;
     std::fs::write(state_dir.join(ACTIVE_FILE), "v1")?;
+    create_application_db(&state_dir.join(DEMO_DB)).await?;
     let workers = Arc::new(Workers {
         state_dir: state_dir.clone(),
         promoted_at: std::sync::Mutex::new(None),

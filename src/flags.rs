@@ -122,9 +122,11 @@ pub fn changes(old: &FlagsSnapshot, new: &FlagsSnapshot) -> Vec<FlagChange> {
         .collect()
 }
 
-/// Reads the whole table once over a read-only connection (for `flags get`).
-pub fn read_once(path: &Path) -> Result<BTreeMap<String, String>, SettingsError> {
-    SettingsReader::open(path)?.read_all()
+/// Reads the whole table once over a read-only connection (for `flags get`), with the
+/// row `kill_key` matches under the table's collation filed under `kill_key` (see
+/// [`SettingsReader::read_all_for`]).
+pub fn read_once(path: &Path, kill_key: &str) -> Result<BTreeMap<String, String>, SettingsError> {
+    SettingsReader::open(path)?.read_all_for(kill_key)
 }
 
 /// Live view of the `settings` table. Dropping it stops and joins the poller thread.
@@ -342,7 +344,8 @@ impl Poller {
         if self.data_version == Some(data_version) && !backstop_due {
             return Ok(None);
         }
-        let rows = reader.read_all()?;
+        // The kill key is matched as the writer matches it (the table's collation).
+        let rows = reader.read_all_for(&self.options.kill_key)?;
         // Only remember the version once the rows of that version were read.
         self.data_version = Some(data_version);
         self.last_full_read = Some(Instant::now());

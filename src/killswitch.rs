@@ -7,16 +7,19 @@ use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use crate::audit::{AuditEvent, AuditRecord, KillSwitchAction, KillSwitchRecord, KillSwitchSource};
-use crate::settings::{SettingsError, SettingsStore, WriteReport};
+use crate::settings::{Create, SettingsError, SettingsReader, SettingsStore, WriteReport};
 use crate::store::{Store, StoreError};
 
 /// Writes `value` under `key`, waiting out a busy or locked database for as long as it
 /// takes. `on_wait(waited)` is called about every two seconds while waiting, so callers
-/// can tell an operator or the journal. Blocking: call it off the async runtime.
+/// can tell an operator or the journal. A missing database is
+/// [`SettingsError::Missing`] unless `create` is [`Create::IfMissing`]
+/// (`kill_switch.create_database`). Blocking: call it off the async runtime.
 pub fn write(
     db: &Path,
     key: &str,
     value: &str,
+    create: Create,
     mut on_wait: impl FnMut(Duration),
 ) -> Result<WriteReport, SettingsError> {
     let mut next_report = Duration::from_secs(2);
@@ -27,16 +30,83 @@ pub fn write(
         }
         true
     };
-    let mut store = SettingsStore::open_with_patience(db, &mut patience)?;
+    let mut store = SettingsStore::open_with_patience(db, create, &mut patience)?;
     store.write_until_landed(key, value, &mut patience)
 }
 
-/// Reads the current value of `key` (`None`: no row, or no database yet).
+/// Reads the current value of `key` (`None`: no row, or no database yet), matching the
+/// key as the writer does (`WHERE key = ?`, the table's collation).
 pub fn read(db: &Path, key: &str) -> Result<Option<String>, SettingsError> {
     if !db.exists() {
         return Ok(None);
     }
-    Ok(crate::flags::read_once(db)?.get(key).cloned())
+    SettingsReader::open(db)?.read(key)
+}
+
+/// The kill switch as `status` shows it. A database that cannot be read is
+/// [`KillSwitchState::Unknown`], never "off": an unreadable `DISABLE_NEW=1` is still on
+/// for the application that can read it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KillSwitchState {
+    /// Read: the row's value (`None`: no row, or no database yet when rollbackd may
+    /// create it).
+    Read(Option<String>),
+    /// Could not be read; why.
+    Unknown(String),
+}
+
+impl KillSwitchState {
+    /// Reads the kill switch. A missing database is "no row" only when rollbackd may
+    /// create it (`create_database`); otherwise it is unknown, since the application's
+    /// database is supposed to be there.
+    pub fn read(db: &Path, key: &str, create_database: bool) -> KillSwitchState {
+        match std::fs::metadata(db) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return if create_database {
+                    KillSwitchState::Read(None)
+                } else {
+                    KillSwitchState::Unknown(
+                        SettingsError::Missing {
+                            path: db.to_path_buf(),
+                        }
+                        .to_string(),
+                    )
+                };
+            }
+            Err(e) => {
+                return KillSwitchState::Unknown(format!("cannot read {}: {e}", db.display()))
+            }
+            Ok(_) => {}
+        }
+        match read(db, key) {
+            Ok(value) => KillSwitchState::Read(value),
+            Err(e) => KillSwitchState::Unknown(format!("cannot read {}: {e}", db.display())),
+        }
+    }
+
+    /// `Some(true)` on, `Some(false)` off, `None` unknown.
+    pub fn on(&self) -> Option<bool> {
+        match self {
+            KillSwitchState::Read(value) => Some(value.as_deref() == Some("1")),
+            KillSwitchState::Unknown(_) => None,
+        }
+    }
+
+    /// The `killSwitch` object of `status --json` and `/status`:
+    /// `{"key", "value", "on", "state": "on|off|unknown"}` plus `"error"` when unknown
+    /// (then `value` and `on` are null: not known, not off).
+    pub fn to_json(&self, key: &str) -> serde_json::Value {
+        match self {
+            KillSwitchState::Read(value) => {
+                let on = value.as_deref() == Some("1");
+                serde_json::json!({"key": key, "value": value, "on": on,
+                                   "state": if on { "on" } else { "off" }})
+            }
+            KillSwitchState::Unknown(error) => serde_json::json!({
+                "key": key, "value": null, "on": null, "state": "unknown", "error": error
+            }),
+        }
+    }
 }
 
 /// Why a reset must be refused now, or `None` when it may go ahead: a check failed within

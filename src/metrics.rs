@@ -144,7 +144,7 @@ impl Metrics {
         );
         registry.register(
             "kill_switch",
-            "The kill switch as last seen in the application's database (1 on, 0 off)",
+            "The kill switch as last seen in the application's database (1 on, 0 off, -1 unknown: the database cannot be read)",
             kill_switch.clone(),
         );
         registry.register(
@@ -256,8 +256,12 @@ impl Metrics {
         self.inner.escalations.inc();
     }
 
-    pub fn kill_switch(&self, on: bool) {
-        self.inner.kill_switch.set(i64::from(on));
+    /// `Some(on)` as read; `None` when the database cannot be read: -1, never 0 ("off").
+    pub fn kill_switch(&self, on: Option<bool>) {
+        self.inner.kill_switch.set(match on {
+            Some(on) => i64::from(on),
+            None => -1,
+        });
     }
 
     pub fn records_pending(&self, backlog: usize) {
@@ -303,7 +307,7 @@ mod tests {
         );
         metrics.session(Some("monitoring"), Some(Verdict::Degraded));
         metrics.rollback_finished("manual", true);
-        metrics.kill_switch(true);
+        metrics.kill_switch(Some(true));
         metrics.records_pending(2);
         let text = metrics.encode();
         for line in [

@@ -82,6 +82,22 @@ pub fn check_runnable(loaded: &LoadedConfig) -> Result<(), ConfigError> {
             message: "the daemon needs it to roll back".into(),
         });
     }
+    let ks = &loaded.config.kill_switch;
+    if !ks.create_database {
+        if let Err(e) = std::fs::metadata(&ks.database) {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                issues.push(ConfigIssue {
+                    key: "kill_switch.database".into(),
+                    message: format!(
+                        "{} does not exist: the daemon could not set the kill switch. Check the \
+                         path for a typo, or set kill_switch.create_database = true to let \
+                         rollbackd create it",
+                        ks.database.display()
+                    ),
+                });
+            }
+        }
+    }
     if issues.is_empty() {
         Ok(())
     } else {

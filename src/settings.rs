@@ -8,8 +8,13 @@
 //!
 //! - writes run in a `BEGIN IMMEDIATE` transaction, so the write lock is taken up front
 //!   and a busy database shows up at `BEGIN`, not half-way through;
-//! - the journal is WAL with `synchronous=FULL`: readers (the application's LiveFlags)
-//!   never block the writer, and a landed kill switch survives a power cut;
+//! - the database's journal mode is the application's and is never changed (a
+//!   rollback-journal database stays one: switching it to WAL would make every
+//!   read-only reader that cannot create `-shm` fail); `synchronous=FULL` is set on
+//!   rollbackd's own connection only, so a landed kill switch survives a power cut;
+//! - the database file is created only when the caller says so ([`Create::IfMissing`],
+//!   from `kill_switch.create_database`): a typo in the path must not create a database
+//!   no application reads;
 //! - `busy_timeout` is deliberately short ([`BUSY_TIMEOUT`]): the retry loop in
 //!   [`SettingsStore::write_until_landed`], not SQLite, does the waiting, so the caller
 //!   can report progress and decide how long to keep going. §7 of the spec: a busy
@@ -21,6 +26,12 @@
 //! `INSERT`. For the contract table this is exactly `INSERT OR REPLACE`; for an
 //! application table with extra columns it keeps those columns' values instead of
 //! resetting them (REPLACE deletes the old row first).
+//!
+//! Reads and writes compare keys the same way: `WHERE key = ?`, so the table's own
+//! collation decides (a `key TEXT COLLATE NOCASE` column makes `DISABLE_NEW` and
+//! `disable_new` the same row for the write *and* for every read, including
+//! [`SettingsReader::read_all_for`], which files the row the kill key matches under the
+//! kill key's configured spelling).
 //!
 //! [`SettingsReader`] is the read-only side used by `crate::flags` (LiveFlags): its own
 //! read-only connection, `PRAGMA data_version` to notice other connections' commits, and
@@ -52,11 +63,29 @@ const CREATE_TABLE_SQL: &str =
     "CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT)";
 const SELECT_VALUE_SQL: &str = "SELECT value FROM settings WHERE key = ?1";
 const SELECT_ALL_SQL: &str = "SELECT key, value FROM settings";
+/// Every row, plus whether its key equals `?1` under the column's own collation.
+const SELECT_ALL_MATCHING_SQL: &str = "SELECT key, value, key = ?1 FROM settings";
 const UPDATE_VALUE_SQL: &str = "UPDATE settings SET value = ?2 WHERE key = ?1";
 const INSERT_VALUE_SQL: &str = "INSERT INTO settings (key, value) VALUES (?1, ?2)";
 
+/// Whether opening for writing may create the database file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Create {
+    /// The file must exist ([`SettingsError::Missing`] otherwise): the default, since the
+    /// database belongs to the application.
+    Never,
+    /// Create the file (and the table) when absent (`kill_switch.create_database = true`).
+    IfMissing,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum SettingsError {
+    #[error(
+        "the database {path} does not exist; rollbackd does not create the application's \
+         database unless kill_switch.create_database = true (check kill_switch.database \
+         for a typo, or create the database first)"
+    )]
+    Missing { path: PathBuf },
     #[error("database is busy (locked by another connection)")]
     Busy,
     #[error("gave up waiting for the database after {waited:?}")]
@@ -123,13 +152,14 @@ impl std::fmt::Debug for SettingsStore {
 }
 
 impl SettingsStore {
-    /// Opens read-write, creating the file and the table if absent. WAL, synchronous=FULL.
-    /// A busy database while setting WAL/creating the table is retried (forever, with a
-    /// warning in the log every few seconds), not failed: see [`Self::open_with_patience`]
-    /// to bound the wait.
+    /// Opens read-write, creating the file and the table if absent (the library's
+    /// convenience for applications and tests; the daemon uses [`Self::open_with_patience`]
+    /// with [`Create::Never`] unless configured otherwise). The journal mode is left as it
+    /// is; `synchronous=FULL` on this connection. A busy database while creating the table
+    /// is retried (forever, with a warning in the log every few seconds), not failed.
     pub fn open(path: &Path) -> Result<SettingsStore, SettingsError> {
         let mut next_warning = Duration::from_secs(5);
-        Self::open_with_patience(path, |error, waited| {
+        Self::open_with_patience(path, Create::IfMissing, |error, waited| {
             if waited >= next_warning {
                 tracing::warn!(path = %path.display(), ?waited, %error, "still waiting to open the settings database");
                 next_warning += Duration::from_secs(5);
@@ -140,22 +170,34 @@ impl SettingsStore {
 
     /// [`Self::open`] with the same busy retry contract as [`Self::write_until_landed`]:
     /// `keep_waiting(&err, waited_so_far)` is asked before every wait, and `false` stops
-    /// with [`SettingsError::GaveUp`].
+    /// with [`SettingsError::GaveUp`]. With [`Create::Never`] a missing file is
+    /// [`SettingsError::Missing`] and nothing is created.
     pub fn open_with_patience(
         path: &Path,
+        create: Create,
         keep_waiting: impl FnMut(&SettingsError, Duration) -> bool,
     ) -> Result<SettingsStore, SettingsError> {
-        let connection = Connection::open_with_flags(
-            path,
-            OpenFlags::SQLITE_OPEN_READ_WRITE
-                | OpenFlags::SQLITE_OPEN_CREATE
-                | OpenFlags::SQLITE_OPEN_URI
-                | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )
-        .map_err(|source| SettingsError::Sqlite {
-            context: "opening the database read-write",
-            source,
-        })?;
+        let mut flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_URI
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        match create {
+            Create::IfMissing => flags |= OpenFlags::SQLITE_OPEN_CREATE,
+            Create::Never => {
+                // Without SQLITE_OPEN_CREATE SQLite cannot create the file either; this
+                // check only gives the clear error.
+                if matches!(std::fs::metadata(path), Err(e) if e.kind() == std::io::ErrorKind::NotFound)
+                {
+                    return Err(SettingsError::Missing {
+                        path: path.to_path_buf(),
+                    });
+                }
+            }
+        }
+        let connection =
+            Connection::open_with_flags(path, flags).map_err(|source| SettingsError::Sqlite {
+                context: "opening the database read-write",
+                source,
+            })?;
         connection
             .busy_timeout(BUSY_TIMEOUT)
             .map_err(|source| SettingsError::Sqlite {
@@ -163,20 +205,20 @@ impl SettingsStore {
                 source,
             })?;
         let (journal_mode, _report) = retry_while_busy(keep_waiting, || {
+            // Only asked, never set: the journal mode is the application's.
             let journal_mode: String = connection
-                .query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))
-                .map_err(|e| SettingsError::from_sqlite("setting journal_mode=WAL", e))?;
+                .query_row("PRAGMA journal_mode", [], |row| row.get(0))
+                .map_err(|e| SettingsError::from_sqlite("reading journal_mode", e))?;
             connection
                 .execute_batch("PRAGMA synchronous = FULL")
                 .map_err(|e| SettingsError::from_sqlite("setting synchronous=FULL", e))?;
-            connection
-                .execute_batch(CREATE_TABLE_SQL)
-                .map_err(|e| SettingsError::from_sqlite("creating the settings table", e))?;
+            if !table_exists(&connection)? {
+                connection
+                    .execute_batch(CREATE_TABLE_SQL)
+                    .map_err(|e| SettingsError::from_sqlite("creating the settings table", e))?;
+            }
             Ok(journal_mode)
         })?;
-        if !journal_mode.eq_ignore_ascii_case("wal") {
-            tracing::warn!(path = %path.display(), %journal_mode, "the settings database is not in WAL mode: readers may delay writers");
-        }
         Ok(SettingsStore {
             path: path.to_path_buf(),
             connection,
@@ -188,9 +230,16 @@ impl SettingsStore {
         &self.path
     }
 
-    /// The journal mode SQLite reported after `PRAGMA journal_mode = WAL` (normally `wal`).
+    /// The database's journal mode as found (`delete`, `wal`, ...); rollbackd never changes it.
     pub fn journal_mode(&self) -> &str {
         &self.journal_mode
+    }
+
+    /// `PRAGMA synchronous` of this connection (2: FULL).
+    pub fn pragma_synchronous(&self) -> Result<i64, SettingsError> {
+        self.connection
+            .query_row("PRAGMA synchronous", [], |row| row.get(0))
+            .map_err(|e| SettingsError::from_sqlite("reading PRAGMA synchronous", e))
     }
 
     /// The value under `key`; `None` when there is no row or its value is NULL.
@@ -355,6 +404,24 @@ impl SettingsReader {
         debug_assert!(self.connection.is_autocommit());
         rows
     }
+
+    /// Every row with a non-NULL value, the row that `key` matches under the table's
+    /// collation (what `WHERE key = ?` and therefore the writer find) filed under `key`
+    /// as spelled by the caller. For a `COLLATE NOCASE` key column a row `disable_new`
+    /// is returned as `DISABLE_NEW` when `key` is `DISABLE_NEW`.
+    pub fn read_all_for(&self, key: &str) -> Result<BTreeMap<String, String>, SettingsError> {
+        let rows = read_all_rows_for(&self.connection, key);
+        debug_assert!(self.connection.is_autocommit());
+        rows
+    }
+
+    /// The value under `key` (`WHERE key = ?`, as the writer matches it); `None` when
+    /// there is no row or its value is NULL.
+    pub fn read(&self, key: &str) -> Result<Option<String>, SettingsError> {
+        let value = read_value(&self.connection, key);
+        debug_assert!(self.connection.is_autocommit());
+        value
+    }
 }
 
 /// How many attempts a retry loop made and how long it waited before the last one.
@@ -399,6 +466,68 @@ fn read_value(connection: &Connection, key: &str) -> Result<Option<String>, Sett
         .optional()
         .map_err(|e| SettingsError::from_sqlite("reading the setting", e))?;
     Ok(value.flatten())
+}
+
+fn table_exists(connection: &Connection) -> Result<bool, SettingsError> {
+    connection
+        .query_row(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'settings'",
+            [],
+            |_| Ok(()),
+        )
+        .optional()
+        .map(|found| found.is_some())
+        .map_err(|e| SettingsError::from_sqlite("looking for the settings table", e))
+}
+
+fn read_all_rows_for(
+    connection: &Connection,
+    key: &str,
+) -> Result<BTreeMap<String, String>, SettingsError> {
+    let mut statement = connection
+        .prepare_cached(SELECT_ALL_MATCHING_SQL)
+        .map_err(|e| SettingsError::from_sqlite("preparing the settings read", e))?;
+    let mut rows = statement
+        .query([key])
+        .map_err(|e| SettingsError::from_sqlite("reading the settings table", e))?;
+    let mut settings = BTreeMap::new();
+    // The value of the first row `key` matches, preferring the exact spelling.
+    let mut matched: Option<(bool, Option<String>)> = None;
+    while let Some(row) = rows
+        .next()
+        .map_err(|e| SettingsError::from_sqlite("reading the settings table", e))?
+    {
+        let row_key = row
+            .get_ref(0)
+            .map_err(|e| SettingsError::from_sqlite("reading a settings key", e))?;
+        let value = row
+            .get_ref(1)
+            .map_err(|e| SettingsError::from_sqlite("reading a settings value", e))?;
+        let is_match = row
+            .get::<_, Option<bool>>(2)
+            .map_err(|e| SettingsError::from_sqlite("comparing a settings key", e))?
+            .unwrap_or(false);
+        let (Some(row_key), value) = (value_as_text(row_key), value_as_text(value)) else {
+            continue;
+        };
+        if is_match {
+            let exact = row_key == key;
+            if matched
+                .as_ref()
+                .is_none_or(|(was_exact, _)| exact && !was_exact)
+            {
+                matched = Some((exact, value));
+            }
+            continue;
+        }
+        if let Some(value) = value {
+            settings.insert(row_key, value);
+        }
+    }
+    if let Some((_, Some(value))) = matched {
+        settings.insert(key.to_owned(), value);
+    }
+    Ok(settings)
 }
 
 fn read_all_rows(connection: &Connection) -> Result<BTreeMap<String, String>, SettingsError> {

@@ -149,7 +149,7 @@ fn kill_switch_without_a_daemon_sets_audits_and_guards_the_reset() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let rows = rollbackd::flags::read_once(&setup.path("app.db")).unwrap();
+    let rows = rollbackd::flags::read_once(&setup.path("app.db"), "DISABLE_NEW").unwrap();
     assert_eq!(rows.get("DISABLE_NEW").map(String::as_str), Some("1"));
     let log =
         std::fs::read_to_string(setup.state().join("analytics/kill_switch_audit.log")).unwrap();
@@ -207,17 +207,28 @@ fn flags_get_uses_safe_defaults_while_the_kill_switch_is_on() {
     let mut store = rollbackd::settings::SettingsStore::open(&setup.path("app.db")).unwrap();
     store.write_once("NEW_CHECKOUT", "1").unwrap();
     let out = setup.cli(&["flags", "get", "NEW_CHECKOUT"]);
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        "NEW_CHECKOUT=1"
-    );
+    assert!(out.status.success());
+    // The value alone on stdout, for `$(rollbackd flags get NEW_CHECKOUT)`.
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "1\n");
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "");
     store.write_once("DISABLE_NEW", "1").unwrap();
-    let out = setup.cli(&["flags", "get", "NEW_CHECKOUT"]);
+    let out = setup.cli(&["flags", "get", "NEW_CHECKOUT", "--explain"]);
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "0\n");
     assert!(
-        String::from_utf8_lossy(&out.stdout).starts_with("NEW_CHECKOUT=0 (safe default"),
+        String::from_utf8_lossy(&out.stderr).starts_with("NEW_CHECKOUT=0 (safe default"),
         "{}",
-        String::from_utf8_lossy(&out.stdout)
+        String::from_utf8_lossy(&out.stderr)
     );
+    let out = setup.cli(&["flags", "get", "NEW_CHECKOUT", "--json"]);
+    let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(line["value"], "0");
+    assert_eq!(line["source"], "kill-switch");
+    // No value (no row, no safe default): nothing on stdout, why on stderr, exit 1.
+    let out = setup.cli(&["flags", "get", "NO_SUCH_FLAG"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("NO_SUCH_FLAG unset"));
 }
 
 #[test]
@@ -598,4 +609,29 @@ fn rollback_on_a_terminal_asks_and_a_no_is_refused() {
     assert_eq!(out.status.code(), Some(3), "declined: {shown}");
     assert!(setup.switches().is_empty(), "nothing was switched");
     assert!(setup.events("rollback-started").is_empty());
+}
+
+/// A newcomer's happy path shows no warnings: the demo printed a raw `WARN ... liveflags
+/// cannot read the settings table` before promotion (its database did not exist yet).
+#[test]
+fn the_demo_runs_to_a_verified_rollback_without_a_warning() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .arg("demo")
+        .env("TMPDIR", tmp.path())
+        .env_remove("RUST_LOG")
+        .env_remove("ROLLBACKD_CONFIG")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "demo failed:\n{stdout}\n{stderr}");
+    assert!(stdout.contains("rollback"), "{stdout}");
+    for line in stdout.lines().chain(stderr.lines()) {
+        assert!(
+            !line.contains("WARN") && !line.contains("ERROR"),
+            "the demo printed a warning: {line}\nstderr:\n{stderr}"
+        );
+    }
 }

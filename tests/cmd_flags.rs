@@ -5,7 +5,7 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rollbackd::cmd_flags::{flags_get, flags_watch};
+use rollbackd::cmd_flags::{flags_get, flags_watch, GetFormat};
 use rollbackd::flags::LiveFlagsOptions;
 use rollbackd::settings::SettingsStore;
 
@@ -54,34 +54,110 @@ async fn wait_for_lines(buffer: &SharedBuffer, n_lines: usize) -> Vec<String> {
     .unwrap_or_else(|_| panic!("fewer than {n_lines} lines: {:?}", buffer.lines()))
 }
 
+/// `flags get` into two buffers: (has a value, stdout, stderr).
+fn get(path: &std::path::Path, key: &str, format: GetFormat) -> (bool, String, String) {
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let has_value = flags_get(path, key, &options(), format, &mut out, &mut err).unwrap();
+    (
+        has_value,
+        String::from_utf8(out).unwrap(),
+        String::from_utf8(err).unwrap(),
+    )
+}
+
 #[test]
-fn get_prints_the_effective_value_and_why() {
+fn get_prints_the_value_alone_and_why_only_when_asked() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("app.db");
     let mut store = SettingsStore::open(&path).unwrap();
     store.write_once("NEW_CHECKOUT", "1").unwrap();
 
-    let mut out = Vec::new();
-    flags_get(&path, "NEW_CHECKOUT", &options(), &mut out).unwrap();
-    assert_eq!(String::from_utf8(out).unwrap(), "NEW_CHECKOUT=1\n");
+    let plain = GetFormat::default();
+    let explain = GetFormat {
+        explain: true,
+        ..GetFormat::default()
+    };
+    assert_eq!(
+        get(&path, "NEW_CHECKOUT", plain),
+        (true, "1\n".into(), String::new())
+    );
 
     store.write_once("DISABLE_NEW", "1").unwrap();
-    let mut out = Vec::new();
-    flags_get(&path, "NEW_CHECKOUT", &options(), &mut out).unwrap();
     assert_eq!(
-        String::from_utf8(out).unwrap(),
-        "NEW_CHECKOUT=0 (safe default: kill switch DISABLE_NEW=1 is ON; row value \"1\")\n"
+        get(&path, "NEW_CHECKOUT", plain),
+        (true, "0\n".into(), String::new())
     );
+    assert_eq!(
+        get(&path, "NEW_CHECKOUT", explain),
+        (
+            true,
+            "0\n".into(),
+            "NEW_CHECKOUT=0 (safe default: kill switch DISABLE_NEW=1 is ON; row value \"1\")\n"
+                .into()
+        )
+    );
+    // No value: nothing on stdout, why on stderr, and the caller exits 1.
+    let (has_value, stdout, stderr) = get(&path, "OTHER", plain);
+    assert!(!has_value);
+    assert_eq!(stdout, "");
+    assert!(stderr.starts_with("OTHER unset"), "{stderr}");
 
     let error = flags_get(
         &dir.path().join("absent.db"),
         "X",
         &options(),
+        plain,
+        &mut Vec::new(),
         &mut Vec::new(),
     )
     .unwrap_err();
     assert!(format!("{error:#}").contains("absent.db"), "{error:#}");
     assert!(!dir.path().join("absent.db").exists());
+}
+
+#[test]
+fn get_json_says_where_the_value_comes_from() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("app.db");
+    let mut store = SettingsStore::open(&path).unwrap();
+    store.write_once("NEW_CHECKOUT", "1").unwrap();
+    let json = GetFormat {
+        json: true,
+        ..GetFormat::default()
+    };
+    let parse = |key: &str| {
+        let (has_value, stdout, stderr) = get(&path, key, json);
+        assert_eq!(stdout.lines().count(), 1, "{stdout}");
+        (
+            has_value,
+            serde_json::from_str::<serde_json::Value>(&stdout).unwrap(),
+            stderr,
+        )
+    };
+    let (_, line, stderr) = parse("NEW_CHECKOUT");
+    assert_eq!(stderr, "");
+    assert_eq!(
+        line,
+        serde_json::json!({"key": "NEW_CHECKOUT", "value": "1", "source": "row", "row": "1", "killSwitch": false})
+    );
+    let (_, line, _) = parse("MISSING_WITH_NO_DEFAULT");
+    assert_eq!(line["source"], "none");
+    assert!(line["value"].is_null());
+    store.write_once("DISABLE_NEW", "1").unwrap();
+    let (has_value, line, _) = parse("NEW_CHECKOUT");
+    assert!(has_value);
+    assert_eq!(
+        line,
+        serde_json::json!({"key": "NEW_CHECKOUT", "value": "0", "source": "kill-switch", "row": "1", "killSwitch": true})
+    );
+    let dir2 = tempfile::tempdir().unwrap();
+    let empty = dir2.path().join("empty.db");
+    drop(SettingsStore::open(&empty).unwrap());
+    let (has_value, stdout, _) = get(&empty, "NEW_CHECKOUT", json);
+    assert!(has_value);
+    let line: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(line["source"], "default");
+    assert_eq!(line["value"], "0");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -134,6 +134,7 @@ verify_interval = "1s"
 verify_timeout = "10s"
 [kill_switch]
 database = {db:?}
+create_database = true
 "#,
         state = dir.display().to_string(),
         db = dir.join("app.db").display().to_string(),
@@ -388,7 +389,7 @@ async fn two_probe_failures_escalate_and_set_the_kill_switch() {
     assert_eq!(events(dir.path(), "escalation-triggered").len(), 1);
     assert_eq!(events(dir.path(), "kill-switch-activated").len(), 1);
     assert!(fake.get(|w| w.switches.is_empty()));
-    let rows = rollbackd::flags::read_once(&dir.path().join("app.db")).unwrap();
+    let rows = rollbackd::flags::read_once(&dir.path().join("app.db"), "DISABLE_NEW").unwrap();
     assert_eq!(rows.get("DISABLE_NEW").map(String::as_str), Some("1"));
 }
 

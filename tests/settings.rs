@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use rollbackd::settings::{SettingsError, SettingsStore};
+use rollbackd::settings::{Create, SettingsError, SettingsStore};
 use rusqlite::Connection;
 
 fn table_sql(path: &Path) -> Option<String> {
@@ -22,12 +22,13 @@ fn table_sql(path: &Path) -> Option<String> {
 }
 
 #[test]
-fn creates_the_table_when_absent_in_wal_mode() {
+fn creates_the_table_when_absent_and_leaves_the_journal_mode_alone() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("app.db");
     let store = SettingsStore::open(&path).unwrap();
     assert_eq!(store.path(), path);
-    assert_eq!(store.journal_mode(), "wal");
+    // SQLite's default; rollbackd never switches a database to WAL (SPEC §4).
+    assert_eq!(store.journal_mode(), "delete");
     assert_eq!(
         table_sql(&path).as_deref(),
         Some("CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT)")
@@ -194,8 +195,8 @@ fn write_once_reports_busy_without_waiting_long() {
 fn open_waits_for_an_exclusive_lock_instead_of_failing() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("app.db");
-    // A rollback-journal database whose writer holds an exclusive lock: switching to WAL
-    // and creating the table are both busy until it lets go.
+    // A rollback-journal database whose writer holds an exclusive lock: creating the
+    // table is busy until it lets go.
     let connection = Connection::open(&path).unwrap();
     connection
         .execute_batch("CREATE TABLE other (x); BEGIN EXCLUSIVE; INSERT INTO other VALUES (1);")
@@ -206,7 +207,7 @@ fn open_waits_for_an_exclusive_lock_instead_of_failing() {
     });
     let started = Instant::now();
     let mut n_busy = 0;
-    let store = SettingsStore::open_with_patience(&path, |error, _| {
+    let store = SettingsStore::open_with_patience(&path, Create::IfMissing, |error, _| {
         assert!(error.is_busy(), "{error}");
         n_busy += 1;
         true
@@ -215,7 +216,11 @@ fn open_waits_for_an_exclusive_lock_instead_of_failing() {
     releaser.join().unwrap();
     assert!(n_busy > 0);
     assert!(started.elapsed() >= Duration::from_millis(150));
-    assert_eq!(store.journal_mode(), "wal");
+    assert_eq!(
+        store.journal_mode(),
+        "delete",
+        "the journal mode is left as it was"
+    );
     assert!(table_sql(&path).is_some());
 }
 
@@ -223,7 +228,16 @@ fn open_waits_for_an_exclusive_lock_instead_of_failing() {
 fn a_thousand_writes_racing_an_external_writer_lose_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("app.db");
+    // An application that chose WAL (rollbackd never chooses it for them): the racing
+    // writer then never waits on our read-backs, only on our writes.
+    Connection::open(&path)
+        .unwrap()
+        .query_row("PRAGMA journal_mode = WAL", [], |row| {
+            row.get::<_, String>(0)
+        })
+        .unwrap();
     let mut store = SettingsStore::open(&path).unwrap();
+    assert_eq!(store.journal_mode(), "wal");
 
     let stop = Arc::new(AtomicBool::new(false));
     let external_running = Arc::new(Barrier::new(2));
@@ -306,6 +320,60 @@ fn a_thousand_writes_racing_an_external_writer_lose_nothing() {
     );
 }
 
+/// Item 4 of issue 8: the journal mode is the application's, whichever it is, and a
+/// missing database is created only when asked.
+#[test]
+fn the_journal_mode_is_never_changed_and_a_missing_file_is_created_only_when_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    // Only WAL is persistent; the rollback-journal modes are per connection.
+    for mode in ["delete", "wal"] {
+        let path = dir.path().join(format!("{mode}.db"));
+        {
+            let connection = Connection::open(&path).unwrap();
+            let set: String = connection
+                .query_row(&format!("PRAGMA journal_mode = {mode}"), [], |row| {
+                    row.get(0)
+                })
+                .unwrap();
+            assert_eq!(set, mode);
+            connection
+                .execute_batch("CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT)")
+                .unwrap();
+        }
+        let mut store =
+            SettingsStore::open_with_patience(&path, Create::Never, |_, _| true).unwrap();
+        assert_eq!(store.journal_mode(), mode);
+        store.write_once("DISABLE_NEW", "1").unwrap();
+        let synchronous: i64 = store_synchronous(&store);
+        assert_eq!(
+            synchronous, 2,
+            "synchronous=FULL on the writer's own connection"
+        );
+        drop(store);
+        let found: String = Connection::open(&path)
+            .unwrap()
+            .query_row("PRAGMA journal_mode", [], |row| row.get(0))
+            .unwrap();
+        assert_eq!(found, mode, "{mode} database after a write");
+    }
+    let missing = dir.path().join("typo.db");
+    match SettingsStore::open_with_patience(&missing, Create::Never, |_, _| true) {
+        Err(error @ SettingsError::Missing { .. }) => {
+            let message = error.to_string();
+            assert!(message.contains("typo.db"), "{message}");
+            assert!(message.contains("kill_switch.create_database"), "{message}");
+        }
+        other => panic!("expected Missing, got {other:?}"),
+    }
+    assert!(!missing.exists(), "Create::Never created the file");
+    SettingsStore::open_with_patience(&missing, Create::IfMissing, |_, _| true).unwrap();
+    assert!(missing.exists());
+}
+
+fn store_synchronous(store: &SettingsStore) -> i64 {
+    store.pragma_synchronous().unwrap()
+}
+
 #[test]
 fn a_value_the_table_does_not_keep_as_written_is_a_read_back_error() {
     let dir = tempfile::tempdir().unwrap();
@@ -327,4 +395,46 @@ fn a_value_the_table_does_not_keep_as_written_is_a_read_back_error() {
     }
     // Values the column keeps as written read back fine (the kill switch's '1' and '0').
     store.write_once("DISABLE_NEW", "1").unwrap();
+}
+
+/// Issue 8 item 8: reads match the kill key as the write does (the column's collation),
+/// whatever the table declares.
+#[test]
+fn reads_match_keys_with_the_tables_collation_like_the_write() {
+    use rollbackd::settings::SettingsReader;
+    let dir = tempfile::tempdir().unwrap();
+    for (collation, matches) in [("COLLATE NOCASE", true), ("", false)] {
+        let path = dir.path().join(format!("{}.db", matches));
+        {
+            let connection = Connection::open(&path).unwrap();
+            connection
+                .execute_batch(&format!(
+                    "CREATE TABLE settings (key TEXT {collation} PRIMARY KEY, value TEXT);
+                     INSERT INTO settings VALUES ('disable_new', '0'), ('Other', 'x');"
+                ))
+                .unwrap();
+        }
+        let mut store = SettingsStore::open(&path).unwrap();
+        let report = store.write_once("DISABLE_NEW", "1").unwrap();
+        let reader = SettingsReader::open(&path).unwrap();
+        let rows = reader.read_all_for("DISABLE_NEW").unwrap();
+        assert_eq!(reader.read("DISABLE_NEW").unwrap().as_deref(), Some("1"));
+        assert_eq!(rows.get("DISABLE_NEW").map(String::as_str), Some("1"));
+        assert_eq!(rows.get("Other").map(String::as_str), Some("x"));
+        let n_rows: i64 = Connection::open(&path)
+            .unwrap()
+            .query_row("SELECT count(*) FROM settings", [], |row| row.get(0))
+            .unwrap();
+        if matches {
+            // One row, the application's, updated in place; filed under our spelling.
+            assert_eq!(report.previous.as_deref(), Some("0"), "{collation}");
+            assert_eq!(n_rows, 2);
+            assert!(!rows.contains_key("disable_new"), "{rows:?}");
+        } else {
+            // BINARY: a different key, as for the write.
+            assert_eq!(report.previous, None);
+            assert_eq!(n_rows, 3);
+            assert_eq!(rows.get("disable_new").map(String::as_str), Some("0"));
+        }
+    }
 }

@@ -44,6 +44,56 @@ pub enum ActionOutcome {
     },
 }
 
+/// The kill-switch writes rollbackd has made or is making, so that the daemon's
+/// LiveFlags does not audit them as changes made by hand. Each entry is consumed by
+/// exactly one observed change to its value, and an entry whose write changed nothing
+/// (the value was already there) is withdrawn as soon as the write lands: it has no
+/// change to be consumed by, and left in place it would swallow the next real change
+/// to that value made in the sqlite3 shell.
+#[derive(Clone, Default, Debug)]
+pub struct ExpectedKillWrites {
+    entries: Arc<std::sync::Mutex<Vec<(u64, String)>>>,
+    next_id: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl ExpectedKillWrites {
+    /// Registers a write of `value` about to be made; the id withdraws it.
+    pub fn register(&self, value: &str) -> u64 {
+        let id = self
+            .next_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.lock().push((id, value.to_owned()));
+        id
+    }
+
+    /// Removes the entry `id` if it is still there (its write changed nothing, or failed).
+    pub fn withdraw(&self, id: u64) {
+        self.lock().retain(|(entry, _)| *entry != id);
+    }
+
+    /// An observed change to `value`: true (and the oldest entry for it consumed) when
+    /// rollbackd made it.
+    pub fn consume(&self, value: &str) -> bool {
+        let mut entries = self.lock();
+        match entries.iter().position(|(_, v)| v == value) {
+            Some(position) => {
+                entries.remove(position);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// How many writes are still expected to show up (for tests).
+    pub fn pending(&self) -> usize {
+        self.lock().len()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(u64, String)>> {
+        self.entries.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 /// Everything an action needs; cheap to clone.
 #[derive(Clone)]
 pub struct ActionContext {
@@ -55,6 +105,8 @@ pub struct ActionContext {
     pub clock: Arc<dyn Clock>,
     /// Where phase progress goes (manual commands stream it to the operator).
     pub progress: Option<mpsc::Sender<Reply>>,
+    /// rollbackd's own kill-switch writes, not to be audited as external.
+    pub kill_writes: ExpectedKillWrites,
 }
 
 impl ActionContext {
@@ -765,7 +817,11 @@ pub async fn escalate(ctx: ActionContext, row: ActionRow) -> ActionOutcome {
     )
     .await;
     let t = Instant::now();
-    let previous = set_kill_switch(&ctx, &ks.database, &ks.key, "1").await;
+    // Never gives up (a missing database is retried too: the kill switch is delayed,
+    // never dropped), so the result is always Ok.
+    let previous = set_kill_switch(&ctx, ks, "1", Patience::Forever)
+        .await
+        .unwrap_or(None);
     push_phase(&mut detail, "kill-switch", t.elapsed().as_secs_f64());
     let now = ctx.clock.now();
     let name = artifact_name(ArtifactKind::Escalation, row.started_at_ms);
@@ -829,21 +885,35 @@ pub async fn escalate(ctx: ActionContext, row: ActionRow) -> ActionOutcome {
     ActionOutcome::Escalated { artifact }
 }
 
+/// How [`set_kill_switch`] treats a database that does not exist.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Patience {
+    /// Retry everything (escalation: the kill switch is delayed, never dropped).
+    Forever,
+    /// A missing database is returned at once (an operator's command: they get exit 1
+    /// and the reason instead of a command that never ends).
+    FailOnMissing,
+}
+
 /// Writes the kill switch until it lands; returns the previous value. Other errors than
 /// busy (an unreadable file, a full disk) are retried too, with backoff, and logged: the
-/// kill switch is delayed, never dropped.
+/// kill switch is delayed, never dropped. The write is registered in
+/// [`ActionContext::kill_writes`] before it is made, and withdrawn when it changed nothing.
 pub async fn set_kill_switch(
     ctx: &ActionContext,
-    db: &std::path::Path,
-    key: &str,
+    ks: &crate::config::KillSwitchConfig,
     value: &str,
-) -> Option<String> {
+    patience: Patience,
+) -> Result<Option<String>, crate::settings::SettingsError> {
+    let (db, key, create) = (ks.database.as_path(), ks.key.as_str(), ks.create_mode());
+    let expected = ctx.kill_writes.register(value);
     let mut backoff = Duration::from_millis(200);
+    let mut failed_before = false;
     loop {
         let (db_path, key_owned, value_owned) =
             (db.to_path_buf(), key.to_owned(), value.to_owned());
         let result = tokio::task::spawn_blocking(move || {
-            crate::killswitch::write(&db_path, &key_owned, &value_owned, |waited| {
+            crate::killswitch::write(&db_path, &key_owned, &value_owned, create, |waited| {
                 tracing::warn!(waited = ?waited, db = %db_path.display(), "kill switch: database busy, still waiting");
             })
         })
@@ -852,9 +922,24 @@ pub async fn set_kill_switch(
         match result {
             Ok(report) => {
                 tracing::info!(key, value, attempts = report.attempts, waited = ?report.waited, "kill switch written and read back");
-                return report.previous;
+                // A write that found the value already there changed nothing: no change
+                // will be seen for it. (After a failed attempt an earlier commit may have
+                // made the change, so the entry stays.)
+                if !failed_before && report.previous.as_deref() == Some(value) {
+                    ctx.kill_writes.withdraw(expected);
+                }
+                return Ok(report.previous);
+            }
+            Err(err @ crate::settings::SettingsError::Missing { .. })
+                if patience == Patience::FailOnMissing =>
+            {
+                ctx.kill_writes.withdraw(expected);
+                return Err(err);
             }
             Err(err) => {
+                // A missing database committed nothing; other failures (a read-back
+                // after COMMIT) may have made the change already.
+                failed_before |= !matches!(err, crate::settings::SettingsError::Missing { .. });
                 tracing::error!(db = %db.display(), "kill switch write failed, retrying in {backoff:?}: {err}");
                 ctx.say(
                     format!("kill switch write failed ({err}); retrying"),
@@ -865,5 +950,29 @@ pub async fn set_kill_switch(
                 backoff = (backoff * 2).min(Duration::from_secs(10));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ExpectedKillWrites;
+
+    #[test]
+    fn an_expected_write_is_consumed_once_and_a_withdrawn_one_swallows_nothing() {
+        let expected = ExpectedKillWrites::default();
+        let redundant = expected.register("1");
+        // The write found '1' already there: withdrawn, so a later '1' is not ours.
+        expected.withdraw(redundant);
+        let reset = expected.register("0");
+        assert!(expected.consume("0"), "the reset's own change");
+        assert!(!expected.consume("0"), "consumed once");
+        assert!(!expected.consume("1"), "a hand-made '1' is not rollbackd's");
+        assert_eq!(expected.pending(), 0);
+        expected.withdraw(reset); // already consumed: nothing happens
+        let a = expected.register("1");
+        let _b = expected.register("1");
+        expected.withdraw(a);
+        assert_eq!(expected.pending(), 1);
+        assert!(expected.consume("1"));
     }
 }

@@ -208,7 +208,8 @@ pub struct Driver {
     next_check: Option<Instant>,
     recent: VecDeque<CheckSummary>,
     kill_value: Option<Option<String>>,
-    expected_kill_writes: Vec<String>,
+    /// rollbackd's own kill-switch writes (shared with the actions that make them).
+    kill_writes: executor::ExpectedKillWrites,
     checks_tx: mpsc::Sender<CheckDone>,
     actions_tx: mpsc::Sender<(i64, ActionOutcome)>,
     status_line: String,
@@ -251,7 +252,7 @@ impl Driver {
             next_check: None,
             recent: VecDeque::new(),
             kill_value: None,
-            expected_kill_writes: Vec::new(),
+            kill_writes: Default::default(),
             checks_tx,
             actions_tx,
             status_line: String::new(),
@@ -599,6 +600,7 @@ impl Driver {
             hooks: self.adapters.hooks.clone(),
             clock: self.clock.clone(),
             progress,
+            kill_writes: self.kill_writes.clone(),
         }
     }
 
@@ -608,9 +610,6 @@ impl Driver {
         } else {
             "rollback"
         };
-        if kind == "escalation" {
-            self.expected_kill_writes.push("1".into());
-        }
         self.action = Some(RunningAction {
             id: row.id,
             kind,
@@ -1171,9 +1170,7 @@ impl Driver {
             .get(&self.config.config.kill_switch.key)
             .cloned();
         self.kill_value = Some(value.clone());
-        if let Some(metrics) = &self.metrics {
-            metrics.kill_switch(value.as_deref() == Some("1"));
-        }
+        self.kill_switch_metric(snapshot);
         let last_seen = self
             .db
             .call(|store| store.get_meta(KILL_SWITCH_SEEN))
@@ -1206,26 +1203,36 @@ impl Driver {
         }
     }
 
+    /// `rollbackd_kill_switch`: 1 on, 0 off, -1 when the database cannot be read (a
+    /// database not there yet that rollbackd may create is "off").
+    fn kill_switch_metric(&self, snapshot: &FlagsSnapshot) {
+        let Some(metrics) = &self.metrics else { return };
+        let ks = &self.config.config.kill_switch;
+        let on = match &snapshot.error {
+            None => Some(snapshot.killed(&ks.key)),
+            Some(_) if ks.create_database && !ks.database.exists() => Some(false),
+            Some(_) => None,
+        };
+        metrics.kill_switch(on);
+    }
+
     async fn flags_changed(&mut self, snapshot: &FlagsSnapshot) {
+        self.kill_switch_metric(snapshot);
         if snapshot.error.is_some() {
             return; // unreadable for now: rows are the last good read, nothing changed
         }
         let key = self.config.config.kill_switch.key.clone();
         let value = snapshot.rows.get(&key).cloned();
         let before = self.kill_value.replace(value.clone());
-        if let Some(metrics) = &self.metrics {
-            metrics.kill_switch(value.as_deref() == Some("1"));
-        }
         let Some(before) = before else { return };
         if before == value {
             return;
         }
         self.remember_kill_switch(value.clone()).await;
-        if let Some(position) = value
-            .as_ref()
-            .and_then(|v| self.expected_kill_writes.iter().position(|e| e == v))
+        if value
+            .as_deref()
+            .is_some_and(|v| self.kill_writes.consume(v))
         {
-            self.expected_kill_writes.remove(position);
             return;
         }
         self.audit_external_kill_switch(
@@ -1400,21 +1407,23 @@ impl Driver {
                 }
             }
             Request::KillSwitchStatus => {
-                let (db, key) = (
-                    self.config.config.kill_switch.database.clone(),
-                    self.config.config.kill_switch.key.clone(),
-                );
-                let key2 = key.clone();
-                match tokio::task::spawn_blocking(move || crate::killswitch::read(&db, &key2))
-                    .await
-                    .expect("read panicked")
-                {
-                    Ok(value) => Reply::Done {
-                        result: json!({"key": key, "value": value, "on": value.as_deref() == Some("1")}),
-                    },
-                    Err(err) => Reply::Failed {
-                        message: format!("cannot read the kill switch: {err}"),
+                let ks = self.config.config.kill_switch.clone();
+                let state = tokio::task::spawn_blocking(move || {
+                    crate::killswitch::KillSwitchState::read(
+                        &ks.database,
+                        &ks.key,
+                        ks.create_database,
+                    )
+                })
+                .await
+                .expect("read panicked");
+                match state {
+                    crate::killswitch::KillSwitchState::Unknown(why) => Reply::Failed {
+                        message: format!("the kill switch is UNKNOWN: {why}"),
                         exit: 1,
+                    },
+                    state => Reply::Done {
+                        result: state.to_json(&self.config.config.kill_switch.key),
                     },
                 }
             }
@@ -1621,7 +1630,6 @@ impl Driver {
         reason: String,
         replies: mpsc::Sender<Reply>,
     ) {
-        self.expected_kill_writes.push(value.to_owned());
         let ctx = self.context(Some(replies.clone()));
         let config = self.config.clone();
         let session_id = self.session.as_ref().map(|s| s.row.id.clone());
@@ -1644,7 +1652,25 @@ impl Driver {
         }
         tokio::spawn(async move {
             let ks = &config.config.kill_switch;
-            let previous = executor::set_kill_switch(&ctx, &ks.database, &ks.key, &value).await;
+            let previous = match executor::set_kill_switch(
+                &ctx,
+                ks,
+                &value,
+                executor::Patience::FailOnMissing,
+            )
+            .await
+            {
+                Ok(previous) => previous,
+                Err(err) => {
+                    let _ = replies
+                        .send(Reply::Failed {
+                            message: format!("the kill switch was not written: {err}"),
+                            exit: 1,
+                        })
+                        .await;
+                    return;
+                }
+            };
             let (kill_record, audit) = crate::killswitch::records(
                 clock.now(),
                 &ks.key,
@@ -1715,16 +1741,15 @@ impl Driver {
     async fn status_json(&self) -> Value {
         let now = self.now();
         let config = &self.config.config;
-        let (db, key) = (
-            config.kill_switch.database.clone(),
-            config.kill_switch.key.clone(),
-        );
-        let key2 = key.clone();
-        let kill = tokio::task::spawn_blocking(move || crate::killswitch::read(&db, &key2))
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .flatten();
+        let ks = config.kill_switch.clone();
+        let key = ks.key.clone();
+        let kill = tokio::task::spawn_blocking(move || {
+            crate::killswitch::KillSwitchState::read(&ks.database, &ks.key, ks.create_database)
+        })
+        .await
+        .unwrap_or_else(|e| {
+            crate::killswitch::KillSwitchState::Unknown(format!("reading it failed: {e}"))
+        });
         let session = self.session.as_ref().map(|s| {
             let promoted = SystemTime::UNIX_EPOCH + Duration::from_millis(s.row.promoted_at_ms.max(0) as u64);
             let age = now.duration_since(promoted).unwrap_or_default();
@@ -1759,7 +1784,7 @@ impl Driver {
             "state": self.session.as_ref().map(|s| s.row.state.as_str()).unwrap_or("idle"),
             "session": session,
             "action": self.action.as_ref().map(|a| json!({"id": a.id, "kind": a.kind})),
-            "killSwitch": {"key": key, "value": kill, "on": kill.as_deref() == Some("1")},
+            "killSwitch": kill.to_json(&key),
             "recentChecks": recent,
             "configHash": self.config.hash,
             "recordsPending": self.recorder.backlog(),

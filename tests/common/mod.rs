@@ -126,6 +126,9 @@ verify_timeout = "1s"
 [kill_switch]
 database = {db:?}
 reset_quiet_period = "1s"
+# Most tests let the daemon create app.db on its first write; tests of a missing
+# database set it back to false.
+create_database = true
 [http]
 listen = ""
 "#,

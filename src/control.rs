@@ -27,13 +27,14 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::UnixStream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -51,6 +52,9 @@ pub const MAX_REPLY_BYTES: usize = 4 * 1024 * 1024;
 
 /// How many replies the driver can queue for one connection before `send` waits.
 const REPLY_QUEUE: usize = 64;
+/// The most control connections served at once (each is one descriptor; see
+/// [`crate::fdlimit`]). Further clients wait in the socket's backlog.
+pub const MAX_CONNECTIONS: usize = 32;
 
 /// A command from the CLI. `{"command": "rollback", "reason": "...", "emergency": true}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -306,17 +310,27 @@ impl ControlServer {
             }
         };
         let connections = TaskTracker::new();
+        let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
         loop {
+            // A slot first, then accept: at the limit, clients wait in the backlog and
+            // cost the daemon no descriptor.
+            let slot = tokio::select! {
+                () = shutdown.cancelled() => break,
+                slot = slots.clone().acquire_owned() => match slot {
+                    Ok(slot) => slot,
+                    Err(_) => break, // never closed
+                },
+            };
             tokio::select! {
                 () = shutdown.cancelled() => break,
                 accepted = listener.accept() => match accepted {
                     Ok((stream, _)) => {
-                        connections.spawn(handle_connection(
-                            stream,
-                            access,
-                            commands.clone(),
-                            shutdown.clone(),
-                        ));
+                        let connection =
+                            handle_connection(stream, access, commands.clone(), shutdown.clone());
+                        connections.spawn(async move {
+                            let _slot = slot;
+                            connection.await
+                        });
                     }
                     Err(error) => {
                         // E.g. out of file descriptors: back off instead of spinning.

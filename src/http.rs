@@ -7,10 +7,19 @@
 //! fails when the loop does not answer within a second (stuck, or shutting down).
 //! Only GET (and HEAD, which hyper answers without a body) is served; other methods
 //! get 405.
+//!
+//! Anyone who can reach the port can open connections, so the endpoint must not be a way
+//! to take the daemon's file descriptors (issue 8: 1,100 idle connections made the switch
+//! hook fail with EMFILE). It holds at most [`connection_cap`] connections at once and
+//! does not `accept` beyond that: further connections wait in the kernel's listen backlog,
+//! which costs the daemon no descriptor. A connection that has not sent its request
+//! headers within [`HEADER_READ_TIMEOUT`] (also between keep-alive requests) is closed,
+//! and none lives longer than [`CONNECTION_LIFETIME`].
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -18,7 +27,7 @@ use hyper::body::Incoming;
 use hyper::{Method, Request as HttpRequest, Response, StatusCode};
 use serde_json::Value;
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::control::{Command, Operator, Reply, Request};
@@ -28,6 +37,29 @@ use crate::metrics::Metrics;
 const HEALTH_LIMIT: Duration = Duration::from_secs(1);
 /// How long `/status` waits (it reads the kill switch, which may wait on a busy database).
 const STATUS_LIMIT: Duration = Duration::from_secs(5);
+
+/// The most HTTP connections served at once, whatever the descriptor limit (a scraper
+/// and a few operators need a handful).
+pub const MAX_CONNECTIONS: usize = 64;
+/// A connection that has not sent complete request headers within this time (counted
+/// from when the server starts waiting for them, so also between keep-alive requests) is
+/// closed: idle and slow-loris connections do not hold a slot.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// No connection lives longer than this: a response the client never reads does not hold
+/// a slot either. In-flight responses get [`CLOSE_GRACE`] to finish.
+pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+/// How often "at the connection limit" may be logged.
+const FULL_WARNING_EVERY: Duration = Duration::from_secs(60);
+
+/// How many HTTP connections the daemon serves at once under a soft RLIMIT_NOFILE of
+/// `soft_limit`: [`MAX_CONNECTIONS`], or fewer when the limit is low, so that the
+/// connections plus [`crate::fdlimit::RESERVE`] stay well under the limit. 0 means the
+/// limit is too low to serve the endpoint at all.
+pub fn connection_cap(soft_limit: u64) -> usize {
+    let spare = soft_limit.saturating_sub(crate::fdlimit::RESERVE) / 2;
+    usize::try_from(spare).map_or(MAX_CONNECTIONS, |spare| spare.min(MAX_CONNECTIONS))
+}
 
 /// What the handlers share.
 #[derive(Clone)]
@@ -41,10 +73,13 @@ struct Endpoint {
 pub struct HttpServer {
     listener: TcpListener,
     endpoint: Endpoint,
+    max_connections: usize,
 }
 
 impl HttpServer {
-    /// Binds `addr` (port 0 picks a free port; see [`HttpServer::local_addr`]).
+    /// Binds `addr` (port 0 picks a free port; see [`HttpServer::local_addr`]). The
+    /// connection limit is [`connection_cap`] of the current soft RLIMIT_NOFILE (raise the
+    /// limit first; see [`crate::fdlimit`]).
     pub async fn bind(
         addr: SocketAddr,
         metrics: Metrics,
@@ -56,6 +91,8 @@ impl HttpServer {
             name: "http".into(),
             ..Operator::current()
         };
+        // A limit that cannot be read is taken as systemd's default soft limit.
+        let soft_limit = crate::fdlimit::current().map_or(1024, |limit| limit.soft);
         Ok(HttpServer {
             listener,
             endpoint: Endpoint {
@@ -63,7 +100,20 @@ impl HttpServer {
                 commands,
                 operator,
             },
+            max_connections: connection_cap(soft_limit),
         })
+    }
+
+    /// Replaces the connection limit (at least 1).
+    pub fn with_max_connections(mut self, max_connections: usize) -> HttpServer {
+        self.max_connections = max_connections.max(1);
+        self
+    }
+
+    /// How many connections are served at once; 0 when the descriptor limit is too low
+    /// for the endpoint (then [`HttpServer::serve`] serves nothing).
+    pub fn max_connections(&self) -> usize {
+        self.max_connections
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -72,7 +122,31 @@ impl HttpServer {
 
     /// Serves until `shutdown`; open connections are dropped then.
     pub async fn serve(self, shutdown: CancellationToken) {
+        if self.max_connections == 0 {
+            return;
+        }
+        let slots = Arc::new(Semaphore::new(self.max_connections));
+        let mut warned_full: Option<Instant> = None;
         loop {
+            // A slot first, then accept: at the limit, new connections wait in the
+            // kernel's backlog and cost the daemon no descriptor.
+            if slots.available_permits() == 0
+                && warned_full.is_none_or(|at| at.elapsed() >= FULL_WARNING_EVERY)
+            {
+                warned_full = Some(Instant::now());
+                tracing::warn!(
+                    max_connections = self.max_connections,
+                    "http endpoint: at its connection limit; new connections wait in the \
+                     listen backlog until one closes"
+                );
+            }
+            let slot = tokio::select! {
+                slot = slots.clone().acquire_owned() => match slot {
+                    Ok(slot) => slot,
+                    Err(_) => return, // never closed
+                },
+                _ = shutdown.cancelled() => return,
+            };
             let accepted = tokio::select! {
                 accepted = self.listener.accept() => accepted,
                 _ = shutdown.cancelled() => return,
@@ -89,14 +163,23 @@ impl HttpServer {
             let endpoint = self.endpoint.clone();
             let shutdown = shutdown.clone();
             tokio::spawn(async move {
+                // The slot (and the descriptor) is given back when this task ends.
+                let _slot = slot;
                 let service = hyper::service::service_fn(move |request: HttpRequest<Incoming>| {
                     let endpoint = endpoint.clone();
                     async move { Ok::<_, Infallible>(endpoint.respond(request).await) }
                 });
                 let connection = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(HEADER_READ_TIMEOUT)
                     .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+                let mut connection = std::pin::pin!(connection);
                 tokio::select! {
-                    _ = connection => {}
+                    _ = connection.as_mut() => {}
+                    _ = tokio::time::sleep(CONNECTION_LIFETIME) => {
+                        connection.as_mut().graceful_shutdown();
+                        let _ = tokio::time::timeout(CLOSE_GRACE, connection).await;
+                    }
                     _ = shutdown.cancelled() => {}
                 }
             });

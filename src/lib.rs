@@ -14,6 +14,7 @@ pub mod control;
 pub mod daemon;
 pub mod demo;
 pub mod engine;
+pub mod fdlimit;
 pub mod flags;
 pub mod hooks;
 pub mod http;

@@ -144,6 +144,7 @@ pub async fn run(
     ready: Option<tokio::sync::oneshot::Sender<Ready>>,
 ) -> anyhow::Result<()> {
     check_runnable(&loaded)?;
+    raise_fd_limit();
     let config = &loaded.config;
     let state_dir = config.state_dir.clone();
     let notifier = Notifier::from_env();
@@ -168,9 +169,19 @@ pub async fn run(
     if let Some(listen) = config.http_listen {
         let endpoint_metrics = Metrics::new();
         match HttpServer::bind(listen, endpoint_metrics.clone(), commands_tx.clone()).await {
+            Ok(http) if http.max_connections() == 0 => tracing::error!(
+                reserve = crate::fdlimit::RESERVE,
+                "the file descriptor limit (RLIMIT_NOFILE) leaves no room for the http \
+                 endpoint next to the descriptors the daemon keeps for itself; running \
+                 without /metrics, /status, /healthz (raise LimitNOFILE= in the unit)"
+            ),
             Ok(http) => {
                 let addr = http.local_addr().unwrap_or(listen);
-                tracing::info!(%addr, "http endpoint listening: /metrics, /status, /healthz");
+                tracing::info!(
+                    %addr,
+                    max_connections = http.max_connections(),
+                    "http endpoint listening: /metrics, /status, /healthz"
+                );
                 http_addr = Some(addr);
                 metrics = Some(endpoint_metrics);
                 http_task = Some(tokio::spawn(http.serve(server_shutdown.clone())));
@@ -264,4 +275,26 @@ pub async fn run(
     let _ = tokio::task::spawn_blocking(move || drop(flags)).await;
     tracing::info!(at = %crate::audit::rfc3339_millis(SystemTime::now()), "rollbackd stopped");
     result
+}
+
+/// Raises the soft RLIMIT_NOFILE to the hard limit (systemd's default soft limit is
+/// 1024; the unit's `LimitNOFILE=` sets both), and logs the limit the daemon runs with.
+fn raise_fd_limit() {
+    match crate::fdlimit::raise_soft_to_hard() {
+        Ok((before, after)) if before.soft != after.soft => tracing::info!(
+            soft = after.soft,
+            hard = after.hard,
+            raised_from = before.soft,
+            "file descriptor limit (RLIMIT_NOFILE) raised to the hard limit"
+        ),
+        Ok((_, after)) => tracing::info!(
+            soft = after.soft,
+            hard = after.hard,
+            "file descriptor limit (RLIMIT_NOFILE)"
+        ),
+        Err(error) => tracing::warn!(
+            %error,
+            "cannot raise the file descriptor limit (RLIMIT_NOFILE); keeping the current one"
+        ),
+    }
 }

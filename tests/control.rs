@@ -425,3 +425,72 @@ async fn member_of_the_socket_group_through_a_supplementary_group_is_allowed() {
     assert_eq!(operator.name, format!("uid:{NOBODY}(nobody)"));
     running.stop().await;
 }
+
+/// The server serves at most `MAX_CONNECTIONS` connections at once (each costs the daemon
+/// a descriptor); one more client waits in the socket's backlog and is served as soon as a
+/// connection ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_most_max_connections_are_served_at_once() {
+    use rollbackd::control::MAX_CONNECTIONS;
+    let dir = tempfile::tempdir().unwrap();
+    let path = socket_in(dir.path());
+    let mut running = serve(ControlServer::bind(&path, 0o600).unwrap());
+
+    // MAX_CONNECTIONS + 1 clients; the driver holds every command without answering, so
+    // each forwarded command keeps its connection (and slot) busy.
+    let clients: Vec<_> = (0..=MAX_CONNECTIONS)
+        .map(|_| {
+            let path = path.clone();
+            tokio::spawn(async move { call(&path, &Request::Status, |_, _| {}).await })
+        })
+        .collect();
+    let mut held = Vec::new();
+    for _ in 0..MAX_CONNECTIONS {
+        let command = tokio::time::timeout(Duration::from_secs(30), running.commands.recv())
+            .await
+            .expect("the first MAX_CONNECTIONS commands are forwarded")
+            .unwrap();
+        held.push(command);
+    }
+    // The correct server never forwards the extra one while all slots are busy, so this
+    // wait passes however loaded the machine is; an unbounded server forwards it at once.
+    let extra = tokio::time::timeout(Duration::from_secs(1), running.commands.recv()).await;
+    assert!(
+        extra.is_err(),
+        "a command beyond MAX_CONNECTIONS = {MAX_CONNECTIONS} was served while all were busy"
+    );
+
+    // One command is answered: its connection ends and the waiting client is served.
+    let first = held.remove(0);
+    first
+        .replies
+        .send(Reply::Done {
+            result: json!({"answered": true}),
+        })
+        .await
+        .unwrap();
+    drop(first);
+    let late = tokio::time::timeout(Duration::from_secs(30), running.commands.recv())
+        .await
+        .expect("the waiting client is served once a slot frees")
+        .unwrap();
+    held.push(late);
+    for command in held {
+        command
+            .replies
+            .send(Reply::Done {
+                result: json!({"answered": true}),
+            })
+            .await
+            .unwrap();
+    }
+    for client in clients {
+        let answer = tokio::time::timeout(Duration::from_secs(30), client)
+            .await
+            .expect("every client gets its answer")
+            .unwrap()
+            .unwrap();
+        assert_eq!(answer, json!({"answered": true}));
+    }
+    running.stop().await;
+}

@@ -258,3 +258,95 @@ async fn healthz_fails_when_the_driver_does_not_answer() {
     assert_eq!(health.status, 503, "{health:?}");
     shutdown.cancel();
 }
+
+/// At its connection limit the endpoint does not accept: further connections wait in the
+/// kernel's backlog (costing the daemon no descriptor) and are served once a slot frees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_its_connection_limit_the_endpoint_leaves_connections_in_the_backlog() {
+    use rollbackd::http::HttpServer;
+    use rollbackd::metrics::Metrics;
+    use std::io::{Read, Write};
+    use tokio_util::sync::CancellationToken;
+
+    let (commands_tx, _commands_rx) = tokio::sync::mpsc::channel(4);
+    let server = HttpServer::bind("127.0.0.1:0".parse().unwrap(), Metrics::new(), commands_tx)
+        .await
+        .unwrap()
+        .with_max_connections(2);
+    let addr = server.local_addr().unwrap();
+    let shutdown = CancellationToken::new();
+    tokio::spawn(server.serve(shutdown.clone()));
+
+    tokio::task::spawn_blocking(move || {
+        // Two idle connections take both slots: once connect() returns a connection is in
+        // the accept queue, so an empty queue means the server has accepted both.
+        let first = std::net::TcpStream::connect(addr).unwrap();
+        let mut second = std::net::TcpStream::connect(addr).unwrap();
+        let accepted = wait_for(Duration::from_secs(30), || {
+            accept_queue(addr.port()) == Some(0)
+        });
+        assert!(
+            accepted.is_some(),
+            "the server accepts the first two connections"
+        );
+        let mut third = std::net::TcpStream::connect(addr).unwrap();
+        write!(
+            third,
+            "GET /metrics HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n"
+        )
+        .unwrap();
+        // The server is busy serving meanwhile (a request on the second connection is
+        // answered), yet the third is not taken from the backlog.
+        let metrics = keep_alive_get(&mut second, addr, "/metrics");
+        assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
+        assert_eq!(
+            accept_queue(addr.port()),
+            Some(1),
+            "the third connection waits in the backlog"
+        );
+        // A slot frees: the third is accepted and answered.
+        drop(first);
+        third
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let mut answer = String::new();
+        third.read_to_string(&mut answer).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    })
+    .await
+    .unwrap();
+    shutdown.cancel();
+}
+
+/// One GET on a keep-alive connection; returns the response head and its
+/// content-length-framed body.
+fn keep_alive_get(
+    stream: &mut std::net::TcpStream,
+    addr: std::net::SocketAddr,
+    path: &str,
+) -> String {
+    use std::io::{Read, Write};
+    write!(stream, "GET {path} HTTP/1.1\r\nhost: {addr}\r\n\r\n").unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let length: usize = head
+                .lines()
+                .filter_map(|l| l.split_once(':'))
+                .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
+                .and_then(|(_, v)| v.trim().parse().ok())
+                .expect("a content-length");
+            if body.len() >= length {
+                return text;
+            }
+        }
+        let n = stream.read(&mut buf).expect("the response arrives");
+        assert!(n > 0, "the connection stays open for the response");
+        raw.extend_from_slice(&buf[..n]);
+    }
+}

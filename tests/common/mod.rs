@@ -169,17 +169,25 @@ listen = ""
     }
 
     pub fn start_with_env(&self, env: &[(&str, &str)]) -> Daemon {
-        let child = Command::new(BIN)
+        self.start_with(|command| {
+            command.envs(env.iter().copied());
+        })
+    }
+
+    /// Starts the daemon after `adjust` has had its say on the command (environment,
+    /// `pre_exec` resource limits, ...); waits until it answers `status`.
+    pub fn start_with(&self, adjust: impl FnOnce(&mut Command)) -> Daemon {
+        let mut command = Command::new(BIN);
+        command
             .arg("--config")
             .arg(&self.config)
             .arg("run")
             .env("RUST_LOG", "info")
-            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(self.path("daemon.log")).unwrap())
-            .spawn()
-            .unwrap();
+            .stderr(std::fs::File::create(self.path("daemon.log")).unwrap());
+        adjust(&mut command);
+        let child = command.spawn().unwrap();
         let socket = self.state().join("rollbackd.sock");
         wait_for(Duration::from_secs(10), || {
             std::os::unix::net::UnixStream::connect(&socket).is_ok()
@@ -449,4 +457,29 @@ pub fn tool_available(available: bool, test: &str, tool: &str) -> bool {
     use std::io::Write;
     let _ = writeln!(std::io::stderr(), "SKIP {test}: {tool} is not installed");
     false
+}
+
+/// The accept queue of the loopback TCP listener on `port` (connections the kernel has
+/// completed that the listening process has not `accept`ed yet), from `/proc/net/tcp`,
+/// where a listening socket's `rx_queue` is its accept-queue length. `None` when no
+/// listener on that port is found.
+pub fn accept_queue(port: u16) -> Option<u32> {
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let (local, state, queues) = (fields.get(1)?, fields.get(3)?, fields.get(4)?);
+        // State 0A is LISTEN; the local address is HEXIP:HEXPORT.
+        let local_port = u16::from_str_radix(local.rsplit(':').next()?, 16).ok()?;
+        if *state != "0A" || local_port != port {
+            return None;
+        }
+        u32::from_str_radix(queues.split(':').nth(1)?, 16).ok()
+    })
+}
+
+/// How many descriptors process `pid` has open (`/proc/PID/fd`).
+pub fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|dir| dir.count())
+        .unwrap_or(0)
 }

@@ -195,13 +195,36 @@ pub fn stall_threshold(period: Duration) -> Duration {
     (period / 2).max(Duration::from_millis(250))
 }
 
+/// How long the machine has spent suspended since boot: CLOCK_BOOTTIME runs on during a
+/// system suspend, CLOCK_MONOTONIC (tokio's clock) does not. Zero if either is unreadable.
+pub fn suspended_since_boot() -> Duration {
+    fn read(clock: libc::clockid_t) -> Option<Duration> {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes one timespec into the one we pass.
+        (unsafe { libc::clock_gettime(clock, &mut ts) } == 0).then(|| {
+            Duration::new(
+                ts.tv_sec.max(0) as u64,
+                ts.tv_nsec.clamp(0, 999_999_999) as u32,
+            )
+        })
+    }
+    match (read(libc::CLOCK_BOOTTIME), read(libc::CLOCK_MONOTONIC)) {
+        (Some(boot), Some(mono)) => boot.saturating_sub(mono),
+        _ => Duration::ZERO,
+    }
+}
+
 /// Runs `work` while measuring how long rollbackd itself was not running: a heartbeat
 /// timer every [`STALL_TICK`], and the largest lateness of it seen (including the one
 /// still pending when `work` ends, which catches a stall that ended just as `work` did).
 /// tokio's clock is CLOCK_MONOTONIC, which runs on while the process is stopped, so a
-/// SIGSTOP or freeze shows as a late timer. (A system suspend stops CLOCK_MONOTONIC too:
-/// then no deadline passes while nothing runs, and nothing needs voiding.)
+/// SIGSTOP or freeze shows as a late timer. A system suspend stops CLOCK_MONOTONIC, so it
+/// is measured apart ([`suspended_since_boot`]) and added.
 pub async fn watch_stalls<F: std::future::Future>(work: F) -> (F::Output, Duration) {
+    let suspended = suspended_since_boot();
     let mut next = Instant::now() + STALL_TICK;
     let mut worst = Duration::ZERO;
     tokio::pin!(work);
@@ -210,7 +233,7 @@ pub async fn watch_stalls<F: std::future::Future>(work: F) -> (F::Output, Durati
             biased;
             out = &mut work => {
                 worst = worst.max(Instant::now().saturating_duration_since(next));
-                return (out, worst);
+                return (out, worst + suspended_since_boot().saturating_sub(suspended));
             }
             _ = tokio::time::sleep_until(next) => {
                 let now = Instant::now();
@@ -303,6 +326,8 @@ pub struct Driver {
     /// tick so the state catches up once there is space again.
     pending_state: Vec<StateWrite>,
     metrics: Option<Metrics>,
+    /// [`suspended_since_boot`] at the last tick, to notice a system suspend between checks.
+    suspended_seen: Duration,
 }
 
 /// The `rollback-started` audit line of an action; `resumed` when it is written by a
@@ -344,6 +369,7 @@ impl Driver {
             started_at: clock.now(),
             pending_state: Vec::new(),
             metrics: inputs.metrics.take(),
+            suspended_seen: suspended_since_boot(),
         };
         driver.restore().await?;
         driver.prune_sessions().await;
@@ -759,6 +785,17 @@ impl Driver {
         let monitor = &self.config.config.monitor;
         // A timer that fires far later than it was set for means rollbackd was not running
         // (SIGSTOP, VM pause, freeze): nothing was checked meanwhile.
+        let suspended = suspended_since_boot();
+        let slept = suspended.saturating_sub(self.suspended_seen);
+        self.suspended_seen = suspended;
+        if slept > stall_threshold(monitor.check_interval) {
+            tracing::warn!(
+                session = %session.row.id,
+                "the machine was suspended for {:.1}s: the checks from now on must fill the window before the promotion is confirmed",
+                slept.as_secs_f64()
+            );
+            session.gap("the suspend");
+        }
         let late = Instant::now().saturating_duration_since(due);
         if late > stall_threshold(monitor.check_interval) {
             tracing::warn!(

@@ -24,6 +24,11 @@ struct World {
     probe_fails: bool,
     /// How long each probe takes.
     probe_delay: Duration,
+    /// Like an adapter's own time limit: a probe whose answer is seen later than this
+    /// (by the tokio clock) fails with "timeout after ...".
+    probe_limit: Option<Duration>,
+    /// Told each time a probe of the active worker starts.
+    probe_started: Arc<tokio::sync::Notify>,
     /// Tokio instants at which checks (probe calls for the active worker) started.
     probe_starts: Vec<tokio::time::Instant>,
     /// Workers the verify loop probed.
@@ -48,14 +53,19 @@ impl Fake {
 impl WorkerProbe for Fake {
     fn probe<'a>(&'a self, worker: &'a str) -> BoxFuture<'a, ProbeOutcome> {
         Box::pin(async move {
-            let (delay, fails) = self.get(|w| (w.probe_delay, w.probe_fails));
+            let (delay, fails, limit) = self.get(|w| (w.probe_delay, w.probe_fails, w.probe_limit));
+            let started = tokio::time::Instant::now();
             self.set(|w| {
                 w.probed.push(worker.to_owned());
                 if worker == "v2" {
-                    w.probe_starts.push(tokio::time::Instant::now());
+                    w.probe_starts.push(started);
+                    w.probe_started.notify_one();
                 }
             });
             tokio::time::sleep(delay).await;
+            if let Some(limit) = limit.filter(|limit| started.elapsed() > *limit) {
+                return ProbeOutcome::failed(format!("timeout after {limit:?}"));
+            }
             // The previous worker (v1) is always healthy in these tests.
             if fails && worker == "v2" {
                 ProbeOutcome::failed("connection refused")
@@ -571,4 +581,84 @@ async fn a_rollback_in_flight_refuses_a_second_one_and_shutdown_waits_for_it() {
     assert!(matches!(first.await.unwrap(), Some(Reply::Done { .. })));
     assert_eq!(fake.get(|w| w.switches.len()), 1);
     assert_eq!(events(dir.path(), "rollback-executed").len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stall_of_the_daemon_during_a_check_voids_it_instead_of_failing_it() {
+    let h = start("[monitor]\ncheck_timeout = \"500ms\"\n[rules]\nconsecutive_failures = 1");
+    h.fake.set(|w| {
+        w.probe_delay = Duration::from_millis(300);
+        w.probe_limit = Some(Duration::from_millis(500));
+    });
+    let started = h.fake.get(|w| w.probe_started.clone());
+    h.promote().await;
+    started.notified().await;
+    // The first check's probe is in flight: the whole process stops for 3 s (tokio's
+    // clock jumps; every timer then fires late), so the probe's answer is seen late.
+    tokio::time::advance(Duration::from_secs(3)).await;
+    tokio::time::sleep(Duration::from_secs(100)).await;
+    let (fake, dir) = h.stop().await;
+
+    let checks = events(dir.path(), "health-check");
+    assert!(
+        checks
+            .iter()
+            .all(|c| c["probe"] == "ok" && c["verdict"] == "healthy"),
+        "the stalled check is not recorded as a failure: {checks:#?}"
+    );
+    let note = checks[0]["afterVoid"].as_str().unwrap();
+    let stalled: f64 = note
+        .strip_prefix("check void: rollbackd was stalled for ")
+        .and_then(|rest| rest.split('s').next())
+        .and_then(|secs| secs.parse().ok())
+        .unwrap_or_else(|| panic!("{note}"));
+    assert!((2.8..=3.0).contains(&stalled), "{note}");
+    assert!(note.contains("probe: timeout after"), "{note}");
+    assert_eq!(checks[0]["checkIndex"], 0, "a void check has no number");
+    // The void check was taken again at once, then the cadence went on.
+    let starts = fake.get(|w| w.probe_starts.clone());
+    assert!((starts[1] - starts[0]).as_millis() <= 3_100, "{starts:?}");
+    assert!(checks.len() >= 3);
+    assert!(fake.get(|w| w.switches.is_empty()));
+    assert!(events(dir.path(), "escalation-triggered").is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_grace_period_passed_while_stalled_is_not_a_confirmation() {
+    let h = start("[monitor]\ngrace_period = \"5m\"");
+    h.promote().await;
+    tokio::time::sleep(Duration::from_secs(61)).await; // healthy checks at 30, 60 s
+                                                       // The daemon stops for 5 minutes; meanwhile the canary goes bad.
+    h.fake.set(|w| w.error_rate = Some(0.5));
+    tokio::time::advance(Duration::from_secs(300)).await;
+    tokio::time::sleep(Duration::from_secs(300)).await;
+    let (fake, dir) = h.stop().await;
+    let stopped = events(dir.path(), "monitoring-stopped");
+    assert_eq!(stopped.len(), 1);
+    assert_eq!(stopped[0]["state"], "rolled-back", "{stopped:#?}");
+    let verdicts: Vec<String> = events(dir.path(), "health-check")
+        .iter()
+        .map(|c| c["verdict"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        verdicts,
+        ["healthy", "healthy", "degraded", "degraded", "rollback"]
+    );
+    assert_eq!(fake.get(|w| w.switches.len()), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn after_a_stall_past_the_grace_period_a_full_window_is_checked_before_confirming() {
+    let h = start("[monitor]\ngrace_period = \"5m\"\nwindow = 4");
+    h.promote().await;
+    tokio::time::sleep(Duration::from_secs(61)).await; // checks at 30, 60 s
+    tokio::time::advance(Duration::from_secs(300)).await;
+    let resumed = tokio::time::Instant::now();
+    tokio::time::sleep(Duration::from_secs(600)).await;
+    let (fake, dir) = h.stop().await;
+    let stopped = events(dir.path(), "monitoring-stopped");
+    assert_eq!(stopped.len(), 1);
+    assert_eq!(stopped[0]["state"], "confirmed");
+    let after = fake.get(|w| w.probe_starts.iter().filter(|s| **s >= resumed).count());
+    assert_eq!(after, 4, "exactly monitor.window checks after the resume");
 }

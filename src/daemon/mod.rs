@@ -135,6 +135,113 @@ struct Session {
     next_check_index: i64,
     last_decision: Option<Decision>,
     dry_run_recorded: Vec<Action>,
+    /// Checks recorded since the session started, rollbackd restarted or was found to
+    /// have been stalled: the promotion is confirmed only once they fill the window.
+    checks_since_resume: usize,
+    /// What `checks_since_resume` counts from, for the journal.
+    resumed_by: &'static str,
+    /// Checks voided in a row because rollbackd itself was stalled (see [`MAX_VOID_IN_A_ROW`]).
+    voided_in_a_row: u32,
+    /// The note of the last voided check, carried by the next recorded one.
+    void_note: Option<String>,
+    /// The grace period is over but the checks do not fill the window yet (logged once).
+    waiting_logged: bool,
+}
+
+impl Session {
+    fn new(
+        row: SessionRow,
+        engine: Engine,
+        next_check_index: i64,
+        last_decision: Option<Decision>,
+        resumed_by: &'static str,
+    ) -> Session {
+        Session {
+            row,
+            engine,
+            next_check_index,
+            last_decision,
+            dry_run_recorded: Vec::new(),
+            checks_since_resume: 0,
+            resumed_by,
+            voided_in_a_row: 0,
+            void_note: None,
+            waiting_logged: false,
+        }
+    }
+
+    /// Nothing was checked for a while (a stall of rollbackd itself): the window has to
+    /// fill again with checks taken from now on before the promotion may be confirmed.
+    fn gap(&mut self, by: &'static str) {
+        self.checks_since_resume = 0;
+        self.resumed_by = by;
+        self.waiting_logged = false;
+    }
+}
+
+/// How often a check in flight looks at the clock, to notice that rollbackd itself was
+/// not running (SIGSTOP, a VM pause, a cgroup freeze, a host too loaded to schedule it).
+const STALL_TICK: Duration = Duration::from_millis(100);
+
+/// At most this many checks in a row are voided because rollbackd was stalled; the next
+/// one is recorded whatever happened, so a host that stalls the daemon during every check
+/// still gets judged rather than never checked.
+pub const MAX_VOID_IN_A_ROW: u32 = 3;
+
+/// How late a timer may fire before rollbackd counts itself as having been stalled: a
+/// timer for `period` that fires more than max(250 ms, period / 2) after its deadline
+/// means the process was not running in between.
+pub fn stall_threshold(period: Duration) -> Duration {
+    (period / 2).max(Duration::from_millis(250))
+}
+
+/// How long the machine has spent suspended since boot: CLOCK_BOOTTIME runs on during a
+/// system suspend, CLOCK_MONOTONIC (tokio's clock) does not. Zero if either is unreadable.
+pub fn suspended_since_boot() -> Duration {
+    fn read(clock: libc::clockid_t) -> Option<Duration> {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes one timespec into the one we pass.
+        (unsafe { libc::clock_gettime(clock, &mut ts) } == 0).then(|| {
+            Duration::new(
+                ts.tv_sec.max(0) as u64,
+                ts.tv_nsec.clamp(0, 999_999_999) as u32,
+            )
+        })
+    }
+    match (read(libc::CLOCK_BOOTTIME), read(libc::CLOCK_MONOTONIC)) {
+        (Some(boot), Some(mono)) => boot.saturating_sub(mono),
+        _ => Duration::ZERO,
+    }
+}
+
+/// Runs `work` while measuring how long rollbackd itself was not running: a heartbeat
+/// timer every [`STALL_TICK`], and the largest lateness of it seen (including the one
+/// still pending when `work` ends, which catches a stall that ended just as `work` did).
+/// tokio's clock is CLOCK_MONOTONIC, which runs on while the process is stopped, so a
+/// SIGSTOP or freeze shows as a late timer. A system suspend stops CLOCK_MONOTONIC, so it
+/// is measured apart ([`suspended_since_boot`]) and added.
+pub async fn watch_stalls<F: std::future::Future>(work: F) -> (F::Output, Duration) {
+    let suspended = suspended_since_boot();
+    let mut next = Instant::now() + STALL_TICK;
+    let mut worst = Duration::ZERO;
+    tokio::pin!(work);
+    loop {
+        tokio::select! {
+            biased;
+            out = &mut work => {
+                worst = worst.max(Instant::now().saturating_duration_since(next));
+                return (out, worst + suspended_since_boot().saturating_sub(suspended));
+            }
+            _ = tokio::time::sleep_until(next) => {
+                let now = Instant::now();
+                worst = worst.max(now.saturating_duration_since(next));
+                next = now + STALL_TICK;
+            }
+        }
+    }
 }
 
 struct RunningAction {
@@ -151,6 +258,8 @@ struct CheckDone {
     taken_at: SystemTime,
     result: CheckResult,
     probe_duration: Duration,
+    /// How long rollbackd itself was not running during the check ([`watch_stalls`]).
+    stalled: Duration,
 }
 
 /// A compact line for `status`.
@@ -218,6 +327,8 @@ pub struct Driver {
     /// tick so the state catches up once there is space again.
     pending_state: Vec<StateWrite>,
     metrics: Option<Metrics>,
+    /// [`suspended_since_boot`] at the last tick, to notice a system suspend between checks.
+    suspended_seen: Duration,
 }
 
 /// The `rollback-started` audit line of an action; `resumed` when it is written by a
@@ -259,6 +370,7 @@ impl Driver {
             started_at: clock.now(),
             pending_state: Vec::new(),
             metrics: inputs.metrics.take(),
+            suspended_seen: suspended_since_boot(),
         };
         driver.restore().await?;
         driver.prune_sessions().await;
@@ -331,7 +443,7 @@ impl Driver {
                     }
                 }
                 _ = async { tokio::time::sleep_until(next_check.expect("guarded")).await }, if next_check.is_some() => {
-                    driver.tick().await;
+                    driver.tick(next_check.expect("guarded")).await;
                     driver.publish_status(&inputs.on_status);
                 }
                 _ = async { watchdog.as_mut().expect("guarded").tick().await }, if watchdog.is_some() => {
@@ -489,13 +601,15 @@ impl Driver {
                     )
                     .await;
             }
-            self.session = Some(Session {
+            // Nothing was checked while no daemon ran: the checks from now on have to
+            // fill the window before the promotion may be confirmed.
+            self.session = Some(Session::new(
                 row,
                 engine,
-                next_check_index: next_index,
-                last_decision: last,
-                dry_run_recorded: Vec::new(),
-            });
+                next_index,
+                last,
+                if fresh { "the start" } else { "the restart" },
+            ));
             self.next_check = Some(Instant::now());
         }
         if actions.is_empty() {
@@ -660,18 +774,54 @@ impl Driver {
         self.spawn_action(row, replies);
     }
 
-    async fn tick(&mut self) {
-        let Some(session) = &self.session else {
+    /// The next check is due (its timer was set for `due`).
+    async fn tick(&mut self, due: Instant) {
+        let now = self.now();
+        let Some(session) = self.session.as_mut() else {
             self.next_check = None;
             return;
         };
-        let grace = self.config.config.monitor.grace_period;
+        let monitor = &self.config.config.monitor;
+        // A timer that fires far later than it was set for means rollbackd was not running
+        // (SIGSTOP, VM pause, freeze): nothing was checked meanwhile.
+        let suspended = suspended_since_boot();
+        let slept = suspended.saturating_sub(self.suspended_seen);
+        self.suspended_seen = suspended;
+        if slept > stall_threshold(monitor.check_interval) {
+            tracing::warn!(
+                session = %session.row.id,
+                "the machine was suspended for {:.1}s: the checks from now on must fill the window before the promotion is confirmed",
+                slept.as_secs_f64()
+            );
+            session.gap("the suspend");
+        }
+        let late = Instant::now().saturating_duration_since(due);
+        if late > stall_threshold(monitor.check_interval) {
+            tracing::warn!(
+                session = %session.row.id,
+                "rollbackd was stalled for {:.1}s (the next check was due {:.1}s ago): the checks from now on must fill the window before the promotion is confirmed",
+                late.as_secs_f64(),
+                late.as_secs_f64()
+            );
+            session.gap("the stall");
+        }
+        let grace = monitor.grace_period;
+        let window = self.config.config.rules.window;
         let promoted = SystemTime::UNIX_EPOCH
             + Duration::from_millis(session.row.promoted_at_ms.max(0) as u64);
-        if session.row.state == store::SESSION_MONITORING
+        let grace_over = session.row.state == store::SESSION_MONITORING
             && self.action.is_none()
-            && self.now().duration_since(promoted).unwrap_or_default() >= grace
-        {
+            && now.duration_since(promoted).unwrap_or_default() >= grace;
+        if grace_over && session.checks_since_resume < window && !session.waiting_logged {
+            session.waiting_logged = true;
+            tracing::info!(
+                session = %session.row.id,
+                "grace period over, but only {} of monitor.window = {window} checks since {}: confirming once a full window of checks took no action",
+                session.checks_since_resume,
+                session.resumed_by
+            );
+        }
+        if grace_over && session.checks_since_resume >= window {
             self.end_session(
                 store::SESSION_CONFIRMED,
                 &format!(
@@ -683,6 +833,9 @@ impl Driver {
             .await;
             return;
         }
+        let Some(session) = self.session.as_ref() else {
+            return;
+        };
         self.check_in_flight = true;
         let adapters = self.adapters.clone();
         let worker = session.row.active.clone();
@@ -694,7 +847,8 @@ impl Driver {
         tokio::spawn(async move {
             let started = Instant::now();
             let taken_at = clock.now();
-            let (result, probe_duration) = take_check(&adapters, &worker, limit).await;
+            let ((result, probe_duration), stalled) =
+                watch_stalls(take_check(&adapters, &worker, limit)).await;
             let _ = tx
                 .send(CheckDone {
                     session_id,
@@ -703,6 +857,7 @@ impl Driver {
                     taken_at,
                     result,
                     probe_duration,
+                    stalled,
                 })
                 .await;
         });
@@ -718,6 +873,42 @@ impl Driver {
         if session.row.id != done.session_id || done.check_index != session.next_check_index {
             return; // a check of a session that ended meanwhile
         }
+        if done.stalled > stall_threshold(config.config.monitor.check_timeout) {
+            // rollbackd itself was not running during the check: a deadline that passed
+            // meanwhile says nothing about the worker. Whatever the check saw, the stall
+            // was a time nothing was watched.
+            session.gap("the stall");
+            let failure = match (&done.result.probe, &done.result.snapshot) {
+                (ProbeOutcome::Failed { reason }, _) => Some(format!("probe: {reason}")),
+                (_, crate::check::SnapshotOutcome::Unavailable { reason }) => {
+                    Some(format!("snapshot: {reason}"))
+                }
+                _ => None,
+            };
+            if let Some(failure) = failure {
+                if session.voided_in_a_row < MAX_VOID_IN_A_ROW {
+                    session.voided_in_a_row += 1;
+                    let note = format!(
+                        "check void: rollbackd was stalled for {:.1}s during check #{} ({failure}); retried",
+                        done.stalled.as_secs_f64(),
+                        done.check_index
+                    );
+                    tracing::warn!(session = %session.row.id, "{note}");
+                    session.void_note = Some(note);
+                    // Not a failure, not a breach, not missing data: taken again now.
+                    self.next_check = Some(Instant::now());
+                    return;
+                }
+                tracing::warn!(
+                    session = %session.row.id,
+                    "rollbackd was stalled during {MAX_VOID_IN_A_ROW} checks in a row; recording check #{} as it is ({failure})",
+                    done.check_index
+                );
+            }
+        } else {
+            session.checks_since_resume += 1;
+        }
+        session.voided_in_a_row = 0;
         session.next_check_index += 1;
         let at = Duration::from_millis(
             (now_ms(done.taken_at) - session.row.promoted_at_ms).max(0) as u64
@@ -794,6 +985,9 @@ impl Driver {
         }
         if paused {
             audit = audit.field("paused", true);
+        }
+        if let Some(note) = session.void_note.take() {
+            audit = audit.field("afterVoid", note);
         }
         if decision.verdict != Verdict::Healthy {
             audit = audit.field("reason", decision.reason());
@@ -1540,13 +1734,13 @@ impl Driver {
             .await;
         let result = json!({"sessionId": row.id, "active": row.active, "previous": row.previous});
         self.recent.clear();
-        self.session = Some(Session {
-            engine: Engine::new(self.config.config.rules.clone(), baseline),
+        self.session = Some(Session::new(
             row,
-            next_check_index: 0,
-            last_decision: None,
-            dry_run_recorded: Vec::new(),
-        });
+            Engine::new(self.config.config.rules.clone(), baseline),
+            0,
+            None,
+            "the promotion",
+        ));
         // The first check comes one interval after promotion: the canary gets that long
         // to warm up before it is judged.
         self.next_check = Some(Instant::now() + self.config.config.monitor.check_interval);

@@ -813,7 +813,8 @@ impl Driver {
         } else {
             config.config.monitor.degraded_check_interval
         };
-        self.next_check = Some((done.started + interval).max(Instant::now()));
+        self.next_check =
+            Some(crate::clock::deadline_tokio(done.started, interval).max(Instant::now()));
 
         if escalated || self.action.is_some() {
             return;
@@ -1540,7 +1541,10 @@ impl Driver {
         });
         // The first check comes one interval after promotion: the canary gets that long
         // to warm up before it is judged.
-        self.next_check = Some(Instant::now() + self.config.config.monitor.check_interval);
+        self.next_check = Some(crate::clock::deadline_tokio(
+            Instant::now(),
+            self.config.config.monitor.check_interval,
+        ));
         Reply::Done { result }
     }
 
@@ -1813,7 +1817,9 @@ pub async fn take_check(
     worker: &str,
     limit: Duration,
 ) -> (CheckResult, Duration) {
-    let net = limit * 2 + Duration::from_secs(1);
+    let net = limit
+        .saturating_mul(2)
+        .saturating_add(Duration::from_secs(1));
     let probe = async {
         let started = Instant::now();
         let outcome = tokio::time::timeout(net, adapters.probe.probe(worker))

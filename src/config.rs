@@ -446,11 +446,22 @@ pub fn load(
     }
 }
 
-/// Reads the configuration file, refusing anything but a regular file (after symlinks)
-/// before opening it: a FIFO would block the read — and `run`, or a SIGHUP reload —
-/// forever, waiting for a writer; a device could be endless.
+/// The largest configuration file read (1 MiB; a real one is a few KiB).
+pub const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
+
+/// Reads the configuration file, refusing anything but a regular file (after symlinks: a
+/// packaged config is often one): a FIFO would block the read — and `run`, or a SIGHUP
+/// reload — forever, waiting for a writer; a device could be endless. Opened non-blocking
+/// and checked on the open descriptor (no race with a swap), and at most
+/// [`MAX_CONFIG_BYTES`] are read.
 fn read_regular_file(path: &Path) -> std::io::Result<String> {
-    let metadata = std::fs::metadata(path)?;
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    let metadata = file.metadata()?;
     if !metadata.is_file() {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
@@ -461,7 +472,24 @@ fn read_regular_file(path: &Path) -> std::io::Result<String> {
             },
         ));
     }
-    std::fs::read_to_string(path)
+    let too_big = || {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!(
+                "larger than {MAX_CONFIG_BYTES} bytes (1 MiB), the most a configuration file may be; is this the right file?"
+            ),
+        )
+    };
+    if metadata.len() > MAX_CONFIG_BYTES {
+        return Err(too_big());
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_CONFIG_BYTES + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(too_big());
+    }
+    String::from_utf8(bytes)
+        .map_err(|err| std::io::Error::new(std::io::ErrorKind::InvalidData, err))
 }
 
 /// Loads from TOML text and an environment (tests and the demo).

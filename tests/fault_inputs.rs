@@ -101,3 +101,145 @@ sessions = "365days"
     let (code, stderr) = run_bounded(&["--config", &config, "check-config"], &[], Stdio::null());
     assert_eq!(code, Some(0), "{stderr}");
 }
+
+/// A config whose state directory is `dir/state`, with `analytics/` made (0700).
+fn tail_setup(dir: &Path) -> (String, std::path::PathBuf) {
+    use std::os::unix::fs::DirBuilderExt;
+    let state = dir.join("state");
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .recursive(true)
+        .create(state.join("analytics"))
+        .unwrap();
+    let config = write_config(dir, &format!("state_dir = {:?}\n", state.to_str().unwrap()));
+    (config, state.join("analytics").join("audit.log"))
+}
+
+#[test]
+fn audit_tail_refuses_a_symlink_to_dev_zero_instead_of_growing_without_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, log) = tail_setup(dir.path());
+    std::os::unix::fs::symlink("/dev/zero", &log).unwrap();
+    for args in [
+        &["--config", &config, "audit", "tail", "-n", "3"][..],
+        &["--config", &config, "audit", "tail", "-f"][..],
+    ] {
+        let (code, stderr) = run_bounded(args, &[], Stdio::null());
+        assert_eq!(code, Some(1), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("audit.log") && stderr.contains("symbolic link"),
+            "{args:?}: {stderr}"
+        );
+    }
+}
+
+#[test]
+fn audit_tail_refuses_a_fifo_instead_of_hanging() {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, log) = tail_setup(dir.path());
+    let c_path = std::ffi::CString::new(log.to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+    for args in [
+        &["--config", &config, "audit", "tail", "-n", "3"][..],
+        &["--config", &config, "audit", "tail", "-f"][..],
+    ] {
+        let (code, stderr) = run_bounded(args, &[], Stdio::null());
+        assert_eq!(code, Some(1), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("audit.log") && stderr.contains("not a regular file"),
+            "{args:?}: {stderr}"
+        );
+    }
+}
+
+#[test]
+fn audit_tail_shows_an_overlong_line_as_too_long_and_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, log) = tail_setup(dir.path());
+    let long = "x".repeat(200 * 1024);
+    std::fs::write(
+        &log,
+        format!("{{\"event\":\"first\"}}\n{long}\n{{\"event\":\"last\"}}\n"),
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["--config", &config, "audit", "tail", "-n", "3", "--json"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "{\"event\":\"first\"}",
+            &format!("[line too long: {} bytes]", long.len()),
+            "{\"event\":\"last\"}"
+        ],
+        "{stdout:.300}"
+    );
+}
+
+#[test]
+fn simulate_refuses_an_endless_line_on_stdin_with_its_line_number() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "");
+    let zero = std::fs::File::open("/dev/zero").unwrap();
+    let (code, stderr) = run_bounded(
+        &["--config", &config, "simulate", "--trace", "-"],
+        &[],
+        Stdio::from(zero),
+    );
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("<stdin>:1:"), "{stderr}");
+    assert!(stderr.contains("longer than"), "{stderr}");
+}
+
+#[test]
+fn simulate_refuses_an_oversized_line_in_a_file_with_its_line_number() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "");
+    let trace = dir.path().join("trace.jsonl");
+    std::fs::write(
+        &trace,
+        format!(
+            "{{\"at\": 30, \"probe\": \"ok\"}}\n{{\"at\": 60, \"probe\": \"{}\"}}\n",
+            "y".repeat(2 * 1024 * 1024)
+        ),
+    )
+    .unwrap();
+    let (code, stderr) = run_bounded(
+        &[
+            "--config",
+            &config,
+            "simulate",
+            "--trace",
+            trace.to_str().unwrap(),
+        ],
+        &[],
+        Stdio::null(),
+    );
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("trace.jsonl:2:"), "{stderr}");
+    assert!(stderr.contains("longer than"), "{stderr}");
+}
+
+#[test]
+fn a_config_file_over_1_mib_exits_78_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut text = String::from("profile = \"default\"\n");
+    while text.len() < 2 * 1024 * 1024 {
+        text.push_str("# padding padding padding padding padding padding padding padding\n");
+    }
+    let config = write_config(dir.path(), &text);
+    let (code, stderr) = run_bounded(&["--config", &config, "check-config"], &[], Stdio::null());
+    assert_eq!(code, Some(78), "{stderr}");
+    assert!(
+        stderr.contains("rollbackd.toml") && stderr.contains("1 MiB"),
+        "{stderr}"
+    );
+}

@@ -243,3 +243,72 @@ fn a_config_file_over_1_mib_exits_78_naming_it() {
         "{stderr}"
     );
 }
+
+fn hup(pid: u32) {
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGHUP) }, 0);
+}
+
+/// A SIGHUP changing `key` to `value` is refused naming the key; the old config stays.
+fn reload_refuses(key_path: &[&str], value: &str) {
+    let setup = Setup::new("");
+    let daemon = setup.start();
+    let out = setup.cli(&["promote", "--active", "v2", "--previous", "v1"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let elsewhere = setup.path(value);
+    let value = elsewhere.to_str().unwrap().to_owned();
+    setup.rewrite_config(|table| {
+        let (leaf, sections) = key_path.split_last().unwrap();
+        let mut at = table;
+        for section in sections {
+            at = at
+                .entry(section.to_string())
+                .or_insert_with(|| toml::Value::Table(Default::default()))
+                .as_table_mut()
+                .unwrap();
+        }
+        at.insert(leaf.to_string(), toml::Value::String(value.clone()));
+    });
+    hup(daemon.pid());
+    let key = key_path.join(".");
+    wait_for(Duration::from_secs(15), || {
+        !setup.events("config-reloaded").is_empty()
+    })
+    .unwrap_or_else(|| panic!("no config-reloaded; log:\n{}", setup.daemon_log()));
+    let reloaded = &setup.events("config-reloaded")[0];
+    assert_eq!(reloaded["ok"], false, "{key}: {reloaded}");
+    let error = reloaded["error"].as_str().unwrap();
+    assert!(
+        error.contains(&key) && error.contains("restart"),
+        "{key}: {error}"
+    );
+    // The daemon still answers on the old state directory's socket, with the session
+    // (the CLI reads the edited file, so it is pointed back at the old directory).
+    let status = Command::new(BIN)
+        .arg("--config")
+        .arg(&setup.config)
+        .args(["status", "--json"])
+        .env("ROLLBACKD_STATE_DIR", setup.state())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(status.status.success());
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_ne!(status["daemon"], "not running", "{status}");
+    assert_eq!(status["session"]["active"], "v2", "{status}");
+    assert!(!elsewhere.join("rollbackd.db").exists());
+    daemon.terminate();
+}
+
+#[test]
+fn sighup_changing_state_dir_is_refused_naming_it_and_the_old_dir_stays() {
+    reload_refuses(&["state_dir"], "other-state");
+}
+
+#[test]
+fn sighup_changing_the_kill_switch_database_is_refused_naming_it() {
+    reload_refuses(&["kill_switch", "database"], "other-app.db");
+}

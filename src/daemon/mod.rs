@@ -1266,6 +1266,24 @@ impl Driver {
         let reloader = reloader.clone();
         let result = tokio::task::spawn_blocking(move || reloader()).await;
         let now = self.now();
+        // Keys a running daemon cannot take over (opened once at start): refused whole, so
+        // a reload never half-applies.
+        let result = result.map(|loaded| {
+            loaded.and_then(|loaded| match fixed_keys_changed(&self.config.config, &loaded.config) {
+                changed if changed.is_empty() => Ok(loaded),
+                changed => Err(crate::config::ConfigError::Invalid(
+                    changed
+                        .into_iter()
+                        .map(|key| crate::config::ConfigIssue {
+                            key: key.to_owned(),
+                            message: "cannot be changed by a reload (the daemon opened it at start); \
+                                      restart rollbackd to apply it, or put the old value back"
+                                .into(),
+                        })
+                        .collect(),
+                )),
+            })
+        });
         match result {
             Ok(Ok(loaded)) => {
                 let old_hash = self.config.hash.clone();
@@ -1807,6 +1825,26 @@ pub fn new_session_row(
         ended_at_ms: None,
         end_reason: None,
     }
+}
+
+/// The keys whose new value a reload cannot apply and that differ between `old` and `new`:
+/// the state directory (database, lock, socket, audit log), the HTTP listener and the
+/// kill-switch database LiveFlags watches are all opened once at start.
+pub fn fixed_keys_changed(
+    old: &crate::config::Config,
+    new: &crate::config::Config,
+) -> Vec<&'static str> {
+    let mut changed = Vec::new();
+    if old.state_dir != new.state_dir {
+        changed.push("state_dir");
+    }
+    if old.http_listen != new.http_listen {
+        changed.push("http.listen");
+    }
+    if old.kill_switch.database != new.kill_switch.database {
+        changed.push("kill_switch.database");
+    }
+    changed
 }
 
 /// One check: probe, snapshot and resources at once, each bounded by `limit` in its

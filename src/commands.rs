@@ -732,3 +732,54 @@ fn print_status(status: &Value, out: &mut impl Write) -> std::io::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod limit_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_daemon_that_never_answers_is_given_up_on_with_what_to_check() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("rollbackd.sock");
+        let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+        // Accepts and holds the connection, never answering.
+        let holder = tokio::spawn(async move {
+            let (_stream, _) = listener.accept().await.unwrap();
+            std::future::pending::<()>().await;
+        });
+        let started = std::time::Instant::now();
+        let result = call_within(
+            &socket,
+            &Request::Status,
+            Duration::from_millis(300),
+            |_, _| {},
+        )
+        .await;
+        assert!(matches!(result, Ok(None)), "{result:?}");
+        assert!(started.elapsed() < Duration::from_secs(30));
+        let message = timed_out_message(&Request::Status, REQUEST_LIMIT);
+        assert!(
+            message.contains("rollbackd status") && message.contains("1m"),
+            "{message}"
+        );
+        holder.abort();
+    }
+
+    #[test]
+    fn a_rollback_waits_its_configured_worst_case_plus_the_margin_and_no_more() {
+        let loaded = crate::config::load_str(
+            "[rollback]\nswitch_command = [\"/bin/true\", \"{to}\"]\nhook_timeout = \"7days\"\nverify_timeout = \"7days\"\nmax_attempts = 10\n",
+            &Default::default(),
+        )
+        .unwrap();
+        let rollback = Request::Rollback {
+            reason: "r".into(),
+            emergency: false,
+        };
+        assert_eq!(
+            request_limit(&rollback, &loaded),
+            Duration::from_secs(10 * 2 * 7 * 86_400) + ROLLBACK_MARGIN
+        );
+        assert_eq!(request_limit(&Request::Status, &loaded), REQUEST_LIMIT);
+    }
+}

@@ -525,3 +525,20 @@ fn the_largest_durations_give_finite_worst_case_times_without_panicking() {
         Duration::from_secs(10 * 5 * 7 * 86_400)
     );
 }
+
+#[test]
+fn a_reload_names_every_key_it_cannot_apply() {
+    let old = load_str("", &env(&[])).unwrap().config;
+    let same = load_str("[monitor]\ncheck_interval = \"20s\"\n", &env(&[])).unwrap();
+    assert!(rollbackd::daemon::fixed_keys_changed(&old, &same.config).is_empty());
+    let new = load_str(
+        "state_dir = \"elsewhere\"\n[http]\nlisten = \"127.0.0.1:9999\"\n[kill_switch]\ndatabase = \"other.db\"\n",
+        &env(&[]),
+    )
+    .unwrap()
+    .config;
+    assert_eq!(
+        rollbackd::daemon::fixed_keys_changed(&old, &new),
+        ["state_dir", "http.listen", "kill_switch.database"]
+    );
+}

@@ -418,7 +418,7 @@ impl Alerter {
     /// (for a process about to exit). True when nothing is left.
     pub async fn flush(&self, within: Duration) -> bool {
         let shared = &self.handle.shared;
-        let deadline = tokio::time::Instant::now() + within;
+        let deadline = crate::clock::deadline_tokio(tokio::time::Instant::now(), within);
         loop {
             let settled = shared.settled.notified();
             tokio::pin!(settled);

@@ -93,7 +93,8 @@ pub async fn run(command: &Command, loaded: &LoadedConfig) -> anyhow::Result<u8>
 
     let socket = loaded.config.socket_path();
     let json_status = matches!(command, Command::Status { json: true });
-    let result = control::call(&socket, &request, |message, _detail| {
+    let limit = request_limit(&request, loaded);
+    let result = call_within(&socket, &request, limit, |message, _detail| {
         eprintln!("  {} {}", short_time(SystemTime::now()), Escaped(message));
     })
     .await;
@@ -105,7 +106,7 @@ pub async fn run(command: &Command, loaded: &LoadedConfig) -> anyhow::Result<u8>
                 socket.display()
             );
             match local(&request, loaded).await {
-                Ok(value) => value,
+                Ok(value) => Some(value),
                 Err(err) => return Err(err),
             }
         }
@@ -114,6 +115,10 @@ pub async fn run(command: &Command, loaded: &LoadedConfig) -> anyhow::Result<u8>
             return Ok(exit);
         }
         Err(err) => return Err(err.into()),
+    };
+    let Some(value) = value else {
+        eprintln!("rollbackd: {}", timed_out_message(&request, limit));
+        return Ok(exit::FAILURE);
     };
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
@@ -212,9 +217,65 @@ fn workers_of(status: &Value) -> (Option<String>, Option<String>) {
     (active.map(str::to_owned), previous.map(str::to_owned))
 }
 
+/// The most a request other than a rollback may take: they touch the database and the
+/// kill-switch database, each bounded by its busy timeout, and nothing else.
+pub const REQUEST_LIMIT: Duration = Duration::from_secs(60);
+/// Added to a rollback's configured worst case for what is not bounded by a hook or a
+/// verification timeout (hook kill grace, database writes, the alert).
+pub const ROLLBACK_MARGIN: Duration = Duration::from_secs(60);
+
+/// How long the CLI waits for the daemon's final answer to `request`: a rollback as long
+/// as its configured worst case (every attempt, every hook to its timeout, the whole
+/// verification) plus [`ROLLBACK_MARGIN`]; anything else [`REQUEST_LIMIT`].
+pub fn request_limit(request: &Request, loaded: &LoadedConfig) -> Duration {
+    match request {
+        Request::Rollback { .. } => crate::config::rollback_worst_case(&loaded.config.rollback)
+            .saturating_add(ROLLBACK_MARGIN),
+        _ => REQUEST_LIMIT,
+    }
+}
+
+/// [`control::call`] with a time limit: `Ok(None)` when no final answer came within `limit`.
+pub async fn call_within(
+    socket: &std::path::Path,
+    request: &Request,
+    limit: Duration,
+    on_progress: impl FnMut(&str, &serde_json::Value),
+) -> Result<Option<Value>, CallError> {
+    match tokio::time::timeout(limit, control::call(socket, request, on_progress)).await {
+        Ok(result) => result.map(Some),
+        Err(_) => Ok(None),
+    }
+}
+
+/// What the CLI says when the daemon gave no final answer in time.
+pub fn timed_out_message(request: &Request, limit: Duration) -> String {
+    let what = match request {
+        Request::Rollback { .. } => format!(
+            "the rollback did not finish within {} (the configured worst case of              rollback.hook_timeout, rollback.verify_timeout and rollback.max_attempts, plus {})",
+            crate::config::show(limit),
+            crate::config::show(ROLLBACK_MARGIN)
+        ),
+        _ => format!(
+            "the daemon gave no answer within {}",
+            crate::config::show(limit)
+        ),
+    };
+    format!(
+        "{what}; it may still be working on it. Check `rollbackd status` and \
+         `rollbackd audit tail` for what it did, and the daemon's log (journalctl -u rollbackd) \
+         for what it is waiting on"
+    )
+}
+
 async fn status_value(loaded: &LoadedConfig) -> anyhow::Result<Value> {
-    match control::call(&loaded.config.socket_path(), &Request::Status, |_, _| {}).await {
-        Ok(value) => Ok(value),
+    let socket = loaded.config.socket_path();
+    match call_within(&socket, &Request::Status, REQUEST_LIMIT, |_, _| {}).await {
+        Ok(Some(value)) => Ok(value),
+        Ok(None) => Err(anyhow::anyhow!(timed_out_message(
+            &Request::Status,
+            REQUEST_LIMIT
+        ))),
         Err(err) if err.is_not_running() => local_status(loaded).await,
         Err(err) => Err(err.into()),
     }
@@ -688,4 +749,55 @@ fn print_status(status: &Value, out: &mut impl Write) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod limit_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_daemon_that_never_answers_is_given_up_on_with_what_to_check() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("rollbackd.sock");
+        let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+        // Accepts and holds the connection, never answering.
+        let holder = tokio::spawn(async move {
+            let (_stream, _) = listener.accept().await.unwrap();
+            std::future::pending::<()>().await;
+        });
+        let started = std::time::Instant::now();
+        let result = call_within(
+            &socket,
+            &Request::Status,
+            Duration::from_millis(300),
+            |_, _| {},
+        )
+        .await;
+        assert!(matches!(result, Ok(None)), "{result:?}");
+        assert!(started.elapsed() < Duration::from_secs(30));
+        let message = timed_out_message(&Request::Status, REQUEST_LIMIT);
+        assert!(
+            message.contains("rollbackd status") && message.contains("1m"),
+            "{message}"
+        );
+        holder.abort();
+    }
+
+    #[test]
+    fn a_rollback_waits_its_configured_worst_case_plus_the_margin_and_no_more() {
+        let loaded = crate::config::load_str(
+            "[rollback]\nswitch_command = [\"/bin/true\", \"{to}\"]\nhook_timeout = \"7days\"\nverify_timeout = \"7days\"\nmax_attempts = 10\n",
+            &Default::default(),
+        )
+        .unwrap();
+        let rollback = Request::Rollback {
+            reason: "r".into(),
+            emergency: false,
+        };
+        assert_eq!(
+            request_limit(&rollback, &loaded),
+            Duration::from_secs(10 * 2 * 7 * 86_400) + ROLLBACK_MARGIN
+        );
+        assert_eq!(request_limit(&Request::Status, &loaded), REQUEST_LIMIT);
+    }
 }

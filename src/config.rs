@@ -108,6 +108,21 @@ const KEYS: &[(&str, Kind)] = &[
     ("retention.max_sessions", Kind::Int),
 ];
 
+/// The largest value a duration key accepts. Every duration is bounded at load so that
+/// deadlines computed from it (`Instant + Duration`, worst-case sums) stay far inside the
+/// clock's range: an unbounded `hook_timeout` once panicked `check-config` and a rollback.
+const DURATION_MAX: Duration = Duration::from_secs(7 * 86_400);
+/// `retention.sessions` is the one duration measured in months, not minutes.
+const RETENTION_MAX: Duration = Duration::from_secs(365 * 86_400);
+
+/// The largest value the duration key `key` accepts (README's key table lists them).
+pub fn duration_max(key: &str) -> Duration {
+    match key {
+        "retention.sessions" => RETENTION_MAX,
+        _ => DURATION_MAX,
+    }
+}
+
 /// Every declared key path, in declaration order (for listings that show unset keys too).
 pub fn key_paths() -> impl Iterator<Item = &'static str> {
     KEYS.iter().map(|(key, _)| *key)
@@ -448,11 +463,22 @@ pub fn load(
     }
 }
 
-/// Reads the configuration file, refusing anything but a regular file (after symlinks)
-/// before opening it: a FIFO would block the read — and `run`, or a SIGHUP reload —
-/// forever, waiting for a writer; a device could be endless.
+/// The largest configuration file read (1 MiB; a real one is a few KiB).
+pub const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
+
+/// Reads the configuration file, refusing anything but a regular file (after symlinks: a
+/// packaged config is often one): a FIFO would block the read — and `run`, or a SIGHUP
+/// reload — forever, waiting for a writer; a device could be endless. Opened non-blocking
+/// and checked on the open descriptor (no race with a swap), and at most
+/// [`MAX_CONFIG_BYTES`] are read.
 fn read_regular_file(path: &Path) -> std::io::Result<String> {
-    let metadata = std::fs::metadata(path)?;
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    let metadata = file.metadata()?;
     if !metadata.is_file() {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
@@ -463,7 +489,24 @@ fn read_regular_file(path: &Path) -> std::io::Result<String> {
             },
         ));
     }
-    std::fs::read_to_string(path)
+    let too_big = || {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!(
+                "larger than {MAX_CONFIG_BYTES} bytes (1 MiB), the most a configuration file may be; is this the right file?"
+            ),
+        )
+    };
+    if metadata.len() > MAX_CONFIG_BYTES {
+        return Err(too_big());
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_CONFIG_BYTES + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(too_big());
+    }
+    String::from_utf8(bytes)
+        .map_err(|err| std::io::Error::new(std::io::ErrorKind::InvalidData, err))
 }
 
 /// Loads from TOML text and an environment (tests and the demo).
@@ -602,12 +645,21 @@ fn check_leaf(key: &str, value: &Value) -> Result<(), String> {
     };
     let ok = match (kind, value) {
         (Kind::Duration, Value::String(text)) => {
-            return humantime::parse_duration(text).map(|_| ()).map_err(|err| {
+            let parsed = humantime::parse_duration(text).map_err(|err| {
                 format!(
                     "{text:?} is not a duration ({err}); expected {}",
                     kind.describe()
                 )
-            });
+            })?;
+            let max = duration_max(key);
+            return if parsed > max {
+                Err(format!(
+                    "{text:?} is longer than the largest value this key accepts, {}",
+                    show(max)
+                ))
+            } else {
+                Ok(())
+            };
         }
         (Kind::Float, Value::Float(_) | Value::Integer(_)) => true,
         (Kind::Int, Value::Integer(n)) => {
@@ -1269,6 +1321,31 @@ pub fn show(duration: Duration) -> String {
     humantime::format_duration(duration).to_string()
 }
 
+fn hook_count(rb: &RollbackConfig) -> u32 {
+    [
+        &rb.pause_command,
+        &rb.drain_command,
+        &rb.switch_command,
+        &rb.resume_command,
+    ]
+    .iter()
+    .filter(|hook| hook.is_some())
+    .count() as u32
+}
+
+/// The longest one rollback attempt can take: every configured hook to its timeout, then
+/// the verification to its timeout. Saturating: never panics, whatever was configured.
+pub fn rollback_attempt_worst_case(rb: &RollbackConfig) -> Duration {
+    rb.hook_timeout
+        .saturating_mul(hook_count(rb))
+        .saturating_add(rb.verify_timeout)
+}
+
+/// The longest a whole rollback can take (every attempt to its worst case).
+pub fn rollback_worst_case(rb: &RollbackConfig) -> Duration {
+    rollback_attempt_worst_case(rb).saturating_mul(rb.max_attempts.max(1))
+}
+
 /// Worst-case times from the onset of a problem to each action, derived from the config.
 ///
 /// A problem that starts just after a check is seen at the next check (one
@@ -1281,7 +1358,9 @@ pub fn worst_case_times(config: &Config) -> Vec<String> {
     // degraded interval (up to check_timeout) pushes the next one back.
     let step = m.degraded_check_interval.max(m.check_timeout);
     let to_detect = |checks: usize| -> Duration {
-        m.check_interval + step * (checks.saturating_sub(1) as u32) + m.check_timeout
+        m.check_interval
+            .saturating_add(step.saturating_mul(checks.saturating_sub(1) as u32))
+            .saturating_add(m.check_timeout)
     };
     let describe = |checks: usize| -> String {
         let step_name = if m.check_timeout > m.degraded_check_interval {
@@ -1323,16 +1402,8 @@ pub fn worst_case_times(config: &Config) -> Vec<String> {
         }
     });
     let rb = &config.rollback;
-    let hooks = [
-        &rb.pause_command,
-        &rb.drain_command,
-        &rb.switch_command,
-        &rb.resume_command,
-    ]
-    .iter()
-    .filter(|hook| hook.is_some())
-    .count() as u32;
-    let one_attempt = rb.hook_timeout * hooks + rb.verify_timeout;
+    let hooks = hook_count(rb);
+    let one_attempt = rollback_attempt_worst_case(rb);
     lines.push(format!(
         "a rollback takes at most {} per attempt ({} hooks × {} + {} verify), {} attempts at most: {}",
         show(one_attempt),
@@ -1340,7 +1411,7 @@ pub fn worst_case_times(config: &Config) -> Vec<String> {
         show(rb.hook_timeout),
         show(rb.verify_timeout),
         rb.max_attempts,
-        show(one_attempt * rb.max_attempts)
+        show(rollback_worst_case(rb))
     ));
     lines.push(format!(
         "monitoring ends (promotion confirmed) {} after promotion",

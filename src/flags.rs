@@ -166,7 +166,7 @@ impl LiveFlags {
                 // Fixed-rate polls: the period is `poll_interval`, not `poll_interval` plus
                 // the time a poll takes, so a commit is seen within one period. After a
                 // stall (a slow read) the schedule restarts rather than catching up.
-                let mut next_poll = Instant::now() + poll_interval;
+                let mut next_poll = crate::clock::deadline(Instant::now(), poll_interval);
                 loop {
                     let wait = next_poll.saturating_duration_since(Instant::now());
                     match stop_requests.recv_timeout(wait) {
@@ -176,10 +176,10 @@ impl LiveFlags {
                     if let Some(snapshot) = poller.poll() {
                         sender.send_replace(snapshot);
                     }
-                    next_poll += poll_interval;
+                    next_poll = crate::clock::deadline(next_poll, poll_interval);
                     let now = Instant::now();
                     if next_poll < now {
-                        next_poll = now + poll_interval;
+                        next_poll = crate::clock::deadline(now, poll_interval);
                     }
                 }
             })

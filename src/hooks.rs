@@ -177,7 +177,7 @@ pub async fn run_hook(
         });
         let mut drained = false;
 
-        let deadline = started + limit;
+        let deadline = crate::clock::deadline_tokio(started, limit);
         let mut timed_out = false;
         let mut status = wait_while_draining(&mut child, &mut drains, &mut drained, deadline).await;
 

@@ -7,6 +7,7 @@ pub mod alerts;
 pub mod audit;
 pub mod check;
 pub mod cli;
+pub mod clock;
 pub mod cmd_flags;
 pub mod commands;
 pub mod config;

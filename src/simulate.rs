@@ -12,6 +12,9 @@ use crate::engine::{Action, Decision, Engine, Firing, Verdict};
 use crate::trace::{parse_line, TraceLine};
 
 /// A trace that could not be replayed.
+/// The longest trace line `simulate` reads (1 MiB); a longer one is an error.
+pub const MAX_TRACE_LINE: usize = 1024 * 1024;
+
 #[derive(Debug, thiserror::Error)]
 pub enum SimulateError {
     #[error("{name}:{line}: {message}")]
@@ -102,20 +105,32 @@ pub fn replay(
 
     loop {
         buffer.clear();
-        let read = lines.read_line(&mut buffer).map_err(|source| {
-            if source.kind() == std::io::ErrorKind::InvalidData {
-                malformed(line_number + 1, "not valid UTF-8".into())
-            } else {
-                SimulateError::Read {
-                    name: name.to_owned(),
-                    source,
+        // Bounded: an endless line (`< /dev/zero`) is an error, not a 2 GiB allocation.
+        let read = std::io::Read::take(&mut lines, MAX_TRACE_LINE as u64 + 1)
+            .read_line(&mut buffer)
+            .map_err(|source| {
+                if source.kind() == std::io::ErrorKind::InvalidData {
+                    malformed(line_number + 1, "not valid UTF-8".into())
+                } else {
+                    SimulateError::Read {
+                        name: name.to_owned(),
+                        source,
+                    }
                 }
-            }
-        })?;
+            })?;
         if read == 0 {
             break;
         }
         line_number += 1;
+        if buffer.len() > MAX_TRACE_LINE && !buffer.ends_with('\n') {
+            return Err(malformed(
+                line_number,
+                format!(
+                    "line longer than {MAX_TRACE_LINE} bytes (1 MiB); a trace line is one \
+                     check, a few hundred bytes: is this the right file?"
+                ),
+            ));
+        }
         let parsed = parse_line(&buffer).map_err(|message| malformed(line_number, message))?;
         let (at, check) = match parsed {
             None => continue,

@@ -35,58 +35,125 @@ pub struct TailStyle {
 /// terminal. `json` lines stay raw (JSON already escapes control characters; a line that
 /// is not JSON is escaped there too).
 pub fn render_line(line: &str, style: TailStyle) -> String {
+    if line.starts_with("[line too long: ") {
+        return line.to_owned();
+    }
     if style.json {
         return escape(line).into_owned();
     }
     format_line(line, style.colour).unwrap_or_else(|| format!("{UNPARSED_MARKER} {}", escape(line)))
 }
 
+/// The longest audit line shown (64 KiB); a longer one is shown as
+/// `[line too long: N bytes]` and skipped. rollbackd's own lines are a few KiB at most.
+pub const MAX_LINE: usize = 64 * 1024;
+
+/// How much one poll of the follower reads at most; the rest comes at the next poll.
+const MAX_READ_PER_POLL: u64 = 4 * 1024 * 1024;
+
+/// What a line longer than [`MAX_LINE`] is shown as.
+pub fn too_long(bytes: usize) -> String {
+    format!("[line too long: {bytes} bytes]")
+}
+
+/// Opens `path` only if it is a regular file: not through a symlink (`O_NOFOLLOW`; the
+/// log is rollbackd's own file in its state directory), without blocking on a FIFO
+/// (`O_NONBLOCK`), and checked on the open descriptor. `/dev/zero` or a FIFO is refused.
+pub fn open_regular(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|err| {
+            if err.raw_os_error() == Some(libc::ELOOP) {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "is a symbolic link, not the regular file rollbackd writes; refusing to follow it",
+                )
+            } else {
+                err
+            }
+        })?;
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "is not a regular file (a FIFO, a device or a directory?); refusing to read it",
+        ));
+    }
+    Ok(file)
+}
+
+/// Splits complete bytes into lines, a line over [`MAX_LINE`] shown by [`too_long`].
+fn split_lines(bytes: &[u8], lines: &mut Vec<String>) {
+    for line in bytes.split(|&b| b == b'\n').filter(|line| !line.is_empty()) {
+        if line.len() > MAX_LINE {
+            lines.push(too_long(line.len()));
+        } else {
+            lines.push(String::from_utf8_lossy(line).into_owned());
+        }
+    }
+}
+
 /// The last `n` lines of `path` (fewer if the file is shorter) and the byte offset just
 /// after the last complete line. Reads backwards from the end, so a long log costs no
 /// more than the lines shown. A final line without its newline is left for the follower.
 pub fn last_lines(path: &Path, n: usize) -> std::io::Result<(Vec<String>, u64)> {
-    let mut file = File::open(path)?;
+    let mut file = open_regular(path)?;
     let len = file.metadata()?.len();
-    // Only complete lines count: find the end of the last one.
-    let mut tail_chunk: Vec<u8> = Vec::new();
+    const CHUNK: u64 = 64 * 1024;
+    let mut buf = vec![0u8; CHUNK as usize];
     let mut pos = len;
-    let chunk_size: u64 = 64 * 1024;
-    // Read chunks from the end until n+1 newlines (or the start) are in memory.
-    loop {
-        let newlines = tail_chunk.iter().filter(|&&b| b == b'\n').count();
-        if pos == 0 || newlines > n {
-            break;
+    // The end of the last complete line: found first, scanning back from the end.
+    let mut offset: Option<u64> = None;
+    // Lines found so far, last first; the one being collected, its bytes reversed and
+    // kept only up to MAX_LINE + 1 (a longer line is counted, not held).
+    let mut found: Vec<String> = Vec::new();
+    let mut current: Vec<u8> = Vec::new();
+    let mut current_len = 0usize;
+    let finish = |current: &mut Vec<u8>, current_len: &mut usize, found: &mut Vec<String>| {
+        if *current_len > MAX_LINE {
+            found.push(too_long(*current_len));
+        } else if *current_len > 0 {
+            current.reverse();
+            found.push(String::from_utf8_lossy(current).into_owned());
         }
-        let start = pos.saturating_sub(chunk_size);
-        let mut chunk = vec![0u8; (pos - start) as usize];
+        current.clear();
+        *current_len = 0;
+    };
+    let mut done = false;
+    while pos > 0 && !done {
+        let start = pos.saturating_sub(CHUNK);
+        let chunk = &mut buf[..(pos - start) as usize];
         file.seek(SeekFrom::Start(start))?;
-        file.read_exact(&mut chunk)?;
-        chunk.extend_from_slice(&tail_chunk);
-        tail_chunk = chunk;
+        file.read_exact(chunk)?;
+        for i in (0..chunk.len()).rev() {
+            let byte = chunk[i];
+            if byte == b'\n' {
+                if offset.is_none() {
+                    offset = Some(start + i as u64 + 1);
+                } else {
+                    finish(&mut current, &mut current_len, &mut found);
+                }
+                if offset.is_some() && found.len() >= n {
+                    done = true;
+                    break;
+                }
+            } else if offset.is_some() {
+                if current.len() <= MAX_LINE {
+                    current.push(byte);
+                }
+                current_len += 1;
+            }
+        }
         pos = start;
     }
-    let offset = match tail_chunk.iter().rposition(|&b| b == b'\n') {
-        Some(last_newline) => {
-            tail_chunk.truncate(last_newline + 1);
-            pos + last_newline as u64 + 1
-        }
-        None => {
-            tail_chunk.clear();
-            0
-        }
-    };
-    let text = String::from_utf8_lossy(&tail_chunk);
-    let mut lines: Vec<String> = text
-        .split('\n')
-        .filter(|line| !line.is_empty())
-        .map(str::to_owned)
-        .collect();
-    // The first line may be cut by the chunk boundary; it is dropped when there are more
-    // than n, which is the only case in which it is not the file's first line.
-    if lines.len() > n {
-        lines.drain(..lines.len() - n);
+    // At the start of the file: what was collected is its first line.
+    if !done && found.len() < n {
+        finish(&mut current, &mut current_len, &mut found);
     }
-    Ok((lines, offset))
+    found.reverse();
+    Ok((found, offset.unwrap_or(0)))
 }
 
 /// Follows a file through appends, truncation and rotation.
@@ -96,12 +163,14 @@ pub struct Follower {
     inode: Option<(u64, u64)>,
     offset: u64,
     partial: Vec<u8>,
+    /// Bytes of the current line dropped because it is longer than [`MAX_LINE`].
+    overflow: usize,
 }
 
 impl Follower {
     /// Starts at `offset` of the file now at `path` (which may not exist yet).
     pub fn new(path: &Path, offset: u64) -> Follower {
-        let file = File::open(path).ok();
+        let file = open_regular(path).ok();
         let inode = file
             .as_ref()
             .and_then(|f| f.metadata().ok())
@@ -112,13 +181,14 @@ impl Follower {
             inode,
             offset: if inode.is_some() { offset } else { 0 },
             partial: Vec::new(),
+            overflow: 0,
         }
     }
 
     /// The complete lines that arrived since the last poll.
     pub fn poll(&mut self) -> std::io::Result<Vec<String>> {
         let mut lines = Vec::new();
-        let now_at_path = std::fs::metadata(&self.path)
+        let now_at_path = std::fs::symlink_metadata(&self.path)
             .ok()
             .map(|m| ((m.dev(), m.ino()), m.len()));
         match now_at_path {
@@ -128,7 +198,7 @@ impl Follower {
                     self.read_available(&mut lines)?;
                     self.flush_partial(&mut lines);
                 }
-                match File::open(&self.path) {
+                match open_regular(&self.path) {
                     Ok(file) => {
                         self.inode = file.metadata().ok().map(|m| (m.dev(), m.ino()));
                         self.file = Some(file);
@@ -141,11 +211,13 @@ impl Follower {
                 }
                 self.offset = 0;
                 self.partial.clear();
+                self.overflow = 0;
             }
             Some((_, len)) if len < self.offset => {
                 // Truncated in place: everything now in it is new.
                 self.offset = 0;
                 self.partial.clear();
+                self.overflow = 0;
             }
             Some(_) => {}
             // Removed and not yet re-created: the old file may still get its last lines.
@@ -163,18 +235,28 @@ impl Follower {
         };
         file.seek(SeekFrom::Start(self.offset))?;
         let mut bytes = Vec::new();
-        file.read_to_end(&mut bytes)?;
+        file.take(MAX_READ_PER_POLL).read_to_end(&mut bytes)?;
         self.offset += bytes.len() as u64;
-        self.partial.extend_from_slice(&bytes);
-        if let Some(last_newline) = self.partial.iter().rposition(|&b| b == b'\n') {
-            let rest = self.partial.split_off(last_newline + 1);
-            let complete = std::mem::replace(&mut self.partial, rest);
-            lines.extend(
-                String::from_utf8_lossy(&complete)
-                    .split('\n')
-                    .filter(|line| !line.is_empty())
-                    .map(str::to_owned),
-            );
+        for piece in bytes.split_inclusive(|&b| b == b'\n') {
+            let complete = piece.last() == Some(&b'\n');
+            let body = if complete {
+                &piece[..piece.len() - 1]
+            } else {
+                piece
+            };
+            if self.overflow > 0 || self.partial.len() + body.len() > MAX_LINE {
+                self.overflow += self.partial.len() + body.len();
+                self.partial.clear();
+                if complete {
+                    lines.push(too_long(self.overflow));
+                    self.overflow = 0;
+                }
+                continue;
+            }
+            self.partial.extend_from_slice(body);
+            if complete {
+                split_lines(&std::mem::take(&mut self.partial), lines);
+            }
         }
         Ok(())
     }
@@ -400,6 +482,37 @@ mod tests {
         let (all, _) = last_lines(&path, 10_000).unwrap();
         assert_eq!(all.len(), 3000);
         assert_eq!(last_lines(&path, 0).unwrap().0, Vec::<String>::new());
+    }
+
+    #[test]
+    fn the_follower_holds_at_most_one_bounded_line_of_an_endless_one() {
+        use std::io::Write as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        std::fs::write(&path, "").unwrap();
+        let mut follower = Follower::new(&path, 0);
+        let mut log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        let chunk = vec![b'z'; 1024 * 1024];
+        for _ in 0..3 {
+            log.write_all(&chunk).unwrap();
+            assert!(follower.poll().unwrap().is_empty());
+            assert!(
+                follower.partial.len() <= MAX_LINE,
+                "held {}",
+                follower.partial.len()
+            );
+        }
+        log.write_all(b"\n{\"event\":\"next\"}\n").unwrap();
+        assert_eq!(
+            follower.poll().unwrap(),
+            [
+                too_long(3 * 1024 * 1024),
+                "{\"event\":\"next\"}".to_string()
+            ]
+        );
     }
 
     #[test]

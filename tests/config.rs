@@ -424,3 +424,121 @@ fn worst_case_times_follow_the_cadence_and_a_slow_check() {
     let lines = rollbackd::config::worst_case_times(&slow.config);
     assert!(lines[0].contains("at most 1m 30s"), "{lines:?}");
 }
+
+/// Every duration key, and the largest value it accepts (README / example config).
+const DURATION_KEYS: &[(&str, &str)] = &[
+    ("monitor.check_interval", "7days"),
+    ("monitor.degraded_check_interval", "7days"),
+    ("monitor.check_timeout", "7days"),
+    ("monitor.grace_period", "7days"),
+    ("rollback.hook_timeout", "7days"),
+    ("rollback.verify_timeout", "7days"),
+    ("rollback.verify_interval", "7days"),
+    ("kill_switch.reset_quiet_period", "7days"),
+    ("alerts.timeout", "7days"),
+    ("retention.sessions", "365days"),
+];
+
+fn env_name(key: &str) -> String {
+    format!("ROLLBACKD_{}", key.replace('.', "_").to_uppercase())
+}
+
+#[test]
+fn every_duration_key_is_bounded_and_refused_past_the_clocks_range() {
+    // Every duration key in the key table is covered here.
+    let declared: Vec<&str> = rollbackd::config::key_paths()
+        .filter(|key| {
+            load_str("", &env(&[(&env_name(key), "not a duration")]))
+                .err()
+                .is_some_and(|e| e.to_string().contains("is not a duration"))
+        })
+        .collect();
+    let covered: Vec<&str> = DURATION_KEYS.iter().map(|(key, _)| *key).collect();
+    assert_eq!(declared, covered, "a duration key without a bound test");
+
+    for (key, max) in DURATION_KEYS {
+        for huge in ["18446744073709551615s", "600000000years"] {
+            for (how, result) in [
+                ("environment", load_str("", &env(&[(&env_name(key), huge)]))),
+                ("file", {
+                    let (section, leaf) = key.split_once('.').unwrap();
+                    load_str(&format!("[{section}]\n{leaf} = \"{huge}\"\n"), &env(&[]))
+                }),
+            ] {
+                let found = issues(result);
+                assert!(
+                    found.iter().any(|(k, message)| k.starts_with(key)
+                        && message.contains("longer than the largest value")),
+                    "{key} = {huge} from the {how}: {found:?}"
+                );
+            }
+        }
+        // One past the bound is refused; the bound itself is not refused for its size.
+        let bound = humantime::parse_duration(max).unwrap();
+        assert_eq!(rollbackd::config::duration_max(key), bound, "{key}");
+        let past = humantime::format_duration(bound + Duration::from_secs(1)).to_string();
+        let found = issues(load_str("", &env(&[(&env_name(key), &past)])));
+        assert!(
+            found.iter().any(|(k, _)| k.starts_with(key)),
+            "{key} = {past}: {found:?}"
+        );
+        if let Err(ConfigError::Invalid(found)) = load_str("", &env(&[(&env_name(key), max)])) {
+            assert!(
+                !found
+                    .iter()
+                    .any(|i| i.message.contains("longer than the largest value")),
+                "{key} = {max} is the bound itself: {found:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn the_largest_durations_give_finite_worst_case_times_without_panicking() {
+    let text = r#"
+        [monitor]
+        check_interval = "7days"
+        degraded_check_interval = "7days"
+        check_timeout = "7days"
+        grace_period = "7days"
+        [rollback]
+        switch_command = ["/bin/true", "{to}"]
+        pause_command = ["/bin/true"]
+        drain_command = ["/bin/true"]
+        resume_command = ["/bin/true"]
+        hook_timeout = "7days"
+        verify_timeout = "7days"
+        verify_interval = "7days"
+        max_attempts = 10
+        [retention]
+        sessions = "365days"
+    "#;
+    let loaded = load_str(text, &env(&[])).unwrap();
+    let lines = rollbackd::config::worst_case_times(&loaded.config);
+    assert!(
+        lines.iter().any(|l| l.contains("a rollback takes")),
+        "{lines:?}"
+    );
+    // 10 attempts × (4 hooks + verify) × 7 days.
+    assert_eq!(
+        rollbackd::config::rollback_worst_case(&loaded.config.rollback),
+        Duration::from_secs(10 * 5 * 7 * 86_400)
+    );
+}
+
+#[test]
+fn a_reload_names_every_key_it_cannot_apply() {
+    let old = load_str("", &env(&[])).unwrap().config;
+    let same = load_str("[monitor]\ncheck_interval = \"20s\"\n", &env(&[])).unwrap();
+    assert!(rollbackd::daemon::fixed_keys_changed(&old, &same.config).is_empty());
+    let new = load_str(
+        "state_dir = \"elsewhere\"\n[http]\nlisten = \"127.0.0.1:9999\"\n[kill_switch]\ndatabase = \"other.db\"\n",
+        &env(&[]),
+    )
+    .unwrap()
+    .config;
+    assert_eq!(
+        rollbackd::daemon::fixed_keys_changed(&old, &new),
+        ["state_dir", "http.listen", "kill_switch.database"]
+    );
+}

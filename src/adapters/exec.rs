@@ -172,7 +172,7 @@ pub(super) async fn run_command(
     timeout: Duration,
     stdout_head_limit: usize,
 ) -> CommandRun {
-    let deadline = Instant::now() + timeout;
+    let deadline = crate::clock::deadline_tokio(Instant::now(), timeout);
     let Some((program, args)) = argv.split_first() else {
         return CommandRun::failed("the command is empty".into());
     };

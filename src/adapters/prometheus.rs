@@ -159,7 +159,7 @@ fn sample_from_pair(pair: Option<&Value>, body: &[u8]) -> Result<Sample, String>
 impl SnapshotSource for PrometheusSnapshotSource {
     fn snapshot(&self) -> BoxFuture<'_, SnapshotOutcome> {
         Box::pin(async move {
-            let deadline = Instant::now() + self.timeout;
+            let deadline = crate::clock::deadline_tokio(Instant::now(), self.timeout);
             let spec = &self.spec;
             let (error_rate, requests, latency_p95_ms, latency_p99_ms) = tokio::join!(
                 self.query(&spec.error_rate, deadline),

@@ -726,7 +726,7 @@ async fn verify(
     interval: Duration,
     timeout: Duration,
 ) -> Result<(), String> {
-    let deadline = tokio::time::Instant::now() + timeout;
+    let deadline = crate::clock::deadline_tokio(tokio::time::Instant::now(), timeout);
     let mut last = String::from("no probe finished");
     loop {
         let attempt_started = tokio::time::Instant::now();
@@ -735,7 +735,7 @@ async fn verify(
             Ok(ProbeOutcome::Failed { reason }) => last = reason,
             Err(_) => return Err(last),
         }
-        let next = attempt_started + interval;
+        let next = crate::clock::deadline_tokio(attempt_started, interval);
         if next >= deadline {
             return Err(last);
         }

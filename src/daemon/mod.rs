@@ -1006,7 +1006,8 @@ impl Driver {
         } else {
             config.config.monitor.degraded_check_interval
         };
-        self.next_check = Some((done.started + interval).max(Instant::now()));
+        self.next_check =
+            Some(crate::clock::deadline_tokio(done.started, interval).max(Instant::now()));
 
         if escalated || self.action.is_some() {
             return;
@@ -1466,6 +1467,24 @@ impl Driver {
         let reloader = reloader.clone();
         let result = tokio::task::spawn_blocking(move || reloader()).await;
         let now = self.now();
+        // Keys a running daemon cannot take over (opened once at start): refused whole, so
+        // a reload never half-applies.
+        let result = result.map(|loaded| {
+            loaded.and_then(|loaded| match fixed_keys_changed(&self.config.config, &loaded.config) {
+                changed if changed.is_empty() => Ok(loaded),
+                changed => Err(crate::config::ConfigError::Invalid(
+                    changed
+                        .into_iter()
+                        .map(|key| crate::config::ConfigIssue {
+                            key: key.to_owned(),
+                            message: "cannot be changed by a reload (the daemon opened it at start); \
+                                      restart rollbackd to apply it, or put the old value back"
+                                .into(),
+                        })
+                        .collect(),
+                )),
+            })
+        });
         match result {
             Ok(Ok(loaded)) => {
                 let old_hash = self.config.hash.clone();
@@ -1743,7 +1762,10 @@ impl Driver {
         ));
         // The first check comes one interval after promotion: the canary gets that long
         // to warm up before it is judged.
-        self.next_check = Some(Instant::now() + self.config.config.monitor.check_interval);
+        self.next_check = Some(crate::clock::deadline_tokio(
+            Instant::now(),
+            self.config.config.monitor.check_interval,
+        ));
         Reply::Done { result }
     }
 
@@ -2024,6 +2046,26 @@ pub fn new_session_row(
     }
 }
 
+/// The keys whose new value a reload cannot apply and that differ between `old` and `new`:
+/// the state directory (database, lock, socket, audit log), the HTTP listener and the
+/// kill-switch database LiveFlags watches are all opened once at start.
+pub fn fixed_keys_changed(
+    old: &crate::config::Config,
+    new: &crate::config::Config,
+) -> Vec<&'static str> {
+    let mut changed = Vec::new();
+    if old.state_dir != new.state_dir {
+        changed.push("state_dir");
+    }
+    if old.http_listen != new.http_listen {
+        changed.push("http.listen");
+    }
+    if old.kill_switch.database != new.kill_switch.database {
+        changed.push("kill_switch.database");
+    }
+    changed
+}
+
 /// One check: probe, snapshot and resources at once, each bounded by `limit` in its
 /// adapter; a safety net here cuts an adapter that ignores its limit. Also returns how
 /// long the worker probe took (for the probe-duration metric).
@@ -2032,7 +2074,9 @@ pub async fn take_check(
     worker: &str,
     limit: Duration,
 ) -> (CheckResult, Duration) {
-    let net = limit * 2 + Duration::from_secs(1);
+    let net = limit
+        .saturating_mul(2)
+        .saturating_add(Duration::from_secs(1));
     let probe = async {
         let started = Instant::now();
         let outcome = tokio::time::timeout(net, adapters.probe.probe(worker))

@@ -217,6 +217,8 @@ pub struct Driver {
     /// tick so the state catches up once there is space again.
     pending_state: Vec<StateWrite>,
     metrics: Option<Metrics>,
+    /// When the state database was last found deleted or replaced and written back.
+    db_restored: Option<Value>,
 }
 
 /// The `rollback-started` audit line of an action; `resumed` when it is written by a
@@ -258,6 +260,7 @@ impl Driver {
             started_at: clock.now(),
             pending_state: Vec::new(),
             metrics: inputs.metrics.take(),
+            db_restored: None,
         };
         driver.restore().await?;
         driver.prune_sessions().await;
@@ -339,6 +342,7 @@ impl Driver {
                     }
                 }
                 _ = retry_records.tick() => {
+                    driver.check_state_db().await;
                     if driver.recorder.backlog() > 0 {
                         driver.recorder.retry().await;
                     }
@@ -661,7 +665,51 @@ impl Driver {
         self.spawn_action(row, replies);
     }
 
+    /// Notices a `rollbackd.db` deleted or replaced while running and puts the daemon's
+    /// own state back under the path, so a restart still finds the session. Loud: an
+    /// error in the journal and `stateDbRestored` in `status --json`.
+    async fn check_state_db(&mut self) {
+        if !self
+            .db
+            .call(|store| Ok(store.replaced()))
+            .await
+            .unwrap_or(false)
+        {
+            return;
+        }
+        let path = self.config.config.rollbackd_db();
+        tracing::error!(
+            db = %path.display(),
+            "the state database was deleted or replaced while rollbackd runs; writing the \
+             current state back to it so a restart keeps the session"
+        );
+        let at = rfc3339_millis(self.now());
+        match self.db.call(|store| store.restore()).await {
+            Ok(moved) => {
+                if let Some(moved) = &moved {
+                    tracing::error!(
+                        db = %path.display(),
+                        moved_to = %moved.display(),
+                        "the file found in place of the state database was moved aside"
+                    );
+                }
+                tracing::warn!(db = %path.display(), "state database restored");
+                self.db_restored = Some(json!({
+                    "at": at,
+                    "path": path.display().to_string(),
+                    "replacementMovedTo": moved.map(|m| m.display().to_string()),
+                }));
+            }
+            Err(err) => tracing::error!(
+                db = %path.display(),
+                "cannot restore the state database ({err}); the session lives only in this \
+                 process until it can: do not restart rollbackd"
+            ),
+        }
+    }
+
     async fn tick(&mut self) {
+        self.check_state_db().await;
         let Some(session) = &self.session else {
             self.next_check = None;
             return;
@@ -1262,6 +1310,9 @@ impl Driver {
     }
 
     async fn reload(&mut self, reloader: &Reloader) {
+        // logrotate's `postrotate` sends SIGHUP: reopen the logs by name whatever the
+        // reload's outcome (each append checks the name too).
+        self.recorder.reopen_logs();
         let reloader = reloader.clone();
         let result = tokio::task::spawn_blocking(move || reloader()).await;
         let now = self.now();
@@ -1763,6 +1814,7 @@ impl Driver {
             "recentChecks": recent,
             "configHash": self.config.hash,
             "recordsPending": self.recorder.backlog(),
+            "stateDbRestored": self.db_restored,
         })
     }
 }

@@ -74,8 +74,28 @@ fn an_empty_rollbackd_db_is_refused_at_start_naming_the_file_and_the_way_out() {
         .unwrap();
     let db = setup.state().join("rollbackd.db");
     std::fs::write(&db, b"").unwrap();
-    let out = setup.cli(&["run"]);
+    // Bounded: a daemon that starts fresh over the file would run forever.
+    let mut child = std::process::Command::new(BIN)
+        .arg("--config")
+        .arg(&setup.config)
+        .arg("run")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let exited = wait_for(Duration::from_secs(30), || {
+        matches!(child.try_wait(), Ok(Some(_)))
+    });
+    if exited.is_none() {
+        let _ = child.kill();
+    }
+    let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        exited.is_some(),
+        "the daemon started over an empty rollbackd.db"
+    );
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains(&db.display().to_string()), "{stderr}");
     assert!(stderr.contains("empty"), "{stderr}");

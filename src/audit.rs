@@ -20,7 +20,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
@@ -71,7 +71,14 @@ pub struct TornLine {
 pub struct JsonLinesLog {
     path: PathBuf,
     file: File,
+    /// Device and inode of the open file, to notice when `path` no longer names it
+    /// (deleted, or renamed away by a log rotation).
+    id: (u64, u64),
 }
+
+/// Why an append did not count: the record reached a file that no name points to any
+/// more (the log, or its directory, was deleted while open).
+pub const UNLINKED_MESSAGE: &str = "was deleted while open; the record is kept and written again";
 
 impl JsonLinesLog {
     /// Opens (creating it, and its parent directories, if needed) the log at `path`.
@@ -93,10 +100,12 @@ impl JsonLinesLog {
             .custom_flags(libc::O_NOFOLLOW)
             .open(path)?;
         let torn = repair_torn_tail(path, &mut file)?;
+        let metadata = file.metadata()?;
         Ok((
             JsonLinesLog {
                 path: path.to_path_buf(),
                 file,
+                id: (metadata.dev(), metadata.ino()),
             },
             torn,
         ))
@@ -104,6 +113,16 @@ impl JsonLinesLog {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Whether `path` still names the open file. False when it was deleted (alone or with
+    /// its directory), renamed away (`mv audit.log audit.log.1`) or replaced; then the log
+    /// must be reopened, or records go to a file nobody reads.
+    pub fn is_current(&self) -> bool {
+        match fs::symlink_metadata(&self.path) {
+            Ok(metadata) => (metadata.dev(), metadata.ino()) == self.id,
+            Err(_) => false,
+        }
     }
 
     /// Appends `record` as one line and syncs it to disk.
@@ -126,7 +145,20 @@ impl JsonLinesLog {
         write: impl FnOnce(&mut File, &[u8]) -> io::Result<()>,
     ) -> io::Result<()> {
         let previous_len = self.file.metadata()?.len();
-        let result = write(&mut self.file, line).and_then(|()| self.file.sync_data());
+        let result = write(&mut self.file, line)
+            .and_then(|()| self.file.sync_data())
+            .and_then(|()| {
+                // Deleted between the caller's check and the write: the line is in an
+                // inode nobody can read, so it was not written. (Renamed away is fine: the
+                // line is in the rotated file, where a reader finds it.)
+                if self.file.metadata()?.nlink() == 0 {
+                    return Err(io::Error::new(
+                        io::ErrorKind::NotFound,
+                        format!("{} {UNLINKED_MESSAGE}", self.path.display()),
+                    ));
+                }
+                Ok(())
+            });
         if let Err(error) = result {
             // Best effort: if even this fails, the torn tail is repaired on the next open.
             let _ = self
@@ -542,6 +574,14 @@ impl Analytics {
         self.dir.join(artifact_file_name(kind, at))
     }
 
+    /// Closes both logs, so the next record reopens them by name (SIGHUP, as logrotate's
+    /// `postrotate` expects). Each append also checks the name itself, so this is only
+    /// the belt to those braces.
+    pub fn reopen(&mut self) {
+        self.audit_log = None;
+        self.kill_switch_log = None;
+    }
+
     /// Appends a line to `audit.log`.
     pub fn audit(&mut self, record: &AuditRecord) -> io::Result<()> {
         let path = self.audit_log_path();
@@ -583,6 +623,17 @@ fn append_reopening<T: Serialize>(
     path: &Path,
     record: &T,
 ) -> io::Result<()> {
+    if let Some(log) = slot.as_ref() {
+        // One stat per record: cheap, and it catches a rotation or a deletion before the
+        // record goes to a file nobody reads.
+        if !log.is_current() {
+            tracing::warn!(
+                log = %path.display(),
+                "the log was moved or deleted while open; reopening it by name"
+            );
+            *slot = None;
+        }
+    }
     if slot.is_none() {
         let (log, torn) = JsonLinesLog::open(path)?;
         if let Some(torn) = torn {
@@ -608,6 +659,7 @@ fn append_reopening<T: Serialize>(
 mod tests {
     use super::*;
     use serde_json::json;
+    use std::os::unix::fs::PermissionsExt as _;
     use std::time::Duration;
 
     /// 2025-10-22T14:32:15.123Z
@@ -1106,6 +1158,67 @@ mod tests {
         assert_eq!(error.raw_os_error(), Some(libc::ELOOP), "{error}");
         assert_eq!(fs::read(&victim).unwrap(), b"secret");
         assert!(!dir.path().join("worker_manager.json").exists());
+    }
+
+    #[test]
+    fn a_rotated_log_is_reopened_and_later_records_go_to_the_new_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut analytics = Analytics::new(dir.path());
+        let one = AuditRecord::new(at(), AuditEvent::MonitoringStarted, Some("s-1"));
+        let two = AuditRecord::new(at(), AuditEvent::HealthCheck, Some("s-1"));
+        analytics.audit(&one).unwrap();
+        let log = analytics.audit_log_path();
+        let rotated = dir.path().join("audit.log.1");
+        fs::rename(&log, &rotated).unwrap();
+        analytics.audit(&two).unwrap();
+        assert_eq!(lines(&rotated), vec![to_json(&one)]);
+        assert_eq!(lines(&log), vec![to_json(&two)]);
+        // Same for the kill switch log.
+        let kill = KillSwitchRecord {
+            timestamp: rfc3339_millis(at()),
+            action: KillSwitchAction::Activated,
+            value: "1".into(),
+            source: KillSwitchSource::Manual,
+            operator: None,
+            reason: "test".into(),
+            session_id: None,
+        };
+        analytics.kill_switch(&kill).unwrap();
+        let kill_log = analytics.kill_switch_log_path();
+        fs::rename(&kill_log, dir.path().join("kill_switch_audit.log.1")).unwrap();
+        analytics.kill_switch(&kill).unwrap();
+        assert_eq!(lines(&kill_log), vec![to_json(&kill)]);
+    }
+
+    #[test]
+    fn a_deleted_analytics_dir_is_recreated_and_the_record_lands_in_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let analytics_dir = dir.path().join("analytics");
+        let mut analytics = Analytics::open(&analytics_dir).unwrap();
+        let one = AuditRecord::new(at(), AuditEvent::MonitoringStarted, Some("s-1"));
+        analytics.audit(&one).unwrap();
+        fs::remove_dir_all(&analytics_dir).unwrap();
+        let two = AuditRecord::new(at(), AuditEvent::RollbackExecuted, Some("s-1"));
+        analytics.audit(&two).unwrap();
+        assert_eq!(lines(&analytics.audit_log_path()), vec![to_json(&two)]);
+        let mode = fs::metadata(&analytics_dir).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o750);
+    }
+
+    #[test]
+    fn a_line_written_to_a_log_deleted_mid_write_does_not_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let (mut log, _) = JsonLinesLog::open(&path).unwrap();
+        assert!(log.is_current());
+        let error = log
+            .append_line_with(b"{}\n", |file, line| {
+                fs::remove_file(dir.path().join("audit.log"))?;
+                file.write_all(line)
+            })
+            .unwrap_err();
+        assert!(error.to_string().contains("deleted while open"), "{error}");
+        assert!(!log.is_current());
     }
 
     #[test]

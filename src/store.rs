@@ -134,6 +134,14 @@ pub enum StoreError {
     NoSuchRow { table: &'static str, id: String },
     #[error("state database error: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    #[error("cannot write {}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("refusing the state database {}: {reason}. It holds the monitoring session, so rollbackd will not start fresh over it. If you accept that the session is lost (check `rollbackd audit tail` and the canary by hand first), move it aside with its -wal and -shm files (mv {}* /some/where/) and start again", .path.display(), .path.display())]
+    Unusable { path: PathBuf, reason: String },
     #[error("refusing the state database: {} is a symlink; rollbackd never follows links in its state directory (remove it after finding out who put it there)", .0.display())]
     Symlink(PathBuf),
 }
@@ -320,6 +328,47 @@ pub struct Pruned {
 #[derive(Debug)]
 pub struct Store {
     conn: Connection,
+    /// The path opened, and the device and inode it named then: a database deleted or
+    /// replaced under a running daemon is noticed ([`Store::replaced`]) and restored.
+    path: PathBuf,
+    id: Option<(u64, u64)>,
+}
+
+/// Device and inode of `path` itself (never followed).
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
+}
+
+fn side_file(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
+/// A fresh database is created only where none exists. An existing empty file (what a
+/// `kill -9` or a full disk can leave) or a file without our schema next to a `-wal`, or a
+/// `-wal` without its database, is someone's lost session, not a fresh start.
+fn refuse_unusable(path: &Path) -> Result<(), StoreError> {
+    let unusable = |reason: String| StoreError::Unusable {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let wal = side_file(path, "-wal");
+    let wal_exists = std::fs::symlink_metadata(&wal).is_ok();
+    match std::fs::symlink_metadata(path) {
+        Err(_) if wal_exists => Err(unusable(format!(
+            "it is missing but {} exists (the database was deleted or moved)",
+            wal.display()
+        ))),
+        Err(_) => Ok(()),
+        Ok(metadata) if metadata.len() == 0 => Err(unusable(
+            "the file is empty (0 bytes), as a crash or a full disk can leave it".to_string(),
+        )),
+        Ok(_) => Ok(()),
+    }
 }
 
 impl Store {
@@ -332,18 +381,78 @@ impl Store {
             })?;
         }
         refuse_symlinks(path)?;
-        // SQLITE_OPEN_NOFOLLOW: SQLite itself refuses a database path that is a symlink.
-        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
-            | OpenFlags::SQLITE_OPEN_CREATE
-            | OpenFlags::SQLITE_OPEN_NO_MUTEX
-            | OpenFlags::SQLITE_OPEN_NOFOLLOW;
-        let conn = Connection::open_with_flags(path, flags)?;
-        conn.busy_timeout(BUSY_TIMEOUT)?;
-        enable_wal(&conn)?;
-        conn.pragma_update(None, "synchronous", "FULL")?;
-        let mut store = Store { conn };
+        refuse_unusable(path)?;
+        if std::fs::symlink_metadata(path).is_err() {
+            create_fresh(path)?;
+        }
+        // Checked again: it may have been created since, by us or by a concurrent opener.
+        refuse_symlinks(path)?;
+        refuse_unusable(path)?;
+        let existed = true;
+        let conn = open_read_write(path)?;
+        let mut store = Store {
+            conn,
+            path: path.to_path_buf(),
+            id: file_id(path),
+        };
+        if existed && store.schema_version()? == 0 && side_file(path, "-wal").exists() {
+            return Err(StoreError::Unusable {
+                path: path.to_path_buf(),
+                reason: "it has no rollbackd schema although a -wal file exists next to it"
+                    .to_string(),
+            });
+        }
         store.migrate()?;
         Ok(store)
+    }
+
+    /// Whether the path opened no longer names the open database: deleted (`rm`) or
+    /// replaced (another file moved over it) while the daemon runs. One `lstat`.
+    pub fn replaced(&self) -> bool {
+        self.id.is_some() && file_id(&self.path) != self.id
+    }
+
+    /// Puts the open database's contents back under its path after [`Store::replaced`]:
+    /// a consistent copy (`VACUUM INTO`) is written next to it, whatever now stands at the
+    /// path is moved aside to `<name>.replaced-<unix ms>` (with its `-wal`/`-shm`), the copy
+    /// is renamed into place and reopened. Returns where a replacement went, if any.
+    pub fn restore(&mut self) -> Result<Option<PathBuf>, StoreError> {
+        let temp = side_file(&self.path, &format!(".restore-{}", std::process::id()));
+        let _ = std::fs::remove_file(&temp);
+        self.conn
+            .execute("VACUUM INTO ?1", [temp.to_string_lossy().into_owned()])?;
+        // Close the old connection first: it checkpoints and removes its own -wal by
+        // name, and a new connection must never meet the old database's WAL.
+        let old = std::mem::replace(&mut self.conn, Connection::open_in_memory()?);
+        drop(old);
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0);
+        let mut moved = None;
+        for suffix in ["", "-wal", "-shm"] {
+            let from = side_file(&self.path, suffix);
+            if std::fs::symlink_metadata(&from).is_ok() {
+                let to = side_file(&self.path, &format!(".replaced-{stamp}{suffix}"));
+                std::fs::rename(&from, &to).map_err(|source| StoreError::Io {
+                    path: from.clone(),
+                    source,
+                })?;
+                if suffix.is_empty() {
+                    moved = Some(to);
+                }
+            }
+        }
+        std::fs::rename(&temp, &self.path).map_err(|source| StoreError::Io {
+            path: self.path.clone(),
+            source,
+        })?;
+        if let Some(dir) = self.path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
+        }
+        self.conn = open_read_write(&self.path)?;
+        self.id = file_id(&self.path);
+        Ok(moved)
     }
 
     /// Opens an existing database read-only, for CLI queries: no migration, nothing
@@ -359,6 +468,7 @@ impl Store {
         let conn = Connection::open_with_flags(path, flags)?;
         conn.busy_timeout(BUSY_TIMEOUT)?;
         let found: i64 = conn.pragma_query_value(None, "user_version", |row| row.get(0))?;
+        let conn_path = path.to_path_buf();
         let known = MIGRATIONS.len();
         if found < known as i64 {
             return Err(StoreError::SchemaTooOld { found, known });
@@ -366,7 +476,11 @@ impl Store {
         if found > known as i64 {
             return Err(StoreError::SchemaTooNew { found, known });
         }
-        Ok(Store { conn })
+        Ok(Store {
+            conn,
+            id: file_id(&conn_path),
+            path: conn_path,
+        })
     }
 
     /// The schema version recorded in the database.
@@ -796,6 +910,60 @@ impl Store {
 /// Switches the database to WAL (persistent: a no-op once done). SQLite answers a journal
 /// mode change that races another connection with `SQLITE_BUSY` at once, without calling
 /// the busy handler, so this retries until [`BUSY_TIMEOUT`] itself.
+/// Creates a migrated database at `path` without ever showing an empty file there:
+/// built under a temporary name, closed (which folds its WAL in) and hard-linked into
+/// place. Losing a race with another opener is fine: its database is used. So an empty
+/// `rollbackd.db` is never ours mid-creation, and can be refused as damage.
+fn create_fresh(path: &Path) -> Result<(), StoreError> {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let temp = side_file(path, &format!(".new-{}-{n}", std::process::id()));
+    let result = (|| {
+        for suffix in ["", "-wal", "-shm", "-journal"] {
+            let _ = std::fs::remove_file(side_file(&temp, suffix));
+        }
+        let mut store = Store {
+            conn: open_read_write(&temp)?,
+            path: temp.clone(),
+            id: None,
+        };
+        store.migrate()?;
+        drop(store);
+        match std::fs::hard_link(&temp, path) {
+            Ok(()) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(source) => {
+                return Err(StoreError::Io {
+                    path: path.to_path_buf(),
+                    source,
+                })
+            }
+        }
+        if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
+        }
+        Ok(())
+    })();
+    for suffix in ["", "-wal", "-shm", "-journal"] {
+        let _ = std::fs::remove_file(side_file(&temp, suffix));
+    }
+    result
+}
+
+/// A read-write connection in WAL mode with `synchronous=FULL`.
+fn open_read_write(path: &Path) -> Result<Connection, StoreError> {
+    // SQLITE_OPEN_NOFOLLOW: SQLite itself refuses a database path that is a symlink.
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+        | OpenFlags::SQLITE_OPEN_CREATE
+        | OpenFlags::SQLITE_OPEN_NO_MUTEX
+        | OpenFlags::SQLITE_OPEN_NOFOLLOW;
+    let conn = Connection::open_with_flags(path, flags)?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    enable_wal(&conn)?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    Ok(conn)
+}
+
 fn enable_wal(conn: &Connection) -> Result<(), StoreError> {
     let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
     loop {
@@ -863,6 +1031,79 @@ mod tests {
         std::os::unix::fs::symlink(&victim, &wal).unwrap();
         assert!(matches!(Store::open(&db), Err(StoreError::Symlink(p)) if p == wal));
         assert_eq!(fs::read(&victim).unwrap(), b"secret");
+    }
+
+    #[test]
+    fn an_empty_database_file_is_refused_naming_it_and_the_way_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("rollbackd.db");
+        std::fs::write(&db, b"").unwrap();
+        let error = Store::open(&db).unwrap_err();
+        let text = error.to_string();
+        assert!(matches!(error, StoreError::Unusable { .. }), "{text}");
+        assert!(text.contains(&db.display().to_string()), "{text}");
+        assert!(text.contains("empty"), "{text}");
+        assert!(text.contains("move it aside"), "{text}");
+        // Untouched: still empty, nothing created as if fresh.
+        assert_eq!(std::fs::metadata(&db).unwrap().len(), 0);
+    }
+
+    #[test]
+    fn a_wal_without_its_database_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("rollbackd.db");
+        std::fs::write(dir.path().join("rollbackd.db-wal"), b"x").unwrap();
+        let error = Store::open(&db).unwrap_err();
+        assert!(error.to_string().contains("-wal exists"), "{error}");
+        assert!(!db.exists());
+    }
+
+    #[test]
+    fn a_deleted_database_is_noticed_and_restored_with_its_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("rollbackd.db");
+        let mut store = Store::open(&db).unwrap();
+        store.set_meta("active", "v2").unwrap();
+        assert!(!store.replaced());
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(side_file(&db, suffix));
+        }
+        assert!(store.replaced());
+        store.set_meta("written", "while deleted").unwrap();
+        assert_eq!(store.restore().unwrap(), None);
+        assert!(!store.replaced());
+        store.set_meta("after", "restore").unwrap();
+        drop(store);
+        let store = Store::open(&db).unwrap();
+        assert_eq!(store.get_meta("active").unwrap().as_deref(), Some("v2"));
+        assert_eq!(
+            store.get_meta("written").unwrap().as_deref(),
+            Some("while deleted")
+        );
+        assert_eq!(store.get_meta("after").unwrap().as_deref(), Some("restore"));
+    }
+
+    #[test]
+    fn a_replaced_database_is_moved_aside_and_ours_put_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("rollbackd.db");
+        let mut store = Store::open(&db).unwrap();
+        store.set_meta("active", "v2").unwrap();
+        let other = dir.path().join("other.db");
+        Store::open(&other)
+            .unwrap()
+            .set_meta("active", "other")
+            .unwrap();
+        std::fs::rename(&other, &db).unwrap();
+        assert!(store.replaced());
+        let moved = store
+            .restore()
+            .unwrap()
+            .expect("the replacement was moved aside");
+        assert!(moved.exists());
+        drop(store);
+        let store = Store::open(&db).unwrap();
+        assert_eq!(store.get_meta("active").unwrap().as_deref(), Some("v2"));
     }
 
     fn session(id: &str, promoted_at_ms: i64) -> SessionRow {

@@ -329,6 +329,8 @@ pub struct Driver {
     metrics: Option<Metrics>,
     /// [`suspended_since_boot`] at the last tick, to notice a system suspend between checks.
     suspended_seen: Duration,
+    /// When the state database was last found deleted or replaced and written back.
+    db_restored: Option<Value>,
 }
 
 /// The `rollback-started` audit line of an action; `resumed` when it is written by a
@@ -371,6 +373,7 @@ impl Driver {
             pending_state: Vec::new(),
             metrics: inputs.metrics.take(),
             suspended_seen: suspended_since_boot(),
+            db_restored: None,
         };
         driver.restore().await?;
         driver.prune_sessions().await;
@@ -452,6 +455,7 @@ impl Driver {
                     }
                 }
                 _ = retry_records.tick() => {
+                    driver.check_state_db().await;
                     if driver.recorder.backlog() > 0 {
                         driver.recorder.retry().await;
                     }
@@ -774,9 +778,55 @@ impl Driver {
         self.spawn_action(row, replies);
     }
 
+    /// Notices a `rollbackd.db` deleted or replaced while running and puts the daemon's
+    /// own state back under the path, so a restart still finds the session. Loud: an
+    /// error in the journal and `stateDbRestored` in `status --json`.
+    async fn check_state_db(&mut self) {
+        if !self
+            .db
+            .call(|store| Ok(store.replaced()))
+            .await
+            .unwrap_or(false)
+        {
+            return;
+        }
+        let path = self.config.config.rollbackd_db();
+        tracing::error!(
+            db = %path.display(),
+            "the state database was deleted or replaced while rollbackd runs; writing the \
+             current state back to it so a restart keeps the session"
+        );
+        let at = rfc3339_millis(self.now());
+        match self.db.call(|store| store.restore()).await {
+            Ok(moved) => {
+                if let Some(moved) = &moved {
+                    tracing::error!(
+                        db = %path.display(),
+                        moved_to = %moved.display(),
+                        "the file found in place of the state database was moved aside"
+                    );
+                }
+                tracing::warn!(db = %path.display(), "state database restored");
+                self.db_restored = Some(json!({
+                    "at": at,
+                    "path": path.display().to_string(),
+                    "replacementMovedTo": moved.map(|m| m.display().to_string()),
+                }));
+            }
+            Err(err) => tracing::error!(
+                db = %path.display(),
+                "cannot restore the state database ({err}); the session lives only in this \
+                 process until it can: do not restart rollbackd"
+            ),
+        }
+    }
+
     /// The next check is due (its timer was set for `due`).
     async fn tick(&mut self, due: Instant) {
+        // Read the clock before anything else, so the timer's lateness (the stall measure)
+        // is not inflated by our own work.
         let now = self.now();
+        self.check_state_db().await;
         let Some(session) = self.session.as_mut() else {
             self.next_check = None;
             return;
@@ -1464,6 +1514,9 @@ impl Driver {
     }
 
     async fn reload(&mut self, reloader: &Reloader) {
+        // logrotate's `postrotate` sends SIGHUP: reopen the logs by name whatever the
+        // reload's outcome (each append checks the name too).
+        self.recorder.reopen_logs();
         let reloader = reloader.clone();
         let result = tokio::task::spawn_blocking(move || reloader()).await;
         let now = self.now();
@@ -2004,6 +2057,7 @@ impl Driver {
             "recentChecks": recent,
             "configHash": self.config.hash,
             "recordsPending": self.recorder.backlog(),
+            "stateDbRestored": self.db_restored,
         })
     }
 }

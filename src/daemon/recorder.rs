@@ -209,6 +209,11 @@ impl Recorder {
         .unwrap_or(false)
     }
 
+    /// Closes the open logs so the next record reopens them by name (SIGHUP).
+    pub fn reopen_logs(&self) {
+        self.lock().analytics.reopen();
+    }
+
     /// Number of records not yet written.
     pub fn backlog(&self) -> usize {
         self.lock().queue.len()

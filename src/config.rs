@@ -463,6 +463,9 @@ pub fn load(
     }
 }
 
+/// The largest value any whole-number key accepts (each key has its own, smaller range
+/// check too); keeps every integer within the u32 it is stored in.
+const MAX_INT: i64 = 1_000_000_000;
 /// The largest configuration file read (1 MiB; a real one is a few KiB).
 pub const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
 
@@ -663,10 +666,16 @@ fn check_leaf(key: &str, value: &Value) -> Result<(), String> {
         }
         (Kind::Float, Value::Float(_) | Value::Integer(_)) => true,
         (Kind::Int, Value::Integer(n)) => {
-            return if *n >= 0 {
-                Ok(())
-            } else {
+            // Bounded so that every integer key fits the u32/usize it is stored in: a value
+            // past 2^32 must be refused, never wrap (4294967297 would become 1).
+            return if *n < 0 {
                 Err(format!("{n} is negative; expected {}", kind.describe()))
+            } else if *n > MAX_INT {
+                Err(format!(
+                    "{n} is larger than the largest whole number a key accepts, {MAX_INT}"
+                ))
+            } else {
+                Ok(())
             };
         }
         (Kind::Bool, Value::Boolean(_)) => true,

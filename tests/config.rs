@@ -542,3 +542,41 @@ fn a_reload_names_every_key_it_cannot_apply() {
         ["state_dir", "http.listen", "kill_switch.database"]
     );
 }
+
+#[test]
+fn every_integer_key_refuses_a_value_that_would_wrap() {
+    // 4294967297 = 2^32 + 1 would wrap to 1 in a u32 (max_attempts = 1 passes its 1..=10
+    // check); every whole-number key refuses it by name, from the file and the environment.
+    let int_keys: Vec<&str> = rollbackd::config::key_paths()
+        .filter(|key| {
+            load_str("", &env(&[(&env_name(key), "not a number")]))
+                .err()
+                .is_some_and(|e| e.to_string().contains("whole number"))
+        })
+        .collect();
+    assert!(
+        int_keys.contains(&"rollback.max_attempts") && int_keys.len() >= 8,
+        "the integer keys were not found: {int_keys:?}"
+    );
+    for key in &int_keys {
+        let (section, leaf) = key.split_once('.').unwrap();
+        for (how, result) in [
+            (
+                "environment",
+                load_str("", &env(&[(&env_name(key), "4294967297")])),
+            ),
+            (
+                "file",
+                load_str(&format!("[{section}]\n{leaf} = 4294967297\n"), &env(&[])),
+            ),
+        ] {
+            let found = issues(result);
+            assert!(
+                found
+                    .iter()
+                    .any(|(k, message)| k.starts_with(key) && message.contains("4294967297")),
+                "{key} = 4294967297 from the {how} was not refused by name: {found:?}"
+            );
+        }
+    }
+}

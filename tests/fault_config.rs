@@ -6,14 +6,14 @@ mod common;
 
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use serde_json::Value;
 
 /// Runs `rollbackd --config PATH check-config`, killing it after 10 s.
 fn check_config(path: &Path) -> (Option<i32>, String) {
-    let mut child = Command::new(BIN)
+    let child = Command::new(BIN)
         .arg("--config")
         .arg(path)
         .arg("check-config")
@@ -22,25 +22,9 @@ fn check_config(path: &Path) -> (Option<i32>, String) {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            let mut stderr = String::new();
-            use std::io::Read;
-            child
-                .stderr
-                .take()
-                .unwrap()
-                .read_to_string(&mut stderr)
-                .unwrap();
-            return (status.code(), stderr);
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return (None, "still running after 10 s".into());
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    match wait_bounded(child, Duration::from_secs(10)) {
+        (Some(status), stderr) => (status.code(), stderr),
+        (None, _) => (None, "still running after 10 s".into()),
     }
 }
 

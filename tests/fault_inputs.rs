@@ -6,13 +6,13 @@ mod common;
 
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 
 /// Runs the binary with `args`, killing it after 20 s: (exit code, stdout, stderr).
 fn run_bounded(args: &[&str], env: &[(&str, &str)], stdin: Stdio) -> (Option<i32>, String) {
-    let mut child = Command::new(BIN)
+    let child = Command::new(BIN)
         .args(args)
         .envs(env.iter().copied())
         .stdin(stdin)
@@ -20,25 +20,9 @@ fn run_bounded(args: &[&str], env: &[(&str, &str)], stdin: Stdio) -> (Option<i32
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            let mut stderr = String::new();
-            use std::io::Read;
-            child
-                .stderr
-                .take()
-                .unwrap()
-                .read_to_string(&mut stderr)
-                .unwrap();
-            return (status.code(), stderr);
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return (None, "still running after 20 s".into());
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    match wait_bounded(child, Duration::from_secs(20)) {
+        (Some(status), stderr) => (status.code(), stderr),
+        (None, _) => (None, "still running after 20 s".into()),
     }
 }
 

@@ -11,7 +11,7 @@ use std::io::{BufRead, BufReader, Read};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 
@@ -62,7 +62,7 @@ fn mode_of(path: &Path) -> u32 {
 /// `rollbackd run`, which should refuse at once: its exit status and stderr. A daemon
 /// that starts instead is stopped after the deadline and reported as `None`.
 fn run_expecting_refusal(setup: &Setup) -> (Option<ExitStatus>, String) {
-    let mut child = Command::new(BIN)
+    let child = Command::new(BIN)
         .arg("--config")
         .arg(&setup.config)
         .arg("run")
@@ -71,26 +71,7 @@ fn run_expecting_refusal(setup: &Setup) -> (Option<ExitStatus>, String) {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break Some(status);
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let mut stderr = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .unwrap();
-    (status, stderr)
+    wait_bounded(child, Duration::from_secs(30))
 }
 
 fn assert_refused(

@@ -483,3 +483,29 @@ pub fn open_fds(pid: u32) -> usize {
         .map(|dir| dir.count())
         .unwrap_or(0)
 }
+
+/// Waits for `child` (its stderr piped) at most `limit`, killing it past that: its exit
+/// status (`None` when it had to be killed) and everything it wrote to stderr.
+pub fn wait_bounded(
+    mut child: Child,
+    limit: Duration,
+) -> (Option<std::process::ExitStatus>, String) {
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    use std::io::Read;
+    if let Some(mut pipe) = child.stderr.take() {
+        let _ = pipe.read_to_string(&mut stderr);
+    }
+    (status, stderr)
+}

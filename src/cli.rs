@@ -159,6 +159,14 @@ pub enum Command {
         /// One JSON object per evaluated check instead of the human timeline
         #[arg(long)]
         json: bool,
+        /// Replay as if no previous worker were known: a rollback verdict escalates, as
+        /// the daemon's would
+        #[arg(long)]
+        no_previous: bool,
+        /// Rollbacks already made in the hour before the promotion: at
+        /// rollback.max_rollbacks_per_hour a rollback verdict escalates, as the daemon's would
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        recent_rollbacks: u32,
     },
 
     /// Shell completions for bash, zsh or fish, generated from these definitions
@@ -402,9 +410,18 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             }
             Ok(exit::SUCCESS)
         }
-        Command::Simulate { trace, json } => {
+        Command::Simulate {
+            trace,
+            json,
+            no_previous,
+            recent_rollbacks,
+        } => {
             let loaded = load_config(&cli)?;
-            simulate(&loaded, trace, *json)
+            let scenario = crate::simulate::Scenario {
+                previous_known: !no_previous,
+                recent_rollbacks: *recent_rollbacks,
+            };
+            simulate(&loaded, &scenario, trace, *json)
         }
         Command::Audit {
             action:
@@ -625,14 +642,20 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .build()
 }
 
-fn simulate(loaded: &LoadedConfig, trace: &PathBuf, json: bool) -> anyhow::Result<u8> {
+fn simulate(
+    loaded: &LoadedConfig,
+    scenario: &crate::simulate::Scenario,
+    trace: &PathBuf,
+    json: bool,
+) -> anyhow::Result<u8> {
     use anyhow::Context;
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::with_capacity(1 << 16, stdout.lock());
     let name = trace.display().to_string();
     let result = if name == "-" {
-        crate::simulate::replay(
+        crate::simulate::replay_scenario(
             &loaded.config,
+            scenario,
             std::io::stdin().lock(),
             "<stdin>",
             json,
@@ -641,8 +664,9 @@ fn simulate(loaded: &LoadedConfig, trace: &PathBuf, json: bool) -> anyhow::Resul
     } else {
         let file =
             std::fs::File::open(trace).with_context(|| format!("cannot open trace {name}"))?;
-        crate::simulate::replay(
+        crate::simulate::replay_scenario(
             &loaded.config,
+            scenario,
             std::io::BufReader::with_capacity(1 << 16, file),
             &name,
             json,

@@ -12,6 +12,7 @@ pub mod cmd_flags;
 pub mod commands;
 pub mod config;
 pub mod control;
+pub mod core;
 pub mod daemon;
 pub mod demo;
 pub mod engine;

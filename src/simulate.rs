@@ -1,15 +1,155 @@
-//! `rollbackd simulate`: replays a trace through the engine exactly as a monitoring
-//! session would — checks after the grace period are not evaluated, and the replay stops
-//! at the first check whose action is not null.
+//! `rollbackd simulate`: replays a trace through the Supervisor exactly as the daemon's
+//! monitoring session would — the same engine, action policy (escalation instead of a
+//! rollback when no previous worker is known or `max_rollbacks_per_hour` is spent), dry
+//! run and grace period. Checks after the grace period are not evaluated, and the replay
+//! stops at the first check whose action is not null.
 
 use std::io::{BufRead, Write};
 use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::check::{Baseline, CheckResult};
 use crate::config::{show, Config};
-use crate::engine::{Action, Decision, Engine, Firing, Verdict};
+use crate::core::supervisor::{ActionKind, Effect, Input, Restored, Settings, Supervisor};
+use crate::core::Now;
+use crate::engine::{Action, Decision, Firing, Verdict};
 use crate::trace::{parse_line, TraceLine};
+
+/// What the replayed session knows besides the trace: the daemon's other inputs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Scenario {
+    /// A previous worker is known (a rollback has somewhere to go).
+    pub previous_known: bool,
+    /// Rollbacks already made in the hour before the promotion (loop protection).
+    pub recent_rollbacks: u32,
+}
+
+impl Default for Scenario {
+    fn default() -> Scenario {
+        Scenario {
+            previous_known: true,
+            recent_rollbacks: 0,
+        }
+    }
+}
+
+/// The Supervisor in a virtual clock: promoted at the trace's `at = 0`, each trace line a
+/// check taken at its `at`.
+struct Replay {
+    supervisor: Supervisor,
+    mono: std::time::Instant,
+    wall: std::time::SystemTime,
+    /// The promotion's instant on the monotonic clock.
+    promoted_mono: std::time::Instant,
+    promoted_wall: std::time::SystemTime,
+}
+
+/// A replayed check's outcome.
+enum Step {
+    /// Judged; the action the daemon would start (with its reason), if any.
+    Judged(Box<Decision>, Option<(Action, String)>),
+    /// The session ended before the check (the promotion was confirmed).
+    Ended,
+}
+
+impl Replay {
+    fn start(config: &Config, baseline: Option<Baseline>, scenario: &Scenario) -> Replay {
+        let supervisor = Supervisor::new(Settings::from_config(config, "simulate"));
+        // Fixed wall times, so the same trace gives the same output; the monotonic clock
+        // is read once, as the promotion's instant (only differences of it are used).
+        let mono = std::time::Instant::now();
+        let wall = std::time::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let mut replay = Replay {
+            supervisor,
+            mono,
+            wall,
+            promoted_mono: mono,
+            promoted_wall: wall,
+        };
+        let now = replay.now();
+        let session = crate::core::supervisor::SessionRecord {
+            id: "simulate".into(),
+            active: "canary".into(),
+            previous: scenario.previous_known.then(|| "previous".to_owned()),
+            promoted_at: wall,
+            state: crate::core::supervisor::SessionState::Monitoring,
+            paused: false,
+            pause_reason: None,
+            baseline,
+            operator: None,
+        };
+        let rollbacks = (0..scenario.recent_rollbacks)
+            .map(|i| wall - Duration::from_secs(60 + u64::from(i)))
+            .collect();
+        replay.supervisor.handle(
+            now,
+            Input::Restore(Box::new(Restored {
+                session: Some(session),
+                rollbacks,
+                ..Restored::default()
+            })),
+        );
+        while replay.supervisor.poll_effect().is_some() {}
+        replay
+    }
+
+    fn now(&self) -> Now {
+        Now {
+            mono: self.mono,
+            wall: self.wall,
+        }
+    }
+
+    /// Takes the check the trace has at `at`.
+    fn check(&mut self, at: Duration, check: &CheckResult) -> Step {
+        self.mono = crate::core::time::deadline(self.promoted_mono, at);
+        self.wall = crate::core::time::add(self.promoted_wall, at);
+        let now = self.now();
+        self.supervisor.handle(now, Input::CheckScheduled);
+        let mut started = None;
+        while let Some(effect) = self.supervisor.poll_effect() {
+            if let Effect::StartCheck {
+                session_id, index, ..
+            } = effect
+            {
+                started = Some((session_id, index));
+            }
+        }
+        let Some((session_id, index)) = started else {
+            return Step::Ended;
+        };
+        self.supervisor.handle(
+            now,
+            Input::CheckDone {
+                session_id,
+                index,
+                started: now.mono,
+                taken_at: now.wall,
+                result: check.clone(),
+                stalled: Duration::ZERO,
+            },
+        );
+        let mut action = None;
+        while let Some(effect) = self.supervisor.poll_effect() {
+            if let Effect::StartAction { plan, .. } = effect {
+                let kind = match plan.kind {
+                    ActionKind::Rollback => Action::Rollback,
+                    ActionKind::Escalation => Action::Escalate,
+                };
+                action = Some((kind, plan.reason));
+            }
+        }
+        match self
+            .supervisor
+            .session()
+            .and_then(|s| s.last_decision.clone())
+        {
+            Some(decision) => Step::Judged(Box::new(decision), action),
+            None => Step::Ended,
+        }
+    }
+}
 
 /// A trace that could not be replayed.
 /// The longest trace line `simulate` reads (1 MiB); a longer one is an error.
@@ -62,7 +202,7 @@ struct JsonDecision<'a> {
     reason: Option<String>,
 }
 
-/// Replays `trace` through a fresh engine built from `config`, writing one line per
+/// Replays `trace` through a fresh Supervisor built from `config`, writing one line per
 /// evaluated check (`json`: the contract JSON object; otherwise a human timeline).
 pub fn replay(
     config: &Config,
@@ -71,10 +211,22 @@ pub fn replay(
     json: bool,
     out: &mut impl Write,
 ) -> Result<Summary, SimulateError> {
+    replay_scenario(config, &Scenario::default(), trace, name, json, out)
+}
+
+/// [`replay`] with the daemon's other inputs given.
+pub fn replay_scenario(
+    config: &Config,
+    scenario: &Scenario,
+    trace: impl BufRead,
+    name: &str,
+    json: bool,
+    out: &mut impl Write,
+) -> Result<Summary, SimulateError> {
     let mut lines = trace;
     let mut buffer = String::new();
     let mut line_number = 0usize;
-    let mut engine: Option<Engine> = None;
+    let mut session: Option<Replay> = None;
     let mut last_at = Duration::ZERO;
     let mut summary = Summary {
         checks_evaluated: 0,
@@ -135,7 +287,7 @@ pub fn replay(
         let (at, check) = match parsed {
             None => continue,
             Some(TraceLine::Baseline(baseline)) => {
-                if engine.is_some() {
+                if session.is_some() {
                     return Err(malformed(
                         line_number,
                         "a baseline line must come before the first check".into(),
@@ -156,7 +308,7 @@ pub fn replay(
                     )
                     .map_err(write_err)?;
                 }
-                engine = Some(Engine::new(config.rules.clone(), Some(baseline)));
+                session = Some(Replay::start(config, Some(baseline), scenario));
                 continue;
             }
             Some(TraceLine::Check { at, check }) => (at, check),
@@ -176,17 +328,26 @@ pub fn replay(
             summary.grace_expired_at = Some(config.monitor.grace_period);
             break;
         }
-        let engine = engine.get_or_insert_with(|| Engine::new(config.rules.clone(), None));
-        let decision = engine.observe(at, &check);
+        let session = session.get_or_insert_with(|| Replay::start(config, None, scenario));
+        let (decision, action) = match session.check(at, &check) {
+            Step::Judged(decision, action) => (decision, action),
+            Step::Ended => {
+                summary.grace_expired_at = Some(config.monitor.grace_period);
+                break;
+            }
+        };
         summary.checks_evaluated += 1;
         summary.last_verdict = Some(decision.verdict);
+        let shown = action.as_ref().map(|(kind, _)| *kind);
         if json {
-            write_json(out, &decision, check.probe.is_failed()).map_err(write_err)?;
+            let reason = action.as_ref().map(|(_, reason)| reason.as_str());
+            write_json(out, &decision, shown, reason, check.probe.is_failed())
+                .map_err(write_err)?;
         } else {
-            write_human(out, &decision).map_err(write_err)?;
+            write_human(out, &decision, shown).map_err(write_err)?;
         }
-        if let Some(action) = decision.action {
-            summary.first_action = Some((at, action, decision.reason()));
+        if let Some((kind, reason)) = action {
+            summary.first_action = Some((at, kind, reason));
             break;
         }
     }
@@ -237,15 +398,19 @@ fn seconds(at: Duration) -> String {
     }
 }
 
+/// `action`: what the daemon would start (the policy's, not only the engine's verdict),
+/// and `action_reason` why (it says so when the policy turned a rollback into an escalation).
 fn write_json(
     out: &mut impl Write,
     decision: &Decision,
+    action: Option<Action>,
+    action_reason: Option<&str>,
     probe_failed: bool,
 ) -> std::io::Result<()> {
     let record = JsonDecision {
         at: decision.at,
         verdict: decision.verdict,
-        action: decision.action,
+        action,
         would_act: decision.would_act(),
         error_rate: decision.error_rate,
         error_class: decision.error_class.as_str(),
@@ -253,13 +418,20 @@ fn write_json(
         failure_pattern: decision.failure_pattern.as_str(),
         failures: decision.failure_count,
         rules: &decision.fired,
-        reason: (decision.verdict != Verdict::Healthy).then(|| decision.reason()),
+        reason: match action_reason {
+            Some(reason) => Some(reason.to_owned()),
+            None => (decision.verdict != Verdict::Healthy).then(|| decision.reason()),
+        },
     };
     serde_json::to_writer(&mut *out, &record)?;
     out.write_all(b"\n")
 }
 
-fn write_human(out: &mut impl Write, decision: &Decision) -> std::io::Result<()> {
+fn write_human(
+    out: &mut impl Write,
+    decision: &Decision,
+    action: Option<Action>,
+) -> std::io::Result<()> {
     let error = match decision.error_rate {
         Some(rate) => format!("{:>5.1}% {}", rate * 100.0, decision.error_class.as_str()),
         None => format!("   -   {}", decision.error_class.as_str()),
@@ -280,7 +452,7 @@ fn write_human(out: &mut impl Write, decision: &Decision) -> std::io::Result<()>
             )
         })
         .collect();
-    let action = match (decision.action, decision.would_act()) {
+    let action = match (action, decision.would_act()) {
         (Some(action), _) => format!("  → {}", action.as_str().to_uppercase()),
         (None, Some(would)) => format!("  (would {} — dry run)", would.as_str()),
         _ => String::new(),

@@ -6,7 +6,7 @@ use std::process::{Command, Stdio};
 use std::time::SystemTime;
 
 use common::*;
-use serde_json::Value;
+use serde_json::{json, Value};
 
 fn run(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
     let mut command = Command::new(BIN);
@@ -634,4 +634,48 @@ fn the_demo_runs_to_a_verified_rollback_without_a_warning() {
             "the demo printed a warning: {line}\nstderr:\n{stderr}"
         );
     }
+}
+
+#[test]
+fn simulate_applies_the_daemons_action_policy() {
+    let trace = concat!(env!("CARGO_MANIFEST_DIR"), "/config/example-trace.jsonl");
+    let last_action = |extra: &[&str]| {
+        let mut args = vec!["simulate", "--trace", trace, "--json"];
+        args.extend_from_slice(extra);
+        let (code, out, err) = run(&args, &[]);
+        assert_eq!(code, 0, "{err}");
+        let last: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+        (
+            last["at"].clone(),
+            last["verdict"].clone(),
+            last["action"].clone(),
+            last["reason"].clone(),
+        )
+    };
+    let (at, verdict, action, _) = last_action(&[]);
+    assert_eq!(
+        (at, verdict, action),
+        (json!(195), json!("rollback"), json!("rollback"))
+    );
+    // The engine's verdict stays "rollback"; what the daemon would start is an escalation.
+    let (at, verdict, action, reason) = last_action(&["--no-previous"]);
+    assert_eq!(
+        (at, verdict, action),
+        (json!(195), json!("rollback"), json!("escalate"))
+    );
+    assert!(
+        reason
+            .as_str()
+            .unwrap()
+            .contains("no previous worker is known"),
+        "{reason}"
+    );
+    let (_, _, action, _) = last_action(&["--recent-rollbacks", "3"]);
+    assert_eq!(
+        action,
+        json!("escalate"),
+        "max_rollbacks_per_hour = 3 is spent"
+    );
+    let (_, _, action, _) = last_action(&["--recent-rollbacks", "2"]);
+    assert_eq!(action, json!("rollback"), "one rollback left this hour");
 }

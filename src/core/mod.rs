@@ -1,0 +1,13 @@
+//! The pure core: decisions without I/O. Nothing under `src/core/` reads a clock, touches
+//! a file, a socket or a database, or imports tokio or rusqlite (`tests/core_purity.rs`
+//! fails if it does). Time and every observation are inputs; what to do is output.
+//!
+//! - [`supervisor`]: the monitoring policy as one state machine (`handle` / `poll_timeout`
+//!   / `poll_effect`), run by the daemon, by `simulate` and by the tests.
+//! - [`time`]: time as data (milliseconds, saturating deadlines).
+
+pub mod supervisor;
+pub mod time;
+
+pub use supervisor::{Effect, Input, Settings, Supervisor};
+pub use time::Now;

@@ -1,0 +1,1468 @@
+//! The Supervisor: the whole monitoring policy as one state machine, without I/O.
+//!
+//! Shaped like quinn-proto's `Connection`: the runner (the daemon, `simulate`, a test)
+//! feeds every event through [`Supervisor::handle`], asks [`Supervisor::poll_timeout`] for
+//! the next deadline (and feeds [`Input::Timeout`] when it passes), and carries out what
+//! [`Supervisor::poll_effect`] hands it, in order. The Supervisor owns the engine, the
+//! session, its window of checks, the action policy (rollback, or escalation when there is
+//! no previous worker or the hour's rollback budget is spent), pause, dry run, the grace
+//! period and its confirmation, stalls of rollbackd itself, and what a restart resumes.
+//!
+//! It never reads a clock (time is in every input), never touches a file, a socket or a
+//! database, and never fails: a bad sample is input. `tests/core_purity.rs` keeps it so.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant, SystemTime};
+
+use serde_json::{json, Value};
+
+use crate::audit::{AuditEvent, AuditRecord, DecisionRecord, Evidence, WorkerManagerRecord};
+use crate::check::{Baseline, CheckResult, ProbeOutcome, SnapshotOutcome};
+use crate::core::time::{self, Now};
+use crate::engine::{Action, Decision, Engine, EngineConfig, ValueClass, Verdict};
+
+/// At most this many checks in a row are voided because rollbackd was stalled; the next
+/// one is recorded whatever happened, so a host that stalls the daemon during every check
+/// still gets judged rather than never checked.
+pub const MAX_VOID_IN_A_ROW: u32 = 3;
+
+/// How late a timer may fire before rollbackd counts itself as having been stalled: a
+/// timer for `period` that fires more than max(250 ms, period / 2) after its deadline
+/// means the process was not running in between.
+pub fn stall_threshold(period: Duration) -> Duration {
+    (period / 2).max(Duration::from_millis(250))
+}
+
+/// The configuration the policy reads (the rest is the adapters' and the runner's).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    pub rules: EngineConfig,
+    pub check_interval: Duration,
+    pub degraded_check_interval: Duration,
+    pub check_timeout: Duration,
+    pub grace_period: Duration,
+    pub max_rollbacks_per_hour: u32,
+    /// Summarised in evidence: `errorRate>…, breaches>=… of …, probeFailures>=…`.
+    pub config_hash: String,
+}
+
+impl Settings {
+    pub fn from_config(config: &crate::config::Config, config_hash: &str) -> Settings {
+        Settings {
+            rules: config.rules.clone(),
+            check_interval: config.monitor.check_interval,
+            degraded_check_interval: config.monitor.degraded_check_interval,
+            check_timeout: config.monitor.check_timeout,
+            grace_period: config.monitor.grace_period,
+            max_rollbacks_per_hour: config.rollback.max_rollbacks_per_hour,
+            config_hash: config_hash.to_owned(),
+        }
+    }
+
+    fn threshold_summary(&self) -> String {
+        let rules = &self.rules;
+        format!(
+            "errorRate>{}, breaches>={} of {}, probeFailures>={}",
+            rules.error_rate_threshold,
+            rules.rollback_min_breaches,
+            rules.window,
+            rules.consecutive_failures
+        )
+    }
+}
+
+/// A session's state, as `rollbackd.db` and the records spell it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionState {
+    Monitoring,
+    Escalated,
+    RolledBack,
+    Confirmed,
+    Stopped,
+    RollbackFailed,
+}
+
+impl SessionState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SessionState::Monitoring => "monitoring",
+            SessionState::Escalated => "escalated",
+            SessionState::RolledBack => "rolled-back",
+            SessionState::Confirmed => "confirmed",
+            SessionState::Stopped => "stopped",
+            SessionState::RollbackFailed => "rollback-failed",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<SessionState> {
+        [
+            SessionState::Monitoring,
+            SessionState::Escalated,
+            SessionState::RolledBack,
+            SessionState::Confirmed,
+            SessionState::Stopped,
+            SessionState::RollbackFailed,
+        ]
+        .into_iter()
+        .find(|s| s.as_str() == text)
+    }
+}
+
+/// What an action does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ActionKind {
+    Rollback,
+    Escalation,
+}
+
+impl ActionKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ActionKind::Rollback => "rollback",
+            ActionKind::Escalation => "escalation",
+        }
+    }
+}
+
+/// What started an action.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ActionTrigger {
+    Automatic,
+    Manual,
+    Emergency,
+}
+
+impl ActionTrigger {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ActionTrigger::Automatic => "automatic",
+            ActionTrigger::Manual => "manual",
+            ActionTrigger::Emergency => "emergency",
+        }
+    }
+}
+
+/// An action's id in `rollbackd.db`.
+pub type ActionId = i64;
+
+/// Names the operator waiting for a reply; the runner maps it to its channel.
+pub type ReplyTo = u64;
+
+/// An answer to an operator command.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Answer {
+    Progress {
+        message: String,
+        detail: Value,
+    },
+    Done(Value),
+    /// `exit`: the CLI exit status (1 failure, 2 bad request, 3 refused).
+    Failed {
+        message: String,
+        exit: u8,
+    },
+}
+
+fn refused(message: impl Into<String>) -> Answer {
+    Answer::Failed {
+        message: message.into(),
+        exit: 3,
+    }
+}
+
+/// A session as `rollbackd.db` holds it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SessionRecord {
+    pub id: String,
+    pub active: String,
+    pub previous: Option<String>,
+    pub promoted_at: SystemTime,
+    pub state: SessionState,
+    pub paused: bool,
+    pub pause_reason: Option<String>,
+    pub baseline: Option<Baseline>,
+    pub operator: Option<String>,
+}
+
+/// A check as `rollbackd.db` holds it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CheckRecord {
+    pub session_id: String,
+    pub index: u64,
+    pub taken_at: SystemTime,
+    pub result: CheckResult,
+    pub verdict: Verdict,
+    /// The probe failed or the error rate was unusable (what `reset_quiet_period` counts).
+    pub failed: bool,
+}
+
+/// An action to record (intent first) and carry out.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ActionPlan {
+    pub kind: ActionKind,
+    pub trigger: ActionTrigger,
+    pub reason: String,
+    pub operator: Option<String>,
+    pub session_id: Option<String>,
+    pub from: Option<String>,
+    pub to: Option<String>,
+    pub emergency: bool,
+    pub evidence: Evidence,
+    pub error_rate: Option<f64>,
+    pub failure_count: u32,
+    pub config_hash: String,
+    pub started_at: SystemTime,
+}
+
+/// How an action ended, as the executor reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ActionResult {
+    RolledBack {
+        from: String,
+        to: String,
+        artifact: String,
+    },
+    /// Every attempt failed: escalate next.
+    RollbackFailed {
+        reason: String,
+        artifact: String,
+    },
+    Escalated {
+        artifact: String,
+    },
+}
+
+/// A state change for `rollbackd.db` (the runner retries it until it lands).
+#[derive(Debug, Clone, PartialEq)]
+pub enum StateChange {
+    Session {
+        id: String,
+        state: SessionState,
+        /// End time and reason, when it ended.
+        ended: Option<(SystemTime, String)>,
+    },
+    Workers {
+        active: String,
+        previous: String,
+    },
+    Paused {
+        id: String,
+        paused: bool,
+        reason: Option<String>,
+    },
+}
+
+/// What the Supervisor asks its runner to do, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Effect {
+    /// Take a check of `worker` now; report it as [`Input::CheckDone`] with this index.
+    StartCheck {
+        session_id: String,
+        index: u64,
+        worker: String,
+    },
+    /// Record a check (before its audit line).
+    RecordCheck(CheckRecord),
+    /// A check was judged (for the metrics).
+    Observed {
+        verdict: Verdict,
+        error_rate: Option<f64>,
+        error_class: ValueClass,
+    },
+    /// Record a new session; answer with [`Input::SessionRecorded`].
+    RecordSession(SessionRecord),
+    /// A change of recorded state, retried until it lands.
+    Persist(StateChange),
+    Audit(AuditRecord),
+    WorkerManager(WorkerManagerRecord),
+    /// A decision artifact that no action writes (a dry run's).
+    Artifact {
+        name: String,
+        record: Box<DecisionRecord>,
+    },
+    /// Record the intent, then carry the action out; answer with [`Input::ActionStarted`]
+    /// once its id is known and [`Input::ActionDone`] when it ends. `reply` is told the
+    /// progress and the end.
+    StartAction {
+        plan: Box<ActionPlan>,
+        reply: Option<ReplyTo>,
+    },
+    /// Sessions past `[retention]` may go now (a session ended).
+    PruneSessions,
+    Reply {
+        to: ReplyTo,
+        answer: Answer,
+    },
+}
+
+/// Everything that happens to the Supervisor.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Input {
+    /// What `rollbackd.db` held at start-up.
+    Restore(Box<Restored>),
+    /// A replay's check is due now, whatever the timer says (`simulate`: the trace's
+    /// times are the schedule). A timer's lateness is not measured.
+    CheckScheduled,
+    /// [`Supervisor::poll_timeout`] passed. `suspended`: how long the machine has been
+    /// suspended since boot (CLOCK_BOOTTIME − CLOCK_MONOTONIC), to notice a suspend.
+    Timeout {
+        suspended: Duration,
+    },
+    CheckDone {
+        session_id: String,
+        index: u64,
+        /// When the check started (its next one is due an interval after this).
+        started: Instant,
+        taken_at: SystemTime,
+        result: CheckResult,
+        /// How long rollbackd itself was not running during the check.
+        stalled: Duration,
+    },
+    SessionRecorded {
+        id: String,
+        error: Option<String>,
+    },
+    ActionStarted {
+        id: ActionId,
+    },
+    ActionDone {
+        id: ActionId,
+        result: ActionResult,
+    },
+    Promote {
+        operator: String,
+        active: String,
+        previous: String,
+        baseline: Option<Baseline>,
+        reply: ReplyTo,
+    },
+    Rollback {
+        operator: String,
+        reason: String,
+        emergency: bool,
+        /// The workers `rollbackd.db` names when no session is running.
+        known_workers: (Option<String>, Option<String>),
+        reply: ReplyTo,
+    },
+    Pause {
+        operator: String,
+        paused: bool,
+        reason: Option<String>,
+        reply: ReplyTo,
+    },
+    /// An operator reset the kill switch: an escalated session is over.
+    KillSwitchReset {
+        operator: String,
+    },
+    /// A new configuration was accepted: the window is judged again under it.
+    Reload(Box<Settings>),
+}
+
+/// What a restart found.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Restored {
+    pub session: Option<SessionRecord>,
+    /// The session's checks, oldest first (only the window's worth is replayed).
+    pub checks: Vec<(u64, SystemTime, CheckResult)>,
+    /// An action that had not finished: the runner resumes it.
+    pub in_flight: Option<(ActionId, ActionKind, ActionTrigger)>,
+    /// The session's last action, finished just before the restart while the session
+    /// still says `monitoring`: its outcome is carried out now.
+    pub settled: Option<(ActionId, ActionKind, ActionTrigger, ActionResult)>,
+    /// When each rollback of the last hour started (loop protection).
+    pub rollbacks: Vec<SystemTime>,
+}
+
+/// The running session.
+#[derive(Debug, Clone)]
+pub struct Session {
+    pub record: SessionRecord,
+    engine: Engine,
+    /// The window's raw checks, so a reload can judge them again.
+    raw: VecDeque<(Duration, CheckResult)>,
+    pub next_index: u64,
+    pub last_decision: Option<Decision>,
+    dry_run_recorded: Vec<Action>,
+    /// Checks recorded since the promotion, a restart or a stall: the promotion is
+    /// confirmed only once they fill the window.
+    pub checks_since_resume: usize,
+    pub resumed_by: &'static str,
+    voided_in_a_row: u32,
+    void_note: Option<String>,
+    waiting_logged: bool,
+}
+
+impl Session {
+    fn new(record: SessionRecord, rules: &EngineConfig, resumed_by: &'static str) -> Session {
+        Session {
+            engine: Engine::new(rules.clone(), record.baseline),
+            record,
+            raw: VecDeque::new(),
+            next_index: 0,
+            last_decision: None,
+            dry_run_recorded: Vec::new(),
+            checks_since_resume: 0,
+            resumed_by,
+            voided_in_a_row: 0,
+            void_note: None,
+            waiting_logged: false,
+        }
+    }
+
+    fn at(&self, taken_at: SystemTime) -> Duration {
+        taken_at
+            .duration_since(self.record.promoted_at)
+            .unwrap_or_default()
+    }
+
+    fn observe(&mut self, at: Duration, result: &CheckResult) -> Decision {
+        let window = self.engine.config().window.max(1);
+        self.raw.push_back((at, result.clone()));
+        while self.raw.len() > window {
+            self.raw.pop_front();
+        }
+        let decision = self.engine.observe(at, result);
+        self.last_decision = Some(decision.clone());
+        decision
+    }
+
+    /// Nothing was checked for a while: the window has to fill again with checks taken
+    /// from now on before the promotion may be confirmed.
+    fn gap(&mut self, by: &'static str) {
+        self.checks_since_resume = 0;
+        self.resumed_by = by;
+        self.waiting_logged = false;
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+}
+
+/// The action in flight.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Running {
+    /// `None` until the runner has recorded the intent.
+    pub id: Option<ActionId>,
+    pub kind: ActionKind,
+    pub trigger: ActionTrigger,
+    pub reply: Option<ReplyTo>,
+}
+
+/// A promotion waiting for `rollbackd.db` to take it.
+#[derive(Debug, Clone)]
+struct Pending {
+    record: SessionRecord,
+    reply: ReplyTo,
+}
+
+pub struct Supervisor {
+    settings: Settings,
+    session: Option<Session>,
+    action: Option<Running>,
+    check_in_flight: bool,
+    next_check: Option<Instant>,
+    suspended_seen: Duration,
+    rollbacks: Vec<SystemTime>,
+    pending: Option<Pending>,
+    /// The workers of the last session that ended (for `status` between sessions).
+    last_workers: Option<(String, Option<String>, SessionState)>,
+    effects: VecDeque<Effect>,
+}
+
+impl Supervisor {
+    pub fn new(settings: Settings) -> Supervisor {
+        Supervisor {
+            settings,
+            session: None,
+            action: None,
+            check_in_flight: false,
+            next_check: None,
+            suspended_seen: Duration::ZERO,
+            rollbacks: Vec::new(),
+            pending: None,
+            last_workers: None,
+            effects: VecDeque::new(),
+        }
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    pub fn session(&self) -> Option<&Session> {
+        self.session.as_ref()
+    }
+
+    pub fn action(&self) -> Option<&Running> {
+        self.action.as_ref()
+    }
+
+    /// Active, previous and end state of the last session that ended.
+    pub fn last_workers(&self) -> Option<&(String, Option<String>, SessionState)> {
+        self.last_workers.as_ref()
+    }
+
+    /// The next thing to do, in order.
+    pub fn poll_effect(&mut self) -> Option<Effect> {
+        self.effects.pop_front()
+    }
+
+    /// When to feed [`Input::Timeout`] next: the next check, or the end of the grace
+    /// period's wait for one. `None`: nothing is due (no session, a check or a rollback
+    /// in flight).
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.check_in_flight || !self.checks_may_run() {
+            return None;
+        }
+        self.session.as_ref()?;
+        self.next_check
+    }
+
+    /// A rollback pauses checking (the active worker is being switched under it); an
+    /// escalation does not: it may wait for a locked application database for as long as
+    /// it takes, and the checks go on meanwhile as evidence.
+    fn checks_may_run(&self) -> bool {
+        self.action
+            .as_ref()
+            .is_none_or(|a| a.kind == ActionKind::Escalation)
+    }
+
+    fn push(&mut self, effect: Effect) {
+        self.effects.push_back(effect);
+    }
+
+    fn reply(&mut self, to: ReplyTo, answer: Answer) {
+        self.push(Effect::Reply { to, answer });
+    }
+
+    fn audit(&mut self, record: AuditRecord) {
+        self.push(Effect::Audit(record));
+    }
+
+    pub fn handle(&mut self, now: Now, input: Input) {
+        match input {
+            Input::Restore(restored) => self.restore(now, *restored),
+            Input::Timeout { suspended } => self.timeout(now, suspended),
+            Input::CheckScheduled => {
+                if self.session.is_some() && !self.check_in_flight && self.checks_may_run() {
+                    self.next_check = Some(now.mono);
+                    let suspended = self.suspended_seen;
+                    self.timeout(now, suspended);
+                }
+            }
+            Input::CheckDone {
+                session_id,
+                index,
+                started,
+                taken_at,
+                result,
+                stalled,
+            } => self.check_done(now, &session_id, index, started, taken_at, result, stalled),
+            Input::SessionRecorded { id, error } => self.session_recorded(now, &id, error),
+            Input::ActionStarted { id } => {
+                if let Some(action) = &mut self.action {
+                    action.id.get_or_insert(id);
+                }
+            }
+            Input::ActionDone { id, result } => self.action_done(now, id, result),
+            Input::Promote {
+                operator,
+                active,
+                previous,
+                baseline,
+                reply,
+            } => self.promote(now, operator, active, previous, baseline, reply),
+            Input::Rollback {
+                operator,
+                reason,
+                emergency,
+                known_workers,
+                reply,
+            } => self.manual_rollback(now, operator, reason, emergency, known_workers, reply),
+            Input::Pause {
+                operator,
+                paused,
+                reason,
+                reply,
+            } => self.pause(now, operator, paused, reason, reply),
+            Input::KillSwitchReset { operator } => {
+                if self
+                    .session
+                    .as_ref()
+                    .is_some_and(|s| s.record.state == SessionState::Escalated)
+                {
+                    self.end_session(
+                        now,
+                        SessionState::Stopped,
+                        "kill switch reset by an operator",
+                        Some(&operator),
+                    );
+                }
+            }
+            Input::Reload(settings) => self.reload(*settings),
+        }
+    }
+
+    // -- restart -------------------------------------------------------------------------
+
+    fn restore(&mut self, now: Now, restored: Restored) {
+        let Restored {
+            session,
+            checks,
+            in_flight,
+            settled,
+            rollbacks,
+        } = restored;
+        self.rollbacks = rollbacks;
+        if let Some(mut record) = session {
+            record.previous = record
+                .previous
+                .filter(|p| crate::text::is_valid_worker_id(p));
+            if let Err(problem) = crate::text::check_worker_id(&record.active) {
+                // Never probe, sample or hand to a hook an id that breaks the rule.
+                tracing::error!(
+                    session = %record.id,
+                    "rollbackd.db: the recorded session's active worker is not a valid id, so the session is not resumed (run `rollbackd promote` again): {problem}"
+                );
+                self.push(Effect::Persist(StateChange::Session {
+                    id: record.id.clone(),
+                    state: SessionState::Stopped,
+                    ended: Some((
+                        now.wall,
+                        "not resumed: the recorded active worker is not a valid id".into(),
+                    )),
+                }));
+            } else {
+                let fresh = checks.is_empty()
+                    && time::add(record.promoted_at, Duration::from_secs(1)) > now.wall;
+                let mut session = Session::new(
+                    record,
+                    &self.settings.rules,
+                    if fresh { "the start" } else { "the restart" },
+                );
+                let window = self.settings.rules.window;
+                for (_, taken_at, result) in checks.iter().rev().take(window).rev() {
+                    let at = session.at(*taken_at);
+                    session.observe(at, result);
+                }
+                session.next_index = checks.last().map(|(i, _, _)| i + 1).unwrap_or(0);
+                tracing::info!(
+                    session = %session.record.id,
+                    active = %session.record.active,
+                    checks = checks.len(),
+                    state = %session.record.state.as_str(),
+                    "{} monitoring session",
+                    if fresh { "starting recorded" } else { "resuming" }
+                );
+                if checks.is_empty() {
+                    // Recorded by `rollbackd promote` while no daemon ran: this is its start.
+                    let record = &session.record;
+                    self.audit(
+                        AuditRecord::new(now.wall, AuditEvent::MonitoringStarted, Some(&record.id))
+                            .field("active", record.active.clone())
+                            .field("previous", record.previous.clone())
+                            .field("resumed", false),
+                    );
+                }
+                self.session = Some(session);
+                // Nothing was checked while no daemon ran: check now, and the checks from
+                // now on have to fill the window before the promotion may be confirmed.
+                self.next_check = Some(now.mono);
+            }
+        }
+        if let Some((id, kind, trigger)) = in_flight {
+            self.action = Some(Running {
+                id: Some(id),
+                kind,
+                trigger,
+                reply: None,
+            });
+        } else if let Some((id, kind, trigger, result)) = settled {
+            if self
+                .session
+                .as_ref()
+                .is_some_and(|s| s.record.state == SessionState::Monitoring)
+            {
+                // A kill after an action finished but before its outcome was carried out:
+                // resuming the checks would act a second time. Carry it out now.
+                tracing::warn!(
+                    action = id,
+                    kind = kind.as_str(),
+                    "the last action finished just before a restart; carrying out its outcome"
+                );
+                self.action = Some(Running {
+                    id: Some(id),
+                    kind,
+                    trigger,
+                    reply: None,
+                });
+                self.action_done(now, id, result);
+            }
+        }
+    }
+
+    // -- checks --------------------------------------------------------------------------
+
+    fn timeout(&mut self, now: Now, suspended: Duration) {
+        let Some(due) = self.next_check else {
+            return;
+        };
+        if now.mono < due {
+            return;
+        }
+        let interval = self.settings.check_interval;
+        let window = self.settings.rules.window;
+        let grace = self.settings.grace_period;
+        let no_action = self.action.is_none();
+        let slept = suspended.saturating_sub(self.suspended_seen);
+        self.suspended_seen = suspended;
+        let Some(session) = self.session.as_mut() else {
+            self.next_check = None;
+            return;
+        };
+        // A timer that fires far later than it was set for means rollbackd was not
+        // running (SIGSTOP, VM pause, freeze): nothing was checked meanwhile.
+        if slept > stall_threshold(interval) {
+            tracing::warn!(
+                session = %session.record.id,
+                "the machine was suspended for {:.1}s: the checks from now on must fill the window before the promotion is confirmed",
+                slept.as_secs_f64()
+            );
+            session.gap("the suspend");
+        }
+        let late = now.mono.saturating_duration_since(due);
+        if late > stall_threshold(interval) {
+            tracing::warn!(
+                session = %session.record.id,
+                "rollbackd was stalled for {:.1}s (the next check was due {:.1}s ago): the checks from now on must fill the window before the promotion is confirmed",
+                late.as_secs_f64(),
+                late.as_secs_f64()
+            );
+            session.gap("the stall");
+        }
+        // Strictly after the grace period (SPEC §6: checks *after* it are not evaluated; a
+        // check due exactly at its end is still taken).
+        let grace_over = session.record.state == SessionState::Monitoring
+            && no_action
+            && now
+                .wall
+                .duration_since(session.record.promoted_at)
+                .unwrap_or_default()
+                > grace;
+        if grace_over && session.checks_since_resume < window && !session.waiting_logged {
+            session.waiting_logged = true;
+            tracing::info!(
+                session = %session.record.id,
+                "grace period over, but only {} of monitor.window = {window} checks since {}: confirming once a full window of checks took no action",
+                session.checks_since_resume,
+                session.resumed_by
+            );
+        }
+        if grace_over && session.checks_since_resume >= window {
+            self.end_session(
+                now,
+                SessionState::Confirmed,
+                &format!(
+                    "grace period of {} ended without an action: promotion confirmed",
+                    crate::config::show(grace)
+                ),
+                None,
+            );
+            return;
+        }
+        self.check_in_flight = true;
+        let effect = Effect::StartCheck {
+            session_id: session.record.id.clone(),
+            index: session.next_index,
+            worker: session.record.active.clone(),
+        };
+        self.push(effect);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn check_done(
+        &mut self,
+        now: Now,
+        session_id: &str,
+        index: u64,
+        started: Instant,
+        taken_at: SystemTime,
+        result: CheckResult,
+        stalled: Duration,
+    ) {
+        self.check_in_flight = false;
+        let settings = self.settings.clone();
+        let Some(session) = self.session.as_mut() else {
+            return;
+        };
+        if session.record.id != session_id || index != session.next_index {
+            return; // a check of a session that ended meanwhile
+        }
+        if stalled > stall_threshold(settings.check_timeout) {
+            // rollbackd itself was not running during the check: a deadline that passed
+            // meanwhile says nothing about the worker.
+            session.gap("the stall");
+            let failure = match (&result.probe, &result.snapshot) {
+                (ProbeOutcome::Failed { reason }, _) => Some(format!("probe: {reason}")),
+                (_, SnapshotOutcome::Unavailable { reason }) => Some(format!("snapshot: {reason}")),
+                _ => None,
+            };
+            if let Some(failure) = failure {
+                if session.voided_in_a_row < MAX_VOID_IN_A_ROW {
+                    session.voided_in_a_row += 1;
+                    let note = format!(
+                        "check void: rollbackd was stalled for {:.1}s during check #{index} ({failure}); retried",
+                        stalled.as_secs_f64(),
+                    );
+                    tracing::warn!(session = %session.record.id, "{note}");
+                    session.void_note = Some(note);
+                    // Not a failure, not a breach, not missing data: taken again now.
+                    self.next_check = Some(now.mono);
+                    return;
+                }
+                tracing::warn!(
+                    session = %session.record.id,
+                    "rollbackd was stalled during {MAX_VOID_IN_A_ROW} checks in a row; recording check #{index} as it is ({failure})"
+                );
+            }
+        } else {
+            session.checks_since_resume += 1;
+        }
+        session.voided_in_a_row = 0;
+        session.next_index += 1;
+        let at = session.at(taken_at);
+        let decision = session.observe(at, &result);
+        let failed = result.probe.is_failed() || decision.error_class != ValueClass::Ok;
+        let paused = session.record.paused;
+        let escalated = session.record.state == SessionState::Escalated;
+        let record = CheckRecord {
+            session_id: session.record.id.clone(),
+            index,
+            taken_at,
+            result: result.clone(),
+            verdict: decision.verdict,
+            failed,
+        };
+        let mut audit = AuditRecord::new(now.wall, AuditEvent::HealthCheck, Some(session_id))
+            .field("checkIndex", index)
+            .field("worker", session.record.active.clone())
+            .field("verdict", decision.verdict.as_str())
+            .field("action", decision.action.map(|a| a.as_str()))
+            .field("errorRate", decision.error_rate)
+            .field("errorClass", decision.error_class.as_str())
+            .field(
+                "probe",
+                if result.probe.is_failed() {
+                    "failed"
+                } else {
+                    "ok"
+                },
+            )
+            .field("failurePattern", decision.failure_pattern.as_str())
+            .field(
+                "rules",
+                decision
+                    .fired
+                    .iter()
+                    .map(|f| f.rule.as_str())
+                    .collect::<Vec<_>>(),
+            );
+        if let Some(would) = decision.would_act() {
+            audit = audit
+                .field("wouldAct", would.as_str())
+                .field("dryRun", true);
+        }
+        if paused {
+            audit = audit.field("paused", true);
+        }
+        if let Some(note) = session.void_note.take() {
+            audit = audit.field("afterVoid", note);
+        }
+        if decision.verdict != Verdict::Healthy {
+            audit = audit.field("reason", decision.reason()).field(
+                "check",
+                serde_json::to_value(&result).unwrap_or(Value::Null),
+            );
+        }
+        self.push(Effect::Observed {
+            verdict: decision.verdict,
+            error_rate: decision.error_rate,
+            error_class: decision.error_class,
+        });
+        self.push(Effect::RecordCheck(record));
+        self.audit(audit);
+
+        // Next check: from the start of this one, so a slow check causes no catch-up burst.
+        let interval = if decision.verdict == Verdict::Healthy {
+            settings.check_interval
+        } else {
+            settings.degraded_check_interval
+        };
+        self.next_check = Some(time::deadline(started, interval).max(now.mono));
+
+        if escalated || self.action.is_some() {
+            return;
+        }
+        if let Some(would) = decision.would_act() {
+            self.dry_run(now, &decision, would);
+        }
+        let Some(action) = decision.action else {
+            return;
+        };
+        if paused {
+            tracing::warn!(verdict = %decision.verdict, "monitoring is paused: not acting on {}", action.as_str());
+            return;
+        }
+        let session = self.session.as_ref().expect("checked above");
+        let previous = session.record.previous.clone();
+        // A rollback the engine asks for becomes an escalation when it cannot help: no
+        // previous worker, or the hour's rollback budget is spent (a loop).
+        let (kind, reason) = match action {
+            Action::Escalate => (ActionKind::Escalation, decision.reason()),
+            Action::Rollback if previous.is_none() => (
+                ActionKind::Escalation,
+                format!(
+                    "{}; no previous worker is known, so escalating",
+                    decision.reason()
+                ),
+            ),
+            Action::Rollback => {
+                let recent = self.rollbacks_in_the_last_hour(now.wall);
+                let limit = settings.max_rollbacks_per_hour;
+                if recent >= limit {
+                    (
+                        ActionKind::Escalation,
+                        format!(
+                            "{}; but {recent} rollbacks in the last hour reached max_rollbacks_per_hour = {limit}: escalating instead of looping",
+                            decision.reason()
+                        ),
+                    )
+                } else {
+                    (ActionKind::Rollback, decision.reason())
+                }
+            }
+        };
+        let plan = self.plan(
+            now,
+            kind,
+            ActionTrigger::Automatic,
+            reason,
+            None,
+            Some(&decision),
+        );
+        self.start_action(plan, None);
+    }
+
+    fn rollbacks_in_the_last_hour(&mut self, now: SystemTime) -> u32 {
+        let hour_ago = time::sub(now, Duration::from_secs(3600));
+        self.rollbacks.retain(|at| *at >= hour_ago);
+        self.rollbacks.len() as u32
+    }
+
+    fn evidence(&self, decision: Option<&Decision>) -> (Evidence, Option<f64>, u32) {
+        let Some(decision) = decision else {
+            return (Evidence::default(), None, 0);
+        };
+        let recent_checks = self
+            .session
+            .as_ref()
+            .map(|s| {
+                s.engine
+                    .window()
+                    .map(|e| serde_json::to_value(e).unwrap_or(Value::Null))
+                    .collect()
+            })
+            .unwrap_or_default();
+        (
+            Evidence {
+                recent_checks,
+                failure_pattern: decision.failure_pattern.as_str().into(),
+                threshold: self.settings.threshold_summary(),
+                rules_fired: decision
+                    .fired
+                    .iter()
+                    .map(|f| serde_json::to_value(f).unwrap_or(Value::Null))
+                    .collect(),
+            },
+            decision.error_rate,
+            decision.failure_count as u32,
+        )
+    }
+
+    fn plan(
+        &self,
+        now: Now,
+        kind: ActionKind,
+        trigger: ActionTrigger,
+        reason: String,
+        operator: Option<String>,
+        decision: Option<&Decision>,
+    ) -> ActionPlan {
+        let (evidence, error_rate, failure_count) = self.evidence(decision);
+        let session = self.session.as_ref();
+        ActionPlan {
+            kind,
+            trigger,
+            reason,
+            operator,
+            session_id: session.map(|s| s.record.id.clone()),
+            from: session.map(|s| s.record.active.clone()),
+            to: session.and_then(|s| s.record.previous.clone()),
+            emergency: trigger == ActionTrigger::Emergency,
+            evidence,
+            error_rate,
+            failure_count,
+            config_hash: self.settings.config_hash.clone(),
+            started_at: now.wall,
+        }
+    }
+
+    fn start_action(&mut self, plan: ActionPlan, reply: Option<ReplyTo>) {
+        if plan.kind == ActionKind::Rollback {
+            self.rollbacks.push(plan.started_at);
+        }
+        self.action = Some(Running {
+            id: None,
+            kind: plan.kind,
+            trigger: plan.trigger,
+            reply,
+        });
+        self.push(Effect::StartAction {
+            plan: Box::new(plan),
+            reply,
+        });
+    }
+
+    /// A dry run records what it would have done, once per kind of action per session.
+    fn dry_run(&mut self, now: Now, decision: &Decision, would: Action) {
+        let Some(session) = self.session.as_mut() else {
+            return;
+        };
+        if session.dry_run_recorded.contains(&would) {
+            return;
+        }
+        session.dry_run_recorded.push(would);
+        let (evidence, error_rate, failure_count) = self.evidence(Some(decision));
+        let session = self.session.as_ref().expect("present");
+        let kind = match would {
+            Action::Rollback => crate::audit::ArtifactKind::Rollback,
+            Action::Escalate => crate::audit::ArtifactKind::Escalation,
+        };
+        let record = DecisionRecord {
+            timestamp: crate::audit::rfc3339_millis(now.wall),
+            decision: kind,
+            reason: format!(
+                "dry run: would have {}: {}",
+                if would == Action::Rollback {
+                    "rolled back"
+                } else {
+                    "escalated"
+                },
+                decision.reason()
+            ),
+            status: crate::audit::DecisionStatus::DryRun,
+            error_rate,
+            failure_count,
+            recommended_action: "none taken (dry run); review the evidence".into(),
+            evidence,
+            from: Some(session.record.active.clone()),
+            to: session.record.previous.clone(),
+            trigger: crate::audit::Trigger::Automatic,
+            operator: None,
+            phases: crate::audit::Phases::new(),
+            rollback_duration_seconds: None,
+            config_hash: self.settings.config_hash.clone(),
+            session_id: Some(session.record.id.clone()),
+            attempts: 0,
+            error: None,
+        };
+        let name = crate::audit::artifact_file_name(kind, now.wall);
+        tracing::warn!(artifact = %name, "dry run: would have acted ({})", would.as_str());
+        self.push(Effect::Artifact {
+            name,
+            record: Box::new(record),
+        });
+    }
+
+    // -- actions -------------------------------------------------------------------------
+
+    fn action_done(&mut self, now: Now, id: ActionId, result: ActionResult) {
+        let Some(action) = self.action.take() else {
+            return;
+        };
+        if action.id.is_some_and(|known| known != id) {
+            tracing::error!(expected = ?action.id, got = id, "an unexpected action finished");
+        }
+        match result {
+            ActionResult::RolledBack { from, to, artifact } => {
+                // The operator's answer first: the rollback is done and recorded; the
+                // session's end is bookkeeping.
+                if let Some(reply) = action.reply {
+                    self.reply(
+                        reply,
+                        Answer::Done(json!({"outcome": "rolled-back", "from": from, "to": to, "artifact": artifact})),
+                    );
+                }
+                if let Some(session) = &mut self.session {
+                    session.record.active = to.clone();
+                    session.record.previous = Some(from.clone());
+                }
+                self.end_session(
+                    now,
+                    SessionState::RolledBack,
+                    &format!("rolled back from {from} to {to}"),
+                    None,
+                );
+                // The executor wrote this too; again here so that, if the disk was full
+                // then, it is retried until it lands.
+                self.push(Effect::Persist(StateChange::Workers {
+                    active: to,
+                    previous: from,
+                }));
+            }
+            ActionResult::RollbackFailed { reason, artifact } => {
+                if let Some(reply) = action.reply {
+                    self.reply(
+                        reply,
+                        Answer::Progress {
+                            message: format!("rollback failed ({reason}); escalating"),
+                            detail: json!({ "artifact": artifact }),
+                        },
+                    );
+                }
+                let plan = self.plan(
+                    now,
+                    ActionKind::Escalation,
+                    ActionTrigger::Automatic,
+                    reason,
+                    None,
+                    None,
+                );
+                self.start_action(plan, action.reply);
+            }
+            ActionResult::Escalated { artifact } => {
+                if let Some(session) = &mut self.session {
+                    session.record.state = SessionState::Escalated;
+                    let id = session.record.id.clone();
+                    self.push(Effect::Persist(StateChange::Session {
+                        id,
+                        state: SessionState::Escalated,
+                        ended: None,
+                    }));
+                }
+                if let Some(reply) = action.reply {
+                    self.reply(
+                        reply,
+                        Answer::Done(json!({"outcome": "escalated", "artifact": artifact})),
+                    );
+                }
+            }
+        }
+    }
+
+    fn end_session(&mut self, now: Now, state: SessionState, reason: &str, operator: Option<&str>) {
+        let Some(session) = self.session.take() else {
+            return;
+        };
+        self.next_check = None;
+        let record = session.record;
+        self.push(Effect::Persist(StateChange::Session {
+            id: record.id.clone(),
+            state,
+            ended: Some((now.wall, reason.to_owned())),
+        }));
+        let mut audit = AuditRecord::new(now.wall, AuditEvent::MonitoringStopped, Some(&record.id))
+            .field("state", state.as_str())
+            .field("reason", reason)
+            .field("active", record.active.clone())
+            .field("previous", record.previous.clone())
+            .field("checks", session.next_index);
+        if let Some(operator) = operator {
+            audit = audit.operator(operator);
+        }
+        self.audit(audit);
+        // After a rollback the executor has written the mirror already.
+        if state != SessionState::RolledBack {
+            self.push(Effect::WorkerManager(WorkerManagerRecord {
+                active: record.active.clone(),
+                previous: record.previous.clone(),
+                updated_at: crate::audit::rfc3339_millis(now.wall),
+                session_id: Some(record.id.clone()),
+                state: state.as_str().to_owned(),
+            }));
+        }
+        tracing::info!(session = %record.id, state = state.as_str(), "monitoring stopped: {reason}");
+        self.last_workers = Some((record.active, record.previous, state));
+        self.push(Effect::PruneSessions);
+    }
+
+    // -- operator commands ---------------------------------------------------------------
+
+    /// The one validation of a promotion, for every way one arrives.
+    pub fn check_promotion(
+        active: &str,
+        previous: &str,
+        baseline: Option<&Baseline>,
+    ) -> Result<(), Answer> {
+        let invalid = |problem: String| Answer::Failed {
+            message: format!("invalid request: {problem}"),
+            exit: 2,
+        };
+        crate::text::check_worker_id(active).map_err(|e| invalid(format!("active: {e}")))?;
+        crate::text::check_worker_id(previous).map_err(|e| invalid(format!("previous: {e}")))?;
+        if let Some(baseline) = baseline {
+            if let Some(rate) = baseline.error_rate {
+                if !(rate.is_finite() && (0.0..=1.0).contains(&rate)) {
+                    return Err(invalid(format!(
+                        "baseline error rate {rate} is not a fraction between 0 and 1 (0.02 is 2%)"
+                    )));
+                }
+            }
+            if let Some(p95) = baseline.latency_p95_ms {
+                if !(p95.is_finite() && p95 > 0.0) {
+                    return Err(invalid(format!(
+                        "baseline p95 {p95} ms is not a positive number of milliseconds"
+                    )));
+                }
+            }
+        }
+        if active == previous {
+            return Err(refused(
+                "refused: --active and --previous must be two different worker ids",
+            ));
+        }
+        Ok(())
+    }
+
+    fn promote(
+        &mut self,
+        now: Now,
+        operator: String,
+        active: String,
+        previous: String,
+        baseline: Option<Baseline>,
+        reply: ReplyTo,
+    ) {
+        if let Some(action) = &self.action {
+            let message = format!(
+                "refused: {} {} is in progress",
+                action.kind.as_str(),
+                action.id.map(|id| format!("#{id}")).unwrap_or_default()
+            );
+            self.reply(reply, refused(message.replace("  ", " ")));
+            return;
+        }
+        if self.pending.is_some() {
+            self.reply(
+                reply,
+                refused("refused: another promotion is being recorded"),
+            );
+            return;
+        }
+        if let Err(answer) = Supervisor::check_promotion(&active, &previous, baseline.as_ref()) {
+            self.reply(reply, answer);
+            return;
+        }
+        if self.session.is_some() {
+            self.end_session(
+                now,
+                SessionState::Stopped,
+                &format!("superseded by the promotion of {active}"),
+                Some(&operator),
+            );
+        }
+        let record = SessionRecord {
+            id: session_id_for(now.wall, &active),
+            active,
+            previous: Some(previous),
+            promoted_at: now.wall,
+            state: SessionState::Monitoring,
+            paused: false,
+            pause_reason: None,
+            baseline,
+            operator: Some(operator),
+        };
+        self.pending = Some(Pending {
+            record: record.clone(),
+            reply,
+        });
+        self.push(Effect::RecordSession(record));
+    }
+
+    fn session_recorded(&mut self, now: Now, id: &str, error: Option<String>) {
+        let Some(pending) = self.pending.take_if(|p| p.record.id == id) else {
+            return;
+        };
+        if let Some(error) = error {
+            self.reply(
+                pending.reply,
+                Answer::Failed {
+                    message: format!("cannot record the session: {error}"),
+                    exit: 1,
+                },
+            );
+            return;
+        }
+        let record = pending.record;
+        let operator = record.operator.clone().unwrap_or_default();
+        self.audit(
+            AuditRecord::new(now.wall, AuditEvent::MonitoringStarted, Some(&record.id))
+                .operator(operator)
+                .field("active", record.active.clone())
+                .field("previous", record.previous.clone())
+                .field(
+                    "baseline",
+                    serde_json::to_value(record.baseline).unwrap_or(Value::Null),
+                )
+                .field(
+                    "gracePeriodSeconds",
+                    self.settings.grace_period.as_secs_f64(),
+                )
+                .field("configHash", self.settings.config_hash.clone()),
+        );
+        self.push(Effect::WorkerManager(WorkerManagerRecord {
+            active: record.active.clone(),
+            previous: record.previous.clone(),
+            updated_at: crate::audit::rfc3339_millis(now.wall),
+            session_id: Some(record.id.clone()),
+            state: record.state.as_str().to_owned(),
+        }));
+        let result =
+            json!({"sessionId": record.id, "active": record.active, "previous": record.previous});
+        self.session = Some(Session::new(record, &self.settings.rules, "the promotion"));
+        // The first check comes one interval after promotion: the canary gets that long
+        // to warm up before it is judged.
+        self.next_check = Some(time::deadline(now.mono, self.settings.check_interval));
+        self.reply(pending.reply, Answer::Done(result));
+    }
+
+    fn manual_rollback(
+        &mut self,
+        now: Now,
+        operator: String,
+        reason: String,
+        emergency: bool,
+        known_workers: (Option<String>, Option<String>),
+        reply: ReplyTo,
+    ) {
+        if let Some(action) = &self.action {
+            let message = match action.id {
+                Some(id) => format!(
+                    "refused: {} #{id} is already in progress",
+                    action.kind.as_str()
+                ),
+                None => format!("refused: a {} is already in progress", action.kind.as_str()),
+            };
+            self.reply(reply, refused(message));
+            return;
+        }
+        let valid = |id: Option<String>| id.filter(|id| crate::text::is_valid_worker_id(id));
+        let (active, previous) = match &self.session {
+            Some(session) => (
+                Some(session.record.active.clone()),
+                session.record.previous.clone(),
+            ),
+            None => (valid(known_workers.0), valid(known_workers.1)),
+        };
+        let (Some(active), Some(previous)) = (active, previous) else {
+            self.reply(
+                reply,
+                refused(
+                    "refused: no active/previous worker is known (run `rollbackd promote` first)",
+                ),
+            );
+            return;
+        };
+        let trigger = if emergency {
+            ActionTrigger::Emergency
+        } else {
+            ActionTrigger::Manual
+        };
+        let decision = self.session.as_ref().and_then(|s| s.last_decision.clone());
+        let mut plan = self.plan(
+            now,
+            ActionKind::Rollback,
+            trigger,
+            reason,
+            Some(operator),
+            decision.as_ref(),
+        );
+        plan.from = Some(active.clone());
+        plan.to = Some(previous.clone());
+        self.reply(
+            reply,
+            Answer::Progress {
+                message: format!(
+                    "{} rollback {active} → {previous} recorded; starting",
+                    trigger.as_str()
+                ),
+                detail: json!({}),
+            },
+        );
+        self.start_action(plan, Some(reply));
+    }
+
+    fn pause(
+        &mut self,
+        now: Now,
+        operator: String,
+        paused: bool,
+        reason: Option<String>,
+        reply: ReplyTo,
+    ) {
+        let Some(session) = self.session.as_mut() else {
+            self.reply(reply, refused("refused: no monitoring session"));
+            return;
+        };
+        if session.record.paused == paused {
+            self.reply(
+                reply,
+                Answer::Done(json!({"paused": paused, "changed": false})),
+            );
+            return;
+        }
+        session.record.paused = paused;
+        session.record.pause_reason = reason.clone();
+        let id = session.record.id.clone();
+        self.push(Effect::Persist(StateChange::Paused {
+            id: id.clone(),
+            paused,
+            reason: reason.clone(),
+        }));
+        let event = if paused {
+            AuditEvent::MonitoringPaused
+        } else {
+            AuditEvent::MonitoringResumed
+        };
+        self.audit(
+            AuditRecord::new(now.wall, event, Some(&id))
+                .operator(operator)
+                .field("reason", reason),
+        );
+        self.reply(
+            reply,
+            Answer::Done(json!({"paused": paused, "changed": true})),
+        );
+    }
+
+    fn reload(&mut self, settings: Settings) {
+        self.settings = settings;
+        if let Some(session) = &mut self.session {
+            // The window is judged again under the new thresholds.
+            let mut engine = Engine::new(self.settings.rules.clone(), session.engine.baseline());
+            let raw: Vec<_> = session.raw.drain(..).collect();
+            let window = self.settings.rules.window.max(1);
+            for (at, result) in raw.iter().rev().take(window).rev() {
+                engine.observe(*at, result);
+            }
+            session.raw = raw.into_iter().rev().take(window).rev().collect();
+            session.engine = engine;
+        }
+    }
+}
+
+/// A session's id: its promotion time and active worker.
+pub fn session_id_for(at: SystemTime, active: &str) -> String {
+    format!("{}-{}", crate::audit::artifact_stamp(at), active)
+}

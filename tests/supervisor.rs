@@ -1,0 +1,747 @@
+//! Table tests of the Supervisor: a sequence of inputs → the effects it asks for.
+//!
+//! The harness is the smallest honest runner: a virtual clock, checks answered from a
+//! script (trace lines, SPEC §6 format), every recording answered "landed", actions given
+//! ids in order. Nothing here sleeps or touches a file.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rollbackd::check::{Baseline, CheckResult};
+use rollbackd::core::supervisor::{
+    ActionKind, ActionResult, ActionTrigger, Answer, Effect, Input, Restored, SessionRecord,
+    SessionState, Settings, Supervisor,
+};
+use rollbackd::core::Now;
+use rollbackd::trace::{parse_line, TraceLine};
+
+const HEALTHY: &str = r#"{"at":0,"probe":"ok","snapshot":{"failureRate":0.01,"requests":1000}}"#;
+const SPIKE: &str = r#"{"at":0,"probe":"ok","snapshot":{"failureRate":0.45,"requests":1000}}"#;
+const DOWN: &str = r#"{"at":0,"probe":"failed","snapshot":null}"#;
+
+fn check(line: &str) -> CheckResult {
+    match parse_line(line).unwrap() {
+        Some(TraceLine::Check { check, .. }) => check,
+        other => panic!("not a check line: {other:?}"),
+    }
+}
+
+fn settings(extra: &str) -> Settings {
+    let text = format!(
+        "[monitor]\ncheck_interval = \"30s\"\ndegraded_check_interval = \"15s\"\n\
+         check_timeout = \"5s\"\ngrace_period = \"10m\"\nwindow = 5\n{extra}"
+    );
+    let loaded = rollbackd::config::load_str(&text, &BTreeMap::new()).expect("config");
+    Settings::from_config(&loaded.config, "hash")
+}
+
+/// A summary of one effect, for the tables.
+fn name(effect: &Effect) -> String {
+    match effect {
+        Effect::StartCheck { index, .. } => format!("check#{index}"),
+        Effect::RecordCheck(c) => format!("record#{}:{}", c.index, c.verdict.as_str()),
+        Effect::Observed { .. } => "observed".into(),
+        Effect::RecordSession(_) => "record-session".into(),
+        Effect::Persist(change) => format!("persist:{change:?}")
+            .split(['{', '('])
+            .next()
+            .unwrap()
+            .trim()
+            .to_owned(),
+        Effect::Audit(record) => format!(
+            "audit:{}",
+            serde_json::to_value(record.event)
+                .unwrap()
+                .as_str()
+                .unwrap()
+        ),
+        Effect::WorkerManager(_) => "worker-manager".into(),
+        Effect::Artifact { name, .. } => format!("artifact:{}", name.split('_').next().unwrap()),
+        Effect::StartAction { plan, .. } => {
+            format!("start:{}:{}", plan.kind.as_str(), plan.trigger.as_str())
+        }
+        Effect::PruneSessions => "prune".into(),
+        Effect::Reply { answer, .. } => match answer {
+            Answer::Done(_) => "reply:done".into(),
+            Answer::Progress { .. } => "reply:progress".into(),
+            Answer::Failed { exit, .. } => format!("reply:failed:{exit}"),
+        },
+    }
+}
+
+struct Harness {
+    sup: Supervisor,
+    mono: Instant,
+    wall: SystemTime,
+    effects: Vec<Effect>,
+    next_action: i64,
+    /// Checks the worker will answer, in order; healthy once the script runs out.
+    script: std::collections::VecDeque<CheckResult>,
+    /// How long rollbackd "was stalled" during each scripted check (same order).
+    stalls: std::collections::VecDeque<Duration>,
+    check_took: Duration,
+}
+
+impl Harness {
+    fn new(settings: Settings) -> Harness {
+        Harness {
+            sup: Supervisor::new(settings),
+            mono: Instant::now(),
+            wall: UNIX_EPOCH + Duration::from_secs(1_800_000_000),
+            effects: Vec::new(),
+            next_action: 1,
+            script: Default::default(),
+            stalls: Default::default(),
+            check_took: Duration::from_millis(300),
+        }
+    }
+
+    fn now(&self) -> Now {
+        Now {
+            mono: self.mono,
+            wall: self.wall,
+        }
+    }
+
+    fn advance(&mut self, by: Duration) {
+        self.mono += by;
+        self.wall += by;
+    }
+
+    fn feed(&mut self, input: Input) {
+        let now = self.now();
+        self.sup.handle(now, input);
+        self.drain();
+    }
+
+    /// Carries out effects; recordings land, actions get ids, checks are answered.
+    fn drain(&mut self) {
+        while let Some(effect) = self.sup.poll_effect() {
+            let answer = match &effect {
+                Effect::RecordSession(record) => Some(Input::SessionRecorded {
+                    id: record.id.clone(),
+                    error: None,
+                }),
+                Effect::StartAction { .. } => {
+                    let id = self.next_action;
+                    self.next_action += 1;
+                    Some(Input::ActionStarted { id })
+                }
+                _ => None,
+            };
+            let wanted = match &effect {
+                Effect::StartCheck {
+                    session_id, index, ..
+                } => Some((session_id.clone(), *index)),
+                _ => None,
+            };
+            self.effects.push(effect);
+            if let Some(input) = answer {
+                let now = self.now();
+                self.sup.handle(now, input);
+            }
+            if let Some((session_id, index)) = wanted {
+                let started = self.mono;
+                let taken_at = self.wall;
+                self.advance(self.check_took);
+                let result = self.script.pop_front().unwrap_or_else(|| check(HEALTHY));
+                let stalled = self.stalls.pop_front().unwrap_or_default();
+                let now = self.now();
+                self.sup.handle(
+                    now,
+                    Input::CheckDone {
+                        session_id,
+                        index,
+                        started,
+                        taken_at,
+                        result,
+                        stalled,
+                    },
+                );
+            }
+        }
+    }
+
+    /// Runs the timer until `until` has passed on the virtual clock or nothing is due.
+    fn run_for(&mut self, span: Duration) {
+        let end = self.mono + span;
+        while let Some(due) = self.sup.poll_timeout() {
+            if due > end {
+                break;
+            }
+            if due > self.mono {
+                let by = due - self.mono;
+                self.advance(by);
+            }
+            self.feed(Input::Timeout {
+                suspended: Duration::ZERO,
+            });
+        }
+        if end > self.mono {
+            let by = end - self.mono;
+            self.advance(by);
+        }
+    }
+
+    fn promote(&mut self, active: &str, previous: &str) {
+        self.feed(Input::Promote {
+            operator: "uid:0(root)".into(),
+            active: active.into(),
+            previous: previous.into(),
+            baseline: None,
+            reply: 7,
+        });
+    }
+
+    fn names(&self) -> Vec<String> {
+        self.effects.iter().map(name).collect()
+    }
+
+    fn has(&self, wanted: &str) -> bool {
+        self.names().iter().any(|n| n == wanted)
+    }
+
+    fn count(&self, wanted: &str) -> usize {
+        self.names().iter().filter(|n| *n == wanted).count()
+    }
+
+    fn plans(&self) -> Vec<&rollbackd::core::supervisor::ActionPlan> {
+        self.effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::StartAction { plan, .. } => Some(&**plan),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn ended(&self) -> Option<String> {
+        self.effects.iter().find_map(|e| match e {
+            Effect::Audit(r) if r.fields.get("state").is_some() => r.fields["state"]
+                .as_str()
+                .map(str::to_owned)
+                .filter(|_| serde_json::to_value(r.event).unwrap() == "monitoring-stopped"),
+            _ => None,
+        })
+    }
+}
+
+fn restored_session(h: &Harness, previous: Option<&str>, ago: Duration) -> SessionRecord {
+    SessionRecord {
+        id: "s1".into(),
+        active: "v2".into(),
+        previous: previous.map(str::to_owned),
+        promoted_at: h.wall - ago,
+        state: SessionState::Monitoring,
+        paused: false,
+        pause_reason: None,
+        baseline: None,
+        operator: None,
+    }
+}
+
+#[test]
+fn verdicts_become_actions_as_the_policy_says() {
+    struct Case {
+        name: &'static str,
+        extra: &'static str,
+        previous: Option<&'static str>,
+        /// Rollbacks already made in the last hour (loop protection).
+        rollbacks_before: u32,
+        paused: bool,
+        script: &'static [&'static str],
+        /// The action expected, or None for none at all.
+        want: Option<(ActionKind, &'static str)>,
+        want_dry_run_artifacts: usize,
+    }
+    let cases = [
+        Case {
+            name: "three breaches roll back to the previous worker",
+            extra: "",
+            previous: Some("v1"),
+            rollbacks_before: 0,
+            paused: false,
+            script: &[SPIKE, SPIKE, SPIKE],
+            want: Some((ActionKind::Rollback, "3 of 4 checks over 20.0%")),
+            want_dry_run_artifacts: 0,
+        },
+        Case {
+            name: "no previous worker: a rollback verdict escalates",
+            extra: "",
+            previous: None,
+            rollbacks_before: 0,
+            paused: false,
+            script: &[SPIKE, SPIKE, SPIKE],
+            want: Some((ActionKind::Escalation, "no previous worker is known")),
+            want_dry_run_artifacts: 0,
+        },
+        Case {
+            name: "the hour's rollback budget spent: escalates instead of looping",
+            extra: "[rollback]\nmax_rollbacks_per_hour = 2\n",
+            previous: Some("v1"),
+            rollbacks_before: 2,
+            paused: false,
+            script: &[SPIKE, SPIKE, SPIKE],
+            want: Some((ActionKind::Escalation, "max_rollbacks_per_hour = 2")),
+            want_dry_run_artifacts: 0,
+        },
+        Case {
+            name: "one rollback left in the budget: rolls back",
+            extra: "[rollback]\nmax_rollbacks_per_hour = 2\n",
+            previous: Some("v1"),
+            rollbacks_before: 1,
+            paused: false,
+            script: &[SPIKE, SPIKE, SPIKE],
+            want: Some((ActionKind::Rollback, "")),
+            want_dry_run_artifacts: 0,
+        },
+        Case {
+            name: "probe failures escalate (consecutive_failures = 2)",
+            extra: "",
+            previous: Some("v1"),
+            rollbacks_before: 0,
+            paused: false,
+            script: &[DOWN, DOWN],
+            want: Some((ActionKind::Escalation, "")),
+            want_dry_run_artifacts: 0,
+        },
+        Case {
+            name: "dry run: nothing started, one artifact however often it would act",
+            extra: "[rules]\ndry_run = true\n",
+            previous: Some("v1"),
+            rollbacks_before: 0,
+            paused: false,
+            script: &[SPIKE, SPIKE, SPIKE, SPIKE, SPIKE],
+            want: None,
+            want_dry_run_artifacts: 1,
+        },
+        Case {
+            name: "paused: checks go on, no action",
+            extra: "",
+            previous: Some("v1"),
+            rollbacks_before: 0,
+            paused: true,
+            script: &[SPIKE, SPIKE, SPIKE, SPIKE],
+            want: None,
+            want_dry_run_artifacts: 0,
+        },
+        Case {
+            name: "a healthy canary takes no action",
+            extra: "",
+            previous: Some("v1"),
+            rollbacks_before: 0,
+            paused: false,
+            script: &[HEALTHY, HEALTHY, HEALTHY, HEALTHY],
+            want: None,
+            want_dry_run_artifacts: 0,
+        },
+    ];
+    for case in cases {
+        let mut h = Harness::new(settings(case.extra));
+        let mut session = restored_session(&h, case.previous, Duration::from_secs(5));
+        session.paused = case.paused;
+        let rollbacks = (0..case.rollbacks_before)
+            .map(|i| h.wall - Duration::from_secs(600 + u64::from(i)))
+            .collect();
+        h.script = case.script.iter().map(|l| check(l)).collect();
+        h.feed(Input::Restore(Box::new(Restored {
+            session: Some(session),
+            checks: vec![(0, h.wall - Duration::from_secs(1), check(HEALTHY))],
+            rollbacks,
+            ..Restored::default()
+        })));
+        h.run_for(Duration::from_secs(120));
+        let plans = h.plans();
+        match case.want {
+            None => assert!(plans.is_empty(), "{}: {:?}", case.name, h.names()),
+            Some((kind, reason)) => {
+                assert_eq!(plans.len(), 1, "{}: {:?}", case.name, h.names());
+                assert_eq!(plans[0].kind, kind, "{}", case.name);
+                assert_eq!(plans[0].trigger, ActionTrigger::Automatic, "{}", case.name);
+                assert!(
+                    plans[0].reason.contains(reason),
+                    "{}: {}",
+                    case.name,
+                    plans[0].reason
+                );
+                if kind == ActionKind::Rollback {
+                    assert_eq!(plans[0].from.as_deref(), Some("v2"), "{}", case.name);
+                    assert_eq!(plans[0].to.as_deref(), Some("v1"), "{}", case.name);
+                }
+            }
+        }
+        assert_eq!(
+            h.count("artifact:rollback") + h.count("artifact:escalation"),
+            case.want_dry_run_artifacts,
+            "{}: {:?}",
+            case.name,
+            h.names()
+        );
+    }
+}
+
+#[test]
+fn a_rollback_stops_the_checks_until_it_ends_and_then_ends_the_session() {
+    let mut h = Harness::new(settings(""));
+    h.promote("v2", "v1");
+    h.script = [SPIKE, SPIKE, SPIKE].iter().map(|l| check(l)).collect();
+    h.run_for(Duration::from_secs(300));
+    assert_eq!(h.count("start:rollback:automatic"), 1, "{:?}", h.names());
+    // While the rollback runs nothing is due: the worker is being switched.
+    assert_eq!(h.sup.poll_timeout(), None);
+    let checks_before = h.names().iter().filter(|n| n.starts_with("check#")).count();
+    assert_eq!(checks_before, 3);
+    h.feed(Input::ActionDone {
+        id: 1,
+        result: ActionResult::RolledBack {
+            from: "v2".into(),
+            to: "v1".into(),
+            artifact: "a.json".into(),
+        },
+    });
+    assert_eq!(h.ended().as_deref(), Some("rolled-back"));
+    assert!(h.sup.session().is_none());
+    assert_eq!(
+        h.sup.last_workers().map(|w| (w.0.as_str(), w.1.as_deref())),
+        Some(("v1", Some("v2")))
+    );
+    assert!(h.has("persist:Workers"), "{:?}", h.names());
+    assert_eq!(h.sup.poll_timeout(), None);
+}
+
+#[test]
+fn a_failed_rollback_escalates_and_the_operator_hears_both() {
+    let mut h = Harness::new(settings(""));
+    h.promote("v2", "v1");
+    h.feed(Input::Rollback {
+        operator: "uid:1000(alice)".into(),
+        reason: "bad deploy".into(),
+        emergency: false,
+        known_workers: (None, None),
+        reply: 9,
+    });
+    let plans = h.plans();
+    assert_eq!(plans.len(), 1);
+    assert_eq!(plans[0].trigger, ActionTrigger::Manual);
+    assert_eq!(plans[0].operator.as_deref(), Some("uid:1000(alice)"));
+    // A second one while the first runs is refused.
+    h.feed(Input::Rollback {
+        operator: "uid:1000(alice)".into(),
+        reason: "again".into(),
+        emergency: false,
+        known_workers: (None, None),
+        reply: 10,
+    });
+    assert_eq!(h.names().last().unwrap(), "reply:failed:3");
+    h.feed(Input::ActionDone {
+        id: 1,
+        result: ActionResult::RollbackFailed {
+            reason: "switch hook failed: exit status 1".into(),
+            artifact: "a.json".into(),
+        },
+    });
+    let plans = h.plans();
+    assert_eq!(plans.len(), 2);
+    assert_eq!(plans[1].kind, ActionKind::Escalation);
+    assert_eq!(plans[1].reason, "switch hook failed: exit status 1");
+    h.feed(Input::ActionDone {
+        id: 2,
+        result: ActionResult::Escalated {
+            artifact: "e.json".into(),
+        },
+    });
+    assert_eq!(
+        h.sup.session().unwrap().record.state,
+        SessionState::Escalated
+    );
+    let replies: Vec<_> = h
+        .effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Reply { to: 9, answer } => Some(answer.clone()),
+            _ => None,
+        })
+        .collect();
+    assert!(matches!(replies.first(), Some(Answer::Progress { .. })));
+    assert!(matches!(replies.last(), Some(Answer::Done(v)) if v["outcome"] == "escalated"));
+    // An operator resetting the kill switch ends the escalated session.
+    h.feed(Input::KillSwitchReset {
+        operator: "uid:1000(alice)".into(),
+    });
+    assert_eq!(h.ended().as_deref(), Some("stopped"));
+}
+
+#[test]
+fn the_grace_period_confirms_only_after_a_full_window_of_checks() {
+    struct Case {
+        name: &'static str,
+        /// How long before the restart the session was promoted (None: promoted now).
+        promoted_ago: Option<Duration>,
+        /// The check that confirms is at least this far into the run.
+        min_checks: usize,
+    }
+    let cases = [
+        Case {
+            name: "a promotion: confirmed at the grace period's end",
+            promoted_ago: None,
+            min_checks: 5,
+        },
+        Case {
+            name: "a restart long after the grace period: a window of checks first",
+            promoted_ago: Some(Duration::from_secs(3600)),
+            min_checks: 5,
+        },
+    ];
+    for case in cases {
+        let mut h = Harness::new(settings(""));
+        match case.promoted_ago {
+            None => h.promote("v2", "v1"),
+            Some(ago) => {
+                let session = restored_session(&h, Some("v1"), ago);
+                h.feed(Input::Restore(Box::new(Restored {
+                    session: Some(session),
+                    checks: (0..20)
+                        .map(|i| {
+                            (
+                                i,
+                                h.wall - ago + Duration::from_secs(30 * (i + 1)),
+                                check(HEALTHY),
+                            )
+                        })
+                        .collect(),
+                    ..Restored::default()
+                })));
+            }
+        }
+        h.run_for(Duration::from_secs(2 * 3600));
+        assert_eq!(h.ended().as_deref(), Some("confirmed"), "{}", case.name);
+        let checks = h.names().iter().filter(|n| n.starts_with("check#")).count();
+        assert!(
+            checks >= case.min_checks,
+            "{}: confirmed after {checks} checks",
+            case.name
+        );
+        if case.promoted_ago.is_none() {
+            // 10 min grace at 30 s: about 20 checks, not a window's 5.
+            assert!((19..=21).contains(&checks), "{}: {checks}", case.name);
+        } else {
+            assert_eq!(checks, 5, "{}", case.name);
+        }
+        assert!(h.sup.poll_timeout().is_none());
+    }
+}
+
+#[test]
+fn a_check_failed_while_rollbackd_was_stalled_is_void_and_taken_again() {
+    // consecutive_failures = 1: one counted failure would escalate.
+    let mut h = Harness::new(settings("[rules]\nconsecutive_failures = 1\n"));
+    h.promote("v2", "v1");
+    h.script = [DOWN, DOWN, DOWN, DOWN].iter().map(|l| check(l)).collect();
+    h.stalls = [3, 3, 3, 3]
+        .iter()
+        .map(|s| Duration::from_secs(*s))
+        .collect();
+    h.run_for(Duration::from_secs(31));
+    // Three voided in a row and retried at once; the fourth is recorded as it is.
+    let names = h.names();
+    assert_eq!(
+        names.iter().filter(|n| n.starts_with("check#0")).count(),
+        4,
+        "{names:?}"
+    );
+    assert_eq!(names.iter().filter(|n| n.starts_with("record#")).count(), 1);
+    assert_eq!(
+        h.plans().len(),
+        1,
+        "recorded after MAX_VOID_IN_A_ROW: {names:?}"
+    );
+
+    // Stalled but healthy: recorded, not void.
+    let mut h = Harness::new(settings("[rules]\nconsecutive_failures = 1\n"));
+    h.promote("v2", "v1");
+    h.stalls = [Duration::from_secs(3)].into_iter().collect();
+    h.run_for(Duration::from_secs(31));
+    assert_eq!(h.count("record#0:healthy"), 1, "{:?}", h.names());
+    assert!(h.plans().is_empty());
+
+    // One stall, then a healthy answer: void, retried, no action.
+    let mut h = Harness::new(settings("[rules]\nconsecutive_failures = 1\n"));
+    h.promote("v2", "v1");
+    h.script = [DOWN].iter().map(|l| check(l)).collect();
+    h.stalls = [Duration::from_secs(3)].into_iter().collect();
+    h.run_for(Duration::from_secs(31));
+    assert!(h.plans().is_empty(), "{:?}", h.names());
+    assert_eq!(h.count("record#0:healthy"), 1, "{:?}", h.names());
+}
+
+#[test]
+fn promotions_are_validated_once_for_every_path() {
+    let cases: [(&str, &str, Option<Baseline>, Option<u8>); 7] = [
+        ("v2", "v1", None, None),
+        ("   ", "v1", None, Some(2)),
+        ("v2", "", None, Some(2)),
+        ("v2", "v 1", None, Some(2)),
+        ("v2", "v2", None, Some(3)),
+        (
+            "v2",
+            "v1",
+            Some(Baseline {
+                error_rate: Some(2.0),
+                latency_p95_ms: None,
+            }),
+            Some(2),
+        ),
+        (
+            "v2",
+            "v1",
+            Some(Baseline {
+                error_rate: Some(f64::NAN),
+                latency_p95_ms: None,
+            }),
+            Some(2),
+        ),
+    ];
+    for (active, previous, baseline, want_exit) in cases {
+        let mut h = Harness::new(settings(""));
+        h.feed(Input::Promote {
+            operator: "uid:0".into(),
+            active: active.into(),
+            previous: previous.into(),
+            baseline,
+            reply: 1,
+        });
+        let got = h.effects.iter().find_map(|e| match e {
+            Effect::Reply { answer, .. } => Some(answer.clone()),
+            _ => None,
+        });
+        match want_exit {
+            None => {
+                assert!(
+                    matches!(got, Some(Answer::Done(_))),
+                    "{active:?}/{previous:?}: {got:?}"
+                );
+                assert!(h.has("record-session"));
+                assert!(h.sup.session().is_some());
+            }
+            Some(exit) => {
+                assert!(
+                    matches!(&got, Some(Answer::Failed { exit: e, .. }) if *e == exit),
+                    "{active:?}/{previous:?}/{baseline:?}: {got:?}"
+                );
+                assert!(!h.has("record-session"), "nothing recorded");
+                assert!(h.sup.session().is_none());
+            }
+        }
+    }
+}
+
+#[test]
+fn a_session_that_cannot_be_recorded_is_not_started() {
+    let mut h = Harness::new(settings(""));
+    let now = h.now();
+    h.sup.handle(
+        now,
+        Input::Promote {
+            operator: "uid:0".into(),
+            active: "v2".into(),
+            previous: "v1".into(),
+            baseline: None,
+            reply: 1,
+        },
+    );
+    let Some(Effect::RecordSession(record)) = h.sup.poll_effect() else {
+        panic!("expected the session to be recorded first");
+    };
+    h.sup.handle(
+        now,
+        Input::SessionRecorded {
+            id: record.id,
+            error: Some("disk full".into()),
+        },
+    );
+    h.drain();
+    assert!(h.sup.session().is_none());
+    assert!(matches!(
+        h.effects.last(),
+        Some(Effect::Reply { answer: Answer::Failed { exit: 1, message }, .. }) if message.contains("disk full")
+    ));
+}
+
+#[test]
+fn a_restart_resumes_the_action_in_flight_or_carries_out_a_finished_one() {
+    // In flight: no check is due until it ends.
+    let mut h = Harness::new(settings(""));
+    let session = restored_session(&h, Some("v1"), Duration::from_secs(60));
+    h.feed(Input::Restore(Box::new(Restored {
+        session: Some(session.clone()),
+        checks: vec![(0, h.wall, check(SPIKE))],
+        in_flight: Some((4, ActionKind::Rollback, ActionTrigger::Automatic)),
+        ..Restored::default()
+    })));
+    assert!(h.plans().is_empty(), "resumed, never started again");
+    assert_eq!(h.sup.poll_timeout(), None);
+    assert_eq!(h.sup.action().and_then(|a| a.id), Some(4));
+
+    // Finished just before the kill while the session still says monitoring: its outcome
+    // now, and no second rollback.
+    let mut h = Harness::new(settings(""));
+    h.feed(Input::Restore(Box::new(Restored {
+        session: Some(session),
+        checks: vec![(0, h.wall, check(SPIKE))],
+        settled: Some((
+            4,
+            ActionKind::Rollback,
+            ActionTrigger::Automatic,
+            ActionResult::RolledBack {
+                from: "v2".into(),
+                to: "v1".into(),
+                artifact: "a.json".into(),
+            },
+        )),
+        ..Restored::default()
+    })));
+    assert_eq!(h.ended().as_deref(), Some("rolled-back"));
+    h.run_for(Duration::from_secs(120));
+    assert!(h.plans().is_empty());
+    assert!(!h.names().iter().any(|n| n.starts_with("check#")));
+}
+
+#[test]
+fn a_reload_judges_the_window_again_under_the_new_thresholds() {
+    let mut h = Harness::new(settings(""));
+    h.promote("v2", "v1");
+    let mild = r#"{"at":0,"probe":"ok","snapshot":{"failureRate":0.10,"requests":1000}}"#;
+    h.script = [mild, mild].iter().map(|l| check(l)).collect();
+    h.run_for(Duration::from_secs(61));
+    assert!(h.plans().is_empty(), "10% is under the 20% threshold");
+    h.feed(Input::Reload(Box::new(settings(
+        "[rules]\nerror_rate_threshold = 0.05\n",
+    ))));
+    h.script = [mild].iter().map(|l| check(l)).collect();
+    h.run_for(Duration::from_secs(31));
+    let plans = h.plans();
+    assert_eq!(plans.len(), 1, "{:?}", h.names());
+    assert_eq!(plans[0].kind, ActionKind::Rollback);
+}
+
+#[test]
+fn pause_and_resume_are_recorded_and_refused_without_a_session() {
+    let mut h = Harness::new(settings(""));
+    h.feed(Input::Pause {
+        operator: "uid:0".into(),
+        paused: true,
+        reason: None,
+        reply: 1,
+    });
+    assert_eq!(h.names(), ["reply:failed:3"]);
+    h.promote("v2", "v1");
+    h.feed(Input::Pause {
+        operator: "uid:0".into(),
+        paused: true,
+        reason: Some("investigating".into()),
+        reply: 2,
+    });
+    assert!(h.has("persist:Paused"));
+    assert!(h.has("audit:monitoring-paused"));
+    assert!(h.sup.session().unwrap().record.paused);
+}

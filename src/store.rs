@@ -769,6 +769,19 @@ impl Store {
         )?)
     }
 
+    /// When each rollback that started at or after `since_ms` started, oldest first (loop
+    /// protection after a restart).
+    pub fn rollback_starts_since(&self, since_ms: i64) -> Result<Vec<i64>, StoreError> {
+        let mut statement = self.conn.prepare_cached(
+            "SELECT started_at_ms FROM actions WHERE kind = 'rollback' AND started_at_ms >= ?1 \
+             ORDER BY started_at_ms",
+        )?;
+        let rows = statement
+            .query_map([since_ms], |row| row.get(0))?
+            .collect::<Result<Vec<i64>, _>>()?;
+        Ok(rows)
+    }
+
     /// The session's actions, oldest first.
     pub fn actions_for_session(&self, session_id: &str) -> Result<Vec<ActionRow>, StoreError> {
         self.actions_where("session_id = ?1", [session_id])
@@ -1585,6 +1598,8 @@ mod tests {
         assert_eq!(store.rollbacks_since(0).unwrap(), 3);
         assert_eq!(store.rollbacks_since(2_000).unwrap(), 2);
         assert_eq!(store.rollbacks_since(3_001).unwrap(), 0);
+        assert_eq!(store.rollback_starts_since(2_000).unwrap(), [2_000, 3_000]);
+        assert!(store.rollback_starts_since(3_001).unwrap().is_empty());
     }
 
     #[test]

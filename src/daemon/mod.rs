@@ -1,14 +1,16 @@
-//! The daemon: one driver task owns the engine and the monitoring session, and selects
-//! over a closed set of events — the next check's deadline, a finished check, a finished
-//! action, an operator command, a kill-switch change seen by LiveFlags, a reload, the
-//! watchdog, shutdown. Checks and actions run in their own tasks and report back, so a
-//! slow probe never stops the daemon from answering `status`.
+//! The daemon: the effect runner around the [`Supervisor`]. One driver task feeds it every
+//! event — the next check's deadline, a finished check, a finished action, an operator
+//! command, a reload — and carries out the effects it asks for through the adapters, the
+//! store and the recorder; the policy (what a verdict becomes, grace, pause, dry run,
+//! loop protection, resume) is the Supervisor's alone. It also watches the kill switch
+//! (LiveFlags), the watchdog and shutdown. Checks and actions run in their own tasks and
+//! report back, so a slow probe never stops the daemon from answering `status`.
 
 pub mod db;
 pub mod executor;
 pub mod recorder;
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -18,17 +20,20 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::adapters::{BoxFuture, ResourceSampler, SnapshotSource, WorkerProbe};
-use crate::audit::{
-    rfc3339_millis, AuditEvent, AuditRecord, Evidence, KillSwitchSource, WorkerManagerRecord,
-};
+use crate::audit::{rfc3339_millis, AuditEvent, AuditRecord, KillSwitchSource};
 use crate::check::{Baseline, CheckResult, ProbeOutcome};
 use crate::config::{ConfigError, LoadedConfig};
 use crate::control::{Command, Operator, Reply, Request};
-use crate::engine::{Action, Decision, Engine, Verdict};
+use crate::core::supervisor::{
+    ActionKind, ActionPlan, ActionResult, ActionTrigger, Answer, CheckRecord, Effect, Input,
+    ReplyTo, Restored, SessionRecord, SessionState, Settings, StateChange, Supervisor,
+};
+use crate::core::time::{self, Now};
+use crate::engine::Verdict;
 use crate::flags::FlagsSnapshot;
 use crate::hooks::{HookError, HookOutcome, HookVars};
 use crate::metrics::Metrics;
-use crate::store::{self, ActionRow, CheckRow, NewAction, SessionRow};
+use crate::store::{self, ActionRow, CheckRow, NewAction, SessionRow, StoreError};
 use db::Db;
 use executor::{ActionContext, ActionDetail, ActionOutcome};
 use recorder::{now_ms, Recorder};
@@ -129,71 +134,11 @@ pub struct DriverInputs {
     pub metrics: Option<Metrics>,
 }
 
-struct Session {
-    row: SessionRow,
-    engine: Engine,
-    next_check_index: i64,
-    last_decision: Option<Decision>,
-    dry_run_recorded: Vec<Action>,
-    /// Checks recorded since the session started, rollbackd restarted or was found to
-    /// have been stalled: the promotion is confirmed only once they fill the window.
-    checks_since_resume: usize,
-    /// What `checks_since_resume` counts from, for the journal.
-    resumed_by: &'static str,
-    /// Checks voided in a row because rollbackd itself was stalled (see [`MAX_VOID_IN_A_ROW`]).
-    voided_in_a_row: u32,
-    /// The note of the last voided check, carried by the next recorded one.
-    void_note: Option<String>,
-    /// The grace period is over but the checks do not fill the window yet (logged once).
-    waiting_logged: bool,
-}
-
-impl Session {
-    fn new(
-        row: SessionRow,
-        engine: Engine,
-        next_check_index: i64,
-        last_decision: Option<Decision>,
-        resumed_by: &'static str,
-    ) -> Session {
-        Session {
-            row,
-            engine,
-            next_check_index,
-            last_decision,
-            dry_run_recorded: Vec::new(),
-            checks_since_resume: 0,
-            resumed_by,
-            voided_in_a_row: 0,
-            void_note: None,
-            waiting_logged: false,
-        }
-    }
-
-    /// Nothing was checked for a while (a stall of rollbackd itself): the window has to
-    /// fill again with checks taken from now on before the promotion may be confirmed.
-    fn gap(&mut self, by: &'static str) {
-        self.checks_since_resume = 0;
-        self.resumed_by = by;
-        self.waiting_logged = false;
-    }
-}
-
 /// How often a check in flight looks at the clock, to notice that rollbackd itself was
 /// not running (SIGSTOP, a VM pause, a cgroup freeze, a host too loaded to schedule it).
 const STALL_TICK: Duration = Duration::from_millis(100);
 
-/// At most this many checks in a row are voided because rollbackd was stalled; the next
-/// one is recorded whatever happened, so a host that stalls the daemon during every check
-/// still gets judged rather than never checked.
-pub const MAX_VOID_IN_A_ROW: u32 = 3;
-
-/// How late a timer may fire before rollbackd counts itself as having been stalled: a
-/// timer for `period` that fires more than max(250 ms, period / 2) after its deadline
-/// means the process was not running in between.
-pub fn stall_threshold(period: Duration) -> Duration {
-    (period / 2).max(Duration::from_millis(250))
-}
+pub use crate::core::supervisor::{stall_threshold, MAX_VOID_IN_A_ROW};
 
 /// How long the machine has spent suspended since boot: CLOCK_BOOTTIME runs on during a
 /// system suspend, CLOCK_MONOTONIC (tokio's clock) does not. Zero if either is unreadable.
@@ -244,16 +189,9 @@ pub async fn watch_stalls<F: std::future::Future>(work: F) -> (F::Output, Durati
     }
 }
 
-struct RunningAction {
-    id: i64,
-    kind: &'static str,
-    trigger: String,
-    replies: Option<mpsc::Sender<Reply>>,
-}
-
 struct CheckDone {
     session_id: String,
-    check_index: i64,
+    index: u64,
     started: Instant,
     taken_at: SystemTime,
     result: CheckResult,
@@ -266,44 +204,92 @@ struct CheckDone {
 #[derive(Clone)]
 struct CheckSummary {
     at: SystemTime,
-    index: i64,
+    index: u64,
     verdict: Verdict,
     probe: String,
     error_rate: Option<f64>,
     error_class: &'static str,
 }
 
-/// A state change the driver could not write to `rollbackd.db` yet.
-#[derive(Debug, Clone)]
-enum StateWrite {
-    /// A session's state; `ended` is its end time and reason when it ended.
-    Session {
-        id: String,
-        state: String,
-        ended: Option<(i64, String)>,
-    },
-    Workers {
-        active: String,
-        previous: String,
-    },
-}
-
-impl StateWrite {
-    fn apply(&self, store: &mut crate::store::Store) -> Result<(), crate::store::StoreError> {
-        match self {
-            StateWrite::Session { id, state, ended } => store.update_session_state(
-                id,
-                state,
-                ended.as_ref().map(|(at, reason)| (*at, reason.as_str())),
-            ),
-            StateWrite::Workers { active, previous } => {
-                store.set_meta("active", active)?;
-                store.set_meta("previous", previous)
-            }
+fn apply(change: &StateChange, store: &mut crate::store::Store) -> Result<(), StoreError> {
+    match change {
+        StateChange::Session { id, state, ended } => store.update_session_state(
+            id,
+            state.as_str(),
+            ended
+                .as_ref()
+                .map(|(at, reason)| (time::to_ms(*at), reason.as_str())),
+        ),
+        StateChange::Workers { active, previous } => {
+            store.set_meta("active", active)?;
+            store.set_meta("previous", previous)
+        }
+        StateChange::Paused { id, paused, reason } => {
+            store.set_paused(id, *paused, reason.as_deref())
         }
     }
 }
 
+fn session_row(record: &SessionRecord) -> SessionRow {
+    SessionRow {
+        id: record.id.clone(),
+        active: record.active.clone(),
+        previous: record.previous.clone(),
+        promoted_at_ms: time::to_ms(record.promoted_at),
+        state: record.state.as_str().into(),
+        paused: record.paused,
+        pause_reason: record.pause_reason.clone(),
+        baseline_json: record.baseline.and_then(|b| serde_json::to_string(&b).ok()),
+        operator: record.operator.clone(),
+        ended_at_ms: None,
+        end_reason: None,
+    }
+}
+
+fn session_record(row: &SessionRow) -> SessionRecord {
+    SessionRecord {
+        id: row.id.clone(),
+        active: row.active.clone(),
+        previous: stored_worker_id("previous worker of the session", row.previous.clone()),
+        promoted_at: time::from_ms(row.promoted_at_ms),
+        // A state this build does not know is resumed as monitoring: checks go on.
+        state: SessionState::parse(&row.state).unwrap_or(SessionState::Monitoring),
+        paused: row.paused,
+        pause_reason: row.pause_reason.clone(),
+        baseline: row
+            .baseline_json
+            .as_deref()
+            .and_then(|text| serde_json::from_str::<Baseline>(text).ok()),
+        operator: row.operator.clone(),
+    }
+}
+
+fn kind_of(row: &ActionRow) -> ActionKind {
+    if row.kind == store::KIND_ESCALATION {
+        ActionKind::Escalation
+    } else {
+        ActionKind::Rollback
+    }
+}
+
+fn trigger_of(row: &ActionRow) -> ActionTrigger {
+    match row.trigger.as_str() {
+        "manual" => ActionTrigger::Manual,
+        "emergency" => ActionTrigger::Emergency,
+        _ => ActionTrigger::Automatic,
+    }
+}
+
+fn reply_of(answer: Answer) -> Reply {
+    match answer {
+        Answer::Progress { message, detail } => Reply::Progress { message, detail },
+        Answer::Done(result) => Reply::Done { result },
+        Answer::Failed { message, exit } => Reply::Failed { message, exit },
+    }
+}
+
+/// The effect runner: feeds every event to the [`Supervisor`] and carries out what it asks
+/// through the adapters, the store and the recorder. It decides nothing itself.
 pub struct Driver {
     config: Arc<LoadedConfig>,
     adapters: Adapters,
@@ -311,10 +297,12 @@ pub struct Driver {
     clock: Arc<dyn Clock>,
     db: Db,
     recorder: Recorder,
-    session: Option<Session>,
-    action: Option<RunningAction>,
-    check_in_flight: bool,
-    next_check: Option<Instant>,
+    sup: Supervisor,
+    /// Operators waiting for an answer, by the token the Supervisor answers to.
+    replies: HashMap<ReplyTo, mpsc::Sender<Reply>>,
+    next_reply: ReplyTo,
+    /// The probe duration of the check being judged (for the metrics).
+    probe_duration: Duration,
     recent: VecDeque<CheckSummary>,
     kill_value: Option<Option<String>>,
     /// rollbackd's own kill-switch writes (shared with the actions that make them).
@@ -325,18 +313,10 @@ pub struct Driver {
     started_at: SystemTime,
     /// Writes to `rollbackd.db` that failed (a full disk), retried on the record-retry
     /// tick so the state catches up once there is space again.
-    pending_state: Vec<StateWrite>,
+    pending_state: Vec<StateChange>,
     metrics: Option<Metrics>,
-    /// [`suspended_since_boot`] at the last tick, to notice a system suspend between checks.
-    suspended_seen: Duration,
     /// When the state database was last found deleted or replaced and written back.
     db_restored: Option<Value>,
-}
-
-/// The `rollback-started` audit line of an action; `resumed` when it is written by a
-/// restart that found the intent but not the line.
-fn session_id_for(at: SystemTime, active: &str) -> String {
-    format!("{}-{}", crate::audit::artifact_stamp(at), active)
 }
 
 impl Driver {
@@ -352,6 +332,7 @@ impl Driver {
         let (checks_tx, mut checks_rx) = mpsc::channel(4);
         let (actions_tx, mut actions_rx) = mpsc::channel(4);
         let clock = inputs.clock.clone();
+        let sup = Supervisor::new(Settings::from_config(&config.config, &config.hash));
         let mut driver = Driver {
             config,
             adapters,
@@ -359,10 +340,10 @@ impl Driver {
             clock: clock.clone(),
             db,
             recorder,
-            session: None,
-            action: None,
-            check_in_flight: false,
-            next_check: None,
+            sup,
+            replies: HashMap::new(),
+            next_reply: 0,
+            probe_duration: Duration::ZERO,
             recent: VecDeque::new(),
             kill_value: None,
             kill_writes: Default::default(),
@@ -372,7 +353,6 @@ impl Driver {
             started_at: clock.now(),
             pending_state: Vec::new(),
             metrics: inputs.metrics.take(),
-            suspended_seen: suspended_since_boot(),
             db_restored: None,
         };
         driver.restore().await?;
@@ -398,20 +378,20 @@ impl Driver {
         };
 
         loop {
-            if stopping && driver.action.is_none() {
+            if stopping && driver.sup.action().is_none() {
                 break;
             }
-            let next_check = if stopping || driver.check_in_flight || !driver.checks_may_run() {
+            let next_check = if stopping {
                 None
             } else {
-                driver.next_check
+                driver.sup.poll_timeout().map(Instant::from_std)
             };
             tokio::select! {
                 biased;
                 _ = inputs.shutdown.cancelled(), if !stopping => {
                     stopping = true;
-                    if let Some(action) = &driver.action {
-                        tracing::info!(action = action.id, "shutting down after the {} in flight finishes", action.kind);
+                    if let Some(action) = driver.sup.action() {
+                        tracing::info!(action = ?action.id, "shutting down after the {} in flight finishes", action.kind.as_str());
                     }
                 }
                 Some((id, outcome)) = actions_rx.recv() => {
@@ -446,7 +426,7 @@ impl Driver {
                     }
                 }
                 _ = async { tokio::time::sleep_until(next_check.expect("guarded")).await }, if next_check.is_some() => {
-                    driver.tick(next_check.expect("guarded")).await;
+                    driver.tick().await;
                     driver.publish_status(&inputs.on_status);
                 }
                 _ = async { watchdog.as_mut().expect("guarded").tick().await }, if watchdog.is_some() => {
@@ -483,42 +463,132 @@ impl Driver {
         self.clock.now()
     }
 
-    /// Whether the next check may start. A rollback pauses checking (the active worker is
-    /// being switched under it); an escalation does not: it may wait for a locked
-    /// application database for as long as it takes, and the checks go on meanwhile as
-    /// evidence (they take no action while an action is in flight).
-    fn checks_may_run(&self) -> bool {
-        self.action
-            .as_ref()
-            .is_none_or(|action| action.kind == "escalation")
+    /// Both clocks, read once for one event.
+    fn time(&self) -> Now {
+        Now {
+            mono: Instant::now().into_std(),
+            wall: self.clock.now(),
+        }
+    }
+
+    /// Feeds one event and carries out what it leads to.
+    async fn feed(&mut self, input: Input) {
+        let now = self.time();
+        self.sup.handle(now, input);
+        self.run_effects().await;
+    }
+
+    fn expect_reply(&mut self, replies: mpsc::Sender<Reply>) -> ReplyTo {
+        self.next_reply += 1;
+        self.replies.insert(self.next_reply, replies);
+        self.next_reply
+    }
+
+    /// Carries out the Supervisor's effects, in order, until it has none left.
+    async fn run_effects(&mut self) {
+        while let Some(effect) = self.sup.poll_effect() {
+            match effect {
+                Effect::StartCheck {
+                    session_id,
+                    index,
+                    worker,
+                } => self.start_check(session_id, index, worker),
+                Effect::RecordCheck(check) => self.record_check(check).await,
+                Effect::Observed {
+                    verdict,
+                    error_rate,
+                    error_class,
+                } => {
+                    if let Some(metrics) = &self.metrics {
+                        metrics.check_observed(
+                            verdict,
+                            error_rate,
+                            error_class,
+                            self.probe_duration,
+                        );
+                    }
+                }
+                Effect::RecordSession(record) => {
+                    let row = session_row(&record);
+                    let (active, previous) =
+                        (row.active.clone(), row.previous.clone().unwrap_or_default());
+                    let result = self
+                        .db
+                        .call(move |store| {
+                            store.insert_session(&row)?;
+                            store.set_meta("active", &active)?;
+                            store.set_meta("previous", &previous)
+                        })
+                        .await;
+                    if result.is_ok() {
+                        self.recent.clear();
+                    }
+                    let now = self.time();
+                    self.sup.handle(
+                        now,
+                        Input::SessionRecorded {
+                            id: record.id,
+                            error: result.err().map(|e| e.to_string()),
+                        },
+                    );
+                }
+                Effect::Persist(change) => self.write_state(change).await,
+                Effect::Audit(record) => self.recorder.audit(record).await,
+                Effect::WorkerManager(record) => self.recorder.worker_manager(record).await,
+                Effect::Artifact { name, record } => {
+                    let path = self.recorder.artifact(name, *record).await;
+                    tracing::warn!(artifact = %path.display(), "dry run artifact written");
+                }
+                Effect::StartAction { plan, reply } => self.start_action(*plan, reply).await,
+                Effect::PruneSessions => self.prune_sessions().await,
+                Effect::Reply { to, answer } => {
+                    let last = !matches!(answer, Answer::Progress { .. });
+                    let sender = if last {
+                        self.replies.remove(&to)
+                    } else {
+                        self.replies.get(&to).cloned()
+                    };
+                    if let Some(sender) = sender {
+                        let _ = sender.send(reply_of(answer)).await;
+                    }
+                }
+            }
+        }
     }
 
     /// Tells systemd (`STATUS=`) and the metrics what the daemon is doing now; called
     /// after every event that may have changed it.
     fn publish_status(&mut self, on_status: &Option<StatusSink>) {
+        let session = self.sup.session();
         if let Some(metrics) = &self.metrics {
             metrics.session(
-                self.session.as_ref().map(|s| s.row.state.as_str()),
-                self.session
-                    .as_ref()
+                session.map(|s| s.record.state.as_str()),
+                session
                     .and_then(|s| s.last_decision.as_ref())
                     .map(|d| d.verdict),
             );
             metrics.records_pending(self.recorder.backlog());
         }
-        let line = match (&self.session, &self.action) {
-            (_, Some(action)) => format!("{} #{} in progress", action.kind, action.id),
+        let line = match (session, self.sup.action()) {
+            (_, Some(action)) => match action.id {
+                Some(id) => format!("{} #{id} in progress", action.kind.as_str()),
+                None => format!("{} in progress", action.kind.as_str()),
+            },
             (Some(session), None) => format!(
                 "{} {} (previous {}), {}{}",
-                session.row.state,
-                session.row.active,
-                session.row.previous.as_deref().unwrap_or("-"),
+                session.record.state.as_str(),
+                session.record.active,
+                session.record.previous.as_deref().unwrap_or("-"),
                 session
                     .last_decision
                     .as_ref()
                     .map(|d| d.verdict.as_str())
                     .unwrap_or("no checks yet"),
-                if session.row.paused { ", paused" } else { "" }
+                if session.record.paused {
+                    ", paused"
+                } else {
+                    ""
+                }
             ),
             (None, None) => "idle: waiting for a promotion".to_owned(),
         };
@@ -532,101 +602,80 @@ impl Driver {
 
     /// Picks up the recorded session, its window and any action in flight.
     async fn restore(&mut self) -> anyhow::Result<()> {
+        let hour_ago = time::to_ms(self.now()).saturating_sub(3_600_000);
         let found = self
             .db
-            .call(|store| {
+            .call(move |store| {
                 let session = store.current_session()?;
-                let checks = match &session {
-                    Some(s) => store.recent_checks(&s.id, 1000)?,
-                    None => Vec::new(),
+                let (checks, actions_of_session) = match &session {
+                    Some(s) => (
+                        store.recent_checks(&s.id, 1000)?,
+                        store.actions_for_session(&s.id)?,
+                    ),
+                    None => (Vec::new(), Vec::new()),
                 };
-                let actions = store.unfinished_actions()?;
-                Ok((session, checks, actions))
+                let unfinished = store.unfinished_actions()?;
+                let rollbacks = store.rollback_starts_since(hour_ago)?;
+                Ok((session, checks, actions_of_session, unfinished, rollbacks))
             })
             .await?;
-        let (mut session, checks, actions) = found;
-        if let Some(row) = &mut session {
-            row.previous = stored_worker_id("previous worker of the session", row.previous.take());
-        }
-        if let Some(row) = session.take_if(|row| !crate::text::is_valid_worker_id(&row.active)) {
-            // Never probe, sample or hand to a hook an id that breaks the rule: end it.
-            let problem = crate::text::check_worker_id(&row.active).unwrap_err();
-            tracing::error!(
-                session = %row.id,
-                "rollbackd.db: the recorded session's active worker is not a valid id, so the session is not resumed (run `rollbackd promote` again): {problem}"
-            );
-            self.write_state(StateWrite::Session {
-                id: row.id.clone(),
-                state: store::SESSION_STOPPED.to_owned(),
-                ended: Some((
-                    now_ms(self.now()),
-                    "not resumed: the recorded active worker is not a valid id".to_owned(),
-                )),
+        let (session, checks, actions_of_session, unfinished, rollbacks) = found;
+        let checks = checks
+            .into_iter()
+            .filter_map(|c| {
+                let result = serde_json::from_str::<CheckResult>(&c.check_json).ok()?;
+                Some((
+                    c.check_index.max(0) as u64,
+                    time::from_ms(c.taken_at_ms),
+                    result,
+                ))
             })
-            .await;
-        }
-        if let Some(row) = session {
-            let baseline = row
-                .baseline_json
-                .as_deref()
-                .and_then(|text| serde_json::from_str::<Baseline>(text).ok());
-            let mut engine = Engine::new(self.config.config.rules.clone(), baseline);
-            let window = self.config.config.rules.window;
-            let mut last = None;
-            let mut next_index = 0;
-            for check in checks.iter().rev().take(window).rev() {
-                if let Ok(result) = serde_json::from_str::<CheckResult>(&check.check_json) {
-                    let at = Duration::from_millis(
-                        (check.taken_at_ms - row.promoted_at_ms).max(0) as u64
-                    );
-                    last = Some(engine.observe(at, &result));
-                }
-            }
-            if let Some(check) = checks.last() {
-                next_index = check.check_index + 1;
-            }
-            let fresh = row.promoted_at_ms > now_ms(self.now()) - 1000 && checks.is_empty();
-            tracing::info!(
-                session = %row.id,
-                active = %row.active,
-                checks = checks.len(),
-                state = %row.state,
-                "{} monitoring session",
-                if fresh { "starting recorded" } else { "resuming" }
+            .collect();
+        let mut unfinished = unfinished.into_iter();
+        let resume = unfinished.next();
+        for extra in unfinished {
+            tracing::error!(
+                action = extra.id,
+                "more than one unfinished action recorded; resuming only the first"
             );
-            if checks.is_empty() {
-                // Recorded by `rollbackd promote` while no daemon ran: this is its start.
-                self.recorder
-                    .audit(
-                        AuditRecord::new(self.now(), AuditEvent::MonitoringStarted, Some(&row.id))
-                            .field("active", row.active.clone())
-                            .field("previous", row.previous.clone())
-                            .field("resumed", false),
-                    )
-                    .await;
-            }
-            // Nothing was checked while no daemon ran: the checks from now on have to
-            // fill the window before the promotion may be confirmed.
-            self.session = Some(Session::new(
-                row,
-                engine,
-                next_index,
-                last,
-                if fresh { "the start" } else { "the restart" },
-            ));
-            self.next_check = Some(Instant::now());
         }
-        if actions.is_empty() {
-            self.settle_finished_action().await;
-        }
-        for action in actions {
-            if self.action.is_some() {
-                tracing::error!(
-                    action = action.id,
-                    "more than one unfinished action recorded; resuming only the first"
-                );
-                continue;
-            }
+        let settled = match &resume {
+            Some(_) => None,
+            None => actions_of_session
+                .into_iter()
+                .rfind(|a| a.kind == store::KIND_ROLLBACK || a.kind == store::KIND_ESCALATION)
+                .map(|last| {
+                    let artifact = self
+                        .recorder
+                        .artifact_path(last.artifact_name.as_deref().unwrap_or_default())
+                        .display()
+                        .to_string();
+                    let result = match (last.kind.as_str(), last.state.as_str()) {
+                        (store::KIND_ROLLBACK, store::ACTION_DONE) => ActionResult::RolledBack {
+                            from: last.from_worker.clone().unwrap_or_default(),
+                            to: last.to_worker.clone().unwrap_or_default(),
+                            artifact,
+                        },
+                        (store::KIND_ROLLBACK, _) => ActionResult::RollbackFailed {
+                            reason: format!("rollback #{} failed before the restart", last.id),
+                            artifact,
+                        },
+                        _ => ActionResult::Escalated { artifact },
+                    };
+                    (last.id, kind_of(&last), trigger_of(&last), result)
+                }),
+        };
+        let restored = Restored {
+            session: session.as_ref().map(session_record),
+            checks,
+            in_flight: resume
+                .as_ref()
+                .map(|row| (row.id, kind_of(row), trigger_of(row))),
+            settled,
+            rollbacks: rollbacks.into_iter().map(time::from_ms).collect(),
+        };
+        self.feed(Input::Restore(Box::new(restored))).await;
+        if let Some(action) = resume {
             tracing::warn!(action = action.id, kind = %action.kind, phase = ?action.phase, "resuming an action interrupted by a restart");
             // A kill between recording the intent and writing its first audit line leaves
             // a rollback nobody was told about: say it started, once.
@@ -645,70 +694,6 @@ impl Driver {
         Ok(())
     }
 
-    /// A kill after an action finished but before the driver acted on its outcome leaves
-    /// a session still `monitoring` beside a finished rollback or escalation. Resuming
-    /// the checks would act a second time (a second rollback of a worker that is no
-    /// longer active); instead the outcome is carried out now, as it would have been.
-    async fn settle_finished_action(&mut self) {
-        let Some(session) = &self.session else {
-            return;
-        };
-        if session.row.state != store::SESSION_MONITORING {
-            return;
-        }
-        let id = session.row.id.clone();
-        let actions = match self
-            .db
-            .call(move |store| store.actions_for_session(&id))
-            .await
-        {
-            Ok(actions) => actions,
-            Err(err) => {
-                tracing::error!("cannot read the session's actions: {err}");
-                return;
-            }
-        };
-        let Some(last) = actions
-            .into_iter()
-            .rfind(|a| a.kind == store::KIND_ROLLBACK || a.kind == store::KIND_ESCALATION)
-        else {
-            return;
-        };
-        tracing::warn!(
-            action = last.id,
-            kind = %last.kind,
-            state = %last.state,
-            "the last action finished just before a restart; carrying out its outcome"
-        );
-        let artifact = self
-            .recorder
-            .artifact_path(last.artifact_name.as_deref().unwrap_or_default());
-        let outcome = match (last.kind.as_str(), last.state.as_str()) {
-            (store::KIND_ROLLBACK, store::ACTION_DONE) => ActionOutcome::RolledBack {
-                from: last.from_worker.clone().unwrap_or_default(),
-                to: last.to_worker.clone().unwrap_or_default(),
-                artifact,
-            },
-            (store::KIND_ROLLBACK, _) => ActionOutcome::RollbackFailed {
-                reason: format!("rollback #{} failed before the restart", last.id),
-                artifact,
-            },
-            _ => ActionOutcome::Escalated { artifact },
-        };
-        // As if the action had just reported back (no operator is waiting for it).
-        self.action = Some(RunningAction {
-            id: last.id,
-            kind: if last.kind == store::KIND_ROLLBACK {
-                "rollback"
-            } else {
-                "escalation"
-            },
-            trigger: last.trigger.clone(),
-            replies: None,
-        });
-        self.action_finished(last.id, outcome).await;
-    }
-
     fn context(&self, progress: Option<mpsc::Sender<Reply>>) -> ActionContext {
         ActionContext {
             config: self.config.clone(),
@@ -723,22 +708,12 @@ impl Driver {
     }
 
     fn spawn_action(&mut self, row: ActionRow, replies: Option<mpsc::Sender<Reply>>) {
-        let kind: &'static str = if row.kind == store::KIND_ESCALATION {
-            "escalation"
-        } else {
-            "rollback"
-        };
-        self.action = Some(RunningAction {
-            id: row.id,
-            kind,
-            trigger: row.trigger.clone(),
-            replies: replies.clone(),
-        });
+        let escalation = row.kind == store::KIND_ESCALATION;
         let ctx = self.context(replies);
         let tx = self.actions_tx.clone();
         let id = row.id;
         tokio::spawn(async move {
-            let outcome = if kind == "escalation" {
+            let outcome = if escalation {
                 executor::escalate(ctx, row).await
             } else {
                 executor::rollback(ctx, row).await
@@ -748,34 +723,35 @@ impl Driver {
     }
 
     /// Records the intent of an action (before any side effect) and starts it.
-    #[allow(clippy::too_many_arguments)]
-    async fn start_action(
-        &mut self,
-        kind: &'static str,
-        trigger: &str,
-        reason: String,
-        operator: Option<String>,
-        from: Option<String>,
-        to: Option<String>,
-        detail: ActionDetail,
-        replies: Option<mpsc::Sender<Reply>>,
-    ) {
+    async fn start_action(&mut self, plan: ActionPlan, reply: Option<ReplyTo>) {
+        let detail = ActionDetail {
+            evidence: plan.evidence,
+            error_rate: plan.error_rate,
+            failure_count: plan.failure_count,
+            emergency: plan.emergency,
+            config_hash: plan.config_hash,
+            ..ActionDetail::default()
+        };
         let new = NewAction {
-            session_id: self.session.as_ref().map(|s| s.row.id.clone()),
-            kind: kind.to_owned(),
-            trigger: trigger.to_owned(),
+            session_id: plan.session_id,
+            kind: plan.kind.as_str().to_owned(),
+            trigger: plan.trigger.as_str().to_owned(),
             state: store::ACTION_PENDING.into(),
             phase: None,
             attempt: 1,
-            from_worker: from,
-            to_worker: to,
-            reason,
-            operator,
-            started_at_ms: now_ms(self.now()),
+            from_worker: plan.from,
+            to_worker: plan.to,
+            reason: plan.reason,
+            operator: plan.operator,
+            started_at_ms: time::to_ms(plan.started_at),
             detail_json: serde_json::to_string(&detail).ok(),
         };
         let row = executor::record_intent(&self.db, &self.recorder, self.now(), new).await;
+        let id = row.id;
+        let replies = reply.and_then(|to| self.replies.get(&to).cloned());
         self.spawn_action(row, replies);
+        let now = self.time();
+        self.sup.handle(now, Input::ActionStarted { id });
     }
 
     /// Notices a `rollbackd.db` deleted or replaced while running and puts the daemon's
@@ -821,76 +797,23 @@ impl Driver {
         }
     }
 
-    /// The next check is due (its timer was set for `due`).
-    async fn tick(&mut self, due: Instant) {
-        // Read the clock before anything else, so the timer's lateness (the stall measure)
-        // is not inflated by our own work.
-        let now = self.now();
+    /// The next check is due.
+    async fn tick(&mut self) {
+        // Read the clocks before anything else, so the timer's lateness (the stall
+        // measure) is not inflated by our own work.
+        let now = self.time();
         self.check_state_db().await;
-        let Some(session) = self.session.as_mut() else {
-            self.next_check = None;
-            return;
-        };
-        let monitor = &self.config.config.monitor;
-        // A timer that fires far later than it was set for means rollbackd was not running
-        // (SIGSTOP, VM pause, freeze): nothing was checked meanwhile.
-        let suspended = suspended_since_boot();
-        let slept = suspended.saturating_sub(self.suspended_seen);
-        self.suspended_seen = suspended;
-        if slept > stall_threshold(monitor.check_interval) {
-            tracing::warn!(
-                session = %session.row.id,
-                "the machine was suspended for {:.1}s: the checks from now on must fill the window before the promotion is confirmed",
-                slept.as_secs_f64()
-            );
-            session.gap("the suspend");
-        }
-        let late = Instant::now().saturating_duration_since(due);
-        if late > stall_threshold(monitor.check_interval) {
-            tracing::warn!(
-                session = %session.row.id,
-                "rollbackd was stalled for {:.1}s (the next check was due {:.1}s ago): the checks from now on must fill the window before the promotion is confirmed",
-                late.as_secs_f64(),
-                late.as_secs_f64()
-            );
-            session.gap("the stall");
-        }
-        let grace = monitor.grace_period;
-        let window = self.config.config.rules.window;
-        let promoted = SystemTime::UNIX_EPOCH
-            + Duration::from_millis(session.row.promoted_at_ms.max(0) as u64);
-        let grace_over = session.row.state == store::SESSION_MONITORING
-            && self.action.is_none()
-            && now.duration_since(promoted).unwrap_or_default() >= grace;
-        if grace_over && session.checks_since_resume < window && !session.waiting_logged {
-            session.waiting_logged = true;
-            tracing::info!(
-                session = %session.row.id,
-                "grace period over, but only {} of monitor.window = {window} checks since {}: confirming once a full window of checks took no action",
-                session.checks_since_resume,
-                session.resumed_by
-            );
-        }
-        if grace_over && session.checks_since_resume >= window {
-            self.end_session(
-                store::SESSION_CONFIRMED,
-                &format!(
-                    "grace period of {} ended without an action: promotion confirmed",
-                    crate::config::show(grace)
-                ),
-                None,
-            )
-            .await;
-            return;
-        }
-        let Some(session) = self.session.as_ref() else {
-            return;
-        };
-        self.check_in_flight = true;
+        self.sup.handle(
+            now,
+            Input::Timeout {
+                suspended: suspended_since_boot(),
+            },
+        );
+        self.run_effects().await;
+    }
+
+    fn start_check(&mut self, session_id: String, index: u64, worker: String) {
         let adapters = self.adapters.clone();
-        let worker = session.row.active.clone();
-        let session_id = session.row.id.clone();
-        let check_index = session.next_check_index;
         let tx = self.checks_tx.clone();
         let clock = self.clock.clone();
         let limit = self.config.config.monitor.check_timeout;
@@ -902,7 +825,7 @@ impl Driver {
             let _ = tx
                 .send(CheckDone {
                     session_id,
-                    check_index,
+                    index,
                     started,
                     taken_at,
                     result,
@@ -914,420 +837,105 @@ impl Driver {
     }
 
     async fn check_finished(&mut self, done: CheckDone) {
-        self.check_in_flight = false;
-        let config = self.config.clone();
-        let now = self.now();
-        let Some(session) = self.session.as_mut() else {
-            return;
-        };
-        if session.row.id != done.session_id || done.check_index != session.next_check_index {
-            return; // a check of a session that ended meanwhile
-        }
-        if done.stalled > stall_threshold(config.config.monitor.check_timeout) {
-            // rollbackd itself was not running during the check: a deadline that passed
-            // meanwhile says nothing about the worker. Whatever the check saw, the stall
-            // was a time nothing was watched.
-            session.gap("the stall");
-            let failure = match (&done.result.probe, &done.result.snapshot) {
-                (ProbeOutcome::Failed { reason }, _) => Some(format!("probe: {reason}")),
-                (_, crate::check::SnapshotOutcome::Unavailable { reason }) => {
-                    Some(format!("snapshot: {reason}"))
-                }
-                _ => None,
-            };
-            if let Some(failure) = failure {
-                if session.voided_in_a_row < MAX_VOID_IN_A_ROW {
-                    session.voided_in_a_row += 1;
-                    let note = format!(
-                        "check void: rollbackd was stalled for {:.1}s during check #{} ({failure}); retried",
-                        done.stalled.as_secs_f64(),
-                        done.check_index
-                    );
-                    tracing::warn!(session = %session.row.id, "{note}");
-                    session.void_note = Some(note);
-                    // Not a failure, not a breach, not missing data: taken again now.
-                    self.next_check = Some(Instant::now());
-                    return;
-                }
-                tracing::warn!(
-                    session = %session.row.id,
-                    "rollbackd was stalled during {MAX_VOID_IN_A_ROW} checks in a row; recording check #{} as it is ({failure})",
-                    done.check_index
-                );
-            }
-        } else {
-            session.checks_since_resume += 1;
-        }
-        session.voided_in_a_row = 0;
-        session.next_check_index += 1;
-        let at = Duration::from_millis(
-            (now_ms(done.taken_at) - session.row.promoted_at_ms).max(0) as u64
-        );
-        let decision = session.engine.observe(at, &done.result);
-        if let Some(metrics) = &self.metrics {
-            metrics.check_observed(
-                decision.verdict,
-                decision.error_rate,
-                decision.error_class,
-                done.probe_duration,
-            );
-        }
-        let failed =
-            done.result.probe.is_failed() || decision.error_class != crate::engine::ValueClass::Ok;
-        let row = CheckRow {
-            session_id: session.row.id.clone(),
-            check_index: done.check_index,
-            taken_at_ms: now_ms(done.taken_at),
-            check_json: serde_json::to_string(&done.result).unwrap_or_default(),
-            verdict: decision.verdict.as_str().into(),
-            failed,
-        };
-        let probe_text = match &done.result.probe {
+        self.probe_duration = done.probe_duration;
+        self.feed(Input::CheckDone {
+            session_id: done.session_id,
+            index: done.index,
+            started: done.started.into_std(),
+            taken_at: done.taken_at,
+            result: done.result,
+            stalled: done.stalled,
+        })
+        .await;
+    }
+
+    async fn record_check(&mut self, check: CheckRecord) {
+        let probe = match &check.result.probe {
             ProbeOutcome::Ok => "ok".to_owned(),
             ProbeOutcome::Failed { reason } => format!("failed: {reason}"),
         };
+        let decision = self.sup.session().and_then(|s| s.last_decision.clone());
         self.recent.push_back(CheckSummary {
-            at: done.taken_at,
-            index: done.check_index,
-            verdict: decision.verdict,
-            probe: probe_text,
-            error_rate: decision.error_rate,
-            error_class: decision.error_class.as_str(),
+            at: check.taken_at,
+            index: check.index,
+            verdict: check.verdict,
+            probe,
+            error_rate: decision.as_ref().and_then(|d| d.error_rate),
+            error_class: decision
+                .as_ref()
+                .map(|d| d.error_class.as_str())
+                .unwrap_or("missing"),
         });
         while self.recent.len() > 20 {
             self.recent.pop_front();
         }
+        let row = CheckRow {
+            session_id: check.session_id,
+            check_index: check.index as i64,
+            taken_at_ms: time::to_ms(check.taken_at),
+            check_json: serde_json::to_string(&check.result).unwrap_or_default(),
+            verdict: check.verdict.as_str().into(),
+            failed: check.failed,
+        };
         if let Err(err) = self.db.call(move |store| store.insert_check(&row)).await {
             tracing::error!("cannot record the check in rollbackd.db: {err}");
         }
-
-        let session = self.session.as_mut().expect("checked above");
-        let paused = session.row.paused;
-        let escalated = session.row.state == store::SESSION_ESCALATED;
-        let mut audit = AuditRecord::new(now, AuditEvent::HealthCheck, Some(&session.row.id))
-            .field("checkIndex", done.check_index)
-            .field("worker", session.row.active.clone())
-            .field("verdict", decision.verdict.as_str())
-            .field("action", decision.action.map(|a| a.as_str()))
-            .field("errorRate", decision.error_rate)
-            .field("errorClass", decision.error_class.as_str())
-            .field(
-                "probe",
-                if done.result.probe.is_failed() {
-                    "failed"
-                } else {
-                    "ok"
-                },
-            )
-            .field("failurePattern", decision.failure_pattern.as_str())
-            .field(
-                "rules",
-                decision
-                    .fired
-                    .iter()
-                    .map(|f| f.rule.as_str())
-                    .collect::<Vec<_>>(),
-            );
-        if let Some(would) = decision.would_act() {
-            audit = audit
-                .field("wouldAct", would.as_str())
-                .field("dryRun", true);
-        }
-        if paused {
-            audit = audit.field("paused", true);
-        }
-        if let Some(note) = session.void_note.take() {
-            audit = audit.field("afterVoid", note);
-        }
-        if decision.verdict != Verdict::Healthy {
-            audit = audit.field("reason", decision.reason());
-            // Raw inputs of a check that was not clean, for the 3 a.m. reader.
-            audit = audit.field(
-                "check",
-                serde_json::to_value(&done.result).unwrap_or(Value::Null),
-            );
-        }
-        session.last_decision = Some(decision.clone());
-        self.recorder.audit(audit).await;
-
-        // Next check: from the start of this one, so a slow check causes no catch-up burst.
-        let interval = if decision.verdict == Verdict::Healthy {
-            config.config.monitor.check_interval
-        } else {
-            config.config.monitor.degraded_check_interval
-        };
-        self.next_check =
-            Some(crate::clock::deadline_tokio(done.started, interval).max(Instant::now()));
-
-        if escalated || self.action.is_some() {
-            return;
-        }
-        if let Some(would) = decision.would_act() {
-            self.record_dry_run(&decision, would).await;
-        }
-        let Some(action) = decision.action else {
-            return;
-        };
-        if paused {
-            tracing::warn!(verdict = %decision.verdict, "monitoring is paused: not acting on {}", action.as_str());
-            return;
-        }
-        let detail = self.detail_for(&decision);
-        let session = self.session.as_ref().expect("checked above");
-        let (active, previous) = (session.row.active.clone(), session.row.previous.clone());
-        // A rollback the engine asks for becomes an escalation when it cannot help: no
-        // previous worker, or the hour's rollback budget is spent (a loop).
-        let (kind, reason) = match action {
-            Action::Escalate => (store::KIND_ESCALATION, decision.reason()),
-            Action::Rollback if previous.is_none() => (
-                store::KIND_ESCALATION,
-                format!(
-                    "{}; no previous worker is known, so escalating",
-                    decision.reason()
-                ),
-            ),
-            Action::Rollback => {
-                let hour_ago = now_ms(now) - 3_600_000;
-                let recent = self
-                    .db
-                    .call(move |store| store.rollbacks_since(hour_ago))
-                    .await
-                    .unwrap_or(0);
-                let limit = config.config.rollback.max_rollbacks_per_hour;
-                if recent >= limit {
-                    (
-                        store::KIND_ESCALATION,
-                        format!(
-                            "{}; but {recent} rollbacks in the last hour reached max_rollbacks_per_hour = {limit}: escalating instead of looping",
-                            decision.reason()
-                        ),
-                    )
-                } else {
-                    (store::KIND_ROLLBACK, decision.reason())
-                }
-            }
-        };
-        self.start_action(
-            kind,
-            "automatic",
-            reason,
-            None,
-            Some(active),
-            previous,
-            detail,
-            None,
-        )
-        .await;
-    }
-
-    fn detail_for(&self, decision: &Decision) -> ActionDetail {
-        let session = self.session.as_ref();
-        let recent_checks: Vec<Value> = session
-            .map(|s| {
-                s.engine
-                    .window()
-                    .map(|e| serde_json::to_value(e).unwrap_or(Value::Null))
-                    .collect()
-            })
-            .unwrap_or_default();
-        let rules = &self.config.config.rules;
-        ActionDetail {
-            evidence: Evidence {
-                recent_checks,
-                failure_pattern: decision.failure_pattern.as_str().into(),
-                threshold: format!(
-                    "errorRate>{}, breaches>={} of {}, probeFailures>={}",
-                    rules.error_rate_threshold,
-                    rules.rollback_min_breaches,
-                    rules.window,
-                    rules.consecutive_failures
-                ),
-                rules_fired: decision
-                    .fired
-                    .iter()
-                    .map(|f| serde_json::to_value(f).unwrap_or(Value::Null))
-                    .collect(),
-            },
-            error_rate: decision.error_rate,
-            failure_count: decision.failure_count as u32,
-            config_hash: self.config.hash.clone(),
-            ..ActionDetail::default()
-        }
-    }
-
-    async fn record_dry_run(&mut self, decision: &Decision, would: Action) {
-        let Some(session) = self.session.as_mut() else {
-            return;
-        };
-        if session.dry_run_recorded.contains(&would) {
-            return;
-        }
-        session.dry_run_recorded.push(would);
-        let now = self.clock.now();
-        let detail = self.detail_for(decision);
-        let session = self.session.as_ref().expect("present");
-        let kind = match would {
-            Action::Rollback => crate::audit::ArtifactKind::Rollback,
-            Action::Escalate => crate::audit::ArtifactKind::Escalation,
-        };
-        let record = crate::audit::DecisionRecord {
-            timestamp: rfc3339_millis(now),
-            decision: kind,
-            reason: format!(
-                "dry run: would have {}: {}",
-                if would == Action::Rollback {
-                    "rolled back"
-                } else {
-                    "escalated"
-                },
-                decision.reason()
-            ),
-            status: crate::audit::DecisionStatus::DryRun,
-            error_rate: decision.error_rate,
-            failure_count: decision.failure_count as u32,
-            recommended_action: "none taken (dry run); review the evidence".into(),
-            evidence: detail.evidence,
-            from: Some(session.row.active.clone()),
-            to: session.row.previous.clone(),
-            trigger: crate::audit::Trigger::Automatic,
-            operator: None,
-            phases: crate::audit::Phases::new(),
-            rollback_duration_seconds: None,
-            config_hash: self.config.hash.clone(),
-            session_id: Some(session.row.id.clone()),
-            attempts: 0,
-            error: None,
-        };
-        let name = crate::audit::artifact_file_name(kind, now);
-        let path = self.recorder.artifact(name, record).await;
-        tracing::warn!(artifact = %path.display(), "dry run: would have acted ({})", would.as_str());
     }
 
     async fn action_finished(&mut self, id: i64, outcome: ActionOutcome) {
-        let Some(action) = self.action.take() else {
-            return;
-        };
-        if action.id != id {
-            tracing::error!(
-                expected = action.id,
-                got = id,
-                "an unexpected action finished"
-            );
-        }
-        let replies = action.replies;
         if let Some(metrics) = &self.metrics {
+            let trigger = self
+                .sup
+                .action()
+                .map(|a| a.trigger.as_str())
+                .unwrap_or("automatic");
             match &outcome {
-                ActionOutcome::RolledBack { .. } => {
-                    metrics.rollback_finished(&action.trigger, true)
-                }
-                ActionOutcome::RollbackFailed { .. } => {
-                    metrics.rollback_finished(&action.trigger, false)
-                }
+                ActionOutcome::RolledBack { .. } => metrics.rollback_finished(trigger, true),
+                ActionOutcome::RollbackFailed { .. } => metrics.rollback_finished(trigger, false),
                 ActionOutcome::Escalated { .. } => metrics.escalation_finished(),
             }
         }
-        match &outcome {
-            ActionOutcome::RolledBack { from, to, artifact } => {
-                // The operator's answer first: the rollback is done and recorded; the
-                // session's end is bookkeeping.
-                if let Some(replies) = replies {
-                    let _ = replies
-                        .send(Reply::Done { result: json!({"outcome": "rolled-back", "from": from, "to": to, "artifact": artifact}) })
-                        .await;
-                }
-                if let Some(session) = &mut self.session {
-                    session.row.active = to.clone();
-                    session.row.previous = Some(from.clone());
-                }
-                self.end_session(
-                    store::SESSION_ROLLED_BACK,
-                    &format!("rolled back from {from} to {to}"),
-                    None,
-                )
-                .await;
-                // The executor wrote this too; again here so that, if the disk was full
-                // then, it is retried until it lands.
-                self.write_state(StateWrite::Workers {
-                    active: to.clone(),
-                    previous: from.clone(),
-                })
-                .await;
-            }
-            ActionOutcome::RollbackFailed { reason, artifact } => {
-                if let Some(replies) = &replies {
-                    let _ = replies
-                        .send(Reply::Progress {
-                            message: format!("rollback failed ({reason}); escalating"),
-                            detail: json!({"artifact": artifact}),
-                        })
-                        .await;
-                }
-                let (active, previous) = self
-                    .session
-                    .as_ref()
-                    .map(|s| (Some(s.row.active.clone()), s.row.previous.clone()))
-                    .unwrap_or((None, None));
-                let detail = ActionDetail {
-                    config_hash: self.config.hash.clone(),
-                    ..ActionDetail::default()
-                };
-                self.start_action(
-                    store::KIND_ESCALATION,
-                    "automatic",
-                    reason.clone(),
-                    None,
-                    active,
-                    previous,
-                    detail,
-                    replies,
-                )
-                .await;
-            }
-            ActionOutcome::Escalated { artifact } => {
-                if let Some(session) = &mut self.session {
-                    session.row.state = store::SESSION_ESCALATED.into();
-                    let id = session.row.id.clone();
-                    self.write_state(StateWrite::Session {
-                        id,
-                        state: store::SESSION_ESCALATED.into(),
-                        ended: None,
-                    })
-                    .await;
-                }
-                if let Some(replies) = replies {
-                    let _ = replies
-                        .send(Reply::Done {
-                            result: json!({"outcome": "escalated", "artifact": artifact}),
-                        })
-                        .await;
-                }
-            }
-        }
+        let shown = |path: &std::path::Path| path.display().to_string();
+        let result = match outcome {
+            ActionOutcome::RolledBack { from, to, artifact } => ActionResult::RolledBack {
+                from,
+                to,
+                artifact: shown(&artifact),
+            },
+            ActionOutcome::RollbackFailed { reason, artifact } => ActionResult::RollbackFailed {
+                reason,
+                artifact: shown(&artifact),
+            },
+            ActionOutcome::Escalated { artifact } => ActionResult::Escalated {
+                artifact: shown(&artifact),
+            },
+        };
+        self.feed(Input::ActionDone { id, result }).await;
     }
 
     /// Writes a state change, or keeps it for [`Self::retry_state`] when the database
     /// cannot take it now.
-    async fn write_state(&mut self, write: StateWrite) {
+    async fn write_state(&mut self, change: StateChange) {
         if !self.pending_state.is_empty() {
             // Keep the order: earlier writes are still waiting.
-            self.pending_state.push(write);
+            self.pending_state.push(change);
             self.retry_state().await;
             return;
         }
-        let attempt = write.clone();
-        if let Err(err) = self.db.call(move |store| attempt.apply(store)).await {
+        let attempt = change.clone();
+        if let Err(err) = self.db.call(move |store| apply(&attempt, store)).await {
             tracing::error!(
-                ?write,
+                ?change,
                 "cannot record a state change in rollbackd.db, will retry: {err}"
             );
-            self.pending_state.push(write);
+            self.pending_state.push(change);
         }
     }
 
     /// Writes the state changes that failed before, in order, stopping at the first failure.
     async fn retry_state(&mut self) {
-        while let Some(write) = self.pending_state.first().cloned() {
-            match self.db.call(move |store| write.apply(store)).await {
+        while let Some(change) = self.pending_state.first().cloned() {
+            match self.db.call(move |store| apply(&change, store)).await {
                 Ok(()) => {
                     self.pending_state.remove(0);
                 }
@@ -1342,50 +950,12 @@ impl Driver {
         }
     }
 
-    async fn end_session(&mut self, state: &str, reason: &str, operator: Option<&Operator>) {
-        let Some(session) = self.session.take() else {
-            return;
-        };
-        self.next_check = None;
-        let now = self.now();
-        self.write_state(StateWrite::Session {
-            id: session.row.id.clone(),
-            state: state.to_owned(),
-            ended: Some((now_ms(now), reason.to_owned())),
-        })
-        .await;
-        let mut audit = AuditRecord::new(now, AuditEvent::MonitoringStopped, Some(&session.row.id))
-            .field("state", state)
-            .field("reason", reason)
-            .field("active", session.row.active.clone())
-            .field("previous", session.row.previous.clone())
-            .field("checks", session.next_check_index);
-        if let Some(operator) = operator {
-            audit = audit.operator(operator.name.clone());
-        }
-        self.recorder.audit(audit).await;
-        // After a rollback the executor has written the mirror already.
-        if state != store::SESSION_ROLLED_BACK {
-            self.recorder
-                .worker_manager(WorkerManagerRecord {
-                    active: session.row.active.clone(),
-                    previous: session.row.previous.clone(),
-                    updated_at: rfc3339_millis(now),
-                    session_id: Some(session.row.id.clone()),
-                    state: state.to_owned(),
-                })
-                .await;
-        }
-        tracing::info!(session = %session.row.id, state, "monitoring stopped: {reason}");
-        self.prune_sessions().await;
-    }
-
     /// Deletes the sessions `[retention]` no longer keeps (at start-up and after each
     /// session ends). A failure is logged and tried again next time: it never stops
     /// monitoring.
     async fn prune_sessions(&mut self) {
         let retention = self.config.config.retention.clone();
-        let now = now_ms(self.now());
+        let now = time::to_ms(self.now());
         let floor =
             crate::config::retention_floor(self.config.config.kill_switch.reset_quiet_period);
         let rule = store::PruneRule {
@@ -1496,7 +1066,7 @@ impl Driver {
     ) {
         let key = self.config.config.kill_switch.key.clone();
         let now = self.now();
-        let session_id = self.session.as_ref().map(|s| s.row.id.clone());
+        let session_id = self.sup.session().map(|s| s.record.id.clone());
         let shown = value.clone().unwrap_or_else(|| "(no row)".into());
         tracing::warn!(key = %key, value = %shown, "the kill switch was changed outside rollbackd");
         let (kill_record, audit) = crate::killswitch::records(
@@ -1548,34 +1118,16 @@ impl Driver {
                         .set_alerts(crate::alerts::Alerter::from_config(&loaded.config.alerts));
                 }
                 self.config = Arc::new(loaded);
-                if let Some(session) = &mut self.session {
-                    // The window is replayed under the new thresholds.
-                    let id = session.row.id.clone();
-                    let window = self.config.config.rules.window;
-                    let checks = self
-                        .db
-                        .call(move |store| store.recent_checks(&id, window))
-                        .await
-                        .unwrap_or_default();
-                    let mut engine =
-                        Engine::new(self.config.config.rules.clone(), session.engine.baseline());
-                    for check in &checks {
-                        if let Ok(result) = serde_json::from_str::<CheckResult>(&check.check_json) {
-                            let at = Duration::from_millis(
-                                (check.taken_at_ms - session.row.promoted_at_ms).max(0) as u64,
-                            );
-                            engine.observe(at, &result);
-                        }
-                    }
-                    session.engine = engine;
-                }
+                // The window is judged again under the new thresholds.
+                let settings = Settings::from_config(&self.config.config, &self.config.hash);
+                self.feed(Input::Reload(Box::new(settings))).await;
                 tracing::info!(old = %old_hash, new = %self.config.hash, "configuration reloaded");
                 self.recorder
                     .audit(
                         AuditRecord::new(
                             now,
                             AuditEvent::ConfigReloaded,
-                            self.session.as_ref().map(|s| s.row.id.as_str()),
+                            self.sup.session().map(|s| s.record.id.as_str()),
                         )
                         .field("ok", true)
                         .field("configHash", self.config.hash.clone())
@@ -1593,7 +1145,7 @@ impl Driver {
                         AuditRecord::new(
                             now,
                             AuditEvent::ConfigReloaded,
-                            self.session.as_ref().map(|s| s.row.id.as_str()),
+                            self.sup.session().map(|s| s.record.id.as_str()),
                         )
                         .field("ok", false)
                         .field("error", err.to_string())
@@ -1621,23 +1173,47 @@ impl Driver {
                 baseline_error_rate,
                 baseline_latency_p95_ms,
             } => {
-                self.promote(
-                    &operator,
+                let baseline = (baseline_error_rate.is_some() || baseline_latency_p95_ms.is_some())
+                    .then_some(Baseline {
+                        error_rate: baseline_error_rate,
+                        latency_p95_ms: baseline_latency_p95_ms,
+                    });
+                let reply = self.expect_reply(replies);
+                self.feed(Input::Promote {
+                    operator: operator.name,
                     active,
                     previous,
-                    baseline_error_rate,
-                    baseline_latency_p95_ms,
-                )
-                .await
+                    baseline,
+                    reply,
+                })
+                .await;
+                return;
             }
             Request::Rollback { reason, emergency } => {
-                match self
-                    .manual_rollback(&operator, reason, emergency, replies.clone())
-                    .await
-                {
-                    Some(reply) => reply,
-                    None => return, // the action replies when it ends
-                }
+                let known_workers = if self.sup.session().is_none() {
+                    self.db
+                        .call(|store| Ok((store.get_meta("active")?, store.get_meta("previous")?)))
+                        .await
+                        .map(|(active, previous)| {
+                            (
+                                stored_worker_id("active worker", active),
+                                stored_worker_id("previous worker", previous),
+                            )
+                        })
+                        .unwrap_or((None, None))
+                } else {
+                    (None, None)
+                };
+                let reply = self.expect_reply(replies);
+                self.feed(Input::Rollback {
+                    operator: operator.name,
+                    reason,
+                    emergency,
+                    known_workers,
+                    reply,
+                })
+                .await;
+                return;
             }
             Request::KillSwitchSet { reason } => {
                 self.manual_kill_switch(&operator, "1", reason, replies)
@@ -1693,203 +1269,30 @@ impl Driver {
                     },
                 }
             }
-            Request::Pause { reason } => self.set_paused(&operator, true, reason).await,
-            Request::Resume => self.set_paused(&operator, false, None).await,
-        };
-        let _ = replies.send(reply).await;
-    }
-
-    async fn promote(
-        &mut self,
-        operator: &Operator,
-        active: String,
-        previous: String,
-        baseline_error_rate: Option<f64>,
-        baseline_latency_p95_ms: Option<f64>,
-    ) -> Reply {
-        if let Some(action) = &self.action {
-            return Reply::Failed {
-                message: format!("refused: {} #{} is in progress", action.kind, action.id),
-                exit: 3,
-            };
-        }
-        // The control socket checks these already; the driver checks again for every other
-        // way a promotion arrives (the demo, tests).
-        let checked = crate::text::check_worker_id(&active)
-            .map_err(|e| format!("active: {e}"))
-            .and_then(|()| {
-                crate::text::check_worker_id(&previous).map_err(|e| format!("previous: {e}"))
-            });
-        if let Err(problem) = checked {
-            return Reply::Failed {
-                message: format!("invalid request: {problem}"),
-                exit: 2,
-            };
-        }
-        if active == previous {
-            return Reply::Failed {
-                message: "refused: --active and --previous must be two different worker ids".into(),
-                exit: 3,
-            };
-        }
-        if self.session.is_some() {
-            self.end_session(
-                store::SESSION_STOPPED,
-                &format!("superseded by the promotion of {active}"),
-                Some(operator),
-            )
-            .await;
-        }
-        let now = self.now();
-        let baseline = (baseline_error_rate.is_some() || baseline_latency_p95_ms.is_some())
-            .then_some(Baseline {
-                error_rate: baseline_error_rate,
-                latency_p95_ms: baseline_latency_p95_ms,
-            });
-        let row = new_session_row(
-            now,
-            &active,
-            &previous,
-            baseline,
-            Some(operator.name.clone()),
-        );
-        let insert = row.clone();
-        let (a, p) = (active.clone(), previous.clone());
-        if let Err(err) = self
-            .db
-            .call(move |store| {
-                store.insert_session(&insert)?;
-                store.set_meta("active", &a)?;
-                store.set_meta("previous", &p)
-            })
-            .await
-        {
-            return Reply::Failed {
-                message: format!("cannot record the session: {err}"),
-                exit: 1,
-            };
-        }
-        self.start_session(row, operator).await
-    }
-
-    async fn start_session(&mut self, row: SessionRow, operator: &Operator) -> Reply {
-        let now = self.now();
-        let baseline = row
-            .baseline_json
-            .as_deref()
-            .and_then(|t| serde_json::from_str::<Baseline>(t).ok());
-        self.recorder
-            .audit(
-                AuditRecord::new(now, AuditEvent::MonitoringStarted, Some(&row.id))
-                    .operator(operator.name.clone())
-                    .field("active", row.active.clone())
-                    .field("previous", row.previous.clone())
-                    .field(
-                        "baseline",
-                        serde_json::to_value(baseline).unwrap_or(Value::Null),
-                    )
-                    .field(
-                        "gracePeriodSeconds",
-                        self.config.config.monitor.grace_period.as_secs_f64(),
-                    )
-                    .field("configHash", self.config.hash.clone()),
-            )
-            .await;
-        self.recorder
-            .worker_manager(WorkerManagerRecord {
-                active: row.active.clone(),
-                previous: row.previous.clone(),
-                updated_at: rfc3339_millis(now),
-                session_id: Some(row.id.clone()),
-                state: row.state.clone(),
-            })
-            .await;
-        let result = json!({"sessionId": row.id, "active": row.active, "previous": row.previous});
-        self.recent.clear();
-        self.session = Some(Session::new(
-            row,
-            Engine::new(self.config.config.rules.clone(), baseline),
-            0,
-            None,
-            "the promotion",
-        ));
-        // The first check comes one interval after promotion: the canary gets that long
-        // to warm up before it is judged.
-        self.next_check = Some(crate::clock::deadline_tokio(
-            Instant::now(),
-            self.config.config.monitor.check_interval,
-        ));
-        Reply::Done { result }
-    }
-
-    async fn manual_rollback(
-        &mut self,
-        operator: &Operator,
-        reason: String,
-        emergency: bool,
-        replies: mpsc::Sender<Reply>,
-    ) -> Option<Reply> {
-        if let Some(action) = &self.action {
-            return Some(Reply::Failed {
-                message: format!(
-                    "refused: {} #{} is already in progress",
-                    action.kind, action.id
-                ),
-                exit: 3,
-            });
-        }
-        let (active, previous) = match &self.session {
-            Some(session) => (
-                Some(session.row.active.clone()),
-                session.row.previous.clone(),
-            ),
-            None => {
-                let (active, previous) = self
-                    .db
-                    .call(|store| Ok((store.get_meta("active")?, store.get_meta("previous")?)))
-                    .await
-                    .unwrap_or((None, None));
-                (
-                    stored_worker_id("active worker", active),
-                    stored_worker_id("previous worker", previous),
-                )
+            Request::Pause { reason } => {
+                let reply = self.expect_reply(replies);
+                self.feed(Input::Pause {
+                    operator: operator.name,
+                    paused: true,
+                    reason,
+                    reply,
+                })
+                .await;
+                return;
+            }
+            Request::Resume => {
+                let reply = self.expect_reply(replies);
+                self.feed(Input::Pause {
+                    operator: operator.name,
+                    paused: false,
+                    reason: None,
+                    reply,
+                })
+                .await;
+                return;
             }
         };
-        let (Some(active), Some(previous)) = (active, previous) else {
-            return Some(Reply::Failed {
-                message:
-                    "refused: no active/previous worker is known (run `rollbackd promote` first)"
-                        .into(),
-                exit: 3,
-            });
-        };
-        let mut detail = match &self.session.as_ref().and_then(|s| s.last_decision.clone()) {
-            Some(decision) => self.detail_for(decision),
-            None => ActionDetail {
-                config_hash: self.config.hash.clone(),
-                ..ActionDetail::default()
-            },
-        };
-        detail.emergency = emergency;
-        let trigger = if emergency { "emergency" } else { "manual" };
-        let _ = replies
-            .send(Reply::Progress {
-                message: format!("{trigger} rollback {active} → {previous} recorded; starting"),
-                detail: json!({}),
-            })
-            .await;
-        self.start_action(
-            store::KIND_ROLLBACK,
-            trigger,
-            reason,
-            Some(operator.name.clone()),
-            Some(active),
-            Some(previous),
-            detail,
-            Some(replies),
-        )
-        .await;
-        None
+        let _ = replies.send(reply).await;
     }
 
     async fn manual_kill_switch(
@@ -1901,22 +1304,15 @@ impl Driver {
     ) {
         let ctx = self.context(Some(replies.clone()));
         let config = self.config.clone();
-        let session_id = self.session.as_ref().map(|s| s.row.id.clone());
+        let session_id = self.sup.session().map(|s| s.record.id.clone());
         let operator_name = operator.name.clone();
         let value = value.to_owned();
         let clock = self.clock.clone();
         // A reset ends an escalated session: a human has decided it is over.
-        if value == "0"
-            && self
-                .session
-                .as_ref()
-                .is_some_and(|s| s.row.state == store::SESSION_ESCALATED)
-        {
-            self.end_session(
-                store::SESSION_STOPPED,
-                "kill switch reset by an operator",
-                Some(operator),
-            )
+        if value == "0" {
+            self.feed(Input::KillSwitchReset {
+                operator: operator.name.clone(),
+            })
             .await;
         }
         tokio::spawn(async move {
@@ -1960,53 +1356,6 @@ impl Driver {
         });
     }
 
-    async fn set_paused(
-        &mut self,
-        operator: &Operator,
-        paused: bool,
-        reason: Option<String>,
-    ) -> Reply {
-        let now = self.now();
-        let Some(session) = self.session.as_mut() else {
-            return Reply::Failed {
-                message: "refused: no monitoring session".into(),
-                exit: 3,
-            };
-        };
-        if session.row.paused == paused {
-            return Reply::Done {
-                result: json!({"paused": paused, "changed": false}),
-            };
-        }
-        session.row.paused = paused;
-        session.row.pause_reason = reason.clone();
-        let id = session.row.id.clone();
-        let reason2 = reason.clone();
-        if let Err(err) = self
-            .db
-            .call(move |store| store.set_paused(&id, paused, reason2.as_deref()))
-            .await
-        {
-            tracing::error!("cannot record pause state: {err}");
-        }
-        let session = self.session.as_ref().expect("present");
-        let event = if paused {
-            AuditEvent::MonitoringPaused
-        } else {
-            AuditEvent::MonitoringResumed
-        };
-        self.recorder
-            .audit(
-                AuditRecord::new(now, event, Some(&session.row.id))
-                    .operator(operator.name.clone())
-                    .field("reason", reason),
-            )
-            .await;
-        Reply::Done {
-            result: json!({"paused": paused, "changed": true}),
-        }
-    }
-
     async fn status_json(&self) -> Value {
         let now = self.now();
         let config = &self.config.config;
@@ -2019,21 +1368,22 @@ impl Driver {
         .unwrap_or_else(|e| {
             crate::killswitch::KillSwitchState::Unknown(format!("reading it failed: {e}"))
         });
-        let session = self.session.as_ref().map(|s| {
-            let promoted = SystemTime::UNIX_EPOCH + Duration::from_millis(s.row.promoted_at_ms.max(0) as u64);
+        let session = self.sup.session().map(|s| {
+            let promoted = s.record.promoted_at;
             let age = now.duration_since(promoted).unwrap_or_default();
             let grace_left = config.monitor.grace_period.saturating_sub(age);
+            let monitoring = s.record.state == SessionState::Monitoring;
             json!({
-                "id": s.row.id,
-                "state": s.row.state,
-                "active": s.row.active,
-                "previous": s.row.previous,
+                "id": s.record.id,
+                "state": s.record.state.as_str(),
+                "active": s.record.active,
+                "previous": s.record.previous,
                 "promotedAt": rfc3339_millis(promoted),
                 "ageSeconds": age.as_secs(),
-                "graceLeftSeconds": if s.row.state == store::SESSION_MONITORING { Some(grace_left.as_secs()) } else { None },
-                "paused": s.row.paused,
-                "pauseReason": s.row.pause_reason,
-                "checks": s.next_check_index,
+                "graceLeftSeconds": if monitoring { Some(grace_left.as_secs()) } else { None },
+                "paused": s.record.paused,
+                "pauseReason": s.record.pause_reason,
+                "checks": s.next_index,
                 "verdict": s.last_decision.as_ref().map(|d| d.verdict.as_str()),
                 "reason": s.last_decision.as_ref().map(|d| d.reason()),
             })
@@ -2050,9 +1400,9 @@ impl Driver {
             "daemon": "running",
             "pid": std::process::id(),
             "since": rfc3339_millis(self.started_at),
-            "state": self.session.as_ref().map(|s| s.row.state.as_str()).unwrap_or("idle"),
+            "state": self.sup.session().map(|s| s.record.state.as_str()).unwrap_or("idle"),
             "session": session,
-            "action": self.action.as_ref().map(|a| json!({"id": a.id, "kind": a.kind})),
+            "action": self.sup.action().map(|a| json!({"id": a.id, "kind": a.kind.as_str()})),
             "killSwitch": kill.to_json(&key),
             "recentChecks": recent,
             "configHash": self.config.hash,
@@ -2086,7 +1436,7 @@ pub fn new_session_row(
     operator: Option<String>,
 ) -> SessionRow {
     SessionRow {
-        id: session_id_for(now, active),
+        id: crate::core::supervisor::session_id_for(now, active),
         active: active.to_owned(),
         previous: Some(previous.to_owned()),
         promoted_at_ms: now_ms(now),

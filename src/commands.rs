@@ -13,15 +13,12 @@ use std::time::{Duration, SystemTime};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use crate::audit::{rfc3339_millis, Analytics, AuditEvent, AuditRecord, KillSwitchSource};
+use crate::audit::rfc3339_millis;
 use crate::cli::{exit, Command, KillSwitchAction, Refused};
 use crate::config::LoadedConfig;
 use crate::control::{self, CallError, Operator, Reply, Request};
-use crate::daemon::db::Db;
-use crate::daemon::executor::{self, ActionContext, ActionDetail, ActionOutcome};
-use crate::daemon::recorder::{now_ms, Recorder};
-use crate::daemon::{stored_worker_id, SystemClock};
-use crate::store::{self, NewAction, Store, StoreError};
+use crate::daemon::{stored_worker_id, Driver, DriverInputs, SystemClock};
+use crate::store::{self, Store, StoreError};
 use crate::text::Escaped;
 
 /// Runs one operator command; returns the exit status.
@@ -107,7 +104,13 @@ pub async fn run(command: &Command, loaded: &LoadedConfig) -> anyhow::Result<u8>
             );
             match local(&request, loaded).await {
                 Ok(value) => Some(value),
-                Err(err) => return Err(err),
+                Err(err) => {
+                    if let Some(CallError::Failed { message, exit }) = err.downcast_ref() {
+                        eprintln!("rollbackd: {}", Escaped(message));
+                        return Ok(*exit);
+                    }
+                    return Err(err);
+                }
             }
         }
         Err(CallError::Failed { message, exit }) => {
@@ -303,273 +306,56 @@ async fn local(request: &Request, loaded: &LoadedConfig) -> anyhow::Result<Value
                 loaded.config.socket_path().display()
             )
         })?;
-    let operator = Operator::current();
-    let now = SystemTime::now();
-    match request {
-        Request::KillSwitchSet { reason } => {
-            local_kill_switch(loaded, "1", reason, &operator).await
-        }
-        Request::KillSwitchReset { reason, force } => {
-            let ks = &loaded.config.kill_switch;
-            if let Some(why) = crate::killswitch::reset_refusal(
-                &loaded.config.rollbackd_db(),
-                ks.reset_quiet_period,
-                now,
-            )? {
-                if !force {
-                    return Err(Refused(why).into());
-                }
-                tracing::warn!("kill switch reset forced past the quiet period: {why}");
-            }
-            local_kill_switch(loaded, "0", reason, &operator).await
-        }
-        Request::Promote {
-            active,
-            previous,
-            baseline_error_rate,
-            baseline_latency_p95_ms,
-        } => {
-            if active.trim().is_empty() || active == previous {
-                return Err(Refused(
-                    "--active and --previous must be two different worker ids".into(),
-                )
-                .into());
-            }
-            let baseline = (baseline_error_rate.is_some() || baseline_latency_p95_ms.is_some())
-                .then_some(crate::check::Baseline {
-                    error_rate: *baseline_error_rate,
-                    latency_p95_ms: *baseline_latency_p95_ms,
-                });
-            let row = crate::daemon::new_session_row(
-                now,
-                active,
-                previous,
-                baseline,
-                Some(operator.name.clone()),
-            );
-            let mut store = Store::open(&loaded.config.rollbackd_db())?;
-            if let Some(current) = store.current_session()? {
-                store.update_session_state(
-                    &current.id,
-                    store::SESSION_STOPPED,
-                    Some((
-                        now_ms(now),
-                        &format!("superseded by the promotion of {active}"),
-                    )),
-                )?;
-            }
-            store.insert_session(&row)?;
-            store.set_meta("active", active)?;
-            store.set_meta("previous", previous)?;
-            Ok(
-                json!({"sessionId": row.id, "active": active, "previous": previous, "recordedOnly": true}),
-            )
-        }
-        Request::Pause { reason } => local_pause(loaded, &operator, true, reason.clone()).await,
-        Request::Resume => local_pause(loaded, &operator, false, None).await,
-        Request::Rollback { reason, emergency } => {
-            local_rollback(loaded, &operator, reason, *emergency).await
-        }
-        Request::Status | Request::KillSwitchStatus => unreachable!("handled above"),
+    if matches!(request, Request::Rollback { .. }) {
+        // The switch and verify hooks are about to run: the same checks as `run`'s.
+        crate::service::check_runnable(loaded)?;
     }
+    one_shot(request, loaded).await
 }
 
-async fn local_kill_switch(
-    loaded: &LoadedConfig,
-    value: &str,
-    reason: &str,
-    operator: &Operator,
-) -> anyhow::Result<Value> {
-    let ks = loaded.config.kill_switch.clone();
-    let value_owned = value.to_owned();
-    let report = tokio::task::spawn_blocking(move || {
-        crate::killswitch::write(
-            &ks.database,
-            &ks.key,
-            &value_owned,
-            ks.create_mode(),
-            |waited| {
-                eprintln!(
-                    "  the database is busy; still waiting after {}",
-                    crate::config::show(Duration::from_secs(waited.as_secs()))
-                );
-            },
-        )
-    })
-    .await??;
-    let now = SystemTime::now();
-    let session = Store::open_read_only(&loaded.config.rollbackd_db())
-        .ok()
-        .and_then(|s| s.current_session().ok().flatten())
-        .map(|s| s.id);
-    let ks = &loaded.config.kill_switch;
-    let (kill_record, audit) = crate::killswitch::records(
-        now,
-        &ks.key,
-        value,
-        report.previous.as_deref(),
-        KillSwitchSource::Manual,
-        Some(&operator.name),
-        reason,
-        session.as_deref(),
-    );
-    let mut analytics = Analytics::new(&loaded.config.analytics_dir());
-    // The switch has landed; a failure to record it is reported, not hidden.
-    if let Err(err) = analytics
-        .kill_switch(&kill_record)
-        .and_then(|_| analytics.audit(&audit))
-    {
-        eprintln!("rollbackd: warning: the kill switch is {value} but the audit record could not be written: {err}");
-    }
-    Ok(json!({"key": ks.key, "value": value, "previous": report.previous}))
-}
-
-async fn local_pause(
-    loaded: &LoadedConfig,
-    operator: &Operator,
-    paused: bool,
-    reason: Option<String>,
-) -> anyhow::Result<Value> {
-    let mut store = Store::open(&loaded.config.rollbackd_db())?;
-    let Some(session) = store.current_session()? else {
-        return Err(Refused("no monitoring session".into()).into());
-    };
-    store.set_paused(&session.id, paused, reason.as_deref())?;
-    let event = if paused {
-        AuditEvent::MonitoringPaused
-    } else {
-        AuditEvent::MonitoringResumed
-    };
-    let audit = AuditRecord::new(SystemTime::now(), event, Some(&session.id))
-        .operator(operator.name.clone())
-        .field("reason", reason);
-    Analytics::new(&loaded.config.analytics_dir()).audit(&audit)?;
-    Ok(json!({"paused": paused, "changed": session.paused != paused}))
-}
-
-async fn local_rollback(
-    loaded: &LoadedConfig,
-    operator: &Operator,
-    reason: &str,
-    emergency: bool,
-) -> anyhow::Result<Value> {
-    crate::service::check_runnable(loaded)?;
-    let config = Arc::new(loaded.clone());
-    let db = Db::open(&config.config.rollbackd_db())?;
-    let (session, active, previous) = db
-        .call(|store| {
-            let session = store.current_session()?;
-            Ok((
-                session,
-                store.get_meta("active")?,
-                store.get_meta("previous")?,
-            ))
+/// Runs one operator command through the daemon's own Supervisor and effect runner, in
+/// this process (the caller holds the state lock): the same validation, records and
+/// actions as with a daemon, and nothing checked. Progress goes to stderr as it arrives.
+async fn one_shot(request: &Request, loaded: &LoadedConfig) -> anyhow::Result<Value> {
+    let (commands_tx, commands_rx) = mpsc::channel(1);
+    let (replies_tx, mut replies_rx) = mpsc::channel(16);
+    commands_tx
+        .send(control::Command {
+            operator: Operator::current(),
+            request: request.clone(),
+            replies: replies_tx,
         })
-        .await?;
-    let (active, previous) = match &session {
-        Some(s) => (Some(s.active.clone()), s.previous.clone()),
-        None => (active, previous),
+        .await
+        .map_err(|_| anyhow::anyhow!("the in-process runner is gone"))?;
+    drop(commands_tx);
+    let inputs = DriverInputs {
+        one_shot: true,
+        factory: crate::service::real_adapters(),
+        clock: Arc::new(SystemClock),
+        commands: commands_rx,
+        flags: None,
+        reload: None,
+        shutdown: tokio_util::sync::CancellationToken::new(),
+        on_status: None,
+        watchdog: None,
+        metrics: None,
     };
-    let active = stored_worker_id("active worker", active);
-    let previous = stored_worker_id("previous worker", previous);
-    let (Some(active), Some(previous)) = (active, previous) else {
-        return Err(Refused(
-            "no active/previous worker is known (run `rollbackd promote` first)".into(),
-        )
-        .into());
-    };
-    let recorder = Recorder::new(config.config.analytics_dir(), Some(db.clone())).await;
-    recorder.set_alerts(crate::alerts::Alerter::from_config(&config.config.alerts));
-    let adapters = (crate::service::real_adapters())(&config.config);
-    let (progress_tx, mut progress_rx) = mpsc::channel::<Reply>(16);
-    let printer = tokio::spawn(async move {
-        while let Some(reply) = progress_rx.recv().await {
-            if let Reply::Progress { message, .. } = reply {
+    let runner = tokio::spawn(Driver::run(loaded.clone(), inputs));
+    let mut last = None;
+    while let Some(reply) = replies_rx.recv().await {
+        match reply {
+            Reply::Progress { message, .. } => {
                 eprintln!("  {} {}", short_time(SystemTime::now()), Escaped(&message));
             }
+            end => last = Some(end),
         }
-    });
-    let ctx = ActionContext {
-        config: config.clone(),
-        db: db.clone(),
-        recorder: recorder.clone(),
-        probe: adapters.probe.clone(),
-        hooks: adapters.hooks.clone(),
-        clock: Arc::new(SystemClock),
-        progress: Some(progress_tx),
-        kill_writes: Default::default(),
-    };
-    let detail = ActionDetail {
-        emergency,
-        config_hash: config.hash.clone(),
-        ..ActionDetail::default()
-    };
-    let trigger = if emergency { "emergency" } else { "manual" };
-    let new_action = |kind: &str, reason: String, detail_json: Option<String>| NewAction {
-        session_id: session.as_ref().map(|s| s.id.clone()),
-        kind: kind.into(),
-        trigger: trigger.into(),
-        state: store::ACTION_PENDING.into(),
-        phase: None,
-        attempt: 1,
-        from_worker: Some(active.clone()),
-        to_worker: Some(previous.clone()),
-        reason,
-        operator: Some(operator.name.clone()),
-        started_at_ms: now_ms(SystemTime::now()),
-        detail_json,
-    };
-    let new = new_action(
-        store::KIND_ROLLBACK,
-        reason.to_owned(),
-        serde_json::to_string(&detail).ok(),
-    );
-    let row = executor::record_intent(&db, &recorder, SystemTime::now(), new).await;
-    let outcome = executor::rollback(ctx.clone(), row).await;
-    let value = match outcome {
-        ActionOutcome::RolledBack { from, to, artifact } => {
-            if let Some(session) = &session {
-                let (id, at) = (session.id.clone(), now_ms(SystemTime::now()));
-                let end = format!("rolled back from {from} to {to}");
-                // The rollback happened; failing to record the session's end is a warning,
-                // not a failed command.
-                if let Err(err) = db
-                    .call(move |store| {
-                        store.update_session_state(
-                            &id,
-                            store::SESSION_ROLLED_BACK,
-                            Some((at, &end)),
-                        )
-                    })
-                    .await
-                {
-                    eprintln!("rollbackd: warning: rolled back, but the session's end could not be recorded: {err}");
-                }
-            }
-            json!({"outcome": "rolled-back", "from": from, "to": to, "artifact": artifact})
-        }
-        ActionOutcome::RollbackFailed { reason, .. } => {
-            let new = new_action(store::KIND_ESCALATION, reason, None);
-            let row = executor::record_intent(&db, &recorder, SystemTime::now(), new).await;
-            match executor::escalate(ctx.clone(), row).await {
-                ActionOutcome::Escalated { artifact } => {
-                    json!({"outcome": "escalated", "artifact": artifact})
-                }
-                other => json!({"outcome": format!("{other:?}")}),
-            }
-        }
-        ActionOutcome::Escalated { artifact } => {
-            json!({"outcome": "escalated", "artifact": artifact})
-        }
-    };
-    drop(ctx);
-    recorder.retry().await;
-    // The rollback is done; its alerts get one POST timeout's worth of time to go out.
-    if !recorder.flush_alerts(config.config.alerts.timeout).await {
-        tracing::warn!("exiting with alerts not yet delivered");
     }
-    let _ = printer.await;
-    Ok(value)
+    runner.await??;
+    match last {
+        Some(Reply::Done { result }) => Ok(result),
+        Some(Reply::Failed { message, exit }) => Err(CallError::Failed { message, exit }.into()),
+        _ => Err(anyhow::anyhow!("the command ended without an answer")),
+    }
 }
 
 /// `status` without a daemon: what `rollbackd.db` and the settings table say.

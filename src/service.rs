@@ -233,6 +233,7 @@ pub async fn run(
     let status_notifier = notifier.clone();
     let watchdog_notifier = notifier.clone();
     let inputs = DriverInputs {
+        one_shot: false,
         factory,
         clock: Arc::new(SystemClock),
         commands: commands_rx,

@@ -180,6 +180,7 @@ fn start(extra: &str) -> Harness {
     let (commands, commands_rx) = mpsc::channel(8);
     let shutdown = CancellationToken::new();
     let inputs = DriverInputs {
+        one_shot: false,
         factory: adapters,
         clock: Arc::new(TokioClock::new(
             SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000),

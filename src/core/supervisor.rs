@@ -467,6 +467,10 @@ pub struct Supervisor {
     pending: Option<Pending>,
     /// The workers of the last session that ended (for `status` between sessions).
     last_workers: Option<(String, Option<String>, SessionState)>,
+    /// Run for one operator command while no daemon runs: nothing is checked in this
+    /// process, so no timer is armed and a promotion is only recorded (the daemon says
+    /// `monitoring-started` when it picks the session up).
+    offline: bool,
     effects: VecDeque<Effect>,
 }
 
@@ -482,7 +486,16 @@ impl Supervisor {
             rollbacks: Vec::new(),
             pending: None,
             last_workers: None,
+            offline: false,
             effects: VecDeque::new(),
+        }
+    }
+
+    /// A Supervisor for one operator command without a daemon (see the `offline` field).
+    pub fn offline(settings: Settings) -> Supervisor {
+        Supervisor {
+            offline: true,
+            ..Supervisor::new(settings)
         }
     }
 
@@ -512,7 +525,7 @@ impl Supervisor {
     /// period's wait for one. `None`: nothing is due (no session, a check or a rollback
     /// in flight).
     pub fn poll_timeout(&self) -> Option<Instant> {
-        if self.check_in_flight || !self.checks_may_run() {
+        if self.offline || self.check_in_flight || !self.checks_may_run() {
             return None;
         }
         self.session.as_ref()?;
@@ -655,7 +668,7 @@ impl Supervisor {
                     "{} monitoring session",
                     if fresh { "starting recorded" } else { "resuming" }
                 );
-                if checks.is_empty() {
+                if checks.is_empty() && !self.offline {
                     // Recorded by `rollbackd promote` while no daemon ran: this is its start.
                     let record = &session.record;
                     self.audit(
@@ -1306,6 +1319,13 @@ impl Supervisor {
         }
         let record = pending.record;
         let operator = record.operator.clone().unwrap_or_default();
+        let result = json!({"sessionId": record.id, "active": record.active, "previous": record.previous, "recordedOnly": self.offline});
+        if self.offline {
+            // Monitoring starts when the daemon picks the session up, and says so then.
+            self.session = Some(Session::new(record, &self.settings.rules, "the promotion"));
+            self.reply(pending.reply, Answer::Done(result));
+            return;
+        }
         self.audit(
             AuditRecord::new(now.wall, AuditEvent::MonitoringStarted, Some(&record.id))
                 .operator(operator)

@@ -132,6 +132,11 @@ pub struct DriverInputs {
     pub watchdog: Option<(Duration, Box<dyn Fn() + Send>)>,
     /// The daemon's Prometheus metrics, kept up to date when present.
     pub metrics: Option<Metrics>,
+    /// One operator command without a daemon (`rollbackd promote|rollback|pause|resume|
+    /// kill-switch set|reset` when none runs): the same Supervisor and runner, nothing
+    /// checked; stops once the commands channel is closed and every command and action
+    /// it started has ended.
+    pub one_shot: bool,
 }
 
 /// How often a check in flight looks at the clock, to notice that rollbackd itself was
@@ -317,6 +322,8 @@ pub struct Driver {
     metrics: Option<Metrics>,
     /// When the state database was last found deleted or replaced and written back.
     db_restored: Option<Value>,
+    /// Manual kill-switch writes in flight (awaited before a one-shot run returns).
+    side_tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Driver {
@@ -332,7 +339,12 @@ impl Driver {
         let (checks_tx, mut checks_rx) = mpsc::channel(4);
         let (actions_tx, mut actions_rx) = mpsc::channel(4);
         let clock = inputs.clock.clone();
-        let sup = Supervisor::new(Settings::from_config(&config.config, &config.hash));
+        let settings = Settings::from_config(&config.config, &config.hash);
+        let sup = if inputs.one_shot {
+            Supervisor::offline(settings)
+        } else {
+            Supervisor::new(settings)
+        };
         let mut driver = Driver {
             config,
             adapters,
@@ -354,6 +366,7 @@ impl Driver {
             pending_state: Vec::new(),
             metrics: inputs.metrics.take(),
             db_restored: None,
+            side_tasks: Vec::new(),
         };
         driver.restore().await?;
         driver.prune_sessions().await;
@@ -367,6 +380,7 @@ impl Driver {
         let mut retry_records = tokio::time::interval(Duration::from_secs(5));
         retry_records.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let mut stopping = false;
+        let mut commands_open = true;
         let mut flags = inputs.flags.take();
         if let Some(rx) = &flags {
             let snapshot = rx.borrow().clone();
@@ -379,6 +393,13 @@ impl Driver {
 
         loop {
             if stopping && driver.sup.action().is_none() {
+                break;
+            }
+            if inputs.one_shot
+                && !commands_open
+                && driver.sup.action().is_none()
+                && driver.replies.is_empty()
+            {
                 break;
             }
             let next_check = if stopping {
@@ -402,7 +423,11 @@ impl Driver {
                     driver.check_finished(done).await;
                     driver.publish_status(&inputs.on_status);
                 }
-                Some(command) = inputs.commands.recv() => {
+                command = inputs.commands.recv(), if commands_open => {
+                    let Some(command) = command else {
+                        commands_open = false;
+                        continue;
+                    };
                     if stopping {
                         let _ = command.replies.send(Reply::Failed { message: "rollbackd is shutting down".into(), exit: 1 }).await;
                     } else {
@@ -445,6 +470,9 @@ impl Driver {
                     driver.publish_status(&inputs.on_status);
                 }
             }
+        }
+        for task in std::mem::take(&mut driver.side_tasks) {
+            let _ = task.await;
         }
         driver.recorder.retry().await;
         // Alerts still queued get one POST timeout's worth of time before the process exits.
@@ -1315,7 +1343,8 @@ impl Driver {
             })
             .await;
         }
-        tokio::spawn(async move {
+        self.side_tasks.retain(|task| !task.is_finished());
+        self.side_tasks.push(tokio::spawn(async move {
             let ks = &config.config.kill_switch;
             let previous = match executor::set_kill_switch(
                 &ctx,
@@ -1353,7 +1382,7 @@ impl Driver {
                     result: json!({"key": ks.key, "value": value, "previous": previous}),
                 })
                 .await;
-        });
+        }));
     }
 
     async fn status_json(&self) -> Value {

@@ -24,6 +24,35 @@ pub mod exit {
 #[error("refused: {0}")]
 pub struct Refused(pub String);
 
+/// `--baseline-error-rate`: a finite fraction in [0, 1] (a JSON request cannot carry NaN,
+/// so it is refused here, where it is typed).
+fn parse_fraction(text: &str) -> Result<f64, String> {
+    let value: f64 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number"))?;
+    if value.is_finite() && (0.0..=1.0).contains(&value) {
+        Ok(value)
+    } else {
+        Err(format!(
+            "{text} is not a fraction between 0 and 1 (an error rate of 2% is 0.02)"
+        ))
+    }
+}
+
+/// `--baseline-p95-ms`: a finite number of milliseconds above 0.
+fn parse_positive_ms(text: &str) -> Result<f64, String> {
+    let value: f64 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number"))?;
+    if value.is_finite() && value > 0.0 {
+        Ok(value)
+    } else {
+        Err(format!("{text} is not a positive number of milliseconds"))
+    }
+}
+
 /// Guards a host after a canary promotion: health-checks the new worker, decides through a
 /// windowed engine, rolls back or flips the DISABLE_NEW kill switch, and audits it all.
 #[derive(Debug, Parser)]
@@ -93,11 +122,12 @@ pub enum Command {
         /// The worker to roll back to (same rule as --active)
         #[arg(long, value_name = "ID", value_parser = crate::text::parse_worker_id)]
         previous: String,
-        /// Error rate before the promotion (fraction), for the baseline rule
-        #[arg(long, value_name = "FRACTION")]
+        /// Error rate before the promotion, a fraction from 0 to 1 (0.02 is 2%), for the
+        /// baseline rule
+        #[arg(long, value_name = "FRACTION", value_parser = parse_fraction)]
         baseline_error_rate: Option<f64>,
-        /// p95 latency before the promotion, in milliseconds, for the baseline rule
-        #[arg(long = "baseline-p95-ms", value_name = "MS")]
+        /// p95 latency before the promotion, in milliseconds (> 0), for the baseline rule
+        #[arg(long = "baseline-p95-ms", value_name = "MS", value_parser = parse_positive_ms)]
         baseline_latency_p95_ms: Option<f64>,
     },
 

@@ -430,6 +430,14 @@ impl Engine {
         self.evaluate()
     }
 
+    /// [`Engine::observe`] for the session's check number `index` (what the audit line's
+    /// `#N` and `checkIndex` say), so the evidence numbers the checks the same way after a
+    /// reload or a restart rebuilt the engine.
+    pub fn observe_numbered(&mut self, at: Duration, index: u64, check: &CheckResult) -> Decision {
+        self.next_check_index = index;
+        self.observe(at, check)
+    }
+
     /// Classifies every value of one check against the thresholds.
     pub fn classify(&self, at: Duration, check: &CheckResult) -> WindowEntry {
         let config = &self.config;

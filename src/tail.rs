@@ -363,8 +363,12 @@ pub fn format_line(line: &str, colour: bool) -> Option<String> {
             if let Some(action) = text("action") {
                 parts.push(format!("action={action}"));
             }
-            if let Some(would) = text("wouldAct") {
-                parts.push(format!("(dry run: would {would})"));
+            match (text("wouldAct"), text("notTaken")) {
+                (Some(would), Some(why)) => {
+                    parts.push(format!("(would {would}, not taken: {why})"))
+                }
+                (Some(would), None) => parts.push(format!("(dry run: would {would})")),
+                _ => {}
             }
         }
         "monitoring-started" | "monitoring-stopped" => {
@@ -391,6 +395,18 @@ pub fn format_line(line: &str, colour: bool) -> Option<String> {
                 parts.push(format!("in {seconds:.2}s"));
             }
         }
+        "config-reloaded" => match object.get("ok").and_then(Value::as_bool) {
+            Some(false) => parts.push(format!(
+                "REFUSED, still running {}: {}",
+                text("configHash").unwrap_or_else(|| "?".into()),
+                text("error").unwrap_or_default()
+            )),
+            _ => parts.push(format!(
+                "applied {} (was {})",
+                text("configHash").unwrap_or_else(|| "?".into()),
+                text("previousConfigHash").unwrap_or_else(|| "?".into())
+            )),
+        },
         "kill-switch-activated" | "kill-switch-reset" | "kill-switch-external" => {
             parts.push(format!(
                 "{}={} (was {}) source={}",
@@ -529,5 +545,25 @@ mod tests {
         assert!(!text.contains('\x1b'));
         assert!(format_line(line, true).unwrap().contains("\x1b[1;31m"));
         assert_eq!(format_line("not json", false), None);
+    }
+
+    #[test]
+    fn a_refused_reload_and_an_action_not_taken_read_as_what_happened() {
+        let refused = r#"{"timestamp":"2025-10-22T14:32:15.123Z","event":"config-reloaded","sessionId":null,"ok":false,"error":"state_dir: cannot be changed by a reload","configHash":"abc"}"#;
+        let applied = r#"{"timestamp":"2025-10-22T14:32:15.123Z","event":"config-reloaded","sessionId":null,"ok":true,"configHash":"def","previousConfigHash":"abc"}"#;
+        let refused = format_line(refused, false).unwrap();
+        let applied = format_line(applied, false).unwrap();
+        assert!(
+            refused.contains("REFUSED, still running abc: state_dir: cannot be changed"),
+            "{refused}"
+        );
+        assert!(applied.contains("applied def (was abc)"), "{applied}");
+        let paused = r#"{"timestamp":"2025-10-22T14:32:15.123Z","event":"health-check","sessionId":"s","checkIndex":7,"worker":"v2","verdict":"rollback","action":null,"wouldAct":"rollback","notTaken":"monitoring is paused","paused":true,"errorRate":0.4,"probe":"ok"}"#;
+        let paused = format_line(paused, false).unwrap();
+        assert!(!paused.contains("action="), "{paused}");
+        assert!(
+            paused.contains("(would rollback, not taken: monitoring is paused)"),
+            "{paused}"
+        );
     }
 }

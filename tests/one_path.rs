@@ -155,3 +155,29 @@ fn an_offline_rollback_ends_the_session_as_the_daemon_would() {
     assert_eq!(setup.events("rollback-executed").len(), 1);
     assert_eq!(setup.artifacts("rollback_").len(), 1);
 }
+
+#[test]
+fn status_names_the_workers_after_the_session_ended() {
+    let setup = Setup::new("");
+    let daemon = setup.start();
+    setup.promote();
+    let out = setup.cli(&["rollback", "--reason", "bad deploy", "--yes"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = setup.cli(&["status", "--json"]);
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(status["session"].is_null(), "{status}");
+    assert_eq!(status["workers"]["active"], "v1", "{status}");
+    assert_eq!(status["workers"]["previous"], "v2", "{status}");
+    assert_eq!(status["workers"]["lastSessionState"], "rolled-back");
+    let out = setup.cli(&["status"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("workers      active v1  previous v2"),
+        "{text}"
+    );
+    daemon.terminate();
+}

@@ -745,3 +745,100 @@ fn pause_and_resume_are_recorded_and_refused_without_a_session() {
     assert!(h.has("audit:monitoring-paused"));
     assert!(h.sup.session().unwrap().record.paused);
 }
+
+fn health_checks(h: &Harness) -> Vec<serde_json::Value> {
+    h.effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Audit(r) if serde_json::to_value(r.event).unwrap() == "health-check" => {
+                Some(serde_json::to_value(r).unwrap())
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn each_health_check_record_says_what_was_done() {
+    // (case, previous, paused, the last line's action, wouldAct, notTaken)
+    let cases = [
+        ("acted", Some("v1"), false, Some("rollback"), None, None),
+        (
+            "escalated instead",
+            None,
+            false,
+            Some("escalate"),
+            None,
+            None,
+        ),
+        (
+            "paused",
+            Some("v1"),
+            true,
+            None,
+            Some("rollback"),
+            Some("monitoring is paused"),
+        ),
+    ];
+    for (name, previous, paused, action, would, not_taken) in cases {
+        let mut h = Harness::new(settings(""));
+        let mut session = restored_session(&h, previous, Duration::from_secs(5));
+        session.paused = paused;
+        h.script = [SPIKE, SPIKE, SPIKE].iter().map(|l| check(l)).collect();
+        h.feed(Input::Restore(Box::new(Restored {
+            session: Some(session),
+            checks: vec![(0, h.wall, check(HEALTHY))],
+            ..Restored::default()
+        })));
+        h.run_for(Duration::from_secs(60));
+        let lines = health_checks(&h);
+        // The first check whose verdict asked for an action (checks go on during an
+        // escalation, and say an action is in progress).
+        let last = lines.iter().find(|l| l["verdict"] == "rollback").unwrap();
+        assert_eq!(last["verdict"], "rollback", "{name}");
+        assert_eq!(last["action"].as_str(), action, "{name}: {last}");
+        assert_eq!(last["wouldAct"].as_str(), would, "{name}: {last}");
+        assert_eq!(last["notTaken"].as_str(), not_taken, "{name}: {last}");
+    }
+}
+
+#[test]
+fn evidence_numbers_checks_as_the_audit_lines_do_after_a_restart_and_a_reload() {
+    let mut h = Harness::new(settings(""));
+    let session = restored_session(&h, Some("v1"), Duration::from_secs(120));
+    // Checks #0..#7 were taken before the restart (more than the window of 5 is replayed).
+    let earlier = (0..8)
+        .map(|i| {
+            (
+                i,
+                h.wall - Duration::from_secs(100 - 10 * i),
+                check(HEALTHY),
+            )
+        })
+        .collect();
+    h.feed(Input::Restore(Box::new(Restored {
+        session: Some(session),
+        checks: earlier,
+        ..Restored::default()
+    })));
+    h.script = [SPIKE].iter().map(|l| check(l)).collect();
+    h.run_for(Duration::from_secs(1));
+    h.feed(Input::Reload(Box::new(settings(""))));
+    h.script = [SPIKE, SPIKE].iter().map(|l| check(l)).collect();
+    h.run_for(Duration::from_secs(60));
+    let plans = h.plans();
+    assert_eq!(plans.len(), 1, "{:?}", h.names());
+    let numbered: Vec<u64> = plans[0]
+        .evidence
+        .recent_checks
+        .iter()
+        .map(|c| c["checkIndex"].as_u64().unwrap())
+        .collect();
+    let audited: Vec<u64> = health_checks(&h)
+        .iter()
+        .map(|l| l["checkIndex"].as_u64().unwrap())
+        .collect();
+    assert_eq!(audited, [8, 9, 10]);
+    // The window: #6, #7 from before the restart, then #8..#10 as audited.
+    assert_eq!(numbered, [6, 7, 8, 9, 10]);
+}

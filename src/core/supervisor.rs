@@ -378,8 +378,8 @@ pub struct Restored {
 pub struct Session {
     pub record: SessionRecord,
     engine: Engine,
-    /// The window's raw checks, so a reload can judge them again.
-    raw: VecDeque<(Duration, CheckResult)>,
+    /// The window's raw checks with their numbers, so a reload can judge them again.
+    raw: VecDeque<(Duration, u64, CheckResult)>,
     pub next_index: u64,
     pub last_decision: Option<Decision>,
     dry_run_recorded: Vec<Action>,
@@ -415,13 +415,13 @@ impl Session {
             .unwrap_or_default()
     }
 
-    fn observe(&mut self, at: Duration, result: &CheckResult) -> Decision {
+    fn observe(&mut self, at: Duration, index: u64, result: &CheckResult) -> Decision {
         let window = self.engine.config().window.max(1);
-        self.raw.push_back((at, result.clone()));
+        self.raw.push_back((at, index, result.clone()));
         while self.raw.len() > window {
             self.raw.pop_front();
         }
-        let decision = self.engine.observe(at, result);
+        let decision = self.engine.observe_numbered(at, index, result);
         self.last_decision = Some(decision.clone());
         decision
     }
@@ -655,9 +655,9 @@ impl Supervisor {
                     if fresh { "the start" } else { "the restart" },
                 );
                 let window = self.settings.rules.window;
-                for (_, taken_at, result) in checks.iter().rev().take(window).rev() {
+                for (index, taken_at, result) in checks.iter().rev().take(window).rev() {
                     let at = session.at(*taken_at);
-                    session.observe(at, result);
+                    session.observe(at, *index, result);
                 }
                 session.next_index = checks.last().map(|(i, _, _)| i + 1).unwrap_or(0);
                 tracing::info!(
@@ -845,7 +845,7 @@ impl Supervisor {
         session.voided_in_a_row = 0;
         session.next_index += 1;
         let at = session.at(taken_at);
-        let decision = session.observe(at, &result);
+        let decision = session.observe(at, index, &result);
         let failed = result.probe.is_failed() || decision.error_class != ValueClass::Ok;
         let paused = session.record.paused;
         let escalated = session.record.state == SessionState::Escalated;
@@ -857,11 +857,44 @@ impl Supervisor {
             verdict: decision.verdict,
             failed,
         };
+        let in_flight = self.action.as_ref().map(|a| match a.id {
+            Some(id) => format!("{} #{id} is in progress", a.kind.as_str()),
+            None => format!("a {} is in progress", a.kind.as_str()),
+        });
+        // What the verdict becomes: an action started, or why none was.
+        let mut plan = None;
+        let mut not_taken = None;
+        if let Some(action) = decision.action {
+            if let Some(busy) = in_flight {
+                not_taken = Some(busy);
+            } else if escalated {
+                not_taken = Some("the session is escalated".to_owned());
+            } else if paused {
+                tracing::warn!(verdict = %decision.verdict, "monitoring is paused: not acting on {}", action.as_str());
+                not_taken = Some("monitoring is paused".to_owned());
+            } else {
+                let (kind, reason) = self.policy(now, action, &decision);
+                plan = Some(self.plan(
+                    now,
+                    kind,
+                    ActionTrigger::Automatic,
+                    reason,
+                    None,
+                    Some(&decision),
+                ));
+            }
+        }
+        let session = self.session.as_mut().expect("checked above");
+        let acted = plan.as_ref().map(|p| match p.kind {
+            ActionKind::Rollback => Action::Rollback,
+            ActionKind::Escalation => Action::Escalate,
+        });
         let mut audit = AuditRecord::new(now.wall, AuditEvent::HealthCheck, Some(session_id))
             .field("checkIndex", index)
             .field("worker", session.record.active.clone())
             .field("verdict", decision.verdict.as_str())
-            .field("action", decision.action.map(|a| a.as_str()))
+            // The action this check started (null when none was: see `wouldAct`).
+            .field("action", acted.map(|a| a.as_str()))
             .field("errorRate", decision.error_rate)
             .field("errorClass", decision.error_class.as_str())
             .field(
@@ -885,6 +918,10 @@ impl Supervisor {
             audit = audit
                 .field("wouldAct", would.as_str())
                 .field("dryRun", true);
+        } else if let (Some(would), Some(why)) = (decision.action, &not_taken) {
+            audit = audit
+                .field("wouldAct", would.as_str())
+                .field("notTaken", why.clone());
         }
         if paused {
             audit = audit.field("paused", true);
@@ -920,18 +957,20 @@ impl Supervisor {
         if let Some(would) = decision.would_act() {
             self.dry_run(now, &decision, would);
         }
-        let Some(action) = decision.action else {
-            return;
-        };
-        if paused {
-            tracing::warn!(verdict = %decision.verdict, "monitoring is paused: not acting on {}", action.as_str());
-            return;
+        if let Some(plan) = plan {
+            self.start_action(plan, None);
         }
-        let session = self.session.as_ref().expect("checked above");
-        let previous = session.record.previous.clone();
-        // A rollback the engine asks for becomes an escalation when it cannot help: no
-        // previous worker, or the hour's rollback budget is spent (a loop).
-        let (kind, reason) = match action {
+    }
+
+    /// What a verdict's action becomes: a rollback the engine asks for becomes an
+    /// escalation when it cannot help — no previous worker, or the hour's rollback budget
+    /// is spent (a loop).
+    fn policy(&mut self, now: Now, action: Action, decision: &Decision) -> (ActionKind, String) {
+        let previous = self
+            .session
+            .as_ref()
+            .and_then(|s| s.record.previous.clone());
+        match action {
             Action::Escalate => (ActionKind::Escalation, decision.reason()),
             Action::Rollback if previous.is_none() => (
                 ActionKind::Escalation,
@@ -942,7 +981,7 @@ impl Supervisor {
             ),
             Action::Rollback => {
                 let recent = self.rollbacks_in_the_last_hour(now.wall);
-                let limit = settings.max_rollbacks_per_hour;
+                let limit = self.settings.max_rollbacks_per_hour;
                 if recent >= limit {
                     (
                         ActionKind::Escalation,
@@ -955,16 +994,7 @@ impl Supervisor {
                     (ActionKind::Rollback, decision.reason())
                 }
             }
-        };
-        let plan = self.plan(
-            now,
-            kind,
-            ActionTrigger::Automatic,
-            reason,
-            None,
-            Some(&decision),
-        );
-        self.start_action(plan, None);
+        }
     }
 
     fn rollbacks_in_the_last_hour(&mut self, now: SystemTime) -> u32 {
@@ -1473,8 +1503,8 @@ impl Supervisor {
             let mut engine = Engine::new(self.settings.rules.clone(), session.engine.baseline());
             let raw: Vec<_> = session.raw.drain(..).collect();
             let window = self.settings.rules.window.max(1);
-            for (at, result) in raw.iter().rev().take(window).rev() {
-                engine.observe(*at, result);
+            for (at, index, result) in raw.iter().rev().take(window).rev() {
+                engine.observe_numbered(*at, *index, result);
             }
             session.raw = raw.into_iter().rev().take(window).rev().collect();
             session.engine = engine;

@@ -1417,6 +1417,25 @@ impl Driver {
                 "reason": s.last_decision.as_ref().map(|d| d.reason()),
             })
         });
+        // The workers, also between sessions: the current session's, else the last ended
+        // one's, else what rollbackd.db remembers (the same key the offline status has).
+        let workers = match (self.sup.session(), self.sup.last_workers()) {
+            (Some(s), _) => json!({"active": s.record.active, "previous": s.record.previous}),
+            (None, Some((active, previous, state))) => {
+                json!({"active": active, "previous": previous, "lastSessionState": state.as_str()})
+            }
+            (None, None) => {
+                let (active, previous) = self
+                    .db
+                    .call(|store| Ok((store.get_meta("active")?, store.get_meta("previous")?)))
+                    .await
+                    .unwrap_or((None, None));
+                json!({
+                    "active": stored_worker_id("active worker", active),
+                    "previous": stored_worker_id("previous worker", previous),
+                })
+            }
+        };
         let recent: Vec<Value> = self
             .recent
             .iter()
@@ -1431,6 +1450,7 @@ impl Driver {
             "since": rfc3339_millis(self.started_at),
             "state": self.sup.session().map(|s| s.record.state.as_str()).unwrap_or("idle"),
             "session": session,
+            "workers": workers,
             "action": self.sup.action().map(|a| json!({"id": a.id, "kind": a.kind.as_str()})),
             "killSwitch": kill.to_json(&key),
             "recentChecks": recent,

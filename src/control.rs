@@ -21,7 +21,7 @@
 //! cancelled halfway); its replies are simply discarded. A client that stops reading is cut
 //! off after [`REPLY_WRITE_TIMEOUT`], so it cannot stall the driver's reply channel.
 
-use std::ffi::CStr;
+use crate::statedir::user_name;
 use std::fs;
 use std::io;
 use std::os::fd::AsRawFd;
@@ -710,43 +710,6 @@ impl CallError {
             CallError::Failed { exit, .. } => *exit,
             _ => 1,
         }
-    }
-}
-
-/// `getpwuid_r`, or `None` if the uid has no entry (or the lookup fails).
-pub(crate) fn user_name(uid: u32) -> Option<String> {
-    // SAFETY: sysconf has no preconditions.
-    let suggested = unsafe { libc::sysconf(libc::_SC_GETPW_R_SIZE_MAX) };
-    let mut buffer_len = usize::try_from(suggested)
-        .ok()
-        .filter(|len| *len > 0)
-        .unwrap_or(1024);
-    loop {
-        let mut buffer = vec![0 as libc::c_char; buffer_len];
-        // SAFETY: an all-zero passwd is a valid value (null pointers, zero ids); it is only
-        // read after getpwuid_r reports success.
-        let mut entry: libc::passwd = unsafe { std::mem::zeroed() };
-        let mut found: *mut libc::passwd = std::ptr::null_mut();
-        // SAFETY: every pointer refers to live memory of the stated size.
-        let rc = unsafe {
-            libc::getpwuid_r(
-                uid,
-                &mut entry,
-                buffer.as_mut_ptr(),
-                buffer.len(),
-                &mut found,
-            )
-        };
-        if rc == libc::ERANGE && buffer_len < 1 << 20 {
-            buffer_len *= 2;
-            continue;
-        }
-        if rc != 0 || found.is_null() || entry.pw_name.is_null() {
-            return None;
-        }
-        // SAFETY: on success pw_name points to a NUL-terminated string inside `buffer`.
-        let name = unsafe { CStr::from_ptr(entry.pw_name) };
-        return Some(name.to_string_lossy().into_owned());
     }
 }
 

@@ -66,9 +66,9 @@ impl Untrusted {
     /// The CLI exit status: 78 for the configured directory, 1 for its contents.
     pub fn exit_status(&self) -> u8 {
         if self.config_level {
-            crate::cli::exit::CONFIG
+            crate::exit::CONFIG
         } else {
-            crate::cli::exit::FAILURE
+            crate::exit::FAILURE
         }
     }
 }
@@ -81,7 +81,7 @@ pub fn euid() -> u32 {
 
 /// `uid 0 (root)`, or `uid 1234` when the uid has no name.
 pub fn describe_uid(uid: u32) -> String {
-    match crate::control::user_name(uid) {
+    match user_name(uid) {
         Some(name) => format!("uid {uid} ({name})"),
         None => format!("uid {uid}"),
     }
@@ -296,7 +296,7 @@ fn writable_by(mode: u32) -> &'static str {
 }
 
 fn chown_user(uid: u32) -> String {
-    crate::control::user_name(uid).unwrap_or_else(|| uid.to_string())
+    user_name(uid).unwrap_or_else(|| uid.to_string())
 }
 
 /// `path` as one shell word: as is when it is plain, else single-quoted.
@@ -310,6 +310,43 @@ fn shell_word(path: &Path) -> String {
         text
     } else {
         format!("'{}'", text.replace('\'', r"'\''"))
+    }
+}
+
+/// `getpwuid_r`, or `None` if the uid has no entry (or the lookup fails).
+pub fn user_name(uid: u32) -> Option<String> {
+    // SAFETY: sysconf has no preconditions.
+    let suggested = unsafe { libc::sysconf(libc::_SC_GETPW_R_SIZE_MAX) };
+    let mut buffer_len = usize::try_from(suggested)
+        .ok()
+        .filter(|len| *len > 0)
+        .unwrap_or(1024);
+    loop {
+        let mut buffer = vec![0 as libc::c_char; buffer_len];
+        // SAFETY: an all-zero passwd is a valid value (null pointers, zero ids); it is only
+        // read after getpwuid_r reports success.
+        let mut entry: libc::passwd = unsafe { std::mem::zeroed() };
+        let mut found: *mut libc::passwd = std::ptr::null_mut();
+        // SAFETY: every pointer refers to live memory of the stated size.
+        let rc = unsafe {
+            libc::getpwuid_r(
+                uid,
+                &mut entry,
+                buffer.as_mut_ptr(),
+                buffer.len(),
+                &mut found,
+            )
+        };
+        if rc == libc::ERANGE && buffer_len < 1 << 20 {
+            buffer_len *= 2;
+            continue;
+        }
+        if rc != 0 || found.is_null() || entry.pw_name.is_null() {
+            return None;
+        }
+        // SAFETY: on success pw_name points to a NUL-terminated string inside `buffer`.
+        let name = unsafe { std::ffi::CStr::from_ptr(entry.pw_name) };
+        return Some(name.to_string_lossy().into_owned());
     }
 }
 

@@ -5,7 +5,7 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rollbackd::cmd_flags::{flags_get, flags_watch, GetFormat};
+use rollbackd::cli::flags::{flags_get, flags_watch, GetFormat};
 use rollbackd::flags::LiveFlagsOptions;
 use rollbackd::settings::SettingsStore;
 

@@ -14,10 +14,11 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use crate::audit::rfc3339_millis;
-use crate::cli::{exit, Command, KillSwitchAction, Refused};
+use crate::cli::args::{Command, KillSwitchAction};
 use crate::config::LoadedConfig;
 use crate::control::{self, CallError, Operator, Reply, Request};
 use crate::daemon::{stored_worker_id, Driver, DriverInputs, SystemClock};
+use crate::exit::{self, Refused};
 use crate::store::{self, Store, StoreError};
 use crate::text::Escaped;
 

@@ -277,7 +277,7 @@ pub async fn run(out: &mut (dyn Write + Send)) -> anyhow::Result<u8> {
         let text = std::fs::read_to_string(&audit_path).unwrap_or_default();
         for line in text.lines().skip(printed) {
             printed += 1;
-            if let Some(shown) = crate::tail::format_line(line, false) {
+            if let Some(shown) = crate::cli::tail::format_line(line, false) {
                 writeln!(out, "  {shown}")?;
             }
             let value: serde_json::Value = serde_json::from_str(line).unwrap_or_default();

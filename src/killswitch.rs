@@ -124,7 +124,7 @@ pub fn reset_refusal(
     let Some(last_failed_ms) = store.last_failed_check_at()? else {
         return Ok(None);
     };
-    let last_failed = SystemTime::UNIX_EPOCH + Duration::from_millis(last_failed_ms.max(0) as u64);
+    let last_failed = crate::core::time::from_ms(last_failed_ms);
     let since = now.duration_since(last_failed).unwrap_or_default();
     if since >= quiet_period {
         return Ok(None);

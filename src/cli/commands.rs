@@ -385,7 +385,7 @@ async fn local_status(loaded: &LoadedConfig) -> anyhow::Result<Value> {
     let session_value = session.as_ref().map(|s| {
         let active = stored_worker_id("active worker of the session", Some(s.active.clone()));
         let previous = stored_worker_id("previous worker of the session", s.previous.clone());
-        let promoted = SystemTime::UNIX_EPOCH + Duration::from_millis(s.promoted_at_ms.max(0) as u64);
+        let promoted = crate::core::time::from_ms(s.promoted_at_ms);
         let age = now.duration_since(promoted).unwrap_or_default();
         json!({
             "id": s.id, "state": s.state, "active": active, "previous": previous,
@@ -405,7 +405,7 @@ async fn local_status(loaded: &LoadedConfig) -> anyhow::Result<Value> {
                 None => "?".into(),
             };
             let rate = check["snapshot"]["error_rate"]["value"].as_f64();
-            json!({"at": rfc3339_millis(SystemTime::UNIX_EPOCH + Duration::from_millis(c.taken_at_ms.max(0) as u64)),
+            json!({"at": rfc3339_millis(crate::core::time::from_ms(c.taken_at_ms)),
                    "index": c.check_index, "verdict": c.verdict, "probe": probe, "errorRate": rate})
         })
         .collect();

@@ -772,7 +772,7 @@ fn decision_record(
     }
     DecisionRecord {
         timestamp: rfc3339_millis(
-            SystemTime::UNIX_EPOCH + Duration::from_millis(row.started_at_ms.max(0) as u64),
+            crate::core::time::from_ms(row.started_at_ms),
         ),
         decision: kind,
         reason: row.reason.clone(),

@@ -341,15 +341,13 @@ fn write_named_artifact(
 
 /// Unix milliseconds.
 pub fn now_ms(t: SystemTime) -> i64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    crate::core::time::to_ms(t)
 }
 
 /// The artifact name of an action, fixed by its start time.
 pub fn artifact_name(kind: ArtifactKind, started_at_ms: i64) -> String {
     crate::audit::artifact_file_name(
         kind,
-        SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(started_at_ms.max(0) as u64),
+        crate::core::time::from_ms(started_at_ms),
     )
 }

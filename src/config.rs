@@ -1342,10 +1342,24 @@ fn hook_count(rb: &RollbackConfig) -> u32 {
     .count() as u32
 }
 
-/// The longest one rollback attempt can take: every configured hook to its timeout, then
-/// the verification to its timeout. Saturating: never panics, whatever was configured.
-pub fn rollback_attempt_worst_case(rb: &RollbackConfig) -> Duration {
+/// After SIGTERM to a timed-out hook's process group, how long before SIGKILL (`hooks`).
+pub const HOOK_TERM_GRACE: Duration = Duration::from_secs(2);
+/// After a hook exited, how long its pipes are still read (`hooks`).
+pub const HOOK_PIPE_GRACE: Duration = Duration::from_millis(500);
+
+/// The longest one hook can hold a rollback: its timeout, then the kill grace after it
+/// (SIGTERM, [`HOOK_TERM_GRACE`], SIGKILL) and the last read of its pipes.
+pub fn hook_worst_case(rb: &RollbackConfig) -> Duration {
     rb.hook_timeout
+        .saturating_add(HOOK_TERM_GRACE)
+        .saturating_add(HOOK_PIPE_GRACE)
+}
+
+/// The longest one rollback attempt can take: every configured hook to its timeout and
+/// kill grace, then the verification to its timeout. Saturating: never panics, whatever
+/// was configured.
+pub fn rollback_attempt_worst_case(rb: &RollbackConfig) -> Duration {
+    hook_worst_case(rb)
         .saturating_mul(hook_count(rb))
         .saturating_add(rb.verify_timeout)
 }
@@ -1414,10 +1428,11 @@ pub fn worst_case_times(config: &Config) -> Vec<String> {
     let hooks = hook_count(rb);
     let one_attempt = rollback_attempt_worst_case(rb);
     lines.push(format!(
-        "a rollback takes at most {} per attempt ({} hooks × {} + {} verify), {} attempts at most: {}",
+        "a rollback takes at most {} per attempt ({} hooks × ({} hook timeout + {} kill grace) + {} verify), {} attempts at most: {}",
         show(one_attempt),
         hooks,
         show(rb.hook_timeout),
+        show(HOOK_TERM_GRACE.saturating_add(HOOK_PIPE_GRACE)),
         show(rb.verify_timeout),
         rb.max_attempts,
         show(rollback_worst_case(rb))

@@ -38,11 +38,11 @@ use tokio::time::Instant;
 pub const TAIL_BYTES: usize = 4096;
 
 /// After SIGTERM to a timed-out hook's group, how long before SIGKILL.
-pub const TERM_GRACE: Duration = Duration::from_secs(2);
+pub const TERM_GRACE: Duration = crate::config::HOOK_TERM_GRACE;
 
 /// After the hook process has exited, how long to keep reading output that is still
 /// arriving (from processes it left running) before giving up on the pipes.
-pub const PIPE_GRACE: Duration = Duration::from_millis(500);
+pub const PIPE_GRACE: Duration = crate::config::HOOK_PIPE_GRACE;
 
 /// Values substituted into a hook's argv template.
 #[derive(Debug, Clone, Default)]

@@ -519,10 +519,10 @@ fn the_largest_durations_give_finite_worst_case_times_without_panicking() {
         lines.iter().any(|l| l.contains("a rollback takes")),
         "{lines:?}"
     );
-    // 10 attempts × (4 hooks + verify) × 7 days.
+    // 10 attempts × (4 hooks × (7 days + 2.5 s kill grace) + 7 days verify).
     assert_eq!(
         rollbackd::config::rollback_worst_case(&loaded.config.rollback),
-        Duration::from_secs(10 * 5 * 7 * 86_400)
+        Duration::from_secs(10 * 5 * 7 * 86_400) + Duration::from_millis(10 * 4 * 2_500)
     );
 }
 
@@ -579,4 +579,21 @@ fn every_integer_key_refuses_a_value_that_would_wrap() {
             );
         }
     }
+}
+
+#[test]
+fn the_rollback_worst_case_includes_each_hooks_kill_grace() {
+    let loaded = rollbackd::config::load_str(
+        "[rollback]\nswitch_command = [\"/bin/true\"]\nhook_timeout = \"10s\"\nverify_timeout = \"5s\"\nmax_attempts = 2\n",
+        &std::collections::BTreeMap::new(),
+    )
+    .unwrap();
+    let rb = &loaded.config.rollback;
+    // One hook: 10 s timeout + 2 s SIGTERM→SIGKILL grace + 0.5 s pipe grace, then 5 s verify.
+    assert_eq!(
+        rollbackd::config::rollback_attempt_worst_case(rb),
+        Duration::from_millis(17_500)
+    );
+    let lines = rollbackd::config::worst_case_times(&loaded.config).join("\n");
+    assert!(lines.contains("kill grace"), "{lines}");
 }

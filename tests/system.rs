@@ -104,6 +104,46 @@ fn probe_failures_set_the_kill_switch_where_the_sqlite3_shell_sees_it() {
 }
 
 #[test]
+fn a_failing_switch_hook_is_reported_as_such_not_as_an_unhealthy_previous_version() {
+    let setup = Setup::new("[rollback]\nmax_attempts = 2");
+    // The switch hook fails with exit status 3 and says why on stderr.
+    let hook = setup.path("switch.sh");
+    std::fs::write(
+        &hook,
+        "#!/bin/sh\necho \"$1\" >> \"$(dirname \"$0\")/switches\"\necho 'load balancer refused the change' >&2\nexit 3\n",
+    )
+    .unwrap();
+    let _daemon = setup.start();
+    setup.promote();
+    setup.routes.error_rate(0.6);
+    let waited = wait_for(Duration::from_secs(20), || {
+        !setup.events("escalation-triggered").is_empty()
+    });
+    assert!(
+        waited.is_some(),
+        "no escalation; daemon log:\n{}",
+        setup.daemon_log()
+    );
+    assert_eq!(setup.switches(), ["v1", "v1"], "one switch per attempt");
+    let failed = setup.events("rollback-failed");
+    assert_eq!(failed.len(), 1);
+    let reason = failed[0]["reason"].as_str().unwrap();
+    assert!(
+        !reason.contains("previous version also unhealthy"),
+        "{reason}"
+    );
+    assert!(
+        reason.contains("switch hook failed: exit status 3"),
+        "{reason}"
+    );
+    assert!(
+        reason.contains("load balancer refused the change"),
+        "{reason}"
+    );
+    assert!(reason.contains("v1 was not verified"), "{reason}");
+}
+
+#[test]
 fn an_unhealthy_previous_worker_escalates_after_max_attempts() {
     let setup = Setup::new(
         "[rollback]\nmax_attempts = 2\nverify_timeout = \"300ms\"\nverify_interval = \"100ms\"",

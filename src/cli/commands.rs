@@ -400,7 +400,10 @@ async fn local_status(loaded: &LoadedConfig) -> anyhow::Result<Value> {
         .map(|c| {
             let check: Value = serde_json::from_str(&c.check_json).unwrap_or(Value::Null);
             let probe = match check["probe"]["outcome"].as_str() {
-                Some("failed") => format!("failed: {}", check["probe"]["reason"].as_str().unwrap_or("")),
+                Some("failed") => format!(
+                    "failed: {}",
+                    check["probe"]["reason"].as_str().unwrap_or("")
+                ),
                 Some(other) => other.to_owned(),
                 None => "?".into(),
             };

@@ -349,7 +349,8 @@ pub async fn rollback(ctx: ActionContext, row: ActionRow) -> ActionOutcome {
             let t = Instant::now();
             if let Some(template) = hook {
                 let ok = run_phase_hook(&ctx, phase, template, &vars, rb.hook_timeout, &mut detail)
-                    .await;
+                    .await
+                    .is_ok();
                 if !ok {
                     ctx.say(
                         format!("{phase} hook failed; continuing the rollback"),
@@ -369,6 +370,9 @@ pub async fn rollback(ctx: ActionContext, row: ActionRow) -> ActionOutcome {
 
         let mut verified = false;
         let mut last_error = String::new();
+        // Whether the last attempt failed in verification (the previous version answered
+        // unhealthy) rather than in a hook.
+        let mut verify_failed = false;
         while attempt <= rb.max_attempts {
             // switch
             if !detail.completed.iter().any(|p| p == "switch") {
@@ -382,7 +386,7 @@ pub async fn rollback(ctx: ActionContext, row: ActionRow) -> ActionOutcome {
                 )
                 .await;
                 let t = Instant::now();
-                let ok = match &rb.switch_command {
+                let switched = match &rb.switch_command {
                     Some(template) => {
                         run_phase_hook(
                             &ctx,
@@ -394,17 +398,13 @@ pub async fn rollback(ctx: ActionContext, row: ActionRow) -> ActionOutcome {
                         )
                         .await
                     }
-                    None => {
-                        last_error = "rollback.switch_command is not configured".into();
-                        false
-                    }
+                    None => Err("rollback.switch_command is not configured".into()),
                 };
                 let seconds = t.elapsed().as_secs_f64();
                 push_phase(&mut detail, "switch", seconds);
-                if !ok {
-                    if last_error.is_empty() || rb.switch_command.is_some() {
-                        last_error = format!("switch hook failed (attempt {attempt})");
-                    }
+                if let Err(why) = switched {
+                    last_error = format!("{why} (attempt {attempt})");
+                    verify_failed = false;
                     ctx.say(
                         format!("switch: failed on attempt {attempt} of {}", rb.max_attempts),
                         json!({"phase": "switch", "attempt": attempt, "ok": false}),
@@ -445,6 +445,7 @@ pub async fn rollback(ctx: ActionContext, row: ActionRow) -> ActionOutcome {
                     break;
                 }
                 Err(reason) => {
+                    verify_failed = true;
                     last_error = format!(
                         "{to} not healthy after {}: {reason}",
                         crate::config::show(rb.verify_timeout)
@@ -463,7 +464,14 @@ pub async fn rollback(ctx: ActionContext, row: ActionRow) -> ActionOutcome {
             }
         }
         if !verified {
-            let reason = format!("previous version also unhealthy: {last_error}");
+            // "Previous version also unhealthy" only when the previous version was probed
+            // and failed; a hook that failed or timed out says so, and that the previous
+            // version was not judged.
+            let reason = if verify_failed {
+                format!("previous version also unhealthy: {last_error}")
+            } else {
+                format!("rollback could not be carried out: {last_error}; {to} was not verified")
+            };
             return finish_failed(&ctx, &row, &mut detail, reason).await;
         }
 
@@ -481,7 +489,7 @@ pub async fn rollback(ctx: ActionContext, row: ActionRow) -> ActionOutcome {
             }
             let t = Instant::now();
             if let Some(template) = &rb.resume_command {
-                if !run_phase_hook(
+                if run_phase_hook(
                     &ctx,
                     "resume",
                     template,
@@ -490,6 +498,7 @@ pub async fn rollback(ctx: ActionContext, row: ActionRow) -> ActionOutcome {
                     &mut detail,
                 )
                 .await
+                .is_err()
                 {
                     ctx.say(
                         "resume hook failed; the switch itself is verified".into(),
@@ -688,6 +697,9 @@ fn phases_json(detail: &ActionDetail) -> Value {
     Value::Object(map)
 }
 
+/// Runs a phase's hook; `Err` says what went wrong in words on-call can act on: the hook
+/// failed (exit status or signal) or timed out, with the end of its stderr, or could not
+/// be started.
 async fn run_phase_hook(
     ctx: &ActionContext,
     phase: &str,
@@ -695,7 +707,7 @@ async fn run_phase_hook(
     vars: &HookVars,
     limit: Duration,
     detail: &mut ActionDetail,
-) -> bool {
+) -> Result<(), String> {
     match ctx.hooks.run(template, vars, limit).await {
         Ok(outcome) => {
             let ok = outcome.succeeded();
@@ -703,18 +715,44 @@ async fn run_phase_hook(
             if let Value::Object(map) = &mut value {
                 map.insert("phase".into(), json!(phase));
             }
-            if !ok {
-                tracing::warn!(phase, exit = ?outcome.exit_code, timed_out = outcome.timed_out, stderr = %outcome.stderr_tail, "hook failed");
-            }
             detail.hooks.push(value);
-            ok
+            if ok {
+                return Ok(());
+            }
+            tracing::warn!(phase, exit = ?outcome.exit_code, timed_out = outcome.timed_out, stderr = %outcome.stderr_tail, "hook failed");
+            let what = if outcome.timed_out {
+                format!(
+                    "{phase} hook timed out after {} and was killed",
+                    crate::config::show(limit)
+                )
+            } else if let Some(code) = outcome.exit_code {
+                format!("{phase} hook failed: exit status {code}")
+            } else if let Some(signal) = outcome.signal {
+                format!("{phase} hook failed: killed by signal {signal}")
+            } else {
+                format!("{phase} hook failed")
+            };
+            let tail = outcome.stderr_tail.trim();
+            let tail: String = tail
+                .chars()
+                .rev()
+                .take(300)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
+            Err(if tail.is_empty() {
+                what
+            } else {
+                format!("{what}; stderr: {tail}")
+            })
         }
         Err(err) => {
             tracing::error!(phase, "hook could not run: {err}");
             detail
                 .hooks
                 .push(json!({"phase": phase, "error": err.to_string()}));
-            false
+            Err(format!("{phase} hook could not run: {err}"))
         }
     }
 }
@@ -771,9 +809,7 @@ fn decision_record(
         phases.push(phase.clone(), *seconds);
     }
     DecisionRecord {
-        timestamp: rfc3339_millis(
-            crate::core::time::from_ms(row.started_at_ms),
-        ),
+        timestamp: rfc3339_millis(crate::core::time::from_ms(row.started_at_ms)),
         decision: kind,
         reason: row.reason.clone(),
         status,

@@ -346,8 +346,5 @@ pub fn now_ms(t: SystemTime) -> i64 {
 
 /// The artifact name of an action, fixed by its start time.
 pub fn artifact_name(kind: ArtifactKind, started_at_ms: i64) -> String {
-    crate::audit::artifact_file_name(
-        kind,
-        crate::core::time::from_ms(started_at_ms),
-    )
+    crate::audit::artifact_file_name(kind, crate::core::time::from_ms(started_at_ms))
 }

@@ -597,3 +597,26 @@ fn the_rollback_worst_case_includes_each_hooks_kill_grace() {
     let lines = rollbackd::config::worst_case_times(&loaded.config).join("\n");
     assert!(lines.contains("kill grace"), "{lines}");
 }
+
+#[test]
+fn the_example_config_names_every_rule_dry_run_rules_accepts() {
+    let example = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/config/rollbackd.example.toml"
+    ))
+    .unwrap();
+    let listed: Vec<&str> = example
+        .lines()
+        .skip_while(|l| !l.contains("Shadow mode per rule"))
+        .nth(1)
+        .unwrap()
+        .trim_start_matches('#')
+        .split(',')
+        .map(str::trim)
+        .collect();
+    let accepted: Vec<&str> = rollbackd::engine::Rule::ALL
+        .iter()
+        .map(|r| r.as_str())
+        .collect();
+    assert_eq!(listed, accepted);
+}

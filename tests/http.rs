@@ -66,6 +66,10 @@ fn metrics_status_and_healthz_follow_a_session_to_its_rollback() {
         assert_eq!(over_http[key], over_socket[key], "{key}");
     }
     assert_eq!(http_request("POST", addr, "/status").unwrap().status, 405);
+    // As documented (README, example config): HEAD answers like GET, without a body.
+    let head = http_request("HEAD", addr, "/healthz").unwrap();
+    assert_eq!(head.status, 200);
+    assert!(head.body.is_empty(), "{}", head.body);
     assert_eq!(
         http_request("DELETE", addr, "/metrics").unwrap().status,
         405

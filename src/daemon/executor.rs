@@ -948,9 +948,20 @@ pub async fn set_kill_switch(
     loop {
         let (db_path, key_owned, value_owned) =
             (db.to_path_buf(), key.to_owned(), value.to_owned());
+        let progress = ctx.progress.clone();
         let result = tokio::task::spawn_blocking(move || {
             crate::killswitch::write(&db_path, &key_owned, &value_owned, create, |waited| {
                 tracing::warn!(waited = ?waited, db = %db_path.display(), "kill switch: database busy, still waiting");
+                // The operator waiting on `kill-switch set` hears it too (never blocks).
+                if let Some(progress) = &progress {
+                    let _ = progress.try_send(Reply::Progress {
+                        message: format!(
+                            "the database is busy; still waiting after {}",
+                            crate::config::show(Duration::from_secs(waited.as_secs()))
+                        ),
+                        detail: json!({}),
+                    });
+                }
             })
         })
         .await

@@ -586,7 +586,10 @@ mod limit_tests {
         };
         assert_eq!(
             request_limit(&rollback, &loaded),
-            Duration::from_secs(10 * 2 * 7 * 86_400) + ROLLBACK_MARGIN
+            // 10 attempts × (one hook + its 2.5 s kill grace + verify), plus the margin.
+            Duration::from_secs(10 * 2 * 7 * 86_400)
+                + Duration::from_millis(10 * 2_500)
+                + ROLLBACK_MARGIN
         );
         assert_eq!(request_limit(&Request::Status, &loaded), REQUEST_LIMIT);
     }

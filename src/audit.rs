@@ -308,6 +308,8 @@ pub enum AuditEvent {
     MonitoringPaused,
     MonitoringResumed,
     ConfigReloaded,
+    /// After a restart, a hook the dead daemon had started was found still running.
+    HookOrphaned,
 }
 
 /// Keys of [`AuditRecord`] itself; extra fields may not reuse them.

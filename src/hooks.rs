@@ -134,12 +134,39 @@ pub enum HookError {
     Empty,
 }
 
+/// Marks a hook run so it can be found again after a restart (see [`crate::sys::procs`]):
+/// `token` goes into the hook's environment as `ROLLBACKD_HOOK_RUN`, and the process
+/// group is sent to `spawned` as soon as the hook has started.
+pub struct Tracking {
+    pub token: String,
+    pub spawned: tokio::sync::oneshot::Sender<Spawned>,
+}
+
+/// A hook that has just started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Spawned {
+    /// Its process group: the hook's own pid.
+    pub pgid: i32,
+    /// The leader's start time (`/proc/PID/stat`), if it could be read.
+    pub leader_start_ticks: Option<u64>,
+}
+
 /// Renders the template and runs it, giving it `limit` to finish (see the module docs for
 /// what happens at the limit and on cancellation).
 pub async fn run_hook(
     argv_template: &[String],
     vars: &HookVars,
     limit: Duration,
+) -> Result<HookOutcome, HookError> {
+    run_hook_tracked(argv_template, vars, limit, None).await
+}
+
+/// [`run_hook`], telling `tracking` where the hook runs.
+pub async fn run_hook_tracked(
+    argv_template: &[String],
+    vars: &HookVars,
+    limit: Duration,
+    tracking: Option<Tracking>,
 ) -> Result<HookOutcome, HookError> {
     let argv = render(argv_template, vars);
     let (program, args) = argv.split_first().ok_or(HookError::Empty)?;
@@ -153,6 +180,10 @@ pub async fn run_hook(
         .process_group(0)
         // Belt and braces with the group guard: tokio also reaps a dropped child.
         .kill_on_drop(true);
+    let spawned_to = tracking.map(|tracking| {
+        command.env(crate::sys::procs::HOOK_RUN_ENV, &tracking.token);
+        tracking.spawned
+    });
 
     let started = Instant::now();
     let mut child = command.spawn().map_err(|source| HookError::Spawn {
@@ -162,6 +193,13 @@ pub async fn run_hook(
     // `process_group(0)` makes the child the leader of a new group whose id is its pid.
     let pgid = child.id().and_then(|pid| i32::try_from(pid).ok());
     let mut group_guard = ProcessGroupGuard { pgid };
+    if let (Some(spawned_to), Some(pgid)) = (spawned_to, pgid) {
+        let leader_start_ticks = crate::sys::procs::stat(pgid).map(|proc| proc.start_ticks);
+        let _ = spawned_to.send(Spawned {
+            pgid,
+            leader_start_ticks,
+        });
+    }
 
     let mut stdout_tail = TailBuffer::default();
     let mut stderr_tail = TailBuffer::default();

@@ -26,5 +26,6 @@ pub mod settings;
 pub mod simulate;
 pub mod statedir;
 pub mod store;
+pub mod sys;
 pub mod text;
 pub mod trace;

@@ -87,6 +87,19 @@ pub const MIGRATIONS: &[&str] = &[
         key TEXT PRIMARY KEY,
         value TEXT NOT NULL
     );",
+    // v2: the hook an action is running, recorded before it starts (token) and right
+    // after (process group, its leader's start time, the boot it ran in), so a restart
+    // after kill -9 can find an orphaned hook and wait for or stop it before running the
+    // phase again. One row per action: an action runs one hook at a time.
+    "CREATE TABLE hook_runs (
+        action_id INTEGER PRIMARY KEY,
+        phase TEXT NOT NULL,
+        token TEXT NOT NULL,
+        started_at_ms INTEGER NOT NULL,
+        boot_id TEXT,
+        pgid INTEGER,
+        leader_start_ticks INTEGER
+    );",
 ];
 
 /// Session states (`sessions.state`).
@@ -225,6 +238,21 @@ pub struct ActionRow {
     pub finished_at_ms: Option<i64>,
     pub artifact_name: Option<String>,
     pub detail_json: Option<String>,
+}
+
+/// The hook an action was running (`hook_runs`); see [`MIGRATIONS`] v2.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HookRunRow {
+    pub action_id: i64,
+    pub phase: String,
+    /// Put in the hook's environment as `ROLLBACKD_HOOK_RUN`.
+    pub token: String,
+    pub started_at_ms: i64,
+    pub boot_id: Option<String>,
+    /// Set once the hook was spawned: its process group (the leader's pid).
+    pub pgid: Option<i32>,
+    /// The leader's start time in clock ticks since boot (`/proc/PID/stat` field 22).
+    pub leader_start_ticks: Option<u64>,
 }
 
 /// A record waiting to be written to `analytics/`.
@@ -742,6 +770,78 @@ impl Store {
             ],
         )?;
         require_row(changed, "actions", &id.to_string())
+    }
+
+    // --- hook runs -----------------------------------------------------------------------
+
+    /// Records that `action_id` is about to run a hook (replacing any earlier record).
+    pub fn begin_hook_run(&mut self, run: &HookRunRow) -> Result<(), StoreError> {
+        let tx = self.write()?;
+        tx.execute(
+            "INSERT OR REPLACE INTO hook_runs \
+             (action_id, phase, token, started_at_ms, boot_id, pgid, leader_start_ticks) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                run.action_id,
+                run.phase,
+                run.token,
+                run.started_at_ms,
+                run.boot_id,
+                run.pgid,
+                run.leader_start_ticks.map(|ticks| ticks as i64),
+            ],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Records the process group of the hook `action_id` has just started.
+    pub fn hook_spawned(
+        &mut self,
+        action_id: i64,
+        pgid: i32,
+        leader_start_ticks: Option<u64>,
+    ) -> Result<(), StoreError> {
+        let changed = self.write_one(
+            "UPDATE hook_runs SET pgid = ?2, leader_start_ticks = ?3 WHERE action_id = ?1",
+            params![
+                action_id,
+                pgid,
+                leader_start_ticks.map(|ticks| ticks as i64)
+            ],
+        )?;
+        require_row(changed, "hook_runs", &action_id.to_string())
+    }
+
+    /// The hook `action_id` was running when it was last recorded, if any.
+    pub fn hook_run(&self, action_id: i64) -> Result<Option<HookRunRow>, StoreError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT action_id, phase, token, started_at_ms, boot_id, pgid, \
+                 leader_start_ticks FROM hook_runs WHERE action_id = ?1",
+                [action_id],
+                |row| {
+                    Ok(HookRunRow {
+                        action_id: row.get(0)?,
+                        phase: row.get(1)?,
+                        token: row.get(2)?,
+                        started_at_ms: row.get(3)?,
+                        boot_id: row.get(4)?,
+                        pgid: row.get(5)?,
+                        leader_start_ticks: row
+                            .get::<_, Option<i64>>(6)?
+                            .and_then(|ticks| u64::try_from(ticks).ok()),
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    /// The hook of `action_id` is finished with (it ended, or an orphan was dealt with).
+    pub fn end_hook_run(&mut self, action_id: i64) -> Result<(), StoreError> {
+        self.write_one("DELETE FROM hook_runs WHERE action_id = ?1", [action_id])?;
+        Ok(())
     }
 
     /// Actions that were pending or running: after a restart these are resumed.
@@ -1348,6 +1448,36 @@ mod tests {
         assert!((48..=50).contains(&sessions), "{sessions} sessions kept");
         assert_eq!(count(&store, "SELECT COUNT(*) FROM checks"), sessions * 20);
         assert_eq!(count(&store, "SELECT COUNT(*) FROM actions"), sessions);
+    }
+
+    #[test]
+    fn a_hook_run_is_recorded_before_and_after_its_spawn_and_cleared() {
+        let (_dir, mut store) = temp_store();
+        assert_eq!(store.hook_run(7).unwrap(), None);
+        let mut run = HookRunRow {
+            action_id: 7,
+            phase: "switch".into(),
+            token: "7-switch-1".into(),
+            started_at_ms: 1_000,
+            boot_id: Some("b".into()),
+            pgid: None,
+            leader_start_ticks: None,
+        };
+        store.begin_hook_run(&run).unwrap();
+        assert_eq!(store.hook_run(7).unwrap().as_ref(), Some(&run));
+        store.hook_spawned(7, 4242, Some(u64::MAX >> 1)).unwrap();
+        run.pgid = Some(4242);
+        run.leader_start_ticks = Some(u64::MAX >> 1);
+        assert_eq!(store.hook_run(7).unwrap().as_ref(), Some(&run));
+        // A new run of the action replaces the old record.
+        run.phase = "resume".into();
+        run.pgid = None;
+        run.leader_start_ticks = None;
+        store.begin_hook_run(&run).unwrap();
+        assert_eq!(store.hook_run(7).unwrap().as_ref(), Some(&run));
+        store.end_hook_run(7).unwrap();
+        assert_eq!(store.hook_run(7).unwrap(), None);
+        assert!(store.hook_spawned(7, 1, None).is_err(), "no run to update");
     }
 
     #[test]

@@ -105,6 +105,7 @@ impl HookRunner for Fake {
         argv: &'a [String],
         vars: &'a HookVars,
         _limit: Duration,
+        _tracking: Option<rollbackd::hooks::Tracking>,
     ) -> BoxFuture<'a, Result<HookOutcome, HookError>> {
         Box::pin(async move {
             self.set(|w| w.hooks.push(argv.first().cloned().unwrap_or_default()));

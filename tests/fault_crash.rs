@@ -306,3 +306,159 @@ fn a_kill_after_the_rollback_finished_but_before_the_session_ended_does_not_roll
         "the old canary was checked again"
     );
 }
+
+/// A switch hook that notes every process it starts in `hook.pids`, and says `overlap` if
+/// one from an earlier run is still alive (not a zombie) when it starts; it sleeps for the seconds in
+/// `hook.sleep` (in a child, so a killed group takes the sleep with it).
+fn use_overlap_logging_hook(setup: &Setup, hook_timeout: &str) {
+    let hook = setup.path("overlap.sh");
+    std::fs::write(
+        &hook,
+        r#"#!/bin/sh
+d="$(dirname "$0")"
+for p in $(cat "$d/hook.pids" 2>/dev/null); do
+  # alive and not a zombie (an orphan's parent may never reap it here)
+  if s=$(cat "/proc/$p/stat" 2>/dev/null); then
+    case "$s" in *") Z "*|*") X "*) ;; *) echo "overlap $$ with $p" >> "$d/hook.log" ;; esac
+  fi
+done
+echo $$ >> "$d/hook.pids"
+echo "start $$" >> "$d/hook.log"
+sleep "$(cat "$d/hook.sleep")" &
+echo $! >> "$d/hook.pids"
+wait
+echo "end $$" >> "$d/hook.log"
+"#,
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let text = std::fs::read_to_string(&setup.config)
+        .unwrap()
+        .replace(
+            &format!("{:?}", setup.path("switch.sh").display().to_string()),
+            &format!("{:?}", hook.display().to_string()),
+        )
+        .replace(
+            "hook_timeout = \"20s\"",
+            &format!("hook_timeout = {hook_timeout:?}"),
+        );
+    std::fs::write(&setup.config, text).unwrap();
+}
+
+fn hook_log(setup: &Setup) -> Vec<String> {
+    std::fs::read_to_string(setup.path("hook.log"))
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Starts a rollback whose switch hook is slow, and `kill -9`s the daemon once the hook
+/// has started: the hook is orphaned, still running.
+fn orphan_a_switch_hook(setup: &Setup) {
+    let daemon = setup.start();
+    setup.promote();
+    setup.routes.error_rate(0.5);
+    wait_for(Duration::from_secs(20), || !hook_log(setup).is_empty()).unwrap_or_else(|| {
+        panic!(
+            "the switch hook never started; log:\n{}",
+            setup.daemon_log()
+        )
+    });
+    daemon.kill9();
+}
+
+/// Regression (issue 9, item 8): after a `kill -9` mid-switch, the restarted daemon ran
+/// the switch hook again while the orphaned one was still running (4 of 4 trials
+/// overlapped). It now waits for the orphan to finish, within `hook_timeout`, and says so.
+#[test]
+fn a_restart_waits_for_an_orphaned_switch_hook_before_running_it_again() {
+    let setup = Setup::new("");
+    use_overlap_logging_hook(&setup, "20s");
+    std::fs::write(setup.path("hook.sleep"), "2").unwrap();
+    orphan_a_switch_hook(&setup);
+
+    let daemon = setup.start();
+    wait_for(Duration::from_secs(30), || {
+        setup
+            .events("monitoring-stopped")
+            .iter()
+            .any(|line| line["state"] == "rolled-back")
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "no rollback after the restart; log:\n{}",
+            setup.daemon_log()
+        )
+    });
+    assert_eq!(daemon.terminate().code(), Some(0));
+
+    let log = hook_log(&setup);
+    assert!(
+        !log.iter().any(|line| line.starts_with("overlap")),
+        "two switch hooks ran at once: {log:?}"
+    );
+    assert_eq!(log.len(), 4, "two runs, one after the other: {log:?}");
+    let first = log[0]
+        .strip_prefix("start ")
+        .expect("first line is a start");
+    assert_eq!(
+        log[1],
+        format!("end {first}"),
+        "the orphan finished first: {log:?}"
+    );
+    let orphans = setup.events("hook-orphaned");
+    assert_eq!(orphans.len(), 1, "audit: {:?}", setup.audit());
+    assert_eq!(orphans[0]["phase"], "switch");
+    assert_eq!(orphans[0]["outcome"], "exited", "{:?}", orphans[0]);
+    assert_eq!(setup.events("rollback-executed").len(), 1);
+}
+
+/// The same, when the orphan would outlive `hook_timeout`: it is stopped (SIGTERM, then
+/// SIGKILL), children included, before the phase runs again.
+#[test]
+fn a_restart_stops_an_orphaned_switch_hook_that_outlives_its_time_limit() {
+    let setup = Setup::new("");
+    use_overlap_logging_hook(&setup, "3s");
+    std::fs::write(setup.path("hook.sleep"), "60").unwrap();
+    orphan_a_switch_hook(&setup);
+    // The run after the restart is quick.
+    std::fs::write(setup.path("hook.sleep"), "0").unwrap();
+
+    let daemon = setup.start();
+    wait_for(Duration::from_secs(30), || {
+        setup
+            .events("monitoring-stopped")
+            .iter()
+            .any(|line| line["state"] == "rolled-back")
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "no rollback after the restart; log:\n{}",
+            setup.daemon_log()
+        )
+    });
+    assert_eq!(daemon.terminate().code(), Some(0));
+
+    let log = hook_log(&setup);
+    assert!(
+        !log.iter().any(|line| line.starts_with("overlap")),
+        "the orphan (or its sleep) was alive when the hook ran again: {log:?}"
+    );
+    assert_eq!(log.len(), 3, "start (killed), start, end: {log:?}");
+    let orphans = setup.events("hook-orphaned");
+    assert_eq!(orphans.len(), 1, "audit: {:?}", setup.audit());
+    assert_eq!(orphans[0]["outcome"], "killed", "{:?}", orphans[0]);
+    // Nothing of the orphan is left.
+    let pids = std::fs::read_to_string(setup.path("hook.pids")).unwrap();
+    for pid in pids.lines() {
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists()
+                || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .map(|stat| stat.contains(") Z "))
+                    .unwrap_or(true),
+            "hook process {pid} still runs"
+        );
+    }
+}

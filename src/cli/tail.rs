@@ -407,6 +407,21 @@ pub fn format_line(line: &str, colour: bool) -> Option<String> {
                 text("previousConfigHash").unwrap_or_else(|| "?".into())
             )),
         },
+        "hook-orphaned" => {
+            let seconds = object
+                .get("waitedSeconds")
+                .and_then(Value::as_f64)
+                .unwrap_or(0.0);
+            parts.push(format!(
+                "{} hook of action #{} left running by the last daemon: {} after {seconds:.1}s",
+                text("phase").unwrap_or_default(),
+                object
+                    .get("actionId")
+                    .map(Value::to_string)
+                    .unwrap_or_default(),
+                text("outcome").unwrap_or_default()
+            ));
+        }
         "kill-switch-activated" | "kill-switch-reset" | "kill-switch-external" => {
             parts.push(format!(
                 "{}={} (was {}) source={}",
@@ -549,6 +564,14 @@ mod tests {
 
     #[test]
     fn a_refused_reload_and_an_action_not_taken_read_as_what_happened() {
+        let orphan = r#"{"timestamp":"2025-10-22T14:32:15.123Z","event":"hook-orphaned","sessionId":"s1","actionId":3,"phase":"switch","pids":[41,42],"outcome":"killed","waitedSeconds":2.5}"#;
+        let line = format_line(orphan, false).unwrap();
+        assert!(
+            line.contains(
+                "switch hook of action #3 left running by the last daemon: killed after 2.5s"
+            ),
+            "{line}"
+        );
         let refused = r#"{"timestamp":"2025-10-22T14:32:15.123Z","event":"config-reloaded","sessionId":null,"ok":false,"error":"state_dir: cannot be changed by a reload","configHash":"abc"}"#;
         let applied = r#"{"timestamp":"2025-10-22T14:32:15.123Z","event":"config-reloaded","sessionId":null,"ok":true,"configHash":"def","previousConfigHash":"abc"}"#;
         let refused = format_line(refused, false).unwrap();

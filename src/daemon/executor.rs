@@ -279,6 +279,9 @@ pub async fn rollback(ctx: ActionContext, row: ActionRow) -> ActionOutcome {
         )
         .await;
     }
+    if resuming {
+        settle_orphaned_hook(&ctx, &row, rb.hook_timeout).await;
+    }
     let from = row.from_worker.clone().unwrap_or_default();
     let Some(to) = row.to_worker.clone().filter(|to| !to.is_empty()) else {
         return finish_failed(
@@ -348,9 +351,17 @@ pub async fn rollback(ctx: ActionContext, row: ActionRow) -> ActionOutcome {
             }
             let t = Instant::now();
             if let Some(template) = hook {
-                let ok = run_phase_hook(&ctx, phase, template, &vars, rb.hook_timeout, &mut detail)
-                    .await
-                    .is_ok();
+                let ok = run_phase_hook(
+                    &ctx,
+                    row.id,
+                    phase,
+                    template,
+                    &vars,
+                    rb.hook_timeout,
+                    &mut detail,
+                )
+                .await
+                .is_ok();
                 if !ok {
                     ctx.say(
                         format!("{phase} hook failed; continuing the rollback"),
@@ -390,6 +401,7 @@ pub async fn rollback(ctx: ActionContext, row: ActionRow) -> ActionOutcome {
                     Some(template) => {
                         run_phase_hook(
                             &ctx,
+                            row.id,
                             "switch",
                             template,
                             &vars,
@@ -491,6 +503,7 @@ pub async fn rollback(ctx: ActionContext, row: ActionRow) -> ActionOutcome {
             if let Some(template) = &rb.resume_command {
                 if run_phase_hook(
                     &ctx,
+                    row.id,
                     "resume",
                     template,
                     &vars,
@@ -702,13 +715,15 @@ fn phases_json(detail: &ActionDetail) -> Value {
 /// be started.
 async fn run_phase_hook(
     ctx: &ActionContext,
+    action_id: i64,
     phase: &str,
     template: &[String],
     vars: &HookVars,
     limit: Duration,
     detail: &mut ActionDetail,
 ) -> Result<(), String> {
-    match ctx.hooks.run(template, vars, limit).await {
+    let outcome = run_tracked(ctx, action_id, phase, template, vars, limit).await;
+    match outcome {
         Ok(outcome) => {
             let ok = outcome.succeeded();
             let mut value = serde_json::to_value(&outcome).unwrap_or(Value::Null);
@@ -756,6 +771,202 @@ async fn run_phase_hook(
         }
     }
 }
+
+/// Runs a hook with its run recorded in `rollbackd.db` (token before it starts, process
+/// group right after, cleared when it is finished with), so that a restart after kill -9
+/// can find it: see [`settle_orphaned_hook`]. Without crash protection (`action_id` -1)
+/// the hook just runs.
+async fn run_tracked(
+    ctx: &ActionContext,
+    action_id: i64,
+    phase: &str,
+    template: &[String],
+    vars: &HookVars,
+    limit: Duration,
+) -> Result<crate::hooks::HookOutcome, crate::hooks::HookError> {
+    if action_id < 0 {
+        return ctx.hooks.run(template, vars, limit, None).await;
+    }
+    let now = now_ms(ctx.clock.now());
+    let run = store::HookRunRow {
+        action_id,
+        phase: phase.to_owned(),
+        token: format!("{action_id}-{phase}-{now}-{}", std::process::id()),
+        started_at_ms: now,
+        boot_id: crate::sys::procs::boot_id(),
+        pgid: None,
+        leader_start_ticks: None,
+    };
+    let token = run.token.clone();
+    let recorded = ctx.db.call(move |store| store.begin_hook_run(&run)).await;
+    if let Err(err) = &recorded {
+        // Not recorded: the hook runs all the same (a rollback matters more than its
+        // bookkeeping); a restart would not find it.
+        tracing::error!(
+            action = action_id,
+            phase,
+            "cannot record the hook run: {err}"
+        );
+    }
+    let (spawned_to, spawned) = tokio::sync::oneshot::channel();
+    let tracking = crate::hooks::Tracking {
+        token,
+        spawned: spawned_to,
+    };
+    let record_group = async {
+        let Ok(spawned) = spawned.await else { return };
+        if recorded.is_err() {
+            return;
+        }
+        let result = ctx
+            .db
+            .call(move |store| {
+                store.hook_spawned(action_id, spawned.pgid, spawned.leader_start_ticks)
+            })
+            .await;
+        if let Err(err) = result {
+            tracing::error!(
+                action = action_id,
+                "cannot record the hook's process group: {err}"
+            );
+        }
+    };
+    let (outcome, ()) = tokio::join!(
+        ctx.hooks.run(template, vars, limit, Some(tracking)),
+        record_group
+    );
+    if recorded.is_ok() {
+        if let Err(err) = ctx
+            .db
+            .call(move |store| store.end_hook_run(action_id))
+            .await
+        {
+            tracing::error!(action = action_id, "cannot clear the hook run: {err}");
+        }
+    }
+    outcome
+}
+
+/// After a restart: if the action was running a hook when the daemon died, and any of its
+/// processes still run, waits for them until the hook's own time limit (counted from when
+/// it started) runs out, then stops them (SIGTERM, the kill grace, SIGKILL), and audits
+/// what it found (`hook-orphaned`). Only then may the phase run again: two switch hooks at
+/// once can leave the traffic nowhere.
+async fn settle_orphaned_hook(ctx: &ActionContext, row: &ActionRow, limit: Duration) {
+    use crate::sys::procs;
+    use tokio::time::Instant;
+    let action_id = row.id;
+    let run = match ctx.db.call(move |store| store.hook_run(action_id)).await {
+        Ok(Some(run)) => run,
+        Ok(None) => return,
+        Err(err) => {
+            tracing::error!(action = action_id, "cannot read the hook run: {err}");
+            return;
+        }
+    };
+    let same_boot = run.boot_id.is_some() && run.boot_id == procs::boot_id();
+    let group = match (same_boot, run.pgid, run.leader_start_ticks) {
+        (true, Some(pgid), Some(leader_start_ticks)) => Some(procs::Group {
+            pgid,
+            leader_start_ticks,
+        }),
+        _ => None,
+    };
+    let scan = {
+        let token = run.token.clone();
+        move || {
+            let token = token.clone();
+            async move {
+                tokio::task::spawn_blocking(move || procs::hook_processes(&token, group))
+                    .await
+                    .unwrap_or_default()
+            }
+        }
+    };
+    let found = scan().await;
+    if !found.is_empty() {
+        let pids: Vec<i32> = found.iter().map(|proc| proc.pid).collect();
+        let ran_for = Duration::from_millis(
+            u64::try_from(now_ms(ctx.clock.now()) - run.started_at_ms).unwrap_or(0),
+        );
+        let left = limit.saturating_sub(ran_for);
+        ctx.say(
+            format!(
+                "the {} hook started before the restart is still running (pids {pids:?}); \
+                 waiting up to {} for it before running the phase again",
+                run.phase,
+                crate::config::show(left)
+            ),
+            json!({"phase": run.phase, "pids": pids}),
+        )
+        .await;
+        let waited = Instant::now();
+        let deadline = crate::clock::deadline_tokio(waited, left);
+        let mut remaining = found;
+        while !remaining.is_empty() && Instant::now() < deadline {
+            tokio::time::sleep(ORPHAN_POLL).await;
+            remaining = scan().await;
+        }
+        let mut outcome = "exited";
+        if !remaining.is_empty() {
+            outcome = "killed";
+            for proc in &remaining {
+                procs::signal(*proc, libc::SIGTERM);
+            }
+            let term_deadline = Instant::now() + crate::config::HOOK_TERM_GRACE;
+            while !remaining.is_empty() && Instant::now() < term_deadline {
+                tokio::time::sleep(ORPHAN_POLL).await;
+                remaining = scan().await;
+            }
+            for proc in &remaining {
+                procs::signal(*proc, libc::SIGKILL);
+            }
+            let kill_deadline = Instant::now() + ORPHAN_KILL_WAIT;
+            while !remaining.is_empty() && Instant::now() < kill_deadline {
+                tokio::time::sleep(ORPHAN_POLL).await;
+                remaining = scan().await;
+            }
+            if !remaining.is_empty() {
+                // Unkillable (uninterruptible sleep): going on is still better than a
+                // rollback that never ends; on-call sees it in the record.
+                outcome = "still-running";
+            }
+        }
+        let seconds = waited.elapsed().as_secs_f64();
+        tracing::warn!(action = action_id, phase = %run.phase, ?pids, outcome, "orphaned hook dealt with");
+        let audit = AuditRecord::new(
+            ctx.clock.now(),
+            AuditEvent::HookOrphaned,
+            row.session_id.as_deref(),
+        )
+        .field("actionId", action_id)
+        .field("phase", run.phase.as_str())
+        .field("pids", pids)
+        .field("outcome", outcome)
+        .field("waitedSeconds", (seconds * 1000.0).round() / 1000.0);
+        ctx.recorder.audit(audit).await;
+        ctx.say(
+            format!(
+                "the orphaned {} hook {outcome} after {seconds:.1}s",
+                run.phase
+            ),
+            json!({"phase": run.phase, "outcome": outcome}),
+        )
+        .await;
+    }
+    if let Err(err) = ctx
+        .db
+        .call(move |store| store.end_hook_run(action_id))
+        .await
+    {
+        tracing::error!(action = action_id, "cannot clear the hook run: {err}");
+    }
+}
+
+/// How often a restart looks whether an orphaned hook is gone.
+const ORPHAN_POLL: Duration = Duration::from_millis(100);
+/// How long after SIGKILL a restart waits for an orphaned hook's processes to go.
+const ORPHAN_KILL_WAIT: Duration = Duration::from_secs(1);
 
 /// Probes `worker` every `interval` until it is healthy or `timeout` has passed.
 async fn verify(

@@ -84,6 +84,7 @@ pub trait HookRunner: Send + Sync {
         argv_template: &'a [String],
         vars: &'a HookVars,
         limit: Duration,
+        tracking: Option<crate::hooks::Tracking>,
     ) -> BoxFuture<'a, Result<HookOutcome, HookError>>;
 }
 
@@ -96,8 +97,14 @@ impl HookRunner for ProcessHooks {
         argv_template: &'a [String],
         vars: &'a HookVars,
         limit: Duration,
+        tracking: Option<crate::hooks::Tracking>,
     ) -> BoxFuture<'a, Result<HookOutcome, HookError>> {
-        Box::pin(crate::hooks::run_hook(argv_template, vars, limit))
+        Box::pin(crate::hooks::run_hook_tracked(
+            argv_template,
+            vars,
+            limit,
+            tracking,
+        ))
     }
 }
 

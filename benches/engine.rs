@@ -6,8 +6,8 @@
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use rollbackd::check::{CheckResult, ProbeOutcome, Sample, Snapshot, SnapshotOutcome};
-use rollbackd::engine::{Engine, EngineConfig};
+use rollbackd::core::check::{CheckResult, ProbeOutcome, Sample, Snapshot, SnapshotOutcome};
+use rollbackd::core::engine::{Engine, EngineConfig};
 
 const RUNS: usize = 7;
 

@@ -22,8 +22,8 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use rollbackd::appdb::settings::{SettingsReader, SettingsStore};
 use rollbackd::flags::{LiveFlags, LiveFlagsOptions};
-use rollbackd::settings::{SettingsReader, SettingsStore};
 
 const WRITER_ENV: &str = "ROLLBACKD_PROPAGATION_WRITER";
 const COMMITS_ENV: &str = "ROLLBACKD_PROPAGATION_COMMITS";

@@ -15,7 +15,7 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 use toml::Value;
 
-use crate::engine::{EngineConfig, NoDataPolicy, Rule};
+use crate::core::engine::{EngineConfig, NoDataPolicy, Rule};
 
 /// Where the file is looked for when neither `--config` nor `$ROLLBACKD_CONFIG` names one.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/rollbackd/rollbackd.toml";
@@ -314,17 +314,6 @@ pub struct KillSwitchConfig {
     /// absent. Off by default: a typo in the path must not create a database no
     /// application reads.
     pub create_database: bool,
-}
-
-impl KillSwitchConfig {
-    /// Whether writing the kill switch may create `database`.
-    pub fn create_mode(&self) -> crate::settings::Create {
-        if self.create_database {
-            crate::settings::Create::IfMissing
-        } else {
-            crate::settings::Create::Never
-        }
-    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1326,8 +1315,21 @@ fn check_argv(key: &str, argv: &[String], problem: &mut impl FnMut(&str, String)
 }
 
 /// A duration the way operators write it ("30s", "1m 30s", "250ms").
-pub fn show(duration: Duration) -> String {
-    humantime::format_duration(duration).to_string()
+pub use crate::core::time::show;
+
+impl Config {
+    /// What the Supervisor needs of this configuration.
+    pub fn supervisor_settings(&self, config_hash: &str) -> crate::core::Settings {
+        crate::core::Settings {
+            rules: self.rules.clone(),
+            check_interval: self.monitor.check_interval,
+            degraded_check_interval: self.monitor.degraded_check_interval,
+            check_timeout: self.monitor.check_timeout,
+            grace_period: self.monitor.grace_period,
+            max_rollbacks_per_hour: self.rollback.max_rollbacks_per_hour,
+            config_hash: config_hash.to_owned(),
+        }
+    }
 }
 
 fn hook_count(rb: &RollbackConfig) -> u32 {

@@ -1,31 +1,22 @@
 //! rollbackd: guards a host after a canary promotion.
 //!
-//! See `docs/ARCHITECTURE.md` for the codemap and the invariants.
+//! See `docs/ARCHITECTURE.md` for the codemap and the invariants. The layers, from the
+//! bottom: [`core`] (pure decisions), [`storage`] (rollbackd's own records), [`appdb`]
+//! (the application's database), [`sys`] (processes and OS limits), [`adapters`]
+//! (probes), [`control`] (the socket), [`daemon`] (the effect runner), [`cli`].
 
 pub mod adapters;
-pub mod alerts;
-pub mod audit;
-pub mod check;
+pub mod appdb;
 pub mod cli;
-pub mod clock;
 pub mod config;
 pub mod control;
 pub mod core;
 pub mod daemon;
-pub mod engine;
 pub mod exit;
-pub mod fdlimit;
-pub mod flags;
-pub mod hooks;
-pub mod http;
-pub mod killswitch;
-pub mod metrics;
-pub mod notify;
-pub mod service;
-pub mod settings;
-pub mod simulate;
-pub mod statedir;
-pub mod store;
+pub mod storage;
 pub mod sys;
 pub mod text;
-pub mod trace;
+
+/// The library API for applications (`rollbackd::flags::LiveFlags`), kept at its
+/// documented path.
+pub use appdb::flags;

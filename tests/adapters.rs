@@ -13,8 +13,8 @@ use rollbackd::adapters::{
     resource_sampler, snapshot_source, substitute_worker, worker_probe, BoxFuture, WorkerProbe,
     MAX_BODY,
 };
-use rollbackd::check::{ProbeOutcome, Sample, Snapshot, SnapshotOutcome};
 use rollbackd::config::{ProbeSpec, PrometheusSpec, SnapshotSpec};
+use rollbackd::core::check::{ProbeOutcome, Sample, Snapshot, SnapshotOutcome};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 

@@ -5,10 +5,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use rollbackd::alerts::{AlertOptions, AlertStats, Alerter};
-use rollbackd::audit::{AuditEvent, AuditRecord};
 use rollbackd::config::{AlertFormat, AlertsConfig};
+use rollbackd::daemon::alerts::{AlertOptions, AlertStats, Alerter};
 use rollbackd::daemon::recorder::Recorder;
+use rollbackd::storage::audit::{AuditEvent, AuditRecord};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;

@@ -221,7 +221,7 @@ fn a_missing_database_is_refused_and_never_created() {
         .unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(
-        rollbackd::killswitch::read(&db, "DISABLE_NEW")
+        rollbackd::appdb::killswitch::read(&db, "DISABLE_NEW")
             .unwrap()
             .as_deref(),
         Some("1")

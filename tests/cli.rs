@@ -160,12 +160,13 @@ fn kill_switch_without_a_daemon_sets_audits_and_guards_the_reset() {
 
     // A failed check recorded just now: reset is refused (exit 3) without --force.
     {
-        let mut store = rollbackd::store::Store::open(&setup.state().join("rollbackd.db")).unwrap();
+        let mut store =
+            rollbackd::storage::store::Store::open(&setup.state().join("rollbackd.db")).unwrap();
         let now = rollbackd::daemon::recorder::now_ms(SystemTime::now());
         let session = rollbackd::daemon::new_session_row(SystemTime::now(), "v2", "v1", None, None);
         store.insert_session(&session).unwrap();
         store
-            .insert_check(&rollbackd::store::CheckRow {
+            .insert_check(&rollbackd::storage::store::CheckRow {
                 session_id: session.id.clone(),
                 check_index: 0,
                 taken_at_ms: now,
@@ -204,7 +205,7 @@ fn kill_switch_without_a_daemon_sets_audits_and_guards_the_reset() {
 #[test]
 fn flags_get_uses_safe_defaults_while_the_kill_switch_is_on() {
     let setup = Setup::new("[flags.defaults]\nNEW_CHECKOUT = \"0\"");
-    let mut store = rollbackd::settings::SettingsStore::open(&setup.path("app.db")).unwrap();
+    let mut store = rollbackd::appdb::settings::SettingsStore::open(&setup.path("app.db")).unwrap();
     store.write_once("NEW_CHECKOUT", "1").unwrap();
     let out = setup.cli(&["flags", "get", "NEW_CHECKOUT"]);
     assert!(out.status.success());

@@ -5,9 +5,9 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use rollbackd::appdb::settings::SettingsStore;
 use rollbackd::cli::flags::{flags_get, flags_watch, GetFormat};
 use rollbackd::flags::LiveFlagsOptions;
-use rollbackd::settings::SettingsStore;
 
 fn options() -> LiveFlagsOptions {
     LiveFlagsOptions {

@@ -614,7 +614,7 @@ fn the_example_config_names_every_rule_dry_run_rules_accepts() {
         .split(',')
         .map(str::trim)
         .collect();
-    let accepted: Vec<&str> = rollbackd::engine::Rule::ALL
+    let accepted: Vec<&str> = rollbackd::core::engine::Rule::ALL
         .iter()
         .map(|r| r.as_str())
         .collect();

@@ -8,11 +8,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use rollbackd::adapters::{BoxFuture, ResourceSampler, SnapshotSource, WorkerProbe};
-use rollbackd::check::{ProbeOutcome, Resources, Sample, Snapshot, SnapshotOutcome};
 use rollbackd::config::LoadedConfig;
 use rollbackd::control::{Command, Operator, Reply, Request};
+use rollbackd::core::check::{ProbeOutcome, Resources, Sample, Snapshot, SnapshotOutcome};
 use rollbackd::daemon::{Adapters, Driver, DriverInputs, HookRunner, TokioClock};
-use rollbackd::hooks::{HookError, HookOutcome, HookVars};
+use rollbackd::sys::hooks::{HookError, HookOutcome, HookVars};
 use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -105,7 +105,7 @@ impl HookRunner for Fake {
         argv: &'a [String],
         vars: &'a HookVars,
         _limit: Duration,
-        _tracking: Option<rollbackd::hooks::Tracking>,
+        _tracking: Option<rollbackd::sys::hooks::Tracking>,
     ) -> BoxFuture<'a, Result<HookOutcome, HookError>> {
         Box::pin(async move {
             self.set(|w| w.hooks.push(argv.first().cloned().unwrap_or_default()));

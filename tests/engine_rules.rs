@@ -14,10 +14,10 @@
 use std::time::Duration;
 
 use proptest::prelude::*;
-use rollbackd::check::{
+use rollbackd::core::check::{
     Baseline, CheckResult, ProbeOutcome, Resources, Sample, Snapshot, SnapshotOutcome,
 };
-use rollbackd::engine::{
+use rollbackd::core::engine::{
     Action, Decision, Engine, EngineConfig, NoDataPolicy, Rule, ValueClass, Verdict,
 };
 

@@ -19,7 +19,7 @@ const LOCK_HELD: Duration = Duration::from_secs(3);
 fn kill_switch_lands_after_an_external_write_lock_is_released_and_checks_go_on_meanwhile() {
     let setup = Setup::new("");
     // The application's database exists, as it would in production, in WAL mode.
-    drop(rollbackd::settings::SettingsStore::open(&setup.path("app.db")).unwrap());
+    drop(rollbackd::appdb::settings::SettingsStore::open(&setup.path("app.db")).unwrap());
     let daemon = setup.start();
     let out = setup.cli(&["promote", "--active", "v2", "--previous", "v1"]);
     assert!(out.status.success());
@@ -92,7 +92,7 @@ fn kill_switch_lands_after_an_external_write_lock_is_released_and_checks_go_on_m
         "the kill switch never landed after the lock was released; log:\n{}",
         setup.daemon_log()
     );
-    let value = rollbackd::killswitch::read(&setup.path("app.db"), "DISABLE_NEW").unwrap();
+    let value = rollbackd::appdb::killswitch::read(&setup.path("app.db"), "DISABLE_NEW").unwrap();
     assert_eq!(value.as_deref(), Some("1"));
     let activated = &setup.events("kill-switch-activated")[0];
     assert_eq!(activated["value"], "1");

@@ -86,7 +86,7 @@ print("answer:", s.recv(65536).decode(errors="replace"))
     assert_eq!(setup.audit(), audit_before);
     assert!(!setup.daemon_log().contains("uid:65534"));
     assert_eq!(
-        rollbackd::killswitch::read(&setup.path("app.db"), "DISABLE_NEW").unwrap(),
+        rollbackd::appdb::killswitch::read(&setup.path("app.db"), "DISABLE_NEW").unwrap(),
         None
     );
     assert_eq!(daemon.terminate().code(), Some(0));

@@ -191,23 +191,25 @@ fn a_rollback_intent_recorded_just_before_a_kill_is_audited_as_started_on_resume
     let setup = Setup::new("");
     setup.promote();
     let session = {
-        let store = rollbackd::store::Store::open(&setup.state().join("rollbackd.db")).unwrap();
+        let store =
+            rollbackd::storage::store::Store::open(&setup.state().join("rollbackd.db")).unwrap();
         store
             .current_session()
             .unwrap()
             .expect("promote recorded a session")
     };
-    let mut store = rollbackd::store::Store::open(&setup.state().join("rollbackd.db")).unwrap();
+    let mut store =
+        rollbackd::storage::store::Store::open(&setup.state().join("rollbackd.db")).unwrap();
     let started_at_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis() as i64;
     let action_id = store
-        .insert_action(&rollbackd::store::NewAction {
+        .insert_action(&rollbackd::storage::store::NewAction {
             session_id: Some(session.id.clone()),
-            kind: rollbackd::store::KIND_ROLLBACK.into(),
+            kind: rollbackd::storage::store::KIND_ROLLBACK.into(),
             trigger: "automatic".into(),
-            state: rollbackd::store::ACTION_PENDING.into(),
+            state: rollbackd::storage::store::ACTION_PENDING.into(),
             phase: None,
             attempt: 1,
             from_worker: Some("v2".into()),
@@ -252,23 +254,23 @@ fn a_kill_after_the_rollback_finished_but_before_the_session_ended_does_not_roll
     let setup = Setup::new("");
     setup.promote();
     let db = setup.state().join("rollbackd.db");
-    let session = rollbackd::store::Store::open(&db)
+    let session = rollbackd::storage::store::Store::open(&db)
         .unwrap()
         .current_session()
         .unwrap()
         .expect("promote recorded a session");
-    let mut store = rollbackd::store::Store::open(&db).unwrap();
+    let mut store = rollbackd::storage::store::Store::open(&db).unwrap();
     let started_at_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis() as i64
         - 2_000;
     store
-        .insert_action(&rollbackd::store::NewAction {
+        .insert_action(&rollbackd::storage::store::NewAction {
             session_id: Some(session.id.clone()),
-            kind: rollbackd::store::KIND_ROLLBACK.into(),
+            kind: rollbackd::storage::store::KIND_ROLLBACK.into(),
             trigger: "automatic".into(),
-            state: rollbackd::store::ACTION_DONE.into(),
+            state: rollbackd::storage::store::ACTION_DONE.into(),
             phase: None,
             attempt: 1,
             from_worker: Some("v2".into()),

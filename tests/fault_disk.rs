@@ -189,7 +189,7 @@ fn the_kill_switch_is_set_with_analytics_unwritable_and_recorded_once_it_is_back
     setup.routes.set("/v2/health", 503, r#"{"status":"down"}"#);
 
     let set = wait_for(Duration::from_secs(20), || {
-        rollbackd::killswitch::read(&setup.path("app.db"), "DISABLE_NEW")
+        rollbackd::appdb::killswitch::read(&setup.path("app.db"), "DISABLE_NEW")
             .ok()
             .flatten()
             .as_deref()
@@ -262,7 +262,9 @@ fn a_full_file_system_under_rollbackd_db_does_not_stop_a_rollback() {
     // The state database catches up too: the session is over and v1 is active, so a
     // restart will not go back to watching the old canary.
     let caught_up = wait_for(Duration::from_secs(15), || {
-        let Ok(store) = rollbackd::store::Store::open_read_only(&state.join("rollbackd.db")) else {
+        let Ok(store) =
+            rollbackd::storage::store::Store::open_read_only(&state.join("rollbackd.db"))
+        else {
             return false;
         };
         store.current_session().ok().flatten().is_none()

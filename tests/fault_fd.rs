@@ -23,7 +23,7 @@ use common::*;
 const HELD: usize = 2000;
 /// The daemon's descriptor limit in these tests: systemd's default soft limit.
 const DAEMON_NOFILE: u64 = 1024;
-/// The descriptors the daemon must keep for itself under attack (src/http.rs FD_RESERVE).
+/// The descriptors the daemon must keep for itself under attack (src/daemon/http.rs FD_RESERVE).
 const RESERVE: usize = 256;
 /// `nobody` on Linux.
 const NOBODY: u32 = 65534;

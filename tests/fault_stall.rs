@@ -71,7 +71,7 @@ fn slow_worker(delay: Duration, hold: Arc<AtomicBool>) -> (u16, mpsc::Receiver<I
 
 /// The kill-switch database exists before the daemon starts (as an application's does).
 fn create_app_db(setup: &Setup) {
-    rollbackd::settings::SettingsStore::open(&setup.path("app.db")).unwrap();
+    rollbackd::appdb::settings::SettingsStore::open(&setup.path("app.db")).unwrap();
 }
 
 fn signal(pid: u32, sig: i32) {
@@ -106,7 +106,7 @@ fn assert_nothing_charged(setup: &Setup, when: &str) {
         failed.is_empty(),
         "{when}: a stall of rollbackd was recorded as a failed check: {failed:#?}"
     );
-    let kill = rollbackd::killswitch::read(&setup.path("app.db"), "DISABLE_NEW").unwrap();
+    let kill = rollbackd::appdb::killswitch::read(&setup.path("app.db"), "DISABLE_NEW").unwrap();
     assert_ne!(kill.as_deref(), Some("1"), "{when}: DISABLE_NEW=1 was set");
 }
 

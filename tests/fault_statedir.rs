@@ -182,7 +182,7 @@ fn a_state_dir_made_0777_by_nobody_with_a_planted_audit_log_symlink_is_refused()
         .file_type()
         .is_symlink());
     assert_eq!(
-        rollbackd::killswitch::read(&setup.path("app.db"), "DISABLE_NEW").unwrap_or(None),
+        rollbackd::appdb::killswitch::read(&setup.path("app.db"), "DISABLE_NEW").unwrap_or(None),
         None,
         "the kill switch was set through an untrusted state directory"
     );

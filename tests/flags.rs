@@ -7,8 +7,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use rollbackd::appdb::settings::SettingsStore;
 use rollbackd::flags::{FlagsSnapshot, LiveFlags, LiveFlagsOptions};
-use rollbackd::settings::SettingsStore;
 use tokio::sync::watch;
 
 const SQLITE3_SHELL: &str = "/usr/bin/sqlite3";

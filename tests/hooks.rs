@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use rollbackd::hooks::{run_hook, HookError, HookVars, TAIL_BYTES};
+use rollbackd::sys::hooks::{run_hook, HookError, HookVars, TAIL_BYTES};
 
 fn strings(items: &[&str]) -> Vec<String> {
     items.iter().map(|item| item.to_string()).collect()

@@ -224,8 +224,8 @@ fn the_endpoint_is_off_when_listen_is_empty() {
 /// does not answer, or has stopped, is unhealthy; `/metrics` does not depend on it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn healthz_fails_when_the_driver_does_not_answer() {
-    use rollbackd::http::HttpServer;
-    use rollbackd::metrics::Metrics;
+    use rollbackd::daemon::http::HttpServer;
+    use rollbackd::daemon::metrics::Metrics;
     use tokio_util::sync::CancellationToken;
 
     let (commands_tx, mut commands_rx) = tokio::sync::mpsc::channel(4);
@@ -267,8 +267,8 @@ async fn healthz_fails_when_the_driver_does_not_answer() {
 /// kernel's backlog (costing the daemon no descriptor) and are served once a slot frees.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn at_its_connection_limit_the_endpoint_leaves_connections_in_the_backlog() {
-    use rollbackd::http::HttpServer;
-    use rollbackd::metrics::Metrics;
+    use rollbackd::daemon::http::HttpServer;
+    use rollbackd::daemon::metrics::Metrics;
     use std::io::{Read, Write};
     use tokio_util::sync::CancellationToken;
 

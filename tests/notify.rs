@@ -6,7 +6,7 @@ use std::os::unix::net::UnixDatagram;
 use std::process::Command;
 use std::time::Duration;
 
-use rollbackd::notify::Notifier;
+use rollbackd::daemon::notify::Notifier;
 
 const HELPER_VAR: &str = "ROLLBACKD_NOTIFY_HELPER";
 

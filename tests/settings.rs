@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use rollbackd::settings::{Create, SettingsError, SettingsStore};
+use rollbackd::appdb::settings::{Create, SettingsError, SettingsStore};
 use rusqlite::Connection;
 
 fn table_sql(path: &Path) -> Option<String> {
@@ -401,7 +401,7 @@ fn a_value_the_table_does_not_keep_as_written_is_a_read_back_error() {
 /// whatever the table declares.
 #[test]
 fn reads_match_keys_with_the_tables_collation_like_the_write() {
-    use rollbackd::settings::SettingsReader;
+    use rollbackd::appdb::settings::SettingsReader;
     let dir = tempfile::tempdir().unwrap();
     for (collation, matches) in [("COLLATE NOCASE", true), ("", false)] {
         let path = dir.path().join(format!("{}.db", matches));

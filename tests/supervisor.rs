@@ -7,13 +7,13 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use rollbackd::check::{Baseline, CheckResult};
+use rollbackd::core::check::{Baseline, CheckResult};
 use rollbackd::core::supervisor::{
     ActionKind, ActionResult, ActionTrigger, Answer, Effect, Input, Restored, SessionRecord,
     SessionState, Settings, Supervisor,
 };
+use rollbackd::core::trace::{parse_line, TraceLine};
 use rollbackd::core::Now;
-use rollbackd::trace::{parse_line, TraceLine};
 
 const HEALTHY: &str = r#"{"at":0,"probe":"ok","snapshot":{"failureRate":0.01,"requests":1000}}"#;
 const SPIKE: &str = r#"{"at":0,"probe":"ok","snapshot":{"failureRate":0.45,"requests":1000}}"#;
@@ -32,7 +32,7 @@ fn settings(extra: &str) -> Settings {
          check_timeout = \"5s\"\ngrace_period = \"10m\"\nwindow = 5\n{extra}"
     );
     let loaded = rollbackd::config::load_str(&text, &BTreeMap::new()).expect("config");
-    Settings::from_config(&loaded.config, "hash")
+    loaded.config.supervisor_settings("hash")
 }
 
 /// A summary of one effect, for the tables.
@@ -125,7 +125,7 @@ impl Harness {
                 Effect::StartAction { .. } => {
                     let id = self.next_action;
                     self.next_action += 1;
-                    Some(Input::ActionStarted { id })
+                    Some(Input::ActionStarted { id: Some(id) })
                 }
                 _ => None,
             };
@@ -392,7 +392,7 @@ fn a_rollback_stops_the_checks_until_it_ends_and_then_ends_the_session() {
     let checks_before = h.names().iter().filter(|n| n.starts_with("check#")).count();
     assert_eq!(checks_before, 3);
     h.feed(Input::ActionDone {
-        id: 1,
+        id: Some(1),
         result: ActionResult::RolledBack {
             from: "v2".into(),
             to: "v1".into(),
@@ -434,7 +434,7 @@ fn a_failed_rollback_escalates_and_the_operator_hears_both() {
     });
     assert_eq!(h.names().last().unwrap(), "reply:failed:3");
     h.feed(Input::ActionDone {
-        id: 1,
+        id: Some(1),
         result: ActionResult::RollbackFailed {
             reason: "switch hook failed: exit status 1".into(),
             artifact: "a.json".into(),
@@ -445,7 +445,7 @@ fn a_failed_rollback_escalates_and_the_operator_hears_both() {
     assert_eq!(plans[1].kind, ActionKind::Escalation);
     assert_eq!(plans[1].reason, "switch hook failed: exit status 1");
     h.feed(Input::ActionDone {
-        id: 2,
+        id: Some(2),
         result: ActionResult::Escalated {
             artifact: "e.json".into(),
         },
@@ -675,7 +675,7 @@ fn a_restart_resumes_the_action_in_flight_or_carries_out_a_finished_one() {
     h.feed(Input::Restore(Box::new(Restored {
         session: Some(session.clone()),
         checks: vec![(0, h.wall, check(SPIKE))],
-        in_flight: Some((4, ActionKind::Rollback, ActionTrigger::Automatic)),
+        in_flight: Some((Some(4), ActionKind::Rollback, ActionTrigger::Automatic)),
         ..Restored::default()
     })));
     assert!(h.plans().is_empty(), "resumed, never started again");
@@ -689,7 +689,7 @@ fn a_restart_resumes_the_action_in_flight_or_carries_out_a_finished_one() {
         session: Some(session),
         checks: vec![(0, h.wall, check(SPIKE))],
         settled: Some((
-            4,
+            Some(4),
             ActionKind::Rollback,
             ActionTrigger::Automatic,
             ActionResult::RolledBack {

@@ -273,7 +273,7 @@ fn a_kill_switch_changed_while_the_daemon_was_down_is_audited_at_start() {
     let setup = Setup::new("");
     let daemon = setup.start();
     assert_eq!(daemon.terminate().code(), Some(0));
-    let mut store = rollbackd::settings::SettingsStore::open(&setup.path("app.db")).unwrap();
+    let mut store = rollbackd::appdb::settings::SettingsStore::open(&setup.path("app.db")).unwrap();
     store.write_once("DISABLE_NEW", "1").unwrap();
     let _daemon = setup.start();
     let seen = wait_for(Duration::from_secs(10), || {
@@ -452,7 +452,7 @@ fn a_webhook_that_never_answers_does_not_delay_the_rollback() {
 /// current session ends. The unfinished and the recent stay.
 #[test]
 fn sessions_past_retention_are_pruned_at_start_and_when_a_session_ends() {
-    use rollbackd::store::{SessionRow, Store, SESSION_CONFIRMED};
+    use rollbackd::storage::store::{SessionRow, Store, SESSION_CONFIRMED};
     let setup = Setup::new("[retention]\nsessions = \"30d\"");
     let db = setup.state().join("rollbackd.db");
     let day_ms = 24 * 3600 * 1000;

@@ -18,7 +18,7 @@ use super::{
     substitute_worker, timeout_reason, BoxFuture, SnapshotSource, WorkerProbe, MAX_BODY,
     OUTPUT_TAIL_BYTES,
 };
-use crate::check::{ProbeOutcome, Snapshot, SnapshotOutcome};
+use crate::core::check::{ProbeOutcome, Snapshot, SnapshotOutcome};
 
 /// How long output readers get to drain the pipes after the command's group was killed.
 const DRAIN_AFTER_KILL: Duration = Duration::from_millis(200);
@@ -172,7 +172,7 @@ pub(super) async fn run_command(
     timeout: Duration,
     stdout_head_limit: usize,
 ) -> CommandRun {
-    let deadline = crate::clock::deadline_tokio(Instant::now(), timeout);
+    let deadline = crate::sys::clock::deadline_tokio(Instant::now(), timeout);
     let Some((program, args)) = argv.split_first() else {
         return CommandRun::failed("the command is empty".into());
     };

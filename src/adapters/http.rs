@@ -7,7 +7,7 @@ use super::{
     error_chain, excerpt, substitute_worker_url, timeout_reason, BoxFuture, SnapshotSource,
     WorkerProbe, MAX_BODY,
 };
-use crate::check::{health_body_verdict, ProbeOutcome, Snapshot, SnapshotOutcome};
+use crate::core::check::{health_body_verdict, ProbeOutcome, Snapshot, SnapshotOutcome};
 
 /// The client every HTTP adapter uses: no proxy (the targets are local and a proxy from
 /// the environment would only add a failure mode) and no redirects (a health endpoint or

@@ -23,8 +23,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::check::{ProbeOutcome, Resources, SnapshotOutcome};
 use crate::config::{ProbeSpec, SnapshotSpec};
+use crate::core::check::{ProbeOutcome, Resources, SnapshotOutcome};
 
 mod exec;
 mod http;
@@ -151,13 +151,13 @@ fn error_chain(error: &dyn std::error::Error) -> String {
 
 /// A short, lossy-UTF-8 excerpt of raw bytes for a reason string.
 fn excerpt(bytes: &[u8]) -> String {
-    let head = &bytes[..bytes.len().min(crate::check::RAW_KEEP_BYTES * 4)];
+    let head = &bytes[..bytes.len().min(crate::core::check::RAW_KEEP_BYTES * 4)];
     let text = String::from_utf8_lossy(head);
     let text = text.trim();
     if text.is_empty() {
         "(empty body)".into()
     } else {
-        crate::check::truncate_raw(text)
+        crate::core::check::truncate_raw(text)
     }
 }
 

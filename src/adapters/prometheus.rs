@@ -22,8 +22,8 @@ use tokio::time::Instant;
 
 use super::http::{build_client, read_capped};
 use super::{error_chain, excerpt, timeout_reason, BoxFuture, SnapshotSource, MAX_BODY};
-use crate::check::{truncate_raw, Sample, Snapshot, SnapshotOutcome};
 use crate::config::PrometheusSpec;
+use crate::core::check::{truncate_raw, Sample, Snapshot, SnapshotOutcome};
 
 pub(super) struct PrometheusSnapshotSource {
     client: Result<reqwest::Client, String>,
@@ -159,7 +159,7 @@ fn sample_from_pair(pair: Option<&Value>, body: &[u8]) -> Result<Sample, String>
 impl SnapshotSource for PrometheusSnapshotSource {
     fn snapshot(&self) -> BoxFuture<'_, SnapshotOutcome> {
         Box::pin(async move {
-            let deadline = crate::clock::deadline_tokio(Instant::now(), self.timeout);
+            let deadline = crate::sys::clock::deadline_tokio(Instant::now(), self.timeout);
             let spec = &self.spec;
             let (error_rate, requests, latency_p95_ms, latency_p99_ms) = tokio::join!(
                 self.query(&spec.error_rate, deadline),

@@ -6,7 +6,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use super::{substitute_worker, BoxFuture, ResourceSampler};
-use crate::check::Resources;
+use crate::core::check::Resources;
 
 /// A pid file longer than this is not a pid file; it is not read further.
 const PID_FILE_MAX_BYTES: u64 = 64;

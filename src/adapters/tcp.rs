@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use super::{substitute_worker, timeout_reason, BoxFuture, WorkerProbe};
-use crate::check::ProbeOutcome;
+use crate::core::check::ProbeOutcome;
 
 pub(super) struct TcpProbe {
     address_template: String,

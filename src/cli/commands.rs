@@ -10,16 +10,16 @@ use std::io::{BufRead, IsTerminal, Write};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use serde_json::{json, Value};
+use serde_json::Value;
 use tokio::sync::mpsc;
 
-use crate::audit::rfc3339_millis;
 use crate::cli::args::{Command, KillSwitchAction};
 use crate::config::LoadedConfig;
+use crate::control::status::StatusReport;
 use crate::control::{self, CallError, Operator, Reply, Request};
-use crate::daemon::{stored_worker_id, Driver, DriverInputs, SystemClock};
+use crate::daemon::{Driver, DriverInputs, SystemClock};
 use crate::exit::{self, Refused};
-use crate::store::{self, Store, StoreError};
+use crate::storage::audit::rfc3339_millis;
 use crate::text::Escaped;
 
 /// Runs one operator command; returns the exit status.
@@ -72,8 +72,7 @@ pub async fn run(command: &Command, loaded: &LoadedConfig) -> anyhow::Result<u8>
     } = command
     {
         if !yes && std::io::stdin().is_terminal() {
-            let status = status_value(loaded).await?;
-            let (active, previous) = workers_of(&status);
+            let (active, previous) = status_report(loaded).await?.workers();
             eprint!(
                 "{} rollback from {} to {} (reason: {})? [y/N] ",
                 if *emergency { "EMERGENCY" } else { "Manual" },
@@ -130,7 +129,11 @@ pub async fn run(command: &Command, loaded: &LoadedConfig) -> anyhow::Result<u8>
         Command::Status { .. } if json_status => {
             writeln!(out, "{}", serde_json::to_string_pretty(&value)?)?;
         }
-        Command::Status { .. } => print_status(&value, &mut out)?,
+        Command::Status { .. } => {
+            let report: StatusReport = serde_json::from_value(value)
+                .map_err(|e| anyhow::anyhow!("the daemon's status is not readable: {e}"))?;
+            report.render(&mut out)?;
+        }
         Command::Promote { .. } => {
             let note = if value.get("recordedOnly").and_then(Value::as_bool) == Some(true) {
                 " (no daemon running: recorded; monitoring starts when rollbackd starts)"
@@ -210,17 +213,6 @@ fn short_time(t: SystemTime) -> String {
     text.get(11..23).unwrap_or(&text).to_owned()
 }
 
-fn workers_of(status: &Value) -> (Option<String>, Option<String>) {
-    let session = &status["session"];
-    let active = session["active"]
-        .as_str()
-        .or(status["workers"]["active"].as_str());
-    let previous = session["previous"]
-        .as_str()
-        .or(status["workers"]["previous"].as_str());
-    (active.map(str::to_owned), previous.map(str::to_owned))
-}
-
 /// The most a request other than a rollback may take: they touch the database and the
 /// kill-switch database, each bounded by its busy timeout, and nothing else.
 pub const REQUEST_LIMIT: Duration = Duration::from_secs(60);
@@ -272,35 +264,52 @@ pub fn timed_out_message(request: &Request, limit: Duration) -> String {
     )
 }
 
-async fn status_value(loaded: &LoadedConfig) -> anyhow::Result<Value> {
+async fn status_report(loaded: &LoadedConfig) -> anyhow::Result<StatusReport> {
     let socket = loaded.config.socket_path();
     match call_within(&socket, &Request::Status, REQUEST_LIMIT, |_, _| {}).await {
-        Ok(Some(value)) => Ok(value),
+        Ok(Some(value)) => serde_json::from_value(value)
+            .map_err(|e| anyhow::anyhow!("the daemon's status is not readable: {e}")),
         Ok(None) => Err(anyhow::anyhow!(timed_out_message(
             &Request::Status,
             REQUEST_LIMIT
         ))),
-        Err(err) if err.is_not_running() => local_status(loaded).await,
+        Err(err) if err.is_not_running() => offline_status(loaded).await,
         Err(err) => Err(err.into()),
     }
+}
+
+/// `status` without a daemon, read on the blocking pool (SQLite never runs on the
+/// runtime's thread).
+async fn offline_status(loaded: &LoadedConfig) -> anyhow::Result<StatusReport> {
+    let loaded = loaded.clone();
+    tokio::task::spawn_blocking(move || crate::daemon::status::offline(&loaded)).await?
 }
 
 /// The command carried out without a daemon.
 async fn local(request: &Request, loaded: &LoadedConfig) -> anyhow::Result<Value> {
     if matches!(request, Request::Status) {
-        return local_status(loaded).await;
+        return Ok(serde_json::to_value(offline_status(loaded).await?)?);
     }
     if let Request::KillSwitchStatus = request {
-        let ks = &loaded.config.kill_switch;
-        let state =
-            crate::killswitch::KillSwitchState::read(&ks.database, &ks.key, ks.create_database);
-        if let crate::killswitch::KillSwitchState::Unknown(why) = &state {
+        let ks = loaded.config.kill_switch.clone();
+        let state = {
+            let ks = ks.clone();
+            tokio::task::spawn_blocking(move || {
+                crate::appdb::killswitch::KillSwitchState::read(
+                    &ks.database,
+                    &ks.key,
+                    ks.create_database,
+                )
+            })
+            .await?
+        };
+        if let crate::appdb::killswitch::KillSwitchState::Unknown(why) = &state {
             anyhow::bail!("the kill switch is UNKNOWN: {why}");
         }
         return Ok(state.to_json(&ks.key));
     }
     let state_dir = loaded.config.state_dir.clone();
-    let _lock = crate::service::try_lock_state(&state_dir)?.ok_or_else(|| {
+    let _lock = crate::daemon::service::try_lock_state(&state_dir)?.ok_or_else(|| {
             anyhow::anyhow!(
                 "the daemon holds {} but does not answer on {}; try again, or check `systemctl status rollbackd`",
                 state_dir.display(),
@@ -309,7 +318,7 @@ async fn local(request: &Request, loaded: &LoadedConfig) -> anyhow::Result<Value
         })?;
     if matches!(request, Request::Rollback { .. }) {
         // The switch and verify hooks are about to run: the same checks as `run`'s.
-        crate::service::check_runnable(loaded)?;
+        crate::daemon::service::check_runnable(loaded)?;
     }
     one_shot(request, loaded).await
 }
@@ -331,7 +340,7 @@ async fn one_shot(request: &Request, loaded: &LoadedConfig) -> anyhow::Result<Va
     drop(commands_tx);
     let inputs = DriverInputs {
         one_shot: true,
-        factory: crate::service::real_adapters(),
+        factory: crate::daemon::service::real_adapters(),
         clock: Arc::new(SystemClock),
         commands: commands_rx,
         flags: None,
@@ -357,188 +366,6 @@ async fn one_shot(request: &Request, loaded: &LoadedConfig) -> anyhow::Result<Va
         Some(Reply::Failed { message, exit }) => Err(CallError::Failed { message, exit }.into()),
         _ => Err(anyhow::anyhow!("the command ended without an answer")),
     }
-}
-
-/// `status` without a daemon: what `rollbackd.db` and the settings table say.
-async fn local_status(loaded: &LoadedConfig) -> anyhow::Result<Value> {
-    let config = &loaded.config;
-    let ks = &config.kill_switch;
-    let kill = crate::killswitch::KillSwitchState::read(&ks.database, &ks.key, ks.create_database);
-    let now = SystemTime::now();
-    let (session, recent, active, previous) = match Store::open_read_only(&config.rollbackd_db()) {
-        Ok(store) => {
-            let session = store.current_session()?;
-            let recent = match &session {
-                Some(s) => store.recent_checks(&s.id, 10)?,
-                None => Vec::new(),
-            };
-            (
-                session,
-                recent,
-                stored_worker_id("active worker", store.get_meta("active")?),
-                stored_worker_id("previous worker", store.get_meta("previous")?),
-            )
-        }
-        Err(StoreError::NotFound(_)) => (None, Vec::new(), None, None),
-        Err(err) => return Err(err.into()),
-    };
-    let session_value = session.as_ref().map(|s| {
-        let active = stored_worker_id("active worker of the session", Some(s.active.clone()));
-        let previous = stored_worker_id("previous worker of the session", s.previous.clone());
-        let promoted = crate::core::time::from_ms(s.promoted_at_ms);
-        let age = now.duration_since(promoted).unwrap_or_default();
-        json!({
-            "id": s.id, "state": s.state, "active": active, "previous": previous,
-            "promotedAt": rfc3339_millis(promoted), "ageSeconds": age.as_secs(),
-            "graceLeftSeconds": (s.state == store::SESSION_MONITORING).then(|| config.monitor.grace_period.saturating_sub(age).as_secs()),
-            "paused": s.paused, "pauseReason": s.pause_reason,
-            "verdict": recent.last().map(|c| c.verdict.clone()),
-        })
-    });
-    let recent: Vec<Value> = recent
-        .iter()
-        .map(|c| {
-            let check: Value = serde_json::from_str(&c.check_json).unwrap_or(Value::Null);
-            let probe = match check["probe"]["outcome"].as_str() {
-                Some("failed") => format!(
-                    "failed: {}",
-                    check["probe"]["reason"].as_str().unwrap_or("")
-                ),
-                Some(other) => other.to_owned(),
-                None => "?".into(),
-            };
-            let rate = check["snapshot"]["error_rate"]["value"].as_f64();
-            json!({"at": rfc3339_millis(crate::core::time::from_ms(c.taken_at_ms)),
-                   "index": c.check_index, "verdict": c.verdict, "probe": probe, "errorRate": rate})
-        })
-        .collect();
-    Ok(json!({
-        "daemon": "not running",
-        "state": session.as_ref().map(|s| s.state.as_str()).unwrap_or("idle"),
-        "session": session_value,
-        "workers": {"active": active, "previous": previous},
-        "killSwitch": kill.to_json(&ks.key),
-        "recentChecks": recent,
-        "configHash": loaded.hash,
-    }))
-}
-
-fn print_status(status: &Value, out: &mut impl Write) -> std::io::Result<()> {
-    let daemon = show(&status["daemon"], "?");
-    match status["pid"].as_u64() {
-        Some(pid) => writeln!(
-            out,
-            "rollbackd    {daemon} (pid {pid}, since {})",
-            show(&status["since"], "?")
-        )?,
-        None => writeln!(out, "rollbackd    {daemon}")?,
-    }
-    let session = &status["session"];
-    if session.is_object() {
-        let age = session["ageSeconds"].as_u64().unwrap_or(0);
-        writeln!(
-            out,
-            "session      {}  {}",
-            show(&session["id"], "?"),
-            show(&session["state"], "?")
-        )?;
-        writeln!(
-            out,
-            "workers      active {}  previous {}",
-            show(&session["active"], "?"),
-            show(&session["previous"], "-")
-        )?;
-        let grace = match session["graceLeftSeconds"].as_u64() {
-            Some(left) => format!(
-                ", grace period left {}",
-                crate::config::show(Duration::from_secs(left))
-            ),
-            None => String::new(),
-        };
-        writeln!(
-            out,
-            "age          {}{grace}",
-            crate::config::show(Duration::from_secs(age))
-        )?;
-        if session["paused"].as_bool() == Some(true) {
-            writeln!(
-                out,
-                "paused       yes ({})",
-                show(&session["pauseReason"], "no reason given")
-            )?;
-        }
-        if let Some(verdict) = session["verdict"].as_str() {
-            let verdict = Escaped(verdict);
-            match session["reason"].as_str() {
-                Some(reason) => writeln!(out, "verdict      {verdict} — {}", Escaped(reason))?,
-                None => writeln!(out, "verdict      {verdict}")?,
-            }
-        }
-    } else {
-        writeln!(out, "session      none (waiting for `rollbackd promote`)")?;
-        let workers = &status["workers"];
-        if workers["active"].is_string() {
-            writeln!(
-                out,
-                "workers      active {}  previous {}",
-                show(&workers["active"], "?"),
-                show(&workers["previous"], "-")
-            )?;
-        }
-    }
-    if let Some(action) = status["action"].as_object() {
-        writeln!(
-            out,
-            "action       {} #{} in progress",
-            show(&action["kind"], "?"),
-            action["id"]
-        )?;
-    }
-    let kill = &status["killSwitch"];
-    let kill_key = show(&kill["key"], "DISABLE_NEW");
-    if kill["state"] == "unknown" {
-        // Loud on purpose: an unreadable DISABLE_NEW=1 is still on for the application.
-        writeln!(
-            out,
-            "kill switch  {kill_key}: UNKNOWN ({})",
-            show(&kill["error"], "cannot read the database")
-        )?;
-    } else {
-        writeln!(
-            out,
-            "kill switch  {kill_key}={} ({})",
-            show(&kill["value"], "unset"),
-            if kill["on"].as_bool() == Some(true) {
-                "ON: apps use safe defaults"
-            } else {
-                "off"
-            }
-        )?;
-    }
-    if let Some(checks) = status["recentChecks"].as_array().filter(|c| !c.is_empty()) {
-        writeln!(out, "recent checks")?;
-        writeln!(
-            out,
-            "  {:<24} {:>5}  {:<9} {:>7}  probe",
-            "time", "#", "verdict", "error"
-        )?;
-        for check in checks.iter().rev().take(10).rev() {
-            let rate = check["errorRate"]
-                .as_f64()
-                .map(|r| format!("{:.1}%", r * 100.0))
-                .unwrap_or_else(|| show(&check["errorClass"], "-").into_owned());
-            writeln!(
-                out,
-                "  {:<24} {:>5}  {:<9} {:>7}  {}",
-                show(&check["at"], "?"),
-                check["index"],
-                show(&check["verdict"], "?"),
-                rate,
-                show(&check["probe"], "?")
-            )?;
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -152,7 +152,7 @@ listen = ""
 /// `rollbackd demo-hook --state-dir DIR --to WORKER`: the demo's switch hook.
 pub fn hook(state_dir: &Path, to: &str) -> anyhow::Result<()> {
     let path = state_dir.join(ACTIVE_FILE);
-    crate::audit::write_atomic(state_dir, ACTIVE_FILE, to.as_bytes())
+    crate::storage::audit::write_atomic(state_dir, ACTIVE_FILE, to.as_bytes())
         .with_context(|| format!("cannot write {}", path.display()))?;
     println!("switched traffic to {to}");
     Ok(())
@@ -168,7 +168,7 @@ const DEMO_DB: &str = "orchestrator.db";
 async fn create_application_db(path: &Path) -> anyhow::Result<()> {
     let path = path.to_path_buf();
     tokio::task::spawn_blocking(move || {
-        crate::settings::SettingsStore::open(&path)
+        crate::appdb::settings::SettingsStore::open(&path)
             .map(drop)
             .with_context(|| format!("cannot create the demo database {}", path.display()))
     })
@@ -180,7 +180,7 @@ pub async fn run(out: &mut (dyn Write + Send)) -> anyhow::Result<u8> {
     let started = Instant::now();
     let state_dir = std::env::temp_dir().join(format!(
         "rollbackd-demo-{}",
-        crate::audit::artifact_stamp(std::time::SystemTime::now()).replace('.', "")
+        crate::storage::audit::artifact_stamp(std::time::SystemTime::now()).replace('.', "")
     ));
     // Created here, 0700, and never an existing one: the name is predictable, and a
     // directory someone else made in /tmp beforehand is not ours to trust.
@@ -230,10 +230,10 @@ pub async fn run(out: &mut (dyn Write + Send)) -> anyhow::Result<u8> {
     });
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     let daemon_shutdown = shutdown.child_token();
-    let daemon = tokio::spawn(crate::service::run(
+    let daemon = tokio::spawn(crate::daemon::service::run(
         loaded,
         reloader,
-        crate::service::real_adapters(),
+        crate::daemon::service::real_adapters(),
         daemon_shutdown.clone(),
         Some(ready_tx),
     ));
@@ -268,7 +268,7 @@ pub async fn run(out: &mut (dyn Write + Send)) -> anyhow::Result<u8> {
     // Follow the audit log until the session ends.
     let audit_path = state_dir
         .join("analytics")
-        .join(crate::audit::AUDIT_LOG_FILE);
+        .join(crate::storage::audit::AUDIT_LOG_FILE);
     let mut printed = 0usize;
     let mut outcome: Option<String> = None;
     let deadline = Instant::now() + Duration::from_secs(60);

@@ -2,7 +2,7 @@
 //!
 //! Plain functions over a writer, so the CLI wiring (clap, config resolution, exit
 //! statuses) stays in `main` and these can be tested against a buffer. Both only read
-//! the application's database, through [`crate::flags`].
+//! the application's database, through [`crate::appdb::flags`].
 //!
 //! `flags watch` prints the initial state, then exactly one line per changed key, each
 //! flushed at once so `| grep` and `| jq` see it immediately. When the database cannot
@@ -18,7 +18,9 @@ use anyhow::Context;
 use serde::Serialize;
 use serde_json::json;
 
-use crate::flags::{changes, read_once, FlagChange, FlagsSnapshot, LiveFlags, LiveFlagsOptions};
+use crate::appdb::flags::{
+    changes, read_once, FlagChange, FlagsSnapshot, LiveFlags, LiveFlagsOptions,
+};
 use crate::text::Escaped;
 
 /// Where the effective value of a flag comes from (`flags get --json`'s `source`).

@@ -15,6 +15,7 @@ pub mod args;
 pub mod commands;
 pub mod demo;
 pub mod flags;
+pub mod simulate;
 pub mod tail;
 
 pub use crate::exit::{self, Refused};
@@ -119,7 +120,7 @@ pub fn error_chain(err: &anyhow::Error) -> String {
 fn exit_code_for(err: &anyhow::Error) -> u8 {
     if let Some(untrusted) = err
         .chain()
-        .find_map(|cause| cause.downcast_ref::<crate::statedir::Untrusted>())
+        .find_map(|cause| cause.downcast_ref::<crate::storage::statedir::Untrusted>())
     {
         untrusted.exit_status()
     } else if err.chain().any(|cause| cause.is::<ConfigError>()) {
@@ -159,7 +160,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             }
             if let Some(CheckFor::Run) = for_command {
                 // The very check `run` makes, so the two cannot drift apart.
-                crate::service::check_runnable(&loaded).map_err(|err| {
+                crate::daemon::service::check_runnable(&loaded).map_err(|err| {
                     anyhow::Error::new(err).context("`rollbackd run` would not start")
                 })?;
                 println!();
@@ -174,7 +175,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             recent_rollbacks,
         } => {
             let loaded = load_config(&cli)?;
-            let scenario = crate::simulate::Scenario {
+            let scenario = crate::cli::simulate::Scenario {
                 previous_known: !no_previous,
                 recent_rollbacks: *recent_rollbacks,
             };
@@ -192,7 +193,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             let path = loaded
                 .config
                 .analytics_dir()
-                .join(crate::audit::AUDIT_LOG_FILE);
+                .join(crate::storage::audit::AUDIT_LOG_FILE);
             let style = tail::TailStyle {
                 json: *json,
                 colour: !*json && std::io::stdout().is_terminal(),
@@ -244,13 +245,13 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             // from starting, e.g. a kill_switch.database that does not exist.
             let reloader: crate::daemon::Reloader = std::sync::Arc::new(move || {
                 let loaded = config::load(config_path.as_deref(), &config::process_env())?;
-                crate::service::check_runnable(&loaded)?;
+                crate::daemon::service::check_runnable(&loaded)?;
                 Ok(loaded)
             });
-            daemon_runtime()?.block_on(crate::service::run(
+            daemon_runtime()?.block_on(crate::daemon::service::run(
                 loaded,
                 reloader,
-                crate::service::real_adapters(),
+                crate::daemon::service::real_adapters(),
                 tokio_util::sync::CancellationToken::new(),
                 None,
             ))?;
@@ -258,10 +259,10 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         }
         Command::Flags { action } => {
             let loaded = load_config(&cli)?;
-            let options = crate::flags::LiveFlagsOptions {
+            let options = crate::appdb::flags::LiveFlagsOptions {
                 kill_key: loaded.config.kill_switch.key.clone(),
                 defaults: loaded.config.flag_defaults.clone(),
-                ..crate::flags::LiveFlagsOptions::default()
+                ..crate::appdb::flags::LiveFlagsOptions::default()
             };
             let default_db = loaded.config.kill_switch.database.clone();
             let stdout = std::io::stdout();
@@ -401,7 +402,7 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 
 fn simulate(
     loaded: &LoadedConfig,
-    scenario: &crate::simulate::Scenario,
+    scenario: &crate::cli::simulate::Scenario,
     trace: &PathBuf,
     json: bool,
 ) -> anyhow::Result<u8> {
@@ -410,7 +411,7 @@ fn simulate(
     let mut out = std::io::BufWriter::with_capacity(1 << 16, stdout.lock());
     let name = trace.display().to_string();
     let result = if name == "-" {
-        crate::simulate::replay_scenario(
+        crate::cli::simulate::replay_scenario(
             &loaded.config,
             scenario,
             std::io::stdin().lock(),
@@ -421,7 +422,7 @@ fn simulate(
     } else {
         let file =
             std::fs::File::open(trace).with_context(|| format!("cannot open trace {name}"))?;
-        crate::simulate::replay_scenario(
+        crate::cli::simulate::replay_scenario(
             &loaded.config,
             scenario,
             std::io::BufReader::with_capacity(1 << 16, file),

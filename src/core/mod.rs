@@ -2,12 +2,18 @@
 //! a file, a socket or a database, or imports tokio or rusqlite (`tests/core_purity.rs`
 //! fails if it does). Time and every observation are inputs; what to do is output.
 //!
+//! - [`check`]: what one health check observed (probe, snapshot, resources), as data.
+//! - [`engine`]: the windowed rules: checks in, a verdict with its evidence out.
+//! - [`trace`]: the `simulate` trace format, parsed into checks.
 //! - [`supervisor`]: the monitoring policy as one state machine (`handle` / `poll_timeout`
 //!   / `poll_effect`), run by the daemon, by `simulate` and by the tests.
 //! - [`time`]: time as data (milliseconds, saturating deadlines).
 
+pub mod check;
+pub mod engine;
 pub mod supervisor;
 pub mod time;
+pub mod trace;
 
 pub use supervisor::{Effect, Input, Settings, Supervisor};
 pub use time::Now;

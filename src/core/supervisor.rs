@@ -16,10 +16,12 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::{json, Value};
 
-use crate::audit::{AuditEvent, AuditRecord, DecisionRecord, Evidence, WorkerManagerRecord};
-use crate::check::{Baseline, CheckResult, ProbeOutcome, SnapshotOutcome};
+use crate::core::check::{Baseline, CheckResult, ProbeOutcome, SnapshotOutcome};
+use crate::core::engine::{Action, Decision, Engine, EngineConfig, ValueClass, Verdict};
 use crate::core::time::{self, Now};
-use crate::engine::{Action, Decision, Engine, EngineConfig, ValueClass, Verdict};
+use crate::storage::audit::{
+    AuditEvent, AuditRecord, DecisionRecord, Evidence, WorkerManagerRecord,
+};
 
 /// At most this many checks in a row are voided because rollbackd was stalled; the next
 /// one is recorded whatever happened, so a host that stalls the daemon during every check
@@ -47,18 +49,6 @@ pub struct Settings {
 }
 
 impl Settings {
-    pub fn from_config(config: &crate::config::Config, config_hash: &str) -> Settings {
-        Settings {
-            rules: config.rules.clone(),
-            check_interval: config.monitor.check_interval,
-            degraded_check_interval: config.monitor.degraded_check_interval,
-            check_timeout: config.monitor.check_timeout,
-            grace_period: config.monitor.grace_period,
-            max_rollbacks_per_hour: config.rollback.max_rollbacks_per_hour,
-            config_hash: config_hash.to_owned(),
-        }
-    }
-
     fn threshold_summary(&self) -> String {
         let rules = &self.rules;
         format!(
@@ -142,7 +132,7 @@ impl ActionTrigger {
     }
 }
 
-/// An action's id in `rollbackd.db`.
+/// An action's id in `rollbackd.db` (the same type as `storage::store::ActionId`).
 pub type ActionId = i64;
 
 /// Names the operator waiting for a reply; the runner maps it to its channel.
@@ -322,11 +312,12 @@ pub enum Input {
         id: String,
         error: Option<String>,
     },
+    /// `id`: `None` when its intent could not be recorded (it is carried out all the same).
     ActionStarted {
-        id: ActionId,
+        id: Option<ActionId>,
     },
     ActionDone {
-        id: ActionId,
+        id: Option<ActionId>,
         result: ActionResult,
     },
     Promote {
@@ -365,10 +356,10 @@ pub struct Restored {
     /// The session's checks, oldest first (only the window's worth is replayed).
     pub checks: Vec<(u64, SystemTime, CheckResult)>,
     /// An action that had not finished: the runner resumes it.
-    pub in_flight: Option<(ActionId, ActionKind, ActionTrigger)>,
+    pub in_flight: Option<(Option<ActionId>, ActionKind, ActionTrigger)>,
     /// The session's last action, finished just before the restart while the session
     /// still says `monitoring`: its outcome is carried out now.
-    pub settled: Option<(ActionId, ActionKind, ActionTrigger, ActionResult)>,
+    pub settled: Option<(Option<ActionId>, ActionKind, ActionTrigger, ActionResult)>,
     /// When each rollback of the last hour started (loop protection).
     pub rollbacks: Vec<SystemTime>,
 }
@@ -575,7 +566,7 @@ impl Supervisor {
             Input::SessionRecorded { id, error } => self.session_recorded(now, &id, error),
             Input::ActionStarted { id } => {
                 if let Some(action) = &mut self.action {
-                    action.id.get_or_insert(id);
+                    action.id = action.id.or(id);
                 }
             }
             Input::ActionDone { id, result } => self.action_done(now, id, result),
@@ -686,7 +677,7 @@ impl Supervisor {
         }
         if let Some((id, kind, trigger)) = in_flight {
             self.action = Some(Running {
-                id: Some(id),
+                id,
                 kind,
                 trigger,
                 reply: None,
@@ -700,12 +691,12 @@ impl Supervisor {
                 // A kill after an action finished but before its outcome was carried out:
                 // resuming the checks would act a second time. Carry it out now.
                 tracing::warn!(
-                    action = id,
+                    action = ?id,
                     kind = kind.as_str(),
                     "the last action finished just before a restart; carrying out its outcome"
                 );
                 self.action = Some(Running {
-                    id: Some(id),
+                    id,
                     kind,
                     trigger,
                     reply: None,
@@ -778,7 +769,7 @@ impl Supervisor {
                 SessionState::Confirmed,
                 &format!(
                     "grace period of {} ended without an action: promotion confirmed",
-                    crate::config::show(grace)
+                    crate::core::time::show(grace)
                 ),
                 None,
             );
@@ -1089,11 +1080,11 @@ impl Supervisor {
         let (evidence, error_rate, failure_count) = self.evidence(Some(decision));
         let session = self.session.as_ref().expect("present");
         let kind = match would {
-            Action::Rollback => crate::audit::ArtifactKind::Rollback,
-            Action::Escalate => crate::audit::ArtifactKind::Escalation,
+            Action::Rollback => crate::storage::audit::ArtifactKind::Rollback,
+            Action::Escalate => crate::storage::audit::ArtifactKind::Escalation,
         };
         let record = DecisionRecord {
-            timestamp: crate::audit::rfc3339_millis(now.wall),
+            timestamp: crate::storage::audit::rfc3339_millis(now.wall),
             decision: kind,
             reason: format!(
                 "dry run: would have {}: {}",
@@ -1104,23 +1095,23 @@ impl Supervisor {
                 },
                 decision.reason()
             ),
-            status: crate::audit::DecisionStatus::DryRun,
+            status: crate::storage::audit::DecisionStatus::DryRun,
             error_rate,
             failure_count,
             recommended_action: "none taken (dry run); review the evidence".into(),
             evidence,
             from: Some(session.record.active.clone()),
             to: session.record.previous.clone(),
-            trigger: crate::audit::Trigger::Automatic,
+            trigger: crate::storage::audit::Trigger::Automatic,
             operator: None,
-            phases: crate::audit::Phases::new(),
+            phases: crate::storage::audit::Phases::new(),
             rollback_duration_seconds: None,
             config_hash: self.settings.config_hash.clone(),
             session_id: Some(session.record.id.clone()),
             attempts: 0,
             error: None,
         };
-        let name = crate::audit::artifact_file_name(kind, now.wall);
+        let name = crate::storage::audit::artifact_file_name(kind, now.wall);
         tracing::warn!(artifact = %name, "dry run: would have acted ({})", would.as_str());
         self.push(Effect::Artifact {
             name,
@@ -1130,12 +1121,12 @@ impl Supervisor {
 
     // -- actions -------------------------------------------------------------------------
 
-    fn action_done(&mut self, now: Now, id: ActionId, result: ActionResult) {
+    fn action_done(&mut self, now: Now, id: Option<ActionId>, result: ActionResult) {
         let Some(action) = self.action.take() else {
             return;
         };
-        if action.id.is_some_and(|known| known != id) {
-            tracing::error!(expected = ?action.id, got = id, "an unexpected action finished");
+        if action.id.is_some_and(|known| Some(known) != id) {
+            tracing::error!(expected = ?action.id, got = ?id, "an unexpected action finished");
         }
         match result {
             ActionResult::RolledBack { from, to, artifact } => {
@@ -1230,7 +1221,7 @@ impl Supervisor {
             self.push(Effect::WorkerManager(WorkerManagerRecord {
                 active: record.active.clone(),
                 previous: record.previous.clone(),
-                updated_at: crate::audit::rfc3339_millis(now.wall),
+                updated_at: crate::storage::audit::rfc3339_millis(now.wall),
                 session_id: Some(record.id.clone()),
                 state: state.as_str().to_owned(),
             }));
@@ -1374,7 +1365,7 @@ impl Supervisor {
         self.push(Effect::WorkerManager(WorkerManagerRecord {
             active: record.active.clone(),
             previous: record.previous.clone(),
-            updated_at: crate::audit::rfc3339_millis(now.wall),
+            updated_at: crate::storage::audit::rfc3339_millis(now.wall),
             session_id: Some(record.id.clone()),
             state: record.state.as_str().to_owned(),
         }));
@@ -1514,5 +1505,5 @@ impl Supervisor {
 
 /// A session's id: its promotion time and active worker.
 pub fn session_id_for(at: SystemTime, active: &str) -> String {
-    format!("{}-{}", crate::audit::artifact_stamp(at), active)
+    format!("{}-{}", crate::storage::audit::artifact_stamp(at), active)
 }

@@ -59,6 +59,11 @@ pub fn ms_between(from: i64, to: i64) -> Duration {
     Duration::from_millis(to.saturating_sub(from).max(0) as u64)
 }
 
+/// A duration as people write it (`1m 30s`), for messages.
+pub fn show(duration: Duration) -> String {
+    humantime::format_duration(duration).to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

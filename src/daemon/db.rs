@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use crate::store::{Store, StoreError};
+use crate::storage::store::{Store, StoreError};
 
 #[derive(Clone)]
 pub struct Db {

@@ -13,18 +13,18 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use crate::adapters::WorkerProbe;
-use crate::audit::{
-    rfc3339_millis, ArtifactKind, AuditEvent, AuditRecord, DecisionRecord, DecisionStatus,
-    Evidence, KillSwitchSource, Phases, Trigger, WorkerManagerRecord,
-};
-use crate::check::ProbeOutcome;
 use crate::config::LoadedConfig;
 use crate::control::Reply;
+use crate::core::check::ProbeOutcome;
 use crate::daemon::db::Db;
 use crate::daemon::recorder::{artifact_name, now_ms, Recorder};
 use crate::daemon::{Clock, HookRunner};
-use crate::hooks::HookVars;
-use crate::store::{self, ActionRow, NewAction};
+use crate::storage::audit::{
+    rfc3339_millis, ArtifactKind, AuditEvent, AuditRecord, DecisionRecord, DecisionStatus,
+    Evidence, KillSwitchSource, Phases, Trigger, WorkerManagerRecord,
+};
+use crate::storage::store::{self, ActionId, ActionRow, NewAction};
+use crate::sys::hooks::HookVars;
 
 /// What the driver needs from an action's end.
 #[derive(Debug, Clone, PartialEq)]
@@ -150,12 +150,14 @@ fn detail_of(row: &ActionRow) -> ActionDetail {
 
 async fn save(
     ctx: &ActionContext,
-    id: i64,
+    id: Option<ActionId>,
     state: &str,
     phase: Option<&str>,
     attempt: u32,
     detail: &ActionDetail,
 ) {
+    // Not recorded (no id): nothing to save it to.
+    let Some(id) = id else { return };
     let detail_json = serde_json::to_string(detail).unwrap_or_default();
     let state = state.to_owned();
     let phase = phase.map(str::to_owned);
@@ -191,7 +193,7 @@ fn trigger_of(row: &ActionRow) -> Trigger {
 
 /// Records an action's intent in `rollbackd.db` before its first side effect, and for a
 /// rollback its `rollback-started` line. Never fails: when the state database cannot be
-/// written (a full disk), the action goes ahead without crash protection (id -1) and
+/// written (a full disk), the action goes ahead without crash protection (no id) and
 /// the journal says so — not acting would be worse.
 pub async fn record_intent(
     db: &Db,
@@ -217,7 +219,7 @@ pub async fn record_intent(
                 "cannot record the action's intent ({err}); acting without crash protection"
             );
             ActionRow {
-                id: -1,
+                id: None,
                 session_id: new.session_id,
                 kind: new.kind,
                 trigger: new.trigger,
@@ -271,7 +273,7 @@ pub async fn rollback(ctx: ActionContext, row: ActionRow) -> ActionOutcome {
         ctx.say(
             format!(
                 "resuming rollback #{} at phase {} (attempt {})",
-                row.id,
+                row.id.unwrap_or_default(),
                 row.phase.as_deref().unwrap_or("start"),
                 row.attempt
             ),
@@ -672,11 +674,12 @@ async fn finish_failed(
 
 async fn finish_row(
     ctx: &ActionContext,
-    id: i64,
+    id: Option<ActionId>,
     state: &'static str,
     name: &str,
     detail: &ActionDetail,
 ) {
+    let Some(id) = id else { return };
     let detail_json = serde_json::to_string(detail).unwrap_or_default();
     let name = name.to_owned();
     let now = now_ms(ctx.clock.now());
@@ -715,7 +718,7 @@ fn phases_json(detail: &ActionDetail) -> Value {
 /// be started.
 async fn run_phase_hook(
     ctx: &ActionContext,
-    action_id: i64,
+    action_id: Option<ActionId>,
     phase: &str,
     template: &[String],
     vars: &HookVars,
@@ -774,19 +777,19 @@ async fn run_phase_hook(
 
 /// Runs a hook with its run recorded in `rollbackd.db` (token before it starts, process
 /// group right after, cleared when it is finished with), so that a restart after kill -9
-/// can find it: see [`settle_orphaned_hook`]. Without crash protection (`action_id` -1)
+/// can find it: see [`settle_orphaned_hook`]. Without crash protection (no `action_id`)
 /// the hook just runs.
 async fn run_tracked(
     ctx: &ActionContext,
-    action_id: i64,
+    action_id: Option<ActionId>,
     phase: &str,
     template: &[String],
     vars: &HookVars,
     limit: Duration,
-) -> Result<crate::hooks::HookOutcome, crate::hooks::HookError> {
-    if action_id < 0 {
+) -> Result<crate::sys::hooks::HookOutcome, crate::sys::hooks::HookError> {
+    let Some(action_id) = action_id else {
         return ctx.hooks.run(template, vars, limit, None).await;
-    }
+    };
     let now = now_ms(ctx.clock.now());
     let run = store::HookRunRow {
         action_id,
@@ -809,7 +812,7 @@ async fn run_tracked(
         );
     }
     let (spawned_to, spawned) = tokio::sync::oneshot::channel();
-    let tracking = crate::hooks::Tracking {
+    let tracking = crate::sys::hooks::Tracking {
         token,
         spawned: spawned_to,
     };
@@ -855,7 +858,7 @@ async fn run_tracked(
 async fn settle_orphaned_hook(ctx: &ActionContext, row: &ActionRow, limit: Duration) {
     use crate::sys::procs;
     use tokio::time::Instant;
-    let action_id = row.id;
+    let Some(action_id) = row.id else { return };
     let run = match ctx.db.call(move |store| store.hook_run(action_id)).await {
         Ok(Some(run)) => run,
         Ok(None) => return,
@@ -901,7 +904,7 @@ async fn settle_orphaned_hook(ctx: &ActionContext, row: &ActionRow, limit: Durat
         )
         .await;
         let waited = Instant::now();
-        let deadline = crate::clock::deadline_tokio(waited, left);
+        let deadline = crate::sys::clock::deadline_tokio(waited, left);
         let mut remaining = found;
         while !remaining.is_empty() && Instant::now() < deadline {
             tokio::time::sleep(ORPHAN_POLL).await;
@@ -975,7 +978,7 @@ async fn verify(
     interval: Duration,
     timeout: Duration,
 ) -> Result<(), String> {
-    let deadline = crate::clock::deadline_tokio(tokio::time::Instant::now(), timeout);
+    let deadline = crate::sys::clock::deadline_tokio(tokio::time::Instant::now(), timeout);
     let mut last = String::from("no probe finished");
     loop {
         let attempt_started = tokio::time::Instant::now();
@@ -984,7 +987,7 @@ async fn verify(
             Ok(ProbeOutcome::Failed { reason }) => last = reason,
             Err(_) => return Err(last),
         }
-        let next = crate::clock::deadline_tokio(attempt_started, interval);
+        let next = crate::sys::clock::deadline_tokio(attempt_started, interval);
         if next >= deadline {
             return Err(last);
         }
@@ -1084,7 +1087,7 @@ pub async fn escalate(ctx: ActionContext, row: ActionRow) -> ActionOutcome {
     );
     let artifact = ctx.recorder.artifact(name.clone(), record).await;
     let session_id = row.session_id.as_deref();
-    let (kill_record, kill_audit) = crate::killswitch::records(
+    let (kill_record, kill_audit) = crate::appdb::killswitch::records(
         now,
         &ks.key,
         "1",
@@ -1151,8 +1154,13 @@ pub async fn set_kill_switch(
     ks: &crate::config::KillSwitchConfig,
     value: &str,
     patience: Patience,
-) -> Result<Option<String>, crate::settings::SettingsError> {
-    let (db, key, create) = (ks.database.as_path(), ks.key.as_str(), ks.create_mode());
+) -> Result<Option<String>, crate::appdb::settings::SettingsError> {
+    let create = if ks.create_database {
+        crate::appdb::settings::Create::IfMissing
+    } else {
+        crate::appdb::settings::Create::Never
+    };
+    let (db, key) = (ks.database.as_path(), ks.key.as_str());
     let expected = ctx.kill_writes.register(value);
     let mut backoff = Duration::from_millis(200);
     let mut failed_before = false;
@@ -1161,7 +1169,7 @@ pub async fn set_kill_switch(
             (db.to_path_buf(), key.to_owned(), value.to_owned());
         let progress = ctx.progress.clone();
         let result = tokio::task::spawn_blocking(move || {
-            crate::killswitch::write(&db_path, &key_owned, &value_owned, create, |waited| {
+            crate::appdb::killswitch::write(&db_path, &key_owned, &value_owned, create, |waited| {
                 tracing::warn!(waited = ?waited, db = %db_path.display(), "kill switch: database busy, still waiting");
                 // The operator waiting on `kill-switch set` hears it too (never blocks).
                 if let Some(progress) = &progress {
@@ -1188,7 +1196,7 @@ pub async fn set_kill_switch(
                 }
                 return Ok(report.previous);
             }
-            Err(err @ crate::settings::SettingsError::Missing { .. })
+            Err(err @ crate::appdb::settings::SettingsError::Missing { .. })
                 if patience == Patience::FailOnMissing =>
             {
                 ctx.kill_writes.withdraw(expected);
@@ -1197,7 +1205,8 @@ pub async fn set_kill_switch(
             Err(err) => {
                 // A missing database committed nothing; other failures (a read-back
                 // after COMMIT) may have made the change already.
-                failed_before |= !matches!(err, crate::settings::SettingsError::Missing { .. });
+                failed_before |=
+                    !matches!(err, crate::appdb::settings::SettingsError::Missing { .. });
                 tracing::error!(db = %db.display(), "kill switch write failed, retrying in {backoff:?}: {err}");
                 ctx.say(
                     format!("kill switch write failed ({err}); retrying"),

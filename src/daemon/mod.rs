@@ -6,9 +6,15 @@
 //! (LiveFlags), the watchdog and shutdown. Checks and actions run in their own tasks and
 //! report back, so a slow probe never stops the daemon from answering `status`.
 
+pub mod alerts;
 pub mod db;
 pub mod executor;
+pub mod http;
+pub mod metrics;
+pub mod notify;
 pub mod recorder;
+pub mod service;
+pub mod status;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -20,20 +26,23 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::adapters::{BoxFuture, ResourceSampler, SnapshotSource, WorkerProbe};
-use crate::audit::{rfc3339_millis, AuditEvent, AuditRecord, KillSwitchSource};
-use crate::check::{Baseline, CheckResult, ProbeOutcome};
+use crate::appdb::flags::FlagsSnapshot;
 use crate::config::{ConfigError, LoadedConfig};
+use crate::control::status::{ActionStatus, CheckLine, SessionStatus, StatusReport, Workers};
 use crate::control::{Command, Operator, Reply, Request};
+use crate::core::check::{Baseline, CheckResult, ProbeOutcome};
+use crate::core::engine::Verdict;
 use crate::core::supervisor::{
     ActionKind, ActionPlan, ActionResult, ActionTrigger, Answer, CheckRecord, Effect, Input,
-    ReplyTo, Restored, SessionRecord, SessionState, Settings, StateChange, Supervisor,
+    ReplyTo, Restored, SessionRecord, SessionState, StateChange, Supervisor,
 };
 use crate::core::time::{self, Now};
-use crate::engine::Verdict;
-use crate::flags::FlagsSnapshot;
-use crate::hooks::{HookError, HookOutcome, HookVars};
-use crate::metrics::Metrics;
-use crate::store::{self, ActionRow, CheckRow, NewAction, SessionRow, StoreError};
+use crate::daemon::metrics::Metrics;
+use crate::storage::audit::{rfc3339_millis, AuditEvent, AuditRecord, KillSwitchSource};
+use crate::storage::store::{
+    self, ActionId, ActionRow, CheckRow, NewAction, SessionRow, StoreError,
+};
+use crate::sys::hooks::{HookError, HookOutcome, HookVars};
 use db::Db;
 use executor::{ActionContext, ActionDetail, ActionOutcome};
 use recorder::{now_ms, Recorder};
@@ -84,7 +93,7 @@ pub trait HookRunner: Send + Sync {
         argv_template: &'a [String],
         vars: &'a HookVars,
         limit: Duration,
-        tracking: Option<crate::hooks::Tracking>,
+        tracking: Option<crate::sys::hooks::Tracking>,
     ) -> BoxFuture<'a, Result<HookOutcome, HookError>>;
 }
 
@@ -97,9 +106,9 @@ impl HookRunner for ProcessHooks {
         argv_template: &'a [String],
         vars: &'a HookVars,
         limit: Duration,
-        tracking: Option<crate::hooks::Tracking>,
+        tracking: Option<crate::sys::hooks::Tracking>,
     ) -> BoxFuture<'a, Result<HookOutcome, HookError>> {
-        Box::pin(crate::hooks::run_hook_tracked(
+        Box::pin(crate::sys::hooks::run_hook_tracked(
             argv_template,
             vars,
             limit,
@@ -223,7 +232,7 @@ struct CheckSummary {
     error_class: &'static str,
 }
 
-fn apply(change: &StateChange, store: &mut crate::store::Store) -> Result<(), StoreError> {
+fn apply(change: &StateChange, store: &mut crate::storage::store::Store) -> Result<(), StoreError> {
     match change {
         StateChange::Session { id, state, ended } => store.update_session_state(
             id,
@@ -320,7 +329,7 @@ pub struct Driver {
     /// rollbackd's own kill-switch writes (shared with the actions that make them).
     kill_writes: executor::ExpectedKillWrites,
     checks_tx: mpsc::Sender<CheckDone>,
-    actions_tx: mpsc::Sender<(i64, ActionOutcome)>,
+    actions_tx: mpsc::Sender<(Option<ActionId>, ActionOutcome)>,
     status_line: String,
     started_at: SystemTime,
     /// Writes to `rollbackd.db` that failed (a full disk), retried on the record-retry
@@ -341,12 +350,14 @@ impl Driver {
         let db_path = config.config.rollbackd_db();
         let db = tokio::task::spawn_blocking(move || Db::open(&db_path)).await??;
         let recorder = Recorder::new(config.config.analytics_dir(), Some(db.clone())).await;
-        recorder.set_alerts(crate::alerts::Alerter::from_config(&config.config.alerts));
+        recorder.set_alerts(crate::daemon::alerts::Alerter::from_config(
+            &config.config.alerts,
+        ));
         let adapters = (inputs.factory)(&config.config);
         let (checks_tx, mut checks_rx) = mpsc::channel(4);
         let (actions_tx, mut actions_rx) = mpsc::channel(4);
         let clock = inputs.clock.clone();
-        let settings = Settings::from_config(&config.config, &config.hash);
+        let settings = config.config.supervisor_settings(&config.hash);
         let sup = if inputs.one_shot {
             Supervisor::offline(settings)
         } else {
@@ -692,7 +703,10 @@ impl Driver {
                             artifact,
                         },
                         (store::KIND_ROLLBACK, _) => ActionResult::RollbackFailed {
-                            reason: format!("rollback #{} failed before the restart", last.id),
+                            reason: format!(
+                                "rollback #{} failed before the restart",
+                                last.id.unwrap_or_default()
+                            ),
                             artifact,
                         },
                         _ => ActionResult::Escalated { artifact },
@@ -711,7 +725,7 @@ impl Driver {
         };
         self.feed(Input::Restore(Box::new(restored))).await;
         if let Some(action) = resume {
-            tracing::warn!(action = action.id, kind = %action.kind, phase = ?action.phase, "resuming an action interrupted by a restart");
+            tracing::warn!(action = ?action.id, kind = %action.kind, phase = ?action.phase, "resuming an action interrupted by a restart");
             // A kill between recording the intent and writing its first audit line leaves
             // a rollback nobody was told about: say it started, once.
             if action.kind == store::KIND_ROLLBACK
@@ -917,7 +931,7 @@ impl Driver {
         }
     }
 
-    async fn action_finished(&mut self, id: i64, outcome: ActionOutcome) {
+    async fn action_finished(&mut self, id: Option<ActionId>, outcome: ActionOutcome) {
         if let Some(metrics) = &self.metrics {
             let trigger = self
                 .sup
@@ -1104,7 +1118,7 @@ impl Driver {
         let session_id = self.sup.session().map(|s| s.record.id.clone());
         let shown = value.clone().unwrap_or_else(|| "(no row)".into());
         tracing::warn!(key = %key, value = %shown, "the kill switch was changed outside rollbackd");
-        let (kill_record, audit) = crate::killswitch::records(
+        let (kill_record, audit) = crate::appdb::killswitch::records(
             now,
             &key,
             &shown,
@@ -1150,11 +1164,13 @@ impl Driver {
                 if loaded.config.alerts != self.config.config.alerts {
                     // Alerts queued for the old webhook are still sent by its task.
                     self.recorder
-                        .set_alerts(crate::alerts::Alerter::from_config(&loaded.config.alerts));
+                        .set_alerts(crate::daemon::alerts::Alerter::from_config(
+                            &loaded.config.alerts,
+                        ));
                 }
                 self.config = Arc::new(loaded);
                 // The window is judged again under the new thresholds.
-                let settings = Settings::from_config(&self.config.config, &self.config.hash);
+                let settings = self.config.config.supervisor_settings(&self.config.hash);
                 self.feed(Input::Reload(Box::new(settings))).await;
                 tracing::info!(old = %old_hash, new = %self.config.hash, "configuration reloaded");
                 self.recorder
@@ -1200,7 +1216,7 @@ impl Driver {
         } = command;
         let reply = match request {
             Request::Status => Reply::Done {
-                result: self.status_json().await,
+                result: serde_json::to_value(self.status_report().await).unwrap_or_default(),
             },
             Request::Promote {
                 active,
@@ -1260,7 +1276,7 @@ impl Driver {
                 let db_path = self.config.config.rollbackd_db();
                 let now = self.now();
                 let refusal = tokio::task::spawn_blocking(move || {
-                    crate::killswitch::reset_refusal(&db_path, quiet, now)
+                    crate::appdb::killswitch::reset_refusal(&db_path, quiet, now)
                 })
                 .await
                 .expect("reset check panicked");
@@ -1286,7 +1302,7 @@ impl Driver {
             Request::KillSwitchStatus => {
                 let ks = self.config.config.kill_switch.clone();
                 let state = tokio::task::spawn_blocking(move || {
-                    crate::killswitch::KillSwitchState::read(
+                    crate::appdb::killswitch::KillSwitchState::read(
                         &ks.database,
                         &ks.key,
                         ks.create_database,
@@ -1295,7 +1311,7 @@ impl Driver {
                 .await
                 .expect("read panicked");
                 match state {
-                    crate::killswitch::KillSwitchState::Unknown(why) => Reply::Failed {
+                    crate::appdb::killswitch::KillSwitchState::Unknown(why) => Reply::Failed {
                         message: format!("the kill switch is UNKNOWN: {why}"),
                         exit: 1,
                     },
@@ -1372,7 +1388,7 @@ impl Driver {
                     return;
                 }
             };
-            let (kill_record, audit) = crate::killswitch::records(
+            let (kill_record, audit) = crate::appdb::killswitch::records(
                 clock.now(),
                 &ks.key,
                 &value,
@@ -1392,79 +1408,105 @@ impl Driver {
         }));
     }
 
-    async fn status_json(&self) -> Value {
+    async fn status_report(&self) -> StatusReport {
         let now = self.now();
         let config = &self.config.config;
         let ks = config.kill_switch.clone();
         let key = ks.key.clone();
         let kill = tokio::task::spawn_blocking(move || {
-            crate::killswitch::KillSwitchState::read(&ks.database, &ks.key, ks.create_database)
+            crate::appdb::killswitch::KillSwitchState::read(
+                &ks.database,
+                &ks.key,
+                ks.create_database,
+            )
         })
         .await
         .unwrap_or_else(|e| {
-            crate::killswitch::KillSwitchState::Unknown(format!("reading it failed: {e}"))
+            crate::appdb::killswitch::KillSwitchState::Unknown(format!("reading it failed: {e}"))
         });
         let session = self.sup.session().map(|s| {
             let promoted = s.record.promoted_at;
             let age = now.duration_since(promoted).unwrap_or_default();
             let grace_left = config.monitor.grace_period.saturating_sub(age);
             let monitoring = s.record.state == SessionState::Monitoring;
-            json!({
-                "id": s.record.id,
-                "state": s.record.state.as_str(),
-                "active": s.record.active,
-                "previous": s.record.previous,
-                "promotedAt": rfc3339_millis(promoted),
-                "ageSeconds": age.as_secs(),
-                "graceLeftSeconds": if monitoring { Some(grace_left.as_secs()) } else { None },
-                "paused": s.record.paused,
-                "pauseReason": s.record.pause_reason,
-                "checks": s.next_index,
-                "verdict": s.last_decision.as_ref().map(|d| d.verdict.as_str()),
-                "reason": s.last_decision.as_ref().map(|d| d.reason()),
-            })
+            SessionStatus {
+                id: s.record.id.clone(),
+                state: s.record.state.as_str().to_owned(),
+                active: Some(s.record.active.clone()),
+                previous: s.record.previous.clone(),
+                promoted_at: rfc3339_millis(promoted),
+                age_seconds: age.as_secs(),
+                grace_left_seconds: monitoring.then_some(grace_left.as_secs()),
+                paused: s.record.paused,
+                pause_reason: s.record.pause_reason.clone(),
+                checks: Some(s.next_index),
+                verdict: s
+                    .last_decision
+                    .as_ref()
+                    .map(|d| d.verdict.as_str().to_owned()),
+                reason: s.last_decision.as_ref().map(|d| d.reason()),
+            }
         });
         // The workers, also between sessions: the current session's, else the last ended
         // one's, else what rollbackd.db remembers (the same key the offline status has).
         let workers = match (self.sup.session(), self.sup.last_workers()) {
-            (Some(s), _) => json!({"active": s.record.active, "previous": s.record.previous}),
-            (None, Some((active, previous, state))) => {
-                json!({"active": active, "previous": previous, "lastSessionState": state.as_str()})
-            }
+            (Some(s), _) => Workers {
+                active: Some(s.record.active.clone()),
+                previous: s.record.previous.clone(),
+                last_session_state: None,
+            },
+            (None, Some((active, previous, state))) => Workers {
+                active: Some(active.clone()),
+                previous: previous.clone(),
+                last_session_state: Some(state.as_str().to_owned()),
+            },
             (None, None) => {
                 let (active, previous) = self
                     .db
                     .call(|store| Ok((store.get_meta("active")?, store.get_meta("previous")?)))
                     .await
                     .unwrap_or((None, None));
-                json!({
-                    "active": stored_worker_id("active worker", active),
-                    "previous": stored_worker_id("previous worker", previous),
-                })
+                Workers {
+                    active: stored_worker_id("active worker", active),
+                    previous: stored_worker_id("previous worker", previous),
+                    last_session_state: None,
+                }
             }
         };
-        let recent: Vec<Value> = self
+        let recent_checks = self
             .recent
             .iter()
-            .map(|c| {
-                json!({"at": rfc3339_millis(c.at), "index": c.index, "verdict": c.verdict.as_str(), "probe": c.probe,
-                       "errorRate": c.error_rate, "errorClass": c.error_class})
+            .map(|c| CheckLine {
+                at: rfc3339_millis(c.at),
+                index: c.index,
+                verdict: c.verdict.as_str().to_owned(),
+                probe: c.probe.clone(),
+                error_rate: c.error_rate,
+                error_class: Some(c.error_class.to_owned()),
             })
             .collect();
-        json!({
-            "daemon": "running",
-            "pid": std::process::id(),
-            "since": rfc3339_millis(self.started_at),
-            "state": self.sup.session().map(|s| s.record.state.as_str()).unwrap_or("idle"),
-            "session": session,
-            "workers": workers,
-            "action": self.sup.action().map(|a| json!({"id": a.id, "kind": a.kind.as_str()})),
-            "killSwitch": kill.to_json(&key),
-            "recentChecks": recent,
-            "configHash": self.config.hash,
-            "recordsPending": self.recorder.backlog(),
-            "stateDbRestored": self.db_restored,
-        })
+        StatusReport {
+            daemon: "running".into(),
+            pid: Some(std::process::id()),
+            since: Some(rfc3339_millis(self.started_at)),
+            state: self
+                .sup
+                .session()
+                .map(|s| s.record.state.as_str())
+                .unwrap_or("idle")
+                .to_owned(),
+            session,
+            workers,
+            action: self.sup.action().map(|a| ActionStatus {
+                id: a.id,
+                kind: a.kind.as_str().to_owned(),
+            }),
+            kill_switch: kill.to_json(&key),
+            recent_checks,
+            config_hash: self.config.hash.clone(),
+            records_pending: Some(self.recorder.backlog()),
+            state_db_restored: self.db_restored.clone(),
+        }
     }
 }
 
@@ -1552,7 +1594,7 @@ pub async fn take_check(
     let snapshot = async {
         tokio::time::timeout(net, adapters.snapshot.snapshot())
             .await
-            .unwrap_or_else(|_| crate::check::SnapshotOutcome::Unavailable {
+            .unwrap_or_else(|_| crate::core::check::SnapshotOutcome::Unavailable {
                 reason: format!(
                     "snapshot did not finish within {}",
                     crate::config::show(net)

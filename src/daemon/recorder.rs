@@ -17,11 +17,11 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
-use crate::alerts::Alerter;
-use crate::audit::{
+use crate::daemon::alerts::Alerter;
+use crate::daemon::db::Db;
+use crate::storage::audit::{
     Analytics, ArtifactKind, AuditRecord, DecisionRecord, KillSwitchRecord, WorkerManagerRecord,
 };
-use crate::daemon::db::Db;
 
 /// One record on its way to `analytics/`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -39,10 +39,10 @@ pub enum Pending {
 impl Pending {
     fn outbox_kind(&self) -> &'static str {
         match self {
-            Pending::Audit(_) => crate::store::OUTBOX_AUDIT,
-            Pending::KillSwitch(_) => crate::store::OUTBOX_KILL_SWITCH,
-            Pending::Artifact { .. } => crate::store::OUTBOX_ARTIFACT,
-            Pending::WorkerManager(_) => crate::store::OUTBOX_WORKER_MANAGER,
+            Pending::Audit(_) => crate::storage::store::OUTBOX_AUDIT,
+            Pending::KillSwitch(_) => crate::storage::store::OUTBOX_KILL_SWITCH,
+            Pending::Artifact { .. } => crate::storage::store::OUTBOX_ARTIFACT,
+            Pending::WorkerManager(_) => crate::storage::store::OUTBOX_WORKER_MANAGER,
         }
     }
 }
@@ -179,7 +179,15 @@ impl Recorder {
 
     /// Whether an audit line for `event` about action `action_id` exists already, written or
     /// queued: a resumed action uses it so its audit lines are written exactly once.
-    pub async fn audit_has(&self, action_id: i64, event: crate::audit::AuditEvent) -> bool {
+    pub async fn audit_has(
+        &self,
+        action_id: Option<i64>,
+        event: crate::storage::audit::AuditEvent,
+    ) -> bool {
+        // An action without an id was never recorded, so nothing can say it was written.
+        let Some(action_id) = action_id else {
+            return false;
+        };
         let matches = move |record: &AuditRecord| {
             record.event == event
                 && record
@@ -196,7 +204,7 @@ impl Recorder {
         {
             return true;
         }
-        let path = self.dir.join(crate::audit::AUDIT_LOG_FILE);
+        let path = self.dir.join(crate::storage::audit::AUDIT_LOG_FILE);
         tokio::task::spawn_blocking(move || {
             let Ok(text) = std::fs::read_to_string(&path) else {
                 return false;
@@ -335,8 +343,8 @@ fn write_named_artifact(
 ) -> std::io::Result<()> {
     let mut bytes = serde_json::to_vec_pretty(record).map_err(std::io::Error::other)?;
     bytes.push(b'\n');
-    crate::statedir::create_dir(analytics.dir())?;
-    crate::audit::write_atomic(analytics.dir(), name, &bytes).map(|_| ())
+    crate::storage::statedir::create_dir(analytics.dir())?;
+    crate::storage::audit::write_atomic(analytics.dir(), name, &bytes).map(|_| ())
 }
 
 /// Unix milliseconds.
@@ -346,5 +354,5 @@ pub fn now_ms(t: SystemTime) -> i64 {
 
 /// The artifact name of an action, fixed by its start time.
 pub fn artifact_name(kind: ArtifactKind, started_at_ms: i64) -> String {
-    crate::audit::artifact_file_name(kind, crate::core::time::from_ms(started_at_ms))
+    crate::storage::audit::artifact_file_name(kind, crate::core::time::from_ms(started_at_ms))
 }

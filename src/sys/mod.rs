@@ -1,4 +1,8 @@
-//! What rollbackd asks of the operating system beyond files and sockets: finding and
-//! signalling processes it started in an earlier life (`procs`).
+//! What rollbackd asks of the operating system beyond files and sockets: child processes
+//! with a time limit ([`hooks`]), finding a dead daemon's hook again ([`procs`]), file
+//! descriptor limits ([`fdlimit`]) and tokio deadlines ([`clock`]).
 
+pub mod clock;
+pub mod fdlimit;
+pub mod hooks;
 pub mod procs;

@@ -6,9 +6,11 @@
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
-use crate::audit::{AuditEvent, AuditRecord, KillSwitchAction, KillSwitchRecord, KillSwitchSource};
-use crate::settings::{Create, SettingsError, SettingsReader, SettingsStore, WriteReport};
-use crate::store::{Store, StoreError};
+use crate::appdb::settings::{Create, SettingsError, SettingsReader, SettingsStore, WriteReport};
+use crate::storage::audit::{
+    AuditEvent, AuditRecord, KillSwitchAction, KillSwitchRecord, KillSwitchSource,
+};
+use crate::storage::store::{Store, StoreError};
 
 /// Writes `value` under `key`, waiting out a busy or locked database for as long as it
 /// takes. `on_wait(waited)` is called about every two seconds while waiting, so callers
@@ -134,7 +136,7 @@ pub fn reset_refusal(
         "a check failed {} ago ({}), inside the reset quiet period of {}; the kill switch stays on \
          for another {} unless you pass --force with a --reason",
         crate::config::show(Duration::from_secs(since.as_secs())),
-        crate::audit::rfc3339_millis(last_failed),
+        crate::storage::audit::rfc3339_millis(last_failed),
         crate::config::show(quiet_period),
         crate::config::show(Duration::from_secs(left.as_secs().max(1)))
     )))
@@ -158,7 +160,7 @@ pub fn records(
         KillSwitchAction::Reset
     };
     let kill_record = KillSwitchRecord {
-        timestamp: crate::audit::rfc3339_millis(at),
+        timestamp: crate::storage::audit::rfc3339_millis(at),
         action,
         value: value.to_owned(),
         source,

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-use crate::settings::{SettingsError, SettingsReader};
+use crate::appdb::settings::{SettingsError, SettingsReader};
 
 /// The kill key of the spec: `DISABLE_NEW = '1'` reverts every flag to its safe default.
 pub const DEFAULT_KILL_KEY: &str = "DISABLE_NEW";
@@ -166,7 +166,7 @@ impl LiveFlags {
                 // Fixed-rate polls: the period is `poll_interval`, not `poll_interval` plus
                 // the time a poll takes, so a commit is seen within one period. After a
                 // stall (a slow read) the schedule restarts rather than catching up.
-                let mut next_poll = crate::clock::deadline(Instant::now(), poll_interval);
+                let mut next_poll = crate::sys::clock::deadline(Instant::now(), poll_interval);
                 loop {
                     let wait = next_poll.saturating_duration_since(Instant::now());
                     match stop_requests.recv_timeout(wait) {
@@ -176,10 +176,10 @@ impl LiveFlags {
                     if let Some(snapshot) = poller.poll() {
                         sender.send_replace(snapshot);
                     }
-                    next_poll = crate::clock::deadline(next_poll, poll_interval);
+                    next_poll = crate::sys::clock::deadline(next_poll, poll_interval);
                     let now = Instant::now();
                     if next_poll < now {
-                        next_poll = crate::clock::deadline(now, poll_interval);
+                        next_poll = crate::sys::clock::deadline(now, poll_interval);
                     }
                 }
             })

@@ -5,7 +5,7 @@
 //! being, [`RESERVE`] descriptors are kept out of reach of the operator surfaces so the
 //! switch hook's pipes, the SQLite files, the health probes and the control socket always
 //! get theirs: the HTTP endpoint takes at most `min(64, (soft - RESERVE) / 2)` connections
-//! (see [`crate::http::connection_cap`]) and the control socket at most
+//! (see [`crate::daemon::http::connection_cap`]) and the control socket at most
 //! [`crate::control::MAX_CONNECTIONS`].
 
 use std::io;

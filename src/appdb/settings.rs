@@ -33,7 +33,7 @@
 //! [`SettingsReader::read_all_for`], which files the row the kill key matches under the
 //! kill key's configured spelling).
 //!
-//! [`SettingsReader`] is the read-only side used by `crate::flags` (LiveFlags): its own
+//! [`SettingsReader`] is the read-only side used by `crate::appdb::flags` (LiveFlags): its own
 //! read-only connection, `PRAGMA data_version` to notice other connections' commits, and
 //! a whole-table read. Every statement is finished before returning, so a reader never
 //! holds a read transaction between polls.

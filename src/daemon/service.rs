@@ -15,13 +15,13 @@ use anyhow::Context;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::appdb::flags::{LiveFlags, LiveFlagsOptions};
 use crate::config::{ConfigError, ConfigIssue, LoadedConfig};
 use crate::control::ControlServer;
+use crate::daemon::http::HttpServer;
+use crate::daemon::metrics::Metrics;
+use crate::daemon::notify::Notifier;
 use crate::daemon::{AdapterFactory, Adapters, Driver, DriverInputs, Reloader, SystemClock};
-use crate::flags::{LiveFlags, LiveFlagsOptions};
-use crate::http::HttpServer;
-use crate::metrics::Metrics;
-use crate::notify::Notifier;
 
 /// How often the daemon's own LiveFlags looks for kill-switch changes.
 const DAEMON_FLAGS_POLL: std::time::Duration = std::time::Duration::from_millis(200);
@@ -37,11 +37,11 @@ pub struct StateLock {
 ///
 /// Every entry point that acts on the state comes through here, so this is where the state
 /// directory is created (mode 0750, only when missing: an existing directory's mode is
-/// never changed) and checked ([`crate::statedir::check`]): a state directory another user
-/// could write to is refused with [`crate::statedir::Untrusted`] before anything in it is
+/// never changed) and checked ([`crate::storage::statedir::check`]): a state directory another user
+/// could write to is refused with [`crate::storage::statedir::Untrusted`] before anything in it is
 /// opened.
 pub fn try_lock_state(state_dir: &Path) -> anyhow::Result<Option<StateLock>> {
-    crate::statedir::prepare(state_dir)?;
+    crate::storage::statedir::prepare(state_dir)?;
     let path = state_dir.join("rollbackd.lock");
     // O_NOFOLLOW: a link planted after the check is an error (ELOOP), never followed.
     let file = std::fs::OpenOptions::new()
@@ -170,7 +170,7 @@ pub async fn run(
         let endpoint_metrics = Metrics::new();
         match HttpServer::bind(listen, endpoint_metrics.clone(), commands_tx.clone()).await {
             Ok(http) if http.max_connections() == 0 => tracing::error!(
-                reserve = crate::fdlimit::RESERVE,
+                reserve = crate::sys::fdlimit::RESERVE,
                 "the file descriptor limit (RLIMIT_NOFILE) leaves no room for the http \
                  endpoint next to the descriptors the daemon keeps for itself; running \
                  without /metrics, /status, /healthz (raise LimitNOFILE= in the unit)"
@@ -274,14 +274,14 @@ pub async fn run(
     signals.abort();
     // Joining the LiveFlags thread may wait for its current poll.
     let _ = tokio::task::spawn_blocking(move || drop(flags)).await;
-    tracing::info!(at = %crate::audit::rfc3339_millis(SystemTime::now()), "rollbackd stopped");
+    tracing::info!(at = %crate::storage::audit::rfc3339_millis(SystemTime::now()), "rollbackd stopped");
     result
 }
 
 /// Raises the soft RLIMIT_NOFILE to the hard limit (systemd's default soft limit is
 /// 1024; the unit's `LimitNOFILE=` sets both), and logs the limit the daemon runs with.
 fn raise_fd_limit() {
-    match crate::fdlimit::raise_soft_to_hard() {
+    match crate::sys::fdlimit::raise_soft_to_hard() {
         Ok((before, after)) if before.soft != after.soft => tracing::info!(
             soft = after.soft,
             hard = after.hard,

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::check::{Baseline, CheckResult, ProbeOutcome, Sample, SnapshotOutcome};
+use crate::core::check::{Baseline, CheckResult, ProbeOutcome, Sample, SnapshotOutcome};
 
 /// What the engine concluded from the window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -630,7 +630,7 @@ impl Engine {
 
 fn classify_error_rate(
     config: &EngineConfig,
-    snapshot: &crate::check::Snapshot,
+    snapshot: &crate::core::check::Snapshot,
 ) -> (ValueClass, Option<f64>) {
     let rate = match snapshot.error_rate {
         Sample::Missing => return (ValueClass::NoData, None),

@@ -1,4 +1,4 @@
-//! The daemon's own Prometheus metrics, served on `/metrics` by [`crate::http`].
+//! The daemon's own Prometheus metrics, served on `/metrics` by [`crate::daemon::http`].
 //!
 //! The driver updates them at the points where it learns something (a check finished, an
 //! action finished, the kill switch changed, its status changed); the HTTP endpoint only
@@ -16,7 +16,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-use crate::engine::{ValueClass, Verdict};
+use crate::core::engine::{ValueClass, Verdict};
 
 /// Every verdict, so each series exists (at 0) before the first check.
 const VERDICTS: [Verdict; 4] = [

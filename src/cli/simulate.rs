@@ -9,12 +9,12 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::check::{Baseline, CheckResult};
 use crate::config::{show, Config};
-use crate::core::supervisor::{ActionKind, Effect, Input, Restored, Settings, Supervisor};
+use crate::core::check::{Baseline, CheckResult};
+use crate::core::engine::{Action, Decision, Firing, Verdict};
+use crate::core::supervisor::{ActionKind, Effect, Input, Restored, Supervisor};
+use crate::core::trace::{parse_line, TraceLine};
 use crate::core::Now;
-use crate::engine::{Action, Decision, Firing, Verdict};
-use crate::trace::{parse_line, TraceLine};
 
 /// What the replayed session knows besides the trace: the daemon's other inputs.
 #[derive(Debug, Clone, PartialEq)]
@@ -55,7 +55,7 @@ enum Step {
 
 impl Replay {
     fn start(config: &Config, baseline: Option<Baseline>, scenario: &Scenario) -> Replay {
-        let supervisor = Supervisor::new(Settings::from_config(config, "simulate"));
+        let supervisor = Supervisor::new(config.supervisor_settings("simulate"));
         // Fixed wall times, so the same trace gives the same output; the monotonic clock
         // is read once, as the promotion's instant (only differences of it are used).
         let mono = std::time::Instant::now();

@@ -222,7 +222,10 @@ pub struct NewAction {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ActionRow {
-    pub id: i64,
+    /// Its row id; always set for an action read from `rollbackd.db`. `None` only for an
+    /// action carried out although its intent could not be recorded (a full disk): then
+    /// nothing of it is saved, and a restart cannot resume it.
+    pub id: Option<ActionId>,
     pub session_id: Option<String>,
     pub kind: String,
     pub trigger: String,
@@ -239,6 +242,9 @@ pub struct ActionRow {
     pub artifact_name: Option<String>,
     pub detail_json: Option<String>,
 }
+
+/// An action's row id in `rollbackd.db`.
+pub type ActionId = i64;
 
 /// The hook an action was running (`hook_runs`); see [`MIGRATIONS`] v2.
 #[derive(Debug, Clone, PartialEq)]
@@ -303,7 +309,7 @@ fn check_from_row(row: &Row) -> rusqlite::Result<CheckRow> {
 
 fn action_from_row(row: &Row) -> rusqlite::Result<ActionRow> {
     Ok(ActionRow {
-        id: row.get(0)?,
+        id: Some(row.get(0)?),
         session_id: row.get(1)?,
         kind: row.get(2)?,
         trigger: row.get(3)?,
@@ -403,9 +409,11 @@ impl Store {
     /// Opens (creating it and its directory if needed) and migrates the database.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            crate::statedir::create_dir(parent).map_err(|source| StoreError::CreateDir {
-                path: path.to_path_buf(),
-                source,
+            crate::storage::statedir::create_dir(parent).map_err(|source| {
+                StoreError::CreateDir {
+                    path: path.to_path_buf(),
+                    source,
+                }
             })?;
         }
         refuse_symlinks(path)?;
@@ -1635,7 +1643,7 @@ mod tests {
         assert_eq!(
             row,
             ActionRow {
-                id,
+                id: Some(id),
                 session_id: Some("s-1".into()),
                 kind: KIND_ROLLBACK.into(),
                 trigger: "automatic".into(),
@@ -1699,7 +1707,7 @@ mod tests {
         kill.kind = KIND_KILL_SWITCH.into();
         kill.state = ACTION_RUNNING.into();
         let kill_id = store.insert_action(&kill).unwrap();
-        let ids = |rows: Vec<ActionRow>| rows.into_iter().map(|r| r.id).collect::<Vec<_>>();
+        let ids = |rows: Vec<ActionRow>| rows.into_iter().filter_map(|r| r.id).collect::<Vec<_>>();
         assert_eq!(
             ids(store.actions_for_session("s-1").unwrap()),
             vec![id, kill_id]

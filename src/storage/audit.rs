@@ -87,7 +87,7 @@ impl JsonLinesLog {
     /// partial tail is saved to `<path>.torn-<stamp>` and cut off, and reported.
     pub fn open(path: &Path) -> io::Result<(JsonLinesLog, Option<TornLine>)> {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            crate::statedir::create_dir(parent)?;
+            crate::storage::statedir::create_dir(parent)?;
         }
         // O_APPEND: every write lands at the current end, even after a truncation.
         // O_NOFOLLOW: a symlink planted in place of the log is an error (ELOOP), never
@@ -543,7 +543,7 @@ impl Analytics {
     /// Creates the directory if needed. Fails only if it cannot be created; use
     /// [`Analytics::new`] to defer even that to the first write.
     pub fn open(dir: &Path) -> io::Result<Analytics> {
-        crate::statedir::create_dir(dir)?;
+        crate::storage::statedir::create_dir(dir)?;
         Ok(Analytics::new(dir))
     }
 
@@ -615,7 +615,7 @@ impl Analytics {
     fn write_document<T: Serialize>(&self, file_name: &str, record: &T) -> io::Result<PathBuf> {
         let mut bytes = serde_json::to_vec_pretty(record).map_err(io::Error::other)?;
         bytes.push(b'\n');
-        crate::statedir::create_dir(&self.dir)?;
+        crate::storage::statedir::create_dir(&self.dir)?;
         write_atomic(&self.dir, file_name, &bytes)
     }
 }
@@ -1089,7 +1089,7 @@ mod tests {
         let output = std::process::Command::new(std::env::current_exe().unwrap())
             .args([
                 "--exact",
-                "audit::tests::fsize_limited_child",
+                "storage::audit::tests::fsize_limited_child",
                 "--ignored",
                 "--nocapture",
                 "--test-threads=1",

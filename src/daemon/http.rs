@@ -1,5 +1,5 @@
 //! The operator's HTTP endpoint (`[http] listen`): `/metrics` (OpenMetrics text of
-//! [`crate::metrics`]), `/status` (the JSON of `rollbackd status --json`) and `/healthz`.
+//! [`crate::daemon::metrics`]), `/status` (the JSON of `rollbackd status --json`) and `/healthz`.
 //!
 //! `/status` and `/healthz` ask the driver through the same command channel the control
 //! socket uses, so the driver stays the single owner of the state and this module reads
@@ -31,7 +31,7 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::control::{Command, Operator, Reply, Request};
-use crate::metrics::Metrics;
+use crate::daemon::metrics::Metrics;
 
 /// How long `/healthz` waits for the driver to answer.
 const HEALTH_LIMIT: Duration = Duration::from_secs(1);
@@ -54,10 +54,10 @@ const FULL_WARNING_EVERY: Duration = Duration::from_secs(60);
 
 /// How many HTTP connections the daemon serves at once under a soft RLIMIT_NOFILE of
 /// `soft_limit`: [`MAX_CONNECTIONS`], or fewer when the limit is low, so that the
-/// connections plus [`crate::fdlimit::RESERVE`] stay well under the limit. 0 means the
+/// connections plus [`crate::sys::fdlimit::RESERVE`] stay well under the limit. 0 means the
 /// limit is too low to serve the endpoint at all.
 pub fn connection_cap(soft_limit: u64) -> usize {
-    let spare = soft_limit.saturating_sub(crate::fdlimit::RESERVE) / 2;
+    let spare = soft_limit.saturating_sub(crate::sys::fdlimit::RESERVE) / 2;
     usize::try_from(spare).map_or(MAX_CONNECTIONS, |spare| spare.min(MAX_CONNECTIONS))
 }
 
@@ -79,7 +79,7 @@ pub struct HttpServer {
 impl HttpServer {
     /// Binds `addr` (port 0 picks a free port; see [`HttpServer::local_addr`]). The
     /// connection limit is [`connection_cap`] of the current soft RLIMIT_NOFILE (raise the
-    /// limit first; see [`crate::fdlimit`]).
+    /// limit first; see [`crate::sys::fdlimit`]).
     pub async fn bind(
         addr: SocketAddr,
         metrics: Metrics,
@@ -92,7 +92,7 @@ impl HttpServer {
             ..Operator::current()
         };
         // A limit that cannot be read is taken as systemd's default soft limit.
-        let soft_limit = crate::fdlimit::current().map_or(1024, |limit| limit.soft);
+        let soft_limit = crate::sys::fdlimit::current().map_or(1024, |limit| limit.soft);
         Ok(HttpServer {
             listener,
             endpoint: Endpoint {
@@ -207,7 +207,7 @@ impl Endpoint {
         match path {
             "/metrics" => response(
                 StatusCode::OK,
-                crate::metrics::CONTENT_TYPE,
+                crate::daemon::metrics::CONTENT_TYPE,
                 self.metrics.encode(),
             ),
             "/status" => match self.ask_status(STATUS_LIMIT).await {

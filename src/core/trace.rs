@@ -16,7 +16,9 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::check::{Baseline, CheckResult, ProbeOutcome, Resources, SnapshotDoc, SnapshotOutcome};
+use crate::core::check::{
+    Baseline, CheckResult, ProbeOutcome, Resources, SnapshotDoc, SnapshotOutcome,
+};
 
 /// One meaningful line of a trace.
 #[derive(Debug, Clone, PartialEq)]
@@ -116,7 +118,7 @@ pub fn parse_line(line: &str) -> Result<Option<TraceLine>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::check::Sample;
+    use crate::core::check::Sample;
 
     #[test]
     fn parses_the_three_line_kinds() {

@@ -215,7 +215,7 @@ pub async fn run_hook_tracked(
         });
         let mut drained = false;
 
-        let deadline = crate::clock::deadline_tokio(started, limit);
+        let deadline = crate::sys::clock::deadline_tokio(started, limit);
         let mut timed_out = false;
         let mut status = wait_while_draining(&mut child, &mut drains, &mut drained, deadline).await;
 

@@ -23,8 +23,8 @@ use std::time::Duration;
 use serde_json::{json, Map, Value};
 use tokio::sync::Notify;
 
-use crate::audit::{AuditEvent, AuditRecord};
 use crate::config::{AlertFormat, AlertsConfig};
+use crate::storage::audit::{AuditEvent, AuditRecord};
 
 /// Whether an audit event is sent as an alert.
 pub fn is_alerted(event: AuditEvent) -> bool {
@@ -418,7 +418,7 @@ impl Alerter {
     /// (for a process about to exit). True when nothing is left.
     pub async fn flush(&self, within: Duration) -> bool {
         let shared = &self.handle.shared;
-        let deadline = crate::clock::deadline_tokio(tokio::time::Instant::now(), within);
+        let deadline = crate::sys::clock::deadline_tokio(tokio::time::Instant::now(), within);
         loop {
             let settled = shared.settled.notified();
             tokio::pin!(settled);

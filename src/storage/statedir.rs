@@ -19,7 +19,7 @@
 //! rollbackd's and are not checked.
 //!
 //! [`prepare`] is what every entry point that acts on the state calls (through
-//! [`crate::service::try_lock_state`]): `run`, `demo`, and the operator commands carried
+//! [`crate::daemon::service::try_lock_state`]): `run`, `demo`, and the operator commands carried
 //! out without a daemon. It creates a missing state directory with mode 0750 and never
 //! changes the mode of one that exists: a directory it did not create is checked, not
 //! "fixed".

@@ -1,0 +1,7 @@
+//! rollbackd's own records: `rollbackd.db` ([`store`]: sessions, checks, actions, the
+//! outbox), the JSON files under `analytics/` ([`audit`]) and the state directory with its
+//! lock ([`statedir`]).
+
+pub mod audit;
+pub mod statedir;
+pub mod store;

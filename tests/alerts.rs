@@ -8,7 +8,8 @@ use std::time::{Duration, Instant, SystemTime};
 use rollbackd::config::{AlertFormat, AlertsConfig};
 use rollbackd::daemon::alerts::{AlertOptions, AlertStats, Alerter};
 use rollbackd::daemon::recorder::Recorder;
-use rollbackd::storage::audit::{AuditEvent, AuditRecord};
+use rollbackd::storage::audit::{AuditEvent, AuditRecord, KillSwitchSource};
+use rollbackd::storage::events;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -149,24 +150,43 @@ fn at() -> SystemTime {
     humantime::parse_rfc3339("2025-10-22T14:32:15Z").unwrap()
 }
 
-fn rollback_executed() -> AuditRecord {
-    AuditRecord::new(at(), AuditEvent::RollbackExecuted, Some("s-1"))
-        .field("actionId", 7)
-        .field("from", "v2")
-        .field("to", "v1")
-        .field("trigger", "automatic")
-        .field("reason", "High error rate (42.5%) with 3 failures")
-        .field("rollbackDurationSeconds", 1.71)
-        .field("artifact", "/state/analytics/rollback_x.json")
+fn rollback_executed_numbered(action_id: i64) -> AuditRecord {
+    AuditRecord::of(
+        at(),
+        Some("s-1"),
+        &events::RollbackExecuted {
+            action_id: Some(action_id),
+            from: "v2".into(),
+            to: "v1".into(),
+            trigger: "automatic".into(),
+            reason: "High error rate (42.5%) with 3 failures".into(),
+            phases: serde_json::json!({}),
+            rollback_duration_seconds: 1.71,
+            artifact: "/state/analytics/rollback_x.json".into(),
+            resumed: 0,
+        },
+    )
 }
 
-fn kill_switch(event: AuditEvent, value: &str) -> AuditRecord {
-    AuditRecord::new(at(), event, Some("s-1"))
-        .operator("uid 0 (root)")
-        .field("key", "DISABLE_NEW")
-        .field("value", value)
-        .field("source", "manual")
-        .field("reason", "incident 42")
+fn rollback_executed() -> AuditRecord {
+    rollback_executed_numbered(7)
+}
+
+/// A manual kill-switch change: `value` "1" is `kill-switch-activated`, else `-reset`.
+fn kill_switch(value: &str) -> AuditRecord {
+    AuditRecord::of(
+        at(),
+        Some("s-1"),
+        &events::KillSwitchChanged {
+            key: "DISABLE_NEW".into(),
+            value: value.into(),
+            previous: None,
+            source: KillSwitchSource::Manual,
+            reason: "incident 42".into(),
+            action_id: None,
+        },
+    )
+    .operator("uid 0 (root)")
 }
 
 /// Polls `condition` every 10 ms until it holds or `limit` passes.
@@ -276,18 +296,12 @@ async fn alertmanager_body_is_a_v2_alerts_array() {
 
 #[tokio::test]
 async fn alertmanager_kill_switch_reset_resolves_the_activation_alert() {
-    let set = deliver_one(
-        AlertFormat::Alertmanager,
-        kill_switch(AuditEvent::KillSwitchActivated, "1"),
-    )
-    .await
-    .body;
-    let reset = deliver_one(
-        AlertFormat::Alertmanager,
-        kill_switch(AuditEvent::KillSwitchReset, "0"),
-    )
-    .await
-    .body;
+    let set = deliver_one(AlertFormat::Alertmanager, kill_switch("1"))
+        .await
+        .body;
+    let reset = deliver_one(AlertFormat::Alertmanager, kill_switch("0"))
+        .await
+        .body;
     assert_eq!(set[0]["labels"]["alertname"], "RollbackdKillSwitch");
     assert_eq!(set[0]["labels"]["key"], "DISABLE_NEW");
     assert_eq!(
@@ -319,7 +333,7 @@ async fn retries_after_server_errors_until_delivered() {
         options(),
     )
     .unwrap();
-    alerter.send(&kill_switch(AuditEvent::KillSwitchActivated, "1"));
+    alerter.send(&kill_switch("1"));
     assert!(alerter.flush(Duration::from_secs(10)).await);
     assert_eq!(
         alerter.stats(),
@@ -430,7 +444,7 @@ async fn a_full_queue_drops_the_oldest_alert() {
         },
     )
     .unwrap();
-    let numbered = |n: i64| rollback_executed().field("actionId", n);
+    let numbered = rollback_executed_numbered;
     alerter.send(&numbered(1));
     assert!(
         until(Duration::from_secs(5), || receiver.requests().len() == 1).await,

@@ -7,9 +7,7 @@ use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use crate::appdb::settings::{Create, SettingsError, SettingsReader, SettingsStore, WriteReport};
-use crate::storage::audit::{
-    AuditEvent, AuditRecord, KillSwitchAction, KillSwitchRecord, KillSwitchSource,
-};
+use crate::storage::audit::{AuditRecord, KillSwitchAction, KillSwitchRecord, KillSwitchSource};
 use crate::storage::store::{Store, StoreError};
 
 /// Writes `value` under `key`, waiting out a busy or locked database for as long as it
@@ -153,6 +151,7 @@ pub fn records(
     operator: Option<&str>,
     reason: &str,
     session_id: Option<&str>,
+    action_id: Option<i64>,
 ) -> (KillSwitchRecord, AuditRecord) {
     let action = if value == "1" {
         KillSwitchAction::Activated
@@ -168,20 +167,18 @@ pub fn records(
         reason: reason.to_owned(),
         session_id: session_id.map(str::to_owned),
     };
-    let event = match (source, action) {
-        (KillSwitchSource::External, _) => AuditEvent::KillSwitchExternal,
-        (_, KillSwitchAction::Activated) => AuditEvent::KillSwitchActivated,
-        (_, KillSwitchAction::Reset) => AuditEvent::KillSwitchReset,
-    };
-    let mut audit = AuditRecord::new(at, event, session_id)
-        .field("key", key)
-        .field("value", value)
-        .field("previous", previous.map(str::to_owned))
-        .field(
-            "source",
-            serde_json::to_value(source).unwrap_or(serde_json::Value::Null),
-        )
-        .field("reason", reason);
+    let mut audit = AuditRecord::of(
+        at,
+        session_id,
+        &crate::storage::events::KillSwitchChanged {
+            key: key.to_owned(),
+            value: value.to_owned(),
+            previous: previous.map(str::to_owned),
+            source,
+            reason: reason.to_owned(),
+            action_id,
+        },
+    );
     if let Some(operator) = operator {
         audit = audit.operator(operator);
     }

@@ -19,9 +19,8 @@ use serde_json::{json, Value};
 use crate::core::check::{Baseline, CheckResult, ProbeOutcome, SnapshotOutcome};
 use crate::core::engine::{Action, Decision, Engine, EngineConfig, ValueClass, Verdict};
 use crate::core::time::{self, Now};
-use crate::storage::audit::{
-    AuditEvent, AuditRecord, DecisionRecord, Evidence, WorkerManagerRecord,
-};
+use crate::storage::audit::{AuditRecord, DecisionRecord, Evidence, WorkerManagerRecord};
+use crate::storage::events;
 
 /// At most this many checks in a row are voided because rollbackd was stalled; the next
 /// one is recorded whatever happened, so a host that stalls the daemon during every check
@@ -662,12 +661,8 @@ impl Supervisor {
                 if checks.is_empty() && !self.offline {
                     // Recorded by `rollbackd promote` while no daemon ran: this is its start.
                     let record = &session.record;
-                    self.audit(
-                        AuditRecord::new(now.wall, AuditEvent::MonitoringStarted, Some(&record.id))
-                            .field("active", record.active.clone())
-                            .field("previous", record.previous.clone())
-                            .field("resumed", false),
-                    );
+                    let started = self.monitoring_started(record);
+                    self.audit(AuditRecord::of(now.wall, Some(&record.id), &started));
                 }
                 self.session = Some(session);
                 // Nothing was checked while no daemon ran: check now, and the checks from
@@ -880,52 +875,45 @@ impl Supervisor {
             ActionKind::Rollback => Action::Rollback,
             ActionKind::Escalation => Action::Escalate,
         });
-        let mut audit = AuditRecord::new(now.wall, AuditEvent::HealthCheck, Some(session_id))
-            .field("checkIndex", index)
-            .field("worker", session.record.active.clone())
-            .field("verdict", decision.verdict.as_str())
-            // The action this check started (null when none was: see `wouldAct`).
-            .field("action", acted.map(|a| a.as_str()))
-            .field("errorRate", decision.error_rate)
-            .field("errorClass", decision.error_class.as_str())
-            .field(
-                "probe",
-                if result.probe.is_failed() {
-                    "failed"
-                } else {
-                    "ok"
-                },
-            )
-            .field("failurePattern", decision.failure_pattern.as_str())
-            .field(
-                "rules",
-                decision
-                    .fired
-                    .iter()
-                    .map(|f| f.rule.as_str())
-                    .collect::<Vec<_>>(),
-            );
+        let mut check = events::HealthCheck {
+            check_index: index,
+            worker: session.record.active.clone(),
+            verdict: decision.verdict.as_str().to_owned(),
+            action: acted.map(|a| a.as_str().to_owned()),
+            error_rate: decision.error_rate,
+            error_class: decision.error_class.as_str().to_owned(),
+            probe: if result.probe.is_failed() {
+                "failed"
+            } else {
+                "ok"
+            }
+            .to_owned(),
+            failure_pattern: decision.failure_pattern.as_str().to_owned(),
+            rules: decision
+                .fired
+                .iter()
+                .map(|f| f.rule.as_str().to_owned())
+                .collect(),
+            would_act: None,
+            dry_run: None,
+            not_taken: None,
+            paused: paused.then_some(true),
+            after_void: session.void_note.take(),
+            reason: None,
+            check: None,
+        };
         if let Some(would) = decision.would_act() {
-            audit = audit
-                .field("wouldAct", would.as_str())
-                .field("dryRun", true);
+            check.would_act = Some(would.as_str().to_owned());
+            check.dry_run = Some(true);
         } else if let (Some(would), Some(why)) = (decision.action, &not_taken) {
-            audit = audit
-                .field("wouldAct", would.as_str())
-                .field("notTaken", why.clone());
-        }
-        if paused {
-            audit = audit.field("paused", true);
-        }
-        if let Some(note) = session.void_note.take() {
-            audit = audit.field("afterVoid", note);
+            check.would_act = Some(would.as_str().to_owned());
+            check.not_taken = Some(why.clone());
         }
         if decision.verdict != Verdict::Healthy {
-            audit = audit.field("reason", decision.reason()).field(
-                "check",
-                serde_json::to_value(&result).unwrap_or(Value::Null),
-            );
+            check.reason = Some(decision.reason());
+            check.check = Some(serde_json::to_value(&result).unwrap_or(Value::Null));
         }
+        let audit = AuditRecord::of(now.wall, Some(session_id), &check);
         self.push(Effect::Observed {
             verdict: decision.verdict,
             error_rate: decision.error_rate,
@@ -1206,12 +1194,17 @@ impl Supervisor {
             state,
             ended: Some((now.wall, reason.to_owned())),
         }));
-        let mut audit = AuditRecord::new(now.wall, AuditEvent::MonitoringStopped, Some(&record.id))
-            .field("state", state.as_str())
-            .field("reason", reason)
-            .field("active", record.active.clone())
-            .field("previous", record.previous.clone())
-            .field("checks", session.next_index);
+        let mut audit = AuditRecord::of(
+            now.wall,
+            Some(&record.id),
+            &events::MonitoringStopped {
+                state: state.as_str().to_owned(),
+                reason: reason.to_owned(),
+                active: record.active.clone(),
+                previous: record.previous.clone(),
+                checks: session.next_index,
+            },
+        );
         if let Some(operator) = operator {
             audit = audit.operator(operator);
         }
@@ -1347,21 +1340,8 @@ impl Supervisor {
             self.reply(pending.reply, Answer::Done(result));
             return;
         }
-        self.audit(
-            AuditRecord::new(now.wall, AuditEvent::MonitoringStarted, Some(&record.id))
-                .operator(operator)
-                .field("active", record.active.clone())
-                .field("previous", record.previous.clone())
-                .field(
-                    "baseline",
-                    serde_json::to_value(record.baseline).unwrap_or(Value::Null),
-                )
-                .field(
-                    "gracePeriodSeconds",
-                    self.settings.grace_period.as_secs_f64(),
-                )
-                .field("configHash", self.settings.config_hash.clone()),
-        );
+        let started = self.monitoring_started(&record);
+        self.audit(AuditRecord::of(now.wall, Some(&record.id), &started).operator(operator));
         self.push(Effect::WorkerManager(WorkerManagerRecord {
             active: record.active.clone(),
             previous: record.previous.clone(),
@@ -1471,20 +1451,34 @@ impl Supervisor {
             paused,
             reason: reason.clone(),
         }));
-        let event = if paused {
-            AuditEvent::MonitoringPaused
-        } else {
-            AuditEvent::MonitoringResumed
-        };
         self.audit(
-            AuditRecord::new(now.wall, event, Some(&id))
-                .operator(operator)
-                .field("reason", reason),
+            AuditRecord::of(
+                now.wall,
+                Some(&id),
+                &events::PauseChanged {
+                    paused,
+                    reason: reason.clone(),
+                },
+            )
+            .operator(operator),
         );
         self.reply(
             reply,
             Answer::Done(json!({"paused": paused, "changed": true})),
         );
+    }
+
+    /// The `monitoring-started` line of `record`: one shape, whether the promotion came
+    /// to a running daemon or was recorded while none ran.
+    fn monitoring_started(&self, record: &SessionRecord) -> events::MonitoringStarted {
+        events::MonitoringStarted {
+            active: record.active.clone(),
+            previous: record.previous.clone(),
+            baseline: serde_json::to_value(record.baseline).unwrap_or(Value::Null),
+            grace_period_seconds: self.settings.grace_period.as_secs_f64(),
+            config_hash: self.settings.config_hash.clone(),
+            resumed: false,
+        }
     }
 
     fn reload(&mut self, settings: Settings) {

@@ -23,6 +23,7 @@ use crate::storage::audit::{
     rfc3339_millis, ArtifactKind, AuditEvent, AuditRecord, DecisionRecord, DecisionStatus,
     Evidence, KillSwitchSource, Phases, Trigger, WorkerManagerRecord,
 };
+use crate::storage::events;
 use crate::storage::store::{self, ActionId, ActionRow, NewAction};
 use crate::sys::hooks::HookVars;
 
@@ -247,15 +248,18 @@ pub async fn record_intent(
 /// The `rollback-started` line of an action (`resumed`: written by a restart that found
 /// the intent without it).
 pub fn rollback_started(now: SystemTime, row: &ActionRow, resumed: bool) -> AuditRecord {
-    let mut audit = AuditRecord::new(now, AuditEvent::RollbackStarted, row.session_id.as_deref())
-        .field("actionId", row.id)
-        .field("from", row.from_worker.clone())
-        .field("to", row.to_worker.clone())
-        .field("trigger", row.trigger.clone())
-        .field("reason", row.reason.clone());
-    if resumed {
-        audit = audit.field("resumed", true);
-    }
+    let mut audit = AuditRecord::of(
+        now,
+        row.session_id.as_deref(),
+        &events::RollbackStarted {
+            action_id: row.id,
+            from: row.from_worker.clone(),
+            to: row.to_worker.clone(),
+            trigger: row.trigger.clone(),
+            reason: row.reason.clone(),
+            resumed: resumed.then_some(true),
+        },
+    );
     if let Some(operator) = &row.operator {
         audit = audit.operator(operator.clone());
     }
@@ -587,16 +591,21 @@ pub async fn rollback(ctx: ActionContext, row: ActionRow) -> ActionOutcome {
             state: store::SESSION_ROLLED_BACK.into(),
         })
         .await;
-    let mut audit = AuditRecord::new(now, AuditEvent::RollbackExecuted, session_id.as_deref())
-        .field("actionId", row.id)
-        .field("from", from.clone())
-        .field("to", to.clone())
-        .field("trigger", row.trigger.clone())
-        .field("reason", row.reason.clone())
-        .field("phases", phases_json(&detail))
-        .field("rollbackDurationSeconds", duration)
-        .field("artifact", artifact.display().to_string())
-        .field("resumed", detail.resumed);
+    let mut audit = AuditRecord::of(
+        now,
+        session_id.as_deref(),
+        &events::RollbackExecuted {
+            action_id: row.id,
+            from: from.clone(),
+            to: to.clone(),
+            trigger: row.trigger.clone(),
+            reason: row.reason.clone(),
+            phases: phases_json(&detail),
+            rollback_duration_seconds: duration,
+            artifact: artifact.display().to_string(),
+            resumed: detail.resumed,
+        },
+    );
     if let Some(operator) = &row.operator {
         audit = audit.operator(operator.clone());
     }
@@ -642,14 +651,19 @@ async fn finish_failed(
         max_attempts,
     );
     let artifact = ctx.recorder.artifact(name.clone(), record).await;
-    let mut audit = AuditRecord::new(now, AuditEvent::RollbackFailed, row.session_id.as_deref())
-        .field("actionId", row.id)
-        .field("from", row.from_worker.clone())
-        .field("to", row.to_worker.clone())
-        .field("trigger", row.trigger.clone())
-        .field("reason", reason.clone())
-        .field("phases", phases_json(detail))
-        .field("artifact", artifact.display().to_string());
+    let mut audit = AuditRecord::of(
+        now,
+        row.session_id.as_deref(),
+        &events::RollbackFailed {
+            action_id: row.id,
+            from: row.from_worker.clone(),
+            to: row.to_worker.clone(),
+            trigger: row.trigger.clone(),
+            reason: reason.clone(),
+            phases: phases_json(detail),
+            artifact: artifact.display().to_string(),
+        },
+    );
     if let Some(operator) = &row.operator {
         audit = audit.operator(operator.clone());
     }
@@ -937,16 +951,17 @@ async fn settle_orphaned_hook(ctx: &ActionContext, row: &ActionRow, limit: Durat
         }
         let seconds = waited.elapsed().as_secs_f64();
         tracing::warn!(action = action_id, phase = %run.phase, ?pids, outcome, "orphaned hook dealt with");
-        let audit = AuditRecord::new(
+        let audit = AuditRecord::of(
             ctx.clock.now(),
-            AuditEvent::HookOrphaned,
             row.session_id.as_deref(),
-        )
-        .field("actionId", action_id)
-        .field("phase", run.phase.as_str())
-        .field("pids", pids)
-        .field("outcome", outcome)
-        .field("waitedSeconds", (seconds * 1000.0).round() / 1000.0);
+            &events::HookOrphaned {
+                action_id,
+                phase: run.phase.clone(),
+                pids,
+                outcome: outcome.to_owned(),
+                waited_seconds: (seconds * 1000.0).round() / 1000.0,
+            },
+        );
         ctx.recorder.audit(audit).await;
         ctx.say(
             format!(
@@ -1100,12 +1115,18 @@ pub async fn escalate(ctx: ActionContext, row: ActionRow) -> ActionOutcome {
         row.operator.as_deref(),
         &row.reason,
         session_id,
+        row.id,
     );
-    let mut escalation = AuditRecord::new(now, AuditEvent::EscalationTriggered, session_id)
-        .field("actionId", row.id)
-        .field("reason", row.reason.clone())
-        .field("worker", row.from_worker.clone())
-        .field("artifact", artifact.display().to_string());
+    let mut escalation = AuditRecord::of(
+        now,
+        session_id,
+        &events::EscalationTriggered {
+            action_id: row.id,
+            reason: row.reason.clone(),
+            worker: row.from_worker.clone(),
+            artifact: artifact.display().to_string(),
+        },
+    );
     if let Some(operator) = &row.operator {
         escalation = escalation.operator(operator.clone());
     }
@@ -1117,9 +1138,7 @@ pub async fn escalate(ctx: ActionContext, row: ActionRow) -> ActionOutcome {
     if !resumed_and_recorded {
         ctx.recorder.audit(escalation).await;
         ctx.recorder.kill_switch(kill_record).await;
-        ctx.recorder
-            .audit(kill_audit.field("actionId", row.id))
-            .await;
+        ctx.recorder.audit(kill_audit).await;
     }
     detail.work_done = true;
     finish_row(&ctx, row.id, store::ACTION_DONE, &name, &detail).await;

@@ -39,6 +39,7 @@ use crate::core::supervisor::{
 use crate::core::time::{self, Now};
 use crate::daemon::metrics::Metrics;
 use crate::storage::audit::{rfc3339_millis, AuditEvent, AuditRecord, KillSwitchSource};
+use crate::storage::events;
 use crate::storage::store::{
     self, ActionId, ActionRow, CheckRow, NewAction, SessionRow, StoreError,
 };
@@ -1127,6 +1128,7 @@ impl Driver {
             None,
             reason,
             session_id.as_deref(),
+            None,
         );
         self.recorder.kill_switch(kill_record).await;
         self.recorder.audit(audit).await;
@@ -1174,16 +1176,16 @@ impl Driver {
                 self.feed(Input::Reload(Box::new(settings))).await;
                 tracing::info!(old = %old_hash, new = %self.config.hash, "configuration reloaded");
                 self.recorder
-                    .audit(
-                        AuditRecord::new(
-                            now,
-                            AuditEvent::ConfigReloaded,
-                            self.sup.session().map(|s| s.record.id.as_str()),
-                        )
-                        .field("ok", true)
-                        .field("configHash", self.config.hash.clone())
-                        .field("previousConfigHash", old_hash),
-                    )
+                    .audit(AuditRecord::of(
+                        now,
+                        self.sup.session().map(|s| s.record.id.as_str()),
+                        &events::ConfigReloaded {
+                            ok: true,
+                            error: None,
+                            config_hash: self.config.hash.clone(),
+                            previous_config_hash: Some(old_hash.to_string()),
+                        },
+                    ))
                     .await;
             }
             Ok(Err(err)) => {
@@ -1192,16 +1194,16 @@ impl Driver {
                     self.config.hash
                 );
                 self.recorder
-                    .audit(
-                        AuditRecord::new(
-                            now,
-                            AuditEvent::ConfigReloaded,
-                            self.sup.session().map(|s| s.record.id.as_str()),
-                        )
-                        .field("ok", false)
-                        .field("error", err.to_string())
-                        .field("configHash", self.config.hash.clone()),
-                    )
+                    .audit(AuditRecord::of(
+                        now,
+                        self.sup.session().map(|s| s.record.id.as_str()),
+                        &events::ConfigReloaded {
+                            ok: false,
+                            error: Some(err.to_string()),
+                            config_hash: self.config.hash.clone(),
+                            previous_config_hash: None,
+                        },
+                    ))
                     .await;
             }
             Err(err) => tracing::error!("configuration reload panicked: {err}"),
@@ -1397,6 +1399,7 @@ impl Driver {
                 Some(&operator_name),
                 &reason,
                 session_id.as_deref(),
+                None,
             );
             ctx.recorder.kill_switch(kill_record).await;
             ctx.recorder.audit(audit).await;

@@ -348,10 +348,26 @@ impl AuditRecord {
         self
     }
 
+    /// The line for one typed event (see [`crate::storage::events`]): its `event` and its
+    /// fields come from `body`, the only way fields get onto a line.
+    pub fn of(
+        at: SystemTime,
+        session_id: Option<&str>,
+        body: &impl crate::storage::events::Event,
+    ) -> AuditRecord {
+        let mut record = AuditRecord::new(at, body.event(), session_id);
+        if let Ok(Value::Object(fields)) = serde_json::to_value(body) {
+            for (key, value) in fields {
+                record = record.field(&key, value);
+            }
+        }
+        record
+    }
+
     /// Adds an event-specific field. A key that collides with the record's own keys
     /// (`timestamp`, `event`, `sessionId`, `operator`) is stored with a `_` prefix, so a
     /// line never carries a duplicate key.
-    pub fn field(mut self, key: &str, value: impl Into<Value>) -> AuditRecord {
+    fn field(mut self, key: &str, value: impl Into<Value>) -> AuditRecord {
         let key = if AUDIT_RESERVED_KEYS.contains(&key) {
             format!("_{key}")
         } else {

@@ -1,7 +1,8 @@
 //! rollbackd's own records: `rollbackd.db` ([`store`]: sessions, checks, actions, the
-//! outbox), the JSON files under `analytics/` ([`audit`]) and the state directory with its
+//! outbox), the JSON files under `analytics/` ([`audit`], one struct per audit event in [`events`]) and the state directory with its
 //! lock ([`statedir`]).
 
 pub mod audit;
+pub mod events;
 pub mod statedir;
 pub mod store;

@@ -7,7 +7,7 @@ use std::io::Write;
 use std::time::{Duration, Instant};
 
 use rollbackd::core::check::{CheckResult, ProbeOutcome, Sample, Snapshot, SnapshotOutcome};
-use rollbackd::core::engine::{Engine, EngineConfig};
+use rollbackd::core::engine::Engine;
 
 const RUNS: usize = 7;
 
@@ -52,7 +52,7 @@ fn bench_engine() {
     let checks: Vec<CheckResult> = (0..1000).map(check_for).collect();
     let mut per_check = Vec::new();
     for _ in 0..RUNS {
-        let mut engine = Engine::new(EngineConfig::default(), None);
+        let mut engine = Engine::new(rollbackd::config::default_rules(), None);
         let start = Instant::now();
         let mut actions = 0u64;
         for i in 0..CHECKS {

@@ -502,6 +502,15 @@ fn read_regular_file(path: &Path) -> std::io::Result<String> {
 }
 
 /// Loads from TOML text and an environment (tests and the demo).
+/// The engine's thresholds as the built-in defaults set them (profile `default`): the one
+/// source of the seed's defaults (SPEC §2); the engine has none of its own.
+pub fn default_rules() -> EngineConfig {
+    load_str("", &BTreeMap::new())
+        .expect("the built-in defaults are a valid configuration")
+        .config
+        .rules
+}
+
 pub fn load_str(text: &str, env: &BTreeMap<String, String>) -> Result<LoadedConfig, ConfigError> {
     load_layers(Some((text, Path::new("<inline>"))), FileOrigin::Inline, env)
 }

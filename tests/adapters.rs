@@ -332,6 +332,44 @@ async fn exec_probe_sleep_is_cut_at_timeout_and_its_process_group_killed() {
     }
 }
 
+/// Exec probes run through the same child runner as hooks: a probe abandoned mid-run (the
+/// check cancelled at shutdown) takes its whole process group with it, not only the shell
+/// (before, `kill_on_drop` reached the direct child and the grandchild lived on).
+#[tokio::test]
+async fn an_abandoned_exec_probe_kills_its_process_group() {
+    let dir = tempfile::tempdir().unwrap();
+    let pids = dir.path().join("pids");
+    let script = "sleep 30 & echo $$ $! > \"$0\"; wait";
+    let probe = worker_probe(
+        &ProbeSpec::Command(argv(&["sh", "-c", script, pids.to_str().unwrap()])),
+        Duration::from_secs(60),
+    );
+    let task = tokio::spawn(async move { probe.probe("v1").await });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let pids: Vec<u32> = loop {
+        let found: Vec<u32> = std::fs::read_to_string(&pids)
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect();
+        if found.len() == 2 {
+            break found;
+        }
+        assert!(Instant::now() < deadline, "the probe never wrote its pids");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    task.abort();
+    let _ = task.await;
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while !pids.iter().all(|pid| process_gone(*pid)) {
+        assert!(
+            Instant::now() < deadline,
+            "processes {pids:?} survived the abandoned probe"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test]
 async fn probes_are_object_safe_and_swappable() {
     struct AlwaysFailed;

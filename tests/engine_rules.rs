@@ -197,7 +197,7 @@ const SCENARIOS: &[Scenario] = &[
 fn every_scenario_gives_the_expected_verdicts() {
     let mut failures = Vec::new();
     for scenario in SCENARIOS {
-        let mut config = EngineConfig::default();
+        let mut config = rollbackd::config::default_rules();
         (scenario.config)(&mut config);
         let got = verdicts(&run(&config, scenario.baseline, scenario.checks));
         if got != scenario.expect {
@@ -214,7 +214,7 @@ fn every_scenario_gives_the_expected_verdicts() {
 fn invalid_values_are_classified_not_breached() {
     let config = EngineConfig {
         no_data_policy: NoDataPolicy::Ignore,
-        ..EngineConfig::default()
+        ..rollbackd::config::default_rules()
     };
     for (token, class) in [
         ("+nan", ValueClass::Invalid),
@@ -234,7 +234,7 @@ fn invalid_values_are_classified_not_breached() {
 #[test]
 fn rollback_evidence_lists_every_rule_that_fired() {
     let decisions = run(
-        &EngineConfig::default(),
+        &rollbackd::config::default_rules(),
         BASELINE,
         "x0.30:m95 x0.30:m95 x0.30:m95",
     );
@@ -267,7 +267,7 @@ fn rollback_evidence_lists_every_rule_that_fired() {
 
 #[test]
 fn failure_patterns() {
-    let config = EngineConfig::default();
+    let config = rollbackd::config::default_rules();
     let pattern = |checks: &str| {
         run(&config, None, checks)
             .last()
@@ -285,7 +285,7 @@ fn failure_patterns() {
 
 #[test]
 fn escalation_evidence_names_the_probe_reason() {
-    let last = run(&EngineConfig::default(), None, "x0.01 x0.01")
+    let last = run(&rollbackd::config::default_rules(), None, "x0.01 x0.01")
         .pop()
         .unwrap();
     assert_eq!(last.action, Some(Action::Escalate));
@@ -299,7 +299,7 @@ fn escalation_evidence_names_the_probe_reason() {
 fn global_dry_run_records_but_never_acts() {
     let config = EngineConfig {
         dry_run: true,
-        ..EngineConfig::default()
+        ..rollbackd::config::default_rules()
     };
     let decisions = run(&config, None, "+0.30 +0.30 +0.30 x0.30 x0.30");
     assert!(decisions.iter().all(|d| d.action.is_none()));
@@ -312,7 +312,7 @@ fn global_dry_run_records_but_never_acts() {
 fn per_rule_dry_run_lets_other_rules_act() {
     let config = EngineConfig {
         dry_run_rules: vec![Rule::Memory],
-        ..EngineConfig::default()
+        ..rollbackd::config::default_rules()
     };
     // Memory alone: recorded, no action.
     let memory = run(&config, None, "+0.01:m95 +0.01:m95 +0.01:m95")
@@ -406,7 +406,7 @@ proptest! {
             rollback_min_breaches: 3.min(window),
             consecutive_failures: 2.min(window),
             max_consecutive_no_data: 4.min(window),
-            ..EngineConfig::default()
+            ..rollbackd::config::default_rules()
         };
         let recent = &recent[..window];
         let with_history = format!("{} {}", history.join(" "), recent.join(" "));
@@ -423,7 +423,7 @@ proptest! {
     /// Same checks, same decisions: the engine is deterministic.
     #[test]
     fn engine_is_deterministic(checks in proptest::collection::vec(arbitrary_check(), 1..30)) {
-        let config = EngineConfig::default();
+        let config = rollbackd::config::default_rules();
         let line = checks.join(" ");
         prop_assert_eq!(run(&config, BASELINE, &line), run(&config, BASELINE, &line));
     }

@@ -160,7 +160,9 @@ impl Rule {
     }
 }
 
-/// Thresholds the engine runs on (the `[rules]` section plus `monitor.window`).
+/// Thresholds the engine runs on (the `[rules]` section plus `monitor.window`). Its
+/// defaults live in one place, the configuration's built-in layer
+/// (`config::default_rules`).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct EngineConfig {
     pub window: usize,
@@ -177,27 +179,6 @@ pub struct EngineConfig {
     pub dry_run: bool,
     /// Rules whose firing is recorded but never acted on (per-rule shadow mode).
     pub dry_run_rules: Vec<Rule>,
-}
-
-impl Default for EngineConfig {
-    /// The seed defaults of SPEC §2.
-    fn default() -> Self {
-        EngineConfig {
-            window: 5,
-            error_rate_threshold: 0.20,
-            degraded_error_rate: 0.05,
-            rollback_min_breaches: 3,
-            consecutive_failures: 2,
-            min_requests: 0,
-            max_consecutive_no_data: 4,
-            no_data_policy: NoDataPolicy::Escalate,
-            baseline_error_multiplier: 2.0,
-            latency_p95_multiplier: 1.5,
-            memory_percent: 90.0,
-            dry_run: false,
-            dry_run_rules: Vec::new(),
-        }
-    }
 }
 
 /// One check as the window keeps it: classified, with the values the rules look at.

@@ -2,6 +2,7 @@
 //! with a time limit ([`hooks`]), finding a dead daemon's hook again ([`procs`]), file
 //! descriptor limits ([`fdlimit`]) and tokio deadlines ([`clock`]).
 
+pub mod child;
 pub mod clock;
 pub mod fdlimit;
 pub mod hooks;

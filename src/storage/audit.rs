@@ -312,6 +312,12 @@ pub enum AuditEvent {
     HookOrphaned,
 }
 
+/// An `audit.log` event body: one struct per event, in `storage::events`.
+pub trait Event: Serialize {
+    /// The `event` of the line.
+    fn event(&self) -> AuditEvent;
+}
+
 /// Keys of [`AuditRecord`] itself; extra fields may not reuse them.
 const AUDIT_RESERVED_KEYS: [&str; 4] = ["timestamp", "event", "sessionId", "operator"];
 
@@ -348,13 +354,9 @@ impl AuditRecord {
         self
     }
 
-    /// The line for one typed event (see [`crate::storage::events`]): its `event` and its
-    /// fields come from `body`, the only way fields get onto a line.
-    pub fn of(
-        at: SystemTime,
-        session_id: Option<&str>,
-        body: &impl crate::storage::events::Event,
-    ) -> AuditRecord {
+    /// The line for one typed event (the structs of `storage::events`): its `event` and
+    /// its fields come from `body`, the only way fields get onto a line.
+    pub fn of(at: SystemTime, session_id: Option<&str>, body: &impl Event) -> AuditRecord {
         let mut record = AuditRecord::new(at, body.event(), session_id);
         if let Ok(Value::Object(fields)) = serde_json::to_value(body) {
             for (key, value) in fields {

@@ -9,13 +9,8 @@
 use serde::Serialize;
 use serde_json::Value;
 
+pub use super::audit::Event;
 use super::audit::{AuditEvent, KillSwitchSource};
-
-/// An `audit.log` event body.
-pub trait Event: Serialize {
-    /// The `event` of the line.
-    fn event(&self) -> AuditEvent;
-}
 
 macro_rules! event {
     ($name:ident => $event:ident) => {

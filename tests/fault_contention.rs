@@ -32,11 +32,18 @@ fn kill_switch_lands_after_an_external_write_lock_is_released_and_checks_go_on_m
     // takes the write lock and keeps it.
     let (locked_tx, locked_rx) = mpsc::channel();
     let app_db = setup.path("app.db");
+    let daemon_log = setup.path("daemon.log");
     let holder = std::thread::spawn(move || {
         let connection = Connection::open(&app_db).unwrap();
         connection.execute_batch("BEGIN IMMEDIATE").unwrap();
         locked_tx.send(Instant::now()).unwrap();
         std::thread::sleep(LOCK_HELD);
+        // On a loaded machine the escalation may start late in the lock: hold it until
+        // the daemon has said it is waiting (the event the test checks), within a bound.
+        let _ = wait_for(Duration::from_secs(20), || {
+            std::fs::read_to_string(&daemon_log)
+                .is_ok_and(|log| log.contains("kill switch: database busy, still waiting"))
+        });
         connection.execute_batch("ROLLBACK").unwrap();
         std::time::SystemTime::now()
     });

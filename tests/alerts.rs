@@ -158,7 +158,7 @@ fn rollback_executed_numbered(action_id: i64) -> AuditRecord {
             action_id: Some(action_id),
             from: "v2".into(),
             to: "v1".into(),
-            trigger: "automatic".into(),
+            trigger: rollbackd::storage::states::ActionTrigger::Automatic,
             reason: "High error rate (42.5%) with 3 failures".into(),
             phases: serde_json::json!({}),
             rollback_duration_seconds: 1.71,

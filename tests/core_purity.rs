@@ -22,7 +22,13 @@ const FORBIDDEN: &[&str] = &[
 ];
 
 /// Crate modules `src/core/` may use: data and pure functions only.
-const ALLOWED_CRATE_MODULES: &[&str] = &["core", "storage::audit", "storage::events", "text"];
+const ALLOWED_CRATE_MODULES: &[&str] = &[
+    "core",
+    "storage::audit",
+    "storage::events",
+    "storage::states",
+    "text",
+];
 
 fn rust_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
     for entry in std::fs::read_dir(dir).unwrap() {
@@ -40,6 +46,8 @@ fn src_core_does_no_io_and_reads_no_clock() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/core");
     let mut files = Vec::new();
     rust_files(&root, &mut files);
+    // The stored names are used by the Supervisor as they are: they are held to the same rule.
+    files.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("src/storage/states.rs"));
     assert!(
         files.len() >= 2,
         "src/core/ should hold the Supervisor: {files:?}"

@@ -207,9 +207,9 @@ fn a_rollback_intent_recorded_just_before_a_kill_is_audited_as_started_on_resume
     let action_id = store
         .insert_action(&rollbackd::storage::store::NewAction {
             session_id: Some(session.id.clone()),
-            kind: rollbackd::storage::store::KIND_ROLLBACK.into(),
-            trigger: "automatic".into(),
-            state: rollbackd::storage::store::ACTION_PENDING.into(),
+            kind: rollbackd::storage::states::ActionKind::Rollback,
+            trigger: rollbackd::storage::states::ActionTrigger::Automatic,
+            state: rollbackd::storage::states::ActionState::Pending,
             phase: None,
             attempt: 1,
             from_worker: Some("v2".into()),
@@ -268,9 +268,9 @@ fn a_kill_after_the_rollback_finished_but_before_the_session_ended_does_not_roll
     store
         .insert_action(&rollbackd::storage::store::NewAction {
             session_id: Some(session.id.clone()),
-            kind: rollbackd::storage::store::KIND_ROLLBACK.into(),
-            trigger: "automatic".into(),
-            state: rollbackd::storage::store::ACTION_DONE.into(),
+            kind: rollbackd::storage::states::ActionKind::Rollback,
+            trigger: rollbackd::storage::states::ActionTrigger::Automatic,
+            state: rollbackd::storage::states::ActionState::Done,
             phase: None,
             attempt: 1,
             from_worker: Some("v2".into()),

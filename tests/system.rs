@@ -452,7 +452,7 @@ fn a_webhook_that_never_answers_does_not_delay_the_rollback() {
 /// current session ends. The unfinished and the recent stay.
 #[test]
 fn sessions_past_retention_are_pruned_at_start_and_when_a_session_ends() {
-    use rollbackd::storage::store::{SessionRow, Store, SESSION_CONFIRMED};
+    use rollbackd::storage::store::{SessionRow, SessionState, Store};
     let setup = Setup::new("[retention]\nsessions = \"30d\"");
     let db = setup.state().join("rollbackd.db");
     let day_ms = 24 * 3600 * 1000;
@@ -469,7 +469,7 @@ fn sessions_past_retention_are_pruned_at_start_and_when_a_session_ends() {
                 active: "v0".into(),
                 previous: Some("v-1".into()),
                 promoted_at_ms: at - 600_000,
-                state: SESSION_CONFIRMED.into(),
+                state: SessionState::Confirmed,
                 paused: false,
                 pause_reason: None,
                 baseline_json: None,

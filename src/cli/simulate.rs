@@ -12,7 +12,7 @@ use serde::Serialize;
 use crate::config::{show, Config};
 use crate::core::check::{Baseline, CheckResult};
 use crate::core::engine::{Action, Decision, Firing, Verdict};
-use crate::core::supervisor::{ActionKind, Effect, Input, Restored, Supervisor};
+use crate::core::supervisor::{Effect, Input, Restored, Supervisor};
 use crate::core::trace::{parse_line, TraceLine};
 use crate::core::Now;
 
@@ -133,11 +133,7 @@ impl Replay {
         let mut action = None;
         while let Some(effect) = self.supervisor.poll_effect() {
             if let Effect::StartAction { plan, .. } = effect {
-                let kind = match plan.kind {
-                    ActionKind::Rollback => Action::Rollback,
-                    ActionKind::Escalation => Action::Escalate,
-                };
-                action = Some((kind, plan.reason));
+                action = Some((plan.kind.engine_action(), plan.reason));
             }
         }
         match self

@@ -21,6 +21,7 @@ use crate::core::engine::{Action, Decision, Engine, EngineConfig, ValueClass, Ve
 use crate::core::time::{self, Now};
 use crate::storage::audit::{AuditRecord, DecisionRecord, Evidence, WorkerManagerRecord};
 use crate::storage::events;
+pub use crate::storage::states::{ActionKind, ActionTrigger, SessionState};
 
 /// At most this many checks in a row are voided because rollbackd was stalled; the next
 /// one is recorded whatever happened, so a host that stalls the daemon during every check
@@ -60,73 +61,12 @@ impl Settings {
     }
 }
 
-/// A session's state, as `rollbackd.db` and the records spell it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SessionState {
-    Monitoring,
-    Escalated,
-    RolledBack,
-    Confirmed,
-    Stopped,
-    RollbackFailed,
-}
-
-impl SessionState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SessionState::Monitoring => "monitoring",
-            SessionState::Escalated => "escalated",
-            SessionState::RolledBack => "rolled-back",
-            SessionState::Confirmed => "confirmed",
-            SessionState::Stopped => "stopped",
-            SessionState::RollbackFailed => "rollback-failed",
-        }
-    }
-
-    pub fn parse(text: &str) -> Option<SessionState> {
-        [
-            SessionState::Monitoring,
-            SessionState::Escalated,
-            SessionState::RolledBack,
-            SessionState::Confirmed,
-            SessionState::Stopped,
-            SessionState::RollbackFailed,
-        ]
-        .into_iter()
-        .find(|s| s.as_str() == text)
-    }
-}
-
-/// What an action does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ActionKind {
-    Rollback,
-    Escalation,
-}
-
 impl ActionKind {
-    pub fn as_str(self) -> &'static str {
+    /// The engine's name for what this kind carries out.
+    pub fn engine_action(self) -> Action {
         match self {
-            ActionKind::Rollback => "rollback",
-            ActionKind::Escalation => "escalation",
-        }
-    }
-}
-
-/// What started an action.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ActionTrigger {
-    Automatic,
-    Manual,
-    Emergency,
-}
-
-impl ActionTrigger {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ActionTrigger::Automatic => "automatic",
-            ActionTrigger::Manual => "manual",
-            ActionTrigger::Emergency => "emergency",
+            ActionKind::Rollback => Action::Rollback,
+            ActionKind::Escalation => Action::Escalate,
         }
     }
 }
@@ -871,10 +811,7 @@ impl Supervisor {
             }
         }
         let session = self.session.as_mut().expect("checked above");
-        let acted = plan.as_ref().map(|p| match p.kind {
-            ActionKind::Rollback => Action::Rollback,
-            ActionKind::Escalation => Action::Escalate,
-        });
+        let acted = plan.as_ref().map(|p| p.kind.engine_action());
         let mut check = events::HealthCheck {
             check_index: index,
             worker: session.record.active.clone(),
@@ -1090,7 +1027,7 @@ impl Supervisor {
             evidence,
             from: Some(session.record.active.clone()),
             to: session.record.previous.clone(),
-            trigger: crate::storage::audit::Trigger::Automatic,
+            trigger: ActionTrigger::Automatic,
             operator: None,
             phases: crate::storage::audit::Phases::new(),
             rollback_duration_seconds: None,
@@ -1198,7 +1135,7 @@ impl Supervisor {
             now.wall,
             Some(&record.id),
             &events::MonitoringStopped {
-                state: state.as_str().to_owned(),
+                state,
                 reason: reason.to_owned(),
                 active: record.active.clone(),
                 previous: record.previous.clone(),
@@ -1216,7 +1153,7 @@ impl Supervisor {
                 previous: record.previous.clone(),
                 updated_at: crate::storage::audit::rfc3339_millis(now.wall),
                 session_id: Some(record.id.clone()),
-                state: state.as_str().to_owned(),
+                state,
             }));
         }
         tracing::info!(session = %record.id, state = state.as_str(), "monitoring stopped: {reason}");
@@ -1347,7 +1284,7 @@ impl Supervisor {
             previous: record.previous.clone(),
             updated_at: crate::storage::audit::rfc3339_millis(now.wall),
             session_id: Some(record.id.clone()),
-            state: record.state.as_str().to_owned(),
+            state: record.state,
         }));
         let result =
             json!({"sessionId": record.id, "active": record.active, "previous": record.previous});

@@ -24,7 +24,10 @@ use crate::storage::audit::{
     Evidence, KillSwitchSource, Phases, Trigger, WorkerManagerRecord,
 };
 use crate::storage::events;
-use crate::storage::store::{self, ActionId, ActionRow, NewAction};
+use crate::storage::store::{
+    self, ActionId, ActionKind, ActionRow, ActionState, ActionTrigger, NewAction, Phase,
+    SessionState,
+};
 use crate::sys::hooks::HookVars;
 
 /// What the driver needs from an action's end.
@@ -128,9 +131,9 @@ pub struct ActionDetail {
     pub failure_count: u32,
     pub emergency: bool,
     /// Phase name → seconds, for phases that finished.
-    pub phases: Vec<(String, f64)>,
+    pub phases: Vec<(Phase, f64)>,
     /// Phases finished in the current attempt.
-    pub completed: Vec<String>,
+    pub completed: Vec<Phase>,
     /// Hook results (argv, exit, output tails), newest last.
     pub hooks: Vec<Value>,
     /// How many times this action was resumed after a restart.
@@ -152,43 +155,25 @@ fn detail_of(row: &ActionRow) -> ActionDetail {
 async fn save(
     ctx: &ActionContext,
     id: Option<ActionId>,
-    state: &str,
-    phase: Option<&str>,
+    state: ActionState,
+    phase: Option<Phase>,
     attempt: u32,
     detail: &ActionDetail,
 ) {
     // Not recorded (no id): nothing to save it to.
     let Some(id) = id else { return };
     let detail_json = serde_json::to_string(detail).unwrap_or_default();
-    let state = state.to_owned();
-    let phase = phase.map(str::to_owned);
     let now = now_ms(ctx.clock.now());
     // The store is local; if it fails, the action still goes on (it matters more than its
     // bookkeeping) and the failure is in the journal.
     let result = ctx
         .db
         .call(move |store| {
-            store.update_action(
-                id,
-                &state,
-                phase.as_deref(),
-                attempt,
-                Some(&detail_json),
-                None,
-                now,
-            )
+            store.update_action(id, state, phase, attempt, Some(&detail_json), None, now)
         })
         .await;
     if let Err(err) = result {
         tracing::error!(action = id, "cannot record action progress: {err}");
-    }
-}
-
-fn trigger_of(row: &ActionRow) -> Trigger {
-    match row.trigger.as_str() {
-        "manual" => Trigger::Manual,
-        "emergency" => Trigger::Emergency,
-        _ => Trigger::Automatic,
     }
 }
 
@@ -239,7 +224,7 @@ pub async fn record_intent(
             }
         }
     };
-    if row.kind == store::KIND_ROLLBACK {
+    if row.kind == ActionKind::Rollback {
         recorder.audit(rollback_started(now, &row, false)).await;
     }
     row
@@ -255,7 +240,7 @@ pub fn rollback_started(now: SystemTime, row: &ActionRow, resumed: bool) -> Audi
             action_id: row.id,
             from: row.from_worker.clone(),
             to: row.to_worker.clone(),
-            trigger: row.trigger.clone(),
+            trigger: row.trigger,
             reason: row.reason.clone(),
             resumed: resumed.then_some(true),
         },
@@ -271,14 +256,14 @@ pub async fn rollback(ctx: ActionContext, row: ActionRow) -> ActionOutcome {
     let config = ctx.config.clone();
     let rb = &config.config.rollback;
     let mut detail = detail_of(&row);
-    let resuming = row.state == store::ACTION_RUNNING;
+    let resuming = row.state == ActionState::Running;
     if resuming {
         detail.resumed += 1;
         ctx.say(
             format!(
                 "resuming rollback #{} at phase {} (attempt {})",
                 row.id.unwrap_or_default(),
-                row.phase.as_deref().unwrap_or("start"),
+                row.phase.map_or("start", Phase::as_str),
                 row.attempt
             ),
             json!({"phase": row.phase, "attempt": row.attempt}),
@@ -334,13 +319,13 @@ pub async fn rollback(ctx: ActionContext, row: ActionRow) -> ActionOutcome {
         }
 
         let mut attempt = row.attempt.max(1);
-        let mut phases_before_switch: Vec<(&str, Option<&Vec<String>>)> =
-            vec![("pause", rb.pause_command.as_ref())];
+        let mut phases_before_switch: Vec<(Phase, Option<&Vec<String>>)> =
+            vec![(Phase::Pause, rb.pause_command.as_ref())];
         if !detail.emergency {
-            phases_before_switch.push(("drain", rb.drain_command.as_ref()));
+            phases_before_switch.push((Phase::Drain, rb.drain_command.as_ref()));
         }
         for (phase, hook) in phases_before_switch {
-            if detail.completed.iter().any(|p| p == phase) {
+            if detail.completed.contains(&phase) {
                 continue;
             }
             // Only a phase with a side effect needs its start marked for a resume.
@@ -348,7 +333,7 @@ pub async fn rollback(ctx: ActionContext, row: ActionRow) -> ActionOutcome {
                 save(
                     &ctx,
                     row.id,
-                    store::ACTION_RUNNING,
+                    ActionState::Running,
                     Some(phase),
                     attempt,
                     &detail,
@@ -392,12 +377,12 @@ pub async fn rollback(ctx: ActionContext, row: ActionRow) -> ActionOutcome {
         let mut verify_failed = false;
         while attempt <= rb.max_attempts {
             // switch
-            if !detail.completed.iter().any(|p| p == "switch") {
+            if !detail.completed.contains(&Phase::Switch) {
                 save(
                     &ctx,
                     row.id,
-                    store::ACTION_RUNNING,
-                    Some("switch"),
+                    ActionState::Running,
+                    Some(Phase::Switch),
                     attempt,
                     &detail,
                 )
@@ -408,7 +393,7 @@ pub async fn rollback(ctx: ActionContext, row: ActionRow) -> ActionOutcome {
                         run_phase_hook(
                             &ctx,
                             row.id,
-                            "switch",
+                            Phase::Switch,
                             template,
                             &vars,
                             rb.hook_timeout,
@@ -419,7 +404,7 @@ pub async fn rollback(ctx: ActionContext, row: ActionRow) -> ActionOutcome {
                     None => Err("rollback.switch_command is not configured".into()),
                 };
                 let seconds = t.elapsed().as_secs_f64();
-                push_phase(&mut detail, "switch", seconds);
+                push_phase(&mut detail, Phase::Switch, seconds);
                 if let Err(why) = switched {
                     last_error = format!("{why} (attempt {attempt})");
                     verify_failed = false;
@@ -429,7 +414,9 @@ pub async fn rollback(ctx: ActionContext, row: ActionRow) -> ActionOutcome {
                     )
                     .await;
                     attempt += 1;
-                    detail.completed.retain(|p| p != "switch" && p != "verify");
+                    detail
+                        .completed
+                        .retain(|p| *p != Phase::Switch && *p != Phase::Verify);
                     continue;
                 }
                 ctx.say(
@@ -442,8 +429,8 @@ pub async fn rollback(ctx: ActionContext, row: ActionRow) -> ActionOutcome {
             save(
                 &ctx,
                 row.id,
-                store::ACTION_RUNNING,
-                Some("verify"),
+                ActionState::Running,
+                Some(Phase::Verify),
                 attempt,
                 &detail,
             )
@@ -451,7 +438,7 @@ pub async fn rollback(ctx: ActionContext, row: ActionRow) -> ActionOutcome {
             let t = Instant::now();
             let outcome = verify(&ctx, &to, rb.verify_interval, rb.verify_timeout).await;
             let seconds = t.elapsed().as_secs_f64();
-            push_phase(&mut detail, "verify", seconds);
+            push_phase(&mut detail, Phase::Verify, seconds);
             match outcome {
                 Ok(()) => {
                     ctx.say(
@@ -477,7 +464,9 @@ pub async fn rollback(ctx: ActionContext, row: ActionRow) -> ActionOutcome {
                     )
                     .await;
                     attempt += 1;
-                    detail.completed.retain(|p| p != "switch" && p != "verify");
+                    detail
+                        .completed
+                        .retain(|p| *p != Phase::Switch && *p != Phase::Verify);
                 }
             }
         }
@@ -493,13 +482,13 @@ pub async fn rollback(ctx: ActionContext, row: ActionRow) -> ActionOutcome {
             return finish_failed(&ctx, &row, &mut detail, reason).await;
         }
 
-        if !detail.completed.iter().any(|p| p == "resume") {
+        if !detail.completed.contains(&Phase::Resume) {
             if rb.resume_command.is_some() {
                 save(
                     &ctx,
                     row.id,
-                    store::ACTION_RUNNING,
-                    Some("resume"),
+                    ActionState::Running,
+                    Some(Phase::Resume),
                     attempt,
                     &detail,
                 )
@@ -510,7 +499,7 @@ pub async fn rollback(ctx: ActionContext, row: ActionRow) -> ActionOutcome {
                 if run_phase_hook(
                     &ctx,
                     row.id,
-                    "resume",
+                    Phase::Resume,
                     template,
                     &vars,
                     rb.hook_timeout,
@@ -527,7 +516,7 @@ pub async fn rollback(ctx: ActionContext, row: ActionRow) -> ActionOutcome {
                 }
             }
             let seconds = t.elapsed().as_secs_f64();
-            push_phase(&mut detail, "resume", seconds);
+            push_phase(&mut detail, Phase::Resume, seconds);
             ctx.say(
                 format!("resume: done in {seconds:.3}s"),
                 json!({"phase": "resume", "seconds": seconds}),
@@ -552,8 +541,8 @@ pub async fn rollback(ctx: ActionContext, row: ActionRow) -> ActionOutcome {
         save(
             &ctx,
             row.id,
-            store::ACTION_RUNNING,
-            Some("record"),
+            ActionState::Running,
+            Some(Phase::Record),
             row.attempt.max(1),
             &detail,
         )
@@ -588,7 +577,7 @@ pub async fn rollback(ctx: ActionContext, row: ActionRow) -> ActionOutcome {
             previous: Some(from.clone()),
             updated_at: rfc3339_millis(now),
             session_id: session_id.clone(),
-            state: store::SESSION_ROLLED_BACK.into(),
+            state: SessionState::RolledBack,
         })
         .await;
     let mut audit = AuditRecord::of(
@@ -598,7 +587,7 @@ pub async fn rollback(ctx: ActionContext, row: ActionRow) -> ActionOutcome {
             action_id: row.id,
             from: from.clone(),
             to: to.clone(),
-            trigger: row.trigger.clone(),
+            trigger: row.trigger,
             reason: row.reason.clone(),
             phases: phases_json(&detail),
             rollback_duration_seconds: duration,
@@ -617,7 +606,7 @@ pub async fn rollback(ctx: ActionContext, row: ActionRow) -> ActionOutcome {
     {
         ctx.recorder.audit(audit).await;
     }
-    finish_row(&ctx, row.id, store::ACTION_DONE, &name, &detail).await;
+    finish_row(&ctx, row.id, ActionState::Done, &name, &detail).await;
     let _ = started;
     ctx.say(
         format!(
@@ -658,7 +647,7 @@ async fn finish_failed(
             action_id: row.id,
             from: row.from_worker.clone(),
             to: row.to_worker.clone(),
-            trigger: row.trigger.clone(),
+            trigger: row.trigger,
             reason: reason.clone(),
             phases: phases_json(detail),
             artifact: artifact.display().to_string(),
@@ -667,7 +656,7 @@ async fn finish_failed(
     if let Some(operator) = &row.operator {
         audit = audit.operator(operator.clone());
     }
-    let resumed = row.state == store::ACTION_RUNNING;
+    let resumed = row.state == ActionState::Running;
     if !(resumed
         && ctx
             .recorder
@@ -677,7 +666,7 @@ async fn finish_failed(
         ctx.recorder.audit(audit).await;
     }
     detail.work_done = true;
-    finish_row(ctx, row.id, store::ACTION_FAILED, &name, detail).await;
+    finish_row(ctx, row.id, ActionState::Failed, &name, detail).await;
     ctx.say(
         format!("rollback failed: {reason}"),
         json!({"artifact": artifact}),
@@ -689,7 +678,7 @@ async fn finish_failed(
 async fn finish_row(
     ctx: &ActionContext,
     id: Option<ActionId>,
-    state: &'static str,
+    state: ActionState,
     name: &str,
     detail: &ActionDetail,
 ) {
@@ -708,21 +697,21 @@ async fn finish_row(
     }
 }
 
-fn push_phase(detail: &mut ActionDetail, phase: &str, seconds: f64) {
+fn push_phase(detail: &mut ActionDetail, phase: Phase, seconds: f64) {
     let seconds = (seconds * 1000.0).round() / 1000.0;
-    match detail.phases.iter_mut().find(|(p, _)| p == phase) {
+    match detail.phases.iter_mut().find(|(p, _)| *p == phase) {
         Some(entry) => entry.1 = seconds,
-        None => detail.phases.push((phase.to_owned(), seconds)),
+        None => detail.phases.push((phase, seconds)),
     }
-    if !detail.completed.iter().any(|p| p == phase) {
-        detail.completed.push(phase.to_owned());
+    if !detail.completed.contains(&phase) {
+        detail.completed.push(phase);
     }
 }
 
 fn phases_json(detail: &ActionDetail) -> Value {
     let mut map = serde_json::Map::new();
     for (phase, seconds) in &detail.phases {
-        map.insert(phase.clone(), json!(seconds));
+        map.insert(phase.as_str().to_owned(), json!(seconds));
     }
     Value::Object(map)
 }
@@ -733,7 +722,7 @@ fn phases_json(detail: &ActionDetail) -> Value {
 async fn run_phase_hook(
     ctx: &ActionContext,
     action_id: Option<ActionId>,
-    phase: &str,
+    phase: Phase,
     template: &[String],
     vars: &HookVars,
     limit: Duration,
@@ -751,7 +740,7 @@ async fn run_phase_hook(
             if ok {
                 return Ok(());
             }
-            tracing::warn!(phase, exit = ?outcome.exit_code, timed_out = outcome.timed_out, stderr = %outcome.stderr_tail, "hook failed");
+            tracing::warn!(phase = %phase, exit = ?outcome.exit_code, timed_out = outcome.timed_out, stderr = %outcome.stderr_tail, "hook failed");
             let what = if outcome.timed_out {
                 format!(
                     "{phase} hook timed out after {} and was killed",
@@ -780,7 +769,7 @@ async fn run_phase_hook(
             })
         }
         Err(err) => {
-            tracing::error!(phase, "hook could not run: {err}");
+            tracing::error!(phase = %phase, "hook could not run: {err}");
             detail
                 .hooks
                 .push(json!({"phase": phase, "error": err.to_string()}));
@@ -796,7 +785,7 @@ async fn run_phase_hook(
 async fn run_tracked(
     ctx: &ActionContext,
     action_id: Option<ActionId>,
-    phase: &str,
+    phase: Phase,
     template: &[String],
     vars: &HookVars,
     limit: Duration,
@@ -821,7 +810,7 @@ async fn run_tracked(
         // bookkeeping); a restart would not find it.
         tracing::error!(
             action = action_id,
-            phase,
+            phase = %phase,
             "cannot record the hook run: {err}"
         );
     }
@@ -956,7 +945,7 @@ async fn settle_orphaned_hook(ctx: &ActionContext, row: &ActionRow, limit: Durat
             row.session_id.as_deref(),
             &events::HookOrphaned {
                 action_id,
-                phase: run.phase.clone(),
+                phase: run.phase,
                 pids,
                 outcome: outcome.to_owned(),
                 waited_seconds: (seconds * 1000.0).round() / 1000.0,
@@ -1021,7 +1010,7 @@ fn decision_record(
     error: Option<String>,
     attempts: u32,
 ) -> DecisionRecord {
-    let trigger = trigger_of(row);
+    let trigger = row.trigger;
     let recommended = match (kind, status) {
         (ArtifactKind::Rollback, DecisionStatus::Failed) => "escalate: kill switch on, page on-call".to_owned(),
         (ArtifactKind::Rollback, _) => match trigger {
@@ -1035,7 +1024,7 @@ fn decision_record(
     };
     let mut phases = Phases::new();
     for (phase, seconds) in &detail.phases {
-        phases.push(phase.clone(), *seconds);
+        phases.push(phase.as_str(), *seconds);
     }
     DecisionRecord {
         timestamp: rfc3339_millis(crate::core::time::from_ms(row.started_at_ms)),
@@ -1069,14 +1058,14 @@ pub async fn escalate(ctx: ActionContext, row: ActionRow) -> ActionOutcome {
     let mut detail = detail_of(&row);
     let config = ctx.config.clone();
     let ks = &config.config.kill_switch;
-    if row.state == store::ACTION_RUNNING {
+    if row.state == ActionState::Running {
         detail.resumed += 1;
     }
     save(
         &ctx,
         row.id,
-        store::ACTION_RUNNING,
-        Some("kill-switch"),
+        ActionState::Running,
+        Some(Phase::KillSwitch),
         1,
         &detail,
     )
@@ -1087,7 +1076,7 @@ pub async fn escalate(ctx: ActionContext, row: ActionRow) -> ActionOutcome {
     let previous = set_kill_switch(&ctx, ks, "1", Patience::Forever)
         .await
         .unwrap_or(None);
-    push_phase(&mut detail, "kill-switch", t.elapsed().as_secs_f64());
+    push_phase(&mut detail, Phase::KillSwitch, t.elapsed().as_secs_f64());
     let now = ctx.clock.now();
     let name = artifact_name(ArtifactKind::Escalation, row.started_at_ms);
     let record = decision_record(
@@ -1107,7 +1096,7 @@ pub async fn escalate(ctx: ActionContext, row: ActionRow) -> ActionOutcome {
         &ks.key,
         "1",
         previous.as_deref(),
-        if row.trigger == "automatic" {
+        if row.trigger == ActionTrigger::Automatic {
             KillSwitchSource::Automatic
         } else {
             KillSwitchSource::Manual
@@ -1130,7 +1119,7 @@ pub async fn escalate(ctx: ActionContext, row: ActionRow) -> ActionOutcome {
     if let Some(operator) = &row.operator {
         escalation = escalation.operator(operator.clone());
     }
-    let resumed_and_recorded = row.state == store::ACTION_RUNNING
+    let resumed_and_recorded = row.state == ActionState::Running
         && ctx
             .recorder
             .audit_has(row.id, AuditEvent::EscalationTriggered)
@@ -1141,7 +1130,7 @@ pub async fn escalate(ctx: ActionContext, row: ActionRow) -> ActionOutcome {
         ctx.recorder.audit(kill_audit).await;
     }
     detail.work_done = true;
-    finish_row(&ctx, row.id, store::ACTION_DONE, &name, &detail).await;
+    finish_row(&ctx, row.id, ActionState::Done, &name, &detail).await;
     ctx.say(
         format!(
             "escalated: {}=1 set; artifact {}",

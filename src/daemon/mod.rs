@@ -33,15 +33,15 @@ use crate::control::{Command, Operator, Reply, Request};
 use crate::core::check::{Baseline, CheckResult, ProbeOutcome};
 use crate::core::engine::Verdict;
 use crate::core::supervisor::{
-    ActionKind, ActionPlan, ActionResult, ActionTrigger, Answer, CheckRecord, Effect, Input,
-    ReplyTo, Restored, SessionRecord, SessionState, StateChange, Supervisor,
+    ActionKind, ActionPlan, ActionResult, Answer, CheckRecord, Effect, Input, ReplyTo, Restored,
+    SessionRecord, SessionState, StateChange, Supervisor,
 };
 use crate::core::time::{self, Now};
 use crate::daemon::metrics::Metrics;
 use crate::storage::audit::{rfc3339_millis, AuditEvent, AuditRecord, KillSwitchSource};
 use crate::storage::events;
 use crate::storage::store::{
-    self, ActionId, ActionRow, CheckRow, NewAction, SessionRow, StoreError,
+    self, ActionId, ActionRow, ActionState, CheckRow, NewAction, SessionRow, StoreError,
 };
 use crate::sys::hooks::{HookError, HookOutcome, HookVars};
 use db::Db;
@@ -237,7 +237,7 @@ fn apply(change: &StateChange, store: &mut crate::storage::store::Store) -> Resu
     match change {
         StateChange::Session { id, state, ended } => store.update_session_state(
             id,
-            state.as_str(),
+            *state,
             ended
                 .as_ref()
                 .map(|(at, reason)| (time::to_ms(*at), reason.as_str())),
@@ -258,7 +258,7 @@ fn session_row(record: &SessionRecord) -> SessionRow {
         active: record.active.clone(),
         previous: record.previous.clone(),
         promoted_at_ms: time::to_ms(record.promoted_at),
-        state: record.state.as_str().into(),
+        state: record.state,
         paused: record.paused,
         pause_reason: record.pause_reason.clone(),
         baseline_json: record.baseline.and_then(|b| serde_json::to_string(&b).ok()),
@@ -274,8 +274,8 @@ fn session_record(row: &SessionRow) -> SessionRecord {
         active: row.active.clone(),
         previous: stored_worker_id("previous worker of the session", row.previous.clone()),
         promoted_at: time::from_ms(row.promoted_at_ms),
-        // A state this build does not know is resumed as monitoring: checks go on.
-        state: SessionState::parse(&row.state).unwrap_or(SessionState::Monitoring),
+        // A state this build does not know was read as monitoring (storage::store).
+        state: row.state,
         paused: row.paused,
         pause_reason: row.pause_reason.clone(),
         baseline: row
@@ -283,22 +283,6 @@ fn session_record(row: &SessionRow) -> SessionRecord {
             .as_deref()
             .and_then(|text| serde_json::from_str::<Baseline>(text).ok()),
         operator: row.operator.clone(),
-    }
-}
-
-fn kind_of(row: &ActionRow) -> ActionKind {
-    if row.kind == store::KIND_ESCALATION {
-        ActionKind::Escalation
-    } else {
-        ActionKind::Rollback
-    }
-}
-
-fn trigger_of(row: &ActionRow) -> ActionTrigger {
-    match row.trigger.as_str() {
-        "manual" => ActionTrigger::Manual,
-        "emergency" => ActionTrigger::Emergency,
-        _ => ActionTrigger::Automatic,
     }
 }
 
@@ -688,39 +672,34 @@ impl Driver {
         }
         let settled = match &resume {
             Some(_) => None,
-            None => actions_of_session
-                .into_iter()
-                .rfind(|a| a.kind == store::KIND_ROLLBACK || a.kind == store::KIND_ESCALATION)
-                .map(|last| {
-                    let artifact = self
-                        .recorder
-                        .artifact_path(last.artifact_name.as_deref().unwrap_or_default())
-                        .display()
-                        .to_string();
-                    let result = match (last.kind.as_str(), last.state.as_str()) {
-                        (store::KIND_ROLLBACK, store::ACTION_DONE) => ActionResult::RolledBack {
-                            from: last.from_worker.clone().unwrap_or_default(),
-                            to: last.to_worker.clone().unwrap_or_default(),
-                            artifact,
-                        },
-                        (store::KIND_ROLLBACK, _) => ActionResult::RollbackFailed {
-                            reason: format!(
-                                "rollback #{} failed before the restart",
-                                last.id.unwrap_or_default()
-                            ),
-                            artifact,
-                        },
-                        _ => ActionResult::Escalated { artifact },
-                    };
-                    (last.id, kind_of(&last), trigger_of(&last), result)
-                }),
+            None => actions_of_session.into_iter().next_back().map(|last| {
+                let artifact = self
+                    .recorder
+                    .artifact_path(last.artifact_name.as_deref().unwrap_or_default())
+                    .display()
+                    .to_string();
+                let result = match (last.kind, last.state) {
+                    (ActionKind::Rollback, ActionState::Done) => ActionResult::RolledBack {
+                        from: last.from_worker.clone().unwrap_or_default(),
+                        to: last.to_worker.clone().unwrap_or_default(),
+                        artifact,
+                    },
+                    (ActionKind::Rollback, _) => ActionResult::RollbackFailed {
+                        reason: format!(
+                            "rollback #{} failed before the restart",
+                            last.id.unwrap_or_default()
+                        ),
+                        artifact,
+                    },
+                    _ => ActionResult::Escalated { artifact },
+                };
+                (last.id, last.kind, last.trigger, result)
+            }),
         };
         let restored = Restored {
             session: session.as_ref().map(session_record),
             checks,
-            in_flight: resume
-                .as_ref()
-                .map(|row| (row.id, kind_of(row), trigger_of(row))),
+            in_flight: resume.as_ref().map(|row| (row.id, row.kind, row.trigger)),
             settled,
             rollbacks: rollbacks.into_iter().map(time::from_ms).collect(),
         };
@@ -729,7 +708,7 @@ impl Driver {
             tracing::warn!(action = ?action.id, kind = %action.kind, phase = ?action.phase, "resuming an action interrupted by a restart");
             // A kill between recording the intent and writing its first audit line leaves
             // a rollback nobody was told about: say it started, once.
-            if action.kind == store::KIND_ROLLBACK
+            if action.kind == ActionKind::Rollback
                 && !self
                     .recorder
                     .audit_has(action.id, AuditEvent::RollbackStarted)
@@ -758,15 +737,13 @@ impl Driver {
     }
 
     fn spawn_action(&mut self, row: ActionRow, replies: Option<mpsc::Sender<Reply>>) {
-        let escalation = row.kind == store::KIND_ESCALATION;
         let ctx = self.context(replies);
         let tx = self.actions_tx.clone();
         let id = row.id;
         tokio::spawn(async move {
-            let outcome = if escalation {
-                executor::escalate(ctx, row).await
-            } else {
-                executor::rollback(ctx, row).await
+            let outcome = match row.kind {
+                ActionKind::Escalation => executor::escalate(ctx, row).await,
+                ActionKind::Rollback => executor::rollback(ctx, row).await,
             };
             let _ = tx.send((id, outcome)).await;
         });
@@ -784,9 +761,9 @@ impl Driver {
         };
         let new = NewAction {
             session_id: plan.session_id,
-            kind: plan.kind.as_str().to_owned(),
-            trigger: plan.trigger.as_str().to_owned(),
-            state: store::ACTION_PENDING.into(),
+            kind: plan.kind,
+            trigger: plan.trigger,
+            state: ActionState::Pending,
             phase: None,
             attempt: 1,
             from_worker: plan.from,
@@ -1541,7 +1518,7 @@ pub fn new_session_row(
         active: active.to_owned(),
         previous: Some(previous.to_owned()),
         promoted_at_ms: now_ms(now),
-        state: store::SESSION_MONITORING.into(),
+        state: SessionState::Monitoring,
         paused: false,
         pause_reason: None,
         baseline_json: baseline.and_then(|b| serde_json::to_string(&b).ok()),

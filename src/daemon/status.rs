@@ -7,7 +7,7 @@ use crate::config::LoadedConfig;
 use crate::control::status::{CheckLine, SessionStatus, StatusReport, Workers};
 use crate::daemon::stored_worker_id;
 use crate::storage::audit::rfc3339_millis;
-use crate::storage::store::{self, Store, StoreError};
+use crate::storage::store::{SessionState, Store, StoreError};
 
 /// Reads the state read-only (no migration, no lock: a daemon may start meanwhile).
 pub fn offline(loaded: &LoadedConfig) -> anyhow::Result<StatusReport> {
@@ -38,12 +38,12 @@ pub fn offline(loaded: &LoadedConfig) -> anyhow::Result<StatusReport> {
         let age = now.duration_since(promoted).unwrap_or_default();
         SessionStatus {
             id: s.id.clone(),
-            state: s.state.clone(),
+            state: s.state.as_str().into(),
             active: stored_worker_id("active worker of the session", Some(s.active.clone())),
             previous: stored_worker_id("previous worker of the session", s.previous.clone()),
             promoted_at: rfc3339_millis(promoted),
             age_seconds: age.as_secs(),
-            grace_left_seconds: (s.state == store::SESSION_MONITORING)
+            grace_left_seconds: (s.state == SessionState::Monitoring)
                 .then(|| config.monitor.grace_period.saturating_sub(age).as_secs()),
             paused: s.paused,
             pause_reason: s.pause_reason.clone(),
@@ -79,7 +79,7 @@ pub fn offline(loaded: &LoadedConfig) -> anyhow::Result<StatusReport> {
         daemon: "not running".into(),
         state: session
             .as_ref()
-            .map(|s| s.state.clone())
+            .map(|s| s.state.as_str().to_owned())
             .unwrap_or_else(|| "idle".into()),
         session: session_status,
         workers: Workers {

@@ -424,14 +424,9 @@ pub enum DecisionStatus {
     DryRun,
 }
 
-/// `trigger` of a decision artifact.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Trigger {
-    Automatic,
-    Manual,
-    Emergency,
-}
+/// `trigger` of a decision artifact: what started the action, as the state database
+/// spells it.
+pub use crate::storage::states::ActionTrigger as Trigger;
 
 /// `evidence` of a decision artifact.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -539,7 +534,7 @@ pub struct WorkerManagerRecord {
     pub updated_at: String,
     pub session_id: Option<String>,
     /// The session state, e.g. `monitoring`, `rolled-back`.
-    pub state: String,
+    pub state: crate::storage::states::SessionState,
 }
 
 // ---------------------------------------------------------------------------------------
@@ -947,7 +942,7 @@ mod tests {
             previous: Some("v2".into()),
             updated_at: rfc3339_millis(at()),
             session_id: None,
-            state: "rolled-back".into(),
+            state: crate::storage::states::SessionState::RolledBack,
         };
         assert_eq!(
             to_json(&record),
@@ -1292,7 +1287,7 @@ mod tests {
             previous: Some("v2".into()),
             updated_at: rfc3339_millis(at()),
             session_id: Some("s-1".into()),
-            state: "rolled-back".into(),
+            state: crate::storage::states::SessionState::RolledBack,
         };
         let path = analytics.write_worker_manager(&workers).unwrap();
         assert_eq!(path, analytics.worker_manager_path());

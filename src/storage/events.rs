@@ -11,6 +11,7 @@ use serde_json::Value;
 
 pub use super::audit::Event;
 use super::audit::{AuditEvent, KillSwitchSource};
+use super::states::{ActionTrigger, Phase, SessionState};
 
 macro_rules! event {
     ($name:ident => $event:ident) => {
@@ -81,7 +82,7 @@ pub struct RollbackStarted {
     pub action_id: Option<i64>,
     pub from: Option<String>,
     pub to: Option<String>,
-    pub trigger: String,
+    pub trigger: ActionTrigger,
     pub reason: String,
     /// Written by a restart that found the intent without its line.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -96,7 +97,7 @@ pub struct RollbackExecuted {
     pub action_id: Option<i64>,
     pub from: String,
     pub to: String,
-    pub trigger: String,
+    pub trigger: ActionTrigger,
     pub reason: String,
     /// Phase name → seconds.
     pub phases: Value,
@@ -114,7 +115,7 @@ pub struct RollbackFailed {
     pub action_id: Option<i64>,
     pub from: Option<String>,
     pub to: Option<String>,
-    pub trigger: String,
+    pub trigger: ActionTrigger,
     pub reason: String,
     pub phases: Value,
     pub artifact: String,
@@ -160,7 +161,7 @@ impl Event for KillSwitchChanged {
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct MonitoringStopped {
-    pub state: String,
+    pub state: SessionState,
     pub reason: String,
     pub active: String,
     pub previous: Option<String>,
@@ -207,7 +208,7 @@ event!(ConfigReloaded => ConfigReloaded);
 #[serde(rename_all = "camelCase")]
 pub struct HookOrphaned {
     pub action_id: i64,
-    pub phase: String,
+    pub phase: Phase,
     pub pids: Vec<i32>,
     /// `exited`, `killed` or `still-running`.
     pub outcome: String,

@@ -1,5 +1,5 @@
 //! The daemon's own SQLite state, `state_dir/rollbackd.db`: monitoring sessions, the checks
-//! taken in them, the actions (rollbacks, escalations, kill switch changes) with the phase
+//! taken in them, the actions (rollbacks, escalations) with the phase
 //! each one reached, an outbox of audit records waiting for a writable disk, and a small
 //! key/value table. **This is the only code that speaks SQL to it.**
 //!
@@ -15,15 +15,18 @@
 //! [`BUSY_TIMEOUT`]. The schema evolves through the numbered [`MIGRATIONS`], tracked in
 //! `PRAGMA user_version`, each applied in its own transaction.
 //!
-//! States and kinds are plain strings in the rows (see the `*_STATE`/`KIND_*` constants);
-//! the callers own their meaning.
+//! States, kinds and phases are the enums of `core::states`, stored as their names
+//! (`ToSql`/`FromSql` below); no caller compares strings.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ToSqlOutput, ValueRef};
 use rusqlite::{
-    params, Connection, OpenFlags, OptionalExtension, Row, Transaction, TransactionBehavior,
+    params, Connection, OpenFlags, OptionalExtension, Row, ToSql, Transaction, TransactionBehavior,
 };
+
+pub use crate::storage::states::{ActionKind, ActionState, ActionTrigger, Phase, SessionState};
 
 /// How long a statement waits for another connection's lock before failing.
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -102,24 +105,33 @@ pub const MIGRATIONS: &[&str] = &[
     );",
 ];
 
-/// Session states (`sessions.state`).
-pub const SESSION_MONITORING: &str = "monitoring";
-pub const SESSION_ESCALATED: &str = "escalated";
-pub const SESSION_ROLLED_BACK: &str = "rolled-back";
-pub const SESSION_CONFIRMED: &str = "confirmed";
-pub const SESSION_STOPPED: &str = "stopped";
-pub const SESSION_ROLLBACK_FAILED: &str = "rollback-failed";
+/// The stored names are the pure enums of `core::states`; this is how they are spelt in
+/// SQL. A name this build does not know fails to convert (the schema version guards
+/// against newer writers, so that is a hand-edited or damaged row), except a session's
+/// state, which [`session_from_row`] reads leniently.
+macro_rules! stored_as_text {
+    ($($name:ident),+) => {$(
+        impl ToSql for $name {
+            fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+                Ok(ToSqlOutput::from(self.as_str()))
+            }
+        }
 
-/// Action kinds (`actions.kind`).
-pub const KIND_ROLLBACK: &str = "rollback";
-pub const KIND_ESCALATION: &str = "escalation";
-pub const KIND_KILL_SWITCH: &str = "kill-switch";
+        impl FromSql for $name {
+            fn column_result(value: ValueRef<'_>) -> FromSqlResult<Self> {
+                let text = value.as_str()?;
+                $name::parse(text).ok_or_else(|| {
+                    FromSqlError::Other(
+                        format!(concat!("unknown ", stringify!($name), " {:?} in rollbackd.db"), text)
+                            .into(),
+                    )
+                })
+            }
+        }
+    )+};
+}
 
-/// Action states (`actions.state`); pending and running are unfinished.
-pub const ACTION_PENDING: &str = "pending";
-pub const ACTION_RUNNING: &str = "running";
-pub const ACTION_DONE: &str = "done";
-pub const ACTION_FAILED: &str = "failed";
+stored_as_text!(SessionState, ActionKind, ActionTrigger, ActionState, Phase);
 
 /// Outbox kinds (`outbox.kind`).
 pub const OUTBOX_AUDIT: &str = "audit";
@@ -182,7 +194,7 @@ pub struct SessionRow {
     pub previous: Option<String>,
     /// Unix time in milliseconds.
     pub promoted_at_ms: i64,
-    pub state: String,
+    pub state: SessionState,
     pub paused: bool,
     pub pause_reason: Option<String>,
     pub baseline_json: Option<String>,
@@ -207,10 +219,10 @@ pub struct CheckRow {
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewAction {
     pub session_id: Option<String>,
-    pub kind: String,
-    pub trigger: String,
-    pub state: String,
-    pub phase: Option<String>,
+    pub kind: ActionKind,
+    pub trigger: ActionTrigger,
+    pub state: ActionState,
+    pub phase: Option<Phase>,
     pub attempt: u32,
     pub from_worker: Option<String>,
     pub to_worker: Option<String>,
@@ -227,10 +239,10 @@ pub struct ActionRow {
     /// nothing of it is saved, and a restart cannot resume it.
     pub id: Option<ActionId>,
     pub session_id: Option<String>,
-    pub kind: String,
-    pub trigger: String,
-    pub state: String,
-    pub phase: Option<String>,
+    pub kind: ActionKind,
+    pub trigger: ActionTrigger,
+    pub state: ActionState,
+    pub phase: Option<Phase>,
     pub attempt: u32,
     pub from_worker: Option<String>,
     pub to_worker: Option<String>,
@@ -250,7 +262,7 @@ pub type ActionId = i64;
 #[derive(Debug, Clone, PartialEq)]
 pub struct HookRunRow {
     pub action_id: i64,
-    pub phase: String,
+    pub phase: Phase,
     /// Put in the hook's environment as `ROLLBACKD_HOOK_RUN`.
     pub token: String,
     pub started_at_ms: i64,
@@ -286,7 +298,14 @@ fn session_from_row(row: &Row) -> rusqlite::Result<SessionRow> {
         active: row.get(1)?,
         previous: row.get(2)?,
         promoted_at_ms: row.get(3)?,
-        state: row.get(4)?,
+        state: {
+            // A state this build does not know is resumed as monitoring: checks go on.
+            let text: String = row.get(4)?;
+            SessionState::parse(&text).unwrap_or_else(|| {
+                tracing::warn!(state = %text, "unknown session state in rollbackd.db; treating it as monitoring");
+                SessionState::Monitoring
+            })
+        },
         paused: row.get(5)?,
         pause_reason: row.get(6)?,
         baseline_json: row.get(7)?,
@@ -627,7 +646,7 @@ impl Store {
     pub fn update_session_state(
         &mut self,
         id: &str,
-        state: &str,
+        state: SessionState,
         ended: Option<(i64, &str)>,
     ) -> Result<(), StoreError> {
         let changed = match ended {
@@ -753,8 +772,8 @@ impl Store {
     pub fn update_action(
         &mut self,
         id: i64,
-        state: &str,
-        phase: Option<&str>,
+        state: ActionState,
+        phase: Option<Phase>,
         attempt: u32,
         detail_json: Option<&str>,
         artifact_name: Option<&str>,
@@ -854,7 +873,10 @@ impl Store {
 
     /// Actions that were pending or running: after a restart these are resumed.
     pub fn unfinished_actions(&self) -> Result<Vec<ActionRow>, StoreError> {
-        self.actions_where("state IN ('pending', 'running')", [])
+        self.actions_where(
+            "state IN (?1, ?2)",
+            [ActionState::Pending, ActionState::Running],
+        )
     }
 
     pub fn action(&self, id: i64) -> Result<Option<ActionRow>, StoreError> {
@@ -871,8 +893,8 @@ impl Store {
     /// How many rollbacks started at or after `since_ms` (loop protection).
     pub fn rollbacks_since(&self, since_ms: i64) -> Result<u32, StoreError> {
         Ok(self.conn.query_row(
-            "SELECT COUNT(*) FROM actions WHERE kind = 'rollback' AND started_at_ms >= ?1",
-            [since_ms],
+            "SELECT COUNT(*) FROM actions WHERE kind = ?2 AND started_at_ms >= ?1",
+            params![since_ms, ActionKind::Rollback],
             |row| row.get(0),
         )?)
     }
@@ -881,11 +903,11 @@ impl Store {
     /// protection after a restart).
     pub fn rollback_starts_since(&self, since_ms: i64) -> Result<Vec<i64>, StoreError> {
         let mut statement = self.conn.prepare_cached(
-            "SELECT started_at_ms FROM actions WHERE kind = 'rollback' AND started_at_ms >= ?1 \
+            "SELECT started_at_ms FROM actions WHERE kind = ?2 AND started_at_ms >= ?1 \
              ORDER BY started_at_ms",
         )?;
         let rows = statement
-            .query_map([since_ms], |row| row.get(0))?
+            .query_map(params![since_ms, ActionKind::Rollback], |row| row.get(0))?
             .collect::<Result<Vec<i64>, _>>()?;
         Ok(rows)
     }
@@ -916,7 +938,7 @@ impl Store {
     /// `rule.keep_newest` ended ones. Never a session that has not ended (the current
     /// one), never one that ended at or after `rule.never_after_ms`, never one with an
     /// action that is not finished (pending or running: it will be resumed). Finished
-    /// actions of no session (manual kill-switch changes) go by `ended_before_ms` too.
+    /// actions of no session (a manual escalation with no session) go by `ended_before_ms` too.
     /// The outbox is not touched: its rows are records not yet delivered.
     ///
     /// One transaction. Freed pages are left in the file for new rows to reuse (no
@@ -1233,7 +1255,7 @@ mod tests {
             active: "v2".into(),
             previous: Some("v1".into()),
             promoted_at_ms,
-            state: SESSION_MONITORING.into(),
+            state: SessionState::Monitoring,
             paused: false,
             pause_reason: None,
             baseline_json: Some(r#"{"failureRate":0.01}"#.into()),
@@ -1257,9 +1279,9 @@ mod tests {
     fn rollback(session_id: Option<&str>, started_at_ms: i64) -> NewAction {
         NewAction {
             session_id: session_id.map(str::to_owned),
-            kind: KIND_ROLLBACK.into(),
-            trigger: "automatic".into(),
-            state: ACTION_PENDING.into(),
+            kind: ActionKind::Rollback,
+            trigger: ActionTrigger::Automatic,
+            state: ActionState::Pending,
             phase: None,
             attempt: 1,
             from_worker: Some("v2".into()),
@@ -1269,6 +1291,62 @@ mod tests {
             started_at_ms,
             detail_json: None,
         }
+    }
+
+    /// The enums are stored as their names, and a name this build does not know is a
+    /// clear error naming it, except a session's state: that session goes on being
+    /// monitored rather than being unreadable.
+    #[test]
+    fn names_are_stored_as_text_and_unknown_ones_are_caught() {
+        let (_dir, mut store) = temp_store();
+        store.insert_session(&session("s-1", 1_000)).unwrap();
+        let id = store.insert_action(&rollback(Some("s-1"), 2_000)).unwrap();
+        store
+            .update_action(
+                id,
+                ActionState::Running,
+                Some(Phase::Verify),
+                1,
+                None,
+                None,
+                2_500,
+            )
+            .unwrap();
+        let stored: (String, String, String, String) = store
+            .conn
+            .query_row(
+                "SELECT kind, trigger, state, phase FROM actions WHERE id = ?1",
+                [id],
+                |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)),
+            )
+            .unwrap();
+        assert_eq!(
+            stored,
+            (
+                "rollback".into(),
+                "automatic".into(),
+                "running".into(),
+                "verify".into()
+            )
+        );
+        assert_eq!(store.unfinished_actions().unwrap().len(), 1);
+
+        store
+            .conn
+            .execute(
+                "UPDATE sessions SET state = 'from-the-future' WHERE id = 's-1'",
+                [],
+            )
+            .unwrap();
+        let current = store.current_session().unwrap().unwrap();
+        assert_eq!(current.state, SessionState::Monitoring);
+
+        store
+            .conn
+            .execute("UPDATE actions SET kind = 'reboot' WHERE id = ?1", [id])
+            .unwrap();
+        let err = store.action(id).unwrap_err().to_string();
+        assert!(err.contains("unknown ActionKind \"reboot\""), "{err}");
     }
 
     const HOUR: i64 = 3_600_000;
@@ -1284,7 +1362,11 @@ mod tests {
         }
         if ended {
             store
-                .update_session_state(id, SESSION_CONFIRMED, Some((at + 600_000, "confirmed")))
+                .update_session_state(
+                    id,
+                    SessionState::Confirmed,
+                    Some((at + 600_000, "confirmed")),
+                )
                 .unwrap();
         }
         id.to_owned()
@@ -1292,7 +1374,15 @@ mod tests {
 
     fn finish(store: &mut Store, action: i64, at: i64) {
         store
-            .update_action(action, ACTION_DONE, Some("verify"), 1, None, None, at)
+            .update_action(
+                action,
+                ActionState::Done,
+                Some(Phase::Verify),
+                1,
+                None,
+                None,
+                at,
+            )
             .unwrap();
     }
 
@@ -1329,8 +1419,8 @@ mod tests {
         store
             .update_action(
                 running_action,
-                ACTION_RUNNING,
-                Some("switch"),
+                ActionState::Running,
+                Some(Phase::Switch),
                 1,
                 None,
                 None,
@@ -1341,9 +1431,9 @@ mod tests {
         let recent = old_session(&mut store, "recent", now - 10 * 24 * HOUR, 5, true);
         // The current session: stays.
         let current = old_session(&mut store, "current", now - 60_000, 2, false);
-        // A manual kill-switch change long ago (no session) and one not finished.
+        // A manual escalation long ago (no session) and one not finished.
         let mut manual = rollback(None, long_ago);
-        manual.kind = KIND_KILL_SWITCH.into();
+        manual.kind = ActionKind::Escalation;
         let manual_done = store.insert_action(&manual).unwrap();
         finish(&mut store, manual_done, long_ago + 1000);
         let manual_pending = store.insert_action(&manual).unwrap();
@@ -1464,7 +1554,7 @@ mod tests {
         assert_eq!(store.hook_run(7).unwrap(), None);
         let mut run = HookRunRow {
             action_id: 7,
-            phase: "switch".into(),
+            phase: Phase::Switch,
             token: "7-switch-1".into(),
             started_at_ms: 1_000,
             boot_id: Some("b".into()),
@@ -1478,7 +1568,7 @@ mod tests {
         run.leader_start_ticks = Some(u64::MAX >> 1);
         assert_eq!(store.hook_run(7).unwrap().as_ref(), Some(&run));
         // A new run of the action replaces the old record.
-        run.phase = "resume".into();
+        run.phase = Phase::Resume;
         run.pgid = None;
         run.leader_start_ticks = None;
         store.begin_hook_run(&run).unwrap();
@@ -1570,14 +1660,18 @@ mod tests {
         assert!(!store.session("s-2").unwrap().unwrap().paused);
 
         store
-            .update_session_state("s-2", SESSION_ESCALATED, None)
+            .update_session_state("s-2", SessionState::Escalated, None)
             .unwrap();
         assert_eq!(
             store.current_session().unwrap().unwrap().state,
-            SESSION_ESCALATED
+            SessionState::Escalated
         );
         store
-            .update_session_state("s-2", SESSION_ROLLED_BACK, Some((3_000, "rolled back")))
+            .update_session_state(
+                "s-2",
+                SessionState::RolledBack,
+                Some((3_000, "rolled back")),
+            )
             .unwrap();
         let ended = store.session("s-2").unwrap().unwrap();
         assert_eq!(ended.ended_at_ms, Some(3_000));
@@ -1586,7 +1680,7 @@ mod tests {
         assert_eq!(store.current_session().unwrap().unwrap().id, "s-1");
 
         assert!(matches!(
-            store.update_session_state("nope", SESSION_STOPPED, None),
+            store.update_session_state("nope", SessionState::Stopped, None),
             Err(StoreError::NoSuchRow { .. })
         ));
         assert!(matches!(
@@ -1645,9 +1739,9 @@ mod tests {
             ActionRow {
                 id: Some(id),
                 session_id: Some("s-1".into()),
-                kind: KIND_ROLLBACK.into(),
-                trigger: "automatic".into(),
-                state: ACTION_PENDING.into(),
+                kind: ActionKind::Rollback,
+                trigger: ActionTrigger::Automatic,
+                state: ActionState::Pending,
                 phase: None,
                 attempt: 1,
                 from_worker: Some("v2".into()),
@@ -1666,8 +1760,8 @@ mod tests {
         store
             .update_action(
                 id,
-                ACTION_RUNNING,
-                Some("switch"),
+                ActionState::Running,
+                Some(Phase::Switch),
                 1,
                 Some(r#"{"pause":0.01}"#),
                 None,
@@ -1676,10 +1770,10 @@ mod tests {
             .unwrap();
         // None leaves phase and detail as they were.
         store
-            .update_action(id, ACTION_RUNNING, None, 2, None, None, 1_600)
+            .update_action(id, ActionState::Running, None, 2, None, None, 1_600)
             .unwrap();
         let running = store.action(id).unwrap().unwrap();
-        assert_eq!(running.phase.as_deref(), Some("switch"));
+        assert_eq!(running.phase, Some(Phase::Switch));
         assert_eq!(running.attempt, 2);
         assert_eq!(running.detail_json.as_deref(), Some(r#"{"pause":0.01}"#));
         assert_eq!(running.updated_at_ms, 1_600);
@@ -1688,8 +1782,8 @@ mod tests {
         store
             .update_action(
                 id,
-                ACTION_DONE,
-                Some("resume"),
+                ActionState::Done,
+                Some(Phase::Resume),
                 2,
                 None,
                 Some("rollback_x.json"),
@@ -1697,15 +1791,15 @@ mod tests {
             )
             .unwrap();
         let done = store.action(id).unwrap().unwrap();
-        assert_eq!(done.state, ACTION_DONE);
+        assert_eq!(done.state, ActionState::Done);
         assert_eq!(done.finished_at_ms, Some(2_000));
         assert_eq!(done.artifact_name.as_deref(), Some("rollback_x.json"));
         assert_eq!(store.unfinished_actions().unwrap(), vec![]);
 
         let other = store.insert_action(&rollback(Some("s-2"), 3_000)).unwrap();
         let mut kill = rollback(Some("s-1"), 4_000);
-        kill.kind = KIND_KILL_SWITCH.into();
-        kill.state = ACTION_RUNNING.into();
+        kill.kind = ActionKind::Escalation;
+        kill.state = ActionState::Running;
         let kill_id = store.insert_action(&kill).unwrap();
         let ids = |rows: Vec<ActionRow>| rows.into_iter().filter_map(|r| r.id).collect::<Vec<_>>();
         assert_eq!(
@@ -1719,7 +1813,7 @@ mod tests {
 
         assert_eq!(store.action(9_999).unwrap(), None);
         assert!(matches!(
-            store.update_action(9_999, ACTION_DONE, None, 1, None, None, 0),
+            store.update_action(9_999, ActionState::Done, None, 1, None, None, 0),
             Err(StoreError::NoSuchRow { .. })
         ));
     }
@@ -1731,7 +1825,7 @@ mod tests {
             store.insert_action(&rollback(None, started)).unwrap();
         }
         let mut escalation = rollback(None, 2_500);
-        escalation.kind = KIND_ESCALATION.into();
+        escalation.kind = ActionKind::Escalation;
         store.insert_action(&escalation).unwrap();
         assert_eq!(store.rollbacks_since(0).unwrap(), 3);
         assert_eq!(store.rollbacks_since(2_000).unwrap(), 2);

@@ -1,0 +1,139 @@
+//! Taking a check: the probe, the snapshot and the resources in parallel within
+//! `check_timeout`, off the loop, and recording it once the Supervisor has judged it.
+
+use super::*;
+
+impl Driver {
+    /// The next check is due.
+    pub(super) async fn tick(&mut self) {
+        // Read the clocks before anything else, so the timer's lateness (the stall
+        // measure) is not inflated by our own work.
+        let now = self.time();
+        self.check_state_db().await;
+        self.sup.handle(
+            now,
+            Input::Timeout {
+                suspended: suspended_since_boot(),
+            },
+        );
+        self.run_effects().await;
+    }
+
+    pub(super) fn start_check(&mut self, session_id: String, index: u64, worker: String) {
+        let adapters = self.adapters.clone();
+        let tx = self.checks_tx.clone();
+        let clock = self.clock.clone();
+        let limit = self.config.config.monitor.check_timeout;
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let taken_at = clock.now();
+            let ((result, probe_duration), stalled) =
+                watch_stalls(take_check(&adapters, &worker, limit)).await;
+            let _ = tx
+                .send(CheckDone {
+                    session_id,
+                    index,
+                    started,
+                    taken_at,
+                    result,
+                    probe_duration,
+                    stalled,
+                })
+                .await;
+        });
+    }
+
+    pub(super) async fn check_finished(&mut self, done: CheckDone) {
+        self.probe_duration = done.probe_duration;
+        self.feed(Input::CheckDone {
+            session_id: done.session_id,
+            index: done.index,
+            started: done.started.into_std(),
+            taken_at: done.taken_at,
+            result: done.result,
+            stalled: done.stalled,
+        })
+        .await;
+    }
+
+    pub(super) async fn record_check(&mut self, check: CheckRecord) {
+        let probe = match &check.result.probe {
+            ProbeOutcome::Ok => "ok".to_owned(),
+            ProbeOutcome::Failed { reason } => format!("failed: {reason}"),
+        };
+        let decision = self.sup.session().and_then(|s| s.last_decision.clone());
+        self.recent.push_back(CheckSummary {
+            at: check.taken_at,
+            index: check.index,
+            verdict: check.verdict,
+            probe,
+            error_rate: decision.as_ref().and_then(|d| d.error_rate),
+            error_class: decision
+                .as_ref()
+                .map(|d| d.error_class.as_str())
+                .unwrap_or("missing"),
+        });
+        while self.recent.len() > 20 {
+            self.recent.pop_front();
+        }
+        let row = CheckRow {
+            session_id: check.session_id,
+            check_index: check.index as i64,
+            taken_at_ms: time::to_ms(check.taken_at),
+            check_json: serde_json::to_string(&check.result).unwrap_or_default(),
+            verdict: check.verdict.as_str().into(),
+            failed: check.failed,
+        };
+        if let Err(err) = self.db.call(move |store| store.insert_check(&row)).await {
+            tracing::error!("cannot record the check in rollbackd.db: {err}");
+        }
+    }
+}
+
+/// One check: probe, snapshot and resources at once, each bounded by `limit` in its
+/// adapter; a safety net here cuts an adapter that ignores its limit. Also returns how
+/// long the worker probe took (for the probe-duration metric).
+pub async fn take_check(
+    adapters: &Adapters,
+    worker: &str,
+    limit: Duration,
+) -> (CheckResult, Duration) {
+    let net = limit
+        .saturating_mul(2)
+        .saturating_add(Duration::from_secs(1));
+    let probe = async {
+        let started = Instant::now();
+        let outcome = tokio::time::timeout(net, adapters.probe.probe(worker))
+            .await
+            .unwrap_or_else(|_| {
+                ProbeOutcome::failed(format!(
+                    "probe did not finish within {}",
+                    crate::config::show(net)
+                ))
+            });
+        (outcome, started.elapsed())
+    };
+    let snapshot = async {
+        tokio::time::timeout(net, adapters.snapshot.snapshot())
+            .await
+            .unwrap_or_else(|_| crate::core::check::SnapshotOutcome::Unavailable {
+                reason: format!(
+                    "snapshot did not finish within {}",
+                    crate::config::show(net)
+                ),
+            })
+    };
+    let resources = async {
+        tokio::time::timeout(net, adapters.resources.sample(worker))
+            .await
+            .ok()
+            .flatten()
+    };
+    let ((probe, probe_duration), snapshot, resources) = tokio::join!(probe, snapshot, resources);
+    let result = CheckResult {
+        probe,
+        snapshot,
+        resources,
+    };
+    (result, probe_duration)
+}

@@ -1,0 +1,341 @@
+//! What an operator asks the running daemon: commands over the control socket, SIGHUP
+//! reloads, and the status report.
+
+use super::*;
+
+impl Driver {
+    pub(super) async fn reload(&mut self, reloader: &Reloader) {
+        // logrotate's `postrotate` sends SIGHUP: reopen the logs by name whatever the
+        // reload's outcome (each append checks the name too).
+        self.recorder.reopen_logs();
+        let reloader = reloader.clone();
+        let result = tokio::task::spawn_blocking(move || reloader()).await;
+        let now = self.now();
+        // Keys a running daemon cannot take over (opened once at start): refused whole, so
+        // a reload never half-applies.
+        let result = result.map(|loaded| {
+            loaded.and_then(|loaded| match fixed_keys_changed(&self.config.config, &loaded.config) {
+                changed if changed.is_empty() => Ok(loaded),
+                changed => Err(crate::config::ConfigError::Invalid(
+                    changed
+                        .into_iter()
+                        .map(|key| crate::config::ConfigIssue {
+                            key: key.to_owned(),
+                            message: "cannot be changed by a reload (the daemon opened it at start); \
+                                      restart rollbackd to apply it, or put the old value back"
+                                .into(),
+                        })
+                        .collect(),
+                )),
+            })
+        });
+        match result {
+            Ok(Ok(loaded)) => {
+                let old_hash = self.config.hash.clone();
+                self.adapters = (self.factory)(&loaded.config);
+                if loaded.config.alerts != self.config.config.alerts {
+                    // Alerts queued for the old webhook are still sent by its task.
+                    self.recorder
+                        .set_alerts(crate::daemon::alerts::Alerter::from_config(
+                            &loaded.config.alerts,
+                        ));
+                }
+                self.config = Arc::new(loaded);
+                // The window is judged again under the new thresholds.
+                let settings = self.config.config.supervisor_settings(&self.config.hash);
+                self.feed(Input::Reload(Box::new(settings))).await;
+                tracing::info!(old = %old_hash, new = %self.config.hash, "configuration reloaded");
+                self.recorder
+                    .audit(AuditRecord::of(
+                        now,
+                        self.sup.session().map(|s| s.record.id.as_str()),
+                        &events::ConfigReloaded {
+                            ok: true,
+                            error: None,
+                            config_hash: self.config.hash.clone(),
+                            previous_config_hash: Some(old_hash.to_string()),
+                        },
+                    ))
+                    .await;
+            }
+            Ok(Err(err)) => {
+                tracing::error!(
+                    "new configuration refused, keeping the old one ({}): {err}",
+                    self.config.hash
+                );
+                self.recorder
+                    .audit(AuditRecord::of(
+                        now,
+                        self.sup.session().map(|s| s.record.id.as_str()),
+                        &events::ConfigReloaded {
+                            ok: false,
+                            error: Some(err.to_string()),
+                            config_hash: self.config.hash.clone(),
+                            previous_config_hash: None,
+                        },
+                    ))
+                    .await;
+            }
+            Err(err) => tracing::error!("configuration reload panicked: {err}"),
+        }
+    }
+
+    pub(super) async fn command(&mut self, command: Command) {
+        let Command {
+            operator,
+            request,
+            replies,
+        } = command;
+        let reply = match request {
+            Request::Status => Reply::Done {
+                result: serde_json::to_value(self.status_report().await).unwrap_or_default(),
+            },
+            Request::Promote {
+                active,
+                previous,
+                baseline_error_rate,
+                baseline_latency_p95_ms,
+            } => {
+                let baseline = (baseline_error_rate.is_some() || baseline_latency_p95_ms.is_some())
+                    .then_some(Baseline {
+                        error_rate: baseline_error_rate,
+                        latency_p95_ms: baseline_latency_p95_ms,
+                    });
+                let reply = self.expect_reply(replies);
+                self.feed(Input::Promote {
+                    operator: operator.name,
+                    active,
+                    previous,
+                    baseline,
+                    reply,
+                })
+                .await;
+                return;
+            }
+            Request::Rollback { reason, emergency } => {
+                let known_workers = if self.sup.session().is_none() {
+                    self.db
+                        .call(|store| Ok((store.get_meta("active")?, store.get_meta("previous")?)))
+                        .await
+                        .map(|(active, previous)| {
+                            (
+                                stored_worker_id("active worker", active),
+                                stored_worker_id("previous worker", previous),
+                            )
+                        })
+                        .unwrap_or((None, None))
+                } else {
+                    (None, None)
+                };
+                let reply = self.expect_reply(replies);
+                self.feed(Input::Rollback {
+                    operator: operator.name,
+                    reason,
+                    emergency,
+                    known_workers,
+                    reply,
+                })
+                .await;
+                return;
+            }
+            Request::KillSwitchSet { reason } => {
+                self.manual_kill_switch(&operator, "1", reason, replies)
+                    .await;
+                return;
+            }
+            Request::KillSwitchReset { reason, force } => {
+                let quiet = self.config.config.kill_switch.reset_quiet_period;
+                let db_path = self.config.config.rollbackd_db();
+                let now = self.now();
+                let refusal = tokio::task::spawn_blocking(move || {
+                    crate::appdb::killswitch::reset_refusal(&db_path, quiet, now)
+                })
+                .await
+                .expect("reset check panicked");
+                match refusal {
+                    Ok(Some(why)) if !force => Reply::Failed {
+                        message: format!("refused: {why}"),
+                        exit: 3,
+                    },
+                    Err(err) => Reply::Failed {
+                        message: format!("cannot check the reset precondition: {err}"),
+                        exit: 1,
+                    },
+                    _ => {
+                        if force {
+                            tracing::warn!(operator = %operator.name, "kill switch reset forced past the quiet period");
+                        }
+                        self.manual_kill_switch(&operator, "0", reason, replies)
+                            .await;
+                        return;
+                    }
+                }
+            }
+            Request::KillSwitchStatus => {
+                let ks = self.config.config.kill_switch.clone();
+                let state = tokio::task::spawn_blocking(move || {
+                    crate::appdb::killswitch::KillSwitchState::read(
+                        &ks.database,
+                        &ks.key,
+                        ks.create_database,
+                    )
+                })
+                .await
+                .expect("read panicked");
+                match state {
+                    crate::appdb::killswitch::KillSwitchState::Unknown(why) => Reply::Failed {
+                        message: format!("the kill switch is UNKNOWN: {why}"),
+                        exit: 1,
+                    },
+                    state => Reply::Done {
+                        result: state.to_json(&self.config.config.kill_switch.key),
+                    },
+                }
+            }
+            Request::Pause { reason } => {
+                let reply = self.expect_reply(replies);
+                self.feed(Input::Pause {
+                    operator: operator.name,
+                    paused: true,
+                    reason,
+                    reply,
+                })
+                .await;
+                return;
+            }
+            Request::Resume => {
+                let reply = self.expect_reply(replies);
+                self.feed(Input::Pause {
+                    operator: operator.name,
+                    paused: false,
+                    reason: None,
+                    reply,
+                })
+                .await;
+                return;
+            }
+        };
+        let _ = replies.send(reply).await;
+    }
+
+    pub(super) async fn status_report(&self) -> StatusReport {
+        let now = self.now();
+        let config = &self.config.config;
+        let ks = config.kill_switch.clone();
+        let key = ks.key.clone();
+        let kill = tokio::task::spawn_blocking(move || {
+            crate::appdb::killswitch::KillSwitchState::read(
+                &ks.database,
+                &ks.key,
+                ks.create_database,
+            )
+        })
+        .await
+        .unwrap_or_else(|e| {
+            crate::appdb::killswitch::KillSwitchState::Unknown(format!("reading it failed: {e}"))
+        });
+        let session = self.sup.session().map(|s| {
+            let promoted = s.record.promoted_at;
+            let age = now.duration_since(promoted).unwrap_or_default();
+            let grace_left = config.monitor.grace_period.saturating_sub(age);
+            let monitoring = s.record.state == SessionState::Monitoring;
+            SessionStatus {
+                id: s.record.id.clone(),
+                state: s.record.state.as_str().to_owned(),
+                active: Some(s.record.active.clone()),
+                previous: s.record.previous.clone(),
+                promoted_at: rfc3339_millis(promoted),
+                age_seconds: age.as_secs(),
+                grace_left_seconds: monitoring.then_some(grace_left.as_secs()),
+                paused: s.record.paused,
+                pause_reason: s.record.pause_reason.clone(),
+                checks: Some(s.next_index),
+                verdict: s
+                    .last_decision
+                    .as_ref()
+                    .map(|d| d.verdict.as_str().to_owned()),
+                reason: s.last_decision.as_ref().map(|d| d.reason()),
+            }
+        });
+        // The workers, also between sessions: the current session's, else the last ended
+        // one's, else what rollbackd.db remembers (the same key the offline status has).
+        let workers = match (self.sup.session(), self.sup.last_workers()) {
+            (Some(s), _) => Workers {
+                active: Some(s.record.active.clone()),
+                previous: s.record.previous.clone(),
+                last_session_state: None,
+            },
+            (None, Some((active, previous, state))) => Workers {
+                active: Some(active.clone()),
+                previous: previous.clone(),
+                last_session_state: Some(state.as_str().to_owned()),
+            },
+            (None, None) => {
+                let (active, previous) = self
+                    .db
+                    .call(|store| Ok((store.get_meta("active")?, store.get_meta("previous")?)))
+                    .await
+                    .unwrap_or((None, None));
+                Workers {
+                    active: stored_worker_id("active worker", active),
+                    previous: stored_worker_id("previous worker", previous),
+                    last_session_state: None,
+                }
+            }
+        };
+        let recent_checks = self
+            .recent
+            .iter()
+            .map(|c| CheckLine {
+                at: rfc3339_millis(c.at),
+                index: c.index,
+                verdict: c.verdict.as_str().to_owned(),
+                probe: c.probe.clone(),
+                error_rate: c.error_rate,
+                error_class: Some(c.error_class.to_owned()),
+            })
+            .collect();
+        StatusReport {
+            daemon: "running".into(),
+            pid: Some(std::process::id()),
+            since: Some(rfc3339_millis(self.started_at)),
+            state: self
+                .sup
+                .session()
+                .map(|s| s.record.state.as_str())
+                .unwrap_or("idle")
+                .to_owned(),
+            session,
+            workers,
+            action: self.sup.action().map(|a| ActionStatus {
+                id: a.id,
+                kind: a.kind.as_str().to_owned(),
+            }),
+            kill_switch: kill.to_json(&key),
+            recent_checks,
+            config_hash: self.config.hash.clone(),
+            records_pending: Some(self.recorder.backlog()),
+            state_db_restored: self.db_restored.clone(),
+        }
+    }
+}
+
+/// The keys whose new value a reload cannot apply and that differ between `old` and `new`:
+/// the state directory (database, lock, socket, audit log), the HTTP listener and the
+/// kill-switch database LiveFlags watches are all opened once at start.
+pub fn fixed_keys_changed(
+    old: &crate::config::Config,
+    new: &crate::config::Config,
+) -> Vec<&'static str> {
+    let mut changed = Vec::new();
+    if old.state_dir != new.state_dir {
+        changed.push("state_dir");
+    }
+    if old.http_listen != new.http_listen {
+        changed.push("http.listen");
+    }
+    if old.kill_switch.database != new.kill_switch.database {
+        changed.push("kill_switch.database");
+    }
+    changed
+}

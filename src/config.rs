@@ -68,7 +68,10 @@ const KEYS: &[(&str, Kind)] = &[
     ("rules.max_consecutive_no_data", Kind::Int),
     ("rules.no_data_policy", Kind::Enum(&["escalate", "ignore"])),
     ("rules.baseline_error_multiplier", Kind::Float),
+    ("rules.baseline_alpha", Kind::Float),
     ("rules.latency_p95_multiplier", Kind::Float),
+    ("rules.latency_p95_ms_threshold", Kind::Float),
+    ("rules.latency_p99_ms_threshold", Kind::Float),
     ("rules.memory_percent", Kind::Float),
     ("rules.dry_run", Kind::Bool),
     ("rules.dry_run_rules", Kind::StrList),
@@ -151,6 +154,7 @@ min_requests = 0
 max_consecutive_no_data = 4
 no_data_policy = "escalate"
 baseline_error_multiplier = 2.0
+baseline_alpha = 0.01
 latency_p95_multiplier = 1.5
 memory_percent = 90.0
 dry_run = false
@@ -972,7 +976,12 @@ fn build(
             _ => NoDataPolicy::Escalate,
         },
         baseline_error_multiplier: float("rules.baseline_error_multiplier"),
+        baseline_alpha: float("rules.baseline_alpha"),
         latency_p95_multiplier: float("rules.latency_p95_multiplier"),
+        latency_p95_ms_threshold: get("rules.latency_p95_ms_threshold")
+            .map(|_| float("rules.latency_p95_ms_threshold")),
+        latency_p99_ms_threshold: get("rules.latency_p99_ms_threshold")
+            .map(|_| float("rules.latency_p99_ms_threshold")),
         memory_percent: float("rules.memory_percent"),
         dry_run: get("rules.dry_run")
             .and_then(Value::as_bool)
@@ -1034,6 +1043,32 @@ fn build(
                 key,
                 format!("must be a number of at least 1.0, got {value}"),
             );
+        }
+    }
+    if !(rules.baseline_alpha.is_finite()
+        && rules.baseline_alpha > 0.0
+        && rules.baseline_alpha < 0.5)
+    {
+        problem(
+            "rules.baseline_alpha",
+            format!(
+                "must be a probability in (0, 0.5), got {} (0.01: a check breaches the baseline when its errors would happen by chance 1 time in 100)",
+                rules.baseline_alpha
+            ),
+        );
+    }
+    for key in [
+        "rules.latency_p95_ms_threshold",
+        "rules.latency_p99_ms_threshold",
+    ] {
+        if get(key).is_some() {
+            let value = float(key);
+            if !(value.is_finite() && value > 0.0) {
+                problem(
+                    key,
+                    format!("must be a positive number of milliseconds, got {value}"),
+                );
+            }
         }
     }
     if !(rules.memory_percent.is_finite()

@@ -7,7 +7,7 @@
 //! probe  := "+" (ok) | "x" (failed)
 //! rate   := a number | "nan" | "inf" | "str" (the string "0.5") | "none" (missing)
 //!         | "down" (snapshot provider unavailable)
-//! modifier := "r" requests | "p" p95-ms | "m" host-memory-%
+//! modifier := "r" requests | "p" p95-ms | "q" p99-ms | "m" host-memory-%
 //! verdicts := H (healthy) | D (degraded) | E (escalate) | R (rollback)
 //! ```
 
@@ -54,6 +54,7 @@ fn check(token: &str) -> CheckResult {
         match kind {
             "r" => snapshot.requests = Sample::Number(value),
             "p" => snapshot.latency_p95_ms = Sample::Number(value),
+            "q" => snapshot.latency_p99_ms = Sample::Number(value),
             "m" => {
                 resources = Some(Resources {
                     host_memory_percent: Some(value),
@@ -120,13 +121,86 @@ fn min_requests_100(c: &mut EngineConfig) {
     c.min_requests = 100;
 }
 
+/// A rate-only baseline, as `promote --baseline-error-rate` gives it.
 const BASELINE: Option<Baseline> = Some(Baseline {
     error_rate: Some(0.02),
     latency_p95_ms: Some(200.0),
+    latency_p99_ms: None,
+    requests: None,
+    errors: None,
+    source: None,
+    samples: None,
+    window_seconds: None,
+});
+
+fn p95_over_200ms(c: &mut EngineConfig) {
+    c.latency_p95_ms_threshold = Some(200.0);
+}
+fn p99_over_100ms(c: &mut EngineConfig) {
+    c.latency_p99_ms_threshold = Some(100.0);
+}
+
+/// A baseline with counts: `errors` in `requests`, as the automatic sources give it.
+const fn counted(errors: u64, requests: u64) -> Option<Baseline> {
+    Some(Baseline {
+        error_rate: Some(errors as f64 / requests as f64),
+        latency_p95_ms: None,
+        latency_p99_ms: None,
+        requests: Some(requests),
+        errors: Some(errors),
+        source: None,
+        samples: None,
+        window_seconds: None,
+    })
+}
+/// 0.5% over 60,000 requests; 0.3% over 60,000; nothing in 400.
+const COUNTED_05: Option<Baseline> = counted(300, 60_000);
+const COUNTED_03: Option<Baseline> = counted(180, 60_000);
+const ZERO_IN_400: Option<Baseline> = counted(0, 400);
+/// A rate-only 0.5% (an operator's `--baseline-error-rate 0.005`).
+const RATE_05: Option<Baseline> = Some(Baseline {
+    error_rate: Some(0.005),
+    latency_p95_ms: None,
+    latency_p99_ms: None,
+    requests: None,
+    errors: None,
+    source: None,
+    samples: None,
+    window_seconds: None,
 });
 
 #[rustfmt::skip]
 const SCENARIOS: &[Scenario] = &[
+    // The baseline rule on counts (SPEC §2a, core::stats).
+    Scenario { name: "1 error in 40 requests against a 0.5% rate is not a breach", config: defaults, baseline: RATE_05,
+        checks: "+0.025:r40 +0.025:r40 +0.025:r40 +0.025:r40 +0.025:r40", expect: "HHHHH" },
+    Scenario { name: "1 error in 40 requests against 300 in 60,000 is not a breach", config: defaults, baseline: COUNTED_05,
+        checks: "+0.025:r40 +0.025:r40 +0.025:r40 +0.025:r40 +0.025:r40", expect: "HHHHH" },
+    Scenario { name: "60 errors in 5,000 against 0.3% breach; three such checks roll back", config: defaults, baseline: COUNTED_03,
+        checks: "+0.012:r5000 +0.012:r5000 +0.012:r5000", expect: "DDR" },
+    Scenario { name: "the same against a rate-only 0.3% baseline", config: defaults, baseline: Some(Baseline { error_rate: Some(0.003), ..RATE_05.unwrap() }),
+        checks: "+0.012:r5000 +0.012:r5000 +0.012:r5000", expect: "DDR" },
+    Scenario { name: "one bad interval is not a bad release", config: defaults, baseline: COUNTED_03,
+        checks: "+0.003:r5000 +0.04:r5000 +0.003:r5000 +0.003:r5000 +0.003:r5000 +0.003:r5000 +0.003:r5000", expect: "HDDDDDH" },
+    Scenario { name: "two bad intervals are not either; three are", config: defaults, baseline: COUNTED_03,
+        checks: "+0.04:r5000 +0.003:r5000 +0.04:r5000 +0.003:r5000 +0.04:r5000", expect: "DDDDR" },
+    Scenario { name: "a canary at 1.5x the baseline is within the margin", config: defaults, baseline: COUNTED_05,
+        checks: "+0.0075:r5000 +0.0075:r5000 +0.0075:r5000 +0.0075:r5000 +0.0075:r5000", expect: "HHHHH" },
+    Scenario { name: "0 errors in 400 is not a 0% rate: 1 error in 40 is fine", config: defaults, baseline: ZERO_IN_400,
+        checks: "+0.025:r40 +0.025:r40 +0.025:r40 +0.025:r40", expect: "HHHH" },
+    Scenario { name: "0 errors in 400, then 6 in 40 three times rolls back", config: defaults, baseline: ZERO_IN_400,
+        checks: "+0.15:r40 +0.15:r40 +0.15:r40", expect: "DDR" },
+    Scenario { name: "without a request count the seed's ratio rule judges", config: defaults, baseline: COUNTED_05,
+        checks: "+0.011 +0.011 +0.011", expect: "DDR" },
+    // Absolute latency rules (off by default).
+    Scenario { name: "p99 over 100 ms in 3 checks rolls back", config: p99_over_100ms, baseline: None,
+        checks: "+0.01:q150 +0.01:q150 +0.01:q150", expect: "DDR" },
+    Scenario { name: "p99 at exactly 100 ms is fine", config: p99_over_100ms, baseline: None,
+        checks: "+0.01:q100 +0.01:q100 +0.01:q100", expect: "HHH" },
+    Scenario { name: "p95 over 200 ms in 3 checks rolls back", config: p95_over_200ms, baseline: None,
+        checks: "+0.01:p250 +0.01:p250 +0.01:p250", expect: "DDR" },
+    Scenario { name: "latency rules are off by default", config: defaults, baseline: None,
+        checks: "+0.01:p5000:q9000 +0.01:p5000:q9000 +0.01:p5000:q9000", expect: "HHH" },
     Scenario { name: "healthy at 1%", config: defaults, baseline: None,
         checks: "+0.01 +0.01 +0.01 +0.01 +0.01 +0.01", expect: "HHHHHH" },
     Scenario { name: "degraded at 10%", config: defaults, baseline: None,
@@ -427,4 +501,30 @@ proptest! {
         let line = checks.join(" ");
         prop_assert_eq!(run(&config, BASELINE, &line), run(&config, BASELINE, &line));
     }
+}
+
+/// The artifact's evidence says which statistic fired: the baseline firing carries the
+/// smallest p-value of its breaching checks, each check its p-value and the errors the
+/// baseline predicted, and the reason names the test.
+#[test]
+fn the_baseline_rule_records_the_statistic_that_fired() {
+    let config = rollbackd::config::default_rules();
+    let decisions = run(
+        &config,
+        COUNTED_03,
+        "+0.012:r5000 +0.012:r5000 +0.012:r5000",
+    );
+    let last = decisions.last().unwrap();
+    assert_eq!(last.action, Some(Action::Rollback));
+    let firing = last.fired(Rule::Baseline).expect("the baseline rule fired");
+    let p = firing.p_value.expect("a p-value");
+    assert!(p > 0.0 && p < 1e-4, "{p}");
+    assert!(last.reason().contains("binomial test"), "{}", last.reason());
+    let mut engine = Engine::new(config, COUNTED_03);
+    engine.observe(Duration::from_secs(30), &check("+0.012:r5000"));
+    let entry = engine.window().next().unwrap();
+    assert_eq!(entry.baseline_expected_errors, Some(15.0));
+    assert!(entry.baseline_p_value.unwrap() < 1e-4);
+    let evidence = serde_json::to_value(entry).unwrap();
+    assert!(evidence["baselinePValue"].as_f64().is_some(), "{evidence}");
 }

@@ -588,6 +588,7 @@ fn promotions_are_validated_once_for_every_path() {
             Some(Baseline {
                 error_rate: Some(2.0),
                 latency_p95_ms: None,
+                ..Baseline::default()
             }),
             Some(2),
         ),
@@ -597,6 +598,7 @@ fn promotions_are_validated_once_for_every_path() {
             Some(Baseline {
                 error_rate: Some(f64::NAN),
                 latency_p95_ms: None,
+                ..Baseline::default()
             }),
             Some(2),
         ),

@@ -325,25 +325,238 @@ pub struct CheckResult {
     pub resources: Option<Resources>,
 }
 
-/// Pre-promotion reference values for the baseline-relative rules.
+/// Where a baseline came from (SPEC §2a), strongest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BaselineSource {
+    /// `promote --baseline-*`, or a trace's `baseline` line.
+    Operator,
+    /// The daemon's own observations of the previous version before the promotion (in
+    /// a trace: its negative-`at` lines).
+    Observed,
+    /// The Prometheus source, over the window ending at the promotion.
+    Prometheus,
+    /// The checks of the previous version's last session that completed healthy.
+    PreviousSession,
+}
+
+impl BaselineSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BaselineSource::Operator => "operator",
+            BaselineSource::Observed => "observed",
+            BaselineSource::Prometheus => "prometheus",
+            BaselineSource::PreviousSession => "previous-session",
+        }
+    }
+}
+
+/// Pre-promotion reference values for the baseline-relative rules. With `errors` and
+/// `requests` the error rule is a test on counts; with a rate only, the rate is taken as
+/// known (see `core::stats`).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
 pub struct Baseline {
     pub error_rate: Option<f64>,
     pub latency_p95_ms: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_p99_ms: Option<f64>,
+    /// Requests the rate was measured over.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests: Option<u64>,
+    /// Errors among them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub errors: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<BaselineSource>,
+    /// How many observations (checks, samples) it was made of.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub samples: Option<u32>,
+    /// The span they covered, in seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window_seconds: Option<f64>,
 }
 
 impl Baseline {
-    /// Reads a baseline from the snapshot format (`failureRate`, `latencyP95Ms`).
-    /// Unusable values are dropped, so the rule they would drive stays off.
+    /// Reads a baseline from the snapshot format (`failureRate`, `requests`,
+    /// `latencyP95Ms`, `latencyP99Ms`). Unusable values are dropped, so the rule they
+    /// would drive stays off. Given by an operator.
     pub fn from_json(value: &Value) -> Baseline {
         let snapshot = Snapshot::from_json(value);
+        let error_rate = snapshot
+            .error_rate
+            .finite_non_negative()
+            .filter(|v| *v <= 1.0);
+        let requests = snapshot
+            .requests
+            .finite_non_negative()
+            .filter(|n| *n >= 1.0)
+            .map(|n| n.round() as u64);
         Baseline {
-            error_rate: snapshot
-                .error_rate
-                .finite_non_negative()
-                .filter(|v| *v <= 1.0),
+            error_rate,
             latency_p95_ms: snapshot.latency_p95_ms.finite_non_negative(),
+            latency_p99_ms: snapshot.latency_p99_ms.finite_non_negative(),
+            requests: requests.filter(|_| error_rate.is_some()),
+            errors: error_rate
+                .zip(requests)
+                .map(|(rate, n)| crate::core::stats::errors_of(rate, n as f64)),
+            source: Some(BaselineSource::Operator),
+            samples: None,
+            window_seconds: None,
         }
+    }
+
+    /// The baseline a series of observations of the previous version makes: their errors
+    /// and requests summed (so a busy minute weighs more than a quiet one), the median of
+    /// their latency quantiles. `None` when fewer than `min_samples` observations carry a
+    /// usable error rate.
+    pub fn from_observations(
+        observations: &[Observation],
+        source: BaselineSource,
+        min_samples: usize,
+    ) -> Option<Baseline> {
+        let usable: Vec<&Observation> = observations
+            .iter()
+            .filter(|o| {
+                o.error_rate
+                    .is_some_and(|r| r.is_finite() && (0.0..=1.0).contains(&r))
+            })
+            .collect();
+        if usable.is_empty() || usable.len() < min_samples.max(1) {
+            return None;
+        }
+        let counted: Vec<(u64, u64)> = usable
+            .iter()
+            .filter_map(|o| {
+                let requests = o.requests.filter(|n| n.is_finite() && *n >= 0.0)?;
+                let rate = o.error_rate?;
+                Some((
+                    crate::core::stats::errors_of(rate, requests),
+                    requests.round() as u64,
+                ))
+            })
+            .collect();
+        // Counts only when every usable observation had them: a mix would weigh the
+        // uncounted ones as zero traffic.
+        let (errors, requests, error_rate) = if counted.len() == usable.len() {
+            let errors: u64 = counted.iter().map(|(e, _)| e).sum();
+            let requests: u64 = counted.iter().map(|(_, n)| n).sum();
+            if requests == 0 {
+                (None, None, None)
+            } else {
+                (
+                    Some(errors),
+                    Some(requests),
+                    Some(errors as f64 / requests as f64),
+                )
+            }
+        } else {
+            let sum: f64 = usable.iter().filter_map(|o| o.error_rate).sum();
+            (None, None, Some(sum / usable.len() as f64))
+        };
+        error_rate?;
+        let median = |values: Vec<f64>| -> Option<f64> {
+            let mut values: Vec<f64> = values
+                .into_iter()
+                .filter(|v| v.is_finite() && *v >= 0.0)
+                .collect();
+            if values.is_empty() {
+                return None;
+            }
+            values.sort_by(f64::total_cmp);
+            let mid = values.len() / 2;
+            Some(if values.len() % 2 == 1 {
+                values[mid]
+            } else {
+                (values[mid - 1] + values[mid]) / 2.0
+            })
+        };
+        let first = usable
+            .iter()
+            .map(|o| o.at_seconds)
+            .fold(f64::INFINITY, f64::min);
+        let last = usable
+            .iter()
+            .map(|o| o.at_seconds)
+            .fold(f64::NEG_INFINITY, f64::max);
+        Some(Baseline {
+            error_rate,
+            latency_p95_ms: median(usable.iter().filter_map(|o| o.latency_p95_ms).collect()),
+            latency_p99_ms: median(usable.iter().filter_map(|o| o.latency_p99_ms).collect()),
+            requests,
+            errors,
+            source: Some(source),
+            samples: Some(usable.len() as u32),
+            window_seconds: Some((last - first).max(0.0)),
+        })
+    }
+
+    /// One line for humans: `0.40% (12 errors in 3,000 requests, 20 samples over 10m,
+    /// observed), p95 180 ms`.
+    pub fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        match (self.error_rate, self.errors, self.requests) {
+            (Some(rate), Some(errors), Some(requests)) => parts.push(format!(
+                "error rate {:.2}% ({errors} errors in {requests} requests)",
+                rate * 100.0
+            )),
+            (Some(rate), _, _) => parts.push(format!(
+                "error rate {:.2}% (a rate, no counts)",
+                rate * 100.0
+            )),
+            _ => {}
+        }
+        if let Some(p95) = self.latency_p95_ms {
+            parts.push(format!("p95 {p95:.0} ms"));
+        }
+        if let Some(p99) = self.latency_p99_ms {
+            parts.push(format!("p99 {p99:.0} ms"));
+        }
+        if parts.is_empty() {
+            parts.push("no usable values".into());
+        }
+        let mut from = Vec::new();
+        if let Some(source) = self.source {
+            from.push(source.as_str().to_owned());
+        }
+        if let Some(samples) = self.samples {
+            from.push(format!("{samples} samples"));
+        }
+        if let Some(window) = self.window_seconds {
+            from.push(format!("over {:.0}s", window));
+        }
+        if from.is_empty() {
+            parts.join(", ")
+        } else {
+            format!("{} [{}]", parts.join(", "), from.join(", "))
+        }
+    }
+}
+
+/// One observation of a version's traffic, for a baseline: a snapshot's usable values
+/// and when it was taken (seconds, on any one clock).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Observation {
+    pub at_seconds: f64,
+    pub error_rate: Option<f64>,
+    pub requests: Option<f64>,
+    pub latency_p95_ms: Option<f64>,
+    pub latency_p99_ms: Option<f64>,
+}
+
+impl Observation {
+    /// The usable values of a snapshot (a failed snapshot observes nothing).
+    pub fn of(at_seconds: f64, snapshot: &SnapshotOutcome) -> Option<Observation> {
+        let SnapshotOutcome::Values(s) = snapshot else {
+            return None;
+        };
+        Some(Observation {
+            at_seconds,
+            error_rate: s.error_rate.finite_non_negative().filter(|r| *r <= 1.0),
+            requests: s.requests.finite_non_negative(),
+            latency_p95_ms: s.latency_p95_ms.finite_non_negative(),
+            latency_p99_ms: s.latency_p99_ms.finite_non_negative(),
+        })
     }
 }
 

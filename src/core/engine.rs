@@ -17,6 +17,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::core::check::{Baseline, CheckResult, ProbeOutcome, Sample, SnapshotOutcome};
+use crate::core::stats;
 
 /// What the engine concluded from the window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -109,8 +110,13 @@ pub enum NoDataPolicy {
 pub enum Rule {
     /// `rollback_min_breaches` checks in the window over `error_rate_threshold`.
     ErrorRate,
-    /// That many checks over the baseline error rate × multiplier or baseline p95 × multiplier.
+    /// That many checks whose errors exceed what the baseline predicts × multiplier (a
+    /// binomial test at `baseline_alpha`, see `core::stats`), or whose p95 is over the
+    /// baseline p95 × multiplier.
     Baseline,
+    /// That many checks with p95 over `latency_p95_ms_threshold` or p99 over
+    /// `latency_p99_ms_threshold` (both off unless set).
+    Latency,
     /// That many checks with host memory over `memory_percent`.
     Memory,
     /// The last `consecutive_failures` worker probes failed.
@@ -124,9 +130,10 @@ pub enum Rule {
 }
 
 impl Rule {
-    pub const ALL: [Rule; 7] = [
+    pub const ALL: [Rule; 8] = [
         Rule::ErrorRate,
         Rule::Baseline,
+        Rule::Latency,
         Rule::Memory,
         Rule::ProbeFailures,
         Rule::NoData,
@@ -138,6 +145,7 @@ impl Rule {
         match self {
             Rule::ErrorRate => "error_rate",
             Rule::Baseline => "baseline",
+            Rule::Latency => "latency",
             Rule::Memory => "memory",
             Rule::ProbeFailures => "probe_failures",
             Rule::NoData => "no_data",
@@ -153,7 +161,7 @@ impl Rule {
     /// The verdict this rule argues for when it fires.
     pub fn verdict(self) -> Verdict {
         match self {
-            Rule::ErrorRate | Rule::Baseline | Rule::Memory => Verdict::Rollback,
+            Rule::ErrorRate | Rule::Baseline | Rule::Latency | Rule::Memory => Verdict::Rollback,
             Rule::ProbeFailures | Rule::NoData => Verdict::Escalate,
             Rule::DegradedErrorRate | Rule::RecentProblems => Verdict::Degraded,
         }
@@ -174,7 +182,12 @@ pub struct EngineConfig {
     pub max_consecutive_no_data: usize,
     pub no_data_policy: NoDataPolicy,
     pub baseline_error_multiplier: f64,
+    /// A check's errors breach the baseline when the test's p-value is below this.
+    pub baseline_alpha: f64,
     pub latency_p95_multiplier: f64,
+    /// Absolute latency bounds in milliseconds; `None`: off.
+    pub latency_p95_ms_threshold: Option<f64>,
+    pub latency_p99_ms_threshold: Option<f64>,
     pub memory_percent: f64,
     pub dry_run: bool,
     /// Rules whose firing is recorded but never acted on (per-rule shadow mode).
@@ -197,8 +210,21 @@ pub struct WindowEntry {
     pub error_class: ValueClass,
     /// The error rate when it was usable.
     pub error_rate: Option<f64>,
+    /// The requests it was measured over, when the snapshot said.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub requests: Option<f64>,
     pub baseline_breach: bool,
+    /// The baseline test on this check's counts: its p-value and the errors the baseline
+    /// predicts for its requests (`core::stats`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub baseline_p_value: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub baseline_expected_errors: Option<f64>,
     pub latency_p95_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub latency_p99_ms: Option<f64>,
+    /// Over an absolute latency threshold.
+    pub latency_breach: bool,
     pub memory_breach: bool,
     pub memory_percent: Option<f64>,
 }
@@ -209,6 +235,7 @@ impl WindowEntry {
         self.probe_failed
             || self.error_class == ValueClass::Breach
             || self.baseline_breach
+            || self.latency_breach
             || self.memory_breach
     }
 
@@ -237,6 +264,9 @@ pub struct Firing {
     pub observed: Option<f64>,
     /// Recorded but not acted on: global or per-rule dry run.
     pub dry_run: bool,
+    /// For the baseline rule: the smallest p-value among its breaching checks.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub p_value: Option<f64>,
 }
 
 /// Shape of the failures inside the window.
@@ -323,9 +353,20 @@ impl Decision {
                 window,
                 percent(top.threshold)
             ),
-            Rule::Baseline => {
-                format!("Error rate or p95 latency over the baseline × multiplier in {window}")
-            }
+            Rule::Baseline => match top.p_value {
+                Some(p) => format!(
+                    "Errors above what the baseline predicts × {} (binomial test, p = {p:.2e}) in {window}",
+                    top.threshold
+                ),
+                None => format!(
+                    "Error rate or p95 latency over the baseline × {} in {window}",
+                    top.threshold
+                ),
+            },
+            Rule::Latency => format!(
+                "Latency over its threshold ({} ms) in {window}",
+                top.observed.map(|ms| format!("{ms:.0}")).unwrap_or_else(|| "n/a".into())
+            ),
             Rule::Memory => format!("Host memory over {}% in {window}", top.threshold),
             Rule::ProbeFailures => format!(
                 "Worker probe failed {} consecutive times{}",
@@ -438,14 +479,44 @@ impl Engine {
         };
 
         let latency_p95_ms = snapshot.and_then(|s| s.latency_p95_ms.finite_non_negative());
+        let latency_p99_ms = snapshot.and_then(|s| s.latency_p99_ms.finite_non_negative());
+        let requests = snapshot.and_then(|s| s.requests.finite_non_negative());
+        let latency_breach = matches!((latency_p95_ms, config.latency_p95_ms_threshold), (Some(v), Some(t)) if v > t)
+            || matches!((latency_p99_ms, config.latency_p99_ms_threshold), (Some(v), Some(t)) if v > t);
+        let mut baseline_p_value = None;
+        let mut baseline_expected_errors = None;
         let baseline_breach = match self.baseline {
             None => false,
             Some(baseline) => {
-                let error_over = match (error_rate, baseline.error_rate) {
-                    (Some(rate), Some(base)) if base > 0.0 => {
-                        rate > base * config.baseline_error_multiplier
+                // Judged only on a usable rate (min_requests already applied to it).
+                let error_over = match error_rate {
+                    None => false,
+                    Some(rate) => {
+                        let k = config.baseline_error_multiplier;
+                        let test = requests.and_then(|n| {
+                            let errors = stats::errors_of(rate, n);
+                            let n = n.round() as u64;
+                            match (baseline.errors, baseline.requests, baseline.error_rate) {
+                                (Some(e), Some(big_n), _) => {
+                                    stats::excess_over_counts(errors, n, e, big_n, k)
+                                }
+                                (_, _, Some(base)) => stats::excess_over_rate(errors, n, base, k),
+                                _ => None,
+                            }
+                        });
+                        match test {
+                            Some(test) => {
+                                baseline_p_value = Some(test.p_value);
+                                baseline_expected_errors = Some(test.expected);
+                                test.p_value < config.baseline_alpha
+                            }
+                            // No request count: the seed's ratio rule.
+                            None => match baseline.error_rate {
+                                Some(base) if base > 0.0 && requests.is_none() => rate > base * k,
+                                _ => false,
+                            },
+                        }
                     }
-                    _ => false,
                 };
                 let latency_over = match (latency_p95_ms, baseline.latency_p95_ms) {
                     (Some(p95), Some(base)) if base > 0.0 => {
@@ -478,8 +549,13 @@ impl Engine {
             probe_reason,
             error_class,
             error_rate,
+            requests,
             baseline_breach,
+            baseline_p_value,
+            baseline_expected_errors,
             latency_p95_ms,
+            latency_p99_ms,
+            latency_breach,
             memory_breach,
             memory_percent,
         }
@@ -490,7 +566,11 @@ impl Engine {
         let latest = self.window.back().expect("observe pushed a check");
         let window_len = self.window.len();
         let mut fired = Vec::new();
-        let mut fire = |rule: Rule, count: usize, threshold: f64, observed: Option<f64>| {
+        let mut fire = |rule: Rule,
+                        count: usize,
+                        threshold: f64,
+                        observed: Option<f64>,
+                        p_value: Option<f64>| {
             fired.push(Firing {
                 rule,
                 count,
@@ -498,6 +578,7 @@ impl Engine {
                 threshold,
                 observed,
                 dry_run: config.dry_run || config.dry_run_rules.contains(&rule),
+                p_value,
             });
         };
 
@@ -513,15 +594,41 @@ impl Engine {
                 breaches,
                 config.error_rate_threshold,
                 latest.error_rate,
+                None,
             );
         }
         let baseline_breaches = self.window.iter().filter(|e| e.baseline_breach).count();
         if baseline_breaches >= config.rollback_min_breaches {
+            let p_value = self
+                .window
+                .iter()
+                .filter(|e| e.baseline_breach)
+                .filter_map(|e| e.baseline_p_value)
+                .min_by(f64::total_cmp);
             fire(
                 Rule::Baseline,
                 baseline_breaches,
                 config.baseline_error_multiplier,
                 latest.error_rate,
+                p_value,
+            );
+        }
+        let latency_breaches = self.window.iter().filter(|e| e.latency_breach).count();
+        if latency_breaches >= config.rollback_min_breaches {
+            let threshold = config
+                .latency_p99_ms_threshold
+                .filter(|t| latest.latency_p99_ms.is_some_and(|v| v > *t))
+                .or(config.latency_p95_ms_threshold)
+                .unwrap_or_default();
+            fire(
+                Rule::Latency,
+                latency_breaches,
+                threshold,
+                latest
+                    .latency_p99_ms
+                    .filter(|_| config.latency_p99_ms_threshold == Some(threshold))
+                    .or(latest.latency_p95_ms),
+                None,
             );
         }
         let memory_breaches = self.window.iter().filter(|e| e.memory_breach).count();
@@ -531,6 +638,7 @@ impl Engine {
                 memory_breaches,
                 config.memory_percent,
                 latest.memory_percent,
+                None,
             );
         }
 
@@ -541,6 +649,7 @@ impl Engine {
                 Rule::ProbeFailures,
                 probe_streak,
                 config.consecutive_failures as f64,
+                None,
                 None,
             );
         }
@@ -553,6 +662,7 @@ impl Engine {
                 no_data_streak,
                 config.max_consecutive_no_data as f64,
                 None,
+                None,
             );
         }
 
@@ -564,12 +674,13 @@ impl Engine {
                     1,
                     config.degraded_error_rate,
                     Some(rate),
+                    None,
                 );
             }
         }
         let problems = self.window.iter().filter(|e| e.is_problem()).count();
         if problems > 0 {
-            fire(Rule::RecentProblems, problems, 0.0, None);
+            fire(Rule::RecentProblems, problems, 0.0, None, None);
         }
 
         let strongest = |only_enforced: bool| {

@@ -4,6 +4,7 @@
 //!
 //! - [`check`]: what one health check observed (probe, snapshot, resources), as data.
 //! - [`engine`]: the windowed rules: checks in, a verdict with its evidence out.
+//! - [`stats`]: the baseline rule's tests on counts (exact binomial).
 //! - [`trace`]: the `simulate` trace format, parsed into checks.
 //! - [`supervisor`]: the monitoring policy as one state machine (`handle` / `poll_timeout`
 //!   / `poll_effect`), run by the daemon, by `simulate` and by the tests.
@@ -11,6 +12,7 @@
 
 pub mod check;
 pub mod engine;
+pub mod stats;
 pub mod supervisor;
 pub mod time;
 pub mod trace;

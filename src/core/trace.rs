@@ -128,7 +128,9 @@ mod tests {
             baseline,
             Some(TraceLine::Baseline(Baseline {
                 error_rate: Some(0.01),
-                latency_p95_ms: Some(180.0)
+                latency_p95_ms: Some(180.0),
+                source: Some(crate::core::check::BaselineSource::Operator),
+                ..Baseline::default()
             }))
         );
         let Some(TraceLine::Check { at, check }) = parse_line(

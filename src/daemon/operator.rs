@@ -100,6 +100,8 @@ impl Driver {
                     .then_some(Baseline {
                         error_rate: baseline_error_rate,
                         latency_p95_ms: baseline_latency_p95_ms,
+                        source: Some(crate::core::check::BaselineSource::Operator),
+                        ..Baseline::default()
                     });
                 let reply = self.expect_reply(replies);
                 self.feed(Input::Promote {

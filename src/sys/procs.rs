@@ -168,7 +168,16 @@ mod tests {
             .spawn()
             .unwrap();
         let pid = child.id() as i32;
-        let found = hook_processes(&token, None);
+        // Until the child has exec'd, /proc shows the parent's environment: wait for the
+        // exec (bounded), as a restarted daemon finds a hook long after it started.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let found = loop {
+            let found = hook_processes(&token, None);
+            if !found.is_empty() || std::time::Instant::now() > deadline {
+                break found;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        };
         assert_eq!(found.iter().map(|p| p.pid).collect::<Vec<_>>(), [pid]);
         assert!(hook_processes("another-token", None).is_empty());
 

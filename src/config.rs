@@ -107,6 +107,9 @@ const KEYS: &[(&str, Kind)] = &[
     ("alerts.timeout", Kind::Duration),
     ("alerts.max_retries", Kind::Int),
     ("http.listen", Kind::Str),
+    ("baseline.window", Kind::Duration),
+    ("baseline.observe_interval", Kind::Duration),
+    ("baseline.min_samples", Kind::Int),
     ("retention.sessions", Kind::Duration),
     ("retention.max_sessions", Kind::Int),
 ];
@@ -180,6 +183,11 @@ max_retries = 3
 
 [http]
 listen = "127.0.0.1:9187"
+
+[baseline]
+window = "10m"
+observe_interval = "30s"
+min_samples = 3
 
 [retention]
 sessions = "90d"
@@ -368,6 +376,8 @@ pub struct Config {
     /// `None` when `http.listen` is empty (endpoint disabled).
     pub http_listen: Option<SocketAddr>,
     pub retention: RetentionConfig,
+    /// `[baseline]`: the automatic baseline (SPEC §2a).
+    pub baseline: crate::core::baseline::BaselineSettings,
 }
 
 impl Config {
@@ -1297,6 +1307,34 @@ fn build(
         }
     };
 
+    // [baseline]
+    let baseline = crate::core::baseline::BaselineSettings {
+        window: duration("baseline.window"),
+        observe_interval: duration("baseline.observe_interval"),
+        min_samples: int("baseline.min_samples").min(100_000) as usize,
+    };
+    if baseline.window < Duration::from_secs(60) {
+        problem(
+            "baseline.window",
+            format!(
+                "must be at least 1m (a baseline is a span of traffic), got {}",
+                show(baseline.window)
+            ),
+        );
+    }
+    if !baseline.observe_interval.is_zero() && baseline.observe_interval < Duration::from_secs(1) {
+        problem(
+            "baseline.observe_interval",
+            format!(
+                "must be at least 1s, or \"0s\" to observe nothing between sessions, got {}",
+                show(baseline.observe_interval)
+            ),
+        );
+    }
+    if baseline.min_samples < 1 {
+        problem("baseline.min_samples", "must be at least 1".into());
+    }
+
     // [retention]
     let retention = RetentionConfig {
         sessions: duration("retention.sessions"),
@@ -1338,6 +1376,7 @@ fn build(
         alerts,
         http_listen,
         retention,
+        baseline,
     })
 }
 
@@ -1371,6 +1410,7 @@ impl Config {
             check_timeout: self.monitor.check_timeout,
             grace_period: self.monitor.grace_period,
             max_rollbacks_per_hour: self.rollback.max_rollbacks_per_hour,
+            baseline: self.baseline,
             config_hash: config_hash.to_owned(),
         }
     }

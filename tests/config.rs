@@ -436,6 +436,8 @@ const DURATION_KEYS: &[(&str, &str)] = &[
     ("rollback.verify_interval", "7days"),
     ("kill_switch.reset_quiet_period", "7days"),
     ("alerts.timeout", "7days"),
+    ("baseline.window", "7days"),
+    ("baseline.observe_interval", "7days"),
     ("retention.sessions", "365days"),
 ];
 

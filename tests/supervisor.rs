@@ -38,6 +38,7 @@ fn settings(extra: &str) -> Settings {
 /// A summary of one effect, for the tables.
 fn name(effect: &Effect) -> String {
     match effect {
+        Effect::ObserveIdle { worker } => format!("observe-idle:{worker}"),
         Effect::StartCheck { index, .. } => format!("check#{index}"),
         Effect::RecordCheck(c) => format!("record#{}:{}", c.index, c.verdict.as_str()),
         Effect::Observed { .. } => "observed".into(),
@@ -79,6 +80,8 @@ struct Harness {
     script: std::collections::VecDeque<CheckResult>,
     /// How long rollbackd "was stalled" during each scripted check (same order).
     stalls: std::collections::VecDeque<Duration>,
+    /// What the active version's snapshot says between sessions.
+    idle: CheckResult,
     check_took: Duration,
 }
 
@@ -92,6 +95,7 @@ impl Harness {
             next_action: 1,
             script: Default::default(),
             stalls: Default::default(),
+            idle: check(HEALTHY),
             check_took: Duration::from_millis(300),
         }
     }
@@ -135,8 +139,15 @@ impl Harness {
                 } => Some((session_id.clone(), *index)),
                 _ => None,
             };
+            let idle = match &effect {
+                Effect::ObserveIdle { worker } => Some(Input::IdleObserved {
+                    worker: worker.clone(),
+                    snapshot: self.idle.snapshot.clone(),
+                }),
+                _ => None,
+            };
             self.effects.push(effect);
-            if let Some(input) = answer {
+            if let Some(input) = answer.or(idle) {
                 let now = self.now();
                 self.sup.handle(now, input);
             }
@@ -189,6 +200,7 @@ impl Harness {
             active: active.into(),
             previous: previous.into(),
             baseline: None,
+            prometheus: None,
             reply: 7,
         });
     }
@@ -406,7 +418,17 @@ fn a_rollback_stops_the_checks_until_it_ends_and_then_ends_the_session() {
         Some(("v1", Some("v2")))
     );
     assert!(h.has("persist:Workers"), "{:?}", h.names());
-    assert_eq!(h.sup.poll_timeout(), None);
+    // No more checks; what is due next is an observation of the restored version (for
+    // the next promotion's baseline).
+    h.effects.clear();
+    h.run_for(Duration::from_secs(31));
+    assert_eq!(
+        h.names().first().map(String::as_str),
+        Some("observe-idle:v1"),
+        "{:?}",
+        h.names()
+    );
+    assert!(!h.names().iter().any(|n| n.starts_with("check#")));
 }
 
 #[test]
@@ -527,7 +549,15 @@ fn the_grace_period_confirms_only_after_a_full_window_of_checks() {
         } else {
             assert_eq!(checks, 5, "{}", case.name);
         }
-        assert!(h.sup.poll_timeout().is_none());
+        // Confirmed: no more checks, only observations of the (now) active version.
+        h.effects.clear();
+        h.run_for(Duration::from_secs(60));
+        assert!(
+            !h.names().iter().any(|n| n.starts_with("check#")),
+            "{}",
+            case.name
+        );
+        assert!(h.has("observe-idle:v2"), "{}: {:?}", case.name, h.names());
     }
 }
 
@@ -610,6 +640,7 @@ fn promotions_are_validated_once_for_every_path() {
             active: active.into(),
             previous: previous.into(),
             baseline,
+            prometheus: None,
             reply: 1,
         });
         let got = h.effects.iter().find_map(|e| match e {
@@ -648,6 +679,7 @@ fn a_session_that_cannot_be_recorded_is_not_started() {
             active: "v2".into(),
             previous: "v1".into(),
             baseline: None,
+            prometheus: None,
             reply: 1,
         },
     );
@@ -843,4 +875,152 @@ fn evidence_numbers_checks_as_the_audit_lines_do_after_a_restart_and_a_reload() 
     assert_eq!(audited, [8, 9, 10]);
     // The window: #6, #7 from before the restart, then #8..#10 as audited.
     assert_eq!(numbered, [6, 7, 8, 9, 10]);
+}
+
+// -- automatic baselines (SPEC §2a) ------------------------------------------------------
+
+const BASE_03: &str =
+    r#"{"at":0,"probe":"ok","snapshot":{"failureRate":0.003,"requests":5000,"latencyP95Ms":120}}"#;
+const BAD_12: &str = r#"{"at":0,"probe":"ok","snapshot":{"failureRate":0.012,"requests":5000}}"#;
+
+/// A daemon that has known `v1` as the active version, idle.
+fn idle_on_v1(extra: &str) -> Harness {
+    let mut h = Harness::new(settings(extra));
+    h.idle = check(BASE_03);
+    h.feed(Input::Restore(Box::new(Restored {
+        active_worker: Some("v1".into()),
+        ..Restored::default()
+    })));
+    h
+}
+
+fn session_baseline(h: &Harness) -> Option<Baseline> {
+    h.sup.session().and_then(|s| s.record.baseline)
+}
+
+#[test]
+fn the_active_version_is_observed_between_sessions_and_becomes_the_baseline() {
+    let mut h = idle_on_v1("");
+    h.run_for(Duration::from_secs(600));
+    let observed = h.names().iter().filter(|n| *n == "observe-idle:v1").count();
+    // Every 30 s, from the start: 0, 30, …, 600.
+    assert_eq!(observed, 21, "{:?}", h.names());
+    assert!(h.has("persist:Observation"), "{:?}", h.names());
+
+    h.promote("v2", "v1");
+    let baseline = session_baseline(&h).expect("an automatic baseline");
+    assert_eq!(
+        baseline.source,
+        Some(rollbackd::core::check::BaselineSource::Observed)
+    );
+    // The window is 10 minutes ending at the promotion: 21 samples of 15 errors in 5,000.
+    assert_eq!(baseline.samples, Some(21));
+    assert_eq!(
+        (baseline.errors, baseline.requests),
+        (Some(315), Some(105_000))
+    );
+    assert_eq!(baseline.latency_p95_ms, Some(120.0));
+    // Nothing is observed while the session runs.
+    h.effects.clear();
+    for _ in 0..3 {
+        h.script.push_back(check(BAD_12));
+    }
+    h.run_for(Duration::from_secs(100));
+    assert!(!h.names().iter().any(|n| n.starts_with("observe-idle")));
+    // 1.2% is far below the absolute 20%, but 4× the version it replaced: rolled back.
+    assert!(h.has("start:rollback:automatic"), "{:?}", h.names());
+}
+
+#[test]
+fn without_a_baseline_the_same_release_is_not_caught() {
+    let mut h = idle_on_v1("[baseline]\nobserve_interval = \"0s\"\n");
+    h.run_for(Duration::from_secs(600));
+    assert!(!h.names().iter().any(|n| n.starts_with("observe-idle")));
+    h.promote("v2", "v1");
+    assert_eq!(session_baseline(&h), None);
+    for _ in 0..5 {
+        h.script.push_back(check(BAD_12));
+    }
+    h.run_for(Duration::from_secs(150));
+    assert!(!h.has("start:rollback:automatic"), "{:?}", h.names());
+}
+
+#[test]
+fn an_operator_baseline_wins_over_the_observed_one() {
+    let mut h = idle_on_v1("");
+    h.run_for(Duration::from_secs(300));
+    h.feed(Input::Promote {
+        operator: "uid:0".into(),
+        active: "v2".into(),
+        previous: "v1".into(),
+        baseline: Some(Baseline {
+            error_rate: Some(0.05),
+            source: Some(rollbackd::core::check::BaselineSource::Operator),
+            ..Baseline::default()
+        }),
+        prometheus: None,
+        reply: 1,
+    });
+    let baseline = session_baseline(&h).unwrap();
+    assert_eq!(baseline.error_rate, Some(0.05));
+    assert_eq!(
+        baseline.source,
+        Some(rollbackd::core::check::BaselineSource::Operator)
+    );
+}
+
+#[test]
+fn too_few_observations_fall_back_to_the_previous_healthy_session() {
+    // v2's session is confirmed healthy; its checks' stats are remembered (and persisted).
+    let mut h = idle_on_v1("[baseline]\nobserve_interval = \"0s\"\n");
+    h.promote("v2", "v1");
+    for _ in 0..40 {
+        h.script.push_back(check(BASE_03));
+    }
+    h.run_for(Duration::from_secs(11 * 60));
+    assert!(h.sup.session().is_none(), "confirmed: {:?}", h.names());
+    assert!(h.has("persist:HealthyBaseline"), "{:?}", h.names());
+    // Much later (the observations of v2 are older than the window), v3 replaces v2.
+    h.advance(Duration::from_secs(3600));
+    h.promote("v3", "v2");
+    let baseline = session_baseline(&h).expect("the previous session's stats");
+    assert_eq!(
+        baseline.source,
+        Some(rollbackd::core::check::BaselineSource::PreviousSession)
+    );
+    assert_eq!(baseline.error_rate, Some(0.003));
+}
+
+#[test]
+fn observations_survive_a_restart() {
+    let mut h = idle_on_v1("");
+    h.run_for(Duration::from_secs(300));
+    let persisted: Vec<_> = h
+        .effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Persist(rollbackd::core::supervisor::StateChange::Observation {
+                observed,
+                ..
+            }) => Some(observed.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(persisted.len(), 11);
+    // A new process, handed what was persisted.
+    let wall = h.wall;
+    let mut h = Harness::new(settings("[baseline]\nobserve_interval = \"0s\"\n"));
+    h.wall = wall;
+    h.feed(Input::Restore(Box::new(Restored {
+        active_worker: Some("v1".into()),
+        observations: persisted,
+        ..Restored::default()
+    })));
+    h.promote("v2", "v1");
+    let baseline = session_baseline(&h).unwrap();
+    assert_eq!(baseline.samples, Some(11));
+    assert_eq!(
+        baseline.source,
+        Some(rollbackd::core::check::BaselineSource::Observed)
+    );
 }

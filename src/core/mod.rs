@@ -2,6 +2,7 @@
 //! a file, a socket or a database, or imports tokio or rusqlite (`tests/core_purity.rs`
 //! fails if it does). Time and every observation are inputs; what to do is output.
 //!
+//! - [`baseline`]: where a session's baseline comes from, and the history it is made of.
 //! - [`check`]: what one health check observed (probe, snapshot, resources), as data.
 //! - [`engine`]: the windowed rules: checks in, a verdict with its evidence out.
 //! - [`stats`]: the baseline rule's tests on counts (exact binomial).
@@ -10,6 +11,7 @@
 //!   / `poll_effect`), run by the daemon, by `simulate` and by the tests.
 //! - [`time`]: time as data (milliseconds, saturating deadlines).
 
+pub mod baseline;
 pub mod check;
 pub mod engine;
 pub mod stats;

@@ -16,7 +16,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::{json, Value};
 
-use crate::core::check::{Baseline, CheckResult, ProbeOutcome, SnapshotOutcome};
+use crate::core::baseline::{self, BaselineSettings, History, Observed};
+use crate::core::check::{Baseline, CheckResult, Observation, ProbeOutcome, SnapshotOutcome};
 use crate::core::engine::{Action, Decision, Engine, EngineConfig, ValueClass, Verdict};
 use crate::core::time::{self, Now};
 use crate::storage::audit::{AuditRecord, DecisionRecord, Evidence, WorkerManagerRecord};
@@ -44,6 +45,8 @@ pub struct Settings {
     pub check_timeout: Duration,
     pub grace_period: Duration,
     pub max_rollbacks_per_hour: u32,
+    /// `[baseline]`: the automatic baseline.
+    pub baseline: BaselineSettings,
     /// Summarised in evidence: `errorRate>…, breaches>=… of …, probeFailures>=…`.
     pub config_hash: String,
 }
@@ -179,11 +182,27 @@ pub enum StateChange {
         paused: bool,
         reason: Option<String>,
     },
+    /// An observation of the active version between sessions (for the next baseline);
+    /// those older than `keep` before it may go.
+    Observation {
+        observed: Observed,
+        keep: Duration,
+    },
+    /// The stats of `worker`'s session that was just confirmed healthy.
+    HealthyBaseline {
+        worker: String,
+        baseline: Baseline,
+    },
 }
 
 /// What the Supervisor asks its runner to do, in order.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Effect {
+    /// Between sessions: take a snapshot (no probe) of the active `worker`; report it as
+    /// [`Input::IdleObserved`].
+    ObserveIdle {
+        worker: String,
+    },
     /// Take a check of `worker` now; report it as [`Input::CheckDone`] with this index.
     StartCheck {
         session_id: String,
@@ -263,8 +282,17 @@ pub enum Input {
         operator: String,
         active: String,
         previous: String,
+        /// The operator's `--baseline-*`, if any.
         baseline: Option<Baseline>,
+        /// What the Prometheus source said of the previous version over the baseline
+        /// window ending now, when one is configured (the runner queried it).
+        prometheus: Option<Baseline>,
         reply: ReplyTo,
+    },
+    /// The snapshot [`Effect::ObserveIdle`] asked for.
+    IdleObserved {
+        worker: String,
+        snapshot: SnapshotOutcome,
     },
     Rollback {
         operator: String,
@@ -294,6 +322,12 @@ pub struct Restored {
     pub session: Option<SessionRecord>,
     /// The session's checks, oldest first (only the window's worth is replayed).
     pub checks: Vec<(u64, SystemTime, CheckResult)>,
+    /// The active worker `rollbackd.db` names (observed between sessions).
+    pub active_worker: Option<String>,
+    /// Observations kept for the next baseline, oldest first.
+    pub observations: Vec<Observed>,
+    /// Each version's last healthy-session stats, oldest first.
+    pub healthy: Vec<(String, Baseline)>,
     /// An action that had not finished: the runner resumes it.
     pub in_flight: Option<(Option<ActionId>, ActionKind, ActionTrigger)>,
     /// The session's last action, finished just before the restart while the session
@@ -320,7 +354,12 @@ pub struct Session {
     voided_in_a_row: u32,
     void_note: Option<String>,
     waiting_logged: bool,
+    /// What the session's checks observed, for its stats if it is confirmed healthy.
+    observed: Vec<Observation>,
 }
+
+/// At most this many of a session's checks make its healthy-session stats.
+const MAX_SESSION_OBSERVATIONS: usize = 2048;
 
 impl Session {
     fn new(record: SessionRecord, rules: &EngineConfig, resumed_by: &'static str) -> Session {
@@ -336,6 +375,7 @@ impl Session {
             voided_in_a_row: 0,
             void_note: None,
             waiting_logged: false,
+            observed: Vec::new(),
         }
     }
 
@@ -397,6 +437,12 @@ pub struct Supervisor {
     pending: Option<Pending>,
     /// The workers of the last session that ended (for `status` between sessions).
     last_workers: Option<(String, Option<String>, SessionState)>,
+    /// Observations and healthy-session stats the next baseline is chosen from.
+    history: History,
+    /// The active worker between sessions, observed every `baseline.observe_interval`.
+    idle_worker: Option<String>,
+    next_observe: Option<Instant>,
+    observe_in_flight: bool,
     /// Run for one operator command while no daemon runs: nothing is checked in this
     /// process, so no timer is armed and a promotion is only recorded (the daemon says
     /// `monitoring-started` when it picks the session up).
@@ -416,6 +462,10 @@ impl Supervisor {
             rollbacks: Vec::new(),
             pending: None,
             last_workers: None,
+            history: History::default(),
+            idle_worker: None,
+            next_observe: None,
+            observe_in_flight: false,
             offline: false,
             effects: VecDeque::new(),
         }
@@ -455,11 +505,43 @@ impl Supervisor {
     /// period's wait for one. `None`: nothing is due (no session, a check or a rollback
     /// in flight).
     pub fn poll_timeout(&self) -> Option<Instant> {
-        if self.offline || self.check_in_flight || !self.checks_may_run() {
+        if self.offline {
             return None;
         }
-        self.session.as_ref()?;
+        if self.session.is_none() {
+            return self.next_observe.filter(|_| self.observes_idle());
+        }
+        if self.check_in_flight || !self.checks_may_run() {
+            return None;
+        }
         self.next_check
+    }
+
+    /// Between sessions the active version is observed (for the next baseline) when its
+    /// id is known, the cadence is not zero, and nothing is running.
+    fn observes_idle(&self) -> bool {
+        !self.offline
+            && self.session.is_none()
+            && self.action.is_none()
+            && !self.observe_in_flight
+            && self.idle_worker.is_some()
+            && !self.settings.baseline.observe_interval.is_zero()
+    }
+
+    /// The history the next baseline is chosen from.
+    pub fn history(&self) -> &History {
+        &self.history
+    }
+
+    /// The baseline a promotion of a version after `previous` would use now.
+    pub fn baseline_for(&self, now: SystemTime, previous: &str) -> Option<Baseline> {
+        baseline::choose(
+            None,
+            self.history
+                .observed(previous, now, &self.settings.baseline),
+            None,
+            self.history.healthy(previous),
+        )
     }
 
     /// A rollback pauses checking (the active worker is being switched under it); an
@@ -486,7 +568,12 @@ impl Supervisor {
     pub fn handle(&mut self, now: Now, input: Input) {
         match input {
             Input::Restore(restored) => self.restore(now, *restored),
+            Input::Timeout { suspended } if self.session.is_none() => {
+                self.suspended_seen = suspended;
+                self.observe_timeout(now);
+            }
             Input::Timeout { suspended } => self.timeout(now, suspended),
+            Input::IdleObserved { worker, snapshot } => self.idle_observed(now, worker, snapshot),
             Input::CheckScheduled => {
                 if self.session.is_some() && !self.check_in_flight && self.checks_may_run() {
                     self.next_check = Some(now.mono);
@@ -514,8 +601,18 @@ impl Supervisor {
                 active,
                 previous,
                 baseline,
+                prometheus,
                 reply,
-            } => self.promote(now, operator, active, previous, baseline, reply),
+            } => {
+                let baseline = baseline::choose(
+                    baseline,
+                    self.history
+                        .observed(&previous, now.wall, &self.settings.baseline),
+                    prometheus,
+                    self.history.healthy(&previous),
+                );
+                self.promote(now, operator, active, previous, baseline, reply)
+            }
             Input::Rollback {
                 operator,
                 reason,
@@ -553,11 +650,23 @@ impl Supervisor {
         let Restored {
             session,
             checks,
+            active_worker,
+            observations,
+            healthy,
             in_flight,
             settled,
             rollbacks,
         } = restored;
         self.rollbacks = rollbacks;
+        self.idle_worker = active_worker.filter(|w| crate::text::is_valid_worker_id(w));
+        for observed in observations {
+            self.history
+                .observe(observed, self.settings.baseline.window);
+        }
+        for (worker, stats) in healthy {
+            self.history.remember_healthy(&worker, stats);
+        }
+        self.next_observe = Some(now.mono);
         if let Some(mut record) = session {
             record.previous = record
                 .previous
@@ -772,6 +881,25 @@ impl Supervisor {
         session.next_index += 1;
         let at = session.at(taken_at);
         let decision = session.observe(at, index, &result);
+        if let Some(observation) = Observation::of(baseline::seconds(taken_at), &result.snapshot) {
+            if session.observed.len() < MAX_SESSION_OBSERVATIONS {
+                session.observed.push(observation);
+            }
+            // The canary's own checks are observations of it too: if it is confirmed,
+            // they are part of the baseline of the promotion after it (in memory only;
+            // they are in the checks table already).
+            self.history.observe(
+                Observed {
+                    at: taken_at,
+                    worker: session.record.active.clone(),
+                    observation,
+                },
+                self.settings.baseline.window,
+            );
+        }
+        let Some(session) = self.session.as_mut() else {
+            return;
+        };
         let failed = result.probe.is_failed() || decision.error_class != ValueClass::Ok;
         let paused = session.record.paused;
         let escalated = session.record.state == SessionState::Escalated;
@@ -1125,6 +1253,24 @@ impl Supervisor {
             return;
         };
         self.next_check = None;
+        if state == SessionState::Confirmed {
+            if let Some(stats) = Baseline::from_observations(
+                &session.observed,
+                crate::core::check::BaselineSource::PreviousSession,
+                self.settings.baseline.min_samples,
+            ) {
+                self.history.remember_healthy(&session.record.active, stats);
+                self.push(Effect::Persist(StateChange::HealthyBaseline {
+                    worker: session.record.active.clone(),
+                    baseline: stats,
+                }));
+            }
+        }
+        self.idle_worker = Some(session.record.active.clone());
+        self.next_observe = Some(time::deadline(
+            now.mono,
+            self.settings.baseline.observe_interval,
+        ));
         let record = session.record;
         self.push(Effect::Persist(StateChange::Session {
             id: record.id.clone(),
@@ -1407,6 +1553,43 @@ impl Supervisor {
 
     /// The `monitoring-started` line of `record`: one shape, whether the promotion came
     /// to a running daemon or was recorded while none ran.
+    fn observe_timeout(&mut self, now: Now) {
+        let Some(due) = self.next_observe else {
+            return;
+        };
+        if now.mono < due || !self.observes_idle() {
+            return;
+        }
+        let Some(worker) = self.idle_worker.clone() else {
+            return;
+        };
+        self.observe_in_flight = true;
+        self.push(Effect::ObserveIdle { worker });
+    }
+
+    fn idle_observed(&mut self, now: Now, worker: String, snapshot: SnapshotOutcome) {
+        self.observe_in_flight = false;
+        self.next_observe = Some(time::deadline(
+            now.mono,
+            self.settings.baseline.observe_interval,
+        ));
+        if self.session.is_some() || self.idle_worker.as_deref() != Some(worker.as_str()) {
+            return; // a promotion or a rollback came in meanwhile
+        }
+        let Some(observation) = Observation::of(baseline::seconds(now.wall), &snapshot) else {
+            return;
+        };
+        let observed = Observed {
+            at: now.wall,
+            worker,
+            observation,
+        };
+        self.history
+            .observe(observed.clone(), self.settings.baseline.window);
+        let keep = self.settings.baseline.window;
+        self.push(Effect::Persist(StateChange::Observation { observed, keep }));
+    }
+
     fn monitoring_started(&self, record: &SessionRecord) -> events::MonitoringStarted {
         events::MonitoringStarted {
             active: record.active.clone(),

@@ -43,6 +43,25 @@ impl Driver {
         });
     }
 
+    /// Between sessions: one snapshot of the active version (no probe, no resources),
+    /// for the next promotion's baseline.
+    pub(super) fn observe_idle(&mut self, worker: String) {
+        let adapters = self.adapters.clone();
+        let tx = self.observed_tx.clone();
+        let limit = self.config.config.monitor.check_timeout;
+        tokio::spawn(async move {
+            let net = limit
+                .saturating_mul(2)
+                .saturating_add(Duration::from_secs(1));
+            let snapshot = tokio::time::timeout(net, adapters.snapshot.snapshot())
+                .await
+                .unwrap_or_else(|_| crate::core::check::SnapshotOutcome::Unavailable {
+                    reason: "snapshot did not finish in time".into(),
+                });
+            let _ = tx.send((worker, snapshot)).await;
+        });
+    }
+
     pub(super) async fn check_finished(&mut self, done: CheckDone) {
         self.probe_duration = done.probe_duration;
         self.feed(Input::CheckDone {

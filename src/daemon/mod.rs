@@ -49,7 +49,8 @@ use crate::daemon::metrics::Metrics;
 use crate::storage::audit::{rfc3339_millis, AuditEvent, AuditRecord, KillSwitchSource};
 use crate::storage::events;
 use crate::storage::store::{
-    self, ActionId, ActionRow, ActionState, CheckRow, NewAction, SessionRow, StoreError,
+    self, ActionId, ActionRow, ActionState, CheckRow, NewAction, ObservationRow, SessionRow,
+    StoreError,
 };
 use crate::sys::hooks::{HookError, HookOutcome, HookVars};
 use db::Db;
@@ -257,7 +258,39 @@ fn apply(change: &StateChange, store: &mut crate::storage::store::Store) -> Resu
         StateChange::Paused { id, paused, reason } => {
             store.set_paused(id, *paused, reason.as_deref())
         }
+        StateChange::Observation { observed, keep } => {
+            let at = time::to_ms(observed.at);
+            store.insert_observation(
+                &ObservationRow {
+                    taken_at_ms: at,
+                    worker: observed.worker.clone(),
+                    observation_json: serde_json::to_string(&observed.observation)
+                        .unwrap_or_default(),
+                },
+                at.saturating_sub(i64::try_from(keep.as_millis()).unwrap_or(i64::MAX)),
+                crate::core::baseline::MAX_OBSERVATIONS as u32,
+            )
+        }
+        StateChange::HealthyBaseline { worker, baseline } => {
+            let mut list = healthy_baselines(store.get_meta(store::META_HEALTHY_BASELINES)?);
+            list.retain(|(w, _)| w != worker);
+            list.push((worker.clone(), *baseline));
+            let skip = list
+                .len()
+                .saturating_sub(crate::core::baseline::MAX_HEALTHY);
+            let list: Vec<_> = list.into_iter().skip(skip).collect();
+            store.set_meta(
+                store::META_HEALTHY_BASELINES,
+                &serde_json::to_string(&list).unwrap_or_else(|_| "[]".into()),
+            )
+        }
     }
+}
+
+/// The stored list of each version's last healthy-session stats (unreadable: none).
+fn healthy_baselines(text: Option<String>) -> Vec<(String, Baseline)> {
+    text.and_then(|text| serde_json::from_str(&text).ok())
+        .unwrap_or_default()
 }
 
 fn session_row(record: &SessionRecord) -> SessionRow {
@@ -322,6 +355,7 @@ pub struct Driver {
     /// rollbackd's own kill-switch writes (shared with the actions that make them).
     kill_writes: executor::ExpectedKillWrites,
     checks_tx: mpsc::Sender<CheckDone>,
+    observed_tx: mpsc::Sender<(String, crate::core::check::SnapshotOutcome)>,
     actions_tx: mpsc::Sender<(Option<ActionId>, ActionOutcome)>,
     status_line: String,
     started_at: SystemTime,
@@ -348,6 +382,7 @@ impl Driver {
         ));
         let adapters = (inputs.factory)(&config.config);
         let (checks_tx, mut checks_rx) = mpsc::channel(4);
+        let (observed_tx, mut observed_rx) = mpsc::channel(2);
         let (actions_tx, mut actions_rx) = mpsc::channel(4);
         let clock = inputs.clock.clone();
         let settings = config.config.supervisor_settings(&config.hash);
@@ -371,6 +406,7 @@ impl Driver {
             kill_value: None,
             kill_writes: Default::default(),
             checks_tx,
+            observed_tx,
             actions_tx,
             status_line: String::new(),
             started_at: clock.now(),
@@ -433,6 +469,9 @@ impl Driver {
                 Some(done) = checks_rx.recv() => {
                     driver.check_finished(done).await;
                     driver.publish_status(&inputs.on_status);
+                }
+                Some((worker, snapshot)) = observed_rx.recv() => {
+                    driver.feed(Input::IdleObserved { worker, snapshot }).await;
                 }
                 command = inputs.commands.recv(), if commands_open => {
                     let Some(command) = command else {
@@ -532,6 +571,7 @@ impl Driver {
                     index,
                     worker,
                 } => self.start_check(session_id, index, worker),
+                Effect::ObserveIdle { worker } => self.observe_idle(worker),
                 Effect::RecordCheck(check) => self.record_check(check).await,
                 Effect::Observed {
                     verdict,
@@ -642,6 +682,42 @@ impl Driver {
     /// Picks up the recorded session, its window and any action in flight.
     async fn restore(&mut self) -> anyhow::Result<()> {
         let hour_ago = time::to_ms(self.now()).saturating_sub(3_600_000);
+        let window = self.config.config.baseline.window;
+        let observed_since = time::to_ms(time::sub(self.now(), window));
+        let history = self
+            .db
+            .call(move |store| {
+                Ok((
+                    store.get_meta("active")?,
+                    store.observations_since(observed_since)?,
+                    store.get_meta(store::META_HEALTHY_BASELINES)?,
+                ))
+            })
+            .await;
+        let (active_worker, observations, healthy) = match history {
+            Ok((active, rows, healthy)) => {
+                let observations = rows
+                    .into_iter()
+                    .filter_map(|row| {
+                        Some(crate::core::baseline::Observed {
+                            at: time::from_ms(row.taken_at_ms),
+                            worker: row.worker,
+                            observation: serde_json::from_str(&row.observation_json).ok()?,
+                        })
+                    })
+                    .collect();
+                (
+                    stored_worker_id("active worker", active),
+                    observations,
+                    healthy_baselines(healthy),
+                )
+            }
+            Err(err) => {
+                // The baseline history helps; it is never worth not guarding the host.
+                tracing::error!("cannot read the baseline history from rollbackd.db: {err}");
+                (None, Vec::new(), Vec::new())
+            }
+        };
         let found = self
             .db
             .call(move |store| {
@@ -707,6 +783,9 @@ impl Driver {
         let restored = Restored {
             session: session.as_ref().map(session_record),
             checks,
+            active_worker,
+            observations,
+            healthy,
             in_flight: resume.as_ref().map(|row| (row.id, row.kind, row.trigger)),
             settled,
             rollbacks: rollbacks.into_iter().map(time::from_ms).collect(),

@@ -4,6 +4,12 @@
 use super::*;
 
 impl Driver {
+    /// The Prometheus source's baseline over the window ending now: not built yet, so
+    /// `None` (the observed and previous-session sources apply).
+    pub(super) async fn prometheus_baseline(&self, _previous: &str) -> Option<Baseline> {
+        None
+    }
+
     pub(super) async fn reload(&mut self, reloader: &Reloader) {
         // logrotate's `postrotate` sends SIGHUP: reopen the logs by name whatever the
         // reload's outcome (each append checks the name too).
@@ -104,11 +110,13 @@ impl Driver {
                         ..Baseline::default()
                     });
                 let reply = self.expect_reply(replies);
+                let prometheus = self.prometheus_baseline(&previous).await;
                 self.feed(Input::Promote {
                     operator: operator.name,
                     active,
                     previous,
                     baseline,
+                    prometheus,
                     reply,
                 })
                 .await;

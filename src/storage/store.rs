@@ -103,6 +103,15 @@ pub const MIGRATIONS: &[&str] = &[
         pgid INTEGER,
         leader_start_ticks INTEGER
     );",
+    // v3: observations of the active version between sessions, for the next promotion's
+    // automatic baseline (SPEC §2a). Bounded on insert (by age and by count).
+    "CREATE TABLE observations (
+        id INTEGER PRIMARY KEY,
+        taken_at_ms INTEGER NOT NULL,
+        worker TEXT NOT NULL,
+        observation_json TEXT NOT NULL
+    );
+    CREATE INDEX observations_by_time ON observations (taken_at_ms);",
 ];
 
 /// The stored names are the pure enums of `core::states`; this is how they are spelt in
@@ -1048,7 +1057,64 @@ impl Store {
         )?;
         Ok(())
     }
+
+    // --- observations (v3) -----------------------------------------------------------------
+
+    /// Records an observation and, in the same transaction, drops those taken before
+    /// `keep_after_ms` and the oldest beyond `max_rows`: the table never grows with uptime.
+    pub fn insert_observation(
+        &mut self,
+        row: &ObservationRow,
+        keep_after_ms: i64,
+        max_rows: u32,
+    ) -> Result<(), StoreError> {
+        let tx = self.write()?;
+        tx.execute(
+            "INSERT INTO observations (taken_at_ms, worker, observation_json) VALUES (?1, ?2, ?3)",
+            params![row.taken_at_ms, row.worker, row.observation_json],
+        )?;
+        tx.execute(
+            "DELETE FROM observations WHERE taken_at_ms < ?1",
+            [keep_after_ms],
+        )?;
+        tx.execute(
+            "DELETE FROM observations WHERE id <= \
+             (SELECT id FROM observations ORDER BY id DESC LIMIT 1 OFFSET ?1)",
+            [max_rows],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Observations taken at or after `since_ms`, oldest first.
+    pub fn observations_since(&self, since_ms: i64) -> Result<Vec<ObservationRow>, StoreError> {
+        let mut statement = self.conn.prepare_cached(
+            "SELECT taken_at_ms, worker, observation_json FROM observations \
+             WHERE taken_at_ms >= ?1 ORDER BY taken_at_ms, id",
+        )?;
+        let rows = statement
+            .query_map([since_ms], |row| {
+                Ok(ObservationRow {
+                    taken_at_ms: row.get(0)?,
+                    worker: row.get(1)?,
+                    observation_json: row.get(2)?,
+                })
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
 }
+
+/// One observation of a version between sessions (`observations`, v3).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ObservationRow {
+    pub taken_at_ms: i64,
+    pub worker: String,
+    pub observation_json: String,
+}
+
+/// The `meta` key holding each version's last healthy-session stats (a JSON list).
+pub const META_HEALTHY_BASELINES: &str = "healthy-baselines";
 
 /// Switches the database to WAL (persistent: a no-op once done). SQLite answers a journal
 /// mode change that races another connection with `SQLITE_BUSY` at once, without calling
@@ -1347,6 +1413,32 @@ mod tests {
             .unwrap();
         let err = store.action(id).unwrap_err().to_string();
         assert!(err.contains("unknown ActionKind \"reboot\""), "{err}");
+    }
+
+    /// The observations table keeps what is inside the age bound and at most the count.
+    #[test]
+    fn observations_are_bounded_by_age_and_count() {
+        let (_dir, mut store) = temp_store();
+        let row = |at: i64| ObservationRow {
+            taken_at_ms: at,
+            worker: "v1".into(),
+            observation_json: format!(r#"{{"at":{at}}}"#),
+        };
+        for at in 0..50 {
+            store
+                .insert_observation(&row(at * 1000), at * 1000 - 20_000, 1000)
+                .unwrap();
+        }
+        let kept = store.observations_since(0).unwrap();
+        assert_eq!(kept.first().unwrap().taken_at_ms, 29_000);
+        assert_eq!(kept.len(), 21);
+        for at in 50..80 {
+            store.insert_observation(&row(at * 1000), 0, 10).unwrap();
+        }
+        let kept = store.observations_since(0).unwrap();
+        assert_eq!(kept.len(), 10);
+        assert_eq!(kept.last().unwrap().taken_at_ms, 79_000);
+        assert_eq!(store.observations_since(75_000).unwrap().len(), 5);
     }
 
     const HOUR: i64 = 3_600_000;

@@ -680,3 +680,72 @@ fn simulate_applies_the_daemons_action_policy() {
     let (_, _, action, _) = last_action(&["--recent-rollbacks", "2"]);
     assert_eq!(action, json!("rollback"), "one rollback left this hour");
 }
+
+/// SPEC §6: negative-`at` lines are the previous version observed before the promotion;
+/// they make the automatic baseline exactly as the daemon's own observations would, are
+/// never evaluated as checks, and an explicit baseline line overrides them.
+#[test]
+fn simulate_derives_the_baseline_from_pre_promotion_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut before = String::new();
+    for i in (1..=5).rev() {
+        before.push_str(&format!(
+            "{{\"at\": -{}, \"probe\": \"ok\", \"snapshot\": {{\"failureRate\": 0.003, \"requests\": 5000, \"latencyP95Ms\": 120}}}}\n",
+            i * 60
+        ));
+    }
+    let mut after = String::new();
+    for i in 1..=5 {
+        after.push_str(&format!(
+            "{{\"at\": {}, \"probe\": \"ok\", \"snapshot\": {{\"failureRate\": 0.012, \"requests\": 5000}}}}\n",
+            i * 30
+        ));
+    }
+    let write = |name: &str, text: String| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_owned()
+    };
+    let observed = write("observed.jsonl", format!("{before}{after}"));
+    let (code, out, err) = run(&["simulate", "--trace", &observed, "--json"], &[]);
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    // Only the checks after the promotion are evaluated; the third rolls back.
+    assert_eq!(lines.len(), 3, "{out}");
+    assert_eq!(lines[0]["at"], 30);
+    assert_eq!(lines[2]["action"], "rollback");
+    let fired = lines[2]["rules"].as_array().unwrap();
+    assert!(fired.iter().any(|r| r["rule"] == "baseline"), "{out}");
+    let (code, out, _) = run(&["simulate", "--trace", &observed], &[]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("baseline: error rate 0.30% (75 errors in 25000 requests), p95 120 ms [observed, 5 samples, over 240s]"),
+        "{out}"
+    );
+
+    // Without the pre-promotion lines: no baseline, and 1.2% is not a catastrophe.
+    let bare = write("bare.jsonl", after.clone());
+    let (code, out, _) = run(&["simulate", "--trace", &bare], &[]);
+    assert_eq!(code, 0);
+    assert!(out.contains("baseline: none"), "{out}");
+    assert!(out.contains("no action in 5 checks"), "{out}");
+
+    // An explicit baseline line overrides the observations (5% baseline: 1.2% is fine).
+    let explicit = write(
+        "explicit.jsonl",
+        format!("{{\"baseline\": {{\"failureRate\": 0.05}}}}\n{before}{after}"),
+    );
+    let (code, out, _) = run(&["simulate", "--trace", &explicit], &[]);
+    assert_eq!(code, 0);
+    assert!(out.contains("[operator]"), "{out}");
+    assert!(out.contains("no action in 5 checks"), "{out}");
+
+    // A pre-promotion line after the first check is malformed, with its line number.
+    let late = write("late.jsonl", format!("{after}{before}"));
+    let (code, _, err) = run(&["simulate", "--trace", &late], &[]);
+    assert_eq!(code, 1);
+    assert!(err.contains("late.jsonl:6:"), "{err}");
+}

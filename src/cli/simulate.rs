@@ -53,13 +53,29 @@ enum Step {
     Ended,
 }
 
+/// The replayed promotion's wall time (fixed, so the same trace gives the same output).
+fn promoted_wall() -> std::time::SystemTime {
+    std::time::UNIX_EPOCH + Duration::from_secs(1_800_000_000)
+}
+
+/// What `simulate` prints about the session's baseline.
+fn baseline_line(baseline: Option<&Baseline>) -> String {
+    match baseline {
+        Some(baseline) => format!("baseline: {}", baseline.describe()),
+        None => "baseline: none (no baseline line, and too few observations before the promotion): only the absolute rules apply".into(),
+    }
+}
+
 impl Replay {
+    /// The previous worker's name in a replay.
+    const PREVIOUS: &'static str = "previous";
+
     fn start(config: &Config, baseline: Option<Baseline>, scenario: &Scenario) -> Replay {
         let supervisor = Supervisor::new(config.supervisor_settings("simulate"));
         // Fixed wall times, so the same trace gives the same output; the monotonic clock
         // is read once, as the promotion's instant (only differences of it are used).
         let mono = std::time::Instant::now();
-        let wall = std::time::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let wall = promoted_wall();
         let mut replay = Replay {
             supervisor,
             mono,
@@ -71,7 +87,7 @@ impl Replay {
         let session = crate::core::supervisor::SessionRecord {
             id: "simulate".into(),
             active: "canary".into(),
-            previous: scenario.previous_known.then(|| "previous".to_owned()),
+            previous: scenario.previous_known.then(|| Replay::PREVIOUS.to_owned()),
             promoted_at: wall,
             state: crate::core::supervisor::SessionState::Monitoring,
             paused: false,
@@ -224,6 +240,10 @@ pub fn replay_scenario(
     let mut line_number = 0usize;
     let mut session: Option<Replay> = None;
     let mut last_at = Duration::ZERO;
+    // Before the first check: the trace's baseline line and its pre-promotion lines.
+    let mut explicit: Option<Baseline> = None;
+    let mut history = crate::core::baseline::History::default();
+    let mut last_before: Option<Duration> = None;
     let mut summary = Summary {
         checks_evaluated: 0,
         first_action: None,
@@ -289,22 +309,38 @@ pub fn replay_scenario(
                         "a baseline line must come before the first check".into(),
                     ));
                 }
-                if !json {
-                    writeln!(
-                        out,
-                        "baseline: error rate {}, p95 {}",
-                        baseline
-                            .error_rate
-                            .map(|r| format!("{:.1}%", r * 100.0))
-                            .unwrap_or_else(|| "unknown".into()),
-                        baseline
-                            .latency_p95_ms
-                            .map(|p| format!("{p} ms"))
-                            .unwrap_or_else(|| "unknown".into())
-                    )
-                    .map_err(write_err)?;
+                explicit = Some(baseline);
+                continue;
+            }
+            Some(TraceLine::Before { before, check }) => {
+                if session.is_some() {
+                    return Err(malformed(
+                        line_number,
+                        "a line before the promotion (negative \"at\") must come before the first check".into(),
+                    ));
                 }
-                session = Some(Replay::start(config, Some(baseline), scenario));
+                if last_before.is_some_and(|last| before > last) {
+                    return Err(malformed(
+                        line_number,
+                        format!("\"at\" goes back in time (-{})", before.as_secs_f64()),
+                    ));
+                }
+                last_before = Some(before);
+                // Observed as the daemon observes the active version between sessions.
+                let at = crate::core::time::sub(promoted_wall(), before);
+                if let Some(observation) = crate::core::check::Observation::of(
+                    crate::core::baseline::seconds(at),
+                    &check.snapshot,
+                ) {
+                    history.observe(
+                        crate::core::baseline::Observed {
+                            at,
+                            worker: Replay::PREVIOUS.into(),
+                            observation,
+                        },
+                        config.baseline.window,
+                    );
+                }
                 continue;
             }
             Some(TraceLine::Check { at, check }) => (at, check),
@@ -324,7 +360,20 @@ pub fn replay_scenario(
             summary.grace_expired_at = Some(config.monitor.grace_period);
             break;
         }
-        let session = session.get_or_insert_with(|| Replay::start(config, None, scenario));
+        if session.is_none() {
+            // The promotion: its baseline is chosen as the daemon chooses it.
+            let baseline = crate::core::baseline::choose(
+                explicit,
+                history.observed(Replay::PREVIOUS, promoted_wall(), &config.baseline),
+                None,
+                None,
+            );
+            if !json {
+                writeln!(out, "{}", baseline_line(baseline.as_ref())).map_err(write_err)?;
+            }
+            session = Some(Replay::start(config, baseline, scenario));
+        }
+        let session = session.as_mut().expect("started above");
         let (decision, action) = match session.check(at, &check) {
             Step::Judged(decision, action) => (decision, action),
             Step::Ended => {

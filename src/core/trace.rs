@@ -7,6 +7,9 @@
 //! {"at": 60, "probe": "failed", "snapshot": null}
 //! ```
 //!
+//! A negative `at` is an observation of the previous version before the promotion at
+//! `at = 0` (same line format): it feeds the automatic baseline, never the engine.
+//!
 //! `probe` is `"ok"` or any other string, which is the failure reason (`"failed"`,
 //! `"timeout"`, …). `snapshot` uses the operations snapshot format; `null` or absent means
 //! the provider was down. An optional `resources` object takes `hostMemoryPercent`.
@@ -24,7 +27,15 @@ use crate::core::check::{
 #[derive(Debug, Clone, PartialEq)]
 pub enum TraceLine {
     Baseline(Baseline),
-    Check { at: Duration, check: CheckResult },
+    Check {
+        at: Duration,
+        check: CheckResult,
+    },
+    /// A negative `at`: the previous version observed `before` the promotion.
+    Before {
+        before: Duration,
+        check: CheckResult,
+    },
 }
 
 #[derive(Deserialize)]
@@ -76,12 +87,14 @@ pub fn parse_line(line: &str) -> Result<Option<TraceLine>, String> {
         return Ok(Some(TraceLine::Baseline(Baseline::from_json(&baseline))));
     }
     let at = match raw.at {
-        Some(Value::Number(n)) => n.as_f64().filter(|s| s.is_finite() && *s >= 0.0),
+        Some(Value::Number(n)) => n.as_f64().filter(|s| s.is_finite()),
         Some(_) => None,
         None => return Err("missing \"at\" (seconds since promotion)".into()),
     }
-    .ok_or("\"at\" must be a non-negative number of seconds")?;
-    let at = Duration::try_from_secs_f64(at).map_err(|_| "\"at\" is out of range".to_owned())?;
+    .ok_or("\"at\" must be a number of seconds since the promotion (negative: before it)")?;
+    let before = at < 0.0;
+    let at =
+        Duration::try_from_secs_f64(at.abs()).map_err(|_| "\"at\" is out of range".to_owned())?;
     let probe = match raw.probe {
         Some(Value::String(text)) if text == "ok" => ProbeOutcome::Ok,
         Some(Value::String(reason)) => ProbeOutcome::Failed { reason },
@@ -105,13 +118,15 @@ pub fn parse_line(line: &str) -> Result<Option<TraceLine>, String> {
         worker_rss_bytes: r.worker_rss_bytes,
         worker_open_files: r.worker_open_files,
     });
-    Ok(Some(TraceLine::Check {
-        at,
-        check: CheckResult {
-            probe,
-            snapshot,
-            resources,
-        },
+    let check = CheckResult {
+        probe,
+        snapshot,
+        resources,
+    };
+    Ok(Some(if before {
+        TraceLine::Before { before: at, check }
+    } else {
+        TraceLine::Check { at, check }
     }))
 }
 
@@ -119,6 +134,19 @@ pub fn parse_line(line: &str) -> Result<Option<TraceLine>, String> {
 mod tests {
     use super::*;
     use crate::core::check::Sample;
+
+    #[test]
+    fn a_negative_at_is_an_observation_before_the_promotion() {
+        let Some(TraceLine::Before { before, check }) = parse_line(
+            r#"{"at": -90.5, "probe": "ok", "snapshot": {"failureRate": 0.004, "requests": 800}}"#,
+        )
+        .unwrap() else {
+            panic!("expected a pre-promotion line")
+        };
+        assert_eq!(before, Duration::from_secs_f64(90.5));
+        assert!(matches!(check.snapshot, SnapshotOutcome::Values(_)));
+        assert!(parse_line(r#"{"at": "-5", "probe": "ok"}"#).is_err());
+    }
 
     #[test]
     fn parses_the_three_line_kinds() {

@@ -1527,6 +1527,34 @@ pub fn worst_case_times(config: &Config) -> Vec<String> {
         "monitoring ends (promotion confirmed) {} after promotion",
         show(m.grace_period)
     ));
+    let b = &config.baseline;
+    lines.push(if b.observe_interval.is_zero() {
+        "baseline: not observed between sessions (baseline.observe_interval = \"0s\"); a promotion uses `--baseline-*`, else the previous version's last healthy session, else none (only the absolute rules)".to_owned()
+    } else {
+        format!(
+            "baseline: the previous version observed every {} between sessions, its last {} before a promotion (at least {} samples); else its last healthy session; else none (only the absolute rules). `--baseline-*` overrides",
+            show(b.observe_interval),
+            show(b.window),
+            b.min_samples
+        )
+    });
+    lines.push(format!(
+        "baseline rule: a check breaches when its errors exceed {}× what the baseline predicts for its requests at p < {} (exact binomial test); rollback after {} such checks of the last {}",
+        r.baseline_error_multiplier, r.baseline_alpha, r.rollback_min_breaches, r.window
+    ));
+    for (name, threshold) in [
+        ("p95", r.latency_p95_ms_threshold),
+        ("p99", r.latency_p99_ms_threshold),
+    ] {
+        if let Some(ms) = threshold {
+            lines.push(format!(
+                "rollback after {} checks with {name} latency over {ms} ms (of the last {}): {}",
+                r.rollback_min_breaches,
+                r.window,
+                describe(r.rollback_min_breaches)
+            ));
+        }
+    }
     if r.dry_run {
         lines.push("dry_run = true: actions are recorded, never taken".into());
     } else if !r.dry_run_rules.is_empty() {

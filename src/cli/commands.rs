@@ -147,6 +147,7 @@ pub async fn run(command: &Command, loaded: &LoadedConfig) -> anyhow::Result<u8>
                 show(&value["active"], "?"),
                 show(&value["previous"], "?"),
             )?;
+            writeln!(out, "baseline: {}", show(&value["baselineSummary"], "?"))?;
         }
         Command::Rollback { .. } => match value["outcome"].as_str() {
             Some("rolled-back") => writeln!(

@@ -34,6 +34,9 @@ pub struct StatusReport {
     pub config_hash: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub records_pending: Option<usize>,
+    /// Between sessions (a running daemon only): the baseline a promotion would get now.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_baseline: Option<String>,
     /// When and why the daemon wrote `rollbackd.db` back after it was deleted or replaced.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub state_db_restored: Option<Value>,
@@ -58,6 +61,9 @@ pub struct SessionStatus {
     pub verdict: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// The session's baseline and where it came from, or that it has none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub baseline: Option<String>,
 }
 
 /// The workers, also between sessions.
@@ -150,6 +156,9 @@ impl StatusReport {
                     shown(&session.pause_reason, "no reason given")
                 )?;
             }
+            if let Some(baseline) = &session.baseline {
+                writeln!(out, "baseline     {}", Escaped(baseline))?;
+            }
             if let Some(verdict) = &session.verdict {
                 let verdict = Escaped(verdict);
                 match &session.reason {
@@ -166,6 +175,9 @@ impl StatusReport {
                     shown(&self.workers.active, "?"),
                     shown(&self.workers.previous, "-")
                 )?;
+            }
+            if let Some(baseline) = &self.next_baseline {
+                writeln!(out, "next baseline {}", Escaped(baseline))?;
             }
         }
         if let Some(action) = &self.action {

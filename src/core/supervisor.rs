@@ -1051,6 +1051,12 @@ impl Supervisor {
         let Some(decision) = decision else {
             return (Evidence::default(), None, 0);
         };
+        let baseline = self
+            .session
+            .as_ref()
+            .and_then(|s| s.record.baseline)
+            .map(|b| serde_json::to_value(b).unwrap_or(Value::Null))
+            .unwrap_or(Value::Null);
         let recent_checks = self
             .session
             .as_ref()
@@ -1071,6 +1077,7 @@ impl Supervisor {
                     .iter()
                     .map(|f| serde_json::to_value(f).unwrap_or(Value::Null))
                     .collect(),
+                baseline,
             },
             decision.error_rate,
             decision.failure_count as u32,
@@ -1416,7 +1423,14 @@ impl Supervisor {
         }
         let record = pending.record;
         let operator = record.operator.clone().unwrap_or_default();
-        let result = json!({"sessionId": record.id, "active": record.active, "previous": record.previous, "recordedOnly": self.offline});
+        let result = json!({
+            "sessionId": record.id,
+            "active": record.active,
+            "previous": record.previous,
+            "recordedOnly": self.offline,
+            "baseline": record.baseline,
+            "baselineSummary": baseline_summary(record.baseline.as_ref()),
+        });
         if self.offline {
             // Monitoring starts when the daemon picks the session up, and says so then.
             self.session = Some(Session::new(record, &self.settings.rules, "the promotion"));
@@ -1614,6 +1628,14 @@ impl Supervisor {
             session.raw = raw.into_iter().rev().take(window).rev().collect();
             session.engine = engine;
         }
+    }
+}
+
+/// One line on a session's baseline for operators (`promote`, `status`, `check-config`).
+pub fn baseline_summary(baseline: Option<&Baseline>) -> String {
+    match baseline {
+        Some(baseline) => baseline.describe(),
+        None => "none: only the absolute rules apply (no operator baseline, no observations of the previous version in the baseline window, no healthy session of it on record)".into(),
     }
 }
 

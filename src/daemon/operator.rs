@@ -265,6 +265,9 @@ impl Driver {
                     .as_ref()
                     .map(|d| d.verdict.as_str().to_owned()),
                 reason: s.last_decision.as_ref().map(|d| d.reason()),
+                baseline: Some(crate::core::supervisor::baseline_summary(
+                    s.record.baseline.as_ref(),
+                )),
             }
         });
         // The workers, also between sessions: the current session's, else the last ended
@@ -305,6 +308,7 @@ impl Driver {
                 error_class: Some(c.error_class.to_owned()),
             })
             .collect();
+        let workers_active = workers.active.clone();
         StatusReport {
             daemon: "running".into(),
             pid: Some(std::process::id()),
@@ -325,6 +329,12 @@ impl Driver {
             recent_checks,
             config_hash: self.config.hash.clone(),
             records_pending: Some(self.recorder.backlog()),
+            next_baseline: match (self.sup.session(), &workers_active) {
+                (None, Some(active)) => Some(crate::core::supervisor::baseline_summary(
+                    self.sup.baseline_for(now, active).as_ref(),
+                )),
+                _ => None,
+            },
             state_db_restored: self.db_restored.clone(),
         }
     }

@@ -50,6 +50,12 @@ pub fn offline(loaded: &LoadedConfig) -> anyhow::Result<StatusReport> {
             checks: None,
             verdict: recent.last().map(|c| c.verdict.clone()),
             reason: None,
+            baseline: Some(crate::core::supervisor::baseline_summary(
+                s.baseline_json
+                    .as_deref()
+                    .and_then(|text| serde_json::from_str(text).ok())
+                    .as_ref(),
+            )),
         }
     });
     let recent_checks = recent

@@ -438,6 +438,11 @@ pub struct Evidence {
     /// Human summary of the thresholds, e.g. `errorRate>0.2, failures>2`.
     pub threshold: String,
     pub rules_fired: Vec<Value>,
+    /// The session's baseline: its values, `source`, `samples` and `windowSeconds` (null:
+    /// none, only the absolute rules applied). The statistic that fired is in
+    /// `rulesFired` (`pValue`) and each check's `baselinePValue`.
+    #[serde(default)]
+    pub baseline: Value,
 }
 
 /// Phase name → duration in seconds, serialized as a JSON object in the order the phases
@@ -842,6 +847,7 @@ mod tests {
                 failure_pattern: "consecutive_failures".into(),
                 threshold: "errorRate>0.2, failures>2".into(),
                 rules_fired: vec![json!("error-rate")],
+                baseline: Value::Null,
             },
             from: Some("v2".into()),
             to: Some("v1".into()),
@@ -874,6 +880,7 @@ mod tests {
                     "failurePattern": "consecutive_failures",
                     "threshold": "errorRate>0.2, failures>2",
                     "rulesFired": ["error-rate"],
+                    "baseline": null,
                 },
                 "from": "v2",
                 "to": "v1",

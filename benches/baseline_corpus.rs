@@ -2,7 +2,7 @@
 //! corpus of realistic releases, for each way of getting a baseline.
 //!
 //! Run: `cargo bench --bench baseline_corpus` (release build; `-- --releases N` for a
-//! bigger corpus, default 2,000). Deterministic: the same seed gives the same figures.
+//! bigger corpus, default 2,000; `ROLLBACKD_*` variables change the configuration). Deterministic: the same seed gives the same figures.
 //! The figures are recorded in docs/DECISIONS.md; nothing here is asserted (the tests that
 //! pin the method's behaviour are in tests/engine_rules.rs and tests/supervisor.rs).
 //!
@@ -212,7 +212,12 @@ fn main() {
         .nth(1)
         .and_then(|n| n.parse().ok())
         .unwrap_or(2000);
-    let loaded = rollbackd::config::load_str("", &Default::default()).expect("defaults");
+    // ROLLBACKD_* variables override the defaults, as for the daemon (to try parameters:
+    // `ROLLBACKD_RULES_BASELINE_ALPHA=0.05 cargo bench --bench baseline_corpus`).
+    let env: std::collections::BTreeMap<String, String> = std::env::vars()
+        .filter(|(k, _)| k.starts_with("ROLLBACKD_"))
+        .collect();
+    let loaded = rollbackd::config::load_str("", &env).expect("configuration");
     let config = loaded.config;
     let mut rng = Rng(0x5EED_2026);
     let corpus: Vec<Release> = (0..releases)

@@ -157,7 +157,7 @@ min_requests = 0
 max_consecutive_no_data = 4
 no_data_policy = "escalate"
 baseline_error_multiplier = 2.0
-baseline_alpha = 0.01
+baseline_alpha = 0.05
 latency_p95_multiplier = 1.5
 memory_percent = 90.0
 dry_run = false
@@ -1062,7 +1062,7 @@ fn build(
         problem(
             "rules.baseline_alpha",
             format!(
-                "must be a probability in (0, 0.5), got {} (0.01: a check breaches the baseline when its errors would happen by chance 1 time in 100)",
+                "must be a probability in (0, 0.5), got {} (0.05: a check breaches the baseline when its errors would happen by chance 1 time in 20)",
                 rules.baseline_alpha
             ),
         );

@@ -1532,10 +1532,15 @@ pub fn worst_case_times(config: &Config) -> Vec<String> {
         "baseline: not observed between sessions (baseline.observe_interval = \"0s\"); a promotion uses `--baseline-*`, else the previous version's last healthy session, else none (only the absolute rules)".to_owned()
     } else {
         format!(
-            "baseline: the previous version observed every {} between sessions, its last {} before a promotion (at least {} samples); else its last healthy session; else none (only the absolute rules). `--baseline-*` overrides",
+            "baseline: the previous version observed every {} between sessions, its last {} before a promotion (at least {} samples);{} else its last healthy session; else none (only the absolute rules). `--baseline-*` overrides",
             show(b.observe_interval),
             show(b.window),
-            b.min_samples
+            b.min_samples,
+            if matches!(config.operations, Some(SnapshotSpec::Prometheus(_))) {
+                " else the same queries over that window from Prometheus;"
+            } else {
+                ""
+            }
         )
     });
     lines.push(format!(

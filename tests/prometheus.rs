@@ -229,3 +229,106 @@ fn rollbackd_rolls_back_on_prometheus_data_and_prometheus_scrapes_rollbackd() {
         started.elapsed().as_secs_f64()
     );
 }
+
+/// SPEC §2a: with no observations of its own (observe_interval = 0, as on a freshly
+/// installed host), a promotion's baseline comes from Prometheus over the window ending at
+/// the promotion (a range query), and a regression far below the absolute 20% is rolled
+/// back on it.
+#[test]
+fn the_baseline_comes_from_a_prometheus_range_query_when_rollbackd_has_not_observed() {
+    if !tool_available(
+        prometheus_installed(),
+        "the_baseline_comes_from_a_prometheus_range_query_when_rollbackd_has_not_observed",
+        "prometheus",
+    ) {
+        return;
+    }
+    let setup =
+        Setup::new("[baseline]\nobserve_interval = \"0s\"\nwindow = \"1m\"\nmin_samples = 3\n");
+    let metrics = |rate: f64| {
+        format!(
+            "# TYPE test_error_rate gauge\ntest_error_rate {rate}\n# TYPE test_requests gauge\ntest_requests 5000\n"
+        )
+    };
+    setup.routes.set("/metrics", 200, &metrics(0.003));
+    let worker: SocketAddr = format!("127.0.0.1:{}", setup.port).parse().unwrap();
+    let prometheus_port = free_port();
+    setup.rewrite_config(|config| {
+        let operations = config["operations"].as_table_mut().unwrap();
+        operations.remove("snapshot_url");
+        let mut prometheus = toml::Table::new();
+        prometheus.insert(
+            "url".into(),
+            format!("http://127.0.0.1:{prometheus_port}").into(),
+        );
+        prometheus.insert("error_rate".into(), "test_error_rate".into());
+        prometheus.insert("requests".into(), "test_requests".into());
+        operations.insert("prometheus".into(), prometheus.into());
+    });
+    let daemon = setup.start();
+    let prometheus = Prometheus::start(
+        &setup.path("prometheus"),
+        prometheus_port,
+        &[("worker", worker)],
+    );
+    // Enough history for the 1 s steps of the range query: 5 points.
+    let history = wait_for(Duration::from_secs(20), || {
+        let end = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        let path = format!(
+            "/api/v1/query_range?query=test_error_rate&start={:.3}&end={end:.3}&step=1s",
+            end - 60.0
+        );
+        let response = http_get(prometheus.addr, &path);
+        let body: Value = serde_json::from_str(&response.body).unwrap_or_default();
+        body["data"]["result"][0]["values"]
+            .as_array()
+            .is_some_and(|values| values.len() >= 5)
+    });
+    assert!(
+        history.is_some(),
+        "no history in prometheus; its log:\n{}",
+        prometheus.log()
+    );
+
+    let out = setup.cli(&["promote", "--active", "v2", "--previous", "v1"]);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("baseline: error rate 0.30% (") && stdout.contains("[prometheus, "),
+        "{stdout}\ndaemon log:\n{}",
+        setup.daemon_log()
+    );
+
+    // 1.2%: a quarter of the absolute threshold, four times the baseline.
+    setup.routes.set("/metrics", 200, &metrics(0.012));
+    let rolled_back = wait_for(Duration::from_secs(20), || {
+        !setup.events("rollback-executed").is_empty()
+    });
+    assert!(
+        rolled_back.is_some(),
+        "no rollback; daemon log:\n{}",
+        setup.daemon_log()
+    );
+    let artifact: Value =
+        serde_json::from_str(&std::fs::read_to_string(&setup.artifacts("rollback_")[0]).unwrap())
+            .unwrap();
+    assert_eq!(
+        artifact["evidence"]["baseline"]["source"], "prometheus",
+        "{artifact}"
+    );
+    let fired = artifact["evidence"]["rulesFired"].as_array().unwrap();
+    assert!(
+        fired
+            .iter()
+            .any(|r| r["rule"] == "baseline" && r["pValue"].as_f64().is_some()),
+        "{artifact}"
+    );
+    assert_eq!(daemon.terminate().code(), Some(0));
+}

@@ -524,3 +524,99 @@ fn sessions_past_retention_are_pruned_at_start_and_when_a_session_ends() {
     );
     assert_eq!(daemon.terminate().code(), Some(0));
 }
+
+/// SPEC §2a end to end: the daemon observes the active version between sessions, keeps
+/// the observations across a kill -9, and the next promotion is judged against them: a
+/// release at 3% errors (below the absolute 20% and even the degraded 5%) is rolled back
+/// because the version it replaced ran at 0.3%.
+#[test]
+fn the_daemon_observes_between_sessions_and_judges_the_next_release_against_it() {
+    let setup =
+        Setup::new("[baseline]\nobserve_interval = \"1s\"\nwindow = \"1m\"\nmin_samples = 3\n");
+    setup.rewrite_config(|config| {
+        config["monitor"]
+            .as_table_mut()
+            .unwrap()
+            .insert("grace_period".into(), "2s".into());
+    });
+    setup.routes.error_rate(0.003);
+    let daemon = setup.start();
+    // v1 is promoted and confirmed: from then on it is the active version, observed.
+    let out = setup.cli(&["promote", "--active", "v1", "--previous", "v0"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let confirmed = wait_for(Duration::from_secs(20), || {
+        setup
+            .events("monitoring-stopped")
+            .iter()
+            .any(|line| line["state"] == "confirmed")
+    });
+    assert!(
+        confirmed.is_some(),
+        "v1 not confirmed; log:\n{}",
+        setup.daemon_log()
+    );
+    // Three observations of v1 have reached rollbackd.db.
+    let db = setup.path("state/rollbackd.db");
+    let observed = wait_for(Duration::from_secs(20), || {
+        rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .and_then(|conn| {
+                conn.query_row(
+                    "SELECT COUNT(*) FROM observations WHERE worker = 'v1'",
+                    [],
+                    |row| row.get::<_, i64>(0),
+                )
+            })
+            .is_ok_and(|n| n >= 3)
+    });
+    assert!(
+        observed.is_some(),
+        "no observations recorded; log:\n{}",
+        setup.daemon_log()
+    );
+    let status: Value = serde_json::from_slice(&setup.cli(&["status", "--json"]).stdout).unwrap();
+    assert!(
+        status["nextBaseline"]
+            .as_str()
+            .is_some_and(|b| b.contains("observed")),
+        "{status}"
+    );
+
+    // A crash loses nothing: the restarted daemon has the observations from rollbackd.db.
+    daemon.kill9();
+    let daemon = setup.start();
+    let out = setup.cli(&["promote", "--active", "v2", "--previous", "v1"]);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("baseline: error rate 0.30% (") && stdout.contains("[observed, "),
+        "{stdout}"
+    );
+    setup.routes.error_rate(0.03);
+    let rolled_back = wait_for(Duration::from_secs(20), || {
+        !setup.events("rollback-executed").is_empty()
+    });
+    assert!(
+        rolled_back.is_some(),
+        "no rollback; log:\n{}",
+        setup.daemon_log()
+    );
+    let artifact: Value =
+        serde_json::from_str(&std::fs::read_to_string(&setup.artifacts("rollback_")[0]).unwrap())
+            .unwrap();
+    assert_eq!(
+        artifact["evidence"]["baseline"]["source"], "observed",
+        "{artifact}"
+    );
+    assert!(
+        artifact["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("binomial test")),
+        "{artifact}"
+    );
+    assert_eq!(setup.switches(), ["v1"]);
+    assert_eq!(daemon.terminate().code(), Some(0));
+}

@@ -84,6 +84,8 @@ pub fn snapshot_source(spec: Option<&SnapshotSpec>, timeout: Duration) -> Arc<dy
     }
 }
 
+pub use prometheus::range_observations;
+
 /// The `/proc` sampler; `pid_file` is a path template (`{worker}` substituted) naming a
 /// file that holds the worker's pid. Without it only host memory is sampled.
 pub fn resource_sampler(pid_file: Option<&str>) -> Arc<dyn ResourceSampler> {

@@ -156,6 +156,138 @@ fn sample_from_pair(pair: Option<&Value>, body: &[u8]) -> Result<Sample, String>
     })
 }
 
+/// The baseline source (SPEC §2a): each configured expression evaluated over `start..=end`
+/// every `step` (`GET {url}/api/v1/query_range`), the same values the snapshots would
+/// have given at those instants, joined by timestamp into observations. The error-rate
+/// query must answer; the others may be missing. Bounded by `timeout` in all.
+pub async fn range_observations(
+    spec: &PrometheusSpec,
+    timeout: Duration,
+    start: std::time::SystemTime,
+    end: std::time::SystemTime,
+    step: Duration,
+) -> Result<Vec<crate::core::check::Observation>, String> {
+    use std::collections::BTreeMap;
+    let client = build_client()?;
+    let endpoint_text = format!("{}/api/v1/query_range", spec.url.trim_end_matches('/'));
+    let endpoint = reqwest::Url::parse(&endpoint_text)
+        .map_err(|error| format!("{endpoint_text:?} is not a URL: {error}"))?;
+    let seconds = |t: std::time::SystemTime| {
+        t.duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs_f64()
+    };
+    let step = step.max(Duration::from_secs(1));
+    let range = |expression: &str| {
+        let mut url = endpoint.clone();
+        url.query_pairs_mut()
+            .append_pair("query", expression)
+            .append_pair("start", &format!("{:.3}", seconds(start)))
+            .append_pair("end", &format!("{:.3}", seconds(end)))
+            .append_pair("step", &format!("{}s", step.as_secs()));
+        let client = client.clone();
+        async move {
+            let response = client
+                .get(url)
+                .header(reqwest::header::ACCEPT, "application/json")
+                .send()
+                .await
+                .map_err(|error| error_chain(&error))?;
+            let status = response.status();
+            let body = read_capped(response, MAX_BODY)
+                .await
+                .map_err(|error| format!("HTTP {status}: {}", error_chain(&error)))?;
+            if !status.is_success() {
+                let detail = api_error(&body.bytes).unwrap_or_else(|| excerpt(&body.bytes));
+                return Err(format!("HTTP {status}: {detail}"));
+            }
+            parse_range_response(&body.bytes)
+        }
+    };
+    let optional = |expression: &Option<String>| {
+        let query = expression.as_deref().map(range);
+        async move {
+            match query {
+                None => BTreeMap::new(),
+                Some(query) => query.await.unwrap_or_default(),
+            }
+        }
+    };
+    let all = async {
+        tokio::join!(
+            range(&spec.error_rate),
+            optional(&spec.requests),
+            optional(&spec.latency_p95_ms),
+            optional(&spec.latency_p99_ms)
+        )
+    };
+    let (rates, requests, p95, p99) = tokio::time::timeout(timeout, all)
+        .await
+        .map_err(|_| timeout_reason(timeout))?;
+    let rates = rates.map_err(|reason| format!("prometheus error_rate range query: {reason}"))?;
+    let usable = |v: Option<&f64>| v.copied().filter(|v| v.is_finite() && *v >= 0.0);
+    Ok(rates
+        .iter()
+        .map(|(at_ms, rate)| crate::core::check::Observation {
+            at_seconds: *at_ms as f64 / 1000.0,
+            error_rate: Some(*rate).filter(|r| r.is_finite() && (0.0..=1.0).contains(r)),
+            requests: usable(requests.get(at_ms)),
+            latency_p95_ms: usable(p95.get(at_ms)),
+            latency_p99_ms: usable(p99.get(at_ms)),
+        })
+        .collect())
+}
+
+/// Reads a range-query response: the first series' `[timestamp, "value"]` pairs by
+/// timestamp in milliseconds (unparsable values left out). `Err` is a provider failure.
+pub(super) fn parse_range_response(
+    body: &[u8],
+) -> Result<std::collections::BTreeMap<i64, f64>, String> {
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|error| format!("unparsable response ({error}): {}", excerpt(body)))?;
+    match value.get("status").and_then(Value::as_str) {
+        Some("success") => {}
+        Some("error") => return Err(api_error(body).unwrap_or_else(|| "query failed".into())),
+        _ => return Err(format!("not a query API response: {}", excerpt(body))),
+    }
+    let data = value
+        .get("data")
+        .ok_or_else(|| format!("response has no data: {}", excerpt(body)))?;
+    if data.get("resultType").and_then(Value::as_str) != Some("matrix") {
+        return Err(format!("range result is not a matrix: {}", excerpt(body)));
+    }
+    let mut out = std::collections::BTreeMap::new();
+    let Some(first) = data
+        .get("result")
+        .and_then(Value::as_array)
+        .and_then(|s| s.first())
+    else {
+        return Ok(out);
+    };
+    for pair in first
+        .get("values")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let Some([at, value]) = pair
+            .as_array()
+            .map(Vec::as_slice)
+            .and_then(|p| <&[Value; 2]>::try_from(p).ok())
+        else {
+            continue;
+        };
+        let (Some(at), Some(value)) = (
+            at.as_f64(),
+            value.as_str().and_then(|t| t.trim().parse::<f64>().ok()),
+        ) else {
+            continue;
+        };
+        out.insert((at * 1000.0).round() as i64, value);
+    }
+    Ok(out)
+}
+
 impl SnapshotSource for PrometheusSnapshotSource {
     fn snapshot(&self) -> BoxFuture<'_, SnapshotOutcome> {
         Box::pin(async move {
@@ -231,6 +363,24 @@ mod tests {
             parse_query_response(&vector(&["abc"])),
             Ok(Sample::Wrong("\"abc\"".into()))
         );
+    }
+
+    #[test]
+    fn range_values_by_timestamp() {
+        let body = br#"{"status":"success","data":{"resultType":"matrix","result":[{"metric":{},"values":[[1700000000,"0.01"],[1700000030.5,"NaN"],[1700000060,"x"],[1700000090,"0.02"]]},{"metric":{},"values":[[1,"9"]]}]}}"#;
+        let values = parse_range_response(body).unwrap();
+        assert_eq!(values.get(&1_700_000_000_000), Some(&0.01));
+        assert!(values.get(&1_700_000_030_500).unwrap().is_nan());
+        assert_eq!(values.get(&1_700_000_060_000), None);
+        assert_eq!(values.len(), 3);
+        let empty = br#"{"status":"success","data":{"resultType":"matrix","result":[]}}"#;
+        assert!(parse_range_response(empty).unwrap().is_empty());
+        let vector = br#"{"status":"success","data":{"resultType":"vector","result":[]}}"#;
+        assert!(parse_range_response(vector).is_err());
+        let error = br#"{"status":"error","errorType":"bad_data","error":"parse error"}"#;
+        assert!(parse_range_response(error)
+            .unwrap_err()
+            .contains("parse error"));
     }
 
     #[test]

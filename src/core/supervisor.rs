@@ -1446,8 +1446,13 @@ impl Supervisor {
             session_id: Some(record.id.clone()),
             state: record.state,
         }));
-        let result =
-            json!({"sessionId": record.id, "active": record.active, "previous": record.previous});
+        let result = json!({
+            "sessionId": record.id,
+            "active": record.active,
+            "previous": record.previous,
+            "baseline": record.baseline,
+            "baselineSummary": baseline_summary(record.baseline.as_ref()),
+        });
         self.session = Some(Session::new(record, &self.settings.rules, "the promotion"));
         // The first check comes one interval after promotion: the canary gets that long
         // to warm up before it is judged.

@@ -4,10 +4,59 @@
 use super::*;
 
 impl Driver {
-    /// The Prometheus source's baseline over the window ending now: not built yet, so
-    /// `None` (the observed and previous-session sources apply).
-    pub(super) async fn prometheus_baseline(&self, _previous: &str) -> Option<Baseline> {
-        None
+    /// The Prometheus source's baseline of `previous` over the baseline window ending now,
+    /// when the snapshot source is Prometheus and the daemon's own observations of it do
+    /// not make a baseline (they come first). Bounded by `check_timeout`; a failure is
+    /// logged and the next source applies.
+    pub(super) async fn prometheus_baseline(&self, previous: &str) -> Option<Baseline> {
+        let config = &self.config.config;
+        let Some(crate::config::SnapshotSpec::Prometheus(spec)) = &config.operations else {
+            return None;
+        };
+        let now = self.now();
+        let settings = &config.baseline;
+        if self
+            .sup
+            .history()
+            .observed(previous, now, settings)
+            .is_some()
+        {
+            return None;
+        }
+        let step = if settings.observe_interval.is_zero() {
+            config.monitor.check_interval
+        } else {
+            settings.observe_interval
+        };
+        let start = crate::core::time::sub(now, settings.window);
+        match crate::adapters::range_observations(
+            spec,
+            config.monitor.check_timeout,
+            start,
+            now,
+            step,
+        )
+        .await
+        {
+            Ok(observations) => {
+                let baseline = Baseline::from_observations(
+                    &observations,
+                    crate::core::check::BaselineSource::Prometheus,
+                    settings.min_samples,
+                );
+                if baseline.is_none() {
+                    tracing::info!(
+                        samples = observations.len(),
+                        "the Prometheus source has too few samples over the baseline window"
+                    );
+                }
+                baseline
+            }
+            Err(reason) => {
+                tracing::warn!("the Prometheus baseline source failed: {reason}");
+                None
+            }
+        }
     }
 
     pub(super) async fn reload(&mut self, reloader: &Reloader) {
@@ -110,7 +159,11 @@ impl Driver {
                         ..Baseline::default()
                     });
                 let reply = self.expect_reply(replies);
-                let prometheus = self.prometheus_baseline(&previous).await;
+                // An operator's baseline comes first: nothing to ask Prometheus then.
+                let prometheus = match baseline {
+                    Some(_) => None,
+                    None => self.prometheus_baseline(&previous).await,
+                };
                 self.feed(Input::Promote {
                     operator: operator.name,
                     active,

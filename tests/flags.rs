@@ -242,3 +242,134 @@ fn dropping_live_flags_stops_its_thread_promptly() {
         "the sender is gone with the thread"
     );
 }
+
+/// With the backstop poll an hour away, only the kernel can wake the reader: every change
+/// below is seen because a file event woke it (issue: event-driven LiveFlags).
+fn woken_only() -> LiveFlagsOptions {
+    LiveFlagsOptions {
+        poll_interval: Duration::from_secs(3600),
+        full_reread_interval: Duration::from_secs(3600),
+        ..options()
+    }
+}
+
+#[tokio::test]
+async fn a_commit_wakes_the_reader_without_a_poll() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("app.db");
+    let mut store = store_with(&path, &[("NEW_CHECKOUT", "1")]);
+    let flags = LiveFlags::start(&path, woken_only());
+    let mut receiver = flags.subscribe();
+    for value in ["2", "3", "4"] {
+        store.write_once("NEW_CHECKOUT", value).unwrap();
+        wait_for(&mut receiver, Duration::from_secs(5), |s| {
+            s.rows.get("NEW_CHECKOUT").map(String::as_str) == Some(value)
+        })
+        .await
+        .unwrap();
+    }
+    // The sqlite3 shell, as an on-call engineer would write it.
+    if Path::new(SQLITE3_SHELL).exists() {
+        let output = std::process::Command::new(SQLITE3_SHELL)
+            .arg(&path)
+            .arg(".timeout 2000")
+            .arg("INSERT OR REPLACE INTO settings (key, value) VALUES ('DISABLE_NEW', '1');")
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{output:?}");
+        wait_for(&mut receiver, Duration::from_secs(5), |s| {
+            s.killed("DISABLE_NEW")
+        })
+        .await
+        .unwrap();
+    } else {
+        eprintln!("skipped the sqlite3-shell part: {SQLITE3_SHELL} is not installed");
+    }
+}
+
+#[tokio::test]
+async fn a_rollback_journal_database_wakes_the_reader_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("app.db");
+    {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.pragma_update(None, "journal_mode", "DELETE").unwrap();
+        conn.execute_batch(
+            "CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT);
+             INSERT INTO settings VALUES ('NEW_CHECKOUT', '1');",
+        )
+        .unwrap();
+    }
+    let flags = LiveFlags::start(&path, woken_only());
+    let mut receiver = flags.subscribe();
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    conn.execute(
+        "UPDATE settings SET value = '7' WHERE key = 'NEW_CHECKOUT'",
+        [],
+    )
+    .unwrap();
+    wait_for(&mut receiver, Duration::from_secs(5), |s| {
+        s.rows.get("NEW_CHECKOUT").map(String::as_str) == Some("7")
+    })
+    .await
+    .unwrap();
+    let mode: String = conn
+        .pragma_query_value(None, "journal_mode", |row| row.get(0))
+        .unwrap();
+    assert_eq!(
+        mode, "delete",
+        "LiveFlags never changes the application's journal mode"
+    );
+}
+
+#[tokio::test]
+async fn a_database_deleted_and_created_again_or_replaced_is_followed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("app.db");
+    drop(store_with(&path, &[("NEW_CHECKOUT", "1")]));
+    let flags = LiveFlags::start(&path, woken_only());
+    let mut receiver = flags.subscribe();
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+    }
+    wait_for(&mut receiver, Duration::from_secs(5), |s| s.error.is_some())
+        .await
+        .unwrap();
+    drop(store_with(&path, &[("NEW_CHECKOUT", "2")]));
+    wait_for(&mut receiver, Duration::from_secs(5), |s| {
+        s.error.is_none() && s.rows.get("NEW_CHECKOUT").map(String::as_str) == Some("2")
+    })
+    .await
+    .unwrap();
+    // Replaced by rename (a deploy tool writing the file aside first).
+    let aside = dir.path().join("app.db.new");
+    drop(store_with(&aside, &[("NEW_CHECKOUT", "3")]));
+    {
+        // Fold the WAL into the file so the rename carries the rows.
+        let conn = rusqlite::Connection::open(&aside).unwrap();
+        conn.pragma_update(None, "journal_mode", "DELETE").unwrap();
+    }
+    std::fs::rename(&aside, &path).unwrap();
+    wait_for(&mut receiver, Duration::from_secs(5), |s| {
+        s.rows.get("NEW_CHECKOUT").map(String::as_str) == Some("3")
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn after_thousands_of_rapid_commits_the_last_value_is_seen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("app.db");
+    let mut store = store_with(&path, &[("NEW_CHECKOUT", "0")]);
+    let flags = LiveFlags::start(&path, woken_only());
+    let mut receiver = flags.subscribe();
+    for i in 1..=2000 {
+        store.write_once("NEW_CHECKOUT", &i.to_string()).unwrap();
+    }
+    wait_for(&mut receiver, Duration::from_secs(10), |s| {
+        s.rows.get("NEW_CHECKOUT").map(String::as_str) == Some("2000")
+    })
+    .await
+    .unwrap();
+}

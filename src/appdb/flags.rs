@@ -5,12 +5,21 @@
 //! `'1'`, else the row's value, else the safe default (SPEC §4). Applications call
 //! [`LiveFlags::get`] on their hot path; that is a lock-free-ish `watch` borrow, no SQL.
 //!
-//! How commits of other processes are noticed: the poller thread owns a read-only
-//! connection ([`SettingsReader`]) and asks `PRAGMA data_version` every `poll_interval`
-//! (default 20 ms). That pragma reads no table and changes whenever another connection
-//! has committed, so the whole table is re-read only after a commit, plus once every
-//! `full_reread_interval` (default 5 s) as a backstop. The seed design re-read the whole
-//! table every 500 ms: slower to notice and more work. Every statement is finished before
+//! How commits of other processes are noticed: the kernel wakes the thread when the
+//! database, its `-wal` or its `-journal` is written, created, deleted or renamed
+//! (inotify on their directory, [`crate::appdb::wakeup`]); the thread then asks `PRAGMA
+//! data_version` on its read-only connection ([`SettingsReader`]). That pragma reads no
+//! table and changes whenever another connection has committed, so the table is re-read
+//! only after a commit. A WAL commit's last file write comes just before the commit is
+//! published in the shared memory index (which sends no event; a `synchronous=FULL` fsync
+//! sits in between), so after an event the version is asked again every 0.1 ms for 10 ms,
+//! every millisecond until 50 ms, then every 5 ms, for up to 250 ms, until it moves. The version is asked without
+//! waiting on a busy database (a busy answer is asked again at the next step): SQLite's
+//! busy handler would sleep a millisecond, right when the commit lands. With no event
+//! the database is still checked every `poll_interval` (default 1 s: the backstop for
+//! filesystems that send no events), and the whole table re-read every
+//! `full_reread_interval` (5 s). Without inotify it polls every 20 ms, as before. The seed
+//! design re-read the whole table every 500 ms: slower to notice and more work. Every statement is finished before
 //! the thread sleeps, so **the reader never holds a transaction between polls** and, in
 //! WAL mode, never delays a writer.
 //!
@@ -21,9 +30,9 @@
 //! inode) at every poll, so a database replaced by rename is reopened at once.
 
 use std::collections::BTreeMap;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -31,6 +40,26 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 use crate::appdb::settings::{SettingsError, SettingsReader};
+use crate::appdb::wakeup::{Wake, Wakeup};
+
+/// After a file event, how long the version is asked for again until it moves, and how
+/// often ([`settle_step`]): a commit's fsync usually ends within a few milliseconds, a
+/// slow disk's within this.
+const SETTLE: Duration = Duration::from_millis(250);
+
+/// How long to wait before asking again, `since` the file event: 0.1 ms for the first
+/// 10 ms, 1 ms until 50 ms, then 5 ms.
+fn settle_step(since: Duration) -> Duration {
+    if since < Duration::from_millis(10) {
+        Duration::from_micros(100)
+    } else if since < Duration::from_millis(50) {
+        Duration::from_millis(1)
+    } else {
+        Duration::from_millis(5)
+    }
+}
+/// The poll period when the kernel cannot wake the thread (no inotify).
+const FALLBACK_POLL: Duration = Duration::from_millis(20);
 
 /// The kill key of the spec: `DISABLE_NEW = '1'` reverts every flag to its safe default.
 pub const DEFAULT_KILL_KEY: &str = "DISABLE_NEW";
@@ -40,8 +69,12 @@ const BUSY_REPORT_AFTER: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LiveFlagsOptions {
-    /// How often `PRAGMA data_version` is asked (and a missing database looked for).
+    /// How often `PRAGMA data_version` is asked when no file event came (the backstop;
+    /// a missing database is looked for at the same pace).
     pub poll_interval: Duration,
+    /// Be woken by the kernel (inotify) on writes to the database's files. `false`: poll
+    /// every `poll_interval` only.
+    pub watch_files: bool,
     /// How often the whole table is re-read even when no commit was noticed.
     pub full_reread_interval: Duration,
     /// The kill switch key; its row value exactly `'1'` means "use safe defaults".
@@ -53,7 +86,8 @@ pub struct LiveFlagsOptions {
 impl Default for LiveFlagsOptions {
     fn default() -> Self {
         LiveFlagsOptions {
-            poll_interval: Duration::from_millis(20),
+            poll_interval: Duration::from_secs(1),
+            watch_files: true,
             full_reread_interval: Duration::from_secs(5),
             kill_key: DEFAULT_KILL_KEY.to_string(),
             defaults: BTreeMap::new(),
@@ -134,7 +168,8 @@ pub struct LiveFlags {
     options: LiveFlagsOptions,
     snapshots: watch::Receiver<Arc<FlagsSnapshot>>,
     /// Dropped (disconnected) to stop the poller.
-    stop: Option<mpsc::Sender<()>>,
+    /// Dropped (closed) to stop the thread.
+    stop: Option<UnixStream>,
     poller: Option<JoinHandle<()>>,
     /// Polls so far that could not read the table (shared with the poller thread).
     failed_polls: Arc<AtomicU64>,
@@ -156,30 +191,50 @@ impl LiveFlags {
     pub fn start(path: impl Into<PathBuf>, options: LiveFlagsOptions) -> LiveFlags {
         let mut poller = Poller::new(path.into(), options.clone());
         let failed_polls = Arc::clone(&poller.failed_polls);
+        let (stop, stop_requests) =
+            UnixStream::pair().expect("a socket pair to stop the liveflags thread");
+        let poll_interval = options.poll_interval;
+        let watch_files = options.watch_files;
+        // Watching before the first read: a change made after it is never missed.
+        let mut wakeup = if watch_files {
+            Wakeup::new(&poller.path, stop_requests)
+        } else {
+            Wakeup::polling(stop_requests)
+        };
         poller.poll();
         let (sender, snapshots) = watch::channel(poller.current.clone());
-        let (stop, stop_requests) = mpsc::channel::<()>();
-        let poll_interval = options.poll_interval;
         let poller = std::thread::Builder::new()
             .name("liveflags".to_string())
             .spawn(move || {
-                // Fixed-rate polls: the period is `poll_interval`, not `poll_interval` plus
-                // the time a poll takes, so a commit is seen within one period. After a
-                // stall (a slow read) the schedule restarts rather than catching up.
-                let mut next_poll = crate::sys::clock::deadline(Instant::now(), poll_interval);
+                // After a file event: poll at `settle_step` until the version moves, for
+                // at most SETTLE.
+                let mut settle_until: Option<Instant> = None;
                 loop {
-                    let wait = next_poll.saturating_duration_since(Instant::now());
-                    match stop_requests.recv_timeout(wait) {
-                        Err(mpsc::RecvTimeoutError::Timeout) => {}
-                        Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                    let now = Instant::now();
+                    let timeout = match settle_until {
+                        Some(until) if until > now => {
+                            settle_step(SETTLE.saturating_sub(until - now))
+                        }
+                        _ if watch_files && !wakeup.is_event_driven() => {
+                            poll_interval.min(FALLBACK_POLL)
+                        }
+                        _ => poll_interval,
+                    };
+                    match wakeup.wait(timeout) {
+                        Wake::Stop => return,
+                        Wake::Changed => {
+                            settle_until = Some(Instant::now() + SETTLE);
+                        }
+                        Wake::Timeout => {}
                     }
-                    if let Some(snapshot) = poller.poll() {
+                    let changed = poller.poll_changed();
+                    if let Some(snapshot) = changed.snapshot {
                         sender.send_replace(snapshot);
                     }
-                    next_poll = crate::sys::clock::deadline(next_poll, poll_interval);
-                    let now = Instant::now();
-                    if next_poll < now {
-                        next_poll = crate::sys::clock::deadline(now, poll_interval);
+                    if changed.version_moved
+                        || settle_until.is_some_and(|until| Instant::now() >= until)
+                    {
+                        settle_until = None;
                     }
                 }
             })
@@ -239,6 +294,11 @@ impl Drop for LiveFlags {
     }
 }
 
+struct Polled {
+    snapshot: Option<Arc<FlagsSnapshot>>,
+    version_moved: bool,
+}
+
 /// The poller thread's state: one read-only connection (reopened after errors), the last
 /// `data_version` seen and the snapshot last published.
 struct Poller {
@@ -252,6 +312,8 @@ struct Poller {
     busy_since: Option<Instant>,
     /// The last poll found no database file.
     missing: bool,
+    /// The last poll read a new version (or failed).
+    moved: bool,
     current: Arc<FlagsSnapshot>,
     failed_polls: Arc<AtomicU64>,
 }
@@ -267,14 +329,30 @@ impl Poller {
             last_full_read: None,
             busy_since: None,
             missing: false,
+            moved: false,
             current: Arc::new(FlagsSnapshot::default()),
             failed_polls: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// [`Poller::poll`], and whether it saw anything move (a new version read, or an
+    /// error): the end of a settle after a file event.
+    fn poll_changed(&mut self) -> Polled {
+        let snapshot = self.poll();
+        Polled {
+            snapshot,
+            version_moved: self.moved,
         }
     }
 
     /// One poll; returns the new snapshot when rows or error changed.
     fn poll(&mut self) -> Option<Arc<FlagsSnapshot>> {
         let read = self.read_if_changed();
+        // Busy is not a move: the commit is still landing, ask again.
+        self.moved = match &read {
+            Ok(rows) => rows.is_some(),
+            Err(error) => !error.is_busy(),
+        };
         if read.is_err() {
             self.failed_polls.fetch_add(1, Ordering::Relaxed);
         }
@@ -337,7 +415,7 @@ impl Poller {
             self.file_identity = Some(identity);
         }
         let reader = self.reader.as_ref().expect("opened above");
-        let data_version = reader.data_version()?;
+        let data_version = reader.data_version_now()?;
         let backstop_due = self
             .last_full_read
             .is_none_or(|at| at.elapsed() >= self.options.full_reread_interval);
@@ -432,7 +510,19 @@ mod tests {
     #[test]
     fn defaults_match_the_spec() {
         let options = LiveFlagsOptions::default();
-        assert_eq!(options.poll_interval, Duration::from_millis(20));
+        // Woken by the kernel; the poll is the backstop. Without inotify: SPEC §4's 20 ms.
+        assert!(options.watch_files);
+        assert_eq!(options.poll_interval, Duration::from_secs(1));
+        assert_eq!(FALLBACK_POLL, Duration::from_millis(20));
+        assert_eq!(settle_step(Duration::ZERO), Duration::from_micros(100));
+        assert_eq!(
+            settle_step(Duration::from_millis(20)),
+            Duration::from_millis(1)
+        );
+        assert_eq!(
+            settle_step(Duration::from_millis(100)),
+            Duration::from_millis(5)
+        );
         assert_eq!(options.full_reread_interval, Duration::from_secs(5));
         assert_eq!(options.kill_key, "DISABLE_NEW");
         assert!(options.defaults.is_empty());

@@ -398,6 +398,22 @@ impl SettingsReader {
         version
     }
 
+    /// [`SettingsReader::data_version`] without waiting on a busy database: a busy error
+    /// at once rather than SQLite's busy handler sleeping a millisecond or more. LiveFlags
+    /// asks right when a commit's writes wake it, which is exactly when a reader can find
+    /// the WAL index busy for a few microseconds; it asks again shortly instead.
+    pub fn data_version_now(&self) -> Result<i64, SettingsError> {
+        let set = |timeout| {
+            self.connection
+                .busy_timeout(timeout)
+                .map_err(|e| SettingsError::from_sqlite("setting busy_timeout", e))
+        };
+        set(Duration::ZERO)?;
+        let version = self.data_version();
+        set(READER_BUSY_TIMEOUT)?;
+        version
+    }
+
     /// Every row with a non-NULL value.
     pub fn read_all(&self) -> Result<BTreeMap<String, String>, SettingsError> {
         let rows = read_all_rows(&self.connection);

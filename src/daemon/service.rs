@@ -23,9 +23,6 @@ use crate::daemon::metrics::Metrics;
 use crate::daemon::notify::Notifier;
 use crate::daemon::{AdapterFactory, Adapters, Driver, DriverInputs, Reloader, SystemClock};
 
-/// How often the daemon's own LiveFlags looks for kill-switch changes.
-const DAEMON_FLAGS_POLL: std::time::Duration = std::time::Duration::from_millis(200);
-
 /// The state directory is held by one process at a time: a daemon, or a CLI command
 /// acting on the state directly while no daemon runs.
 pub struct StateLock {
@@ -196,9 +193,8 @@ pub async fn run(
     let flags_options = LiveFlagsOptions {
         kill_key: config.kill_switch.key.clone(),
         defaults: config.flag_defaults.clone(),
-        // The daemon only audits hand-made changes: 200 ms is plenty, and a tenth of
-        // the wake-ups of the 20 ms the applications' LiveFlags use.
-        poll_interval: DAEMON_FLAGS_POLL,
+        // Woken by the kernel on a commit, like the applications' LiveFlags; the 1 s
+        // backstop poll is the default.
         ..LiveFlagsOptions::default()
     };
     let flags_db = config.kill_switch.database.clone();

@@ -207,6 +207,28 @@ mod tests {
         assert!(history.healthy("v39").is_some() && history.healthy("v0").is_none());
     }
 
+    /// A hostile snapshot's request count (1e30 saturates to u64::MAX) must not overflow
+    /// the sums or the test: the baseline is still made, and a check judged against it.
+    #[test]
+    fn absurd_request_counts_do_not_overflow() {
+        let settings = BaselineSettings::default();
+        let mut history = History::default();
+        for s in [700, 800, 900] {
+            history.observe(obs(s, "v1", 0.5, 1e30), Duration::from_secs(3600));
+        }
+        let baseline = history.observed("v1", at(1000), &settings).unwrap();
+        assert_eq!(baseline.requests, Some(u64::MAX));
+        let test = crate::core::stats::excess_over_counts(
+            u64::MAX,
+            u64::MAX,
+            baseline.errors.unwrap(),
+            baseline.requests.unwrap(),
+            2.0,
+        )
+        .unwrap();
+        assert!((0.0..=1.0).contains(&test.p_value), "{test:?}");
+    }
+
     #[test]
     fn precedence_is_operator_observed_prometheus_previous_session() {
         let of = |source| {

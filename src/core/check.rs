@@ -438,8 +438,13 @@ impl Baseline {
         // Counts only when every usable observation had them: a mix would weigh the
         // uncounted ones as zero traffic.
         let (errors, requests, error_rate) = if counted.len() == usable.len() {
-            let errors: u64 = counted.iter().map(|(e, _)| e).sum();
-            let requests: u64 = counted.iter().map(|(_, n)| n).sum();
+            // Saturating: a snapshot may claim any count (1e30 requests is u64::MAX).
+            let errors = counted
+                .iter()
+                .fold(0u64, |sum, (e, _)| sum.saturating_add(*e));
+            let requests = counted
+                .iter()
+                .fold(0u64, |sum, (_, n)| sum.saturating_add(*n));
             if requests == 0 {
                 (None, None, None)
             } else {

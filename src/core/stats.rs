@@ -65,7 +65,7 @@ pub fn excess_over_counts(
     let weighted = margin * requests as f64;
     let theta = weighted / (weighted + base_requests as f64);
     Some(ExcessErrors {
-        p_value: binomial_at_least(errors, errors + base_errors, theta),
+        p_value: binomial_at_least(errors, errors.saturating_add(base_errors), theta),
         expected: requests as f64 * base_errors as f64 / base_requests as f64,
     })
 }

@@ -110,9 +110,23 @@ impl Prometheus {
     }
 }
 
-fn worker_metrics(error_rate: f64) -> String {
+/// Points the daemon's snapshots at Prometheus on `port` (`test_error_rate`,
+/// `test_requests`, the worker's gauges) instead of the test server's `/snapshot`.
+fn snapshots_from_prometheus(setup: &Setup, port: u16) {
+    setup.rewrite_config(|config| {
+        let operations = config["operations"].as_table_mut().unwrap();
+        operations.remove("snapshot_url");
+        let mut prometheus = toml::Table::new();
+        prometheus.insert("url".into(), format!("http://127.0.0.1:{port}").into());
+        prometheus.insert("error_rate".into(), "test_error_rate".into());
+        prometheus.insert("requests".into(), "test_requests".into());
+        operations.insert("prometheus".into(), prometheus.into());
+    });
+}
+
+fn worker_metrics(error_rate: f64, requests: u64) -> String {
     format!(
-        "# TYPE test_error_rate gauge\ntest_error_rate {error_rate}\n# TYPE test_requests gauge\ntest_requests 1000\n"
+        "# TYPE test_error_rate gauge\ntest_error_rate {error_rate}\n# TYPE test_requests gauge\ntest_requests {requests}\n"
     )
 }
 
@@ -128,24 +142,15 @@ fn rollbackd_rolls_back_on_prometheus_data_and_prometheus_scrapes_rollbackd() {
     let started = Instant::now();
     let setup = Setup::new("[http]\nlisten = \"127.0.0.1:0\"");
     // The worker's own metrics, on the same loopback server as its health endpoints.
-    setup.routes.set("/metrics", 200, &worker_metrics(0.01));
+    setup
+        .routes
+        .set("/metrics", 200, &worker_metrics(0.01, 1000));
     let worker: SocketAddr = format!("127.0.0.1:{}", setup.port).parse().unwrap();
 
     // rollbackd must know Prometheus's address before it starts, and Prometheus
     // rollbackd's (which it picks itself): reserve Prometheus's port first.
     let prometheus_port = free_port();
-    setup.rewrite_config(|config| {
-        let operations = config["operations"].as_table_mut().unwrap();
-        operations.remove("snapshot_url");
-        let mut prometheus = toml::Table::new();
-        prometheus.insert(
-            "url".into(),
-            format!("http://127.0.0.1:{prometheus_port}").into(),
-        );
-        prometheus.insert("error_rate".into(), "test_error_rate".into());
-        prometheus.insert("requests".into(), "test_requests".into());
-        operations.insert("prometheus".into(), prometheus.into());
-    });
+    snapshots_from_prometheus(&setup, prometheus_port);
     let daemon = setup.start();
     let rollbackd = setup.http_addr();
 
@@ -179,7 +184,9 @@ fn rollbackd_rolls_back_on_prometheus_data_and_prometheus_scrapes_rollbackd() {
         setup.daemon_log()
     );
 
-    setup.routes.set("/metrics", 200, &worker_metrics(0.45));
+    setup
+        .routes
+        .set("/metrics", 200, &worker_metrics(0.45, 1000));
     let rolled_back = wait_for(Duration::from_secs(15), || {
         !setup.events("rollback-executed").is_empty()
     });
@@ -245,26 +252,11 @@ fn the_baseline_comes_from_a_prometheus_range_query_when_rollbackd_has_not_obser
     }
     let setup =
         Setup::new("[baseline]\nobserve_interval = \"0s\"\nwindow = \"1m\"\nmin_samples = 3\n");
-    let metrics = |rate: f64| {
-        format!(
-            "# TYPE test_error_rate gauge\ntest_error_rate {rate}\n# TYPE test_requests gauge\ntest_requests 5000\n"
-        )
-    };
+    let metrics = |rate: f64| worker_metrics(rate, 5000);
     setup.routes.set("/metrics", 200, &metrics(0.003));
     let worker: SocketAddr = format!("127.0.0.1:{}", setup.port).parse().unwrap();
     let prometheus_port = free_port();
-    setup.rewrite_config(|config| {
-        let operations = config["operations"].as_table_mut().unwrap();
-        operations.remove("snapshot_url");
-        let mut prometheus = toml::Table::new();
-        prometheus.insert(
-            "url".into(),
-            format!("http://127.0.0.1:{prometheus_port}").into(),
-        );
-        prometheus.insert("error_rate".into(), "test_error_rate".into());
-        prometheus.insert("requests".into(), "test_requests".into());
-        operations.insert("prometheus".into(), prometheus.into());
-    });
+    snapshots_from_prometheus(&setup, prometheus_port);
     let daemon = setup.start();
     let prometheus = Prometheus::start(
         &setup.path("prometheus"),

@@ -69,6 +69,12 @@ impl PrometheusSnapshotSource {
 }
 
 async fn query_untimed(client: &reqwest::Client, url: reqwest::Url) -> Result<Sample, String> {
+    parse_query_response(&get_api_body(client, url).await?)
+}
+
+/// One GET of the query API: the body of a 2xx answer (capped at `MAX_BODY`), else the
+/// API's own explanation of the failure.
+async fn get_api_body(client: &reqwest::Client, url: reqwest::Url) -> Result<Vec<u8>, String> {
     let response = client
         .get(url)
         .header(reqwest::header::ACCEPT, "application/json")
@@ -87,7 +93,7 @@ async fn query_untimed(client: &reqwest::Client, url: reqwest::Url) -> Result<Sa
         let detail = api_error(&body.bytes).unwrap_or_else(|| excerpt(&body.bytes));
         return Err(format!("HTTP {status}: {detail}"));
     }
-    parse_query_response(&body.bytes)
+    Ok(body.bytes)
 }
 
 /// `errorType: error` from an API error envelope, if the body is one.
@@ -103,18 +109,8 @@ fn api_error(body: &[u8]) -> Option<String> {
 
 /// Reads an instant-query response body. `Err` is a provider failure.
 pub(super) fn parse_query_response(body: &[u8]) -> Result<Sample, String> {
-    let value: Value = serde_json::from_slice(body)
-        .map_err(|error| format!("unparsable response ({error}): {}", excerpt(body)))?;
-    match value.get("status").and_then(Value::as_str) {
-        Some("success") => {}
-        Some("error") => {
-            return Err(api_error(body).unwrap_or_else(|| "query failed".into()));
-        }
-        _ => return Err(format!("not a query API response: {}", excerpt(body))),
-    }
-    let data = value
-        .get("data")
-        .ok_or_else(|| format!("response has no data: {}", excerpt(body)))?;
+    let value = api_data(body)?;
+    let data = &value;
     let result = data.get("result");
     match data.get("resultType").and_then(Value::as_str) {
         Some("vector") => {
@@ -133,6 +129,21 @@ pub(super) fn parse_query_response(body: &[u8]) -> Result<Sample, String> {
         )),
         None => Err(format!("response has no resultType: {}", excerpt(body))),
     }
+}
+
+/// The `data` of a successful query API response. `Err` is a provider failure.
+fn api_data(body: &[u8]) -> Result<Value, String> {
+    let mut value: Value = serde_json::from_slice(body)
+        .map_err(|error| format!("unparsable response ({error}): {}", excerpt(body)))?;
+    match value.get("status").and_then(Value::as_str) {
+        Some("success") => {}
+        Some("error") => return Err(api_error(body).unwrap_or_else(|| "query failed".into())),
+        _ => return Err(format!("not a query API response: {}", excerpt(body))),
+    }
+    value
+        .get_mut("data")
+        .map(Value::take)
+        .ok_or_else(|| format!("response has no data: {}", excerpt(body)))
 }
 
 /// `[timestamp, "value"]` to a sample.
@@ -186,23 +197,7 @@ pub async fn range_observations(
             .append_pair("end", &format!("{:.3}", seconds(end)))
             .append_pair("step", &format!("{}s", step.as_secs()));
         let client = client.clone();
-        async move {
-            let response = client
-                .get(url)
-                .header(reqwest::header::ACCEPT, "application/json")
-                .send()
-                .await
-                .map_err(|error| error_chain(&error))?;
-            let status = response.status();
-            let body = read_capped(response, MAX_BODY)
-                .await
-                .map_err(|error| format!("HTTP {status}: {}", error_chain(&error)))?;
-            if !status.is_success() {
-                let detail = api_error(&body.bytes).unwrap_or_else(|| excerpt(&body.bytes));
-                return Err(format!("HTTP {status}: {detail}"));
-            }
-            parse_range_response(&body.bytes)
-        }
+        async move { parse_range_response(&get_api_body(&client, url).await?) }
     };
     let optional = |expression: &Option<String>| {
         let query = expression.as_deref().map(range);
@@ -243,16 +238,7 @@ pub async fn range_observations(
 pub(super) fn parse_range_response(
     body: &[u8],
 ) -> Result<std::collections::BTreeMap<i64, f64>, String> {
-    let value: Value = serde_json::from_slice(body)
-        .map_err(|error| format!("unparsable response ({error}): {}", excerpt(body)))?;
-    match value.get("status").and_then(Value::as_str) {
-        Some("success") => {}
-        Some("error") => return Err(api_error(body).unwrap_or_else(|| "query failed".into())),
-        _ => return Err(format!("not a query API response: {}", excerpt(body))),
-    }
-    let data = value
-        .get("data")
-        .ok_or_else(|| format!("response has no data: {}", excerpt(body)))?;
+    let data = api_data(body)?;
     if data.get("resultType").and_then(Value::as_str) != Some("matrix") {
         return Err(format!("range result is not a matrix: {}", excerpt(body)));
     }

@@ -535,11 +535,22 @@ impl Supervisor {
 
     /// The baseline a promotion of a version after `previous` would use now.
     pub fn baseline_for(&self, now: SystemTime, previous: &str) -> Option<Baseline> {
+        self.chosen_baseline(now, previous, None, None)
+    }
+
+    /// SPEC §2a's precedence over what this Supervisor knows and what the runner brought.
+    fn chosen_baseline(
+        &self,
+        now: SystemTime,
+        previous: &str,
+        operator: Option<Baseline>,
+        prometheus: Option<Baseline>,
+    ) -> Option<Baseline> {
         baseline::choose(
-            None,
+            operator,
             self.history
                 .observed(previous, now, &self.settings.baseline),
-            None,
+            prometheus,
             self.history.healthy(previous),
         )
     }
@@ -604,13 +615,7 @@ impl Supervisor {
                 prometheus,
                 reply,
             } => {
-                let baseline = baseline::choose(
-                    baseline,
-                    self.history
-                        .observed(&previous, now.wall, &self.settings.baseline),
-                    prometheus,
-                    self.history.healthy(&previous),
-                );
+                let baseline = self.chosen_baseline(now.wall, &previous, baseline, prometheus);
                 self.promote(now, operator, active, previous, baseline, reply)
             }
             Input::Rollback {

@@ -1,9 +1,12 @@
-//! Host memory, worker RSS and open file handles, read from `/proc` on a blocking thread.
+//! Host memory, worker RSS and open file handles, read from `/proc` (the worker's on a
+//! blocking thread).
 //! Each field fails alone (`None`); the sample as a whole is `None` only when nothing at
 //! all could be read.
 
+use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use super::{substitute_worker, BoxFuture, ResourceSampler};
 use crate::core::check::Resources;
@@ -14,6 +17,9 @@ const PID_FILE_MAX_BYTES: u64 = 64;
 pub(super) struct ProcResourceSampler {
     proc_root: PathBuf,
     pid_file_template: Option<String>,
+    /// `/proc/meminfo`, kept open: procfs regenerates it on every read from offset 0, so
+    /// a check costs one `pread` instead of open, stat, eight growing reads and close.
+    meminfo: Mutex<Option<File>>,
 }
 
 impl ProcResourceSampler {
@@ -21,13 +27,52 @@ impl ProcResourceSampler {
         ProcResourceSampler {
             proc_root,
             pid_file_template,
+            meminfo: Mutex::new(None),
         }
     }
+
+    /// Host memory in use, from the kept-open `meminfo` (opened again after a failure).
+    fn host_memory_percent(&self) -> Option<f64> {
+        let mut file = self.meminfo.lock().unwrap_or_else(|p| p.into_inner());
+        if file.is_none() {
+            *file = File::open(self.proc_root.join("meminfo")).ok();
+        }
+        let text = read_whole(file.as_ref()?);
+        if text.is_none() {
+            *file = None;
+        }
+        memory_percent_from_meminfo(&text?)
+    }
+}
+
+/// The whole of a small file from offset 0, with positioned reads into one buffer.
+fn read_whole(file: &File) -> Option<String> {
+    use std::os::unix::fs::FileExt;
+    const LIMIT: usize = 64 * 1024;
+    let mut bytes = vec![0u8; 4096];
+    let mut len = 0;
+    loop {
+        if len == bytes.len() {
+            if len >= LIMIT {
+                break;
+            }
+            bytes.resize(len * 2, 0);
+        }
+        match file.read_at(&mut bytes[len..], len as u64) {
+            Ok(0) => break,
+            Ok(n) => len += n,
+            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return None,
+        }
+    }
+    bytes.truncate(len);
+    String::from_utf8(bytes).ok()
 }
 
 impl ResourceSampler for ProcResourceSampler {
     fn sample<'a>(&'a self, worker: &'a str) -> BoxFuture<'a, Option<Resources>> {
         let proc_root = self.proc_root.clone();
+        let host_memory_percent = self.host_memory_percent();
         let pid_file = self
             .pid_file_template
             .as_deref()
@@ -36,13 +81,17 @@ impl ResourceSampler for ProcResourceSampler {
             let resources = match pid_file {
                 // Only /proc/meminfo: a small read the kernel answers from memory, done in
                 // place — a hop to the blocking pool cost more than the read itself.
-                None => sample_blocking(&proc_root, None),
+                None => worker_sample(&proc_root, None),
                 // A worker's fd directory can be long: off the runtime thread.
-                Some(pid_file) => tokio::task::spawn_blocking(move || {
-                    sample_blocking(&proc_root, Some(&pid_file))
-                })
-                .await
-                .ok()?,
+                Some(pid_file) => {
+                    tokio::task::spawn_blocking(move || worker_sample(&proc_root, Some(&pid_file)))
+                        .await
+                        .ok()?
+                }
+            };
+            let resources = Resources {
+                host_memory_percent,
+                ..resources
             };
             let nothing = resources.host_memory_percent.is_none()
                 && resources.worker_rss_bytes.is_none()
@@ -52,10 +101,8 @@ impl ResourceSampler for ProcResourceSampler {
     }
 }
 
-fn sample_blocking(proc_root: &Path, pid_file: Option<&Path>) -> Resources {
-    let host_memory_percent = std::fs::read_to_string(proc_root.join("meminfo"))
-        .ok()
-        .and_then(|text| memory_percent_from_meminfo(&text));
+/// The worker's RSS and open files (host memory is filled in by the caller).
+fn worker_sample(proc_root: &Path, pid_file: Option<&Path>) -> Resources {
     let pid = pid_file.and_then(read_pid);
     let (worker_rss_bytes, worker_open_files) = match pid {
         None => (None, None),
@@ -71,7 +118,7 @@ fn sample_blocking(proc_root: &Path, pid_file: Option<&Path>) -> Resources {
         }
     };
     Resources {
-        host_memory_percent,
+        host_memory_percent: None,
         worker_rss_bytes,
         worker_open_files,
     }
@@ -162,5 +209,34 @@ mod tests {
         let empty = tempfile::tempdir().unwrap();
         let nothing = ProcResourceSampler::new(empty.path().into(), None);
         assert_eq!(nothing.sample("w1").await, None);
+    }
+
+    #[test]
+    fn the_kept_open_meminfo_reads_whole_and_fresh() {
+        // Longer than the first buffer, and changed in place between two reads.
+        let root = tempfile::tempdir().unwrap();
+        let padding = "Filler:    1 kB\n".repeat(600);
+        let path = root.path().join("meminfo");
+        std::fs::write(
+            &path,
+            format!("{padding}MemTotal: 1000 kB\nMemAvailable: 250 kB\n"),
+        )
+        .unwrap();
+        let sampler = ProcResourceSampler::new(root.path().into(), None);
+        assert_eq!(sampler.host_memory_percent(), Some(75.0));
+        std::fs::write(
+            &path,
+            format!("{padding}MemTotal: 1000 kB\nMemAvailable: 900 kB\n"),
+        )
+        .unwrap();
+        assert_eq!(sampler.host_memory_percent(), Some(10.0));
+        // The real one, twice through the same descriptor.
+        if std::path::Path::new("/proc/meminfo").exists() {
+            let real = ProcResourceSampler::new("/proc".into(), None);
+            for _ in 0..2 {
+                let percent = real.host_memory_percent().expect("a reading");
+                assert!((0.0..=100.0).contains(&percent), "{percent}");
+            }
+        }
     }
 }

@@ -501,6 +501,18 @@ impl Supervisor {
         self.effects.pop_front()
     }
 
+    /// Takes the next effect only if it is an audit line (a check's line follows its
+    /// [`Effect::RecordCheck`], so the driver can write both in one go).
+    pub fn poll_audit(&mut self) -> Option<AuditRecord> {
+        match self.effects.front() {
+            Some(Effect::Audit(_)) => match self.effects.pop_front() {
+                Some(Effect::Audit(record)) => Some(record),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
     /// When to feed [`Input::Timeout`] next: the next check, or the end of the grace
     /// period's wait for one. `None`: nothing is due (no session, a check or a rollback
     /// in flight).

@@ -9,7 +9,17 @@ impl Driver {
         // Read the clocks before anything else, so the timer's lateness (the stall
         // measure) is not inflated by our own work.
         let now = self.time();
-        self.check_state_db().await;
+        // Whether rollbackd.db was deleted or replaced: before a check, at most once a
+        // second (it costs a hop to the blocking pool, ten a second at a 100 ms interval).
+        // Rows written meanwhile go to the open, unlinked database and are in the copy
+        // put back.
+        let due = self
+            .state_db_seen
+            .is_none_or(|seen| seen.elapsed() >= Duration::from_secs(1));
+        if due {
+            self.state_db_seen = Some(Instant::now());
+            self.check_state_db().await;
+        }
         self.sup.handle(
             now,
             Input::Timeout {
@@ -75,7 +85,9 @@ impl Driver {
         .await;
     }
 
-    pub(super) async fn record_check(&mut self, check: CheckRecord) {
+    /// The check's row in `rollbackd.db` and, when given, its audit line: both on one
+    /// blocking-pool thread in one hop, the row first.
+    pub(super) async fn record_check(&mut self, check: CheckRecord, line: Option<AuditRecord>) {
         let probe = match &check.result.probe {
             ProbeOutcome::Ok => "ok".to_owned(),
             ProbeOutcome::Failed { reason } => format!("failed: {reason}"),
@@ -103,8 +115,26 @@ impl Driver {
             verdict: check.verdict.as_str().into(),
             failed: check.failed,
         };
-        if let Err(err) = self.db.call(move |store| store.insert_check(&row)).await {
+        let insert = move |store: &mut crate::storage::store::Store| store.insert_check(&row);
+        let report = |err: crate::storage::store::StoreError| {
             tracing::error!("cannot record the check in rollbackd.db: {err}");
+        };
+        match line {
+            Some(line) => {
+                let db = self.db.clone();
+                self.recorder
+                    .audit_after(line, move || {
+                        if let Err(err) = db.call_here(insert) {
+                            report(err);
+                        }
+                    })
+                    .await;
+            }
+            None => {
+                if let Err(err) = self.db.call(insert).await {
+                    report(err);
+                }
+            }
         }
     }
 }

@@ -18,6 +18,19 @@ impl Db {
         })
     }
 
+    /// Runs `f` with the store on the calling thread: only for code that already runs on
+    /// the blocking pool (so a check's row and its audit line share one hop).
+    pub fn call_here<R>(
+        &self,
+        f: impl FnOnce(&mut Store) -> Result<R, StoreError>,
+    ) -> Result<R, StoreError> {
+        let mut guard = self
+            .store
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        f(&mut guard)
+    }
+
     /// Runs `f` with the store on the blocking pool.
     pub async fn call<R: Send + 'static>(
         &self,

@@ -350,6 +350,8 @@ pub struct Driver {
     next_reply: ReplyTo,
     /// The probe duration of the check being judged (for the metrics).
     probe_duration: Duration,
+    /// When a check last looked whether `rollbackd.db` was deleted or replaced.
+    state_db_seen: Option<Instant>,
     recent: VecDeque<CheckSummary>,
     kill_value: Option<Option<String>>,
     /// rollbackd's own kill-switch writes (shared with the actions that make them).
@@ -402,6 +404,7 @@ impl Driver {
             replies: HashMap::new(),
             next_reply: 0,
             probe_duration: Duration::ZERO,
+            state_db_seen: None,
             recent: VecDeque::new(),
             kill_value: None,
             kill_writes: Default::default(),
@@ -572,7 +575,10 @@ impl Driver {
                     worker,
                 } => self.start_check(session_id, index, worker),
                 Effect::ObserveIdle { worker } => self.observe_idle(worker),
-                Effect::RecordCheck(check) => self.record_check(check).await,
+                Effect::RecordCheck(check) => {
+                    let line = self.sup.poll_audit();
+                    self.record_check(check, line).await
+                }
                 Effect::Observed {
                     verdict,
                     error_rate,

@@ -227,6 +227,20 @@ impl Recorder {
         self.lock().queue.len()
     }
 
+    /// Records an audit line after running `before` on the same blocking-pool thread, in
+    /// one hop: a check's database row, then its fsynced line. `before` runs first whatever
+    /// happens to the line.
+    pub async fn audit_after(&self, record: AuditRecord, before: impl FnOnce() + Send + 'static) {
+        if let Some(alerter) = self.alerter() {
+            alerter.send(&record);
+        }
+        self.lock().queue.push_back(Queued {
+            record: Pending::Audit(record),
+            outbox_id: None,
+        });
+        self.write_queue(Some(Box::new(before))).await;
+    }
+
     async fn push(&self, record: Pending) {
         self.lock().queue.push_back(Queued {
             record,
@@ -237,8 +251,15 @@ impl Recorder {
 
     /// Writes whatever is queued, in order, stopping at the first failure.
     pub async fn retry(&self) {
+        self.write_queue(None).await;
+    }
+
+    async fn write_queue(&self, before: Option<Box<dyn FnOnce() + Send>>) {
         let inner = self.inner.clone();
         let written = tokio::task::spawn_blocking(move || {
+            if let Some(before) = before {
+                before();
+            }
             let mut inner = inner.lock().unwrap_or_else(|p| p.into_inner());
             let mut written = Vec::new();
             while let Some(front) = inner.queue.front() {

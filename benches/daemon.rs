@@ -1,11 +1,13 @@
 //! Daemon figures: manual rollback overhead (CLI to artifact), RSS and CPU while
 //! monitoring at a 100 ms interval, and the delay from an error spike to the switch hook.
 //!
-//! Run: `cargo bench --bench daemon`. Loopback only; about a minute.
+//! Run: `cargo bench --bench daemon` (or `-- rollback`, `-- monitoring`, `-- detection`
+//! for one part). Loopback only; about a minute.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
 
 use common::*;
@@ -74,34 +76,88 @@ fn proc_stat(pid: u32) -> (f64, u64) {
     (ticks as f64 / hz, rss_kb)
 }
 
-fn monitoring_cost() {
-    let setup = Setup::new("[monitor]\ncheck_interval = \"100ms\"\ndegraded_check_interval = \"50ms\"\ncheck_timeout = \"50ms\"\ngrace_period = \"10m\"");
-    let daemon = setup.start();
-    let out = setup.cli(&["promote", "--active", "v2", "--previous", "v1"]);
-    assert!(out.status.success());
+/// `keep_alive`: the loopback worker keeps connections open, as real HTTP servers do;
+/// without it every probe and snapshot is a new TCP connection. With
+/// `RBD_BENCH_BASELINE_BIN=path/to/older/rollbackd` that build runs beside this one,
+/// each against its own worker, measured over the same windows (a ratio from one run).
+fn monitoring_cost(keep_alive: bool) {
+    let mut programs = vec![("this build".to_owned(), PathBuf::from(BIN))];
+    if let Ok(older) = std::env::var("RBD_BENCH_BASELINE_BIN") {
+        programs.push((format!("baseline {older}"), PathBuf::from(older)));
+    }
+    let windows: usize = std::env::var("RBD_BENCH_WINDOWS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    let runs: Vec<_> = programs
+        .iter()
+        .map(|(name, program)| {
+            let setup = Setup::with_server("[monitor]\ncheck_interval = \"100ms\"\ndegraded_check_interval = \"50ms\"\ncheck_timeout = \"50ms\"\ngrace_period = \"10m\"", keep_alive);
+            let daemon = setup.start_program(program, |_| {});
+            let out = std::process::Command::new(program)
+                .arg("--config")
+                .arg(&setup.config)
+                .args(["promote", "--active", "v2", "--previous", "v1"])
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            (name.clone(), setup, daemon)
+        })
+        .collect();
     std::thread::sleep(Duration::from_secs(2));
-    let pid = daemon.pid();
     let window = Duration::from_secs(10);
-    let (mut cpu, mut rss, mut checks) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..5 {
-        let (cpu_before, _) = proc_stat(pid);
-        let checks_before = setup.events("health-check").len();
+    let mut cpu = vec![Vec::new(); runs.len()];
+    let mut rss = vec![Vec::new(); runs.len()];
+    let mut checks = vec![Vec::new(); runs.len()];
+    for _ in 0..windows {
+        let before: Vec<_> = runs
+            .iter()
+            .map(|(_, setup, daemon)| {
+                (
+                    proc_stat(daemon.pid()).0,
+                    setup.events("health-check").len(),
+                )
+            })
+            .collect();
         let start = Instant::now();
         std::thread::sleep(window);
-        let (cpu_after, rss_kb) = proc_stat(pid);
-        cpu.push((cpu_after - cpu_before) / start.elapsed().as_secs_f64() * 100.0);
-        rss.push(rss_kb as f64 / 1024.0);
-        checks.push((setup.events("health-check").len() - checks_before) as f64);
+        let elapsed = start.elapsed().as_secs_f64();
+        for (i, (_, setup, daemon)) in runs.iter().enumerate() {
+            let (cpu_after, rss_kb) = proc_stat(daemon.pid());
+            cpu[i].push((cpu_after - before[i].0) / elapsed * 100.0);
+            rss[i].push(rss_kb as f64 / 1024.0);
+            checks[i].push((setup.events("health-check").len() - before[i].1) as f64);
+        }
     }
-    println!(
-        "monitoring at a 100 ms interval: CPU median {:.2}% of one core (min {:.2}%, max {:.2}%), RSS median {:.1} MB (max {:.1} MB), {:.0} checks per 10 s window; 5 windows of 10 s",
-        median(cpu.clone()),
-        percentile(cpu.clone(), 0.0),
-        percentile(cpu, 1.0),
-        median(rss.clone()),
-        percentile(rss, 1.0),
-        median(checks)
-    );
+    for (i, (name, _, _)) in runs.iter().enumerate() {
+        println!(
+            "monitoring at a 100 ms interval, {name}, worker {}: CPU median {:.2}% of one core (min {:.2}%, max {:.2}%), RSS median {:.1} MB (max {:.1} MB), {:.0} checks per 10 s window; {windows} windows of 10 s",
+            if keep_alive {
+                "keeps connections open"
+            } else {
+                "closes each connection"
+            },
+            median(cpu[i].clone()),
+            percentile(cpu[i].clone(), 0.0),
+            percentile(cpu[i].clone(), 1.0),
+            median(rss[i].clone()),
+            percentile(rss[i].clone(), 1.0),
+            median(checks[i].clone())
+        );
+    }
+    if runs.len() == 2 {
+        let ratios: Vec<f64> = cpu[1]
+            .iter()
+            .zip(&cpu[0])
+            .map(|(old, new)| old / new)
+            .collect();
+        println!(
+            "  baseline / this build CPU, per window: median {:.2}x (min {:.2}x, max {:.2}x)",
+            median(ratios.clone()),
+            percentile(ratios.clone(), 0.0),
+            percentile(ratios, 1.0)
+        );
+    }
 }
 
 fn detection_delay() {
@@ -154,7 +210,20 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
-    manual_rollback_overhead();
-    monitoring_cost();
-    detection_delay();
+    // `cargo bench --bench daemon -- monitoring` runs only the parts named.
+    let wanted: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let run = |name: &str| wanted.is_empty() || wanted.iter().any(|w| name.contains(w.as_str()));
+    if run("rollback") {
+        manual_rollback_overhead();
+    }
+    if run("monitoring") {
+        monitoring_cost(true);
+        monitoring_cost(false);
+    }
+    if run("detection") {
+        detection_delay();
+    }
 }

@@ -36,49 +36,62 @@ impl Routes {
 
 /// A loopback HTTP/1.1 server on its own thread; answers from `Routes`, closes each connection.
 pub fn serve(routes: Routes) -> u16 {
+    serve_with(routes, false)
+}
+
+/// Like [`serve`]; with `keep_alive` a connection serves requests until the client closes
+/// it (or 5 s of silence), as a real worker's HTTP server does.
+pub fn serve_with(routes: Routes, keep_alive: bool) -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     std::thread::spawn(move || {
         for stream in listener.incoming().flatten() {
             let routes = routes.clone();
-            std::thread::spawn(move || handle(stream, &routes));
+            std::thread::spawn(move || handle(stream, &routes, keep_alive));
         }
     });
     port
 }
 
-fn handle(mut stream: TcpStream, routes: &Routes) {
+fn handle(mut stream: TcpStream, routes: &Routes, keep_alive: bool) {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
     let mut reader = BufReader::new(stream.try_clone().unwrap());
-    let mut request_line = String::new();
-    if reader.read_line(&mut request_line).is_err() {
-        return;
-    }
     loop {
-        let mut header = String::new();
-        match reader.read_line(&mut header) {
-            Ok(0) | Err(_) => break,
-            Ok(_) if header == "\r\n" || header == "\n" => break,
+        let mut request_line = String::new();
+        match reader.read_line(&mut request_line) {
+            Ok(0) | Err(_) => return,
             Ok(_) => {}
         }
+        loop {
+            let mut header = String::new();
+            match reader.read_line(&mut header) {
+                Ok(0) | Err(_) => break,
+                Ok(_) if header == "\r\n" || header == "\n" => break,
+                Ok(_) => {}
+            }
+        }
+        let path = request_line
+            .split_whitespace()
+            .nth(1)
+            .unwrap_or("/")
+            .to_owned();
+        let (status, body) = routes
+            .0
+            .lock()
+            .unwrap()
+            .get(&path)
+            .cloned()
+            .unwrap_or((404, "not found".into()));
+        let connection = if keep_alive { "keep-alive" } else { "close" };
+        let written = write!(
+            stream,
+            "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: {connection}\r\n\r\n{body}",
+            body.len()
+        );
+        if !keep_alive || written.is_err() {
+            return;
+        }
     }
-    let path = request_line
-        .split_whitespace()
-        .nth(1)
-        .unwrap_or("/")
-        .to_owned();
-    let (status, body) = routes
-        .0
-        .lock()
-        .unwrap()
-        .get(&path)
-        .cloned()
-        .unwrap_or((404, "not found".into()));
-    let _ = write!(
-        stream,
-        "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
-    );
 }
 
 /// A state directory and a configuration for a daemon on the loopback server.
@@ -92,12 +105,17 @@ pub struct Setup {
 impl Setup {
     /// `extra` is appended to the configuration (TOML).
     pub fn new(extra: &str) -> Setup {
+        Setup::with_server(extra, false)
+    }
+
+    /// [`Setup::new`] with a loopback server that keeps connections open (see [`serve_with`]).
+    pub fn with_server(extra: &str, keep_alive: bool) -> Setup {
         let dir = tempfile::tempdir().unwrap();
         let routes = Routes::default();
         routes.set("/v1/health", 200, r#"{"status":"ok"}"#);
         routes.set("/v2/health", 200, r#"{"status":"ok"}"#);
         routes.error_rate(0.01);
-        let port = serve(routes.clone());
+        let port = serve_with(routes.clone(), keep_alive);
         let state = dir.path().join("state");
         let hook = dir.path().join("switch.sh");
         std::fs::write(
@@ -177,7 +195,12 @@ listen = ""
     /// Starts the daemon after `adjust` has had its say on the command (environment,
     /// `pre_exec` resource limits, ...); waits until it answers `status`.
     pub fn start_with(&self, adjust: impl FnOnce(&mut Command)) -> Daemon {
-        let mut command = Command::new(BIN);
+        self.start_program(Path::new(BIN), adjust)
+    }
+
+    /// [`Setup::start_with`] for another build of rollbackd (a benchmark's older release).
+    pub fn start_program(&self, program: &Path, adjust: impl FnOnce(&mut Command)) -> Daemon {
+        let mut command = Command::new(program);
         command
             .arg("--config")
             .arg(&self.config)
@@ -189,10 +212,16 @@ listen = ""
         adjust(&mut command);
         let child = command.spawn().unwrap();
         let socket = self.state().join("rollbackd.sock");
-        wait_for(Duration::from_secs(10), || {
+        if wait_for(Duration::from_secs(10), || {
             std::os::unix::net::UnixStream::connect(&socket).is_ok()
         })
-        .expect("daemon socket comes up");
+        .is_none()
+        {
+            panic!(
+                "the daemon's socket did not come up in 10 s; its log:\n{}",
+                self.daemon_log()
+            );
+        }
         // The driver answers `status` only once it has restored its state and read the
         // kill switch: from then on changes are seen as changes.
         wait_for(Duration::from_secs(10), || {

@@ -13,6 +13,10 @@
 # 3. cargo deb --no-build with the remaining arguments (e.g. --deb-version 0.1.0-2,
 #    --output DIR, --fast). The package's contents are [package.metadata.deb] in Cargo.toml.
 #
+# RBD_DEB_PROFILE=dev packages the debug build (target/debug/rollbackd) instead:
+# CI's package test uses it to reuse the binary `cargo test` built rather than spend most
+# of its time on a second, optimised build. Hosts get the release build (the default).
+#
 # Needs cargo-deb (`cargo install cargo-deb --locked`) for step 3 and dpkg-shlibdeps
 # (package dpkg-dev) for the package's library dependencies.
 set -euo pipefail
@@ -29,17 +33,24 @@ while [ $# -gt 0 ]; do
   esac
 done
 
+profile=${RBD_DEB_PROFILE:-release}
+case "$profile" in
+  release) profile_dir=release; build_args=(--release) ;;
+  dev) profile_dir=debug; build_args=() ;;
+  *) echo "build.sh: RBD_DEB_PROFILE must be release or dev, not '$profile'" >&2; exit 1 ;;
+esac
+
 if [ "$build" = 1 ]; then
-  echo "== cargo build --release --locked"
-  cargo build --release --locked
+  echo "== cargo build ${build_args[*]} --locked"
+  cargo build "${build_args[@]}" --locked
 fi
 
 # The binary cargo built (CARGO_TARGET_DIR or a configured target dir move it; cargo-deb
 # itself resolves "target/release/" in the asset list the same way).
 target_dir=$(cargo metadata --format-version 1 --no-deps \
   | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
-bin="${target_dir:-$repo/target}/release/rollbackd"
-[ -x "$bin" ] || { echo "build.sh: no $bin: build it first (cargo build --release --locked)" >&2; exit 1; }
+bin="${target_dir:-$repo/target}/$profile_dir/rollbackd"
+[ -x "$bin" ] || { echo "build.sh: no $bin: build it first (cargo build ${build_args[*]} --locked)" >&2; exit 1; }
 
 if [ "$assets" = 1 ]; then
   out="$repo/target/deb-assets"
@@ -103,6 +114,6 @@ if [ "$package" = 1 ]; then
   if ! cargo deb --version >/dev/null 2>&1; then
     echo "build.sh: cargo-deb is not installed: cargo install cargo-deb --locked" >&2; exit 1
   fi
-  echo "== cargo deb --no-build $*"
-  cargo deb --no-build "$@"
+  echo "== cargo deb --no-build --profile $profile $*"
+  cargo deb --no-build --profile "$profile" "$@"
 fi

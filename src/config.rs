@@ -95,6 +95,7 @@ const KEYS: &[(&str, Kind)] = &[
     ("rollback.verify_interval", Kind::Duration),
     ("rollback.max_attempts", Kind::Int),
     ("rollback.max_rollbacks_per_hour", Kind::Int),
+    ("rollback.stability_period", Kind::Duration),
     ("kill_switch.database", Kind::Str),
     ("kill_switch.key", Kind::Str),
     ("kill_switch.reset_quiet_period", Kind::Duration),
@@ -169,6 +170,7 @@ verify_timeout = "2m"
 verify_interval = "5s"
 max_attempts = 3
 max_rollbacks_per_hour = 3
+stability_period = "15m"
 
 [kill_switch]
 database = "state/orchestrator.db"
@@ -315,6 +317,8 @@ pub struct RollbackConfig {
     pub verify_interval: Duration,
     pub max_attempts: u32,
     pub max_rollbacks_per_hour: u32,
+    /// After a verified rollback, how long the restored version is watched (0: not).
+    pub stability_period: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -1190,6 +1194,7 @@ fn build(
         verify_interval: duration("rollback.verify_interval"),
         max_attempts: int("rollback.max_attempts") as u32,
         max_rollbacks_per_hour: int("rollback.max_rollbacks_per_hour") as u32,
+        stability_period: duration("rollback.stability_period"),
     };
     for (key, argv) in [
         ("rollback.switch_command", &rollback.switch_command),
@@ -1410,6 +1415,7 @@ impl Config {
             check_timeout: self.monitor.check_timeout,
             grace_period: self.monitor.grace_period,
             max_rollbacks_per_hour: self.rollback.max_rollbacks_per_hour,
+            stability_period: self.rollback.stability_period,
             baseline: self.baseline,
             config_hash: config_hash.to_owned(),
         }

@@ -108,6 +108,18 @@ pub fn escape(text: &str) -> Cow<'_, str> {
     }
 }
 
+/// `text` on one line for a report: escaped as [`escape`] does (so a newline is `\n`), and
+/// cut to at most `max` characters with `…`.
+pub fn one_line(text: &str, max: usize) -> String {
+    let escaped = escape(text);
+    if escaped.chars().count() <= max {
+        return escaped.into_owned();
+    }
+    let mut cut: String = escaped.chars().take(max.saturating_sub(1)).collect();
+    cut.push('…');
+    cut
+}
+
 /// Displays its text through [`escape`]'s rules without allocating.
 #[derive(Debug, Clone, Copy)]
 pub struct Escaped<'a>(pub &'a str);

@@ -164,6 +164,8 @@ fn rollback_executed_numbered(action_id: i64) -> AuditRecord {
             rollback_duration_seconds: 1.71,
             artifact: "/state/analytics/rollback_x.json".into(),
             resumed: 0,
+            incident: None,
+            incident_summary: None,
         },
     )
 }
@@ -476,4 +478,43 @@ async fn no_webhook_url_means_no_alerter() {
         max_retries: 3,
     };
     assert!(Alerter::from_config(&config).is_none());
+}
+
+/// An action's alert carries its incident report: the report's sentence and its path, in
+/// every format.
+#[test]
+fn an_alert_carries_the_incident_reports_summary_and_path() {
+    let record = AuditRecord::of(
+        at(),
+        Some("s-1"),
+        &events::RollbackExecuted {
+            action_id: Some(7),
+            from: "v2".into(),
+            to: "v1".into(),
+            trigger: rollbackd::storage::states::ActionTrigger::Automatic,
+            reason: "High error rate (42.5%) with 3 failures".into(),
+            phases: serde_json::json!({}),
+            rollback_duration_seconds: 1.71,
+            artifact: "/state/analytics/rollback_x.json".into(),
+            resumed: 0,
+            incident: Some("/state/analytics/incident_x.md".into()),
+            incident_summary: Some(
+                "SEV2 level 2: rollback of v2 to v1 after error rate 42.5% > threshold 20.0%."
+                    .into(),
+            ),
+        },
+    );
+    let summary = rollbackd::daemon::alerts::summary(&record);
+    assert_eq!(
+        summary,
+        "SEV2 level 2: rollback of v2 to v1 after error rate 42.5% > threshold 20.0%. Incident report: /state/analytics/incident_x.md"
+    );
+    for format in [
+        AlertFormat::Generic,
+        AlertFormat::Slack,
+        AlertFormat::Alertmanager,
+    ] {
+        let body = rollbackd::daemon::alerts::render(format, &record, "host-1").to_string();
+        assert!(body.contains("incident_x.md"), "{format:?}: {body}");
+    }
 }

@@ -434,6 +434,7 @@ const DURATION_KEYS: &[(&str, &str)] = &[
     ("rollback.hook_timeout", "7days"),
     ("rollback.verify_timeout", "7days"),
     ("rollback.verify_interval", "7days"),
+    ("rollback.stability_period", "7days"),
     ("kill_switch.reset_quiet_period", "7days"),
     ("alerts.timeout", "7days"),
     ("baseline.window", "7days"),

@@ -143,6 +143,8 @@ health_url = "http://127.0.0.1:1/{{worker}}/health"
 switch_command = ["switch", "{{to}}"]
 verify_interval = "1s"
 verify_timeout = "10s"
+# The session ends at the verified rollback unless a test sets a stability period.
+stability_period = "0s"
 [kill_switch]
 database = {db:?}
 create_database = true

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use rollbackd::core::check::{Baseline, CheckResult};
 use rollbackd::core::supervisor::{
     ActionKind, ActionResult, ActionTrigger, Answer, Effect, Input, Restored, SessionRecord,
-    SessionState, Settings, Supervisor,
+    SessionState, Settings, StabilityResult, Supervisor,
 };
 use rollbackd::core::trace::{parse_line, TraceLine};
 use rollbackd::core::Now;
@@ -62,6 +62,7 @@ fn name(effect: &Effect) -> String {
             format!("start:{}:{}", plan.kind.as_str(), plan.trigger.as_str())
         }
         Effect::PruneSessions => "prune".into(),
+        Effect::IncidentReport { .. } => "incident-report".into(),
         Effect::Reply { answer, .. } => match answer {
             Answer::Done(_) => "reply:done".into(),
             Answer::Progress { .. } => "reply:progress".into(),
@@ -249,8 +250,12 @@ fn restored_session(h: &Harness, previous: Option<&str>, ago: Duration) -> Sessi
         pause_reason: None,
         baseline: None,
         operator: None,
+        stability: None,
     }
 }
+
+/// No stability watch: the session ends when the rollback is verified.
+const NO_WATCH: &str = "[rollback]\nstability_period = \"0s\"\n";
 
 #[test]
 fn verdicts_become_actions_as_the_policy_says() {
@@ -394,7 +399,7 @@ fn verdicts_become_actions_as_the_policy_says() {
 
 #[test]
 fn a_rollback_stops_the_checks_until_it_ends_and_then_ends_the_session() {
-    let mut h = Harness::new(settings(""));
+    let mut h = Harness::new(settings(NO_WATCH));
     h.promote("v2", "v1");
     h.script = [SPIKE, SPIKE, SPIKE].iter().map(|l| check(l)).collect();
     h.run_for(Duration::from_secs(300));
@@ -718,7 +723,7 @@ fn a_restart_resumes_the_action_in_flight_or_carries_out_a_finished_one() {
 
     // Finished just before the kill while the session still says monitoring: its outcome
     // now, and no second rollback.
-    let mut h = Harness::new(settings(""));
+    let mut h = Harness::new(settings(NO_WATCH));
     h.feed(Input::Restore(Box::new(Restored {
         session: Some(session),
         checks: vec![(0, h.wall, check(SPIKE))],
@@ -1023,4 +1028,275 @@ fn observations_survive_a_restart() {
         baseline.source,
         Some(rollbackd::core::check::BaselineSource::Observed)
     );
+}
+
+// -- the stability watch (issue 13) ------------------------------------------------------
+
+const WATCH_5M: &str = "[rollback]\nstability_period = \"5m\"\n";
+
+/// Promotes v2 over v1, lets three spikes roll it back, and reports the rollback verified.
+fn rolled_back(extra: &str) -> Harness {
+    let mut h = Harness::new(settings(extra));
+    h.promote("v2", "v1");
+    h.script = [SPIKE, SPIKE, SPIKE].iter().map(|l| check(l)).collect();
+    h.run_for(Duration::from_secs(300));
+    assert_eq!(h.count("start:rollback:automatic"), 1, "{:?}", h.names());
+    h.feed(Input::ActionDone {
+        id: Some(1),
+        result: ActionResult::RolledBack {
+            from: "v2".into(),
+            to: "v1".into(),
+            artifact: "a.json".into(),
+        },
+    });
+    h
+}
+
+#[test]
+fn the_restored_version_is_watched_and_a_breach_escalates_but_never_rolls_back_again() {
+    struct Case {
+        name: &'static str,
+        config: &'static str,
+        /// What the restored version answers during the watch.
+        script: &'static [&'static str],
+        run: Duration,
+        watch_started: bool,
+        /// The stability event written (at most one).
+        ended_by: Option<&'static str>,
+        escalations: usize,
+        /// How the session ended (`None`: it goes on).
+        session_end: Option<&'static str>,
+    }
+    let cases = [
+        Case {
+            name: "healthy through the period: confirmed, the session ends rolled back",
+            config: WATCH_5M,
+            script: &[],
+            run: Duration::from_secs(400),
+            watch_started: true,
+            ended_by: Some("audit:stability-confirmed"),
+            escalations: 0,
+            session_end: Some("rolled-back"),
+        },
+        Case {
+            name: "error spikes on the restored version: escalated, not rolled back",
+            config: WATCH_5M,
+            script: &[HEALTHY, SPIKE, SPIKE, SPIKE],
+            run: Duration::from_secs(400),
+            watch_started: true,
+            ended_by: Some("audit:stability-failed"),
+            escalations: 1,
+            session_end: None,
+        },
+        Case {
+            name: "the restored version stops answering: escalated",
+            config: WATCH_5M,
+            script: &[DOWN, DOWN, DOWN, DOWN],
+            run: Duration::from_secs(400),
+            watch_started: true,
+            ended_by: Some("audit:stability-failed"),
+            escalations: 1,
+            session_end: None,
+        },
+        Case {
+            name: "a breach after the period is not the watch's: confirmed before it",
+            config: WATCH_5M,
+            script: &[
+                HEALTHY, HEALTHY, HEALTHY, HEALTHY, HEALTHY, HEALTHY, HEALTHY, HEALTHY, HEALTHY,
+                HEALTHY, HEALTHY, SPIKE, SPIKE, SPIKE,
+            ],
+            run: Duration::from_secs(400),
+            watch_started: true,
+            ended_by: Some("audit:stability-confirmed"),
+            escalations: 0,
+            session_end: Some("rolled-back"),
+        },
+        Case {
+            name: "stability_period = 0: no watch, the session ends at the rollback",
+            config: NO_WATCH,
+            script: &[SPIKE, SPIKE, SPIKE],
+            run: Duration::from_secs(400),
+            watch_started: false,
+            ended_by: None,
+            escalations: 0,
+            session_end: Some("rolled-back"),
+        },
+    ];
+    for case in cases {
+        let mut h = rolled_back(case.config);
+        h.script = case.script.iter().map(|l| check(l)).collect();
+        h.run_for(case.run);
+        if case.escalations > 0 {
+            // The escalation ends (the kill switch is set): the session stays escalated.
+            h.feed(Input::ActionDone {
+                id: Some(2),
+                result: ActionResult::Escalated {
+                    artifact: "e.json".into(),
+                },
+            });
+            h.run_for(Duration::from_secs(120));
+        }
+        let names = h.names();
+        assert_eq!(
+            h.has("audit:stability-watch-started"),
+            case.watch_started,
+            "{}: {names:?}",
+            case.name
+        );
+        let stability_events = names
+            .iter()
+            .filter(|n| {
+                n.starts_with("audit:stability-confirmed")
+                    || n.starts_with("audit:stability-failed")
+            })
+            .cloned()
+            .collect::<Vec<_>>();
+        assert_eq!(
+            stability_events,
+            case.ended_by
+                .map(str::to_owned)
+                .into_iter()
+                .collect::<Vec<_>>(),
+            "{}: {names:?}",
+            case.name
+        );
+        assert_eq!(
+            h.count("start:rollback:automatic"),
+            1,
+            "{}: never a second rollback",
+            case.name
+        );
+        assert_eq!(
+            h.count("start:escalation:automatic"),
+            case.escalations,
+            "{}: {names:?}",
+            case.name
+        );
+        assert_eq!(
+            h.ended().as_deref(),
+            case.session_end,
+            "{}: {names:?}",
+            case.name
+        );
+        if case.escalations > 0 {
+            let plan = h.plans()[1];
+            assert!(
+                plan.reason.starts_with("restored version v1 unstable: "),
+                "{}: {}",
+                case.name,
+                plan.reason
+            );
+            assert_eq!(
+                plan.from.as_deref(),
+                Some("v1"),
+                "the restored version is the one escalated on"
+            );
+            let session = h.sup.session().expect("an escalated session goes on");
+            assert_eq!(session.record.state, SessionState::Escalated);
+            assert_eq!(
+                session.record.stability.as_ref().and_then(|w| w.result),
+                Some(StabilityResult::Failed)
+            );
+        }
+        if case.session_end == Some("rolled-back") && case.watch_started {
+            assert!(
+                h.has("incident-report"),
+                "{}: the report is rewritten at the end",
+                case.name
+            );
+        }
+    }
+}
+
+#[test]
+fn the_watch_judges_only_the_restored_versions_checks() {
+    let mut h = rolled_back(WATCH_5M);
+    let session = h.sup.session().expect("the session goes on");
+    assert_eq!(session.record.state, SessionState::StabilityWatch);
+    assert_eq!(session.record.active, "v1");
+    assert_eq!(session.record.previous.as_deref(), Some("v2"));
+    let watch = session.record.stability.clone().expect("watch recorded");
+    assert_eq!(
+        watch.first_check, 3,
+        "the canary's three checks are not the watch's"
+    );
+    assert_eq!(watch.restored, "v1");
+    assert_eq!(watch.rollback_action, Some(1));
+    assert!(session.last_decision.is_none(), "a fresh window");
+    assert!(h.has("persist:Stability"), "{:?}", h.names());
+    // Two spikes in the canary's window would make one more spike a breach of 3 of 5; in
+    // a fresh window one spike is only degraded.
+    h.effects.clear();
+    h.script = [SPIKE].iter().map(|l| check(l)).collect();
+    h.run_for(Duration::from_secs(31));
+    assert!(h.plans().is_empty(), "{:?}", h.names());
+    let session = h.sup.session().unwrap();
+    assert_eq!(session.engine().window().count(), 1);
+}
+
+#[test]
+fn a_restart_during_the_watch_resumes_it_without_carrying_out_the_rollback_again() {
+    let mut first = rolled_back(WATCH_5M);
+    let record = first.sup.session().unwrap().record.clone();
+    first.run_for(Duration::from_secs(60));
+    let checks_in_watch = first.sup.session().unwrap().next_index;
+    assert!(checks_in_watch > 3);
+
+    let mut h = Harness::new(settings(WATCH_5M));
+    h.wall = first.wall;
+    // The canary's spikes are on record before the watch's healthy checks.
+    let mut checks: Vec<_> = (0..3)
+        .map(|i| (i, h.wall - Duration::from_secs(200), check(SPIKE)))
+        .collect();
+    checks.extend(
+        (3..checks_in_watch).map(|i| (i, h.wall - Duration::from_secs(30), check(HEALTHY))),
+    );
+    h.feed(Input::Restore(Box::new(Restored {
+        session: Some(record),
+        checks,
+        settled: Some((
+            Some(1),
+            ActionKind::Rollback,
+            ActionTrigger::Automatic,
+            ActionResult::RolledBack {
+                from: "v2".into(),
+                to: "v1".into(),
+                artifact: "a.json".into(),
+            },
+        )),
+        ..Restored::default()
+    })));
+    assert!(
+        !h.has("audit:stability-watch-started"),
+        "the watch is resumed, not begun again: {:?}",
+        h.names()
+    );
+    let session = h.sup.session().expect("resumed");
+    assert_eq!(session.record.state, SessionState::StabilityWatch);
+    assert_eq!(
+        session.engine().window().count() as u64,
+        (checks_in_watch - 3).min(5),
+        "only the watch's checks are replayed"
+    );
+    // One spike now is one breach in a window of healthy checks: nothing happens.
+    h.script = [SPIKE].iter().map(|l| check(l)).collect();
+    h.run_for(Duration::from_secs(400));
+    assert!(h.plans().is_empty(), "{:?}", h.names());
+    assert_eq!(h.count("audit:stability-confirmed"), 1, "{:?}", h.names());
+}
+
+#[test]
+fn a_promotion_during_the_watch_interrupts_it() {
+    let mut h = rolled_back(WATCH_5M);
+    h.run_for(Duration::from_secs(60));
+    h.effects.clear();
+    h.promote("v3", "v1");
+    assert_eq!(h.ended().as_deref(), Some("stopped"));
+    assert!(
+        h.has("persist:Stability"),
+        "the interrupted watch is recorded: {:?}",
+        h.names()
+    );
+    assert!(!h.has("audit:stability-confirmed") && !h.has("audit:stability-failed"));
+    assert_eq!(h.sup.session().unwrap().record.active, "v3");
 }

@@ -476,6 +476,7 @@ fn sessions_past_retention_are_pruned_at_start_and_when_a_session_ends() {
                 operator: None,
                 ended_at_ms: Some(at),
                 end_reason: Some("grace period ended".into()),
+                stability_json: None,
             })
             .unwrap();
     };
@@ -619,4 +620,175 @@ fn the_daemon_observes_between_sessions_and_judges_the_next_release_against_it()
     );
     assert_eq!(setup.switches(), ["v1"]);
     assert_eq!(daemon.terminate().code(), Some(0));
+}
+
+/// Rolls v2 back to v1 with v1 healthy when the watch begins: the error rate drops as the
+/// (slowed) switch hook runs, so the watch's first check already sees v1.
+fn roll_back_into_a_healthy_v1(setup: &Setup) {
+    std::fs::write(setup.path("slow"), "1").unwrap();
+    setup.promote();
+    setup.routes.error_rate(0.45);
+    let started = wait_for(Duration::from_secs(20), || {
+        !setup.events("rollback-started").is_empty()
+    });
+    assert!(
+        started.is_some(),
+        "no rollback; log:\n{}",
+        setup.daemon_log()
+    );
+    setup.routes.error_rate(0.01);
+    let watching = wait_for(Duration::from_secs(20), || {
+        !setup.events("stability-watch-started").is_empty()
+    });
+    assert!(watching.is_some(), "no watch; log:\n{}", setup.daemon_log());
+}
+
+#[test]
+fn the_restored_version_is_watched_and_its_breach_escalates_once_without_a_second_rollback() {
+    let setup = Setup::new("[rollback]\nstability_period = \"1m\"");
+    let daemon = setup.start();
+    roll_back_into_a_healthy_v1(&setup);
+    // v1 is judged on its own checks first...
+    let judged = wait_for(Duration::from_secs(20), || {
+        setup
+            .events("health-check")
+            .iter()
+            .filter(|c| c["stabilityWatch"] == true && c["worker"] == "v1")
+            .count()
+            >= 2
+    });
+    assert!(
+        judged.is_some(),
+        "no checks of v1; log:\n{}",
+        setup.daemon_log()
+    );
+    let status: Value = serde_json::from_slice(&setup.cli(&["status", "--json"]).stdout).unwrap();
+    assert_eq!(status["state"], "stability-watch");
+    assert_eq!(status["session"]["stability"]["restored"], "v1");
+    assert!(
+        status["session"]["stability"]["leftSeconds"]
+            .as_u64()
+            .unwrap()
+            <= 60
+    );
+    // ...then goes bad: a migration the old code cannot read, say.
+    setup.routes.error_rate(0.45);
+    let escalated = wait_for(Duration::from_secs(20), || {
+        !setup.events("kill-switch-activated").is_empty()
+    });
+    assert!(
+        escalated.is_some(),
+        "no escalation; log:\n{}",
+        setup.daemon_log()
+    );
+    // The proof nothing else follows: the session is escalated (no automatic action
+    // after that), and the report says so.
+    let settled = wait_for(Duration::from_secs(20), || {
+        let status: Value =
+            serde_json::from_slice(&setup.cli(&["status", "--json"]).stdout).unwrap_or_default();
+        status["state"] == "escalated"
+            && status["latestIncident"]["summary"]
+                .as_str()
+                .is_some_and(|s| s.contains("level 3"))
+    });
+    assert!(settled.is_some(), "log:\n{}", setup.daemon_log());
+    assert_eq!(
+        setup.switches(),
+        ["v1"],
+        "one switch: never a second rollback"
+    );
+    assert_eq!(setup.events("rollback-executed").len(), 1);
+    assert_eq!(setup.events("stability-failed").len(), 1);
+    assert_eq!(setup.events("escalation-triggered").len(), 1);
+    assert!(setup.events("stability-confirmed").is_empty());
+    let failed = &setup.events("stability-failed")[0];
+    assert_eq!(failed["restored"], "v1");
+    assert!(failed["reason"]
+        .as_str()
+        .unwrap()
+        .starts_with("restored version v1 unstable: "));
+    let escalation = &setup.events("escalation-triggered")[0];
+    assert_eq!(escalation["worker"], "v1");
+    assert!(escalation["incidentSummary"]
+        .as_str()
+        .unwrap()
+        .starts_with("SEV1 level 3: "));
+    let report = setup.incident_reports();
+    assert_eq!(report.len(), 1, "one incident, one report");
+    let markdown = std::fs::read_to_string(&report[0]).unwrap();
+    assert!(
+        markdown.contains("| Stability watch | failed of v1"),
+        "{markdown}"
+    );
+    assert!(markdown.contains("kill-switch reset"), "{markdown}");
+    let out = setup.cli(&["report", "latest", "--json"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["level"], 3);
+    assert_eq!(json["severity"], "SEV1");
+    assert_eq!(json["stability"]["result"], "failed");
+    assert_eq!(json["actions"].as_array().unwrap().len(), 2);
+    assert_eq!(daemon.terminate().code(), Some(0));
+}
+
+#[test]
+fn a_stable_restored_version_ends_the_session_and_the_report_says_so() {
+    let setup = Setup::new("[rollback]\nstability_period = \"2s\"");
+    let daemon = setup.start();
+    roll_back_into_a_healthy_v1(&setup);
+    wait_until_idle_after_rollback(&setup);
+    assert_eq!(setup.events("stability-confirmed").len(), 1);
+    assert!(setup.events("stability-failed").is_empty());
+    assert_eq!(setup.switches(), ["v1"]);
+    // The report and the decision record are rewritten with the watch's result.
+    let rewritten = wait_for(Duration::from_secs(10), || {
+        setup.artifacts("rollback_").first().is_some_and(|path| {
+            serde_json::from_str::<Value>(&std::fs::read_to_string(path).unwrap_or_default())
+                .is_ok_and(|r| r["incident"]["stability"]["result"] == "confirmed")
+        })
+    });
+    assert!(rewritten.is_some(), "log:\n{}", setup.daemon_log());
+    let report = setup.incident_reports();
+    assert_eq!(report.len(), 1);
+    let markdown = std::fs::read_to_string(&report[0]).unwrap();
+    assert!(
+        markdown.starts_with("# Incident: SEV2 level 2: rollback of v2 to v1"),
+        "{markdown}"
+    );
+    assert!(
+        markdown.contains("| Stability watch | confirmed of v1"),
+        "{markdown}"
+    );
+    // `report` works with the daemon stopped, for any past session.
+    assert_eq!(daemon.terminate().code(), Some(0));
+    let out = setup.cli(&["report"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        printed.contains("| Stability watch | confirmed of v1"),
+        "{printed}"
+    );
+    let session = setup.events("monitoring-started")[0]["sessionId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let out = setup.cli(&["report", &session[..10]]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "a unique prefix names the session"
+    );
+    let out = setup.cli(&["report", "no-such-session"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no session"));
 }

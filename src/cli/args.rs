@@ -161,6 +161,20 @@ pub enum Command {
         action: AuditAction,
     },
 
+    /// The incident report of a session (after a rollback or an escalation), from
+    /// rollbackd.db, daemon running or not
+    Report {
+        /// A session id (or a unique start of one), or `latest`: the newest action's
+        #[arg(value_name = "SESSION", default_value = "latest")]
+        session: String,
+        /// The report's facts as JSON
+        #[arg(long, conflicts_with = "markdown")]
+        json: bool,
+        /// Markdown (the default), as in analytics/incident_<UTC>.md
+        #[arg(long)]
+        markdown: bool,
+    },
+
     /// Replay a JSON-lines trace of checks through the engine and print the verdict
     /// timeline and the first action
     Simulate {

@@ -135,6 +135,7 @@ switch_command = [{exe}, "demo-hook", "--state-dir", {state}, "--to", "{{to}}"]
 hook_timeout = "5s"
 verify_interval = "200ms"
 verify_timeout = "5s"
+stability_period = "8s"
 
 [kill_switch]
 database = {db}
@@ -271,6 +272,7 @@ pub async fn run(out: &mut (dyn Write + Send)) -> anyhow::Result<u8> {
         .join(crate::storage::audit::AUDIT_LOG_FILE);
     let mut printed = 0usize;
     let mut outcome: Option<String> = None;
+    let mut rolled_back_after: Option<Duration> = None;
     let deadline = Instant::now() + Duration::from_secs(60);
     while outcome.is_none() && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -281,6 +283,9 @@ pub async fn run(out: &mut (dyn Write + Send)) -> anyhow::Result<u8> {
                 writeln!(out, "  {shown}")?;
             }
             let value: serde_json::Value = serde_json::from_str(line).unwrap_or_default();
+            if value["event"] == "rollback-executed" && rolled_back_after.is_none() {
+                rolled_back_after = Some(started.elapsed());
+            }
             if value["event"] == "monitoring-stopped" {
                 outcome = value["state"].as_str().map(str::to_owned);
             }
@@ -290,6 +295,8 @@ pub async fn run(out: &mut (dyn Write + Send)) -> anyhow::Result<u8> {
         }
         out.flush()?;
     }
+    // The report is written again when the stability watch ends: wait for that one.
+    let incident = wait_for_incident(&state_dir.join("analytics"), outcome.is_some()).await;
     daemon_shutdown.cancel();
     let result = daemon.await.context("daemon task")?;
     shutdown.cancel();
@@ -304,8 +311,8 @@ pub async fn run(out: &mut (dyn Write + Send)) -> anyhow::Result<u8> {
         Some("rolled-back") => {
             writeln!(
                 out,
-                "rolled back: v2 → v1, verified healthy, in {:.1}s from promotion.",
-                started.elapsed().as_secs_f64()
+                "rolled back: v2 → v1, verified healthy, in {:.1}s from promotion; v1 then stable through the stability watch.",
+                rolled_back_after.unwrap_or_default().as_secs_f64()
             )?;
             0
         }
@@ -322,6 +329,15 @@ pub async fn run(out: &mut (dyn Write + Send)) -> anyhow::Result<u8> {
             1
         }
     };
+    if let Some((path, text)) = &incident {
+        writeln!(out)?;
+        writeln!(out, "incident report ({}):", path.display())?;
+        writeln!(out)?;
+        for line in text.lines() {
+            writeln!(out, "  {line}")?;
+        }
+        writeln!(out)?;
+    }
     writeln!(out, "artifacts:")?;
     for path in &artifacts {
         writeln!(out, "  {}", path.display())?;
@@ -341,9 +357,48 @@ pub async fn run(out: &mut (dyn Write + Send)) -> anyhow::Result<u8> {
     )?;
     writeln!(
         out,
+        "  {} --config {} report latest",
+        exe.display(),
+        config_path.display()
+    )?;
+    writeln!(
+        out,
         "  jq . {}/analytics/rollback_*.json",
         state_dir.display()
     )?;
     out.flush()?;
     Ok(code)
+}
+
+/// The incident report once it has its final form (the stability watch's result in it),
+/// waiting up to 10 s for the rewrite; `None` without one.
+async fn wait_for_incident(analytics: &Path, ended: bool) -> Option<(PathBuf, String)> {
+    let deadline = Instant::now() + Duration::from_secs(if ended { 10 } else { 1 });
+    let mut last = None;
+    loop {
+        let newest = std::fs::read_dir(analytics)
+            .ok()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("incident_") && n.ends_with(".md"))
+            })
+            .max();
+        if let Some(path) = newest {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let done = !text.contains("stability watch is running")
+                && !text.contains("| Stability watch | watching");
+            last = Some((path, text));
+            if done {
+                return last;
+            }
+        }
+        if Instant::now() >= deadline {
+            return last;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

@@ -207,6 +207,10 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             })?;
             Ok(exit::SUCCESS)
         }
+        Command::Report { session, json, .. } => {
+            let loaded = load_config(&cli)?;
+            report(&loaded, session, *json)
+        }
         Command::Completions { shell } => {
             let shell = match shell {
                 CompletionShell::Bash => clap_complete::Shell::Bash,
@@ -482,4 +486,85 @@ pub fn print_check_config(loaded: &LoadedConfig, out: &mut impl Write) -> std::i
         }
     }
     Ok(())
+}
+
+/// `rollbackd report [SESSION|latest] [--json]`: the incident report made from
+/// `rollbackd.db` now (read-only; a running daemon is not disturbed).
+fn report(loaded: &crate::config::LoadedConfig, session: &str, json: bool) -> anyhow::Result<u8> {
+    use crate::storage::store::{Store, StoreError};
+    let config = &loaded.config;
+    let store = match Store::open_read_only(&config.rollbackd_db()) {
+        Ok(store) => store,
+        Err(StoreError::NotFound(_)) => {
+            eprintln!(
+                "rollbackd: no incident on record: {} does not exist yet",
+                config.rollbackd_db().display()
+            );
+            return Ok(exit::FAILURE);
+        }
+        Err(err) => return Err(err.into()),
+    };
+    let (session_id, action_id) = if session == "latest" {
+        match store.latest_action()? {
+            Some(action) => match action.session_id {
+                Some(id) => (Some(id), None),
+                None => (None, action.id),
+            },
+            None => {
+                eprintln!("rollbackd: no incident on record: no rollback or escalation yet");
+                return Ok(exit::FAILURE);
+            }
+        }
+    } else {
+        let found = store.sessions_like(session)?;
+        match found.as_slice() {
+            [one] => (Some(one.clone()), None),
+            [] => {
+                eprintln!(
+                    "rollbackd: no session {} on record (`rollbackd report latest`, or a session id from `rollbackd audit tail`)",
+                    crate::text::escape(session)
+                );
+                return Ok(exit::FAILURE);
+            }
+            many if many.iter().any(|id| id == session) => (Some(session.to_owned()), None),
+            many => {
+                eprintln!(
+                    "rollbackd: {} names {} sessions; give more of the id: {}",
+                    crate::text::escape(session),
+                    many.len(),
+                    many.join(", ")
+                );
+                return Ok(exit::USAGE);
+            }
+        }
+    };
+    let Some(rows) =
+        crate::daemon::incident::gather(&store, session_id.as_deref(), action_id, None)?
+    else {
+        eprintln!("rollbackd: nothing on record for that session");
+        return Ok(exit::FAILURE);
+    };
+    if rows.actions.is_empty() {
+        eprintln!(
+            "rollbackd: session {} took no action (no rollback, no escalation): no incident to report",
+            session_id.as_deref().unwrap_or("?")
+        );
+        return Ok(exit::FAILURE);
+    }
+    let kill_switch = crate::daemon::incident::kill_switch_now(loaded);
+    let incident = crate::daemon::incident::build(
+        loaded,
+        &config.analytics_dir(),
+        rows,
+        kill_switch,
+        std::time::SystemTime::now(),
+    );
+    let mut out = std::io::stdout().lock();
+    if json {
+        serde_json::to_writer_pretty(&mut out, &incident)?;
+        writeln!(out)?;
+    } else {
+        write!(out, "{}", incident.markdown())?;
+    }
+    Ok(exit::SUCCESS)
 }

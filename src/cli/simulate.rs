@@ -94,6 +94,7 @@ impl Replay {
             pause_reason: None,
             baseline,
             operator: None,
+            stability: None,
         };
         let rollbacks = (0..scenario.recent_rollbacks)
             .map(|i| wall - Duration::from_secs(60 + u64::from(i)))

@@ -422,6 +422,25 @@ pub fn format_line(line: &str, colour: bool) -> Option<String> {
                 text("outcome").unwrap_or_default()
             ));
         }
+        "stability-watch-started" => {
+            let period = object
+                .get("periodSeconds")
+                .and_then(Value::as_f64)
+                .unwrap_or(0.0);
+            parts.push(format!(
+                "watching {} (rolled back from {}) for {}",
+                text("restored").unwrap_or_default(),
+                text("from").unwrap_or_default(),
+                crate::core::time::show(Duration::try_from_secs_f64(period).unwrap_or_default())
+            ));
+        }
+        "stability-confirmed" | "stability-failed" => {
+            parts.push(format!(
+                "{} after {} checks",
+                text("restored").unwrap_or_default(),
+                object.get("checks").and_then(Value::as_u64).unwrap_or(0)
+            ));
+        }
         "kill-switch-activated" | "kill-switch-reset" | "kill-switch-external" => {
             parts.push(format!(
                 "{}={} (was {}) source={}",

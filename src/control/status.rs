@@ -40,6 +40,9 @@ pub struct StatusReport {
     /// When and why the daemon wrote `rollbackd.db` back after it was deleted or replaced.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub state_db_restored: Option<Value>,
+    /// The newest incident report: `{"path": .., "summary": ..}`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub latest_incident: Option<Value>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -64,6 +67,10 @@ pub struct SessionStatus {
     /// The session's baseline and where it came from, or that it has none.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub baseline: Option<String>,
+    /// The stability watch after a rollback (`core::supervisor::Stability`), with
+    /// `leftSeconds` while it runs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stability: Option<Value>,
 }
 
 /// The workers, also between sessions.
@@ -159,6 +166,18 @@ impl StatusReport {
             if let Some(baseline) = &session.baseline {
                 writeln!(out, "baseline     {}", Escaped(baseline))?;
             }
+            if let Some(watch) = &session.stability {
+                let restored = escape(watch["restored"].as_str().unwrap_or("?")).into_owned();
+                let line = match (watch["result"].as_str(), watch["leftSeconds"].as_u64()) {
+                    (Some(result), _) => format!("{restored}: {}", escape(result)),
+                    (None, Some(left)) => format!(
+                        "watching {restored}, {} left",
+                        crate::core::time::show(Duration::from_secs(left))
+                    ),
+                    (None, None) => format!("watching {restored}"),
+                };
+                writeln!(out, "stability    {line}")?;
+            }
             if let Some(verdict) = &session.verdict {
                 let verdict = Escaped(verdict);
                 match &session.reason {
@@ -206,6 +225,18 @@ impl StatusReport {
                 } else {
                     "off"
                 }
+            )?;
+        }
+        if let Some(incident) = &self.latest_incident {
+            writeln!(
+                out,
+                "incident     {}",
+                escape(incident["summary"].as_str().unwrap_or(""))
+            )?;
+            writeln!(
+                out,
+                "             {} (`rollbackd report latest`)",
+                escape(incident["path"].as_str().unwrap_or("?"))
             )?;
         }
         if !self.recent_checks.is_empty() {

@@ -5,6 +5,7 @@
 //! - [`baseline`]: where a session's baseline comes from, and the history it is made of.
 //! - [`check`]: what one health check observed (probe, snapshot, resources), as data.
 //! - [`engine`]: the windowed rules: checks in, a verdict with its evidence out.
+//! - [`incident`]: the incident report after a rollback or an escalation, from recorded facts.
 //! - [`stats`]: the baseline rule's tests on counts (exact binomial).
 //! - [`trace`]: the `simulate` trace format, parsed into checks.
 //! - [`supervisor`]: the monitoring policy as one state machine (`handle` / `poll_timeout`
@@ -14,6 +15,7 @@
 pub mod baseline;
 pub mod check;
 pub mod engine;
+pub mod incident;
 pub mod stats;
 pub mod supervisor;
 pub mod time;

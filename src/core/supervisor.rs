@@ -45,6 +45,9 @@ pub struct Settings {
     pub check_timeout: Duration,
     pub grace_period: Duration,
     pub max_rollbacks_per_hour: u32,
+    /// `rollback.stability_period`: how long a verified rollback's restored version is
+    /// watched (zero: not at all).
+    pub stability_period: Duration,
     /// `[baseline]`: the automatic baseline.
     pub baseline: BaselineSettings,
     /// Summarised in evidence: `errorRate>…, breaches>=… of …, probeFailures>=…`.
@@ -114,6 +117,65 @@ pub struct SessionRecord {
     pub pause_reason: Option<String>,
     pub baseline: Option<Baseline>,
     pub operator: Option<String>,
+    /// The watch of the restored version, once a rollback of this session was verified.
+    pub stability: Option<Stability>,
+}
+
+/// The stability watch of a session's restored version (`sessions.stability_json`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Stability {
+    /// When the rollback was verified and the watch began (Unix milliseconds).
+    pub started_at_ms: i64,
+    pub period_seconds: f64,
+    /// The version rolled back to, the one watched.
+    pub restored: String,
+    /// The version rolled back from.
+    pub from: String,
+    /// The rollback that started the watch (its outcome is not carried out again after a
+    /// restart).
+    #[serde(default)]
+    pub rollback_action: Option<ActionId>,
+    /// The session's first check of the watch: the checks before it judged the canary.
+    pub first_check: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<StabilityResult>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended_at_ms: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+impl Stability {
+    fn started_at(&self) -> SystemTime {
+        time::from_ms(self.started_at_ms)
+    }
+
+    fn period(&self) -> Duration {
+        Duration::try_from_secs_f64(self.period_seconds).unwrap_or_default()
+    }
+}
+
+/// How a stability watch ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StabilityResult {
+    /// The period passed (with a full window of checks) without a breach.
+    Confirmed,
+    /// The restored version breached: escalated.
+    Failed,
+    /// The session ended otherwise first (a promotion, an operator).
+    Interrupted,
+}
+
+impl StabilityResult {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StabilityResult::Confirmed => "confirmed",
+            StabilityResult::Failed => "failed",
+            StabilityResult::Interrupted => "interrupted",
+        }
+    }
 }
 
 /// A check as `rollbackd.db` holds it.
@@ -193,6 +255,11 @@ pub enum StateChange {
         worker: String,
         baseline: Baseline,
     },
+    /// The session's stability watch began or ended.
+    Stability {
+        id: String,
+        stability: Stability,
+    },
 }
 
 /// What the Supervisor asks its runner to do, in order.
@@ -237,6 +304,11 @@ pub enum Effect {
     },
     /// Sessions past `[retention]` may go now (a session ended).
     PruneSessions,
+    /// Write (again) the session's incident report, from what `rollbackd.db` holds now:
+    /// its stability watch ended. (An action's end writes it itself, before its alert.)
+    IncidentReport {
+        session_id: String,
+    },
     Reply {
         to: ReplyTo,
         answer: Answer,
@@ -406,6 +478,27 @@ impl Session {
 
     pub fn engine(&self) -> &Engine {
         &self.engine
+    }
+
+    /// A new window for a new version under watch: nothing the canary's checks said
+    /// counts against the restored version.
+    fn restart_window(&mut self, rules: &EngineConfig, by: &'static str) {
+        self.engine = Engine::new(rules.clone(), self.record.baseline);
+        self.raw.clear();
+        self.last_decision = None;
+        self.dry_run_recorded.clear();
+        self.voided_in_a_row = 0;
+        self.void_note = None;
+        self.observed.clear();
+        self.gap(by);
+    }
+
+    /// The stability watch, while it runs.
+    pub fn watching(&self) -> Option<&Stability> {
+        self.record
+            .stability
+            .as_ref()
+            .filter(|_| self.record.state == SessionState::StabilityWatch)
     }
 }
 
@@ -711,11 +804,35 @@ impl Supervisor {
                     if fresh { "the start" } else { "the restart" },
                 );
                 let window = self.settings.rules.window;
-                for (index, taken_at, result) in checks.iter().rev().take(window).rev() {
+                let next_index = checks.last().map(|(i, _, _)| i + 1).unwrap_or(0);
+                if session.record.state == SessionState::StabilityWatch
+                    && session.record.stability.is_none()
+                {
+                    tracing::warn!(
+                        session = %session.record.id,
+                        "rollbackd.db: the session is under a stability watch but its record is unreadable; watching {} again from now",
+                        session.record.active
+                    );
+                    session.record.stability = Some(Stability {
+                        started_at_ms: time::to_ms(now.wall),
+                        period_seconds: self.settings.stability_period.as_secs_f64(),
+                        restored: session.record.active.clone(),
+                        from: session.record.previous.clone().unwrap_or_default(),
+                        rollback_action: None,
+                        first_check: next_index,
+                        result: None,
+                        ended_at_ms: None,
+                        reason: None,
+                    });
+                }
+                // Under a stability watch only the restored version's checks are its window.
+                let first = session.watching().map_or(0, |w| w.first_check);
+                let judged: Vec<_> = checks.iter().filter(|(i, _, _)| *i >= first).collect();
+                for (index, taken_at, result) in judged.into_iter().rev().take(window).rev() {
                     let at = session.at(*taken_at);
                     session.observe(at, *index, result);
                 }
-                session.next_index = checks.last().map(|(i, _, _)| i + 1).unwrap_or(0);
+                session.next_index = next_index;
                 tracing::info!(
                     session = %session.record.id,
                     active = %session.record.active,
@@ -744,11 +861,15 @@ impl Supervisor {
                 reply: None,
             });
         } else if let Some((id, kind, trigger, result)) = settled {
-            if self
-                .session
-                .as_ref()
-                .is_some_and(|s| s.record.state == SessionState::Monitoring)
-            {
+            // The rollback that started a stability watch was carried out already.
+            let carried_out = |s: &Session| {
+                s.watching()
+                    .is_some_and(|w| w.rollback_action.is_some() && w.rollback_action == id)
+            };
+            if self.session.as_ref().is_some_and(|s| {
+                s.record.state == SessionState::Monitoring
+                    || (s.record.state == SessionState::StabilityWatch && !carried_out(s))
+            }) {
                 // A kill after an action finished but before its outcome was carried out:
                 // resuming the checks would act a second time. Carry it out now.
                 tracing::warn!(
@@ -807,22 +928,29 @@ impl Supervisor {
             session.gap("the stall");
         }
         // Strictly after the grace period (SPEC §6: checks *after* it are not evaluated; a
-        // check due exactly at its end is still taken).
-        let grace_over = session.record.state == SessionState::Monitoring
-            && no_action
-            && now
-                .wall
-                .duration_since(session.record.promoted_at)
-                .unwrap_or_default()
-                > grace;
+        // check due exactly at its end is still taken). A stability watch ends the same
+        // way, its period counted from the verified rollback.
+        let (period_start, period, what) = match session.watching() {
+            Some(watch) => (watch.started_at(), watch.period(), "stability period"),
+            None => (session.record.promoted_at, grace, "grace period"),
+        };
+        let grace_over = matches!(
+            session.record.state,
+            SessionState::Monitoring | SessionState::StabilityWatch
+        ) && no_action
+            && now.wall.duration_since(period_start).unwrap_or_default() > period;
         if grace_over && session.checks_since_resume < window && !session.waiting_logged {
             session.waiting_logged = true;
             tracing::info!(
                 session = %session.record.id,
-                "grace period over, but only {} of monitor.window = {window} checks since {}: confirming once a full window of checks took no action",
+                "{what} over, but only {} of monitor.window = {window} checks since {}: confirming once a full window of checks took no action",
                 session.checks_since_resume,
                 session.resumed_by
             );
+        }
+        if grace_over && session.checks_since_resume >= window && session.watching().is_some() {
+            self.stability_confirmed(now);
+            return;
         }
         if grace_over && session.checks_since_resume >= window {
             self.end_session(
@@ -943,6 +1071,23 @@ impl Supervisor {
             } else if paused {
                 tracing::warn!(verdict = %decision.verdict, "monitoring is paused: not acting on {}", action.as_str());
                 not_taken = Some("monitoring is paused".to_owned());
+            } else if let Some(watch) = session.watching().cloned() {
+                // Never a second automatic rollback: a restored version that breaches
+                // needs a human, and the kill switch meanwhile.
+                let reason = format!(
+                    "restored version {} unstable: {}",
+                    watch.restored,
+                    decision.reason()
+                );
+                self.stability_failed(now, &decision, &reason);
+                plan = Some(self.plan(
+                    now,
+                    ActionKind::Escalation,
+                    ActionTrigger::Automatic,
+                    reason,
+                    None,
+                    Some(&decision),
+                ));
             } else {
                 let (kind, reason) = self.policy(now, action, &decision);
                 plan = Some(self.plan(
@@ -981,6 +1126,7 @@ impl Supervisor {
             not_taken: None,
             paused: paused.then_some(true),
             after_void: session.void_note.take(),
+            stability_watch: session.watching().is_some().then_some(true),
             reason: None,
             check: None,
         };
@@ -1187,6 +1333,7 @@ impl Supervisor {
             session_id: Some(session.record.id.clone()),
             attempts: 0,
             error: None,
+            incident: None,
         };
         let name = crate::storage::audit::artifact_file_name(kind, now.wall);
         tracing::warn!(artifact = %name, "dry run: would have acted ({})", would.as_str());
@@ -1219,18 +1366,22 @@ impl Supervisor {
                     session.record.active = to.clone();
                     session.record.previous = Some(from.clone());
                 }
-                self.end_session(
-                    now,
-                    SessionState::RolledBack,
-                    &format!("rolled back from {from} to {to}"),
-                    None,
-                );
                 // The executor wrote this too; again here so that, if the disk was full
                 // then, it is retried until it lands.
                 self.push(Effect::Persist(StateChange::Workers {
-                    active: to,
-                    previous: from,
+                    active: to.clone(),
+                    previous: from.clone(),
                 }));
+                if self.session.is_some() && !self.settings.stability_period.is_zero() {
+                    self.start_watch(now, id.or(action.id), from, to);
+                } else {
+                    self.end_session(
+                        now,
+                        SessionState::RolledBack,
+                        &format!("rolled back from {from} to {to}"),
+                        None,
+                    );
+                }
             }
             ActionResult::RollbackFailed { reason, artifact } => {
                 if let Some(reply) = action.reply {
@@ -1272,7 +1423,161 @@ impl Supervisor {
         }
     }
 
+    // -- the stability watch -------------------------------------------------------------
+
+    /// A verified rollback: the session goes on, watching the restored version with a
+    /// fresh window for `rollback.stability_period`.
+    fn start_watch(&mut self, now: Now, rollback: Option<ActionId>, from: String, to: String) {
+        let rules = self.settings.rules.clone();
+        let period = self.settings.stability_period;
+        let interval = self.settings.check_interval;
+        let Some(session) = self.session.as_mut() else {
+            return;
+        };
+        let watch = Stability {
+            started_at_ms: time::to_ms(now.wall),
+            period_seconds: period.as_secs_f64(),
+            restored: to.clone(),
+            from: from.clone(),
+            rollback_action: rollback,
+            first_check: session.next_index,
+            result: None,
+            ended_at_ms: None,
+            reason: None,
+        };
+        session.record.state = SessionState::StabilityWatch;
+        session.record.stability = Some(watch.clone());
+        session.restart_window(&rules, "the rollback");
+        let id = session.record.id.clone();
+        let baseline = session.record.baseline;
+        let record = session.record.clone();
+        self.push(Effect::Persist(StateChange::Stability {
+            id: id.clone(),
+            stability: watch,
+        }));
+        self.push(Effect::Persist(StateChange::Session {
+            id: id.clone(),
+            state: SessionState::StabilityWatch,
+            ended: None,
+        }));
+        self.audit(AuditRecord::of(
+            now.wall,
+            Some(&id),
+            &events::StabilityWatchStarted {
+                restored: to.clone(),
+                from,
+                period_seconds: period.as_secs_f64(),
+                baseline: serde_json::to_value(baseline).unwrap_or(Value::Null),
+            },
+        ));
+        self.push(Effect::WorkerManager(WorkerManagerRecord {
+            active: record.active.clone(),
+            previous: record.previous.clone(),
+            updated_at: crate::storage::audit::rfc3339_millis(now.wall),
+            session_id: Some(id),
+            state: SessionState::StabilityWatch,
+        }));
+        tracing::info!(
+            restored = %to,
+            "rollback verified; watching {to} for the stability period of {}",
+            time::show(period)
+        );
+        self.next_check = Some(time::deadline(now.mono, interval));
+        // The report the rollback wrote says what it knew then; now it says the watch runs.
+        self.push(Effect::IncidentReport {
+            session_id: record.id,
+        });
+    }
+
+    /// Ends the watch in `result`: persisted, and audited unless interrupted.
+    fn end_watch(&mut self, now: Now, result: StabilityResult, reason: &str, rules: Vec<String>) {
+        let Some(session) = self.session.as_mut() else {
+            return;
+        };
+        let Some(watch) = session.record.stability.as_mut() else {
+            return;
+        };
+        if watch.result.is_some() {
+            return;
+        }
+        watch.result = Some(result);
+        watch.ended_at_ms = Some(time::to_ms(now.wall));
+        watch.reason = Some(reason.to_owned());
+        let watch = watch.clone();
+        let id = session.record.id.clone();
+        let checks = session.next_index.saturating_sub(watch.first_check);
+        self.push(Effect::Persist(StateChange::Stability {
+            id: id.clone(),
+            stability: watch.clone(),
+        }));
+        if result == StabilityResult::Interrupted {
+            return;
+        }
+        let watched = now
+            .wall
+            .duration_since(watch.started_at())
+            .unwrap_or_default();
+        self.audit(AuditRecord::of(
+            now.wall,
+            Some(&id),
+            &events::StabilityEnded {
+                confirmed: result == StabilityResult::Confirmed,
+                restored: watch.restored,
+                from: watch.from,
+                period_seconds: watch.period_seconds,
+                watched_seconds: (watched.as_secs_f64() * 1000.0).round() / 1000.0,
+                checks,
+                reason: reason.to_owned(),
+                rules,
+            },
+        ));
+    }
+
+    fn stability_confirmed(&mut self, now: Now) {
+        let Some(watch) = self.session.as_ref().and_then(|s| s.watching().cloned()) else {
+            return;
+        };
+        let id = self.session.as_ref().map(|s| s.record.id.clone());
+        let reason = format!(
+            "{} was stable for the stability period of {}",
+            watch.restored,
+            time::show(watch.period())
+        );
+        self.end_watch(now, StabilityResult::Confirmed, &reason, Vec::new());
+        self.end_session(
+            now,
+            SessionState::RolledBack,
+            &format!(
+                "rolled back from {} to {}; {reason}",
+                watch.from, watch.restored
+            ),
+            None,
+        );
+        if let Some(session_id) = id {
+            self.push(Effect::IncidentReport { session_id });
+        }
+    }
+
+    fn stability_failed(&mut self, now: Now, decision: &Decision, reason: &str) {
+        let rules = decision
+            .fired
+            .iter()
+            .filter(|f| !f.dry_run)
+            .map(|f| f.rule.as_str().to_owned())
+            .collect();
+        tracing::error!("{reason}: escalating (never a second automatic rollback)");
+        self.end_watch(now, StabilityResult::Failed, reason, rules);
+    }
+
     fn end_session(&mut self, now: Now, state: SessionState, reason: &str, operator: Option<&str>) {
+        if self
+            .session
+            .as_ref()
+            .is_some_and(|s| s.watching().is_some())
+        {
+            // A promotion or an operator ended the session before the watch did.
+            self.end_watch(now, StabilityResult::Interrupted, reason, Vec::new());
+        }
         let Some(session) = self.session.take() else {
             return;
         };
@@ -1316,8 +1621,9 @@ impl Supervisor {
             audit = audit.operator(operator);
         }
         self.audit(audit);
-        // After a rollback the executor has written the mirror already.
-        if state != SessionState::RolledBack {
+        // After a rollback the executor has written the mirror already (unless a watch
+        // wrote `stability-watch` over it since).
+        if state != SessionState::RolledBack || record.stability.is_some() {
             self.push(Effect::WorkerManager(WorkerManagerRecord {
                 active: record.active.clone(),
                 previous: record.previous.clone(),
@@ -1416,6 +1722,7 @@ impl Supervisor {
             pause_reason: None,
             baseline,
             operator: Some(operator),
+            stability: None,
         };
         self.pending = Some(Pending {
             record: record.clone(),

@@ -36,6 +36,8 @@ pub fn is_alerted(event: AuditEvent) -> bool {
             | AuditEvent::KillSwitchActivated
             | AuditEvent::KillSwitchReset
             | AuditEvent::KillSwitchExternal
+            | AuditEvent::StabilityFailed
+            | AuditEvent::StabilityConfirmed
     )
 }
 
@@ -46,7 +48,8 @@ pub fn severity(record: &AuditRecord) -> &'static str {
     match record.event {
         AuditEvent::RollbackFailed
         | AuditEvent::EscalationTriggered
-        | AuditEvent::KillSwitchActivated => "critical",
+        | AuditEvent::KillSwitchActivated
+        | AuditEvent::StabilityFailed => "critical",
         AuditEvent::KillSwitchExternal if kill_switch_on(record) => "critical",
         AuditEvent::RollbackExecuted => "warning",
         _ => "info",
@@ -67,6 +70,12 @@ fn text<'a>(record: &'a AuditRecord, key: &str) -> Option<&'a str> {
 
 /// One readable sentence about the event (no emoji, no markup).
 pub fn summary(record: &AuditRecord) -> String {
+    // An action's alert carries its incident report: the report's own sentence, and where
+    // it is.
+    if let (Some(summary), Some(path)) = (text(record, "incidentSummary"), text(record, "incident"))
+    {
+        return format!("{summary} Incident report: {path}");
+    }
     let or_unknown = |key: &str| text(record, key).unwrap_or("?").to_owned();
     let reason = text(record, "reason")
         .map(|r| format!(": {r}"))
@@ -101,6 +110,11 @@ pub fn summary(record: &AuditRecord) -> String {
             "kill switch {} changed outside rollbackd to {}{reason}",
             or_unknown("key"),
             text(record, "value").unwrap_or("unset")
+        ),
+        AuditEvent::StabilityFailed => format!("stability watch failed, escalating{reason}"),
+        AuditEvent::StabilityConfirmed => format!(
+            "restored version {} stable through the stability watch",
+            or_unknown("restored")
         ),
         other => format!(
             "{}{reason}",

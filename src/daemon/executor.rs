@@ -559,7 +559,7 @@ pub async fn rollback(ctx: ActionContext, row: ActionRow) -> ActionOutcome {
     let now = ctx.clock.now();
     let name = artifact_name(ArtifactKind::Rollback, row.started_at_ms);
     let duration = (now_ms(now) - row.started_at_ms).max(0) as f64 / 1000.0;
-    let record = decision_record(
+    let mut record = decision_record(
         &ctx,
         &row,
         &detail,
@@ -569,6 +569,8 @@ pub async fn rollback(ctx: ActionContext, row: ActionRow) -> ActionOutcome {
         None,
         attempts,
     );
+    let report = incident_report(&ctx, &row, &detail, ActionState::Done, &name, now, None).await;
+    record.incident = report.value();
     let artifact = ctx.recorder.artifact(name.clone(), record).await;
     let session_id = row.session_id.clone();
     ctx.recorder
@@ -593,6 +595,8 @@ pub async fn rollback(ctx: ActionContext, row: ActionRow) -> ActionOutcome {
             rollback_duration_seconds: duration,
             artifact: artifact.display().to_string(),
             resumed: detail.resumed,
+            incident: report.path(),
+            incident_summary: report.summary(),
         },
     );
     if let Some(operator) = &row.operator {
@@ -629,7 +633,7 @@ async fn finish_failed(
     let name = artifact_name(ArtifactKind::Rollback, row.started_at_ms);
     let duration = (now_ms(now) - row.started_at_ms).max(0) as f64 / 1000.0;
     let max_attempts = ctx.config.config.rollback.max_attempts;
-    let record = decision_record(
+    let mut record = decision_record(
         ctx,
         row,
         detail,
@@ -639,6 +643,8 @@ async fn finish_failed(
         Some(reason.clone()),
         max_attempts,
     );
+    let report = incident_report(ctx, row, detail, ActionState::Failed, &name, now, None).await;
+    record.incident = report.value();
     let artifact = ctx.recorder.artifact(name.clone(), record).await;
     let mut audit = AuditRecord::of(
         now,
@@ -651,6 +657,8 @@ async fn finish_failed(
             reason: reason.clone(),
             phases: phases_json(detail),
             artifact: artifact.display().to_string(),
+            incident: report.path(),
+            incident_summary: report.summary(),
         },
     );
     if let Some(operator) = &row.operator {
@@ -673,6 +681,58 @@ async fn finish_failed(
     )
     .await;
     ActionOutcome::RollbackFailed { reason, artifact }
+}
+
+/// The incident report written at an action's end, if it could be.
+struct Report(Option<(crate::core::incident::Incident, std::path::PathBuf)>);
+
+impl Report {
+    fn value(&self) -> Option<Value> {
+        self.0
+            .as_ref()
+            .and_then(|(incident, _)| serde_json::to_value(incident).ok())
+    }
+
+    fn path(&self) -> Option<String> {
+        self.0.as_ref().map(|(_, path)| path.display().to_string())
+    }
+
+    fn summary(&self) -> Option<String> {
+        self.0
+            .as_ref()
+            .map(|(incident, _)| incident.summary.clone())
+    }
+}
+
+/// Writes the incident report with this action as it is about to be recorded finished
+/// (its row says so only after its audit lines, which carry the report's summary).
+async fn incident_report(
+    ctx: &ActionContext,
+    row: &ActionRow,
+    detail: &ActionDetail,
+    state: ActionState,
+    artifact_name: &str,
+    now: SystemTime,
+    kill_switch: Option<(bool, Option<String>)>,
+) -> Report {
+    let mut finished = row.clone();
+    finished.state = state;
+    finished.phase = None;
+    finished.finished_at_ms = Some(now_ms(now));
+    finished.artifact_name = Some(artifact_name.to_owned());
+    finished.detail_json = serde_json::to_string(detail).ok();
+    Report(
+        crate::daemon::incident::write(
+            &ctx.db,
+            &ctx.recorder,
+            &ctx.config,
+            row.session_id.clone(),
+            Some(finished),
+            kill_switch,
+            now,
+        )
+        .await,
+    )
 }
 
 async fn finish_row(
@@ -1049,6 +1109,7 @@ fn decision_record(
         session_id: row.session_id.clone(),
         attempts,
         error,
+        incident: None,
     }
 }
 
@@ -1079,7 +1140,7 @@ pub async fn escalate(ctx: ActionContext, row: ActionRow) -> ActionOutcome {
     push_phase(&mut detail, Phase::KillSwitch, t.elapsed().as_secs_f64());
     let now = ctx.clock.now();
     let name = artifact_name(ArtifactKind::Escalation, row.started_at_ms);
-    let record = decision_record(
+    let mut record = decision_record(
         &ctx,
         &row,
         &detail,
@@ -1089,6 +1150,17 @@ pub async fn escalate(ctx: ActionContext, row: ActionRow) -> ActionOutcome {
         None,
         1,
     );
+    let report = incident_report(
+        &ctx,
+        &row,
+        &detail,
+        ActionState::Done,
+        &name,
+        now,
+        Some((true, Some("1".to_owned()))),
+    )
+    .await;
+    record.incident = report.value();
     let artifact = ctx.recorder.artifact(name.clone(), record).await;
     let session_id = row.session_id.as_deref();
     let (kill_record, kill_audit) = crate::appdb::killswitch::records(
@@ -1114,6 +1186,8 @@ pub async fn escalate(ctx: ActionContext, row: ActionRow) -> ActionOutcome {
             reason: row.reason.clone(),
             worker: row.from_worker.clone(),
             artifact: artifact.display().to_string(),
+            incident: report.path(),
+            incident_summary: report.summary(),
         },
     );
     if let Some(operator) = &row.operator {

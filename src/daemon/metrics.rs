@@ -27,7 +27,7 @@ const VERDICTS: [Verdict; 4] = [
 ];
 
 /// Session states the daemon can be in while it runs; an ended session is `idle`.
-const SESSION_STATES: [&str; 3] = ["idle", "monitoring", "escalated"];
+const SESSION_STATES: [&str; 4] = ["idle", "monitoring", "stability-watch", "escalated"];
 
 /// The content type of [`Metrics::encode`]'s output.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -40,6 +40,11 @@ struct VerdictLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabel {
     state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -63,6 +68,7 @@ struct Inner {
     probe_duration: Histogram,
     rollbacks: Family<RollbackLabels, Counter>,
     escalations: Counter,
+    stability_watches: Family<ResultLabel, Counter>,
     kill_switch: Gauge,
     provider_errors: Counter,
     invalid_data: Counter,
@@ -102,6 +108,10 @@ impl Metrics {
         let probe_duration = Histogram::new(exponential_buckets(0.001, 2.0, 15));
         let rollbacks = Family::<RollbackLabels, Counter>::default();
         let escalations = Counter::default();
+        let stability_watches = Family::<ResultLabel, Counter>::default();
+        for result in ["confirmed", "failed"] {
+            let _ = stability_watches.get_or_create(&ResultLabel { result });
+        }
         let kill_switch = Gauge::default();
         let provider_errors = Counter::default();
         let invalid_data = Counter::default();
@@ -143,6 +153,11 @@ impl Metrics {
             escalations.clone(),
         );
         registry.register(
+            "stability_watches",
+            "Stability watches of a restored version that ended, by result (confirmed: stable for rollback.stability_period; failed: it breached and was escalated)",
+            stability_watches.clone(),
+        );
+        registry.register(
             "kill_switch",
             "The kill switch as last seen in the application's database (1 on, 0 off, -1 unknown: the database cannot be read)",
             kill_switch.clone(),
@@ -172,6 +187,7 @@ impl Metrics {
                 probe_duration,
                 rollbacks,
                 escalations,
+                stability_watches,
                 kill_switch,
                 provider_errors,
                 invalid_data,
@@ -254,6 +270,16 @@ impl Metrics {
 
     pub fn escalation_finished(&self) {
         self.inner.escalations.inc();
+    }
+
+    /// A stability watch ended (`confirmed` or `failed`).
+    pub fn stability_ended(&self, confirmed: bool) {
+        self.inner
+            .stability_watches
+            .get_or_create(&ResultLabel {
+                result: if confirmed { "confirmed" } else { "failed" },
+            })
+            .inc();
     }
 
     /// `Some(on)` as read; `None` when the database cannot be read: -1, never 0 ("off").

@@ -15,6 +15,7 @@ mod checks;
 pub mod db;
 pub mod executor;
 pub mod http;
+pub mod incident;
 mod killswitch;
 pub mod metrics;
 pub mod notify;
@@ -258,6 +259,9 @@ fn apply(change: &StateChange, store: &mut crate::storage::store::Store) -> Resu
         StateChange::Paused { id, paused, reason } => {
             store.set_paused(id, *paused, reason.as_deref())
         }
+        StateChange::Stability { id, stability } => {
+            store.set_stability(id, &serde_json::to_string(stability).unwrap_or_default())
+        }
         StateChange::Observation { observed, keep } => {
             let at = time::to_ms(observed.at);
             store.insert_observation(
@@ -306,6 +310,10 @@ fn session_row(record: &SessionRecord) -> SessionRow {
         operator: record.operator.clone(),
         ended_at_ms: None,
         end_reason: None,
+        stability_json: record
+            .stability
+            .as_ref()
+            .and_then(|w| serde_json::to_string(w).ok()),
     }
 }
 
@@ -324,6 +332,11 @@ fn session_record(row: &SessionRow) -> SessionRecord {
             .as_deref()
             .and_then(|text| serde_json::from_str::<Baseline>(text).ok()),
         operator: row.operator.clone(),
+        // Unreadable: the Supervisor starts the watch again (`restore`).
+        stability: row
+            .stability_json
+            .as_deref()
+            .and_then(|text| serde_json::from_str(text).ok()),
     }
 }
 
@@ -618,7 +631,16 @@ impl Driver {
                     );
                 }
                 Effect::Persist(change) => self.write_state(change).await,
-                Effect::Audit(record) => self.recorder.audit(record).await,
+                Effect::Audit(record) => {
+                    if let Some(metrics) = &self.metrics {
+                        match record.event {
+                            AuditEvent::StabilityConfirmed => metrics.stability_ended(true),
+                            AuditEvent::StabilityFailed => metrics.stability_ended(false),
+                            _ => {}
+                        }
+                    }
+                    self.recorder.audit(record).await
+                }
                 Effect::WorkerManager(record) => self.recorder.worker_manager(record).await,
                 Effect::Artifact { name, record } => {
                     let path = self.recorder.artifact(name, *record).await;
@@ -626,6 +648,15 @@ impl Driver {
                 }
                 Effect::StartAction { plan, reply } => self.start_action(*plan, reply).await,
                 Effect::PruneSessions => self.prune_sessions().await,
+                Effect::IncidentReport { session_id } => {
+                    // Not awaited: a report never holds up the checks.
+                    let (db, recorder, config) =
+                        (self.db.clone(), self.recorder.clone(), self.config.clone());
+                    let now = self.now();
+                    tokio::spawn(async move {
+                        incident::rewrite(&db, &recorder, &config, session_id, now).await;
+                    });
+                }
                 Effect::Reply { to, answer } => {
                     let last = !matches!(answer, Answer::Progress { .. });
                     let sender = if last {
@@ -1048,5 +1079,6 @@ pub fn new_session_row(
         operator,
         ended_at_ms: None,
         end_reason: None,
+        stability_json: None,
     }
 }

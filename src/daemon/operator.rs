@@ -321,6 +321,11 @@ impl Driver {
                 baseline: Some(crate::core::supervisor::baseline_summary(
                     s.record.baseline.as_ref(),
                 )),
+                stability: s
+                    .record
+                    .stability
+                    .as_ref()
+                    .map(|w| crate::daemon::incident::stability_status(w, now)),
             }
         });
         // The workers, also between sessions: the current session's, else the last ended
@@ -389,6 +394,13 @@ impl Driver {
                 _ => None,
             },
             state_db_restored: self.db_restored.clone(),
+            latest_incident: {
+                let dir = self.recorder.dir().clone();
+                tokio::task::spawn_blocking(move || crate::daemon::incident::latest(&dir))
+                    .await
+                    .ok()
+                    .flatten()
+            },
         }
     }
 }

@@ -34,6 +34,11 @@ pub enum Pending {
         record: Box<DecisionRecord>,
     },
     WorkerManager(WorkerManagerRecord),
+    /// An incident report (`incident_<stamp>.md`), replaced whole under its name.
+    Report {
+        name: String,
+        markdown: String,
+    },
 }
 
 impl Pending {
@@ -43,6 +48,7 @@ impl Pending {
             Pending::KillSwitch(_) => crate::storage::store::OUTBOX_KILL_SWITCH,
             Pending::Artifact { .. } => crate::storage::store::OUTBOX_ARTIFACT,
             Pending::WorkerManager(_) => crate::storage::store::OUTBOX_WORKER_MANAGER,
+            Pending::Report { .. } => crate::storage::store::OUTBOX_REPORT,
         }
     }
 }
@@ -170,6 +176,14 @@ impl Recorder {
             record: Box::new(record),
         })
         .await;
+        path
+    }
+
+    /// Queues an incident report under its name (a later one of the same incident
+    /// replaces it).
+    pub async fn report(&self, name: String, markdown: String) -> PathBuf {
+        let path = self.artifact_path(&name);
+        self.push(Pending::Report { name, markdown }).await;
         path
     }
 
@@ -354,6 +368,11 @@ fn write(analytics: &mut Analytics, record: &Pending) -> std::io::Result<()> {
             write_named_artifact(analytics, name, record)
         }
         Pending::WorkerManager(record) => analytics.write_worker_manager(record).map(|_| ()),
+        Pending::Report { name, markdown } => {
+            crate::storage::statedir::create_dir(analytics.dir())?;
+            crate::storage::audit::write_atomic(analytics.dir(), name, markdown.as_bytes())
+                .map(|_| ())
+        }
     }
 }
 

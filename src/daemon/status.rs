@@ -56,6 +56,11 @@ pub fn offline(loaded: &LoadedConfig) -> anyhow::Result<StatusReport> {
                     .and_then(|text| serde_json::from_str(text).ok())
                     .as_ref(),
             )),
+            stability: s
+                .stability_json
+                .as_deref()
+                .and_then(|text| serde_json::from_str(text).ok())
+                .map(|w| crate::daemon::incident::stability_status(&w, now)),
         }
     });
     let recent_checks = recent
@@ -96,6 +101,7 @@ pub fn offline(loaded: &LoadedConfig) -> anyhow::Result<StatusReport> {
         kill_switch: kill.to_json(&ks.key),
         recent_checks,
         config_hash: loaded.hash.clone(),
+        latest_incident: crate::daemon::incident::latest(&config.state_dir.join("analytics")),
         ..StatusReport::default()
     })
 }

@@ -310,6 +310,12 @@ pub enum AuditEvent {
     ConfigReloaded,
     /// After a restart, a hook the dead daemon had started was found still running.
     HookOrphaned,
+    /// A verified rollback's restored version is watched for `rollback.stability_period`.
+    StabilityWatchStarted,
+    /// The watch ended without a breach.
+    StabilityConfirmed,
+    /// The restored version breached during the watch: an escalation follows.
+    StabilityFailed,
 }
 
 /// An `audit.log` event body: one struct per event, in `storage::events`.
@@ -528,6 +534,10 @@ pub struct DecisionRecord {
     pub attempts: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The incident report's facts (`core::incident::Incident`), as in
+    /// `incident_<stamp>.md`; rewritten when the stability watch ends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incident: Option<serde_json::Value>,
 }
 
 /// `worker_manager.json`: the active/previous worker mirror for humans and scripts.
@@ -859,6 +869,7 @@ mod tests {
             session_id: Some("s-1".into()),
             attempts: 1,
             error: None,
+            incident: None,
         }
     }
 

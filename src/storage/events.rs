@@ -67,6 +67,9 @@ pub struct HealthCheck {
     /// The check before this one was void (rollbackd itself stalled).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub after_void: Option<String>,
+    /// A check of the restored version during the stability watch after a rollback.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stability_watch: Option<bool>,
     /// For a check that was not healthy: why, and the raw check.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
@@ -105,6 +108,11 @@ pub struct RollbackExecuted {
     pub artifact: String,
     /// How many restarts it was resumed through.
     pub resumed: u32,
+    /// The incident report (`analytics/incident_<stamp>.md`) and its one-line summary.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub incident: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub incident_summary: Option<String>,
 }
 event!(RollbackExecuted => RollbackExecuted);
 
@@ -119,6 +127,11 @@ pub struct RollbackFailed {
     pub reason: String,
     pub phases: Value,
     pub artifact: String,
+    /// The incident report (`analytics/incident_<stamp>.md`) and its one-line summary.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub incident: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub incident_summary: Option<String>,
 }
 event!(RollbackFailed => RollbackFailed);
 
@@ -130,6 +143,11 @@ pub struct EscalationTriggered {
     pub reason: String,
     pub worker: Option<String>,
     pub artifact: String,
+    /// The incident report (`analytics/incident_<stamp>.md`) and its one-line summary.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub incident: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub incident_summary: Option<String>,
 }
 event!(EscalationTriggered => EscalationTriggered);
 
@@ -168,6 +186,49 @@ pub struct MonitoringStopped {
     pub checks: u64,
 }
 event!(MonitoringStopped => MonitoringStopped);
+
+/// `stability-watch-started`: a verified rollback's restored version is now watched.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StabilityWatchStarted {
+    /// The version rolled back to, now watched.
+    pub restored: String,
+    /// The version rolled back from.
+    pub from: String,
+    pub period_seconds: f64,
+    /// The baseline the watch judges against (`null`: only the absolute rules).
+    pub baseline: Value,
+}
+event!(StabilityWatchStarted => StabilityWatchStarted);
+
+/// `stability-confirmed` / `stability-failed`: how the watch ended.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StabilityEnded {
+    #[serde(skip)]
+    pub confirmed: bool,
+    pub restored: String,
+    pub from: String,
+    pub period_seconds: f64,
+    /// Seconds from the start of the watch to its end.
+    pub watched_seconds: f64,
+    pub checks: u64,
+    /// Why: the period passed, or the breach (the engine's reason).
+    pub reason: String,
+    /// The rules that fired (failed only).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<String>,
+}
+
+impl Event for StabilityEnded {
+    fn event(&self) -> AuditEvent {
+        if self.confirmed {
+            AuditEvent::StabilityConfirmed
+        } else {
+            AuditEvent::StabilityFailed
+        }
+    }
+}
 
 /// `monitoring-paused` / `monitoring-resumed`.
 #[derive(Debug, Clone, Serialize)]
@@ -245,6 +306,7 @@ mod tests {
             not_taken: None,
             paused: None,
             after_void: None,
+            stability_watch: None,
             reason: None,
             check: None,
         };

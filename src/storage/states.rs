@@ -61,7 +61,9 @@ macro_rules! stored_names {
 }
 
 stored_names!(
-    /// A monitoring session's state.
+    /// A monitoring session's state. `stability-watch`: rolled back and verified; the
+    /// restored version is watched for `rollback.stability_period` before the session
+    /// ends as `rolled-back`.
     SessionState {
         Monitoring => "monitoring",
         Escalated => "escalated",
@@ -69,6 +71,7 @@ stored_names!(
         Confirmed => "confirmed",
         Stopped => "stopped",
         RollbackFailed => "rollback-failed",
+        StabilityWatch => "stability-watch",
     }
 );
 

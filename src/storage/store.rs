@@ -112,6 +112,9 @@ pub const MIGRATIONS: &[&str] = &[
         observation_json TEXT NOT NULL
     );
     CREATE INDEX observations_by_time ON observations (taken_at_ms);",
+    // v4: the stability watch after a verified rollback (issue 13): when it began, what it
+    // watches, how it ended (`core::supervisor::Stability` as JSON; NULL: no watch).
+    "ALTER TABLE sessions ADD COLUMN stability_json TEXT;",
 ];
 
 /// The stored names are the pure enums of `core::states`; this is how they are spelt in
@@ -147,6 +150,7 @@ pub const OUTBOX_AUDIT: &str = "audit";
 pub const OUTBOX_KILL_SWITCH: &str = "kill-switch";
 pub const OUTBOX_ARTIFACT: &str = "artifact";
 pub const OUTBOX_WORKER_MANAGER: &str = "worker-manager";
+pub const OUTBOX_REPORT: &str = "incident-report";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -210,6 +214,8 @@ pub struct SessionRow {
     pub operator: Option<String>,
     pub ended_at_ms: Option<i64>,
     pub end_reason: Option<String>,
+    /// The stability watch (`core::supervisor::Stability`), once one began.
+    pub stability_json: Option<String>,
 }
 
 /// One check taken in a session.
@@ -264,6 +270,39 @@ pub struct ActionRow {
     pub detail_json: Option<String>,
 }
 
+/// At most this many of a session's checks (the newest) go into its incident report.
+pub const INCIDENT_MAX_CHECKS: usize = 20_000;
+
+/// What [`Store::incident_facts`] found.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IncidentRows {
+    pub session: Option<crate::core::incident::SessionFacts>,
+    pub checks: Vec<crate::core::incident::CheckFacts>,
+    pub actions: Vec<crate::core::incident::ActionFacts>,
+}
+
+/// An action row as the incident report reads it.
+pub fn action_facts(a: ActionRow) -> crate::core::incident::ActionFacts {
+    crate::core::incident::ActionFacts {
+        id: a.id,
+        kind: a.kind,
+        trigger: a.trigger,
+        state: a.state,
+        from: a.from_worker,
+        to: a.to_worker,
+        reason: a.reason,
+        operator: a.operator,
+        started_at_ms: a.started_at_ms,
+        finished_at_ms: a.finished_at_ms,
+        artifact: a.artifact_name,
+        detail: a
+            .detail_json
+            .as_deref()
+            .and_then(|t| serde_json::from_str(t).ok())
+            .unwrap_or(serde_json::Value::Null),
+    }
+}
+
 /// An action's row id in `rollbackd.db`.
 pub type ActionId = i64;
 
@@ -293,7 +332,7 @@ pub struct OutboxRow {
 }
 
 const SESSION_COLUMNS: &str = "id, active, previous, promoted_at_ms, state, paused, pause_reason, \
-     baseline_json, operator, ended_at_ms, end_reason";
+     baseline_json, operator, ended_at_ms, end_reason, stability_json";
 
 const CHECK_COLUMNS: &str = "session_id, check_index, taken_at_ms, check_json, verdict, failed";
 
@@ -321,6 +360,7 @@ fn session_from_row(row: &Row) -> rusqlite::Result<SessionRow> {
         operator: row.get(8)?,
         ended_at_ms: row.get(9)?,
         end_reason: row.get(10)?,
+        stability_json: row.get(11)?,
     })
 }
 
@@ -606,7 +646,7 @@ impl Store {
         self.write_one(
             &format!(
                 "INSERT INTO sessions ({SESSION_COLUMNS}) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
             ),
             params![
                 s.id,
@@ -620,6 +660,7 @@ impl Store {
                 s.operator,
                 s.ended_at_ms,
                 s.end_reason,
+                s.stability_json,
             ],
         )?;
         Ok(())
@@ -668,6 +709,15 @@ impl Store {
                 params![id, state, at_ms, reason],
             )?,
         };
+        require_row(changed, "sessions", id)
+    }
+
+    /// Records the session's stability watch (as it began, then as it ended).
+    pub fn set_stability(&mut self, id: &str, stability_json: &str) -> Result<(), StoreError> {
+        let changed = self.write_one(
+            "UPDATE sessions SET stability_json = ?2 WHERE id = ?1",
+            params![id, stability_json],
+        )?;
         require_row(changed, "sessions", id)
     }
 
@@ -919,6 +969,89 @@ impl Store {
             .query_map(params![since_ms, ActionKind::Rollback], |row| row.get(0))?
             .collect::<Result<Vec<i64>, _>>()?;
         Ok(rows)
+    }
+
+    /// The newest action (what `rollbackd report latest` reports on).
+    pub fn latest_action(&self) -> Result<Option<ActionRow>, StoreError> {
+        let mut statement = self.conn.prepare_cached(&format!(
+            "SELECT {ACTION_COLUMNS} FROM actions ORDER BY started_at_ms DESC, id DESC LIMIT 1"
+        ))?;
+        Ok(statement.query_row([], action_from_row).optional()?)
+    }
+
+    /// The newest session, ended or not, whose id starts with `prefix` (`report SESSION`
+    /// takes a unique prefix too).
+    pub fn sessions_like(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        let mut statement = self.conn.prepare_cached(
+            "SELECT id FROM sessions WHERE substr(id, 1, length(?1)) = ?1              ORDER BY promoted_at_ms DESC LIMIT 10",
+        )?;
+        let rows = statement
+            .query_map([prefix], |row| row.get(0))?
+            .collect::<Result<Vec<String>, _>>()?;
+        Ok(rows)
+    }
+
+    /// What the incident report of a session (or of one action made without a session)
+    /// is made from: the session, its newest [`INCIDENT_MAX_CHECKS`] checks and its
+    /// actions, oldest first. `None` when neither is on record.
+    pub fn incident_facts(
+        &self,
+        session_id: Option<&str>,
+        action_id: Option<i64>,
+    ) -> Result<Option<IncidentRows>, StoreError> {
+        use crate::core::incident::{CheckFacts, SessionFacts};
+        let session = match session_id {
+            Some(id) => self.session(id)?,
+            None => None,
+        };
+        let actions = match (&session, action_id) {
+            (Some(s), _) => self.actions_for_session(&s.id)?,
+            (None, Some(id)) => self.action(id)?.into_iter().collect(),
+            (None, None) => Vec::new(),
+        };
+        if session.is_none() && actions.is_empty() {
+            return Ok(None);
+        }
+        let checks = match &session {
+            Some(s) => self.recent_checks(&s.id, INCIDENT_MAX_CHECKS)?,
+            None => Vec::new(),
+        };
+        let session = session.map(|s| SessionFacts {
+            baseline: s
+                .baseline_json
+                .as_deref()
+                .and_then(|t| serde_json::from_str(t).ok()),
+            stability: s
+                .stability_json
+                .as_deref()
+                .and_then(|t| serde_json::from_str(t).ok()),
+            id: s.id,
+            promoted: s.active,
+            previous: s.previous,
+            promoted_at_ms: s.promoted_at_ms,
+            state: s.state,
+            ended_at_ms: s.ended_at_ms,
+            end_reason: s.end_reason,
+            operator: s.operator,
+        });
+        let checks = checks
+            .into_iter()
+            .filter_map(|c| {
+                Some(CheckFacts {
+                    index: c.check_index.max(0) as u64,
+                    taken_at_ms: c.taken_at_ms,
+                    result: serde_json::from_str(&c.check_json).ok()?,
+                    verdict: c.verdict,
+                    failed: c.failed,
+                })
+            })
+            .collect();
+        let actions = actions.into_iter().map(action_facts).collect();
+        Ok(Some(IncidentRows {
+            session,
+            checks,
+            actions,
+        }))
     }
 
     /// The session's actions, oldest first.
@@ -1328,6 +1461,7 @@ mod tests {
             operator: Some("uid:1000".into()),
             ended_at_ms: None,
             end_reason: None,
+            stability_json: None,
         }
     }
 

@@ -141,6 +141,9 @@ switch_command = [{hook:?}, "{{to}}"]
 hook_timeout = "20s"
 verify_interval = "100ms"
 verify_timeout = "1s"
+# Most tests end the session at the verified rollback; the stability watch's own tests
+# (tests/system.rs `the_restored_version_*`) set a period.
+stability_period = "0s"
 [kill_switch]
 database = {db:?}
 reset_quiet_period = "1s"
@@ -258,6 +261,19 @@ listen = ""
         found.retain(|p| {
             let name = p.file_name().unwrap().to_string_lossy();
             name.starts_with(prefix) && name.ends_with(".json")
+        });
+        found.sort();
+        found
+    }
+
+    /// The incident reports (`analytics/incident_*.md`), oldest first.
+    pub fn incident_reports(&self) -> Vec<PathBuf> {
+        let mut found: Vec<PathBuf> = std::fs::read_dir(self.state().join("analytics"))
+            .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+            .unwrap_or_default();
+        found.retain(|p| {
+            let name = p.file_name().unwrap().to_string_lossy();
+            name.starts_with("incident_") && name.ends_with(".md")
         });
         found.sort();
         found

@@ -1,0 +1,399 @@
+//! The incident report (`core::incident`): golden Markdown for a rollback, an escalation
+//! and a manual emergency rollback on a fixed clock and time zone, and its figures
+//! (severity, level, impact) checked against the facts fed in.
+//!
+//! The golden files are `tests/golden/incident_*.md`. After a deliberate change of the
+//! report, `RBD_UPDATE_GOLDEN=1 cargo test --test incident` rewrites them; review the diff.
+
+use std::time::Duration;
+
+use rollbackd::core::check::CheckResult;
+use rollbackd::core::incident::{ActionFacts, CheckFacts, Facts, Incident, SessionFacts};
+use rollbackd::core::supervisor::{Stability, StabilityResult};
+use rollbackd::core::trace::{parse_line, TraceLine};
+use rollbackd::storage::states::{ActionKind, ActionState, ActionTrigger, SessionState};
+use serde_json::json;
+
+/// Unix milliseconds of 2025-10-22T14:MM:SS.mmmZ.
+fn at(minute: i64, second: f64) -> i64 {
+    1_761_141_600_000 + minute * 60_000 + (second * 1000.0).round() as i64
+}
+
+fn result(rate: Option<f64>, requests: u64, probe_ok: bool) -> CheckResult {
+    let snapshot = match rate {
+        Some(rate) => format!(r#"{{"failureRate":{rate},"requests":{requests}}}"#),
+        None => "null".into(),
+    };
+    let probe = if probe_ok { "ok" } else { "failed" };
+    match parse_line(&format!(
+        r#"{{"at":0,"probe":"{probe}","snapshot":{snapshot}}}"#
+    ))
+    .unwrap()
+    {
+        Some(TraceLine::Check { check, .. }) => check,
+        other => panic!("{other:?}"),
+    }
+}
+
+fn check(index: u64, taken_at_ms: i64, rate: f64, verdict: &str) -> CheckFacts {
+    CheckFacts {
+        index,
+        taken_at_ms,
+        result: result(Some(rate), 1000, true),
+        verdict: verdict.into(),
+        failed: rate > 0.2,
+    }
+}
+
+fn base_facts() -> Facts {
+    Facts {
+        session: None,
+        checks: Vec::new(),
+        actions: Vec::new(),
+        kill_switch_key: "DISABLE_NEW".into(),
+        kill_switch_value: Some("0".into()),
+        kill_switch_known: true,
+        reset_quiet_period: Duration::from_secs(300),
+        analytics_dir: "/var/lib/rollbackd/analytics".into(),
+        config_arg: None,
+        generated_at_ms: at(47, 17.0),
+        // Central European Time: the local column is an hour ahead of UTC.
+        utc_offset_seconds: 3600,
+    }
+}
+
+/// v2 promoted at 14:30, error rate climbing from 14:31, rolled back to v1 at 14:32:15,
+/// v1 stable for the 15-minute watch.
+fn automatic_rollback() -> Facts {
+    let mut checks = vec![
+        check(0, at(30, 30.0), 0.01, "healthy"),
+        check(1, at(31, 0.0), 0.09, "degraded"),
+        check(2, at(31, 30.0), 0.42, "degraded"),
+        check(3, at(31, 45.0), 0.45, "degraded"),
+        check(4, at(32, 0.0), 0.44, "degraded"),
+        check(5, at(32, 15.0), 0.42, "rollback"),
+    ];
+    checks.push(check(6, at(32, 47.0), 0.01, "healthy"));
+    checks.push(check(7, at(33, 17.0), 0.01, "healthy"));
+    Facts {
+        session: Some(SessionFacts {
+            id: "20251022T143000.000Z-v2".into(),
+            promoted: "v2".into(),
+            previous: Some("v1".into()),
+            promoted_at_ms: at(30, 0.0),
+            state: SessionState::RolledBack,
+            ended_at_ms: Some(at(47, 16.5)),
+            end_reason: Some(
+                "rolled back from v2 to v1; v1 was stable for the stability period of 15m".into(),
+            ),
+            baseline: None,
+            stability: Some(Stability {
+                started_at_ms: at(32, 16.5),
+                period_seconds: 900.0,
+                restored: "v1".into(),
+                from: "v2".into(),
+                rollback_action: Some(1),
+                first_check: 6,
+                result: Some(StabilityResult::Confirmed),
+                ended_at_ms: Some(at(47, 16.5)),
+                reason: Some("v1 was stable for the stability period of 15m".into()),
+            }),
+            operator: Some("uid:1000(deploy)".into()),
+        }),
+        checks,
+        actions: vec![ActionFacts {
+            id: Some(1),
+            kind: ActionKind::Rollback,
+            trigger: ActionTrigger::Automatic,
+            state: ActionState::Done,
+            from: Some("v2".into()),
+            to: Some("v1".into()),
+            reason: "High error rate (42.0%) with 4 failures: 4 of 5 checks over 20.0%".into(),
+            operator: None,
+            started_at_ms: at(32, 15.2),
+            finished_at_ms: Some(at(32, 16.5)),
+            artifact: Some("rollback_20251022T143215.200Z.json".into()),
+            detail: json!({
+                "phases": [["pause", 0.01], ["switch", 0.2], ["verify", 1.05]],
+                "hooks": [{"phase": "switch", "argv": ["/usr/local/bin/switch-worker", "v1"],
+                           "exitCode": 0, "timedOut": false,
+                           "stdoutTail": "switched to v1\n", "stderrTail": ""}],
+                "evidence": {"rulesFired": [
+                    {"rule": "error_rate", "count": 4, "of": 5, "threshold": 0.2,
+                     "observed": 0.42, "dryRun": false},
+                    {"rule": "degraded_error_rate", "count": 1, "of": 5, "threshold": 0.05,
+                     "observed": 0.42, "dryRun": false}
+                ]}
+            }),
+        }],
+        ..base_facts()
+    }
+}
+
+/// v2 stopped answering; no previous worker was known, so the kill switch was set.
+fn escalation() -> Facts {
+    let mut facts = base_facts();
+    facts.session = Some(SessionFacts {
+        id: "20251022T143000.000Z-v2".into(),
+        promoted: "v2".into(),
+        previous: None,
+        promoted_at_ms: at(30, 0.0),
+        state: SessionState::Escalated,
+        ended_at_ms: None,
+        end_reason: None,
+        baseline: None,
+        stability: None,
+        operator: Some("uid:1000(deploy)".into()),
+    });
+    facts.checks = (0..4)
+        .map(|i| CheckFacts {
+            index: i,
+            taken_at_ms: at(31, 0.0) + i as i64 * 15_000,
+            result: result(None, 0, i == 0),
+            verdict: if i == 3 { "escalate" } else { "degraded" }.into(),
+            failed: true,
+        })
+        .collect();
+    facts.actions = vec![ActionFacts {
+        id: Some(3),
+        kind: ActionKind::Escalation,
+        trigger: ActionTrigger::Automatic,
+        state: ActionState::Done,
+        from: Some("v2".into()),
+        to: None,
+        reason: "The last 3 probes failed; no previous worker is known, so escalating".into(),
+        operator: None,
+        started_at_ms: at(31, 45.1),
+        finished_at_ms: Some(at(31, 45.3)),
+        artifact: Some("escalation_20251022T143145.100Z.json".into()),
+        detail: json!({
+            "phases": [["kill-switch", 0.02]],
+            "evidence": {"rulesFired": [
+                {"rule": "probe_failures", "count": 3, "of": 4, "threshold": 3.0, "dryRun": false}
+            ]}
+        }),
+    }];
+    facts.kill_switch_value = Some("1".into());
+    facts.config_arg = Some("/etc/rollbackd/rollbackd.toml".into());
+    facts
+}
+
+/// An operator's emergency rollback with no monitoring session.
+fn emergency_rollback() -> Facts {
+    let mut facts = base_facts();
+    facts.actions = vec![ActionFacts {
+        id: Some(9),
+        kind: ActionKind::Rollback,
+        trigger: ActionTrigger::Emergency,
+        state: ActionState::Done,
+        from: Some("v7".into()),
+        to: Some("v6".into()),
+        reason: "checkout broken for EU customers".into(),
+        operator: Some("uid:1001(alice)".into()),
+        started_at_ms: at(40, 0.0),
+        finished_at_ms: Some(at(40, 2.25)),
+        artifact: Some("rollback_20251022T144000.000Z.json".into()),
+        detail: json!({
+            "phases": [["switch", 0.5], ["verify", 1.75]],
+            "hooks": [{"phase": "switch", "argv": ["/usr/local/bin/switch-worker", "v6"],
+                       "exitCode": 0, "timedOut": false, "stdoutTail": "",
+                       "stderrTail": "warning: \u{1b}[31mslow drain\u{1b}[0m skipped\n"}],
+            "emergency": true
+        }),
+    }];
+    facts.kill_switch_value = None;
+    facts
+}
+
+fn golden(name: &str, incident: &Incident) {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(format!("incident_{name}.md"));
+    let markdown = incident.markdown();
+    if std::env::var_os("RBD_UPDATE_GOLDEN").is_some() {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, &markdown).unwrap();
+        return;
+    }
+    let want = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e} (RBD_UPDATE_GOLDEN=1 cargo test --test incident writes it)",
+            path.display()
+        )
+    });
+    assert_eq!(
+        markdown,
+        want,
+        "{} differs (RBD_UPDATE_GOLDEN=1 rewrites it; review the diff)",
+        path.display()
+    );
+}
+
+#[test]
+fn a_rollback_report_matches_its_golden_file() {
+    golden("rollback", &Incident::of(&automatic_rollback()));
+}
+
+#[test]
+fn an_escalation_report_matches_its_golden_file() {
+    golden("escalation", &Incident::of(&escalation()));
+}
+
+#[test]
+fn a_manual_emergency_rollback_report_matches_its_golden_file() {
+    golden("emergency", &Incident::of(&emergency_rollback()));
+}
+
+#[test]
+fn impact_is_the_checks_own_counts_from_onset_to_recovery() {
+    let incident = Incident::of(&automatic_rollback());
+    let impact = &incident.impact;
+    // Onset: check #1 (14:31:00, the first not healthy); recovery: the rollback's end
+    // (14:32:16.5). Checks #1..#5 are inside: 5 × 1000 requests, and 90 + 420 + 450 +
+    // 440 + 420 failed. Check #0 (before) and the watch's #6, #7 (after) are not.
+    assert_eq!(impact.checks, 5);
+    assert_eq!(impact.checks_with_counts, 5);
+    assert_eq!(impact.requests, 5000.0);
+    assert_eq!(impact.failed_requests_estimated, 1820.0);
+    let minutes = impact.minutes.unwrap();
+    assert!((minutes - 76.5 / 60.0).abs() < 1e-9, "{minutes}");
+    assert_eq!(impact.onset.as_deref(), Some("2025-10-22 14:31:00Z"));
+    assert_eq!(impact.recovery.as_deref(), Some("2025-10-22 14:32:16Z"));
+
+    // Not recovered yet (the action still running): counted up to the report's making.
+    let mut facts = automatic_rollback();
+    facts.actions[0].finished_at_ms = None;
+    facts.actions[0].state = ActionState::Running;
+    let impact = Incident::of(&facts).impact;
+    assert_eq!(impact.recovery, None);
+    assert_eq!(impact.minutes, None);
+    assert_eq!(impact.checks, 7, "#1..#7, up to the report's time");
+}
+
+#[test]
+fn severity_and_level_follow_the_rules_and_the_actions() {
+    struct Case {
+        name: &'static str,
+        facts: Facts,
+        severity: &'static str,
+        level: u8,
+    }
+    let mut level3 = automatic_rollback();
+    let mut escalated = escalation().actions.remove(0);
+    escalated.from = Some("v1".into());
+    escalated.detail = json!({"evidence": {"rulesFired": [
+        {"rule": "error_rate", "count": 3, "of": 5, "threshold": 0.2, "observed": 0.3, "dryRun": false}
+    ]}});
+    level3.actions.push(escalated);
+    if let Some(session) = &mut level3.session {
+        session.state = SessionState::Escalated;
+        let watch = session.stability.as_mut().unwrap();
+        watch.result = Some(StabilityResult::Failed);
+        watch.reason = Some("restored version v1 unstable: High error rate".into());
+    }
+    level3.kill_switch_value = Some("1".into());
+    let mut manual = emergency_rollback();
+    manual.actions[0].trigger = ActionTrigger::Manual;
+    let mut dry_rule_only = automatic_rollback();
+    dry_rule_only.actions[0].detail = json!({"evidence": {"rulesFired": [
+        {"rule": "latency", "count": 3, "of": 5, "threshold": 500.0, "observed": 900.0, "dryRun": true}
+    ]}});
+    dry_rule_only.actions[0].trigger = ActionTrigger::Manual;
+    let cases = [
+        Case {
+            name: "automatic rollback on error rate",
+            facts: automatic_rollback(),
+            severity: "SEV2",
+            level: 2,
+        },
+        Case {
+            name: "kill switch after probe failures",
+            facts: escalation(),
+            severity: "SEV1",
+            level: 1,
+        },
+        Case {
+            name: "rollback then kill switch: full restore",
+            facts: level3,
+            severity: "SEV1",
+            level: 3,
+        },
+        Case {
+            name: "emergency rollback",
+            facts: emergency_rollback(),
+            severity: "SEV2",
+            level: 2,
+        },
+        Case {
+            name: "manual rollback, no rule",
+            facts: manual,
+            severity: "SEV3",
+            level: 2,
+        },
+        Case {
+            name: "a dry-run rule is not a trigger",
+            facts: dry_rule_only,
+            severity: "SEV3",
+            level: 2,
+        },
+    ];
+    for case in cases {
+        let incident = Incident::of(&case.facts);
+        assert_eq!(
+            incident.severity, case.severity,
+            "{}: {}",
+            case.name, incident.summary
+        );
+        assert_eq!(incident.level, case.level, "{}", case.name);
+        assert!(
+            incident
+                .summary
+                .starts_with(&format!("{} level {}:", case.severity, case.level)),
+            "{}: {}",
+            case.name,
+            incident.summary
+        );
+        if case.level == 3 {
+            assert!(
+                incident.summary.contains("unstable too"),
+                "{}",
+                incident.summary
+            );
+            assert!(incident
+                .next_steps
+                .iter()
+                .any(|s| s.contains("call the owning team")));
+            assert!(incident
+                .next_steps
+                .iter()
+                .any(|s| s.contains("kill-switch reset")));
+            assert_eq!(incident.stability.as_ref().unwrap().result, "failed");
+        }
+    }
+}
+
+#[test]
+fn untrusted_text_cannot_reach_the_terminal_raw() {
+    let markdown = Incident::of(&emergency_rollback()).markdown();
+    assert!(
+        !markdown.contains('\u{1b}'),
+        "an escape from a hook's output reached the report"
+    );
+    assert!(markdown.contains("\\u{1b}[31mslow drain"), "{markdown}");
+    let mut facts = automatic_rollback();
+    facts.actions[0].reason = "line one\nline two | pipe".into();
+    let markdown = Incident::of(&facts).markdown();
+    assert!(
+        markdown.contains("line one\\nline two \\| pipe"),
+        "{markdown}"
+    );
+}
+
+#[test]
+fn the_file_is_named_by_the_first_action_so_a_rewrite_replaces_it() {
+    let incident = Incident::of(&automatic_rollback());
+    assert_eq!(incident.file_name, "incident_20251022T143215.200Z.md");
+    let mut later = automatic_rollback();
+    later.generated_at_ms += 3_600_000;
+    assert_eq!(Incident::of(&later).file_name, incident.file_name);
+}

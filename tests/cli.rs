@@ -749,3 +749,94 @@ fn simulate_derives_the_baseline_from_pre_promotion_lines() {
     assert_eq!(code, 1);
     assert!(err.contains("late.jsonl:6:"), "{err}");
 }
+
+/// `simulate --stability-watch` models the watch after a rollback as the Supervisor runs
+/// it: the later lines are the restored version's checks; it holds for
+/// rollback.stability_period (confirmed) or breaches (an escalation, never a second
+/// rollback). Without the flag the replay still stops at the rollback (SPEC §6).
+#[test]
+fn simulate_models_the_stability_watch_after_a_rollback() {
+    let dir = tempfile::tempdir().unwrap();
+    let line = |at: u64, rate: f64| {
+        format!(r#"{{"at":{at},"probe":"ok","snapshot":{{"failureRate":{rate},"requests":1000}}}}"#)
+    };
+    // Canary: healthy at 30 and 60, then 45% from 90: rolled back at 150.
+    let canary: Vec<String> = (1..=5)
+        .map(|i| line(i * 30, if i < 3 { 0.01 } else { 0.45 }))
+        .collect();
+    let write = |name: &str, after: &dyn Fn(u64) -> f64| {
+        let mut text = canary.join("\n");
+        for at in (180..=1200).step_by(60) {
+            text.push('\n');
+            text.push_str(&line(at, after(at)));
+        }
+        let path = dir.path().join(name);
+        std::fs::write(&path, text + "\n").unwrap();
+        path.display().to_string()
+    };
+    let stable = write("stable.jsonl", &|_| 0.01);
+    let relapse = write("relapse.jsonl", &|at| if at < 400 { 0.01 } else { 0.5 });
+    let config = dir.path().join("watch.toml");
+    std::fs::write(&config, "[rollback]\nstability_period = \"10m\"\n").unwrap();
+    let config = config.display().to_string();
+    let lines = |trace: &str, watch: bool| -> Vec<Value> {
+        let mut args = vec!["--config", &config, "simulate", "--trace", trace, "--json"];
+        if watch {
+            args.push("--stability-watch");
+        }
+        let (code, out, err) = run(&args, &[]);
+        assert_eq!(code, 0, "{err}");
+        out.lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+
+    let plain = lines(&stable, false);
+    assert_eq!(plain.last().unwrap()["action"], "rollback");
+    assert_eq!(
+        plain.last().unwrap()["at"],
+        150,
+        "without the flag it stops at the rollback"
+    );
+
+    let held = lines(&stable, true);
+    let watched: Vec<&Value> = held
+        .iter()
+        .filter(|l| l["stabilityWatch"] == true)
+        .collect();
+    assert!(
+        held.iter().filter(|l| !l["action"].is_null()).count() == 1,
+        "only the rollback acted"
+    );
+    // 10 minutes from the rollback at +150: the watch ends at the first check due after
+    // +750 once a window is full; +780 is that check, and it is not evaluated.
+    assert_eq!(watched.first().unwrap()["at"], 180);
+    assert_eq!(watched.last().unwrap()["at"], 720);
+    let (code, human, _) = run(
+        &[
+            "--config",
+            &config,
+            "simulate",
+            "--trace",
+            &stable,
+            "--stability-watch",
+        ],
+        &[],
+    );
+    assert_eq!(code, 0);
+    assert!(human.contains("stability confirmed at +780s"), "{human}");
+
+    let failed = lines(&relapse, true);
+    let last = failed.last().unwrap();
+    assert_eq!(last["action"], "escalate", "never a second rollback");
+    assert_eq!(last["at"], 540, "three breaches from +420");
+    assert_eq!(last["stabilityWatch"], true);
+    assert!(last["reason"]
+        .as_str()
+        .unwrap()
+        .starts_with("restored version previous unstable: "));
+    assert_eq!(
+        failed.iter().filter(|l| l["action"] == "rollback").count(),
+        1
+    );
+}

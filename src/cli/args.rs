@@ -192,6 +192,11 @@ pub enum Command {
         /// rollback.max_rollbacks_per_hour a rollback verdict escalates, as the daemon's would
         #[arg(long, value_name = "N", default_value_t = 0)]
         recent_rollbacks: u32,
+        /// Replay past a rollback: it is taken as verified at its check, and the trace's
+        /// later lines are the restored version's checks during rollback.stability_period
+        /// (ends with the watch: confirmed, or failed and escalated)
+        #[arg(long)]
+        stability_watch: bool,
     },
 
     /// Shell completions for bash, zsh or fish, generated from these definitions

@@ -173,11 +173,13 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             json,
             no_previous,
             recent_rollbacks,
+            stability_watch,
         } => {
             let loaded = load_config(&cli)?;
             let scenario = crate::cli::simulate::Scenario {
                 previous_known: !no_previous,
                 recent_rollbacks: *recent_rollbacks,
+                stability_watch: *stability_watch,
             };
             simulate(&loaded, &scenario, trace, *json)
         }

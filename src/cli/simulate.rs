@@ -2,7 +2,10 @@
 //! monitoring session would — the same engine, action policy (escalation instead of a
 //! rollback when no previous worker is known or `max_rollbacks_per_hour` is spent), dry
 //! run and grace period. Checks after the grace period are not evaluated, and the replay
-//! stops at the first check whose action is not null.
+//! stops at the first check whose action is not null — unless `--stability-watch`: then a
+//! rollback is taken as verified at its check, the trace's later lines are checks of the
+//! restored version during `rollback.stability_period`, and the replay ends with the
+//! watch (confirmed, or failed with its escalation).
 
 use std::io::{BufRead, Write};
 use std::time::Duration;
@@ -23,6 +26,8 @@ pub struct Scenario {
     pub previous_known: bool,
     /// Rollbacks already made in the hour before the promotion (loop protection).
     pub recent_rollbacks: u32,
+    /// Replay past a rollback into its stability watch.
+    pub stability_watch: bool,
 }
 
 impl Default for Scenario {
@@ -30,6 +35,7 @@ impl Default for Scenario {
         Scenario {
             previous_known: true,
             recent_rollbacks: 0,
+            stability_watch: false,
         }
     }
 }
@@ -118,6 +124,29 @@ impl Replay {
         }
     }
 
+    /// The rollback just started is verified now: the Supervisor begins the stability
+    /// watch (as the daemon's does when its executor reports the rollback done).
+    fn rollback_verified(&mut self) -> bool {
+        let now = self.now();
+        self.supervisor
+            .handle(now, Input::ActionStarted { id: Some(1) });
+        self.supervisor.handle(
+            now,
+            Input::ActionDone {
+                id: Some(1),
+                result: crate::core::supervisor::ActionResult::RolledBack {
+                    from: "canary".into(),
+                    to: Replay::PREVIOUS.into(),
+                    artifact: String::new(),
+                },
+            },
+        );
+        while self.supervisor.poll_effect().is_some() {}
+        self.supervisor
+            .session()
+            .is_some_and(|s| s.watching().is_some())
+    }
+
     /// Takes the check the trace has at `at`.
     fn check(&mut self, at: Duration, check: &CheckResult) -> Step {
         self.mono = crate::core::time::deadline(self.promoted_mono, at);
@@ -194,6 +223,10 @@ pub struct Summary {
     /// The grace period ended before the trace did: the promotion would be confirmed.
     pub grace_expired_at: Option<Duration>,
     pub last_verdict: Option<Verdict>,
+    /// With `--stability-watch`: how the watch after the rollback ended (`confirmed`,
+    /// `failed`, or `unfinished` when the trace ended first), at which check, and the
+    /// escalation's reason when it failed.
+    pub stability: Option<(&'static str, Duration, Option<String>)>,
 }
 
 #[derive(Serialize)]
@@ -213,6 +246,9 @@ struct JsonDecision<'a> {
     rules: &'a [Firing],
     #[serde(skip_serializing_if = "Option::is_none")]
     reason: Option<String>,
+    /// A check of the restored version during the stability watch (`--stability-watch`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stability_watch: Option<bool>,
 }
 
 /// Replays `trace` through a fresh Supervisor built from `config`, writing one line per
@@ -250,7 +286,9 @@ pub fn replay_scenario(
         first_action: None,
         grace_expired_at: None,
         last_verdict: None,
+        stability: None,
     };
+    let mut watching = false;
     let malformed = |line: usize, message: String| SimulateError::Malformed {
         name: name.to_owned(),
         line,
@@ -357,7 +395,7 @@ pub fn replay_scenario(
             ));
         }
         last_at = at;
-        if at > config.monitor.grace_period {
+        if at > config.monitor.grace_period && !watching {
             summary.grace_expired_at = Some(config.monitor.grace_period);
             break;
         }
@@ -377,6 +415,10 @@ pub fn replay_scenario(
         let session = session.as_mut().expect("started above");
         let (decision, action) = match session.check(at, &check) {
             Step::Judged(decision, action) => (decision, action),
+            Step::Ended if watching => {
+                summary.stability = Some(("confirmed", at, None));
+                break;
+            }
             Step::Ended => {
                 summary.grace_expired_at = Some(config.monitor.grace_period);
                 break;
@@ -387,15 +429,42 @@ pub fn replay_scenario(
         let shown = action.as_ref().map(|(kind, _)| *kind);
         if json {
             let reason = action.as_ref().map(|(_, reason)| reason.as_str());
-            write_json(out, &decision, shown, reason, check.probe.is_failed())
-                .map_err(write_err)?;
+            write_json(
+                out,
+                &decision,
+                shown,
+                reason,
+                check.probe.is_failed(),
+                watching,
+            )
+            .map_err(write_err)?;
         } else {
             write_human(out, &decision, shown).map_err(write_err)?;
         }
         if let Some((kind, reason)) = action {
+            if watching {
+                summary.stability = Some(("failed", at, Some(reason)));
+                break;
+            }
             summary.first_action = Some((at, kind, reason));
+            if scenario.stability_watch && kind == Action::Rollback && session.rollback_verified() {
+                watching = true;
+                if !json {
+                    writeln!(
+                        out,
+                        "rollback verified at +{}s: watching the restored version for {} (rollback.stability_period)",
+                        seconds(at),
+                        show(config.rollback.stability_period)
+                    )
+                    .map_err(write_err)?;
+                }
+                continue;
+            }
             break;
         }
+    }
+    if watching && summary.stability.is_none() {
+        summary.stability = Some(("unfinished", last_at, None));
     }
 
     if !json {
@@ -421,6 +490,28 @@ pub fn replay_scenario(
             ),
         }
         .map_err(write_err)?;
+        if let Some((result, at, reason)) = &summary.stability {
+            match *result {
+                "confirmed" => writeln!(
+                    out,
+                    "stability confirmed at +{}s: the restored version held for {}",
+                    seconds(*at),
+                    show(config.rollback.stability_period)
+                ),
+                "failed" => writeln!(
+                    out,
+                    "stability FAILED at +{}s: escalate (never a second rollback) — {}",
+                    seconds(*at),
+                    crate::text::Escaped(reason.as_deref().unwrap_or_default())
+                ),
+                _ => writeln!(
+                    out,
+                    "the trace ended at +{}s during the stability watch",
+                    seconds(*at)
+                ),
+            }
+            .map_err(write_err)?;
+        }
     }
     out.flush().map_err(write_err)?;
     Ok(summary)
@@ -452,8 +543,10 @@ fn write_json(
     action: Option<Action>,
     action_reason: Option<&str>,
     probe_failed: bool,
+    stability_watch: bool,
 ) -> std::io::Result<()> {
     let record = JsonDecision {
+        stability_watch: stability_watch.then_some(true),
         at: decision.at,
         verdict: decision.verdict,
         action,

@@ -459,3 +459,58 @@ fn a_restart_stops_an_orphaned_switch_hook_that_outlives_its_time_limit() {
         );
     }
 }
+
+/// kill -9 during the stability watch: the restart resumes the watch on the restored
+/// version (no second rollback of the canary, no new watch), and it ends once.
+#[test]
+fn a_kill_during_the_stability_watch_resumes_it_and_never_rolls_back_again() {
+    let setup = Setup::new("[rollback]\nstability_period = \"3s\"");
+    let daemon = setup.start();
+    setup.promote();
+    setup.routes.error_rate(0.45);
+    wait_for(Duration::from_secs(20), || {
+        !setup.events("rollback-started").is_empty()
+    })
+    .unwrap_or_else(|| panic!("no rollback; log:\n{}", setup.daemon_log()));
+    setup.routes.error_rate(0.01);
+    wait_for(Duration::from_secs(20), || {
+        setup
+            .events("health-check")
+            .iter()
+            .any(|c| c["stabilityWatch"] == true)
+    })
+    .unwrap_or_else(|| panic!("no check in the watch; log:\n{}", setup.daemon_log()));
+    daemon.kill9();
+
+    let daemon = setup.start();
+    wait_for(Duration::from_secs(20), || {
+        !setup.events("stability-confirmed").is_empty()
+            && !setup.events("monitoring-stopped").is_empty()
+    })
+    .unwrap_or_else(|| panic!("the watch did not end; log:\n{}", setup.daemon_log()));
+    assert_eq!(daemon.terminate().code(), Some(0));
+    assert_eq!(setup.switches(), ["v1"], "one switch, before the kill");
+    assert_eq!(setup.events("rollback-executed").len(), 1);
+    assert_eq!(
+        setup.events("stability-watch-started").len(),
+        1,
+        "resumed, not begun again"
+    );
+    assert_eq!(setup.events("stability-confirmed").len(), 1);
+    let stopped = setup.events("monitoring-stopped");
+    assert_eq!(stopped.len(), 1);
+    assert_eq!(
+        (stopped[0]["state"].as_str(), stopped[0]["active"].as_str()),
+        (Some("rolled-back"), Some("v1"))
+    );
+    // After the restart only v1 was checked.
+    let last_start = setup
+        .audit()
+        .iter()
+        .rposition(|l| l["event"] == "stability-watch-started")
+        .unwrap();
+    assert!(setup.audit()[last_start..]
+        .iter()
+        .filter(|l| l["event"] == "health-check")
+        .all(|l| l["worker"] == "v1"));
+}

@@ -1237,7 +1237,11 @@ fn the_watch_judges_only_the_restored_versions_checks() {
 #[test]
 fn a_restart_during_the_watch_resumes_it_without_carrying_out_the_rollback_again() {
     let mut first = rolled_back(WATCH_5M);
-    let record = first.sup.session().unwrap().record.clone();
+    // As rollbackd.db holds it: the row keeps the promotion's workers, the watch says
+    // which version is being watched.
+    let mut record = first.sup.session().unwrap().record.clone();
+    record.active = "v2".into();
+    record.previous = Some("v1".into());
     first.run_for(Duration::from_secs(60));
     let checks_in_watch = first.sup.session().unwrap().next_index;
     assert!(checks_in_watch > 3);
@@ -1274,6 +1278,11 @@ fn a_restart_during_the_watch_resumes_it_without_carrying_out_the_rollback_again
     let session = h.sup.session().expect("resumed");
     assert_eq!(session.record.state, SessionState::StabilityWatch);
     assert_eq!(
+        session.record.active, "v1",
+        "the restored version is the one checked"
+    );
+    assert_eq!(session.record.previous.as_deref(), Some("v2"));
+    assert_eq!(
         session.engine().window().count() as u64,
         (checks_in_watch - 3).min(5),
         "only the watch's checks are replayed"
@@ -1283,6 +1292,10 @@ fn a_restart_during_the_watch_resumes_it_without_carrying_out_the_rollback_again
     h.run_for(Duration::from_secs(400));
     assert!(h.plans().is_empty(), "{:?}", h.names());
     assert_eq!(h.count("audit:stability-confirmed"), 1, "{:?}", h.names());
+    assert!(h
+        .effects
+        .iter()
+        .all(|e| !matches!(e, Effect::StartCheck { worker, .. } if worker != "v1")));
 }
 
 #[test]

@@ -825,6 +825,12 @@ impl Supervisor {
                         reason: None,
                     });
                 }
+                // The row keeps the promotion's workers; under a watch the restored version
+                // is the active one.
+                if let Some(watch) = session.watching().cloned() {
+                    session.record.active = watch.restored;
+                    session.record.previous = Some(watch.from).filter(|p| !p.is_empty());
+                }
                 // Under a stability watch only the restored version's checks are its window.
                 let first = session.watching().map_or(0, |w| w.first_check);
                 let judged: Vec<_> = checks.iter().filter(|(i, _, _)| *i >= first).collect();

@@ -318,6 +318,25 @@ mod tests {
         assert!(text.contains("rollbackd_session_state{state=\"idle\"} 1\n"));
         assert!(text.contains("rollbackd_last_error_rate NaN\n"), "{text}");
         assert!(text.ends_with("# EOF\n"));
+        assert!(
+            text.contains("rollbackd_stability_watches_total{result=\"failed\"} 0\n"),
+            "{text}"
+        );
+        metrics.stability_ended(true);
+        metrics.session(Some("stability-watch"), None);
+        let text = metrics.encode();
+        assert!(
+            text.contains("rollbackd_stability_watches_total{result=\"confirmed\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("rollbackd_session_state{state=\"stability-watch\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("rollbackd_session_state{state=\"idle\"} 0\n"),
+            "{text}"
+        );
 
         metrics.check_observed(
             Verdict::Degraded,

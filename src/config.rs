@@ -113,6 +113,11 @@ const KEYS: &[(&str, Kind)] = &[
     ("baseline.min_samples", Kind::Int),
     ("retention.sessions", Kind::Duration),
     ("retention.max_sessions", Kind::Int),
+    ("fleet.endpoints", Kind::StrList),
+    ("fleet.host", Kind::Str),
+    ("fleet.prefix", Kind::Str),
+    ("fleet.follow_verdicts", Kind::Bool),
+    ("fleet.lease_ttl", Kind::Duration),
 ];
 
 /// The largest value a duration key accepts. Every duration is bounded at load so that
@@ -194,6 +199,12 @@ min_samples = 3
 [retention]
 sessions = "90d"
 max_sessions = 5000
+
+[fleet]
+endpoints = []
+prefix = "/rollbackd/"
+follow_verdicts = false
+lease_ttl = "10s"
 "#;
 
 /// The presets of each profile (SPEC §2, contract).
@@ -382,6 +393,23 @@ pub struct Config {
     pub retention: RetentionConfig,
     /// `[baseline]`: the automatic baseline (SPEC §2a).
     pub baseline: crate::core::baseline::BaselineSettings,
+    /// `[fleet]` (SPEC §8): `None` when `fleet.endpoints` is empty (no fleet).
+    pub fleet: Option<FleetConfig>,
+}
+
+/// `[fleet]`: the etcd v3 cluster the hosts share (SPEC §8).
+#[derive(Debug, Clone, PartialEq)]
+pub struct FleetConfig {
+    /// etcd client URLs (`http://` or `https://`), tried in turn.
+    pub endpoints: Vec<String>,
+    /// This host's name in the fleet (default: the hostname).
+    pub host: String,
+    /// Every key rollbackd writes starts with it; ends with `/`.
+    pub prefix: String,
+    /// Roll back when another host records a rollback verdict for the active version.
+    pub follow_verdicts: bool,
+    /// The host's registration lease: a host that stops renewing it disappears after it.
+    pub lease_ttl: Duration,
 }
 
 impl Config {
@@ -603,6 +631,13 @@ fn load_layers(
         }
     }
 
+    if !merged.contains_key("fleet.host") {
+        merged.insert(
+            "fleet.host".into(),
+            (Value::String(hostname()), Source::Derived),
+        );
+    }
+
     let config = build(&merged, &mut issues, &mut warnings);
     if !issues.is_empty() {
         return Err(ConfigError::Invalid(issues));
@@ -614,7 +649,11 @@ fn load_layers(
         .map(|(key, (value, source))| (key, value.to_string(), source))
         .collect();
     let mut hasher = Sha256::new();
-    for (key, value, _) in &values {
+    for (key, value, source) in &values {
+        // The derived host name differs on every host of a fleet that shares one file.
+        if key == "fleet.host" && *source == Source::Derived {
+            continue;
+        }
         hasher.update(key.as_bytes());
         hasher.update(b"=");
         hasher.update(value.as_bytes());
@@ -1363,6 +1402,49 @@ fn build(
         );
     }
 
+    // [fleet]
+    let endpoints = list("fleet.endpoints").unwrap_or_default();
+    let fleet = if endpoints.is_empty() {
+        None
+    } else {
+        for url in &endpoints {
+            check_http_url("fleet.endpoints", url, &mut problem);
+        }
+        let host = string("fleet.host").unwrap_or_default();
+        if let Err(why) = crate::text::check_worker_id(&host) {
+            problem(
+                "fleet.host",
+                format!("{host:?} is not a usable host name in the fleet: {why}"),
+            );
+        }
+        let prefix = string("fleet.prefix").unwrap_or_default();
+        if !prefix.starts_with('/') || !prefix.ends_with('/') || prefix.len() < 2 {
+            problem(
+                "fleet.prefix",
+                format!("{prefix:?} must start and end with \"/\", such as \"/rollbackd/\""),
+            );
+        }
+        let lease_ttl = duration("fleet.lease_ttl");
+        if lease_ttl < Duration::from_secs(2) || lease_ttl > Duration::from_secs(600) {
+            problem(
+                "fleet.lease_ttl",
+                format!("must be between 2s and 10m, got {}", show(lease_ttl)),
+            );
+        }
+        Some(FleetConfig {
+            endpoints: endpoints
+                .iter()
+                .map(|u| u.trim_end_matches('/').to_owned())
+                .collect(),
+            host,
+            prefix,
+            follow_verdicts: get("fleet.follow_verdicts")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+            lease_ttl,
+        })
+    };
+
     let state_dir = PathBuf::from(string("state_dir").unwrap_or_default());
     if state_dir.as_os_str().is_empty() {
         problem("state_dir", "must not be empty".into());
@@ -1382,7 +1464,25 @@ fn build(
         http_listen,
         retention,
         baseline,
+        fleet,
     })
+}
+
+/// This machine's host name (`gethostname`), or `"localhost"` when it has none usable.
+pub fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most buf.len() bytes into our buffer.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return "localhost".into();
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    let name = String::from_utf8_lossy(&buf[..end]).trim().to_owned();
+    if name.is_empty() {
+        "localhost".into()
+    } else {
+        name
+    }
 }
 
 fn check_http_url(key: &str, url: &str, problem: &mut impl FnMut(&str, String)) {

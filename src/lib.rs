@@ -13,6 +13,7 @@ pub mod control;
 pub mod core;
 pub mod daemon;
 pub mod exit;
+pub mod fleet;
 pub mod storage;
 pub mod sys;
 pub mod text;

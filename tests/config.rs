@@ -440,6 +440,7 @@ const DURATION_KEYS: &[(&str, &str)] = &[
     ("baseline.window", "7days"),
     ("baseline.observe_interval", "7days"),
     ("retention.sessions", "365days"),
+    ("fleet.lease_ttl", "7days"),
 ];
 
 fn env_name(key: &str) -> String {
@@ -622,4 +623,86 @@ fn the_example_config_names_every_rule_dry_run_rules_accepts() {
         .map(|r| r.as_str())
         .collect();
     assert_eq!(listed, accepted);
+}
+
+#[test]
+fn no_fleet_without_endpoints_and_the_fleet_keys_from_file_and_environment() {
+    let none = load_str("", &env(&[])).unwrap();
+    assert!(none.config.fleet.is_none());
+    // The host defaults to the hostname (derived, and left out of the hash, which a
+    // fleet sharing one file keeps identical).
+    assert_eq!(source_of(&none, "fleet.host"), Source::Derived);
+    let fleet = load_str(
+        "[fleet]\nendpoints = [\"http://10.0.0.1:2379/\", \"https://etcd-2:2379\"]\n",
+        &env(&[]),
+    )
+    .unwrap();
+    let config = fleet.config.fleet.clone().unwrap();
+    assert_eq!(
+        config.endpoints,
+        vec!["http://10.0.0.1:2379", "https://etcd-2:2379"]
+    );
+    assert_eq!(config.prefix, "/rollbackd/");
+    assert!(!config.follow_verdicts);
+    assert_eq!(config.host, rollbackd::config::hostname());
+    assert_eq!(config.lease_ttl, Duration::from_secs(10));
+    let from_env = load_str(
+        "",
+        &env(&[
+            ("ROLLBACKD_FLEET_ENDPOINTS", r#"["http://127.0.0.1:2379"]"#),
+            ("ROLLBACKD_FLEET_HOST", "web-7"),
+            ("ROLLBACKD_FLEET_PREFIX", "/prod/"),
+            ("ROLLBACKD_FLEET_FOLLOW_VERDICTS", "true"),
+        ]),
+    )
+    .unwrap();
+    let config = from_env.config.fleet.clone().unwrap();
+    assert_eq!(config.host, "web-7");
+    assert_eq!(config.prefix, "/prod/");
+    assert!(config.follow_verdicts);
+    assert_eq!(
+        source_of(&from_env, "fleet.host"),
+        Source::Env("ROLLBACKD_FLEET_HOST".into())
+    );
+    // The same file on two hosts: the same hash.
+    let a = load_str("[fleet]\nendpoints = [\"http://e:2379\"]\n", &env(&[])).unwrap();
+    let b = load_str("[fleet]\nendpoints = [\"http://e:2379\"]\n", &env(&[])).unwrap();
+    assert_eq!(a.hash, b.hash);
+}
+
+#[test]
+fn bad_fleet_keys_are_refused_naming_the_key() {
+    let cases = [
+        ("endpoints = [\"10.0.0.1:2379\"]", "fleet.endpoints"),
+        (
+            "endpoints = [\"http://e:2379\"]\nhost = \"a/b\"",
+            "fleet.host",
+        ),
+        ("endpoints = [\"http://e:2379\"]\nhost = \"\"", "fleet.host"),
+        (
+            "endpoints = [\"http://e:2379\"]\nprefix = \"rollbackd\"",
+            "fleet.prefix",
+        ),
+        (
+            "endpoints = [\"http://e:2379\"]\nprefix = \"/rollbackd\"",
+            "fleet.prefix",
+        ),
+        (
+            "endpoints = [\"http://e:2379\"]\nlease_ttl = \"1s\"",
+            "fleet.lease_ttl",
+        ),
+        (
+            "endpoints = [\"http://e:2379\"]\nlease_ttl = \"1h\"",
+            "fleet.lease_ttl",
+        ),
+        ("endpoints = \"http://e:2379\"", "fleet.endpoints"),
+        ("follow_verdict = true", "fleet.follow_verdict"),
+    ];
+    for (body, key) in cases {
+        let found = issues(load_str(&format!("[fleet]\n{body}\n"), &env(&[])));
+        assert!(
+            found.iter().any(|(k, _)| k.starts_with(key)),
+            "{body}: {found:?}"
+        );
+    }
 }

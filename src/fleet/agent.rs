@@ -1,0 +1,315 @@
+//! The daemon's fleet agent: its own task, so nothing the daemon does to guard its host
+//! ever waits on etcd. While connected it holds the host's lease (renewed every third of
+//! `fleet.lease_ttl`, which is also how a silent partition is noticed), keeps
+//! `hosts/<host>` up to date, watches the fleet kill switch and the verdicts, and writes
+//! the verdicts the daemon hands it. Cut off, it says so, keeps every verdict it has to
+//! write, and tries again with backoff (100 ms doubling to 5 s, with jitter); on
+//! reconnecting it reads the current values again, so nothing that changed meanwhile is
+//! missed.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use super::store::{FleetError, FleetStore, LeaseId, WatchEvent};
+use super::{FleetKillSwitch, HostRecord, Keys, Verdict};
+use crate::config::FleetConfig;
+
+/// Whether the agent reaches etcd.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Link {
+    pub connected: bool,
+    /// Since when it is (or is not) connected.
+    pub since: SystemTime,
+    /// Why not, when not.
+    pub error: Option<String>,
+    /// Connection attempts that failed since the last success.
+    pub failures: u32,
+}
+
+/// What the agent tells the daemon.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FleetEvent {
+    Link(Link),
+    /// The fleet kill switch (`None`: no key, which is off) as of `revision`.
+    KillSwitch {
+        record: Option<FleetKillSwitch>,
+        revision: i64,
+    },
+    /// Verdicts seen (on connecting, every verdict; then each new one).
+    Verdicts(Vec<Verdict>),
+    /// A verdict the daemon asked for is in etcd.
+    VerdictWritten {
+        version: String,
+    },
+}
+
+/// The daemon's side of the agent.
+pub struct AgentHandle {
+    pub events: mpsc::Receiver<FleetEvent>,
+    pub host: watch::Sender<HostRecord>,
+    pub verdicts: mpsc::UnboundedSender<Verdict>,
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+/// Starts the agent for `config` on `store`; it runs until `shutdown` (then revokes its
+/// lease, best effort, so the host leaves the fleet view at once).
+pub fn start(
+    config: FleetConfig,
+    store: Arc<dyn FleetStore>,
+    initial: HostRecord,
+    shutdown: CancellationToken,
+) -> AgentHandle {
+    let (events_tx, events) = mpsc::channel(64);
+    let (host, host_rx) = watch::channel(initial);
+    let (verdicts, verdicts_rx) = mpsc::unbounded_channel();
+    let agent = Agent {
+        keys: Keys::new(&config.prefix),
+        config,
+        store,
+        events: events_tx,
+        host: host_rx,
+        verdicts: verdicts_rx,
+        pending: VecDeque::new(),
+        shutdown,
+    };
+    let task = tokio::spawn(agent.run());
+    AgentHandle {
+        events,
+        host,
+        verdicts,
+        task,
+    }
+}
+
+struct Agent {
+    config: FleetConfig,
+    keys: Keys,
+    store: Arc<dyn FleetStore>,
+    events: mpsc::Sender<FleetEvent>,
+    host: watch::Receiver<HostRecord>,
+    verdicts: mpsc::UnboundedReceiver<Verdict>,
+    /// Verdicts not yet in etcd, oldest first.
+    pending: VecDeque<Verdict>,
+    shutdown: CancellationToken,
+}
+
+/// The longest wait between two connection attempts.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// How often the lease is renewed (and the link proved): a third of its TTL.
+pub fn heartbeat(ttl: Duration) -> Duration {
+    (ttl / 3).max(Duration::from_millis(500))
+}
+
+/// The wait before attempt `failures + 1`: 100 ms doubling to [`MAX_BACKOFF`], with up to
+/// a quarter of jitter so that a fleet cut off together does not come back in step.
+pub fn backoff(failures: u32, jitter: f64) -> Duration {
+    let base = Duration::from_millis(100)
+        .saturating_mul(1u32 << failures.min(10))
+        .min(MAX_BACKOFF);
+    base.mul_f64(1.0 + 0.25 * jitter.clamp(0.0, 1.0))
+}
+
+fn jitter() -> f64 {
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    f64::from(nanos % 1000) / 1000.0
+}
+
+impl Agent {
+    async fn run(mut self) {
+        let mut failures = 0u32;
+        let mut lease = None;
+        let shutdown = self.shutdown.clone();
+        loop {
+            let result = tokio::select! {
+                result = self.session(&mut lease, &mut failures) => result,
+                _ = shutdown.cancelled() => break,
+            };
+            let Err(err) = result else { break };
+            lease = None;
+            failures = failures.saturating_add(1);
+            tracing::warn!(
+                failures,
+                "fleet: cut off from etcd ({err}); the host's own guard is unaffected"
+            );
+            self.tell(FleetEvent::Link(Link {
+                connected: false,
+                since: SystemTime::now(),
+                error: Some(err.to_string()),
+                failures,
+            }))
+            .await;
+            let wait = backoff(failures - 1, jitter());
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.cancelled() => break,
+            }
+        }
+        if let Some(lease) = lease {
+            let _ = tokio::time::timeout(Duration::from_secs(1), self.store.revoke(lease)).await;
+        }
+    }
+
+    async fn tell(&self, event: FleetEvent) {
+        let _ = self.events.send(event).await;
+    }
+
+    fn host_value(&self) -> Vec<u8> {
+        let mut record = self.host.borrow().clone();
+        record.updated_at = crate::storage::audit::rfc3339_millis(SystemTime::now());
+        serde_json::to_vec(&record).unwrap_or_default()
+    }
+
+    /// One connected session: returns when the link fails (never `Ok` unless the verdict
+    /// channel closed, which means the daemon is stopping).
+    async fn session(
+        &mut self,
+        lease_slot: &mut Option<LeaseId>,
+        failures: &mut u32,
+    ) -> Result<(), FleetError> {
+        let store = self.store.clone();
+        let lease = store.grant(self.config.lease_ttl).await?;
+        *lease_slot = Some(lease);
+        let host_key = self.keys.host(&self.config.host);
+        store.put(&host_key, self.host_value(), Some(lease)).await?;
+        self.host.mark_unchanged();
+
+        let kill_key = self.keys.kill_switch();
+        let (kv, revision) = store.get(&kill_key).await?;
+        let (verdict_kvs, verdict_revision) = store.list(&self.keys.verdicts()).await?;
+        let mut kill_watch = store.watch(&kill_key, false, revision + 1).await?;
+        let mut verdict_watch = store
+            .watch(&self.keys.verdicts(), true, verdict_revision + 1)
+            .await?;
+        self.tell(FleetEvent::KillSwitch {
+            revision: kv.as_ref().map_or(revision, |kv| kv.mod_revision),
+            record: kv.map(|kv| FleetKillSwitch::parse(&kv.value)),
+        })
+        .await;
+        let verdicts: Vec<Verdict> = verdict_kvs
+            .iter()
+            .filter_map(|kv| serde_json::from_slice(&kv.value).ok())
+            .collect();
+        if !verdicts.is_empty() {
+            self.tell(FleetEvent::Verdicts(verdicts)).await;
+        }
+        *failures = 0;
+        self.tell(FleetEvent::Link(Link {
+            connected: true,
+            since: SystemTime::now(),
+            error: None,
+            failures: 0,
+        }))
+        .await;
+        tracing::info!(host = %self.config.host, "fleet: connected to etcd");
+        self.flush_verdicts().await?;
+
+        let mut renew = tokio::time::interval(heartbeat(self.config.lease_ttl));
+        renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        renew.tick().await;
+        loop {
+            tokio::select! {
+                events = kill_watch.next() => {
+                    for event in events? {
+                        let update = match event {
+                            WatchEvent::Put(kv) => FleetEvent::KillSwitch {
+                                record: Some(FleetKillSwitch::parse(&kv.value)),
+                                revision: kv.mod_revision,
+                            },
+                            WatchEvent::Delete { revision, .. } => FleetEvent::KillSwitch { record: None, revision },
+                        };
+                        self.tell(update).await;
+                    }
+                }
+                events = verdict_watch.next() => {
+                    let verdicts: Vec<Verdict> = events?
+                        .into_iter()
+                        .filter_map(|event| match event {
+                            WatchEvent::Put(kv) => serde_json::from_slice(&kv.value).ok(),
+                            WatchEvent::Delete { .. } => None,
+                        })
+                        .collect();
+                    if !verdicts.is_empty() {
+                        self.tell(FleetEvent::Verdicts(verdicts)).await;
+                    }
+                }
+                changed = self.host.changed() => {
+                    if changed.is_err() {
+                        return Ok(());
+                    }
+                    store.put(&host_key, self.host_value(), Some(lease)).await?;
+                }
+                verdict = self.verdicts.recv() => {
+                    let Some(verdict) = verdict else { return Ok(()) };
+                    self.pending.push_back(verdict);
+                    self.flush_verdicts().await?;
+                }
+                _ = renew.tick() => {
+                    match store.keep_alive(lease).await {
+                        Ok(_) => {}
+                        // Expired (the host was away longer than its TTL): the
+                        // registration is gone; the next session registers again.
+                        Err(err) => return Err(err),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Writes the pending verdicts in order; one that fails stays at the front.
+    async fn flush_verdicts(&mut self) -> Result<(), FleetError> {
+        while let Some(verdict) = self.pending.front() {
+            let key = self.keys.verdict(&verdict.version, &verdict.host);
+            let value = serde_json::to_vec(verdict).unwrap_or_default();
+            self.store.put(&key, value, None).await?;
+            let version = verdict.version.clone();
+            self.pending.pop_front();
+            tracing::info!(%version, "fleet: rollback verdict recorded");
+            self.tell(FleetEvent::VerdictWritten { version }).await;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_its_cap_with_bounded_jitter() {
+        let cases = [
+            (0, 0.0, 100),
+            (1, 0.0, 200),
+            (2, 0.0, 400),
+            (5, 0.0, 3200),
+            (6, 0.0, 5000),
+            (40, 0.0, 5000),
+            (0, 1.0, 125),
+            (40, 1.0, 6250),
+            (40, 7.0, 6250),
+        ];
+        for (failures, jitter, ms) in cases {
+            assert_eq!(
+                backoff(failures, jitter),
+                Duration::from_millis(ms),
+                "{failures} {jitter}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_lease_is_renewed_three_times_per_ttl() {
+        assert_eq!(heartbeat(Duration::from_secs(9)), Duration::from_secs(3));
+        assert_eq!(
+            heartbeat(Duration::from_secs(1)),
+            Duration::from_millis(500)
+        );
+    }
+}

@@ -153,6 +153,7 @@ max_sessions = 5
         let (commands, commands_rx) = mpsc::channel(8);
         let shutdown = CancellationToken::new();
         let inputs = DriverInputs {
+            fleet: None,
             one_shot: false,
             factory,
             clock: Arc::new(TokioClock::new(

@@ -183,6 +183,7 @@ fn start(extra: &str) -> Harness {
     let (commands, commands_rx) = mpsc::channel(8);
     let shutdown = CancellationToken::new();
     let inputs = DriverInputs {
+        fleet: None,
         one_shot: false,
         factory: adapters,
         clock: Arc::new(TokioClock::new(

@@ -110,6 +110,13 @@ pub enum Command {
         /// p95 latency before the promotion, in milliseconds (> 0), for the baseline rule
         #[arg(long = "baseline-p95-ms", value_name = "MS", value_parser = parse_positive_ms)]
         baseline_latency_p95_ms: Option<f64>,
+        /// Promote even though another host of the fleet rolled this version back (needs
+        /// --reason)
+        #[arg(long, requires = "reason")]
+        force: bool,
+        /// Why the fleet's rollback verdict is overridden (one line, at most 1024 characters)
+        #[arg(long, value_parser = crate::text::parse_reason)]
+        reason: Option<String>,
     },
 
     /// State, active/previous workers, recent checks, verdict, kill switch
@@ -137,6 +144,13 @@ pub enum Command {
     KillSwitch {
         #[command(subcommand)]
         action: KillSwitchAction,
+    },
+
+    /// The fleet in etcd ([fleet] endpoints): hosts, the version each runs, their
+    /// session state and kill switch, the fleet kill switch, the release verdicts
+    Fleet {
+        #[command(subcommand)]
+        action: FleetAction,
     },
 
     /// Stop automatic actions (checks continue)
@@ -246,21 +260,41 @@ pub enum AuditAction {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum FleetAction {
+    /// Hosts (registered under etcd leases: a dead host disappears), the version each
+    /// runs, session state, kill switch; the fleet kill switch; the verdicts
+    Status {
+        /// One JSON object
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum KillSwitchAction {
     /// Turn the kill switch on: every app falls back to its safe flag defaults
     Set {
-        /// Why (one line, at most 1024 characters)
-        #[arg(long, default_value = "manual", value_parser = crate::text::parse_reason)]
-        reason: String,
+        /// Why (one line, at most 1024 characters) [default: manual; required with --fleet]
+        #[arg(long, value_parser = crate::text::parse_reason)]
+        reason: Option<String>,
+        /// Set it on every host of the fleet: writes the fleet key in etcd, which every
+        /// daemon mirrors into its host's database (needs --reason)
+        #[arg(long, requires = "reason")]
+        fleet: bool,
     },
     /// Turn it off; refused while a check failed within reset_quiet_period
     Reset {
         /// Why (one line, at most 1024 characters)
         #[arg(long, value_parser = crate::text::parse_reason)]
         reason: Option<String>,
-        /// Reset even inside the quiet period (needs --reason)
+        /// Reset even inside the quiet period, or while the fleet kill switch is on (needs
+        /// --reason)
         #[arg(long, requires = "reason")]
         force: bool,
+        /// Reset the fleet kill switch (needs --reason). A host whose own kill switch was
+        /// set there (an escalation, kill-switch set) keeps it on
+        #[arg(long, requires = "reason", conflicts_with = "force")]
+        fleet: bool,
     },
     /// Show the kill switch's value
     Status,

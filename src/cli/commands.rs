@@ -30,6 +30,7 @@ pub async fn run(command: &Command, loaded: &LoadedConfig) -> anyhow::Result<u8>
             previous,
             baseline_error_rate,
             baseline_latency_p95_ms,
+            ..
         } => Request::Promote {
             active: active.clone(),
             previous: previous.clone(),
@@ -44,10 +45,25 @@ pub async fn run(command: &Command, loaded: &LoadedConfig) -> anyhow::Result<u8>
             emergency: *emergency,
         },
         Command::KillSwitch { action } => match action {
-            KillSwitchAction::Set { reason } => Request::KillSwitchSet {
-                reason: reason.clone(),
+            KillSwitchAction::Set {
+                reason,
+                fleet: true,
+            } => {
+                let reason = reason.clone().unwrap_or_default();
+                return crate::cli::fleet::kill_switch(loaded, "1", &reason).await;
+            }
+            KillSwitchAction::Reset {
+                reason,
+                fleet: true,
+                ..
+            } => {
+                let reason = reason.clone().unwrap_or_default();
+                return crate::cli::fleet::kill_switch(loaded, "0", &reason).await;
+            }
+            KillSwitchAction::Set { reason, .. } => Request::KillSwitchSet {
+                reason: reason.clone().unwrap_or_else(|| "manual".into()),
             },
-            KillSwitchAction::Reset { reason, force } => Request::KillSwitchReset {
+            KillSwitchAction::Reset { reason, force, .. } => Request::KillSwitchReset {
                 reason: reason.clone().unwrap_or_else(|| "manual reset".into()),
                 force: *force,
             },
@@ -63,6 +79,17 @@ pub async fn run(command: &Command, loaded: &LoadedConfig) -> anyhow::Result<u8>
     if let Err(problem) = request.validate() {
         eprintln!("rollbackd: {problem}");
         return Ok(exit::USAGE);
+    }
+
+    // A version another host of the fleet rolled back is not promoted unless forced.
+    if let Command::Promote {
+        active,
+        force,
+        reason,
+        ..
+    } = command
+    {
+        crate::cli::fleet::check_promotion(loaded, active, *force, reason.as_deref()).await?;
     }
 
     if let Command::Rollback {
@@ -340,6 +367,7 @@ async fn one_shot(request: &Request, loaded: &LoadedConfig) -> anyhow::Result<Va
         .map_err(|_| anyhow::anyhow!("the in-process runner is gone"))?;
     drop(commands_tx);
     let inputs = DriverInputs {
+        fleet: None,
         one_shot: true,
         factory: crate::daemon::service::real_adapters(),
         clock: Arc::new(SystemClock),

@@ -15,6 +15,7 @@ pub mod args;
 pub mod commands;
 pub mod demo;
 pub mod flags;
+pub mod fleet;
 pub mod simulate;
 pub mod tail;
 
@@ -316,6 +317,12 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         | Command::Resume => {
             let loaded = load_config(&cli)?;
             runtime()?.block_on(commands::run(&cli.command, &loaded))
+        }
+        Command::Fleet {
+            action: crate::cli::args::FleetAction::Status { json },
+        } => {
+            let loaded = load_config(&cli)?;
+            runtime()?.block_on(fleet::status(&loaded, *json))
         }
     }
 }

@@ -43,6 +43,10 @@ pub struct StatusReport {
     /// The newest incident report: `{"path": .., "summary": ..}`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub latest_incident: Option<Value>,
+    /// `[fleet]` (a running daemon only): the link to etcd, the fleet kill switch as last
+    /// seen and mirrored, the verdicts seen.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<Value>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -239,6 +243,9 @@ impl StatusReport {
                 escape(incident["path"].as_str().unwrap_or("?"))
             )?;
         }
+        if let Some(fleet) = &self.fleet {
+            render_fleet(fleet, out)?;
+        }
         if !self.recent_checks.is_empty() {
             writeln!(out, "recent checks")?;
             writeln!(
@@ -265,6 +272,63 @@ impl StatusReport {
         }
         Ok(())
     }
+}
+
+/// The `fleet` lines of `status`: loud when cut off from etcd.
+fn render_fleet(fleet: &Value, out: &mut impl Write) -> std::io::Result<()> {
+    let text = |value: &Value, default: &'static str| -> String {
+        escape(value.as_str().unwrap_or(default)).into_owned()
+    };
+    let host = text(&fleet["host"], "?");
+    match fleet["link"].as_str() {
+        Some("connected") => writeln!(
+            out,
+            "fleet        host {host}: connected to etcd since {}",
+            text(&fleet["linkSince"], "?")
+        )?,
+        Some("partitioned") => writeln!(
+            out,
+            "fleet        host {host}: CUT OFF from etcd since {} ({}; {} attempts); keeping the last fleet values seen, the local guard is unaffected",
+            text(&fleet["linkSince"], "?"),
+            text(&fleet["linkError"], "no reason"),
+            fleet["failures"].as_u64().unwrap_or(0)
+        )?,
+        _ => writeln!(out, "fleet        host {host}: connecting to etcd")?,
+    }
+    let kill = &fleet["killSwitch"];
+    if kill.is_object() {
+        writeln!(
+            out,
+            "fleet kill   {} (by {} at {}: {}){}",
+            if kill["on"].as_bool() == Some(true) {
+                "ON"
+            } else {
+                "off"
+            },
+            text(&kill["operator"], "?"),
+            text(&kill["at"], "?"),
+            text(&kill["reason"], ""),
+            if fleet["localHold"].as_bool() == Some(true) {
+                "; this host's kill switch was set here and stays on until reset here"
+            } else {
+                ""
+            }
+        )?;
+    } else if fleet["link"] == "connected" {
+        writeln!(out, "fleet kill   off (never set)")?;
+    }
+    if let Some(verdicts) = fleet["verdicts"].as_array() {
+        for verdict in verdicts {
+            writeln!(
+                out,
+                "verdict      {} rolled back on {}: {}",
+                text(&verdict["version"], "?"),
+                text(&verdict["host"], "?"),
+                text(&verdict["reason"], "")
+            )?;
+        }
+    }
+    Ok(())
 }
 
 fn shown(value: &Option<String>, default: &str) -> String {

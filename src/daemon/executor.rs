@@ -54,13 +54,37 @@ pub enum ActionOutcome {
 /// (the value was already there) is withdrawn as soon as the write lands: it has no
 /// change to be consumed by, and left in place it would swallow the next real change
 /// to that value made in the sqlite3 shell.
+///
+/// It also orders rollbackd's own writes: one at a time ([`ExpectedKillWrites::serialized`]),
+/// so that the fleet mirror's decision to reset (made under the same lock) can never
+/// land after an escalation's set that came later; and it remembers whether the kill
+/// switch was turned on here (`local_hold`: an escalation, `kill-switch set`, a hand-made
+/// edit) rather than by the fleet, which a fleet reset must not clear (`fleet::mirror`).
 #[derive(Clone, Default, Debug)]
 pub struct ExpectedKillWrites {
     entries: Arc<std::sync::Mutex<Vec<(u64, String)>>>,
     next_id: Arc<std::sync::atomic::AtomicU64>,
+    write_lock: Arc<tokio::sync::Mutex<()>>,
+    local_hold: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl ExpectedKillWrites {
+    /// Waits for any other kill-switch write of rollbackd's to finish; hold the guard
+    /// across the decision and the write.
+    pub async fn serialized(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.write_lock.lock().await
+    }
+
+    /// Whether the kill switch was turned on on this host (not by the fleet).
+    pub fn local_hold(&self) -> bool {
+        self.local_hold.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    pub fn set_local_hold(&self, hold: bool) {
+        self.local_hold
+            .store(hold, std::sync::atomic::Ordering::SeqCst);
+    }
+
     /// Registers a write of `value` about to be made; the id withdraws it.
     pub fn register(&self, value: &str) -> u64 {
         let id = self
@@ -1231,7 +1255,31 @@ pub enum Patience {
 /// busy (an unreadable file, a full disk) are retried too, with backoff, and logged: the
 /// kill switch is delayed, never dropped. The write is registered in
 /// [`ActionContext::kill_writes`] before it is made, and withdrawn when it changed nothing.
+///
+/// This is the host's own kill switch (escalation, `kill-switch set|reset`): a set holds
+/// it on here, so that a fleet reset leaves it on; a reset that lands releases it. The
+/// fleet mirror uses [`write_kill_switch`] under [`ExpectedKillWrites::serialized`].
 pub async fn set_kill_switch(
+    ctx: &ActionContext,
+    ks: &crate::config::KillSwitchConfig,
+    value: &str,
+    patience: Patience,
+) -> Result<Option<String>, crate::appdb::settings::SettingsError> {
+    // Before waiting for the lock: a fleet reset deciding meanwhile already sees it.
+    if value == "1" {
+        ctx.kill_writes.set_local_hold(true);
+    }
+    let _serialized = ctx.kill_writes.serialized().await;
+    let result = write_kill_switch(ctx, ks, value, patience).await;
+    if value != "1" && result.is_ok() {
+        ctx.kill_writes.set_local_hold(false);
+    }
+    result
+}
+
+/// [`set_kill_switch`] without the lock and the hold: the caller holds
+/// [`ExpectedKillWrites::serialized`].
+pub async fn write_kill_switch(
     ctx: &ActionContext,
     ks: &crate::config::KillSwitchConfig,
     value: &str,

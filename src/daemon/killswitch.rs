@@ -76,8 +76,10 @@ impl Driver {
             .as_deref()
             .is_some_and(|v| self.kill_writes.consume(v))
         {
+            self.fleet_kill_switch_seen(value.as_deref(), false).await;
             return;
         }
+        self.fleet_kill_switch_seen(value.as_deref(), true).await;
         self.audit_external_kill_switch(
             before,
             value,

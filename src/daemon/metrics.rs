@@ -73,6 +73,9 @@ struct Inner {
     provider_errors: Counter,
     invalid_data: Counter,
     records_pending: Gauge,
+    fleet_connected: Gauge,
+    fleet_kill_switch: Gauge,
+    fleet_reconnects: Counter,
 }
 
 impl Default for Metrics {
@@ -116,6 +119,11 @@ impl Metrics {
         let provider_errors = Counter::default();
         let invalid_data = Counter::default();
         let records_pending = Gauge::default();
+        let fleet_connected = Gauge::default();
+        fleet_connected.set(-1);
+        let fleet_kill_switch = Gauge::default();
+        fleet_kill_switch.set(-1);
+        let fleet_reconnects = Counter::default();
 
         registry.register(
             "checks",
@@ -177,6 +185,21 @@ impl Metrics {
             "Audit records and artifacts not yet written to analytics/ (retried in order)",
             records_pending.clone(),
         );
+        registry.register(
+            "fleet_connected",
+            "Whether the fleet agent reaches etcd (1 connected, 0 cut off: the host keeps the last fleet values it saw; -1 no fleet configured)",
+            fleet_connected.clone(),
+        );
+        registry.register(
+            "fleet_kill_switch",
+            "The fleet kill switch as last seen in etcd (1 on, 0 off, -1 not seen yet or no fleet)",
+            fleet_kill_switch.clone(),
+        );
+        registry.register(
+            "fleet_disconnects",
+            "Times the fleet agent lost etcd (or failed to reach it) since the daemon started",
+            fleet_reconnects.clone(),
+        );
         Metrics {
             inner: Arc::new(Inner {
                 registry,
@@ -192,6 +215,9 @@ impl Metrics {
                 provider_errors,
                 invalid_data,
                 records_pending,
+                fleet_connected,
+                fleet_kill_switch,
+                fleet_reconnects,
             }),
         }
     }
@@ -288,6 +314,19 @@ impl Metrics {
             Some(on) => i64::from(on),
             None => -1,
         });
+    }
+
+    /// The fleet link: connected or cut off (each cut counted).
+    pub fn fleet_link(&self, connected: bool) {
+        if !connected {
+            self.inner.fleet_reconnects.inc();
+        }
+        self.inner.fleet_connected.set(i64::from(connected));
+    }
+
+    /// The fleet kill switch as last seen in etcd.
+    pub fn fleet_kill_switch(&self, on: bool) {
+        self.inner.fleet_kill_switch.set(i64::from(on));
     }
 
     pub fn records_pending(&self, backlog: usize) {

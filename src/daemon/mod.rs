@@ -14,6 +14,7 @@ pub mod alerts;
 mod checks;
 pub mod db;
 pub mod executor;
+pub mod fleet;
 pub mod http;
 pub mod incident;
 mod killswitch;
@@ -164,6 +165,8 @@ pub struct DriverInputs {
     /// checked; stops once the commands channel is closed and every command and action
     /// it started has ended.
     pub one_shot: bool,
+    /// The fleet agent's channels, when `[fleet]` is configured (`rollbackd run` only).
+    pub fleet: Option<fleet::FleetInputs>,
 }
 
 /// How often a check in flight looks at the clock, to notice that rollbackd itself was
@@ -382,6 +385,8 @@ pub struct Driver {
     db_restored: Option<Value>,
     /// Manual kill-switch writes in flight (awaited before a one-shot run returns).
     side_tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// The fleet as last reported by the fleet agent (`[fleet]` configured).
+    fleet: Option<fleet::FleetState>,
 }
 
 impl Driver {
@@ -430,6 +435,7 @@ impl Driver {
             metrics: inputs.metrics.take(),
             db_restored: None,
             side_tasks: Vec::new(),
+            fleet: None,
         };
         driver.restore().await?;
         driver.prune_sessions().await;
@@ -449,6 +455,11 @@ impl Driver {
             let snapshot = rx.borrow().clone();
             driver.kill_switch_at_start(&snapshot).await;
         }
+        let (mut fleet_events, mut fleet_mirrored) =
+            match driver.fleet_start(inputs.fleet.take()).await {
+                Some((events, mirrored)) => (Some(events), Some(mirrored)),
+                None => (None, None),
+            };
         let (mut reload_rx, reloader) = match inputs.reload.take() {
             Some((rx, reloader)) => (Some(rx), Some(reloader)),
             None => (None, None),
@@ -511,6 +522,21 @@ impl Driver {
                         Err(_) => flags = None,
                     }
                 }
+                event = async { fleet_events.as_mut().expect("guarded").recv().await }, if fleet_events.is_some() => {
+                    match event {
+                        Some(event) => {
+                            driver.fleet_event(event).await;
+                            driver.publish_status(&inputs.on_status);
+                        }
+                        None => fleet_events = None,
+                    }
+                }
+                done = async { fleet_mirrored.as_mut().expect("guarded").recv().await }, if fleet_mirrored.is_some() => {
+                    match done {
+                        Some(done) => driver.fleet_mirrored(done).await,
+                        None => fleet_mirrored = None,
+                    }
+                }
                 Some(()) = async { reload_rx.as_mut().expect("guarded").recv().await }, if reload_rx.is_some() => {
                     if let Some(reloader) = &reloader {
                         driver.reload(reloader).await;
@@ -533,6 +559,7 @@ impl Driver {
                     if !driver.pending_state.is_empty() {
                         driver.retry_state().await;
                     }
+                    driver.fleet_save_hold().await;
                     driver.publish_status(&inputs.on_status);
                 }
             }
@@ -685,6 +712,7 @@ impl Driver {
             );
             metrics.records_pending(self.recorder.backlog());
         }
+        self.fleet_publish_host();
         let line = match (session, self.sup.action()) {
             (_, Some(action)) => match action.id {
                 Some(id) => format!("{} #{id} in progress", action.kind.as_str()),
@@ -960,6 +988,9 @@ impl Driver {
                 ActionOutcome::RollbackFailed { .. } => metrics.rollback_finished(trigger, false),
                 ActionOutcome::Escalated { .. } => metrics.escalation_finished(),
             }
+        }
+        if let ActionOutcome::RolledBack { from, to, artifact } = &outcome {
+            self.fleet_rolled_back(id, from, to, artifact).await;
         }
         let shown = |path: &std::path::Path| path.display().to_string();
         let result = match outcome {

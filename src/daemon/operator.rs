@@ -215,9 +215,14 @@ impl Driver {
                 })
                 .await
                 .expect("reset check panicked");
+                let fleet_refusal = self.fleet_refuses_reset();
                 match refusal {
                     Ok(Some(why)) if !force => Reply::Failed {
                         message: format!("refused: {why}"),
+                        exit: 3,
+                    },
+                    Ok(_) if fleet_refusal.is_some() && !force => Reply::Failed {
+                        message: format!("refused: {}", fleet_refusal.unwrap_or_default()),
                         exit: 3,
                     },
                     Err(err) => Reply::Failed {
@@ -401,6 +406,7 @@ impl Driver {
                     .ok()
                     .flatten()
             },
+            fleet: self.fleet_status(),
         }
     }
 }

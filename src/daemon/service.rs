@@ -226,9 +226,47 @@ pub async fn run(
         }
     });
 
+    // The fleet agent (SPEC §8): its own task, started whether or not etcd answers now;
+    // the driver only ever reads what it reports.
+    let fleet_shutdown = CancellationToken::new();
+    let mut fleet_task = None;
+    let fleet_inputs = match &config.fleet {
+        None => None,
+        Some(fleet_config) => {
+            match crate::fleet::store_for(fleet_config) {
+                Ok(store) => {
+                    let initial = crate::fleet::HostRecord {
+                        host: fleet_config.host.clone(),
+                        state: "idle".into(),
+                        rollbackd: env!("CARGO_PKG_VERSION").to_owned(),
+                        ..Default::default()
+                    };
+                    let agent = crate::fleet::agent::start(
+                        fleet_config.clone(),
+                        store,
+                        initial,
+                        fleet_shutdown.clone(),
+                    );
+                    tracing::info!(host = %fleet_config.host, endpoints = ?fleet_config.endpoints, "fleet agent started");
+                    fleet_task = Some(agent.task);
+                    Some(crate::daemon::fleet::FleetInputs {
+                        events: agent.events,
+                        host: agent.host,
+                        verdicts: agent.verdicts,
+                    })
+                }
+                Err(err) => {
+                    tracing::error!("cannot start the fleet agent ({err}); guarding this host without the fleet");
+                    None
+                }
+            }
+        }
+    };
+
     let status_notifier = notifier.clone();
     let watchdog_notifier = notifier.clone();
     let inputs = DriverInputs {
+        fleet: fleet_inputs,
         one_shot: false,
         factory,
         clock: Arc::new(SystemClock),
@@ -262,6 +300,11 @@ pub async fn run(
     }
     let result = driver.await.context("the driver task panicked")?;
     notifier.stopping();
+    fleet_shutdown.cancel();
+    if let Some(task) = fleet_task {
+        // It revokes its lease (bounded by a second) so the host leaves the fleet view.
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), task).await;
+    }
     server_shutdown.cancel();
     let _ = server_task.await;
     if let Some(http_task) = http_task {

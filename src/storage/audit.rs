@@ -395,13 +395,14 @@ pub enum KillSwitchAction {
 }
 
 /// `source` of a kill switch record: the daemon itself, an operator through the daemon,
-/// or a hand-made change the daemon noticed.
+/// a hand-made change the daemon noticed, or the fleet kill switch (etcd) mirrored here.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum KillSwitchSource {
     Automatic,
     Manual,
     External,
+    Fleet,
 }
 
 /// One line of `kill_switch_audit.log`.

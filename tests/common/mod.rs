@@ -14,6 +14,8 @@ use serde_json::Value;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_rollbackd");
 
+pub mod etcd;
+
 /// What the loopback server answers: path → (status, body).
 #[derive(Clone, Default)]
 pub struct Routes(Arc<Mutex<HashMap<String, (u16, String)>>>);
@@ -440,12 +442,23 @@ pub fn http_request(
     addr: std::net::SocketAddr,
     path: &str,
 ) -> std::io::Result<HttpResponse> {
+    http_request_body(method, addr, path, "")
+}
+
+/// [`http_request`] with a request body.
+pub fn http_request_body(
+    method: &str,
+    addr: std::net::SocketAddr,
+    path: &str,
+    body: &str,
+) -> std::io::Result<HttpResponse> {
     use std::io::Read;
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     write!(
         stream,
-        "{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\ncontent-length: 0\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
     )?;
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw)?;

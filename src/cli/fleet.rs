@@ -1,0 +1,261 @@
+//! The fleet from the command line: `kill-switch set|reset --fleet`, `fleet status`, and
+//! the verdict check before `promote`. These talk to etcd directly (no daemon needed): an
+//! operator flipping the fleet's kill switch must not depend on the host they run it on.
+
+use std::io::Write;
+use std::time::SystemTime;
+
+use serde_json::{json, Value};
+
+use crate::config::{ConfigError, ConfigIssue, FleetConfig, LoadedConfig};
+use crate::exit::{self, Refused};
+use crate::fleet::{FleetKillSwitch, HostRecord, Keys, Verdict};
+use crate::storage::audit::rfc3339_millis;
+use crate::text::{escape, Escaped};
+
+fn fleet_config(loaded: &LoadedConfig) -> Result<&FleetConfig, ConfigError> {
+    loaded.config.fleet.as_ref().ok_or_else(|| {
+        ConfigError::Invalid(vec![ConfigIssue {
+            key: "fleet.endpoints".into(),
+            message: "is empty: no fleet is configured (list the etcd client URLs, e.g. \
+                      [\"http://10.0.0.1:2379\"])"
+                .into(),
+        }])
+    })
+}
+
+/// Who runs the command: the user name of the real uid.
+fn operator() -> String {
+    // SAFETY: getuid has no preconditions.
+    let uid = unsafe { libc::getuid() };
+    crate::storage::statedir::user_name(uid).unwrap_or_else(|| uid.to_string())
+}
+
+/// `kill-switch set|reset --fleet --reason R`: one put of the fleet key.
+pub async fn kill_switch(loaded: &LoadedConfig, value: &str, reason: &str) -> anyhow::Result<u8> {
+    let config = fleet_config(loaded)?;
+    let store = crate::fleet::store_for(config)?;
+    let keys = Keys::new(&config.prefix);
+    let record = FleetKillSwitch {
+        value: value.to_owned(),
+        operator: operator(),
+        reason: reason.to_owned(),
+        at: rfc3339_millis(SystemTime::now()),
+        from_host: Some(config.host.clone()),
+    };
+    let bytes = serde_json::to_vec(&record)?;
+    match store.put(&keys.kill_switch(), bytes, None).await {
+        Ok((previous, revision)) => {
+            let previous = previous.map(|kv| FleetKillSwitch::parse(&kv.value));
+            let was = match &previous {
+                Some(p) => format!(
+                    "was {} (by {} at {}: {})",
+                    if p.on() { "on" } else { "off" },
+                    escape(&p.operator),
+                    escape(&p.at),
+                    escape(&p.reason)
+                ),
+                None => "was never set".into(),
+            };
+            println!(
+                "fleet kill switch {} at revision {revision}; {was}. Every daemon mirrors it \
+                 into its host's database; `rollbackd fleet status` shows which have{}",
+                if value == "1" { "ON" } else { "off" },
+                if value == "1" {
+                    ""
+                } else {
+                    " (a host whose own kill switch was set there keeps it on)"
+                }
+            );
+            Ok(exit::SUCCESS)
+        }
+        Err(err) => {
+            eprintln!(
+                "rollbackd: the fleet kill switch was NOT {}: {err}. To act on this host \
+                 alone now: rollbackd kill-switch {} --reason ..",
+                if value == "1" { "set" } else { "reset" },
+                if value == "1" { "set" } else { "reset" }
+            );
+            Ok(exit::FAILURE)
+        }
+    }
+}
+
+/// Refuses (exit 3) to promote `version` when a host of the fleet rolled it back, unless
+/// `force` (with its reason). Without a fleet, or with etcd unreachable, the promotion
+/// goes ahead (said on stderr): the host's own guard still watches the canary.
+pub async fn check_promotion(
+    loaded: &LoadedConfig,
+    version: &str,
+    force: bool,
+    reason: Option<&str>,
+) -> anyhow::Result<()> {
+    let Some(config) = loaded.config.fleet.as_ref() else {
+        return Ok(());
+    };
+    let store = crate::fleet::store_for(config)?;
+    let keys = Keys::new(&config.prefix);
+    let kvs = match store.list(&keys.verdicts_of(version)).await {
+        Ok((kvs, _)) => kvs,
+        Err(err) => {
+            eprintln!(
+                "rollbackd: warning: cannot check the fleet's verdicts for {} ({err}); promoting \
+                 without that check",
+                Escaped(version)
+            );
+            return Ok(());
+        }
+    };
+    let verdicts: Vec<Verdict> = kvs
+        .iter()
+        .filter_map(|kv| serde_json::from_slice(&kv.value).ok())
+        .collect();
+    let Some(first) = verdicts.first() else {
+        return Ok(());
+    };
+    let hosts: Vec<String> = verdicts
+        .iter()
+        .map(|v| {
+            format!(
+                "{} ({}, {})",
+                escape(&v.host),
+                escape(&v.reason),
+                escape(&v.at)
+            )
+        })
+        .collect();
+    if force {
+        eprintln!(
+            "rollbackd: warning: {} was rolled back on {}; promoting anyway (--force): {}",
+            Escaped(version),
+            hosts.join("; "),
+            Escaped(reason.unwrap_or(""))
+        );
+        tracing::warn!(version, reason = reason.unwrap_or(""), operator = %operator(), "promotion forced past the fleet's rollback verdicts");
+        return Ok(());
+    }
+    Err(Refused(format!(
+        "{} was rolled back on host {}: {}{}; promote it anyway with --force --reason ..",
+        escape(version),
+        escape(&first.host),
+        escape(&first.reason),
+        if hosts.len() > 1 {
+            format!(
+                " (and on {} more: {})",
+                hosts.len() - 1,
+                hosts[1..].join("; ")
+            )
+        } else {
+            String::new()
+        }
+    ))
+    .into())
+}
+
+/// `fleet status [--json]`.
+pub async fn status(loaded: &LoadedConfig, json_out: bool) -> anyhow::Result<u8> {
+    let config = fleet_config(loaded)?;
+    let store = crate::fleet::store_for(config)?;
+    let keys = Keys::new(&config.prefix);
+    let result = async {
+        let (kill, revision) = store.get(&keys.kill_switch()).await?;
+        let (hosts, _) = store.list(&keys.hosts()).await?;
+        let (verdicts, _) = store.list(&keys.verdicts()).await?;
+        Ok::<_, crate::fleet::store::FleetError>((kill, revision, hosts, verdicts))
+    }
+    .await;
+    let (kill, revision, hosts, verdicts) = match result {
+        Ok(parts) => parts,
+        Err(err) => {
+            eprintln!("rollbackd: cannot read the fleet: {err}");
+            return Ok(exit::FAILURE);
+        }
+    };
+    let kill_revision = kill.as_ref().map(|kv| kv.mod_revision);
+    let kill = kill.map(|kv| FleetKillSwitch::parse(&kv.value));
+    let hosts: Vec<HostRecord> = hosts
+        .iter()
+        .filter_map(|kv| serde_json::from_slice(&kv.value).ok())
+        .collect();
+    let verdicts: Vec<Verdict> = verdicts
+        .iter()
+        .filter_map(|kv| serde_json::from_slice(&kv.value).ok())
+        .collect();
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    if json_out {
+        let value = json!({
+            "revision": revision,
+            "killSwitch": kill.as_ref().map(|k| json!({
+                "value": k.value, "on": k.on(), "operator": k.operator, "reason": k.reason,
+                "at": k.at, "fromHost": k.from_host, "revision": kill_revision,
+            })),
+            "hosts": hosts.iter().map(|h| {
+                let mut v = serde_json::to_value(h).unwrap_or(Value::Null);
+                v["mirrored"] = Value::Bool(kill_revision.is_none_or(|r| h.fleet_revision >= r));
+                v
+            }).collect::<Vec<_>>(),
+            "verdicts": verdicts,
+        });
+        writeln!(out, "{}", serde_json::to_string_pretty(&value)?)?;
+        return Ok(exit::SUCCESS);
+    }
+    match &kill {
+        Some(k) => writeln!(
+            out,
+            "fleet kill switch  {} (by {} at {}{}: {})",
+            if k.on() { "ON" } else { "off" },
+            escape(&k.operator),
+            escape(&k.at),
+            k.from_host
+                .as_deref()
+                .map(|h| format!(" on {}", escape(h)))
+                .unwrap_or_default(),
+            escape(&k.reason)
+        )?,
+        None => writeln!(out, "fleet kill switch  off (never set)")?,
+    }
+    writeln!(out, "hosts ({})", hosts.len())?;
+    if !hosts.is_empty() {
+        writeln!(
+            out,
+            "  {:<24} {:<14} {:<14} {:<12} {:<5} {:<9} updated",
+            "host", "version", "previous", "state", "kill", "mirrored"
+        )?;
+    }
+    for host in &hosts {
+        let mirrored = kill_revision.is_none_or(|r| host.fleet_revision >= r);
+        writeln!(
+            out,
+            "  {:<24} {:<14} {:<14} {:<12} {:<5} {:<9} {}",
+            escape(&host.host),
+            escape(host.active.as_deref().unwrap_or("-")),
+            escape(host.previous.as_deref().unwrap_or("-")),
+            escape(&host.state),
+            escape(host.kill_switch.as_deref().unwrap_or("unset")),
+            if mirrored { "yes" } else { "NO" },
+            escape(&host.updated_at)
+        )?;
+    }
+    if verdicts.is_empty() {
+        writeln!(out, "verdicts           none")?;
+    } else {
+        writeln!(out, "verdicts ({})", verdicts.len())?;
+        for v in &verdicts {
+            writeln!(
+                out,
+                "  {} rolled back on {} at {} ({}): {}{}",
+                escape(&v.version),
+                escape(&v.host),
+                escape(&v.at),
+                escape(&v.trigger),
+                escape(&v.reason),
+                v.artifact
+                    .as_deref()
+                    .map(|a| format!(" [{}]", escape(a)))
+                    .unwrap_or_default()
+            )?;
+        }
+    }
+    Ok(exit::SUCCESS)
+}

@@ -1,0 +1,477 @@
+//! The fleet as the daemon sees it (SPEC §8): what the fleet agent (`crate::fleet::agent`,
+//! its own task) reports, mirrored into the host. The fleet kill switch goes into the
+//! application's `settings` table through the same write path as the host's own (BEGIN
+//! IMMEDIATE, synchronous=FULL, retried while busy, read back) and is audited with
+//! `source: fleet`; the effective value is local OR fleet (`fleet::mirror`). The host's
+//! registration follows the driver's state. Nothing here waits on etcd.
+
+use std::collections::BTreeMap;
+
+use super::*;
+use crate::fleet::agent::{FleetEvent, Link};
+use crate::fleet::{FleetKillSwitch, HostRecord, Mirror, Verdict};
+
+/// `meta` key: the fleet kill switch as last mirrored, `{"revision": N, "on": bool}`.
+const FLEET_APPLIED: &str = "fleet_kill_switch_applied";
+/// `meta` key: whether the host's kill switch was turned on here, not by the fleet.
+const LOCAL_HOLD: &str = "kill_switch_local_hold";
+/// `meta` key: the rollback verdicts not yet in etcd (JSON list), so that a restart while
+/// cut off loses none.
+const VERDICTS_PENDING: &str = "fleet_verdicts_pending";
+
+/// The daemon's ends of the fleet agent's channels.
+pub struct FleetInputs {
+    pub events: mpsc::Receiver<FleetEvent>,
+    pub host: watch::Sender<HostRecord>,
+    pub verdicts: mpsc::UnboundedSender<Verdict>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct Applied {
+    revision: i64,
+    on: bool,
+}
+
+/// A mirror task's result.
+pub(super) struct MirrorDone {
+    revision: i64,
+    on: bool,
+    decision: Mirror,
+}
+
+pub(super) struct FleetState {
+    config: crate::config::FleetConfig,
+    host: watch::Sender<HostRecord>,
+    verdicts_tx: mpsc::UnboundedSender<Verdict>,
+    link: Option<Link>,
+    /// The fleet kill switch as last seen, and its revision.
+    kill: Option<(Option<FleetKillSwitch>, i64)>,
+    applied: Applied,
+    mirror_busy: bool,
+    mirror_again: bool,
+    done_tx: mpsc::Sender<MirrorDone>,
+    /// Every verdict seen, by `version/host`.
+    verdicts: BTreeMap<String, Verdict>,
+    /// `local_hold` as last written to `rollbackd.db`.
+    hold_saved: Option<bool>,
+}
+
+impl Driver {
+    /// Takes the fleet agent's channels (when `[fleet]` is configured); the receivers go
+    /// into the driver's loop.
+    pub(super) async fn fleet_start(
+        &mut self,
+        inputs: Option<FleetInputs>,
+    ) -> Option<(mpsc::Receiver<FleetEvent>, mpsc::Receiver<MirrorDone>)> {
+        let inputs = inputs?;
+        let config = self.config.config.fleet.clone()?;
+        let (done_tx, done_rx) = mpsc::channel(4);
+        let (applied, hold) = self
+            .db
+            .call(|store| Ok((store.get_meta(FLEET_APPLIED)?, store.get_meta(LOCAL_HOLD)?)))
+            .await
+            .unwrap_or((None, None));
+        let applied: Applied = applied
+            .and_then(|text| serde_json::from_str(&text).ok())
+            .unwrap_or_default();
+        // Never recorded (a host that joins a fleet): a kill switch already on was set
+        // here, so a fleet reset must not clear it.
+        let hold = hold.map(|text| text == "true").unwrap_or_else(|| {
+            self.kill_value
+                .as_ref()
+                .is_some_and(|v| v.as_deref() == Some("1"))
+        });
+        self.kill_writes.set_local_hold(hold);
+        self.fleet = Some(FleetState {
+            config,
+            host: inputs.host,
+            verdicts_tx: inputs.verdicts,
+            link: None,
+            kill: None,
+            applied,
+            mirror_busy: false,
+            mirror_again: false,
+            done_tx,
+            verdicts: BTreeMap::new(),
+            hold_saved: None,
+        });
+        self.fleet_save_hold().await;
+        self.fleet_publish_host();
+        // Verdicts a previous run could not write yet.
+        for verdict in self.fleet_pending_verdicts().await {
+            self.fleet_verdict(verdict);
+        }
+        Some((inputs.events, done_rx))
+    }
+
+    async fn fleet_pending_verdicts(&self) -> Vec<Verdict> {
+        self.db
+            .call(|store| store.get_meta(VERDICTS_PENDING))
+            .await
+            .ok()
+            .flatten()
+            .and_then(|text| serde_json::from_str(&text).ok())
+            .unwrap_or_default()
+    }
+
+    async fn fleet_save_pending(&self, verdicts: Vec<Verdict>) {
+        let text = serde_json::to_string(&verdicts).unwrap_or_else(|_| "[]".into());
+        if let Err(err) = self
+            .db
+            .call(move |store| store.set_meta(VERDICTS_PENDING, &text))
+            .await
+        {
+            tracing::warn!("fleet: cannot remember the verdicts still to write: {err}");
+        }
+    }
+
+    /// A rollback of `from` was executed: its verdict goes to the fleet (kept in
+    /// `rollbackd.db` until the agent says it is in etcd).
+    pub(super) async fn fleet_rolled_back(
+        &mut self,
+        id: Option<ActionId>,
+        from: &str,
+        to: &str,
+        artifact: &std::path::Path,
+    ) {
+        let Some(host) = self.fleet_host().map(str::to_owned) else {
+            return;
+        };
+        let row = match id {
+            Some(id) => self
+                .db
+                .call(move |store| store.action(id))
+                .await
+                .ok()
+                .flatten(),
+            None => None,
+        };
+        let detail: Option<executor::ActionDetail> = row
+            .as_ref()
+            .and_then(|r| r.detail_json.as_deref())
+            .and_then(|text| serde_json::from_str(text).ok());
+        let verdict = Verdict {
+            version: from.to_owned(),
+            host,
+            decision: "rollback".into(),
+            reason: row
+                .as_ref()
+                .map(|r| r.reason.clone())
+                .unwrap_or_else(|| "rolled back".into()),
+            to: Some(to.to_owned()),
+            trigger: row
+                .as_ref()
+                .map(|r| r.trigger.as_str())
+                .unwrap_or("automatic")
+                .to_owned(),
+            artifact: artifact
+                .file_name()
+                .map(|name| name.to_string_lossy().into_owned()),
+            error_rate: detail.as_ref().and_then(|d| d.error_rate),
+            failure_count: detail.as_ref().map(|d| d.failure_count),
+            session_id: row.as_ref().and_then(|r| r.session_id.clone()),
+            at: rfc3339_millis(self.now()),
+        };
+        let mut pending = self.fleet_pending_verdicts().await;
+        pending.retain(|v| !(v.version == verdict.version && v.host == verdict.host));
+        pending.push(verdict.clone());
+        self.fleet_save_pending(pending).await;
+        self.fleet_verdict(verdict);
+    }
+
+    pub(super) async fn fleet_event(&mut self, event: FleetEvent) {
+        let Some(fleet) = &mut self.fleet else { return };
+        match event {
+            FleetEvent::Link(link) => {
+                if let Some(metrics) = &self.metrics {
+                    metrics.fleet_link(link.connected);
+                }
+                fleet.link = Some(link);
+            }
+            FleetEvent::KillSwitch { record, revision } => {
+                if let Some(metrics) = &self.metrics {
+                    metrics.fleet_kill_switch(record.as_ref().is_some_and(|r| r.on()));
+                }
+                fleet.kill = Some((record, revision));
+                self.fleet_mirror();
+            }
+            FleetEvent::Verdicts(verdicts) => {
+                for verdict in verdicts {
+                    let key = format!("{}/{}", verdict.version, verdict.host);
+                    fleet.verdicts.insert(key, verdict);
+                }
+            }
+            FleetEvent::VerdictWritten { version } => {
+                tracing::info!(%version, "fleet: the rollback verdict is in etcd");
+                let mut pending = self.fleet_pending_verdicts().await;
+                let before = pending.len();
+                pending.retain(|v| v.version != version);
+                if pending.len() != before {
+                    self.fleet_save_pending(pending).await;
+                }
+            }
+        }
+    }
+
+    /// Starts mirroring the fleet kill switch last seen, unless it is already mirrored or
+    /// a mirror is running (then once more after it, with the latest value).
+    fn fleet_mirror(&mut self) {
+        let Some(fleet) = &mut self.fleet else { return };
+        let Some((record, revision)) = fleet.kill.clone() else {
+            return;
+        };
+        let on = record.as_ref().is_some_and(FleetKillSwitch::on);
+        let new = match &record {
+            Some(_) => revision > fleet.applied.revision,
+            // No key: off; news only when the last value mirrored was on.
+            None => fleet.applied.on && revision > fleet.applied.revision,
+        };
+        if !new {
+            return;
+        }
+        if fleet.mirror_busy {
+            fleet.mirror_again = true;
+            return;
+        }
+        fleet.mirror_busy = true;
+        let done = fleet.done_tx.clone();
+        let ctx = self.context(None);
+        let session_id = self.sup.session().map(|s| s.record.id.clone());
+        self.side_tasks.retain(|task| !task.is_finished());
+        self.side_tasks.push(tokio::spawn(async move {
+            let ks = ctx.config.config.kill_switch.clone();
+            let serialized = ctx.kill_writes.serialized().await;
+            let (db, key) = (ks.database.clone(), ks.key.clone());
+            let local =
+                tokio::task::spawn_blocking(move || crate::appdb::killswitch::read(&db, &key))
+                    .await
+                    .expect("kill switch read panicked");
+            let local = match local {
+                Ok(value) => value,
+                // Unreadable: a set is written anyway (the write waits the database out);
+                // a reset is not, since what holds the switch on cannot be known.
+                Err(err) if on => {
+                    tracing::warn!("fleet: cannot read the kill switch before mirroring a set: {err}");
+                    None
+                }
+                Err(err) => {
+                    tracing::error!("fleet: cannot read the kill switch; the fleet reset is not mirrored: {err}");
+                    drop(serialized);
+                    let _ = done
+                        .send(MirrorDone {
+                            revision,
+                            on,
+                            decision: Mirror::KeepLocal,
+                        })
+                        .await;
+                    return;
+                }
+            };
+            let decision = crate::fleet::mirror(on, local.as_deref(), ctx.kill_writes.local_hold());
+            if let Mirror::Write(value) = decision {
+                let previous = executor::write_kill_switch(&ctx, &ks, value, executor::Patience::Forever)
+                    .await
+                    .unwrap_or(None);
+                drop(serialized);
+                let (operator, reason) = match &record {
+                    Some(r) => (
+                        r.operator.clone(),
+                        format!(
+                            "fleet kill switch: {} (by {} at {}{})",
+                            r.reason,
+                            r.operator,
+                            r.at,
+                            r.from_host
+                                .as_deref()
+                                .map(|h| format!(" on {h}"))
+                                .unwrap_or_default()
+                        ),
+                    ),
+                    None => ("unknown".to_owned(), "fleet kill switch key deleted".to_owned()),
+                };
+                tracing::warn!(value, %reason, "fleet: kill switch mirrored into the application's database");
+                let (kill_record, audit) = crate::appdb::killswitch::records(
+                    ctx.clock.now(),
+                    &ks.key,
+                    value,
+                    previous.as_deref(),
+                    KillSwitchSource::Fleet,
+                    Some(&operator),
+                    &reason,
+                    session_id.as_deref(),
+                    None,
+                );
+                ctx.recorder.kill_switch(kill_record).await;
+                ctx.recorder.audit(audit).await;
+            } else {
+                drop(serialized);
+            }
+            let _ = done
+                .send(MirrorDone {
+                    revision,
+                    on,
+                    decision,
+                })
+                .await;
+        }));
+    }
+
+    pub(super) async fn fleet_mirrored(&mut self, done: MirrorDone) {
+        let Some(fleet) = &mut self.fleet else { return };
+        fleet.mirror_busy = false;
+        if done.decision == Mirror::KeepLocal {
+            tracing::warn!(
+                "fleet: the fleet kill switch was reset, but this host's kill switch stays on: \
+                 it was set here (escalation, kill-switch set or by hand); reset it here with \
+                 `rollbackd kill-switch reset`"
+            );
+        }
+        fleet.applied = Applied {
+            revision: done.revision,
+            on: done.on,
+        };
+        let text = serde_json::to_string(&fleet.applied).unwrap_or_default();
+        let again = std::mem::take(&mut fleet.mirror_again);
+        if let Err(err) = self
+            .db
+            .call(move |store| store.set_meta(FLEET_APPLIED, &text))
+            .await
+        {
+            // Mirrored again after a restart: the same value again, harmless.
+            tracing::warn!("fleet: cannot remember the fleet revision mirrored: {err}");
+        }
+        self.fleet_save_hold().await;
+        if again {
+            self.fleet_mirror();
+        }
+        self.fleet_publish_host();
+    }
+
+    /// Remembers `local_hold` in `rollbackd.db` when it changed (after every kill-switch
+    /// change seen and on the record-retry tick).
+    pub(super) async fn fleet_save_hold(&mut self) {
+        let hold = self.kill_writes.local_hold();
+        let Some(fleet) = &mut self.fleet else { return };
+        if fleet.hold_saved == Some(hold) {
+            return;
+        }
+        let text = if hold { "true" } else { "false" };
+        match self
+            .db
+            .call(move |store| store.set_meta(LOCAL_HOLD, text))
+            .await
+        {
+            Ok(()) => fleet.hold_saved = Some(hold),
+            Err(err) => tracing::warn!("fleet: cannot remember the local kill-switch hold: {err}"),
+        }
+    }
+
+    /// A change of the host's kill switch seen in its database: one made outside
+    /// rollbackd sets (or clears) the local hold like `kill-switch set|reset` would.
+    pub(super) async fn fleet_kill_switch_seen(&mut self, value: Option<&str>, external: bool) {
+        if self.fleet.is_none() {
+            return;
+        }
+        if external {
+            self.kill_writes.set_local_hold(value == Some("1"));
+        }
+        self.fleet_save_hold().await;
+        self.fleet_publish_host();
+    }
+
+    /// The fleet kill switch is on (as last seen): a local reset would be undone by
+    /// nothing and contradict the fleet, so it is refused unless forced.
+    pub(super) fn fleet_refuses_reset(&self) -> Option<String> {
+        let fleet = self.fleet.as_ref()?;
+        let (Some(record), _) = fleet.kill.as_ref()? else {
+            return None;
+        };
+        record.on().then(|| {
+            format!(
+                "the fleet kill switch is on (set by {} at {}: {}) and this host mirrors it; \
+                 reset it for the fleet with `rollbackd kill-switch reset --fleet --reason ..`, \
+                 or pass --force with a --reason to turn it off on this host only",
+                crate::text::escape(&record.operator),
+                crate::text::escape(&record.at),
+                crate::text::escape(&record.reason)
+            )
+        })
+    }
+
+    /// Hands the agent a rollback verdict for the version rolled back.
+    pub(super) fn fleet_verdict(&self, verdict: Verdict) {
+        if let Some(fleet) = &self.fleet {
+            let _ = fleet.verdicts_tx.send(verdict);
+        }
+    }
+
+    pub(super) fn fleet_host(&self) -> Option<&str> {
+        self.fleet.as_ref().map(|f| f.config.host.as_str())
+    }
+
+    /// Tells the agent the host's registration when it changed.
+    pub(super) fn fleet_publish_host(&self) {
+        let Some(fleet) = &self.fleet else { return };
+        let session = self.sup.session();
+        let (active, previous) = match (session, self.sup.last_workers()) {
+            (Some(s), _) => (Some(s.record.active.clone()), s.record.previous.clone()),
+            (None, Some((active, previous, _))) => (Some(active.clone()), previous.clone()),
+            (None, None) => (None, None),
+        };
+        let record = HostRecord {
+            host: fleet.config.host.clone(),
+            active,
+            previous,
+            state: session
+                .map(|s| s.record.state.as_str())
+                .unwrap_or("idle")
+                .to_owned(),
+            kill_switch: match &self.kill_value {
+                Some(value) => value.clone(),
+                None => Some("?".into()),
+            },
+            fleet_revision: fleet.applied.revision,
+            rollbackd: env!("CARGO_PKG_VERSION").to_owned(),
+            updated_at: String::new(),
+        };
+        fleet.host.send_if_modified(|current| {
+            if *current == record {
+                false
+            } else {
+                *current = record;
+                true
+            }
+        });
+    }
+
+    /// The `fleet` object of `status`.
+    pub(super) fn fleet_status(&self) -> Option<Value> {
+        let fleet = self.fleet.as_ref()?;
+        let link = fleet.link.as_ref();
+        let (kill, revision) = match &fleet.kill {
+            Some((record, revision)) => (record.clone(), Some(*revision)),
+            None => (None, None),
+        };
+        Some(json!({
+            "host": fleet.config.host,
+            "endpoints": fleet.config.endpoints,
+            "link": match link {
+                None => "connecting",
+                Some(l) if l.connected => "connected",
+                Some(_) => "partitioned",
+            },
+            "linkSince": link.map(|l| rfc3339_millis(l.since)),
+            "linkError": link.and_then(|l| l.error.clone()),
+            "failures": link.map_or(0, |l| l.failures),
+            "killSwitch": kill.as_ref().map(|r| json!({
+                "value": r.value, "on": r.on(), "operator": r.operator, "reason": r.reason,
+                "at": r.at, "fromHost": r.from_host,
+            })),
+            "killSwitchRevision": revision,
+            "mirroredRevision": fleet.applied.revision,
+            "localHold": self.kill_writes.local_hold(),
+            "followVerdicts": fleet.config.follow_verdicts,
+            "verdicts": fleet.verdicts.values().collect::<Vec<_>>(),
+        }))
+    }
+}

@@ -1,0 +1,216 @@
+//! A real single-node etcd on loopback for the fleet tests and the fleet bench (Debian's
+//! `etcd-server`; `.ci/run` installs it), and a TCP proxy that can cut one daemon off
+//! from it (a partition of that host alone).
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use super::{free_port, http_request, tool_available, wait_for};
+
+pub fn etcd_installed() -> bool {
+    Command::new("etcd")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Whether the fleet test `test` can run: etcd installed, else SKIP (or fail under CI).
+pub fn need_etcd(test: &str) -> bool {
+    tool_available(etcd_installed(), test, "etcd (Debian etcd-server)")
+}
+
+/// One etcd server, killed when dropped.
+pub struct Etcd {
+    child: Option<Child>,
+    pub dir: PathBuf,
+    pub client_port: u16,
+    peer_port: u16,
+}
+
+impl Etcd {
+    pub fn start(dir: &Path) -> Etcd {
+        let mut etcd = Etcd {
+            child: None,
+            dir: dir.to_path_buf(),
+            client_port: free_port(),
+            peer_port: free_port(),
+        };
+        etcd.spawn();
+        etcd
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("etcd.log")).unwrap_or_default()
+    }
+
+    fn spawn(&mut self) {
+        std::fs::create_dir_all(&self.dir).unwrap();
+        let client = self.url();
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("etcd.log"))
+            .unwrap();
+        let child = Command::new("etcd")
+            .arg("--name=test")
+            .arg(format!("--data-dir={}", self.dir.join("data").display()))
+            .arg(format!("--listen-client-urls={client}"))
+            .arg(format!("--advertise-client-urls={client}"))
+            .arg(format!("--listen-peer-urls={peer}"))
+            .arg(format!("--initial-advertise-peer-urls={peer}"))
+            .arg(format!("--initial-cluster=test={peer}"))
+            .arg("--log-level=warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let addr = format!("127.0.0.1:{}", self.client_port).parse().unwrap();
+        let ready = wait_for(Duration::from_secs(20), || {
+            http_request("GET", addr, "/health")
+                .is_ok_and(|r| r.status == 200 && r.body.contains("true"))
+        });
+        assert!(
+            ready.is_some(),
+            "etcd did not become healthy; its log:\n{}",
+            self.log()
+        );
+    }
+
+    /// kill -9 (the data directory stays).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same ports and data.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    /// A key's value through etcd's gateway (raw bytes), or `None`.
+    pub fn get(&self, key: &str) -> Option<Vec<u8>> {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let body = serde_json::json!({"key": b64.encode(key)}).to_string();
+        let addr = format!("127.0.0.1:{}", self.client_port).parse().unwrap();
+        let reply = super::http_request_body("POST", addr, "/v3/kv/range", &body).ok()?;
+        let value: serde_json::Value = serde_json::from_str(&reply.body).ok()?;
+        let kv = value["kvs"].as_array()?.first()?.clone();
+        b64.decode(kv["value"].as_str()?).ok()
+    }
+
+    /// Writes a key through the gateway.
+    pub fn put(&self, key: &str, value: &[u8]) {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let body =
+            serde_json::json!({"key": b64.encode(key), "value": b64.encode(value)}).to_string();
+        let addr = format!("127.0.0.1:{}", self.client_port).parse().unwrap();
+        let reply = super::http_request_body("POST", addr, "/v3/kv/put", &body).unwrap();
+        assert_eq!(reply.status, 200, "{}", reply.body);
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A TCP proxy to `target` on its own loopback port. `cut()` drops every connection
+/// through it and leaves new ones hanging unanswered (a partition); `heal()` ends it.
+pub struct Proxy {
+    pub port: u16,
+    cut: Arc<AtomicBool>,
+    conns: Arc<Mutex<Vec<TcpStream>>>,
+}
+
+impl Proxy {
+    pub fn start(target_port: u16) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cut = Arc::new(AtomicBool::new(false));
+        let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+        let (cut2, conns2) = (cut.clone(), conns.clone());
+        std::thread::spawn(move || {
+            for incoming in listener.incoming() {
+                let Ok(client) = incoming else { continue };
+                if cut2.load(Ordering::SeqCst) {
+                    // Accepted and never answered: like packets dropped on the way.
+                    conns2.lock().unwrap().push(client);
+                    continue;
+                }
+                let Ok(server) = TcpStream::connect(("127.0.0.1", target_port)) else {
+                    continue;
+                };
+                let _ = client.set_nodelay(true);
+                let _ = server.set_nodelay(true);
+                {
+                    let mut list = conns2.lock().unwrap();
+                    list.push(client.try_clone().unwrap());
+                    list.push(server.try_clone().unwrap());
+                }
+                let cut3 = cut2.clone();
+                pipe(
+                    client.try_clone().unwrap(),
+                    server.try_clone().unwrap(),
+                    cut3.clone(),
+                );
+                pipe(server, client, cut3);
+            }
+        });
+        Proxy { port, cut, conns }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+        for conn in self.conns.lock().unwrap().drain(..) {
+            let _ = conn.shutdown(Shutdown::Both);
+        }
+    }
+
+    pub fn heal(&self) {
+        self.cut.store(false, Ordering::SeqCst);
+        for conn in self.conns.lock().unwrap().drain(..) {
+            let _ = conn.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+fn pipe(mut from: TcpStream, mut to: TcpStream, cut: Arc<AtomicBool>) {
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 16384];
+        loop {
+            match from.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if cut.load(Ordering::SeqCst) || to.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = to.shutdown(Shutdown::Write);
+    });
+}

@@ -1,0 +1,490 @@
+//! The fleet (SPEC §8) against a real etcd on loopback (Debian's `etcd-server`; `.ci/run`
+//! installs it; without it these print `SKIP` locally and fail under `CI`): the fleet
+//! kill switch mirrored into every host's `settings` table and audited `source: fleet`,
+//! the local OR fleet rule, a host cut off from etcd (at start, mid-session, during a
+//! fleet set), two operators at once, release verdicts and the promotion they refuse,
+//! the hosts' leases and `fleet status`. Every wait is for the event that proves it.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::etcd::{need_etcd, Etcd, Proxy};
+use common::*;
+use serde_json::Value;
+
+fn fleet_setup(endpoint: &str, host: &str, extra: &str) -> Setup {
+    Setup::new(&format!(
+        "[fleet]\nendpoints = [\"{endpoint}\"]\nhost = \"{host}\"\nlease_ttl = \"2s\"\n{extra}"
+    ))
+}
+
+fn kill_value(setup: &Setup) -> Option<String> {
+    rollbackd::appdb::killswitch::read(&setup.path("app.db"), "DISABLE_NEW")
+        .ok()
+        .flatten()
+}
+
+fn status_json(setup: &Setup) -> Value {
+    let out = setup.cli(&["status", "--json"]);
+    serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+}
+
+fn fleet_link(setup: &Setup) -> String {
+    status_json(setup)["fleet"]["link"]
+        .as_str()
+        .unwrap_or("")
+        .to_owned()
+}
+
+fn fleet_audit(setup: &Setup) -> Vec<Value> {
+    audit_lines(&setup.state().join("analytics/kill_switch_audit.log"))
+        .into_iter()
+        .filter(|line| line["source"] == "fleet")
+        .collect()
+}
+
+fn ok(out: &std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "status {:?}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn a_fleet_kill_switch_reaches_every_daemon_and_a_fleet_reset_clears_it() {
+    if !need_etcd("a_fleet_kill_switch_reaches_every_daemon_and_a_fleet_reset_clears_it") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(&tmp.path().join("etcd"));
+    let setups: Vec<Setup> = (0..5)
+        .map(|i| fleet_setup(&etcd.url(), &format!("host-{i}"), ""))
+        .collect();
+    let _daemons: Vec<Daemon> = setups.iter().map(Setup::start).collect();
+    for setup in &setups {
+        wait_for(Duration::from_secs(20), || fleet_link(setup) == "connected")
+            .unwrap_or_else(|| panic!("not connected; log:\n{}", setup.daemon_log()));
+    }
+
+    let started = Instant::now();
+    let out = setups[0].cli(&[
+        "kill-switch",
+        "set",
+        "--fleet",
+        "--reason",
+        "bad release 42",
+    ]);
+    assert!(ok(&out).contains("fleet kill switch ON"));
+    for setup in &setups {
+        wait_for(Duration::from_secs(10), || {
+            kill_value(setup).as_deref() == Some("1")
+        })
+        .unwrap_or_else(|| panic!("not mirrored; log:\n{}", setup.daemon_log()));
+    }
+    // Generous for a loaded 2-core machine; benches/fleet.rs measures the real bound.
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    for setup in &setups {
+        wait_for(Duration::from_secs(10), || !fleet_audit(setup).is_empty()).unwrap();
+        let line = &fleet_audit(setup)[0];
+        assert_eq!(line["action"], "activated");
+        assert_eq!(line["value"], "1");
+        assert!(
+            line["reason"].as_str().unwrap().contains("bad release 42"),
+            "{line}"
+        );
+        assert!(line["operator"].is_string());
+        // A fleet write is rollbackd's own: never audited as external.
+        assert!(setup.events("kill-switch-external").is_empty());
+        let status = status_json(setup);
+        assert_eq!(status["fleet"]["killSwitch"]["on"], true, "{status}");
+    }
+
+    ok(&setups[1].cli(&["kill-switch", "reset", "--fleet", "--reason", "fixed"]));
+    for setup in &setups {
+        wait_for(Duration::from_secs(10), || {
+            kill_value(setup).as_deref() == Some("0")
+        })
+        .unwrap_or_else(|| panic!("not reset; log:\n{}", setup.daemon_log()));
+        wait_for(Duration::from_secs(10), || fleet_audit(setup).len() == 2).unwrap();
+        assert_eq!(fleet_audit(setup)[1]["action"], "reset");
+    }
+
+    // fleet status: every host, its kill switch, mirrored.
+    let out = ok(&setups[0].cli(&["fleet", "status", "--json"]));
+    let view: Value = serde_json::from_str(&out).unwrap();
+    let hosts = view["hosts"].as_array().unwrap();
+    assert_eq!(hosts.len(), 5, "{view}");
+    assert_eq!(view["killSwitch"]["on"], false);
+    wait_for(Duration::from_secs(10), || {
+        let out = setups[0].cli(&["fleet", "status", "--json"]);
+        let view: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        view["hosts"].as_array().is_some_and(|h| {
+            h.iter()
+                .all(|h| h["mirrored"] == true && h["killSwitch"] == "0")
+        })
+    })
+    .expect("every host reports the reset mirrored");
+    let human = ok(&setups[0].cli(&["fleet", "status"]));
+    assert!(
+        human.contains("host-3") && human.contains("fleet kill switch  off"),
+        "{human}"
+    );
+}
+
+#[test]
+fn a_fleet_reset_never_clears_a_kill_switch_set_on_the_host_and_a_local_reset_is_refused_while_the_fleet_is_on(
+) {
+    if !need_etcd("a_fleet_reset_never_clears_a_local_kill_switch") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(&tmp.path().join("etcd"));
+    let local = fleet_setup(&etcd.url(), "local", "");
+    let other = fleet_setup(&etcd.url(), "other", "");
+    let _a = local.start();
+    let _b = other.start();
+    for setup in [&local, &other] {
+        wait_for(Duration::from_secs(20), || fleet_link(setup) == "connected").unwrap();
+    }
+    // On-call sets this host's own kill switch, then the fleet is set and reset.
+    ok(&local.cli(&["kill-switch", "set", "--reason", "local incident"]));
+    ok(&local.cli(&[
+        "kill-switch",
+        "set",
+        "--fleet",
+        "--reason",
+        "fleet incident",
+    ]));
+    wait_for(Duration::from_secs(10), || {
+        kill_value(&other).as_deref() == Some("1")
+    })
+    .unwrap();
+
+    // While the fleet is on, a local reset is refused (exit 3) unless forced.
+    let out = other.cli(&["kill-switch", "reset", "--reason", "try"]);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("fleet kill switch is on"));
+
+    ok(&local.cli(&["kill-switch", "reset", "--fleet", "--reason", "fleet over"]));
+    wait_for(Duration::from_secs(10), || {
+        kill_value(&other).as_deref() == Some("0")
+    })
+    .unwrap();
+    // The host that mirrored the reset has seen it; the local hold kept the other on.
+    wait_for(Duration::from_secs(10), || {
+        let status = status_json(&local);
+        status["fleet"]["killSwitch"]["on"] == false
+            && status["fleet"]["mirroredRevision"] == status["fleet"]["killSwitchRevision"]
+    })
+    .unwrap();
+    assert_eq!(kill_value(&local).as_deref(), Some("1"));
+    assert_eq!(status_json(&local)["fleet"]["localHold"], true);
+    // The local reset then clears it, as always.
+    ok(&local.cli(&["kill-switch", "reset", "--force", "--reason", "local over"]));
+    assert_eq!(kill_value(&local).as_deref(), Some("0"));
+}
+
+#[test]
+fn a_daemon_started_with_etcd_down_guards_its_host_reports_the_partition_and_catches_up() {
+    if !need_etcd("a_daemon_started_with_etcd_down") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let mut etcd = Etcd::start(&tmp.path().join("etcd"));
+    etcd.kill();
+    let setup = fleet_setup(&etcd.url(), "early", "[http]\nlisten = \"127.0.0.1:0\"\n");
+    let _daemon = setup.start();
+    wait_for(Duration::from_secs(10), || {
+        fleet_link(&setup) == "partitioned"
+    })
+    .unwrap_or_else(|| panic!("no partition reported; log:\n{}", setup.daemon_log()));
+    let addr = setup.http_addr();
+    let metrics = http_get(addr, "/metrics").body;
+    assert_eq!(
+        metric_value(&metrics, "rollbackd_fleet_connected"),
+        Some(0.0),
+        "{metrics}"
+    );
+    let human = String::from_utf8_lossy(&setup.cli(&["status"]).stdout).into_owned();
+    assert!(human.contains("CUT OFF from etcd"), "{human}");
+    // The local kill switch works without etcd.
+    ok(&setup.cli(&["kill-switch", "set", "--reason", "local while cut off"]));
+    assert_eq!(kill_value(&setup).as_deref(), Some("1"));
+    ok(&setup.cli(&["kill-switch", "reset", "--force", "--reason", "done"]));
+    assert_eq!(kill_value(&setup).as_deref(), Some("0"));
+    // A fleet set while etcd is down fails loudly and says what to do instead.
+    let out = setup.cli(&["kill-switch", "set", "--fleet", "--reason", "x"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("NOT set"));
+
+    etcd.restart();
+    wait_for(Duration::from_secs(20), || {
+        fleet_link(&setup) == "connected"
+    })
+    .unwrap_or_else(|| panic!("did not reconnect; log:\n{}", setup.daemon_log()));
+    let metrics = http_get(addr, "/metrics").body;
+    assert_eq!(
+        metric_value(&metrics, "rollbackd_fleet_connected"),
+        Some(1.0)
+    );
+    ok(&setup.cli(&["kill-switch", "set", "--fleet", "--reason", "after"]));
+    wait_for(Duration::from_secs(10), || {
+        kill_value(&setup).as_deref() == Some("1")
+    })
+    .unwrap();
+}
+
+#[test]
+fn etcd_killed_mid_session_keeps_the_last_value_and_a_set_made_meanwhile_lands_once() {
+    if !need_etcd("etcd_killed_mid_session") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let mut etcd = Etcd::start(&tmp.path().join("etcd"));
+    let setup = fleet_setup(&etcd.url(), "mid", "");
+    let _daemon = setup.start();
+    wait_for(Duration::from_secs(20), || {
+        fleet_link(&setup) == "connected"
+    })
+    .unwrap();
+    ok(&setup.cli(&[
+        "kill-switch",
+        "set",
+        "--fleet",
+        "--reason",
+        "before the crash",
+    ]));
+    wait_for(Duration::from_secs(10), || {
+        kill_value(&setup).as_deref() == Some("1")
+    })
+    .unwrap();
+
+    etcd.kill();
+    wait_for(Duration::from_secs(10), || {
+        fleet_link(&setup) == "partitioned"
+    })
+    .unwrap_or_else(|| panic!("no partition reported; log:\n{}", setup.daemon_log()));
+    // Keeps the last value it saw.
+    assert_eq!(kill_value(&setup).as_deref(), Some("1"));
+    assert_eq!(status_json(&setup)["fleet"]["killSwitch"]["on"], true);
+
+    // etcd comes back with a reset written while this host could not see it.
+    etcd.restart();
+    etcd.put(
+        "/rollbackd/kill_switch",
+        br#"{"value":"0","operator":"bob","reason":"reset while away","at":"t"}"#,
+    );
+    wait_for(Duration::from_secs(20), || {
+        kill_value(&setup).as_deref() == Some("0")
+    })
+    .unwrap_or_else(|| panic!("did not catch up; log:\n{}", setup.daemon_log()));
+    wait_for(Duration::from_secs(10), || {
+        fleet_link(&setup) == "connected"
+    })
+    .unwrap();
+    // Reconnecting again mirrors nothing twice.
+    etcd.restart();
+    wait_for(Duration::from_secs(20), || {
+        let status = status_json(&setup);
+        status["fleet"]["link"] == "connected" && status["fleet"]["failures"] == 0
+    })
+    .unwrap();
+    let lines = fleet_audit(&setup);
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert_eq!(lines[1]["operator"], "bob");
+}
+
+#[test]
+fn a_host_partitioned_during_a_fleet_set_mirrors_it_when_the_partition_heals() {
+    if !need_etcd("a_host_partitioned_during_a_fleet_set") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(&tmp.path().join("etcd"));
+    let proxy = Proxy::start(etcd.client_port);
+    let cut_off = fleet_setup(&proxy.url(), "cut-off", "");
+    let fine = fleet_setup(&etcd.url(), "fine", "");
+    let _a = cut_off.start();
+    let _b = fine.start();
+    for setup in [&cut_off, &fine] {
+        wait_for(Duration::from_secs(20), || fleet_link(setup) == "connected").unwrap();
+    }
+    proxy.cut();
+    wait_for(Duration::from_secs(10), || {
+        fleet_link(&cut_off) == "partitioned"
+    })
+    .unwrap_or_else(|| panic!("no partition reported; log:\n{}", cut_off.daemon_log()));
+    ok(&fine.cli(&[
+        "kill-switch",
+        "set",
+        "--fleet",
+        "--reason",
+        "during the partition",
+    ]));
+    wait_for(Duration::from_secs(10), || {
+        kill_value(&fine).as_deref() == Some("1")
+    })
+    .unwrap();
+    // The fleet view shows the cut-off host has not mirrored it (until its lease ends).
+    assert_ne!(kill_value(&cut_off).as_deref(), Some("1"));
+    proxy.heal();
+    wait_for(Duration::from_secs(20), || {
+        kill_value(&cut_off).as_deref() == Some("1")
+    })
+    .unwrap_or_else(|| panic!("not mirrored after healing; log:\n{}", cut_off.daemon_log()));
+    wait_for(Duration::from_secs(10), || fleet_audit(&cut_off).len() == 1).unwrap();
+}
+
+#[test]
+fn two_operators_setting_and_resetting_at_once_leave_every_host_at_the_last_value() {
+    if !need_etcd("two_operators_at_once") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(&tmp.path().join("etcd"));
+    let a = fleet_setup(&etcd.url(), "a", "");
+    let b = fleet_setup(&etcd.url(), "b", "");
+    let _da = a.start();
+    let _db = b.start();
+    for setup in [&a, &b] {
+        wait_for(Duration::from_secs(20), || fleet_link(setup) == "connected").unwrap();
+    }
+    let config_a = a.config.clone();
+    let config_b = b.config.clone();
+    let run = |config: std::path::PathBuf, action: &'static str| {
+        std::thread::spawn(move || {
+            for i in 0..5 {
+                let out = std::process::Command::new(BIN)
+                    .arg("--config")
+                    .arg(&config)
+                    .args([
+                        "kill-switch",
+                        action,
+                        "--fleet",
+                        "--reason",
+                        &format!("{action} {i}"),
+                    ])
+                    .output()
+                    .unwrap();
+                assert!(
+                    out.status.success(),
+                    "{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        })
+    };
+    let t1 = run(config_a, "set");
+    let t2 = run(config_b, "reset");
+    t1.join().unwrap();
+    t2.join().unwrap();
+    let last: Value = serde_json::from_slice(&etcd.get("/rollbackd/kill_switch").unwrap()).unwrap();
+    let want = last["value"].as_str().unwrap().to_owned();
+    for setup in [&a, &b] {
+        wait_for(Duration::from_secs(10), || {
+            let status = status_json(setup);
+            status["fleet"]["mirroredRevision"] == status["fleet"]["killSwitchRevision"]
+                && status["fleet"]["killSwitch"]["value"] == want.as_str()
+        })
+        .unwrap_or_else(|| panic!("not settled; log:\n{}", setup.daemon_log()));
+        assert_eq!(
+            kill_value(setup).as_deref(),
+            Some(want.as_str()),
+            "host settled elsewhere"
+        );
+        // Each audited change is a real change: no value written twice in a row.
+        let lines = fleet_audit(setup);
+        for pair in lines.windows(2) {
+            assert_ne!(pair[0]["value"], pair[1]["value"], "{lines:?}");
+        }
+    }
+}
+
+#[test]
+fn a_rollback_records_a_verdict_that_refuses_the_promotion_elsewhere_and_a_dead_host_leaves() {
+    if !need_etcd("a_rollback_records_a_verdict") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(&tmp.path().join("etcd"));
+    let canary = fleet_setup(&etcd.url(), "canary", "");
+    let next = fleet_setup(&etcd.url(), "next", "");
+    let canary_daemon = canary.start();
+    let _next_daemon = next.start();
+    for setup in [&canary, &next] {
+        wait_for(Duration::from_secs(20), || fleet_link(setup) == "connected").unwrap();
+    }
+    canary.promote();
+    canary.routes.error_rate(0.5);
+    wait_for(Duration::from_secs(30), || {
+        !canary.artifacts("rollback_").is_empty()
+    })
+    .unwrap_or_else(|| panic!("no rollback; log:\n{}", canary.daemon_log()));
+    wait_for(Duration::from_secs(10), || {
+        etcd.get("/rollbackd/verdicts/v2/canary").is_some()
+    })
+    .expect("the verdict is in etcd");
+    let verdict: Value =
+        serde_json::from_slice(&etcd.get("/rollbackd/verdicts/v2/canary").unwrap()).unwrap();
+    assert_eq!(verdict["host"], "canary");
+    assert_eq!(verdict["to"], "v1");
+    assert_eq!(verdict["trigger"], "automatic");
+    assert!(verdict["artifact"]
+        .as_str()
+        .unwrap()
+        .starts_with("rollback_"));
+
+    // Promoting v2 elsewhere is refused, naming the host and the reason.
+    let out = next.cli(&["promote", "--active", "v2", "--previous", "v1"]);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("canary"), "{stderr}");
+    assert!(
+        stderr.contains(verdict["reason"].as_str().unwrap()),
+        "{stderr}"
+    );
+    // Another version is not.
+    ok(&next.cli(&["promote", "--active", "v3", "--previous", "v1"]));
+    // Forced, with a reason.
+    let out = next.cli(&["promote", "--active", "v2", "--previous", "v1", "--force"]);
+    assert_eq!(out.status.code(), Some(2), "--force needs --reason");
+    ok(&next.cli(&[
+        "promote",
+        "--active",
+        "v2",
+        "--previous",
+        "v1",
+        "--force",
+        "--reason",
+        "fixed config",
+    ]));
+
+    // fleet status lists the verdict; a host killed -9 disappears when its lease ends.
+    let human = ok(&next.cli(&["fleet", "status"]));
+    assert!(human.contains("v2 rolled back on canary"), "{human}");
+    canary_daemon.kill9();
+    wait_for(Duration::from_secs(15), || {
+        let out = next.cli(&["fleet", "status", "--json"]);
+        let view: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        view["hosts"]
+            .as_array()
+            .is_some_and(|h| h.len() == 1 && h[0]["host"] == "next")
+    })
+    .expect("the dead host's registration expired with its lease");
+}

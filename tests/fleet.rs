@@ -488,3 +488,63 @@ fn a_rollback_records_a_verdict_that_refuses_the_promotion_elsewhere_and_a_dead_
     })
     .expect("the dead host's registration expired with its lease");
 }
+
+#[test]
+fn with_follow_verdicts_a_host_running_the_rolled_back_version_rolls_back_too() {
+    if !need_etcd("with_follow_verdicts_a_host_rolls_back_too") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(&tmp.path().join("etcd"));
+    let canary = fleet_setup(&etcd.url(), "canary", "");
+    let follower = fleet_setup(&etcd.url(), "follower", "follow_verdicts = true\n");
+    let bystander = fleet_setup(&etcd.url(), "bystander", "");
+    let _c = canary.start();
+    let _f = follower.start();
+    let _b = bystander.start();
+    for setup in [&canary, &follower, &bystander] {
+        wait_for(Duration::from_secs(20), || fleet_link(setup) == "connected").unwrap();
+    }
+    // Both run v2 and are healthy; only the canary's worker goes bad.
+    follower.promote();
+    bystander.promote();
+    canary.promote();
+    canary.routes.error_rate(0.5);
+    wait_for(Duration::from_secs(30), || {
+        follower.artifacts("rollback_").len() == 1
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "the follower did not roll back; log:\n{}",
+            follower.daemon_log()
+        )
+    });
+    let artifact: Value = serde_json::from_str(
+        &std::fs::read_to_string(&follower.artifacts("rollback_")[0]).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(artifact["trigger"], "fleet", "{artifact}");
+    assert_eq!(artifact["operator"], "canary", "{artifact}");
+    assert!(artifact["reason"]
+        .as_str()
+        .unwrap()
+        .contains("rolled back on canary"));
+    assert_eq!(follower.switches(), ["v1"], "switched once");
+    // Its own rollback is a verdict too, recorded as following the fleet.
+    wait_for(Duration::from_secs(10), || {
+        etcd.get("/rollbackd/verdicts/v2/follower").is_some()
+    })
+    .unwrap();
+    let verdict: Value =
+        serde_json::from_slice(&etcd.get("/rollbackd/verdicts/v2/follower").unwrap()).unwrap();
+    assert_eq!(verdict["trigger"], "fleet");
+    // Without follow_verdicts a host is told (status) but keeps running v2.
+    wait_for(Duration::from_secs(10), || {
+        status_json(&bystander)["fleet"]["verdicts"]
+            .as_array()
+            .is_some_and(|v| v.len() == 2)
+    })
+    .unwrap();
+    assert!(bystander.switches().is_empty());
+    assert_eq!(status_json(&bystander)["session"]["active"], "v2");
+}

@@ -1313,3 +1313,173 @@ fn a_promotion_during_the_watch_interrupts_it() {
     assert!(!h.has("audit:stability-confirmed") && !h.has("audit:stability-failed"));
     assert_eq!(h.sup.session().unwrap().record.active, "v3");
 }
+
+#[test]
+fn a_fleet_verdict_becomes_a_rollback_through_the_same_policy() {
+    struct Case {
+        name: &'static str,
+        extra: &'static str,
+        previous: Option<&'static str>,
+        rollbacks_before: u32,
+        paused: bool,
+        version: &'static str,
+        /// How long before now the verdict was written (the session is 5 s old).
+        verdict_ago: Duration,
+        want: Option<(ActionKind, &'static str)>,
+    }
+    let recent = Duration::from_secs(1);
+    let cases = [
+        Case {
+            name: "another host rolled back the active version: roll back, trigger fleet",
+            extra: "",
+            previous: Some("v1"),
+            rollbacks_before: 0,
+            paused: false,
+            version: "v2",
+            verdict_ago: recent,
+            want: Some((
+                ActionKind::Rollback,
+                "v2 was rolled back on web-9: high error rate",
+            )),
+        },
+        Case {
+            name: "a verdict about another version: nothing",
+            extra: "",
+            previous: Some("v1"),
+            rollbacks_before: 0,
+            paused: false,
+            version: "v3",
+            verdict_ago: recent,
+            want: None,
+        },
+        Case {
+            name: "a verdict older than the promotion was there to see: nothing",
+            extra: "",
+            previous: Some("v1"),
+            rollbacks_before: 0,
+            paused: false,
+            version: "v2",
+            verdict_ago: Duration::from_secs(60),
+            want: None,
+        },
+        Case {
+            name: "paused: nothing",
+            extra: "",
+            previous: Some("v1"),
+            rollbacks_before: 0,
+            paused: true,
+            version: "v2",
+            verdict_ago: recent,
+            want: None,
+        },
+        Case {
+            name: "dry run: nothing",
+            extra: "[rules]\ndry_run = true\n",
+            previous: Some("v1"),
+            rollbacks_before: 0,
+            paused: false,
+            version: "v2",
+            verdict_ago: recent,
+            want: None,
+        },
+        Case {
+            name: "no previous worker: escalates",
+            extra: "",
+            previous: None,
+            rollbacks_before: 0,
+            paused: false,
+            version: "v2",
+            verdict_ago: recent,
+            want: Some((ActionKind::Escalation, "no previous worker is known")),
+        },
+        Case {
+            name: "the hour's rollback budget spent: escalates instead of looping",
+            extra: "[rollback]\nmax_rollbacks_per_hour = 2\n",
+            previous: Some("v1"),
+            rollbacks_before: 2,
+            paused: false,
+            version: "v2",
+            verdict_ago: recent,
+            want: Some((ActionKind::Escalation, "max_rollbacks_per_hour = 2")),
+        },
+    ];
+    for case in cases {
+        let mut h = Harness::new(settings(case.extra));
+        let mut session = restored_session(&h, case.previous, Duration::from_secs(5));
+        session.paused = case.paused;
+        let rollbacks = (0..case.rollbacks_before)
+            .map(|i| h.wall - Duration::from_secs(600 + u64::from(i)))
+            .collect();
+        h.feed(Input::Restore(Box::new(Restored {
+            session: Some(session),
+            checks: vec![(0, h.wall - Duration::from_secs(1), check(HEALTHY))],
+            rollbacks,
+            ..Restored::default()
+        })));
+        let at = h.wall - case.verdict_ago;
+        h.feed(Input::FleetVerdict {
+            version: case.version.into(),
+            host: "web-9".into(),
+            reason: "high error rate".into(),
+            at,
+        });
+        let plans = h.plans();
+        match case.want {
+            None => assert!(plans.is_empty(), "{}: {:?}", case.name, h.names()),
+            Some((kind, reason)) => {
+                assert_eq!(plans.len(), 1, "{}: {:?}", case.name, h.names());
+                assert_eq!(plans[0].kind, kind, "{}", case.name);
+                assert_eq!(plans[0].trigger, ActionTrigger::Fleet, "{}", case.name);
+                assert_eq!(plans[0].operator.as_deref(), Some("web-9"), "{}", case.name);
+                assert!(
+                    plans[0].reason.contains(reason),
+                    "{}: {}",
+                    case.name,
+                    plans[0].reason
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn a_fleet_verdict_while_the_host_is_mid_rollback_starts_nothing_more() {
+    let mut h = Harness::new(settings(""));
+    let session = restored_session(&h, Some("v1"), Duration::from_secs(5));
+    h.script = [SPIKE, SPIKE, SPIKE].iter().map(|l| check(l)).collect();
+    h.feed(Input::Restore(Box::new(Restored {
+        session: Some(session),
+        checks: vec![(0, h.wall - Duration::from_secs(1), check(HEALTHY))],
+        ..Restored::default()
+    })));
+    h.run_for(Duration::from_secs(120));
+    assert_eq!(h.plans().len(), 1, "{:?}", h.names());
+    let at = h.wall;
+    for _ in 0..2 {
+        h.feed(Input::FleetVerdict {
+            version: "v2".into(),
+            host: "web-9".into(),
+            reason: "high error rate".into(),
+            at,
+        });
+    }
+    assert_eq!(h.plans().len(), 1, "{:?}", h.names());
+    assert_eq!(h.plans()[0].trigger, ActionTrigger::Automatic);
+    // Once the host's own rollback is done (the session watches the restored v1), still
+    // nothing.
+    h.feed(Input::ActionDone {
+        id: Some(1),
+        result: ActionResult::RolledBack {
+            from: "v2".into(),
+            to: "v1".into(),
+            artifact: "a".into(),
+        },
+    });
+    h.feed(Input::FleetVerdict {
+        version: "v2".into(),
+        host: "web-9".into(),
+        reason: "high error rate".into(),
+        at,
+    });
+    assert_eq!(h.plans().len(), 1, "{:?}", h.names());
+}

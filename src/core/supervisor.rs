@@ -384,6 +384,14 @@ pub enum Input {
     KillSwitchReset {
         operator: String,
     },
+    /// Another host of the fleet recorded that it rolled `version` back, at `at`
+    /// (`fleet.follow_verdicts`; the runner feeds only verdicts of other hosts).
+    FleetVerdict {
+        version: String,
+        host: String,
+        reason: String,
+        at: SystemTime,
+    },
     /// A new configuration was accepted: the window is judged again under it.
     Reload(Box<Settings>),
 }
@@ -750,8 +758,80 @@ impl Supervisor {
                     );
                 }
             }
+            Input::FleetVerdict {
+                version,
+                host,
+                reason,
+                at,
+            } => self.fleet_verdict(now, version, host, reason, at),
             Input::Reload(settings) => self.reload(*settings),
         }
+    }
+
+    /// A verdict of another host about `version`: roll back too when this session runs it,
+    /// through the same policy as the host's own verdicts — nothing while paused, in a
+    /// dry run, during another action or in an escalated session; an escalation when no
+    /// previous worker is known or the hour's rollback budget is spent. A verdict older
+    /// than the promotion was there to see when the version was promoted (refused, or
+    /// forced past): it is not followed.
+    fn fleet_verdict(
+        &mut self,
+        now: Now,
+        version: String,
+        host: String,
+        reason: String,
+        at: SystemTime,
+    ) {
+        let Some(session) = self.session.as_ref() else {
+            return;
+        };
+        if session.record.active != version
+            || session.record.state != SessionState::Monitoring
+            || at < session.record.promoted_at
+        {
+            return;
+        }
+        let why = format!("fleet: {version} was rolled back on {host}: {reason}");
+        let not_taken = if let Some(action) = &self.action {
+            Some(format!("a {} is in progress", action.kind.as_str()))
+        } else if session.record.paused {
+            Some("monitoring is paused".to_owned())
+        } else if self.settings.rules.dry_run {
+            Some("dry run".to_owned())
+        } else {
+            None
+        };
+        if let Some(not_taken) = not_taken {
+            tracing::warn!(%version, %host, "{why}; not following it: {not_taken}");
+            return;
+        }
+        let decision = session.last_decision.clone();
+        let (kind, reason) = if session.record.previous.is_none() {
+            (
+                ActionKind::Escalation,
+                format!("{why}; no previous worker is known, so escalating"),
+            )
+        } else {
+            let recent = self.rollbacks_in_the_last_hour(now.wall);
+            let limit = self.settings.max_rollbacks_per_hour;
+            if recent >= limit {
+                (
+                    ActionKind::Escalation,
+                    format!("{why}; but {recent} rollbacks in the last hour reached max_rollbacks_per_hour = {limit}: escalating instead of looping"),
+                )
+            } else {
+                (ActionKind::Rollback, why)
+            }
+        };
+        let plan = self.plan(
+            now,
+            kind,
+            ActionTrigger::Fleet,
+            reason,
+            Some(host),
+            decision.as_ref(),
+        );
+        self.start_action(plan, None);
     }
 
     // -- restart -------------------------------------------------------------------------

@@ -1101,6 +1101,7 @@ fn decision_record(
             Trigger::Automatic => "automatic rollback to previous worker".to_owned(),
             Trigger::Manual => "manual rollback to previous worker".to_owned(),
             Trigger::Emergency => "emergency rollback to previous worker (drain skipped)".to_owned(),
+            Trigger::Fleet => "rollback to previous worker: another host of the fleet rolled this version back".to_owned(),
         },
         (ArtifactKind::Escalation, _) => {
             "kill switch on: apps use safe flag defaults; on-call investigates, then `rollbackd kill-switch reset`".to_owned()

@@ -196,9 +196,30 @@ impl Driver {
                 self.fleet_mirror();
             }
             FleetEvent::Verdicts(verdicts) => {
+                let mut follow = Vec::new();
                 for verdict in verdicts {
                     let key = format!("{}/{}", verdict.version, verdict.host);
+                    let new = fleet
+                        .verdicts
+                        .get(&key)
+                        .is_none_or(|seen| seen.at != verdict.at);
+                    if new && fleet.config.follow_verdicts && verdict.host != fleet.config.host {
+                        follow.push(verdict.clone());
+                    }
                     fleet.verdicts.insert(key, verdict);
+                }
+                for verdict in follow {
+                    let Ok(at) = humantime::parse_rfc3339_weak(&verdict.at) else {
+                        tracing::warn!(version = %verdict.version, host = %verdict.host, at = %verdict.at, "fleet: a verdict without a readable time is not followed");
+                        continue;
+                    };
+                    self.feed(Input::FleetVerdict {
+                        version: verdict.version,
+                        host: verdict.host,
+                        reason: verdict.reason,
+                        at,
+                    })
+                    .await;
                 }
             }
             FleetEvent::VerdictWritten { version } => {

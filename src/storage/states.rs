@@ -85,11 +85,13 @@ stored_names!(
 );
 
 stored_names!(
-    /// What started an action.
+    /// What started an action (`fleet`: another host of the fleet rolled the active
+    /// version back, `fleet.follow_verdicts`).
     ActionTrigger {
         Automatic => "automatic",
         Manual => "manual",
         Emergency => "emergency",
+        Fleet => "fleet",
     }
 );
 

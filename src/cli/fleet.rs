@@ -108,7 +108,7 @@ pub async fn check_promotion(
     };
     let verdicts: Vec<Verdict> = kvs
         .iter()
-        .filter_map(|kv| serde_json::from_slice(&kv.value).ok())
+        .filter_map(|kv| Verdict::parse(&kv.value))
         .collect();
     let Some(first) = verdicts.first() else {
         return Ok(());
@@ -179,7 +179,7 @@ pub async fn status(loaded: &LoadedConfig, json_out: bool) -> anyhow::Result<u8>
         .collect();
     let verdicts: Vec<Verdict> = verdicts
         .iter()
-        .filter_map(|kv| serde_json::from_slice(&kv.value).ok())
+        .filter_map(|kv| Verdict::parse(&kv.value))
         .collect();
     let stdout = std::io::stdout();
     let mut out = stdout.lock();

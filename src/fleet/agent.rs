@@ -195,7 +195,7 @@ impl Agent {
         .await;
         let verdicts: Vec<Verdict> = verdict_kvs
             .iter()
-            .filter_map(|kv| serde_json::from_slice(&kv.value).ok())
+            .filter_map(|kv| Verdict::parse(&kv.value))
             .collect();
         if !verdicts.is_empty() {
             self.tell(FleetEvent::Verdicts(verdicts)).await;
@@ -232,7 +232,7 @@ impl Agent {
                     let verdicts: Vec<Verdict> = events?
                         .into_iter()
                         .filter_map(|event| match event {
-                            WatchEvent::Put(kv) => serde_json::from_slice(&kv.value).ok(),
+                            WatchEvent::Put(kv) => Verdict::parse(&kv.value),
                             WatchEvent::Delete { .. } => None,
                         })
                         .collect();

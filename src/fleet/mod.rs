@@ -84,18 +84,31 @@ impl FleetKillSwitch {
     }
 
     /// Parses the key's value; a value no build could have written reads as on (fail
-    /// closed: somebody meant something by writing it).
+    /// closed: somebody meant something by writing it). Its texts come from whoever can
+    /// write etcd: each is cut to [`TEXT_MAX`] characters without control characters.
     pub fn parse(bytes: &[u8]) -> FleetKillSwitch {
-        serde_json::from_slice(bytes).unwrap_or_else(|e| FleetKillSwitch {
-            value: "1".into(),
-            operator: "unknown".into(),
-            reason: format!(
-                "unreadable fleet kill switch value ({e}): {}",
-                String::from_utf8_lossy(&bytes[..bytes.len().min(200)])
-            ),
-            at: String::new(),
-            from_host: None,
-        })
+        let parsed: Result<FleetKillSwitch, _> = serde_json::from_slice(bytes);
+        if let Ok(record) = parsed {
+            return FleetKillSwitch {
+                value: if record.value == "0" { "0" } else { "1" }.to_owned(),
+                operator: bounded(&record.operator),
+                reason: bounded(&record.reason),
+                at: bounded(&record.at),
+                from_host: record.from_host.as_deref().map(bounded),
+            };
+        }
+        parsed
+            .map_err(|e| e.to_string())
+            .unwrap_or_else(|e| FleetKillSwitch {
+                value: "1".into(),
+                operator: "unknown".into(),
+                reason: bounded(&format!(
+                    "unreadable fleet kill switch value ({e}): {}",
+                    String::from_utf8_lossy(&bytes[..bytes.len().min(200)])
+                )),
+                at: String::new(),
+                from_host: None,
+            })
     }
 }
 
@@ -138,6 +151,39 @@ pub struct Verdict {
     pub failure_count: Option<u32>,
     pub session_id: Option<String>,
     pub at: String,
+}
+
+impl Verdict {
+    /// Parses a verdict read from etcd: `None` unless its version and host follow the
+    /// worker-id rule (they name keys and are compared with the active worker); its texts
+    /// are cut to [`TEXT_MAX`] characters without control characters.
+    pub fn parse(bytes: &[u8]) -> Option<Verdict> {
+        let mut verdict: Verdict = serde_json::from_slice(bytes).ok()?;
+        if !crate::text::is_valid_worker_id(&verdict.version)
+            || !crate::text::is_valid_worker_id(&verdict.host)
+        {
+            return None;
+        }
+        verdict.reason = bounded(&verdict.reason);
+        verdict.trigger = bounded(&verdict.trigger);
+        verdict.decision = bounded(&verdict.decision);
+        verdict.at = bounded(&verdict.at);
+        verdict.to = verdict.to.as_deref().map(bounded);
+        verdict.artifact = verdict.artifact.as_deref().map(bounded);
+        verdict.session_id = verdict.session_id.as_deref().map(bounded);
+        Some(verdict)
+    }
+}
+
+/// The longest text taken from etcd (a reason, an operator), in characters.
+pub const TEXT_MAX: usize = 1024;
+
+/// `text` without control characters, cut to [`TEXT_MAX`] characters.
+pub fn bounded(text: &str) -> String {
+    text.chars()
+        .filter(|c| !c.is_control())
+        .take(TEXT_MAX)
+        .collect()
 }
 
 /// What the fleet mirror does with the host's kill switch when the fleet value is
@@ -234,6 +280,32 @@ mod tests {
         for (bytes, on) in cases {
             assert_eq!(FleetKillSwitch::parse(bytes).on(), *on, "{bytes:?}");
         }
+    }
+
+    #[test]
+    fn texts_from_etcd_are_bounded_and_ids_checked() {
+        let long = "x".repeat(5000);
+        let record = FleetKillSwitch::parse(
+            serde_json::json!({"value": "yes", "operator": "a\u{1b}[2Jb", "reason": long, "at": "t"})
+                .to_string()
+                .as_bytes(),
+        );
+        assert_eq!(record.value, "1", "anything but 0 is on");
+        assert_eq!(record.operator, "a[2Jb");
+        assert_eq!(record.reason.chars().count(), TEXT_MAX);
+        let verdict = |version: &str, host: &str| {
+            Verdict::parse(
+                serde_json::json!({"version": version, "host": host, "decision": "rollback",
+                    "reason": "r", "to": "v1", "trigger": "automatic", "artifact": null,
+                    "errorRate": 0.5, "failureCount": 3, "sessionId": "s", "at": "t"})
+                .to_string()
+                .as_bytes(),
+            )
+        };
+        assert!(verdict("v2", "web-1").is_some());
+        assert!(verdict("../v2", "web-1").is_none());
+        assert!(verdict("v2", "web/1").is_none());
+        assert!(Verdict::parse(b"{}").is_none());
     }
 
     #[test]

@@ -152,7 +152,7 @@ impl Metrics {
         );
         registry.register(
             "rollbacks",
-            "Rollbacks that finished, by trigger (automatic, manual, emergency) and outcome (executed, failed)",
+            "Rollbacks that finished, by trigger (automatic, manual, emergency, fleet) and outcome (executed, failed)",
             rollbacks.clone(),
         );
         registry.register(

@@ -413,7 +413,8 @@ impl Driver {
 
 /// The keys whose new value a reload cannot apply and that differ between `old` and `new`:
 /// the state directory (database, lock, socket, audit log), the HTTP listener and the
-/// kill-switch database LiveFlags watches are all opened once at start.
+/// kill-switch database LiveFlags watches are all opened once at start, and so is the fleet
+/// agent (`[fleet]`).
 pub fn fixed_keys_changed(
     old: &crate::config::Config,
     new: &crate::config::Config,
@@ -427,6 +428,10 @@ pub fn fixed_keys_changed(
     }
     if old.kill_switch.database != new.kill_switch.database {
         changed.push("kill_switch.database");
+    }
+    // The fleet agent is started once, with its endpoints, name, prefix and lease.
+    if old.fleet != new.fleet {
+        changed.push("fleet");
     }
     changed
 }

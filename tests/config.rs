@@ -548,7 +548,10 @@ fn a_reload_names_every_key_it_cannot_apply() {
     let fleet = load_str("[fleet]\nendpoints = [\"http://e:2379\"]\n", &env(&[]))
         .unwrap()
         .config;
-    assert_eq!(rollbackd::daemon::fixed_keys_changed(&old, &fleet), ["fleet"]);
+    assert_eq!(
+        rollbackd::daemon::fixed_keys_changed(&old, &fleet),
+        ["fleet"]
+    );
 }
 
 #[test]

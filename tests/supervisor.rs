@@ -1483,3 +1483,94 @@ fn a_fleet_verdict_while_the_host_is_mid_rollback_starts_nothing_more() {
     });
     assert_eq!(h.plans().len(), 1, "{:?}", h.names());
 }
+
+#[test]
+fn a_fleet_verdict_for_the_restored_version_fails_the_watch_and_escalates_once() {
+    struct Case {
+        name: &'static str,
+        version: &'static str,
+        /// When the other host's verdict was written, against the watch's start.
+        written_after_watch_start: bool,
+        escalations: usize,
+        failed: bool,
+    }
+    let cases = [
+        Case {
+            name: "the restored v1 rolled back elsewhere: the watch fails, one escalation",
+            version: "v1",
+            written_after_watch_start: true,
+            escalations: 1,
+            failed: true,
+        },
+        Case {
+            name: "a verdict for v1 older than the watch was known when it started: ignored",
+            version: "v1",
+            written_after_watch_start: false,
+            escalations: 0,
+            failed: false,
+        },
+        Case {
+            name: "another host's verdict for v2, the version rolled back here: nothing more",
+            version: "v2",
+            written_after_watch_start: true,
+            escalations: 0,
+            failed: false,
+        },
+    ];
+    for case in cases {
+        let mut h = rolled_back(WATCH_5M);
+        let watch_start = h.wall;
+        h.run_for(Duration::from_secs(20));
+        let at = if case.written_after_watch_start {
+            h.wall
+        } else {
+            watch_start - Duration::from_secs(30)
+        };
+        for _ in 0..2 {
+            h.feed(Input::FleetVerdict {
+                version: case.version.into(),
+                host: "web-9".into(),
+                reason: "high error rate".into(),
+                at,
+            });
+        }
+        let plans = h.plans();
+        let escalations: Vec<_> = plans
+            .iter()
+            .filter(|p| p.kind == ActionKind::Escalation)
+            .collect();
+        assert_eq!(
+            escalations.len(),
+            case.escalations,
+            "{}: {:?}",
+            case.name,
+            h.names()
+        );
+        assert_eq!(
+            plans
+                .iter()
+                .filter(|p| p.kind == ActionKind::Rollback)
+                .count(),
+            1,
+            "{}: never a second rollback",
+            case.name
+        );
+        assert_eq!(
+            h.has("audit:stability-failed"),
+            case.failed,
+            "{}",
+            case.name
+        );
+        if let Some(escalation) = escalations.first() {
+            assert_eq!(escalation.trigger, ActionTrigger::Fleet, "{}", case.name);
+            assert!(
+                escalation.reason.starts_with(
+                    "restored version v1 unstable: fleet: v1 was rolled back on web-9"
+                ),
+                "{}: {}",
+                case.name,
+                escalation.reason
+            );
+        }
+    }
+}

@@ -785,9 +785,14 @@ impl Supervisor {
         let Some(session) = self.session.as_ref() else {
             return;
         };
+        let watch = session.watching().cloned();
+        let since = watch
+            .as_ref()
+            .map_or(session.record.promoted_at, Stability::started_at);
+        let watched = session.record.state == SessionState::StabilityWatch && watch.is_some();
         if session.record.active != version
-            || session.record.state != SessionState::Monitoring
-            || at < session.record.promoted_at
+            || !(session.record.state == SessionState::Monitoring || watched)
+            || at < since
         {
             return;
         }
@@ -806,6 +811,28 @@ impl Supervisor {
             return;
         }
         let decision = session.last_decision.clone();
+        if let Some(watch) = watch {
+            // The version this host was restored to is bad elsewhere too: the watch fails
+            // as on its own breach, and a human is called — never a second rollback.
+            let reason = format!("restored version {} unstable: {why}", watch.restored);
+            tracing::error!("{reason}: escalating (never a second automatic rollback)");
+            self.end_watch(
+                now,
+                StabilityResult::Failed,
+                &reason,
+                vec!["fleet".to_owned()],
+            );
+            let plan = self.plan(
+                now,
+                ActionKind::Escalation,
+                ActionTrigger::Fleet,
+                reason,
+                Some(host),
+                decision.as_ref(),
+            );
+            self.start_action(plan, None);
+            return;
+        }
         let (kind, reason) = if session.record.previous.is_none() {
             (
                 ActionKind::Escalation,

@@ -548,3 +548,66 @@ fn with_follow_verdicts_a_host_running_the_rolled_back_version_rolls_back_too() 
     assert!(bystander.switches().is_empty());
     assert_eq!(status_json(&bystander)["session"]["active"], "v2");
 }
+
+#[test]
+fn a_verdict_written_while_the_host_is_mid_rollback_starts_nothing_more() {
+    if !need_etcd("a_verdict_written_while_the_host_is_mid_rollback_starts_nothing_more") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(&tmp.path().join("etcd"));
+    let host = fleet_setup(&etcd.url(), "web-1", "follow_verdicts = true\n");
+    // The switch hook holds the rollback open until the gate is removed.
+    std::fs::write(host.path("gate"), "").unwrap();
+    let _daemon = host.start();
+    wait_for(Duration::from_secs(20), || fleet_link(&host) == "connected").unwrap();
+    host.promote();
+    host.routes.error_rate(0.5);
+    wait_for(Duration::from_secs(30), || host.switches() == ["v1"]).unwrap_or_else(|| {
+        panic!(
+            "the rollback's switch never started; log:\n{}",
+            host.daemon_log()
+        )
+    });
+    // Mid-rollback, another host's verdict for v2 arrives.
+    let verdict = serde_json::json!({
+        "version": "v2",
+        "host": "web-9",
+        "decision": "rollback",
+        "reason": "high error rate",
+        "trigger": "automatic",
+        "at": rollbackd::storage::audit::rfc3339_millis(std::time::SystemTime::now()),
+    });
+    etcd.put(
+        "/rollbackd/verdicts/v2/web-9",
+        verdict.to_string().as_bytes(),
+    );
+    wait_for(Duration::from_secs(20), || {
+        host.daemon_log()
+            .contains("v2 was rolled back on web-9: high error rate; not following it: a rollback is in progress")
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "the verdict was not seen during the rollback; log:\n{}",
+            host.daemon_log()
+        )
+    });
+    std::fs::remove_file(host.path("gate")).unwrap();
+    wait_for(Duration::from_secs(30), || {
+        !host.events("rollback-executed").is_empty()
+    })
+    .unwrap_or_else(|| panic!("the rollback did not finish; log:\n{}", host.daemon_log()));
+    // Its own verdict reaches etcd: proof the daemon went on past the rollback.
+    wait_for(Duration::from_secs(10), || {
+        etcd.get("/rollbackd/verdicts/v2/web-1").is_some()
+    })
+    .unwrap();
+    assert_eq!(host.switches(), ["v1"], "switched once");
+    assert_eq!(host.events("rollback-executed").len(), 1);
+    let artifacts = host.artifacts("rollback_");
+    assert_eq!(artifacts.len(), 1, "{artifacts:?}");
+    let artifact: Value =
+        serde_json::from_str(&std::fs::read_to_string(&artifacts[0]).unwrap()).unwrap();
+    assert_eq!(artifact["trigger"], "automatic", "{artifact}");
+    assert!(host.artifacts("escalation_").is_empty());
+}

@@ -122,7 +122,7 @@ impl Setup {
         let hook = dir.path().join("switch.sh");
         std::fs::write(
             &hook,
-            "#!/bin/sh\n# test switch hook: record the call, optionally sleep\necho \"$1\" >> \"$(dirname \"$0\")/switches\"\n[ -f \"$(dirname \"$0\")/slow\" ] && sleep \"$(cat \"$(dirname \"$0\")/slow\")\"\nexit 0\n",
+            "#!/bin/sh\n# test switch hook: record the call, optionally sleep or wait for a gate\necho \"$1\" >> \"$(dirname \"$0\")/switches\"\n[ -f \"$(dirname \"$0\")/slow\" ] && sleep \"$(cat \"$(dirname \"$0\")/slow\")\"\n# a test holds the switch open while the file gate exists (at most 60 s)\nn=0; while [ -f \"$(dirname \"$0\")/gate\" ] && [ $n -lt 1200 ]; do sleep 0.05; n=$((n+1)); done\nexit 0\n",
         )
         .unwrap();
         use std::os::unix::fs::PermissionsExt;

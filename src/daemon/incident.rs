@@ -9,10 +9,10 @@ use std::time::SystemTime;
 
 use crate::appdb::killswitch::KillSwitchState;
 use crate::config::{FileOrigin, LoadedConfig};
-use crate::core::incident::{Facts, Incident};
+use crate::core::incident::{ActionFacts, CheckFacts, Facts, Incident, SessionFacts};
 use crate::daemon::db::Db;
 use crate::daemon::recorder::Recorder;
-use crate::storage::store::{action_facts, ActionRow, IncidentRows, Store, StoreError};
+use crate::storage::store::{ActionRow, CheckRow, IncidentRows, SessionRow, Store, StoreError};
 
 /// `--config PATH` for the commands a report prints, when the configuration was named.
 pub fn config_arg(config: &LoadedConfig) -> Option<String> {
@@ -52,17 +52,71 @@ pub fn gather(
         },
     };
     if let Some(patch) = patch {
-        let facts = action_facts(patch.clone());
         match rows
             .actions
             .iter_mut()
-            .find(|a| a.id.is_some() && a.id == facts.id)
+            .find(|a| a.id.is_some() && a.id == patch.id)
         {
-            Some(stored) => *stored = facts,
-            None => rows.actions.push(facts),
+            Some(stored) => *stored = patch.clone(),
+            None => rows.actions.push(patch.clone()),
         }
     }
     Ok(Some(rows))
+}
+
+/// A session row as the incident report reads it.
+fn session_facts(s: SessionRow) -> SessionFacts {
+    SessionFacts {
+        baseline: s
+            .baseline_json
+            .as_deref()
+            .and_then(|t| serde_json::from_str(t).ok()),
+        stability: s
+            .stability_json
+            .as_deref()
+            .and_then(|t| serde_json::from_str(t).ok()),
+        id: s.id,
+        promoted: s.active,
+        previous: s.previous,
+        promoted_at_ms: s.promoted_at_ms,
+        state: s.state,
+        ended_at_ms: s.ended_at_ms,
+        end_reason: s.end_reason,
+        operator: s.operator,
+    }
+}
+
+/// A check row as the incident report reads it; `None` when its JSON does not parse.
+fn check_facts(c: CheckRow) -> Option<CheckFacts> {
+    Some(CheckFacts {
+        index: c.check_index.max(0) as u64,
+        taken_at_ms: c.taken_at_ms,
+        result: serde_json::from_str(&c.check_json).ok()?,
+        verdict: c.verdict,
+        failed: c.failed,
+    })
+}
+
+/// An action row as the incident report reads it.
+fn action_facts(a: ActionRow) -> ActionFacts {
+    ActionFacts {
+        id: a.id,
+        kind: a.kind,
+        trigger: a.trigger,
+        state: a.state,
+        from: a.from_worker,
+        to: a.to_worker,
+        reason: a.reason,
+        operator: a.operator,
+        started_at_ms: a.started_at_ms,
+        finished_at_ms: a.finished_at_ms,
+        artifact: a.artifact_name,
+        detail: a
+            .detail_json
+            .as_deref()
+            .and_then(|t| serde_json::from_str(t).ok())
+            .unwrap_or(serde_json::Value::Null),
+    }
 }
 
 /// The report from gathered rows, made at `now`.
@@ -75,9 +129,9 @@ pub fn build(
 ) -> Incident {
     let ks = &config.config.kill_switch;
     let facts = Facts {
-        session: rows.session,
-        checks: rows.checks,
-        actions: rows.actions,
+        session: rows.session.map(session_facts),
+        checks: rows.checks.into_iter().filter_map(check_facts).collect(),
+        actions: rows.actions.into_iter().map(action_facts).collect(),
         kill_switch_key: ks.key.clone(),
         kill_switch_known: kill_switch.0,
         kill_switch_value: kill_switch.1,

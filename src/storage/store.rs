@@ -273,34 +273,13 @@ pub struct ActionRow {
 /// At most this many of a session's checks (the newest) go into its incident report.
 pub const INCIDENT_MAX_CHECKS: usize = 20_000;
 
-/// What [`Store::incident_facts`] found.
+/// What [`Store::incident_facts`] found: the rows an incident report is made from
+/// (`daemon::incident` turns them into `core::incident::Facts`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct IncidentRows {
-    pub session: Option<crate::core::incident::SessionFacts>,
-    pub checks: Vec<crate::core::incident::CheckFacts>,
-    pub actions: Vec<crate::core::incident::ActionFacts>,
-}
-
-/// An action row as the incident report reads it.
-pub fn action_facts(a: ActionRow) -> crate::core::incident::ActionFacts {
-    crate::core::incident::ActionFacts {
-        id: a.id,
-        kind: a.kind,
-        trigger: a.trigger,
-        state: a.state,
-        from: a.from_worker,
-        to: a.to_worker,
-        reason: a.reason,
-        operator: a.operator,
-        started_at_ms: a.started_at_ms,
-        finished_at_ms: a.finished_at_ms,
-        artifact: a.artifact_name,
-        detail: a
-            .detail_json
-            .as_deref()
-            .and_then(|t| serde_json::from_str(t).ok())
-            .unwrap_or(serde_json::Value::Null),
-    }
+    pub session: Option<SessionRow>,
+    pub checks: Vec<CheckRow>,
+    pub actions: Vec<ActionRow>,
 }
 
 /// An action's row id in `rollbackd.db`.
@@ -999,7 +978,6 @@ impl Store {
         session_id: Option<&str>,
         action_id: Option<i64>,
     ) -> Result<Option<IncidentRows>, StoreError> {
-        use crate::core::incident::{CheckFacts, SessionFacts};
         let session = match session_id {
             Some(id) => self.session(id)?,
             None => None,
@@ -1016,37 +994,6 @@ impl Store {
             Some(s) => self.recent_checks(&s.id, INCIDENT_MAX_CHECKS)?,
             None => Vec::new(),
         };
-        let session = session.map(|s| SessionFacts {
-            baseline: s
-                .baseline_json
-                .as_deref()
-                .and_then(|t| serde_json::from_str(t).ok()),
-            stability: s
-                .stability_json
-                .as_deref()
-                .and_then(|t| serde_json::from_str(t).ok()),
-            id: s.id,
-            promoted: s.active,
-            previous: s.previous,
-            promoted_at_ms: s.promoted_at_ms,
-            state: s.state,
-            ended_at_ms: s.ended_at_ms,
-            end_reason: s.end_reason,
-            operator: s.operator,
-        });
-        let checks = checks
-            .into_iter()
-            .filter_map(|c| {
-                Some(CheckFacts {
-                    index: c.check_index.max(0) as u64,
-                    taken_at_ms: c.taken_at_ms,
-                    result: serde_json::from_str(&c.check_json).ok()?,
-                    verdict: c.verdict,
-                    failed: c.failed,
-                })
-            })
-            .collect();
-        let actions = actions.into_iter().map(action_facts).collect();
         Ok(Some(IncidentRows {
             session,
             checks,

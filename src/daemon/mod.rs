@@ -676,13 +676,15 @@ impl Driver {
                 Effect::StartAction { plan, reply } => self.start_action(*plan, reply).await,
                 Effect::PruneSessions => self.prune_sessions().await,
                 Effect::IncidentReport { session_id } => {
-                    // Not awaited: a report never holds up the checks.
+                    // Not awaited here: a report never holds up the checks. A side task, so
+                    // a shutdown right after the watch ends still writes the final report.
                     let (db, recorder, config) =
                         (self.db.clone(), self.recorder.clone(), self.config.clone());
                     let now = self.now();
-                    tokio::spawn(async move {
+                    self.side_tasks.retain(|task| !task.is_finished());
+                    self.side_tasks.push(tokio::spawn(async move {
                         incident::rewrite(&db, &recorder, &config, session_id, now).await;
-                    });
+                    }));
                 }
                 Effect::Reply { to, answer } => {
                     let last = !matches!(answer, Answer::Progress { .. });

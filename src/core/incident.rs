@@ -879,11 +879,16 @@ impl Incident {
         let i = &self.impact;
         match (&i.onset, &i.recovery, i.minutes) {
             (Some(onset), Some(recovery), Some(minutes)) => {
+                let minutes = if minutes < 1.0 {
+                    "under a minute".to_owned()
+                } else {
+                    format!("{minutes:.1} minutes")
+                };
                 let _ = writeln!(
                     out,
-                    "- From {}, {onset}, to recovery, {recovery}: {} ({minutes:.1} minutes).",
+                    "- From {}, {onset}, to recovery, {recovery}: {} ({minutes}).",
                     i.onset_from,
-                    seconds(minutes * 60.0)
+                    seconds(i.minutes.unwrap_or_default() * 60.0)
                 );
             }
             (Some(onset), _, _) => {

@@ -611,3 +611,86 @@ fn a_verdict_written_while_the_host_is_mid_rollback_starts_nothing_more() {
     assert_eq!(artifact["trigger"], "automatic", "{artifact}");
     assert!(host.artifacts("escalation_").is_empty());
 }
+
+#[test]
+fn a_verdict_made_while_cut_off_survives_a_kill_9_and_reaches_etcd_on_reconnect() {
+    if !need_etcd("a_verdict_made_while_cut_off_survives_a_kill_9_and_reaches_etcd_on_reconnect") {
+        return;
+    }
+    verdict_survives_a_kill_9(false);
+}
+
+#[test]
+fn a_rollback_whose_verdict_was_never_queued_is_told_to_the_fleet_after_a_restart() {
+    if !need_etcd("a_rollback_whose_verdict_was_never_queued_is_told_to_the_fleet_after_a_restart")
+    {
+        return;
+    }
+    verdict_survives_a_kill_9(true);
+}
+
+/// A rollback while cut off from etcd, then kill -9 (with `forget_the_queue`, as if it
+/// came before the verdict was queued), then etcd back and a restart: the verdict lands.
+fn verdict_survives_a_kill_9(forget_the_queue: bool) {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut etcd = Etcd::start(&tmp.path().join("etcd"));
+    let setup = fleet_setup(&etcd.url(), "island", "");
+    let daemon = setup.start();
+    wait_for(Duration::from_secs(20), || {
+        fleet_link(&setup) == "connected"
+    })
+    .unwrap();
+    etcd.kill();
+    wait_for(Duration::from_secs(10), || {
+        fleet_link(&setup) == "partitioned"
+    })
+    .unwrap_or_else(|| panic!("no partition reported; log:\n{}", setup.daemon_log()));
+    // Cut off, the host still promotes (with a warning) and still rolls back on its own.
+    setup.promote();
+    setup.routes.error_rate(0.5);
+    wait_for(Duration::from_secs(30), || {
+        !setup.events("rollback-executed").is_empty()
+    })
+    .unwrap_or_else(|| panic!("no rollback while cut off; log:\n{}", setup.daemon_log()));
+    daemon.kill9();
+    assert!(etcd.get("/rollbackd/verdicts/v2/island").is_none());
+    if forget_the_queue {
+        // The worst moment: the rollback's row is done, but the daemon died before the
+        // verdict was queued. The row alone must be enough.
+        let db = rusqlite::Connection::open(setup.state().join("rollbackd.db")).unwrap();
+        let queued: String = db
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'fleet_verdicts_pending'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert!(queued.contains("\"v2\""), "{queued}");
+        db.execute("DELETE FROM meta WHERE key = 'fleet_verdicts_pending'", [])
+            .unwrap();
+        db.execute(
+            "UPDATE meta SET value = '0' WHERE key = 'fleet_verdicts_through'",
+            [],
+        )
+        .unwrap();
+    }
+
+    etcd.restart();
+    let _daemon = setup.start();
+    wait_for(Duration::from_secs(20), || {
+        etcd.get("/rollbackd/verdicts/v2/island").is_some()
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "the verdict kept in rollbackd.db never reached etcd; log:\n{}",
+            setup.daemon_log()
+        )
+    });
+    let verdict: Value =
+        serde_json::from_slice(&etcd.get("/rollbackd/verdicts/v2/island").unwrap()).unwrap();
+    assert_eq!(verdict["to"], "v1", "{verdict}");
+    assert_eq!(verdict["trigger"], "automatic", "{verdict}");
+    // The restart carried out nothing twice.
+    assert_eq!(setup.switches(), ["v1"]);
+    assert_eq!(setup.events("rollback-executed").len(), 1);
+}

@@ -19,6 +19,11 @@ const LOCAL_HOLD: &str = "kill_switch_local_hold";
 /// cut off loses none.
 const VERDICTS_PENDING: &str = "fleet_verdicts_pending";
 
+/// `meta` key: the highest action id whose verdict is queued (in `VERDICTS_PENDING` or
+/// already in etcd). A rollback above it was carried out but its verdict not yet queued (a
+/// kill -9 between the two): queued again at start.
+const VERDICTS_THROUGH: &str = "fleet_verdicts_through";
+
 /// The daemon's ends of the fleet agent's channels.
 pub struct FleetInputs {
     pub events: mpsc::Receiver<FleetEvent>,
@@ -97,6 +102,7 @@ impl Driver {
         });
         self.fleet_save_hold().await;
         self.fleet_publish_host();
+        self.fleet_queue_missed_verdicts().await;
         // Verdicts a previous run could not write yet.
         for verdict in self.fleet_pending_verdicts().await {
             self.fleet_verdict(verdict);
@@ -146,37 +152,101 @@ impl Driver {
                 .flatten(),
             None => None,
         };
-        let detail: Option<executor::ActionDetail> = row
-            .as_ref()
-            .and_then(|r| r.detail_json.as_deref())
-            .and_then(|text| serde_json::from_str(text).ok());
-        let verdict = Verdict {
-            version: from.to_owned(),
-            host,
-            decision: "rollback".into(),
-            reason: row
-                .as_ref()
-                .map(|r| r.reason.clone())
-                .unwrap_or_else(|| "rolled back".into()),
-            to: Some(to.to_owned()),
-            trigger: row
-                .as_ref()
-                .map(|r| r.trigger.as_str())
-                .unwrap_or("automatic")
-                .to_owned(),
-            artifact: artifact
-                .file_name()
-                .map(|name| name.to_string_lossy().into_owned()),
-            error_rate: detail.as_ref().and_then(|d| d.error_rate),
-            failure_count: detail.as_ref().map(|d| d.failure_count),
-            session_id: row.as_ref().and_then(|r| r.session_id.clone()),
-            at: rfc3339_millis(self.now()),
-        };
+        let artifact = artifact
+            .file_name()
+            .map(|name| name.to_string_lossy().into_owned());
+        let verdict = verdict_of(row.as_ref(), host, from, to, artifact, self.now());
         let mut pending = self.fleet_pending_verdicts().await;
         pending.retain(|v| !(v.version == verdict.version && v.host == verdict.host));
         pending.push(verdict.clone());
         self.fleet_save_pending(pending).await;
+        if let Some(id) = id {
+            self.fleet_save_through(id).await;
+        }
         self.fleet_verdict(verdict);
+    }
+
+    async fn fleet_save_through(&self, id: ActionId) {
+        let text = id.to_string();
+        if let Err(err) = self
+            .db
+            .call(move |store| {
+                let through = store
+                    .get_meta(VERDICTS_THROUGH)?
+                    .and_then(|t| t.parse::<ActionId>().ok())
+                    .unwrap_or(0);
+                if id > through {
+                    store.set_meta(VERDICTS_THROUGH, &text)?;
+                }
+                Ok(())
+            })
+            .await
+        {
+            tracing::warn!("fleet: cannot remember the verdicts queued: {err}");
+        }
+    }
+
+    /// At start: rollbacks carried out whose verdict was never queued (the daemon died
+    /// between the rollback's end and the queueing) are queued now. A host that joins a
+    /// fleet starts from its newest action: its past is not sent.
+    async fn fleet_queue_missed_verdicts(&mut self) {
+        let Some(host) = self.fleet_host().map(str::to_owned) else {
+            return;
+        };
+        let found = self
+            .db
+            .call(|store| {
+                let through = store
+                    .get_meta(VERDICTS_THROUGH)?
+                    .and_then(|t| t.parse::<ActionId>().ok());
+                match through {
+                    Some(through) => Ok((true, store.rollbacks_done_after(through)?)),
+                    None => {
+                        let max = store.max_action_id()?;
+                        store.set_meta(VERDICTS_THROUGH, &max.to_string())?;
+                        Ok((false, Vec::new()))
+                    }
+                }
+            })
+            .await;
+        let rows = match found {
+            Ok((_, rows)) => rows,
+            Err(err) => {
+                tracing::warn!(
+                    "fleet: cannot look for rollbacks whose verdict was not queued: {err}"
+                );
+                return;
+            }
+        };
+        if rows.is_empty() {
+            return;
+        }
+        let mut pending = self.fleet_pending_verdicts().await;
+        let mut through = 0;
+        for row in &rows {
+            through = through.max(row.id.unwrap_or(0));
+            let (Some(from), Some(to)) = (row.from_worker.as_deref(), row.to_worker.as_deref())
+            else {
+                continue;
+            };
+            if pending.iter().any(|v| v.version == from && v.host == host) {
+                continue;
+            }
+            let at = row
+                .finished_at_ms
+                .map_or_else(|| self.now(), crate::core::time::from_ms);
+            tracing::warn!(version = %from, action = ?row.id, "fleet: a rollback's verdict was never queued (rollbackd stopped in between); queueing it now");
+            pending.push(verdict_of(
+                Some(row),
+                host.clone(),
+                from,
+                to,
+                row.artifact_name.clone(),
+                at,
+            ));
+        }
+        self.fleet_save_pending(pending).await;
+        self.fleet_save_through(through).await;
     }
 
     pub(super) async fn fleet_event(&mut self, event: FleetEvent) {
@@ -494,5 +564,38 @@ impl Driver {
             "followVerdicts": fleet.config.follow_verdicts,
             "verdicts": fleet.verdicts.values().collect::<Vec<_>>(),
         }))
+    }
+}
+
+/// The verdict of a rollback of `from` to `to` on `host`, from its action row when there is
+/// one.
+fn verdict_of(
+    row: Option<&ActionRow>,
+    host: String,
+    from: &str,
+    to: &str,
+    artifact: Option<String>,
+    at: SystemTime,
+) -> Verdict {
+    let detail: Option<executor::ActionDetail> = row
+        .and_then(|r| r.detail_json.as_deref())
+        .and_then(|text| serde_json::from_str(text).ok());
+    Verdict {
+        version: from.to_owned(),
+        host,
+        decision: "rollback".into(),
+        reason: row
+            .map(|r| r.reason.clone())
+            .unwrap_or_else(|| "rolled back".into()),
+        to: Some(to.to_owned()),
+        trigger: row
+            .map(|r| r.trigger.as_str())
+            .unwrap_or("automatic")
+            .to_owned(),
+        artifact,
+        error_rate: detail.as_ref().and_then(|d| d.error_rate),
+        failure_count: detail.as_ref().map(|d| d.failure_count),
+        session_id: row.and_then(|r| r.session_id.clone()),
+        at: rfc3339_millis(at),
     }
 }

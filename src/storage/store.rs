@@ -951,6 +951,24 @@ impl Store {
     }
 
     /// The newest action (what `rollbackd report latest` reports on).
+    /// The rollbacks carried out (state `done`) whose row id is above `after_id`, oldest
+    /// first: those the fleet may not have been told of yet.
+    pub fn rollbacks_done_after(&self, after_id: ActionId) -> Result<Vec<ActionRow>, StoreError> {
+        self.actions_where(
+            "kind = 'rollback' AND state = 'done' AND id > ?1",
+            [after_id],
+        )
+    }
+
+    /// The highest action row id (0 with none).
+    pub fn max_action_id(&self) -> Result<ActionId, StoreError> {
+        Ok(self
+            .conn
+            .query_row("SELECT COALESCE(MAX(id), 0) FROM actions", [], |row| {
+                row.get(0)
+            })?)
+    }
+
     pub fn latest_action(&self) -> Result<Option<ActionRow>, StoreError> {
         let mut statement = self.conn.prepare_cached(&format!(
             "SELECT {ACTION_COLUMNS} FROM actions ORDER BY started_at_ms DESC, id DESC LIMIT 1"

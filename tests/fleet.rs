@@ -652,20 +652,30 @@ fn verdict_survives_a_kill_9(forget_the_queue: bool) {
         !setup.events("rollback-executed").is_empty()
     })
     .unwrap_or_else(|| panic!("no rollback while cut off; log:\n{}", setup.daemon_log()));
+    let db_path = setup.state().join("rollbackd.db");
+    let queued = || -> Option<String> {
+        let db = rusqlite::Connection::open(&db_path).ok()?;
+        db.query_row(
+            "SELECT value FROM meta WHERE key = 'fleet_verdicts_pending'",
+            [],
+            |r| r.get(0),
+        )
+        .ok()
+    };
+    if forget_the_queue {
+        // Queued first, so that taking it away below is the state of a daemon killed
+        // between the rollback's end and the queueing.
+        wait_for(Duration::from_secs(10), || {
+            queued().is_some_and(|q| q.contains("\"v2\""))
+        })
+        .unwrap_or_else(|| panic!("the verdict was never queued; log:\n{}", setup.daemon_log()));
+    }
     daemon.kill9();
     assert!(etcd.get("/rollbackd/verdicts/v2/island").is_none());
     if forget_the_queue {
         // The worst moment: the rollback's row is done, but the daemon died before the
         // verdict was queued. The row alone must be enough.
-        let db = rusqlite::Connection::open(setup.state().join("rollbackd.db")).unwrap();
-        let queued: String = db
-            .query_row(
-                "SELECT value FROM meta WHERE key = 'fleet_verdicts_pending'",
-                [],
-                |r| r.get(0),
-            )
-            .unwrap();
-        assert!(queued.contains("\"v2\""), "{queued}");
+        let db = rusqlite::Connection::open(&db_path).unwrap();
         db.execute("DELETE FROM meta WHERE key = 'fleet_verdicts_pending'", [])
             .unwrap();
         db.execute(

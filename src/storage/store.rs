@@ -270,6 +270,12 @@ pub struct ActionRow {
     pub detail_json: Option<String>,
 }
 
+const INSERT_CHECK: &str = concat!(
+    "INSERT OR IGNORE INTO checks (",
+    "session_id, check_index, taken_at_ms, check_json, verdict, failed",
+    ") VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
+);
+
 /// At most this many of a session's checks (the newest) go into its incident report.
 pub const INCIDENT_MAX_CHECKS: usize = 20_000;
 
@@ -413,6 +419,10 @@ pub struct Store {
     /// replaced under a running daemon is noticed ([`Store::replaced`]) and restored.
     path: PathBuf,
     id: Option<(u64, u64)>,
+    /// The connection is at `synchronous=NORMAL`: a check was its last write. Every other
+    /// write puts `FULL` back before it begins ([`Store::write`]), so checks in a row
+    /// switch nothing (each switch re-prepares a `PRAGMA`, which showed in the profile).
+    sync_normal: bool,
 }
 
 /// Device and inode of `path` itself (never followed).
@@ -477,6 +487,7 @@ impl Store {
             conn,
             path: path.to_path_buf(),
             id: file_id(path),
+            sync_normal: false,
         };
         if existed && store.schema_version()? == 0 && side_file(path, "-wal").exists() {
             return Err(StoreError::Unusable {
@@ -502,6 +513,7 @@ impl Store {
     pub fn restore(&mut self) -> Result<Option<PathBuf>, StoreError> {
         let temp = side_file(&self.path, &format!(".restore-{}", std::process::id()));
         let _ = std::fs::remove_file(&temp);
+        self.set_synchronous_normal(false)?;
         self.conn
             .execute("VACUUM INTO ?1", [temp.to_string_lossy().into_owned()])?;
         // Close the old connection first: it checkpoints and removes its own -wal by
@@ -534,6 +546,7 @@ impl Store {
             let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
         }
         self.conn = open_read_write(&self.path)?;
+        self.sync_normal = false;
         self.id = file_id(&self.path);
         Ok(moved)
     }
@@ -563,6 +576,7 @@ impl Store {
             conn,
             id: file_id(&conn_path),
             path: conn_path,
+            sync_normal: false,
         })
     }
 
@@ -593,7 +607,10 @@ impl Store {
     }
 
     /// A write transaction holding the write lock from its start.
+    /// Begins a write transaction at `synchronous=FULL` (sessions, actions, the outbox:
+    /// everything but a check).
     fn write(&mut self) -> Result<Transaction<'_>, StoreError> {
+        self.set_synchronous_normal(false)?;
         Ok(self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?)
@@ -609,13 +626,19 @@ impl Store {
         Ok(changed > 0)
     }
 
-    fn set_synchronous(&self, level: &str) -> Result<(), StoreError> {
-        let sql = if level == "NORMAL" {
+    /// Puts the connection at `synchronous=NORMAL` (`true`) or `FULL`, unless it is there
+    /// already. Only between transactions.
+    fn set_synchronous_normal(&mut self, normal: bool) -> Result<(), StoreError> {
+        if self.sync_normal == normal {
+            return Ok(());
+        }
+        let sql = if normal {
             "PRAGMA synchronous = NORMAL"
         } else {
             "PRAGMA synchronous = FULL"
         };
-        self.conn.prepare_cached(sql)?.execute([])?;
+        self.conn.execute_batch(sql)?;
+        self.sync_normal = normal;
         Ok(())
     }
 
@@ -725,26 +748,31 @@ impl Store {
     /// evidence, rewritten every interval; actions and sessions keep `FULL`. This halves
     /// the fsyncs of a check.
     pub fn insert_check(&mut self, c: &CheckRow) -> Result<(), StoreError> {
-        self.set_synchronous("NORMAL")?;
-        let result = self.insert_check_row(c);
-        self.set_synchronous("FULL")?;
-        result
-    }
-
-    fn insert_check_row(&mut self, c: &CheckRow) -> Result<(), StoreError> {
-        self.write_one(
-            &format!(
-                "INSERT OR IGNORE INTO checks ({CHECK_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
-            ),
-            params![
-                c.session_id,
-                c.check_index,
-                c.taken_at_ms,
-                c.check_json,
-                c.verdict,
-                c.failed
-            ],
-        )?;
+        self.set_synchronous_normal(true)?;
+        // BEGIN and COMMIT as cached statements: rusqlite's `Transaction` parses both
+        // again on every call, which was a tenth of the daemon's CPU at a 100 ms interval.
+        self.conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
+        let result = self
+            .conn
+            .prepare_cached(INSERT_CHECK)
+            .and_then(|mut insert| {
+                insert.execute(params![
+                    c.session_id,
+                    c.check_index,
+                    c.taken_at_ms,
+                    c.check_json,
+                    c.verdict,
+                    c.failed
+                ])
+            })
+            .and_then(|_| self.conn.prepare_cached("COMMIT")?.execute([]));
+        if let Err(err) = result {
+            // As `Transaction`'s drop does: nothing of a failed check stays pending.
+            if !self.conn.is_autocommit() {
+                let _ = self.conn.execute_batch("ROLLBACK");
+            }
+            return Err(err.into());
+        }
         Ok(())
     }
 
@@ -1233,6 +1261,7 @@ fn create_fresh(path: &Path) -> Result<(), StoreError> {
             conn: open_read_write(&temp)?,
             path: temp.clone(),
             id: None,
+            sync_normal: false,
         };
         store.migrate()?;
         drop(store);
@@ -1767,6 +1796,34 @@ mod tests {
         store.end_hook_run(7).unwrap();
         assert_eq!(store.hook_run(7).unwrap(), None);
         assert!(store.hook_spawned(7, 1, None).is_err(), "no run to update");
+    }
+
+    #[test]
+    fn checks_commit_at_normal_and_every_other_write_at_full() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rollbackd.db");
+        let mut store = Store::open(&path).unwrap();
+        assert!(INSERT_CHECK.contains(CHECK_COLUMNS));
+        let synchronous = |store: &Store| -> i64 {
+            store
+                .conn
+                .pragma_query_value(None, "synchronous", |row| row.get(0))
+                .unwrap()
+        };
+        store.insert_session(&session("s-1", 1_000)).unwrap();
+        assert_eq!(synchronous(&store), 2, "FULL");
+        store.insert_check(&check("s-1", 0, 2_000, false)).unwrap();
+        store.insert_check(&check("s-1", 1, 3_000, true)).unwrap();
+        // A repeated check is ignored, and leaves no transaction open.
+        store.insert_check(&check("s-1", 1, 9_000, false)).unwrap();
+        assert!(store.conn.is_autocommit());
+        assert_eq!(synchronous(&store), 1, "NORMAL after a check");
+        store.set_meta("active", "v2").unwrap();
+        assert_eq!(synchronous(&store), 2, "FULL again for any other write");
+        let checks = store.recent_checks("s-1", 10).unwrap();
+        assert_eq!(checks.len(), 2);
+        assert_eq!(checks[1].taken_at_ms, 3_000, "first write wins");
+        assert!(checks[1].failed);
     }
 
     #[test]

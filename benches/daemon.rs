@@ -76,6 +76,38 @@ fn proc_stat(pid: u32) -> (f64, u64) {
     (ticks as f64 / hz, rss_kb)
 }
 
+/// CPU time of each of the process's threads in nanoseconds (`/proc/PID/task/*/schedstat`,
+/// the scheduler's own count: exact, where `/proc/PID/stat` counts 10 ms clock ticks).
+fn thread_cpu_ns(pid: u32) -> std::collections::HashMap<String, u64> {
+    let mut threads = std::collections::HashMap::new();
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for task in tasks.flatten() {
+            let tid = task.file_name().to_string_lossy().into_owned();
+            if let Some(ns) = std::fs::read_to_string(task.path().join("schedstat"))
+                .ok()
+                .and_then(|t| t.split_whitespace().next().and_then(|v| v.parse().ok()))
+            {
+                threads.insert(tid, ns);
+            }
+        }
+    }
+    threads
+}
+
+/// Seconds of CPU between two [`thread_cpu_ns`] readings: each thread's growth, a thread
+/// born in between counted whole (a thread that ended in between — an idle blocking-pool
+/// thread retiring — is missed, and was idle).
+fn cpu_between(
+    before: &std::collections::HashMap<String, u64>,
+    after: &std::collections::HashMap<String, u64>,
+) -> f64 {
+    after
+        .iter()
+        .map(|(tid, ns)| ns.saturating_sub(before.get(tid).copied().unwrap_or(0)))
+        .sum::<u64>() as f64
+        / 1e9
+}
+
 /// `keep_alive`: the loopback worker keeps connections open, as real HTTP servers do;
 /// without it every probe and snapshot is a new TCP connection. With
 /// `RBD_BENCH_BASELINE_BIN=path/to/older/rollbackd` that build runs beside this one,
@@ -107,6 +139,7 @@ fn monitoring_cost(keep_alive: bool) {
     std::thread::sleep(Duration::from_secs(2));
     let window = Duration::from_secs(10);
     let mut cpu = vec![Vec::new(); runs.len()];
+    let mut ticks = vec![Vec::new(); runs.len()];
     let mut rss = vec![Vec::new(); runs.len()];
     let mut checks = vec![Vec::new(); runs.len()];
     for _ in 0..windows {
@@ -116,6 +149,7 @@ fn monitoring_cost(keep_alive: bool) {
                 (
                     proc_stat(daemon.pid()).0,
                     setup.events("health-check").len(),
+                    thread_cpu_ns(daemon.pid()),
                 )
             })
             .collect();
@@ -123,15 +157,17 @@ fn monitoring_cost(keep_alive: bool) {
         std::thread::sleep(window);
         let elapsed = start.elapsed().as_secs_f64();
         for (i, (_, setup, daemon)) in runs.iter().enumerate() {
+            let threads = thread_cpu_ns(daemon.pid());
             let (cpu_after, rss_kb) = proc_stat(daemon.pid());
-            cpu[i].push((cpu_after - before[i].0) / elapsed * 100.0);
+            ticks[i].push((cpu_after - before[i].0) / elapsed * 100.0);
+            cpu[i].push(cpu_between(&before[i].2, &threads) / elapsed * 100.0);
             rss[i].push(rss_kb as f64 / 1024.0);
             checks[i].push((setup.events("health-check").len() - before[i].1) as f64);
         }
     }
     for (i, (name, _, _)) in runs.iter().enumerate() {
         println!(
-            "monitoring at a 100 ms interval, {name}, worker {}: CPU median {:.2}% of one core (min {:.2}%, max {:.2}%), RSS median {:.1} MB (max {:.1} MB), {:.0} checks per 10 s window; {windows} windows of 10 s",
+            "monitoring at a 100 ms interval, {name}, worker {}: CPU median {:.2}% of one core (min {:.2}%, max {:.2}%; schedstat), {:.1}% in clock ticks, RSS median {:.1} MB (max {:.1} MB), {:.0} checks per 10 s window; {windows} windows of 10 s",
             if keep_alive {
                 "keeps connections open"
             } else {
@@ -140,6 +176,7 @@ fn monitoring_cost(keep_alive: bool) {
             median(cpu[i].clone()),
             percentile(cpu[i].clone(), 0.0),
             percentile(cpu[i].clone(), 1.0),
+            median(ticks[i].clone()),
             median(rss[i].clone()),
             percentile(rss[i].clone(), 1.0),
             median(checks[i].clone())

@@ -54,6 +54,33 @@ pub(super) struct HttpProbe {
     client: Result<reqwest::Client, String>,
     url_template: String,
     timeout: Duration,
+    /// The last worker's URL, parsed: the same worker is probed every check, and parsing
+    /// the URL again each time showed in the daemon's CPU profile.
+    last_url: std::sync::Mutex<Option<(String, Target)>>,
+}
+
+/// A URL for reqwest: parsed once, or — when it does not parse — the text, so the
+/// request fails with reqwest's own message for it, as it always did.
+#[derive(Clone)]
+pub(super) enum Target {
+    Parsed(reqwest::Url),
+    Unparsed(String),
+}
+
+impl Target {
+    pub(super) fn new(url: String) -> Target {
+        match reqwest::Url::parse(&url) {
+            Ok(parsed) => Target::Parsed(parsed),
+            Err(_) => Target::Unparsed(url),
+        }
+    }
+
+    pub(super) fn get(&self, client: &reqwest::Client) -> reqwest::RequestBuilder {
+        match self {
+            Target::Parsed(url) => client.get(url.clone()),
+            Target::Unparsed(url) => client.get(url.as_str()),
+        }
+    }
 }
 
 impl HttpProbe {
@@ -62,11 +89,25 @@ impl HttpProbe {
             client: build_client(),
             url_template,
             timeout,
+            last_url: std::sync::Mutex::new(None),
         }
     }
 
-    async fn probe_untimed(&self, client: &reqwest::Client, url: &str) -> ProbeOutcome {
-        let response = match client.get(url).send().await {
+    /// The URL to probe `worker` at.
+    fn target(&self, worker: &str) -> Target {
+        let mut last = self.last_url.lock().unwrap_or_else(|p| p.into_inner());
+        match &*last {
+            Some((for_worker, target)) if for_worker == worker => target.clone(),
+            _ => {
+                let target = Target::new(substitute_worker_url(&self.url_template, worker));
+                *last = Some((worker.to_owned(), target.clone()));
+                target
+            }
+        }
+    }
+
+    async fn probe_untimed(&self, client: &reqwest::Client, url: &Target) -> ProbeOutcome {
+        let response = match url.get(client).send().await {
             Ok(response) => response,
             Err(error) => return ProbeOutcome::failed(error_chain(&error)),
         };
@@ -98,7 +139,7 @@ impl WorkerProbe for HttpProbe {
                 Ok(client) => client,
                 Err(reason) => return ProbeOutcome::failed(reason.clone()),
             };
-            let url = substitute_worker_url(&self.url_template, worker);
+            let url = self.target(worker);
             match tokio::time::timeout(self.timeout, self.probe_untimed(client, &url)).await {
                 Ok(outcome) => outcome,
                 Err(_) => ProbeOutcome::failed(timeout_reason(self.timeout)),
@@ -113,6 +154,8 @@ impl WorkerProbe for HttpProbe {
 pub(super) struct HttpSnapshotSource {
     client: Result<reqwest::Client, String>,
     url: String,
+    /// `url`, parsed once.
+    target: Target,
     timeout: Duration,
 }
 
@@ -120,6 +163,7 @@ impl HttpSnapshotSource {
     pub(super) fn new(url: String, timeout: Duration) -> Self {
         HttpSnapshotSource {
             client: build_client(),
+            target: Target::new(url.clone()),
             url,
             timeout,
         }
@@ -127,8 +171,9 @@ impl HttpSnapshotSource {
 
     async fn snapshot_untimed(&self, client: &reqwest::Client) -> SnapshotOutcome {
         let unavailable = |reason: String| SnapshotOutcome::Unavailable { reason };
-        let response = match client
-            .get(&self.url)
+        let response = match self
+            .target
+            .get(client)
             .header(reqwest::header::ACCEPT, "application/json")
             .send()
             .await

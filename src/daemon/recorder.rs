@@ -274,11 +274,12 @@ impl Recorder {
             if let Some(before) = before {
                 before();
             }
-            let mut inner = inner.lock().unwrap_or_else(|p| p.into_inner());
+            let mut guard = inner.lock().unwrap_or_else(|p| p.into_inner());
+            let inner = &mut *guard;
             let mut written = Vec::new();
             while let Some(front) = inner.queue.front() {
-                let record = front.record.clone();
-                let result = write(&mut inner.analytics, &record);
+                // Written from where it is queued: no copy of the record per write.
+                let result = write(&mut inner.analytics, &front.record);
                 match result {
                     Ok(()) => {
                         let done = inner.queue.pop_front().expect("front exists");

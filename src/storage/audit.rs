@@ -74,6 +74,8 @@ pub struct JsonLinesLog {
     /// Device and inode of the open file, to notice when `path` no longer names it
     /// (deleted, or renamed away by a log rotation).
     id: (u64, u64),
+    /// The line being written, kept between appends (one allocation, not one per line).
+    line: Vec<u8>,
 }
 
 /// Why an append did not count: the record reached a file that no name points to any
@@ -106,6 +108,7 @@ impl JsonLinesLog {
                 path: path.to_path_buf(),
                 file,
                 id: (metadata.dev(), metadata.ino()),
+                line: Vec::new(),
             },
             torn,
         ))
@@ -131,10 +134,21 @@ impl JsonLinesLog {
     /// previous length, so no torn line remains and retrying the same record later gives
     /// exactly one copy of it.
     pub fn append<T: Serialize>(&mut self, record: &T) -> io::Result<()> {
-        let mut line = serde_json::to_vec(record).map_err(io::Error::other)?;
-        // Compact serde_json never emits a raw newline, so the record is exactly one line.
-        line.push(b'\n');
-        self.append_line_with(&line, |file, line| file.write_all(line))
+        let mut line = std::mem::take(&mut self.line);
+        line.clear();
+        let result = serde_json::to_writer(&mut line, record)
+            .map_err(io::Error::other)
+            .and_then(|()| {
+                // Compact serde_json never emits a raw newline, so the record is exactly
+                // one line.
+                line.push(b'\n');
+                self.append_line_with(&line, |file, line| file.write_all(line))
+            });
+        // A rare huge record does not keep its buffer.
+        if line.capacity() <= 64 * 1024 {
+            self.line = line;
+        }
+        result
     }
 
     /// The append itself, with the write as a parameter so tests can make it fail

@@ -233,12 +233,21 @@ fn a_hand_made_kill_switch_change_is_audited_as_external() {
     let setup = Setup::new("");
     let _daemon = setup.start();
     // Make sure the table exists, as the application would have it.
+    // `.timeout`: the CREATE's commit wakes the daemon's LiveFlags reader, whose read can
+    // hold the shared lock just when the INSERT commits; without a busy timeout the shell
+    // then fails with "database is locked" (about one run in six).
     let out = std::process::Command::new("sqlite3")
+        .arg("-cmd")
+        .arg(".timeout 5000")
         .arg(setup.path("app.db"))
         .arg("CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT); INSERT OR REPLACE INTO settings (key, value) VALUES ('DISABLE_NEW','1');")
         .output()
         .unwrap();
-    assert!(out.status.success());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let seen = wait_for(Duration::from_secs(10), || {
         !setup.events("kill-switch-external").is_empty()
     });

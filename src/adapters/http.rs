@@ -11,13 +11,18 @@ use crate::core::check::{health_body_verdict, ProbeOutcome, Snapshot, SnapshotOu
 
 /// The client every HTTP adapter uses: no proxy (the targets are local and a proxy from
 /// the environment would only add a failure mode) and no redirects (a health endpoint or
-/// snapshot that redirects is misconfigured, and its 3xx is reported as such). Building
+/// snapshot that redirects is misconfigured, and its 3xx is reported as such) and no
+/// retries (a check is one request; the next check is the retry). Building
 /// can only fail in TLS set-up; the error is then reported by every call instead.
 pub(super) fn build_client() -> Result<reqwest::Client, String> {
     reqwest::Client::builder()
         .no_proxy()
         .redirect(reqwest::redirect::Policy::none())
         .user_agent(concat!("rollbackd/", env!("CARGO_PKG_VERSION")))
+        // reqwest's default policy retries only HTTP/2 and HTTP/3 refusals, which this
+        // HTTP/1-only build never sees, yet it copied every request (URL, headers) in case:
+        // with no retry at all, nothing is copied and nothing else changes.
+        .retry(reqwest::retry::never().max_retries_per_request(0))
         .build()
         .map_err(|error| format!("cannot build the HTTP client: {}", error_chain(&error)))
 }

@@ -112,8 +112,16 @@ fn cpu_between(
 /// without it every probe and snapshot is a new TCP connection. With
 /// `RBD_BENCH_BASELINE_BIN=path/to/older/rollbackd` that build runs beside this one,
 /// each against its own worker, measured over the same windows (a ratio from one run).
+///
+/// `RBD_BENCH_BIN=path` measures that binary as "this build" instead of the one `cargo
+/// bench` built: that one has tokio's `test-util` (a dev-dependency feature, unified into
+/// every target cargo builds for a bench), which adds a wake-up to every blocking-pool
+/// task. Build both with `cargo build --release` to measure what ships.
 fn monitoring_cost(keep_alive: bool) {
-    let mut programs = vec![("this build".to_owned(), PathBuf::from(BIN))];
+    let this = std::env::var_os("RBD_BENCH_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(BIN));
+    let mut programs = vec![(format!("this build {}", this.display()), this)];
     if let Ok(older) = std::env::var("RBD_BENCH_BASELINE_BIN") {
         programs.push((format!("baseline {older}"), PathBuf::from(older)));
     }

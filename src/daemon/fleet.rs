@@ -120,11 +120,24 @@ impl Driver {
             .unwrap_or_default()
     }
 
-    async fn fleet_save_pending(&self, verdicts: Vec<Verdict>) {
+    /// Saves the verdicts still to write and, with `through`, raises
+    /// `fleet_verdicts_through` to that action id: one hop, the queue first.
+    async fn fleet_save_pending(&self, verdicts: Vec<Verdict>, through: Option<ActionId>) {
         let text = serde_json::to_string(&verdicts).unwrap_or_else(|_| "[]".into());
         if let Err(err) = self
             .db
-            .call(move |store| store.set_meta(VERDICTS_PENDING, &text))
+            .call(move |store| {
+                store.set_meta(VERDICTS_PENDING, &text)?;
+                let Some(id) = through else { return Ok(()) };
+                let saved = store
+                    .get_meta(VERDICTS_THROUGH)?
+                    .and_then(|t| t.parse::<ActionId>().ok())
+                    .unwrap_or(0);
+                if id > saved {
+                    store.set_meta(VERDICTS_THROUGH, &id.to_string())?;
+                }
+                Ok(())
+            })
             .await
         {
             tracing::warn!("fleet: cannot remember the verdicts still to write: {err}");
@@ -159,31 +172,8 @@ impl Driver {
         let mut pending = self.fleet_pending_verdicts().await;
         pending.retain(|v| !(v.version == verdict.version && v.host == verdict.host));
         pending.push(verdict.clone());
-        self.fleet_save_pending(pending).await;
-        if let Some(id) = id {
-            self.fleet_save_through(id).await;
-        }
+        self.fleet_save_pending(pending, id).await;
         self.fleet_verdict(verdict);
-    }
-
-    async fn fleet_save_through(&self, id: ActionId) {
-        let text = id.to_string();
-        if let Err(err) = self
-            .db
-            .call(move |store| {
-                let through = store
-                    .get_meta(VERDICTS_THROUGH)?
-                    .and_then(|t| t.parse::<ActionId>().ok())
-                    .unwrap_or(0);
-                if id > through {
-                    store.set_meta(VERDICTS_THROUGH, &text)?;
-                }
-                Ok(())
-            })
-            .await
-        {
-            tracing::warn!("fleet: cannot remember the verdicts queued: {err}");
-        }
     }
 
     /// At start: rollbacks carried out whose verdict was never queued (the daemon died
@@ -200,17 +190,17 @@ impl Driver {
                     .get_meta(VERDICTS_THROUGH)?
                     .and_then(|t| t.parse::<ActionId>().ok());
                 match through {
-                    Some(through) => Ok((true, store.rollbacks_done_after(through)?)),
+                    Some(through) => store.rollbacks_done_after(through),
                     None => {
                         let max = store.max_action_id()?;
                         store.set_meta(VERDICTS_THROUGH, &max.to_string())?;
-                        Ok((false, Vec::new()))
+                        Ok(Vec::new())
                     }
                 }
             })
             .await;
         let rows = match found {
-            Ok((_, rows)) => rows,
+            Ok(rows) => rows,
             Err(err) => {
                 tracing::warn!(
                     "fleet: cannot look for rollbacks whose verdict was not queued: {err}"
@@ -245,8 +235,7 @@ impl Driver {
                 at,
             ));
         }
-        self.fleet_save_pending(pending).await;
-        self.fleet_save_through(through).await;
+        self.fleet_save_pending(pending, Some(through)).await;
     }
 
     pub(super) async fn fleet_event(&mut self, event: FleetEvent) {
@@ -298,7 +287,7 @@ impl Driver {
                 let before = pending.len();
                 pending.retain(|v| v.version != version);
                 if pending.len() != before {
-                    self.fleet_save_pending(pending).await;
+                    self.fleet_save_pending(pending, None).await;
                 }
             }
         }

@@ -1,8 +1,10 @@
 //! Daemon figures: manual rollback overhead (CLI to artifact), RSS and CPU while
-//! monitoring at a 100 ms interval, and the delay from an error spike to the switch hook.
+//! monitoring at a 100 ms interval, the floor under that CPU (the least any program
+//! doing a check's work can cost here), and the delay from an error spike to the switch
+//! hook.
 //!
-//! Run: `cargo bench --bench daemon` (or `-- rollback`, `-- monitoring`, `-- detection`
-//! for one part). Loopback only; about a minute.
+//! Run: `cargo bench --bench daemon` (or `-- rollback`, `-- monitoring`, `-- floor`,
+//! `-- detection` for one part). Loopback only; about three minutes.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -251,6 +253,247 @@ fn detection_delay() {
     );
 }
 
+/// CPU time of the calling thread (`CLOCK_THREAD_CPUTIME_ID`), in nanoseconds.
+fn thread_cpu_now() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// One `GET` on a kept connection, by hand: the request in one write, the response read
+/// until its `content-length` is in. The least an HTTP check can cost.
+fn floor_get(stream: &mut std::net::TcpStream, path: &str, buf: &mut Vec<u8>) -> usize {
+    use std::io::{Read, Write};
+    let request =
+        format!("GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\naccept: application/json\r\n\r\n");
+    stream.write_all(request.as_bytes()).unwrap();
+    buf.clear();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = stream.read(&mut chunk).unwrap();
+        assert!(n > 0, "the worker closed the connection");
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map(|v| v.trim().parse().unwrap())
+                .unwrap();
+            if buf.len() >= end + 4 + length {
+                return length;
+            }
+        }
+    }
+}
+
+/// The floor under a check: everything the contract asks of one check, done by the
+/// simplest program — one thread, no runtime, blocking calls, the HTTP by hand — and the
+/// daemon's own storage code for the record: `GET` health and `GET` snapshot on kept
+/// loopback connections, the snapshot's JSON parsed, `/proc/meminfo` read, the check's row
+/// committed to a `rollbackd.db` by `Store::insert_check` (WAL, `synchronous=NORMAL`) and
+/// its audit line appended and fsynced by `Analytics::audit`, then a sleep to the next
+/// 100 ms tick. Measured beside a real daemon (its own worker) over the same windows.
+fn monitoring_floor() {
+    use rollbackd::storage::audit::{Analytics, AuditEvent, AuditRecord};
+    use rollbackd::storage::store::{CheckRow, SessionRow, SessionState, Store};
+    let this = std::env::var_os("RBD_BENCH_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(BIN));
+    let windows: usize = std::env::var("RBD_BENCH_WINDOWS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    let setup = Setup::with_server("[monitor]\ncheck_interval = \"100ms\"\ndegraded_check_interval = \"50ms\"\ncheck_timeout = \"50ms\"\ngrace_period = \"10m\"", true);
+    let daemon = setup.start_program(&this, |_| {});
+    let out = std::process::Command::new(&this)
+        .arg("--config")
+        .arg(&setup.config)
+        .args(["promote", "--active", "v2", "--previous", "v1"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let routes = Routes::default();
+    routes.set("/v2/health", 200, r#"{"status":"ok"}"#);
+    routes.error_rate(0.01);
+    let port = serve_with(routes, true);
+    let dir = tempfile::tempdir().unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Per check: nanoseconds of the thread's CPU in HTTP, meminfo, db, audit, and all.
+    let parts = std::sync::Arc::new(std::sync::Mutex::new(Vec::<[u64; 5]>::new()));
+    let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+    let floor = {
+        let stop = stop.clone();
+        let parts = parts.clone();
+        let path = dir.path().to_path_buf();
+        std::thread::spawn(move || {
+            tid_tx.send(unsafe { libc::gettid() }).unwrap();
+            let mut store = Store::open(&path.join("rollbackd.db")).unwrap();
+            let session = "floor-v2";
+            store
+                .insert_session(&SessionRow {
+                    id: session.into(),
+                    active: "v2".into(),
+                    previous: Some("v1".into()),
+                    promoted_at_ms: 0,
+                    state: SessionState::Monitoring,
+                    paused: false,
+                    pause_reason: None,
+                    baseline_json: None,
+                    operator: None,
+                    ended_at_ms: None,
+                    end_reason: None,
+                    stability_json: None,
+                })
+                .unwrap();
+            let mut analytics = Analytics::open(&path.join("analytics")).unwrap();
+            let mut health = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+            let mut snapshot = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+            health.set_nodelay(true).unwrap();
+            snapshot.set_nodelay(true).unwrap();
+            let mut buf = Vec::new();
+            let meminfo = std::fs::File::open("/proc/meminfo").unwrap();
+            let mut meminfo_buf = vec![0u8; 64 * 1024];
+            let mut next = Instant::now();
+            let mut index = 0i64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let t0 = thread_cpu_now();
+                floor_get(&mut health, "/v2/health", &mut buf);
+                let length = floor_get(&mut snapshot, "/snapshot", &mut buf);
+                let body: serde_json::Value =
+                    serde_json::from_slice(&buf[buf.len() - length..]).unwrap();
+                let t1 = thread_cpu_now();
+                // Kept open and read from offset 0, as the daemon does.
+                let meminfo_len = {
+                    use std::os::unix::fs::FileExt;
+                    let mut len = 0;
+                    loop {
+                        match meminfo
+                            .read_at(&mut meminfo_buf[len..], len as u64)
+                            .unwrap()
+                        {
+                            0 => break len,
+                            n => len += n,
+                        }
+                    }
+                };
+                let t2 = thread_cpu_now();
+                index += 1;
+                let check_json = serde_json::json!({
+                    "probe": {"outcome": "ok"},
+                    "snapshot": {"outcome": "values", "error_rate": {"kind": "number", "value": body["failureRate"]},
+                        "requests": {"kind": "number", "value": body["requests"]},
+                        "latency_p95_ms": {"kind": "missing"}, "latency_p99_ms": {"kind": "missing"},
+                        "memory_percent": {"kind": "missing"}, "db_connection_errors": {"kind": "missing"}},
+                    "resources": {"host_memory_percent": meminfo_len as f64 / 100.0,
+                        "worker_rss_bytes": null, "worker_open_files": null}
+                });
+                store
+                    .insert_check(&CheckRow {
+                        session_id: session.into(),
+                        check_index: index,
+                        taken_at_ms: index * 100,
+                        check_json: check_json.to_string(),
+                        verdict: "healthy".into(),
+                        failed: false,
+                    })
+                    .unwrap();
+                let t3 = thread_cpu_now();
+                let mut record =
+                    AuditRecord::new(SystemTime::now(), AuditEvent::HealthCheck, Some(session));
+                for (key, value) in [
+                    ("action", serde_json::Value::Null),
+                    ("checkIndex", index.into()),
+                    ("errorClass", "ok".into()),
+                    ("errorRate", body["failureRate"].clone()),
+                    ("failurePattern", "none".into()),
+                    ("probe", "ok".into()),
+                    ("rules", serde_json::json!([])),
+                    ("verdict", "healthy".into()),
+                    ("worker", "v2".into()),
+                ] {
+                    record.fields.insert(key.into(), value);
+                }
+                analytics.audit(&record).unwrap();
+                let t4 = thread_cpu_now();
+                next += Duration::from_millis(100);
+                if let Some(wait) = next.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+                let t5 = thread_cpu_now();
+                parts
+                    .lock()
+                    .unwrap()
+                    .push([t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t0]);
+            }
+        })
+    };
+    let floor_tid = tid_rx.recv().unwrap();
+    eprintln!(
+        "floor thread: tid {floor_tid}; daemon: pid {} (for `perf record -t`)",
+        daemon.pid()
+    );
+    let floor_ns = || -> u64 {
+        std::fs::read_to_string(format!("/proc/self/task/{floor_tid}/schedstat"))
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    let window = Duration::from_secs(10);
+    let (mut daemon_cpu, mut floor_cpu, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..windows {
+        let (d0, f0) = (thread_cpu_ns(daemon.pid()), floor_ns());
+        let start = Instant::now();
+        std::thread::sleep(window);
+        let elapsed = start.elapsed().as_secs_f64();
+        let d = cpu_between(&d0, &thread_cpu_ns(daemon.pid())) / elapsed * 100.0;
+        let f = (floor_ns() - f0) as f64 / 1e9 / elapsed * 100.0;
+        daemon_cpu.push(d);
+        floor_cpu.push(f);
+        ratios.push(d / f);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    floor.join().unwrap();
+    let parts = parts.lock().unwrap();
+    let part = |i: usize| median(parts.iter().map(|p| p[i] as f64 / 1000.0).collect());
+    let total = part(4);
+    println!(
+        "the floor under a check at a 100 ms interval (one thread, blocking calls, HTTP by hand, the daemon's storage code): CPU median {:.2}% of one core (min {:.2}%, max {:.2}%); per check, medians: {:.0} us in all = HTTP (two GETs, JSON) {:.0} us + /proc/meminfo {:.0} us + rollbackd.db row {:.0} us + audit line with fdatasync {:.0} us + the sleep and wake-up {:.0} us; {} checks",
+        median(floor_cpu.clone()),
+        percentile(floor_cpu.clone(), 0.0),
+        percentile(floor_cpu.clone(), 1.0),
+        total,
+        part(0),
+        part(1),
+        part(2),
+        part(3),
+        total - part(0) - part(1) - part(2) - part(3),
+        parts.len()
+    );
+    println!(
+        "  beside it, {}: CPU median {:.2}% (min {:.2}%, max {:.2}%); daemon / floor per window: median {:.2}x (min {:.2}x, max {:.2}x); {windows} windows of 10 s",
+        this.display(),
+        median(daemon_cpu.clone()),
+        percentile(daemon_cpu.clone(), 0.0),
+        percentile(daemon_cpu.clone(), 1.0),
+        median(ratios.clone()),
+        percentile(ratios.clone(), 0.0),
+        percentile(ratios.clone(), 1.0),
+    );
+}
+
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
@@ -267,6 +510,9 @@ fn main() {
     if run("monitoring") {
         monitoring_cost(true);
         monitoring_cost(false);
+    }
+    if run("floor") {
+        monitoring_floor();
     }
     if run("detection") {
         detection_delay();

@@ -613,6 +613,68 @@ fn a_verdict_written_while_the_host_is_mid_rollback_starts_nothing_more() {
 }
 
 #[test]
+fn a_verdict_that_came_while_paused_is_followed_on_resume_even_after_a_kill_9() {
+    if !need_etcd("a_verdict_that_came_while_paused_is_followed_on_resume_even_after_a_kill_9") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(&tmp.path().join("etcd"));
+    let host = fleet_setup(&etcd.url(), "web-1", "follow_verdicts = true\n");
+    let daemon = host.start();
+    wait_for(Duration::from_secs(20), || fleet_link(&host) == "connected").unwrap();
+    host.promote();
+    ok(&host.cli(&["pause", "--reason", "investigating"]));
+    let verdict = serde_json::json!({
+        "version": "v2",
+        "host": "web-9",
+        "decision": "rollback",
+        "reason": "high error rate",
+        "trigger": "automatic",
+        "at": rollbackd::storage::audit::rfc3339_millis(std::time::SystemTime::now()),
+    });
+    etcd.put(
+        "/rollbackd/verdicts/v2/web-9",
+        verdict.to_string().as_bytes(),
+    );
+    let deferred = "not following it: monitoring is paused (it is followed on resume)";
+    wait_for(Duration::from_secs(20), || {
+        host.daemon_log().contains(deferred)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "the verdict was not seen while paused; log:\n{}",
+            host.daemon_log()
+        )
+    });
+    // The deferral is in memory only: after a kill -9 etcd hands the verdict over again.
+    daemon.kill9();
+    std::fs::remove_file(host.path("daemon.log")).unwrap();
+    let _daemon = host.start();
+    wait_for(Duration::from_secs(20), || {
+        host.daemon_log().contains(deferred)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "the restarted daemon did not see the verdict; log:\n{}",
+            host.daemon_log()
+        )
+    });
+    assert!(host.switches().is_empty(), "nothing while paused");
+    assert!(host.artifacts("rollback_").is_empty());
+    ok(&host.cli(&["resume"]));
+    wait_for(Duration::from_secs(30), || {
+        host.artifacts("rollback_").len() == 1 && !host.events("rollback-executed").is_empty()
+    })
+    .unwrap_or_else(|| panic!("no rollback on resume; log:\n{}", host.daemon_log()));
+    let artifact: Value =
+        serde_json::from_str(&std::fs::read_to_string(&host.artifacts("rollback_")[0]).unwrap())
+            .unwrap();
+    assert_eq!(artifact["trigger"], "fleet", "{artifact}");
+    assert_eq!(artifact["operator"], "web-9", "{artifact}");
+    assert_eq!(host.switches(), ["v1"], "switched once");
+}
+
+#[test]
 fn a_verdict_made_while_cut_off_survives_a_kill_9_and_reaches_etcd_on_reconnect() {
     if !need_etcd("a_verdict_made_while_cut_off_survives_a_kill_9_and_reaches_etcd_on_reconnect") {
         return;

@@ -1443,6 +1443,83 @@ fn a_fleet_verdict_becomes_a_rollback_through_the_same_policy() {
 }
 
 #[test]
+fn a_fleet_verdict_that_came_while_paused_is_followed_on_resume() {
+    // A verdict for the active version while paused: nothing then, a rollback (trigger
+    // fleet) on resume; one about another version, or resuming twice, adds nothing.
+    let mut h = Harness::new(settings(""));
+    let mut session = restored_session(&h, Some("v1"), Duration::from_secs(5));
+    session.paused = true;
+    h.feed(Input::Restore(Box::new(Restored {
+        session: Some(session),
+        checks: vec![(0, h.wall - Duration::from_secs(1), check(HEALTHY))],
+        ..Restored::default()
+    })));
+    let at = h.wall - Duration::from_secs(1);
+    for version in ["v3", "v2"] {
+        h.feed(Input::FleetVerdict {
+            version: version.into(),
+            host: "web-9".into(),
+            reason: "high error rate".into(),
+            at,
+        });
+    }
+    assert!(h.plans().is_empty(), "paused: {:?}", h.names());
+    for reply in [7, 8] {
+        h.feed(Input::Pause {
+            operator: "uid:0".into(),
+            paused: false,
+            reason: None,
+            reply,
+        });
+    }
+    let plans = h.plans();
+    assert_eq!(plans.len(), 1, "{:?}", h.names());
+    assert_eq!(plans[0].kind, ActionKind::Rollback);
+    assert_eq!(plans[0].trigger, ActionTrigger::Fleet);
+    assert_eq!(plans[0].operator.as_deref(), Some("web-9"));
+    assert!(
+        plans[0]
+            .reason
+            .contains("v2 was rolled back on web-9: high error rate"),
+        "{}",
+        plans[0].reason
+    );
+    assert!(h.has("audit:monitoring-resumed"), "{:?}", h.names());
+}
+
+#[test]
+fn a_fleet_verdict_while_paused_is_not_followed_on_resume_once_a_new_version_is_promoted() {
+    let mut h = Harness::new(settings(""));
+    let mut session = restored_session(&h, Some("v1"), Duration::from_secs(5));
+    session.paused = true;
+    h.feed(Input::Restore(Box::new(Restored {
+        session: Some(session),
+        checks: vec![(0, h.wall - Duration::from_secs(1), check(HEALTHY))],
+        ..Restored::default()
+    })));
+    h.feed(Input::FleetVerdict {
+        version: "v2".into(),
+        host: "web-9".into(),
+        reason: "high error rate".into(),
+        at: h.wall - Duration::from_secs(1),
+    });
+    h.promote("v3", "v1");
+    h.feed(Input::Pause {
+        operator: "uid:0".into(),
+        paused: true,
+        reason: None,
+        reply: 7,
+    });
+    h.feed(Input::Pause {
+        operator: "uid:0".into(),
+        paused: false,
+        reason: None,
+        reply: 8,
+    });
+    assert!(h.plans().is_empty(), "{:?}", h.names());
+}
+
+#[test]
 fn a_fleet_verdict_while_the_host_is_mid_rollback_starts_nothing_more() {
     let mut h = Harness::new(settings(""));
     let session = restored_session(&h, Some("v1"), Duration::from_secs(5));

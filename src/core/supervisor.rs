@@ -436,6 +436,19 @@ pub struct Session {
     waiting_logged: bool,
     /// What the session's checks observed, for its stats if it is confirmed healthy.
     observed: Vec<Observation>,
+    /// A fleet verdict for this session's version that came while monitoring was paused:
+    /// followed on resume (through the same checks again), not forgotten. In memory only:
+    /// after a restart etcd hands the verdicts over again.
+    deferred_verdict: Option<DeferredVerdict>,
+}
+
+/// A fleet verdict kept for a resume ([`Session::deferred_verdict`]).
+#[derive(Debug, Clone)]
+struct DeferredVerdict {
+    version: String,
+    host: String,
+    reason: String,
+    at: SystemTime,
 }
 
 /// At most this many of a session's checks make its healthy-session stats.
@@ -456,6 +469,7 @@ impl Session {
             void_note: None,
             waiting_logged: false,
             observed: Vec::new(),
+            deferred_verdict: None,
         }
     }
 
@@ -807,7 +821,23 @@ impl Supervisor {
             None
         };
         if let Some(not_taken) = not_taken {
-            tracing::warn!(%version, %host, "{why}; not following it: {not_taken}");
+            let paused = self.action.is_none() && session.record.paused;
+            tracing::warn!(
+                %version,
+                %host,
+                "{why}; not following it: {not_taken}{}",
+                if paused { " (it is followed on resume)" } else { "" }
+            );
+            if paused {
+                if let Some(session) = self.session.as_mut() {
+                    session.deferred_verdict = Some(DeferredVerdict {
+                        version,
+                        host,
+                        reason,
+                        at,
+                    });
+                }
+            }
             return;
         }
         let decision = session.last_decision.clone();
@@ -2005,6 +2035,22 @@ impl Supervisor {
             reply,
             Answer::Done(json!({"paused": paused, "changed": true})),
         );
+        if !paused {
+            let deferred = self
+                .session
+                .as_mut()
+                .and_then(|s| s.deferred_verdict.take());
+            if let Some(DeferredVerdict {
+                version,
+                host,
+                reason,
+                at,
+            }) = deferred
+            {
+                tracing::warn!(%version, %host, "resumed: the fleet verdict that came while monitoring was paused is followed now");
+                self.fleet_verdict(now, version, host, reason, at);
+            }
+        }
     }
 
     /// The `monitoring-started` line of `record`: one shape, whether the promotion came

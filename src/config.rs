@@ -118,6 +118,9 @@ const KEYS: &[(&str, Kind)] = &[
     ("fleet.prefix", Kind::Str),
     ("fleet.follow_verdicts", Kind::Bool),
     ("fleet.lease_ttl", Kind::Duration),
+    ("fleet.ca_file", Kind::Str),
+    ("fleet.cert_file", Kind::Str),
+    ("fleet.key_file", Kind::Str),
 ];
 
 /// The largest value a duration key accepts. Every duration is bounded at load so that
@@ -205,6 +208,9 @@ endpoints = []
 prefix = "/rollbackd/"
 follow_verdicts = false
 lease_ttl = "10s"
+ca_file = ""
+cert_file = ""
+key_file = ""
 "#;
 
 /// The presets of each profile (SPEC §2, contract).
@@ -410,6 +416,26 @@ pub struct FleetConfig {
     pub follow_verdicts: bool,
     /// The host's registration lease: a host that stops renewing it disappears after it.
     pub lease_ttl: Duration,
+    /// TLS to etcd (`https://` endpoints): the CA and this host's client certificate.
+    pub tls: FleetTls,
+}
+
+/// `fleet.ca_file`, `fleet.cert_file`, `fleet.key_file`: PEM files, read when the fleet
+/// client is built (and again on each reconnection while they are unusable), not at load:
+/// a host whose fleet files are broken still guards itself.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct FleetTls {
+    /// The CA that signed etcd's server certificate; set, it is the only one trusted.
+    pub ca_file: Option<PathBuf>,
+    /// This host's client certificate (etcd `--client-cert-auth`), with `key_file`.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+}
+
+impl FleetTls {
+    pub fn is_set(&self) -> bool {
+        self.ca_file.is_some() || self.cert_file.is_some()
+    }
 }
 
 impl Config {
@@ -1424,6 +1450,36 @@ fn build(
                 format!("{prefix:?} must start and end with \"/\", such as \"/rollbackd/\""),
             );
         }
+        let file = |key: &str| string(key).filter(|v| !v.is_empty()).map(PathBuf::from);
+        let tls = FleetTls {
+            ca_file: file("fleet.ca_file"),
+            cert_file: file("fleet.cert_file"),
+            key_file: file("fleet.key_file"),
+        };
+        if tls.cert_file.is_some() != tls.key_file.is_some() {
+            let (set, unset) = if tls.cert_file.is_some() {
+                ("fleet.cert_file", "fleet.key_file")
+            } else {
+                ("fleet.key_file", "fleet.cert_file")
+            };
+            problem(
+                unset,
+                format!(
+                    "{set} is set, so {unset} must be too (the client certificate and its key)"
+                ),
+            );
+        }
+        if tls.is_set() || tls.key_file.is_some() {
+            for url in endpoints.iter().filter(|u| !u.starts_with("https://")) {
+                problem(
+                    "fleet.endpoints",
+                    format!(
+                        "{url:?} is not https://, but fleet.ca_file/cert_file are set: the \
+                         certificates would never be used (write https:// for every endpoint)"
+                    ),
+                );
+            }
+        }
         let lease_ttl = duration("fleet.lease_ttl");
         if lease_ttl < Duration::from_secs(2) || lease_ttl > Duration::from_secs(600) {
             problem(
@@ -1442,6 +1498,7 @@ fn build(
                 .and_then(Value::as_bool)
                 .unwrap_or(false),
             lease_ttl,
+            tls,
         })
     };
 

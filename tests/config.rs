@@ -653,6 +653,29 @@ fn no_fleet_without_endpoints_and_the_fleet_keys_from_file_and_environment() {
     assert!(!config.follow_verdicts);
     assert_eq!(config.host, rollbackd::config::hostname());
     assert_eq!(config.lease_ttl, Duration::from_secs(10));
+    assert_eq!(
+        config.tls,
+        rollbackd::config::FleetTls::default(),
+        "no TLS files by default"
+    );
+    let tls = load_str(
+        "[fleet]\nendpoints = [\"https://e:2379\"]\nca_file = \"/etc/ca.pem\"\ncert_file = \"/etc/c.pem\"\nkey_file = \"/etc/c.key\"\n",
+        &env(&[]),
+    )
+    .unwrap();
+    let tls = tls.config.fleet.unwrap().tls;
+    assert_eq!(
+        tls.ca_file.as_deref(),
+        Some(std::path::Path::new("/etc/ca.pem"))
+    );
+    assert_eq!(
+        tls.cert_file.as_deref(),
+        Some(std::path::Path::new("/etc/c.pem"))
+    );
+    assert_eq!(
+        tls.key_file.as_deref(),
+        Some(std::path::Path::new("/etc/c.key"))
+    );
     let from_env = load_str(
         "",
         &env(&[
@@ -704,6 +727,20 @@ fn bad_fleet_keys_are_refused_naming_the_key() {
         ),
         ("endpoints = \"http://e:2379\"", "fleet.endpoints"),
         ("follow_verdict = true", "fleet.follow_verdict"),
+        // A client certificate needs its key, and the other way round.
+        (
+            "endpoints = [\"https://e:2379\"]\ncert_file = \"/c.pem\"",
+            "fleet.key_file",
+        ),
+        (
+            "endpoints = [\"https://e:2379\"]\nkey_file = \"/c.key\"",
+            "fleet.cert_file",
+        ),
+        // Certificates with an http:// endpoint would never be used.
+        (
+            "endpoints = [\"https://e:2379\", \"http://f:2379\"]\nca_file = \"/ca.pem\"",
+            "fleet.endpoints",
+        ),
     ];
     for (body, key) in cases {
         let found = issues(load_str(&format!("[fleet]\n{body}\n"), &env(&[])));

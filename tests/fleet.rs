@@ -9,7 +9,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::etcd::{need_etcd, Etcd, Proxy};
+use common::etcd::{need_etcd, need_etcd_tls, Certs, Etcd, Proxy};
 use common::*;
 use serde_json::Value;
 
@@ -672,6 +672,149 @@ fn a_verdict_that_came_while_paused_is_followed_on_resume_even_after_a_kill_9() 
     assert_eq!(artifact["trigger"], "fleet", "{artifact}");
     assert_eq!(artifact["operator"], "web-9", "{artifact}");
     assert_eq!(host.switches(), ["v1"], "switched once");
+}
+
+fn tls_config(ca: &std::path::Path, cert: &std::path::Path, key: &std::path::Path) -> String {
+    format!(
+        "ca_file = {:?}\ncert_file = {:?}\nkey_file = {:?}\n",
+        ca.display().to_string(),
+        cert.display().to_string(),
+        key.display().to_string()
+    )
+}
+
+#[test]
+fn over_tls_with_a_client_certificate_the_fleet_kill_switch_reaches_the_host() {
+    if !need_etcd_tls("over_tls_with_a_client_certificate_the_fleet_kill_switch_reaches_the_host") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let certs = Certs::make(&tmp.path().join("certs"));
+    let etcd = Etcd::start_tls(&tmp.path().join("etcd"), &certs);
+    let host = fleet_setup(
+        &etcd.tls_url(),
+        "web-1",
+        &tls_config(&certs.ca, &certs.client_cert, &certs.client_key),
+    );
+    let check = ok(&host.cli(&["check-config"]));
+    assert!(
+        check.contains("fleet TLS files: readable and valid PEM"),
+        "{check}"
+    );
+    let _daemon = host.start();
+    wait_for(Duration::from_secs(20), || fleet_link(&host) == "connected").unwrap_or_else(|| {
+        panic!(
+            "not connected over TLS: {}\nlog:\n{}",
+            status_json(&host)["fleet"],
+            host.daemon_log()
+        )
+    });
+    // The CLI's fleet write goes over TLS too; the host mirrors it.
+    ok(&host.cli(&["kill-switch", "set", "--fleet", "--reason", "tls test"]));
+    wait_for(Duration::from_secs(20), || {
+        kill_value(&host).as_deref() == Some("1")
+    })
+    .unwrap();
+    let record: Value =
+        serde_json::from_slice(&etcd.get("/rollbackd/kill_switch").unwrap()).unwrap();
+    assert_eq!(record["reason"], "tls test", "{record}");
+    let listed = ok(&host.cli(&["fleet", "status", "--json"]));
+    assert!(listed.contains("web-1"), "{listed}");
+}
+
+#[test]
+fn a_host_whose_tls_files_are_wrong_is_cut_off_says_why_guards_itself_and_heals_when_they_are_mended(
+) {
+    if !need_etcd_tls("a_host_whose_tls_files_are_wrong_is_cut_off_says_why_guards_itself_and_heals_when_they_are_mended") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let certs = Certs::make(&tmp.path().join("certs"));
+    let etcd = Etcd::start_tls(&tmp.path().join("etcd"), &certs);
+
+    // A CA that did not sign etcd's certificate: the handshake fails, and says so.
+    let rogue = fleet_setup(
+        &etcd.tls_url(),
+        "web-2",
+        &tls_config(&certs.other_ca, &certs.client_cert, &certs.client_key),
+    );
+    let _rogue = rogue.start();
+    wait_for(Duration::from_secs(20), || {
+        fleet_link(&rogue) == "partitioned"
+    })
+    .unwrap();
+    let error = status_json(&rogue)["fleet"]["linkError"]
+        .as_str()
+        .unwrap_or("")
+        .to_owned();
+    assert!(
+        error.to_lowercase().contains("certificate") || error.contains("UnknownIssuer"),
+        "{error}"
+    );
+
+    // No client certificate: etcd refuses the connection.
+    let anonymous = fleet_setup(
+        &etcd.tls_url(),
+        "web-3",
+        &format!("ca_file = {:?}\n", certs.ca.display().to_string()),
+    );
+    let _anonymous = anonymous.start();
+    wait_for(Duration::from_secs(20), || {
+        fleet_link(&anonymous) == "partitioned"
+    })
+    .unwrap();
+    let error = status_json(&anonymous)["fleet"]["linkError"]
+        .as_str()
+        .unwrap_or("")
+        .to_owned();
+    assert!(
+        error.contains("Certificate"),
+        "etcd's TLS alert is in the link error: {error}"
+    );
+    let out = anonymous.cli(&["kill-switch", "set", "--fleet", "--reason", "nope"]);
+    assert!(
+        !out.status.success(),
+        "a fleet write without a client certificate succeeded"
+    );
+    assert!(etcd.get("/rollbackd/kill_switch").is_none());
+
+    // The key file is missing: check-config warns, `run` still guards the host, and once
+    // the file is there the host joins without a restart.
+    let key = tmp.path().join("late.key");
+    let late = fleet_setup(
+        &etcd.tls_url(),
+        "web-4",
+        &tls_config(&certs.ca, &certs.client_cert, &key),
+    );
+    let check = ok(&late.cli(&["check-config", "--for", "run"]));
+    assert!(check.contains("warning: fleet: fleet.key_file"), "{check}");
+    assert!(check.contains("cannot read it"), "{check}");
+    let _late = late.start();
+    late.promote();
+    wait_for(Duration::from_secs(20), || {
+        fleet_link(&late) == "partitioned"
+    })
+    .unwrap();
+    let error = status_json(&late)["fleet"]["linkError"]
+        .as_str()
+        .unwrap_or("")
+        .to_owned();
+    assert!(
+        error.contains("fleet.key_file") && error.contains("cannot read it"),
+        "{error}"
+    );
+    assert_eq!(
+        status_json(&late)["session"]["active"],
+        "v2",
+        "the host guards itself"
+    );
+    std::fs::copy(&certs.client_key, &key).unwrap();
+    wait_for(Duration::from_secs(30), || fleet_link(&late) == "connected").unwrap_or_else(|| {
+        panic!(
+            "not connected once the key was there: {}",
+            status_json(&late)["fleet"]
+        )
+    });
 }
 
 #[test]

@@ -137,7 +137,7 @@ fn timeout_reason(timeout: Duration) -> String {
 
 /// An error and all its sources, `: `-separated, skipping a source whose text the
 /// previous message already contains (reqwest and hyper repeat each other).
-fn error_chain(error: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {

@@ -157,6 +157,17 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 let stdout = std::io::stdout();
                 let mut out = stdout.lock();
                 print_check_config(&loaded, &mut out)?;
+                if let Some(fleet) = loaded.config.fleet.as_ref().filter(|f| f.tls.is_set()) {
+                    // Read here as the daemon reads them (and as the user running this can):
+                    // broken files do not stop `run`, they cut the host off from the fleet.
+                    match crate::fleet::etcd::build_client(&fleet.tls) {
+                        Ok(_) => writeln!(out, "\nfleet TLS files: readable and valid PEM")?,
+                        Err(why) => writeln!(
+                            out,
+                            "\nwarning: fleet: {why}\n  `rollbackd run` would guard this host without the fleet until it is mended"
+                        )?,
+                    }
+                }
                 out.flush()?;
             }
             if let Some(CheckFor::Run) = for_command {

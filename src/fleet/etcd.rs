@@ -13,6 +13,7 @@ use serde_json::{json, Value};
 
 use super::store::{FleetError, FleetStore, Kv, LeaseId, Watch, WatchEvent};
 use crate::adapters::BoxFuture;
+use crate::config::FleetTls;
 
 /// The most one unary request may take (connect included).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
@@ -25,9 +26,67 @@ const MAX_BODY: usize = 32 << 20;
 /// etcd v3 through the JSON gateway, with the endpoints tried in turn.
 pub struct EtcdGateway {
     endpoints: Vec<String>,
-    client: reqwest::Client,
+    tls: FleetTls,
+    /// The client, or why it cannot be built (a TLS file missing, unreadable or not PEM):
+    /// then every request fails with that reason — the host shows as cut off from the
+    /// fleet and goes on guarding itself — and the files are read again at the next
+    /// request, so mending them needs no restart.
+    client: std::sync::Mutex<Result<reqwest::Client, String>>,
     /// The endpoint that answered last: tried first.
     current: AtomicUsize,
+}
+
+/// The fleet's HTTP client with `tls` (the CA as the only root when given, this host's
+/// client certificate when given). `Err` names the key and file at fault.
+pub fn build_client(tls: &FleetTls) -> Result<reqwest::Client, String> {
+    let read = |key: &str, path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| format!("{key} {}: cannot read it: {e}", path.display()))
+    };
+    let mut builder = reqwest::Client::builder()
+        .connect_timeout(CONNECT_TIMEOUT)
+        .tcp_nodelay(true)
+        .pool_idle_timeout(Duration::from_secs(30));
+    if let Some(path) = &tls.ca_file {
+        let pem = read("fleet.ca_file", path)?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+            format!(
+                "fleet.ca_file {}: not a PEM certificate: {e}",
+                path.display()
+            )
+        })?;
+        if certs.is_empty() {
+            return Err(format!(
+                "fleet.ca_file {}: no certificate in it",
+                path.display()
+            ));
+        }
+        // The fleet's own CA, and no other: a certificate some public CA issued for the
+        // etcd host's name must not pass for etcd.
+        builder = builder.tls_built_in_root_certs(false);
+        for cert in certs {
+            builder = builder.add_root_certificate(cert);
+        }
+    }
+    if let (Some(cert), Some(key)) = (&tls.cert_file, &tls.key_file) {
+        let mut pem = read("fleet.cert_file", cert)?;
+        pem.push(b'\n');
+        pem.extend(read("fleet.key_file", key)?);
+        let identity = reqwest::Identity::from_pem(&pem).map_err(|e| {
+            format!(
+                "fleet.cert_file {} with fleet.key_file {}: not a PEM certificate and private key: {}",
+                cert.display(),
+                key.display(),
+                crate::adapters::error_chain(&e)
+            )
+        })?;
+        builder = builder.identity(identity);
+    }
+    builder.build().map_err(|e| {
+        format!(
+            "cannot build the fleet's HTTP client: {}",
+            crate::adapters::error_chain(&e)
+        )
+    })
 }
 
 fn b64(bytes: &[u8]) -> String {
@@ -87,36 +146,46 @@ fn gateway_error(reply: &Value) -> Option<String> {
 impl EtcdGateway {
     /// A client for `endpoints` (client URLs such as `http://127.0.0.1:2379`). Makes no
     /// connection yet.
-    pub fn new(endpoints: &[String]) -> Result<EtcdGateway, FleetError> {
+    pub fn new(endpoints: &[String], tls: &FleetTls) -> Result<EtcdGateway, FleetError> {
         if endpoints.is_empty() {
             return Err(FleetError::Unreachable("no endpoints configured".into()));
         }
-        let client = reqwest::Client::builder()
-            .connect_timeout(CONNECT_TIMEOUT)
-            .tcp_nodelay(true)
-            .pool_idle_timeout(Duration::from_secs(30))
-            .build()
-            .map_err(|e| FleetError::Unreachable(format!("cannot build the HTTP client: {e}")))?;
+        // A client that cannot be built is reported by every request (the agent's link
+        // error, the CLI's message), not here.
+        let client = build_client(tls);
         Ok(EtcdGateway {
             endpoints: endpoints
                 .iter()
                 .map(|e| e.trim_end_matches('/').to_owned())
                 .collect(),
-            client,
+            tls: tls.clone(),
+            client: std::sync::Mutex::new(client),
             current: AtomicUsize::new(0),
         })
+    }
+
+    /// The client, built again first if it could not be before.
+    fn client(&self) -> Result<reqwest::Client, FleetError> {
+        let mut client = self.client.lock().unwrap_or_else(|p| p.into_inner());
+        if client.is_err() {
+            *client = build_client(&self.tls);
+            if client.is_ok() {
+                tracing::info!("fleet: the TLS files are usable now");
+            }
+        }
+        client.clone().map_err(FleetError::Unreachable)
     }
 
     /// POSTs `body` to `path` on the endpoints in turn (starting with the one that
     /// answered last) until one answers; the reply's JSON.
     async fn call(&self, path: &str, body: Value) -> Result<Value, FleetError> {
+        let client = self.client()?;
         let first = self.current.load(Ordering::Relaxed);
         let mut last_error = String::new();
         for step in 0..self.endpoints.len() {
             let index = (first + step) % self.endpoints.len();
             let url = format!("{}{path}", self.endpoints[index]);
-            let response = self
-                .client
+            let response = client
                 .post(&url)
                 .timeout(REQUEST_TIMEOUT)
                 .header(reqwest::header::CONTENT_TYPE, "application/json")
@@ -171,7 +240,9 @@ fn describe(err: &reqwest::Error) -> String {
         }
         deepest
     } else {
-        err.to_string()
+        // The whole chain: "error sending request" alone hides the TLS alert (a client
+        // certificate etcd refused arrives after the handshake, on the first read).
+        crate::adapters::error_chain(err)
     }
 }
 
@@ -272,6 +343,7 @@ impl FleetStore for EtcdGateway {
         }
         let body = json!({"create_request": create});
         Box::pin(async move {
+            let client = self.client()?;
             let first = self.current.load(Ordering::Relaxed);
             let mut last_error = String::new();
             for step in 0..self.endpoints.len() {
@@ -282,7 +354,7 @@ impl FleetStore for EtcdGateway {
                 // noticed by the caller's heartbeat.
                 let response = match tokio::time::timeout(
                     REQUEST_TIMEOUT,
-                    self.client
+                    client
                         .post(&url)
                         .header(reqwest::header::CONTENT_TYPE, "application/json")
                         .body(body.to_string())

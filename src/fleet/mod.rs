@@ -215,7 +215,10 @@ pub fn mirror(fleet_on: bool, local: Option<&str>, local_hold: bool) -> Mirror {
 
 /// The fleet store for a configuration (etcd v3 through its gateway).
 pub fn store_for(config: &FleetConfig) -> Result<Arc<dyn store::FleetStore>, store::FleetError> {
-    Ok(Arc::new(etcd::EtcdGateway::new(&config.endpoints)?))
+    Ok(Arc::new(etcd::EtcdGateway::new(
+        &config.endpoints,
+        &config.tls,
+    )?))
 }
 
 #[cfg(test)]

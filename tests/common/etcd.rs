@@ -26,12 +26,125 @@ pub fn need_etcd(test: &str) -> bool {
     tool_available(etcd_installed(), test, "etcd (Debian etcd-server)")
 }
 
+pub fn openssl_installed() -> bool {
+    Command::new("openssl")
+        .arg("version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Whether a TLS fleet test can run: etcd and openssl installed, else SKIP (or fail under CI).
+pub fn need_etcd_tls(test: &str) -> bool {
+    need_etcd(test) && tool_available(openssl_installed(), test, "openssl")
+}
+
+/// A test CA and the certificates signed by it, made with the openssl command (P-256
+/// keys, PKCS#8 PEM, valid two days), plus a second CA that signed nothing of etcd's.
+pub struct Certs {
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+    pub other_ca: PathBuf,
+}
+
+impl Certs {
+    pub fn make(dir: &Path) -> Certs {
+        std::fs::create_dir_all(dir).unwrap();
+        let openssl = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(dir)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let key = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        for ca in ["ca", "other-ca"] {
+            let mut args = vec!["req", "-x509"];
+            args.extend(key);
+            let (keyout, out, subj) = (
+                format!("{ca}.key"),
+                format!("{ca}.pem"),
+                format!("/CN=rollbackd-test-{ca}"),
+            );
+            args.extend([
+                "-keyout", &keyout, "-out", &out, "-days", "2", "-subj", &subj,
+            ]);
+            openssl(&args);
+        }
+        // The server certificate is a client one too: etcd's JSON gateway dials etcd's
+        // own TLS port with it, which --client-cert-auth checks.
+        for (name, ext) in [
+            (
+                "server",
+                "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n",
+            ),
+            ("client", "extendedKeyUsage=clientAuth\n"),
+        ] {
+            std::fs::write(dir.join(format!("{name}.ext")), ext).unwrap();
+            let (keyout, csr, pem, extfile, subj) = (
+                format!("{name}.key"),
+                format!("{name}.csr"),
+                format!("{name}.pem"),
+                format!("{name}.ext"),
+                format!("/CN={name}"),
+            );
+            let mut args = vec!["req"];
+            args.extend(key);
+            args.extend(["-keyout", &keyout, "-out", &csr, "-subj", &subj]);
+            openssl(&args);
+            openssl(&[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &pem,
+                "-days",
+                "2",
+                "-extfile",
+                &extfile,
+            ]);
+        }
+        Certs {
+            ca: dir.join("ca.pem"),
+            server_cert: dir.join("server.pem"),
+            server_key: dir.join("server.key"),
+            client_cert: dir.join("client.pem"),
+            client_key: dir.join("client.key"),
+            other_ca: dir.join("other-ca.pem"),
+        }
+    }
+}
+
 /// One etcd server, killed when dropped.
 pub struct Etcd {
     child: Option<Child>,
     pub dir: PathBuf,
     pub client_port: u16,
     peer_port: u16,
+    /// With TLS: a second client port, `https://` with `--client-cert-auth` (the plain
+    /// one stays for the tests' own reads and writes).
+    tls: Option<(u16, PathBuf, PathBuf, PathBuf)>,
 }
 
 impl Etcd {
@@ -41,6 +154,26 @@ impl Etcd {
             dir: dir.to_path_buf(),
             client_port: free_port(),
             peer_port: free_port(),
+            tls: None,
+        };
+        etcd.spawn();
+        etcd
+    }
+
+    /// An etcd that also serves `https://` ([`Etcd::tls_url`]) with `certs`' server
+    /// certificate and asks every client there for a certificate signed by `certs.ca`.
+    pub fn start_tls(dir: &Path, certs: &Certs) -> Etcd {
+        let mut etcd = Etcd {
+            child: None,
+            dir: dir.to_path_buf(),
+            client_port: free_port(),
+            peer_port: free_port(),
+            tls: Some((
+                free_port(),
+                certs.server_cert.clone(),
+                certs.server_key.clone(),
+                certs.ca.clone(),
+            )),
         };
         etcd.spawn();
         etcd
@@ -48,6 +181,11 @@ impl Etcd {
 
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.client_port)
+    }
+
+    pub fn tls_url(&self) -> String {
+        let (port, ..) = self.tls.as_ref().expect("started with start_tls");
+        format!("https://127.0.0.1:{port}")
     }
 
     pub fn log(&self) -> String {
@@ -63,11 +201,27 @@ impl Etcd {
             .append(true)
             .open(self.dir.join("etcd.log"))
             .unwrap();
-        let child = Command::new("etcd")
+        let mut command = Command::new("etcd");
+        match &self.tls {
+            None => {
+                command
+                    .arg(format!("--listen-client-urls={client}"))
+                    .arg(format!("--advertise-client-urls={client}"));
+            }
+            Some((port, cert, key, ca)) => {
+                let tls = format!("https://127.0.0.1:{port}");
+                command
+                    .arg(format!("--listen-client-urls={client},{tls}"))
+                    .arg(format!("--advertise-client-urls={tls}"))
+                    .arg(format!("--cert-file={}", cert.display()))
+                    .arg(format!("--key-file={}", key.display()))
+                    .arg(format!("--trusted-ca-file={}", ca.display()))
+                    .arg("--client-cert-auth");
+            }
+        }
+        let child = command
             .arg("--name=test")
             .arg(format!("--data-dir={}", self.dir.join("data").display()))
-            .arg(format!("--listen-client-urls={client}"))
-            .arg(format!("--advertise-client-urls={client}"))
             .arg(format!("--listen-peer-urls={peer}"))
             .arg(format!("--initial-advertise-peer-urls={peer}"))
             .arg(format!("--initial-cluster=test={peer}"))

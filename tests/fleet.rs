@@ -696,7 +696,17 @@ fn over_tls_with_a_client_certificate_the_fleet_kill_switch_reaches_the_host() {
         "web-1",
         &tls_config(&certs.ca, &certs.client_cert, &certs.client_key),
     );
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |m| std::fs::set_permissions(&certs.client_key, std::fs::Permissions::from_mode(m));
+    mode(0o644).unwrap();
     let check = ok(&host.cli(&["check-config"]));
+    assert!(
+        check.contains("has mode 0644: others than its owner"),
+        "{check}"
+    );
+    mode(0o600).unwrap();
+    let check = ok(&host.cli(&["check-config"]));
+    assert!(!check.contains("warning"), "{check}");
     assert!(
         check.contains("fleet TLS files: readable and valid PEM"),
         "{check}"

@@ -160,6 +160,9 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 if let Some(fleet) = loaded.config.fleet.as_ref().filter(|f| f.tls.is_set()) {
                     // Read here as the daemon reads them (and as the user running this can):
                     // broken files do not stop `run`, they cut the host off from the fleet.
+                    if let Some(warning) = crate::fleet::etcd::key_file_warning(&fleet.tls) {
+                        writeln!(out, "\nwarning: {warning}")?;
+                    }
                     match crate::fleet::etcd::build_client(&fleet.tls) {
                         Ok(_) => writeln!(out, "\nfleet TLS files: readable and valid PEM")?,
                         Err(why) => writeln!(

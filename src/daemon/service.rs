@@ -233,6 +233,9 @@ pub async fn run(
     let fleet_inputs = match &config.fleet {
         None => None,
         Some(fleet_config) => {
+            if let Some(warning) = crate::fleet::etcd::key_file_warning(&fleet_config.tls) {
+                tracing::warn!("{warning}");
+            }
             match crate::fleet::store_for(fleet_config) {
                 Ok(store) => {
                     let initial = crate::fleet::HostRecord {

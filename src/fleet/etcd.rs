@@ -36,6 +36,21 @@ pub struct EtcdGateway {
     current: AtomicUsize,
 }
 
+/// A warning when `tls.key_file` is open to anyone but its owner (any group or other
+/// permission bit): the key is the host's identity to etcd.
+pub fn key_file_warning(tls: &FleetTls) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = tls.key_file.as_ref()?;
+    let mode = std::fs::metadata(path).ok()?.permissions().mode();
+    (mode & 0o077 != 0).then(|| {
+        format!(
+            "fleet.key_file {} has mode {:04o}: others than its owner can read or change it (chmod 600)",
+            path.display(),
+            mode & 0o7777
+        )
+    })
+}
+
 /// The fleet's HTTP client with `tls` (the CA as the only root when given, this host's
 /// client certificate when given). `Err` names the key and file at fault.
 pub fn build_client(tls: &FleetTls) -> Result<reqwest::Client, String> {

@@ -691,10 +691,13 @@ fn over_tls_with_a_client_certificate_the_fleet_kill_switch_reaches_the_host() {
     let tmp = tempfile::tempdir().unwrap();
     let certs = Certs::make(&tmp.path().join("certs"));
     let etcd = Etcd::start_tls(&tmp.path().join("etcd"), &certs);
+    // The host's own copy of the CA, to rotate below (etcd keeps reading certs.ca).
+    let host_ca = tmp.path().join("host-ca.pem");
+    std::fs::copy(&certs.ca, &host_ca).unwrap();
     let host = fleet_setup(
         &etcd.tls_url(),
         "web-1",
-        &tls_config(&certs.ca, &certs.client_cert, &certs.client_key),
+        &tls_config(&host_ca, &certs.client_cert, &certs.client_key),
     );
     use std::os::unix::fs::PermissionsExt;
     let mode = |m| std::fs::set_permissions(&certs.client_key, std::fs::Permissions::from_mode(m));
@@ -730,6 +733,53 @@ fn over_tls_with_a_client_certificate_the_fleet_kill_switch_reaches_the_host() {
     assert_eq!(record["reason"], "tls test", "{record}");
     let listed = ok(&host.cli(&["fleet", "status", "--json"]));
     assert!(listed.contains("web-1"), "{listed}");
+
+    // A rotation caught half-written keeps the client that works...
+    let replace = |from: &[u8]| {
+        let next = tmp.path().join("host-ca.next");
+        std::fs::write(&next, from).unwrap();
+        std::fs::rename(&next, &host_ca).unwrap();
+    };
+    replace(b"-----BEGIN CERTIFICATE-----\ntruncat");
+    wait_for(Duration::from_secs(20), || {
+        host.daemon_log()
+            .contains("a TLS file changed but cannot be used")
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "the broken file was not noticed; log:\n{}",
+            host.daemon_log()
+        )
+    });
+    assert_eq!(
+        fleet_link(&host),
+        "connected",
+        "{}",
+        status_json(&host)["fleet"]
+    );
+    // ...a rotation to a CA that did not sign etcd's certificate is used, so the host is
+    // cut off (new connections fail the handshake), and rotating back joins it again:
+    // both without a restart.
+    replace(&std::fs::read(&certs.other_ca).unwrap());
+    wait_for(Duration::from_secs(30), || {
+        fleet_link(&host) == "partitioned"
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "the rotated CA was not used: {}",
+            status_json(&host)["fleet"]
+        )
+    });
+    replace(&std::fs::read(&certs.ca).unwrap());
+    wait_for(Duration::from_secs(30), || fleet_link(&host) == "connected").unwrap_or_else(|| {
+        panic!(
+            "not connected after rotating back: {}",
+            status_json(&host)["fleet"]
+        )
+    });
+    assert!(host
+        .daemon_log()
+        .contains("a TLS file changed: new connections use it"));
 }
 
 #[test]

@@ -31,9 +31,41 @@ pub struct EtcdGateway {
     /// then every request fails with that reason — the host shows as cut off from the
     /// fleet and goes on guarding itself — and the files are read again at the next
     /// request, so mending them needs no restart.
-    client: std::sync::Mutex<Result<reqwest::Client, String>>,
+    client: std::sync::Mutex<Built>,
     /// The endpoint that answered last: tried first.
     current: AtomicUsize,
+}
+
+/// The client and the TLS files it was built from, as they were then.
+struct Built {
+    client: Result<reqwest::Client, String>,
+    files: Vec<Option<FileStamp>>,
+    /// Files found changed but unusable while the client built before still works: not
+    /// tried (nor warned about) again until they change once more.
+    rejected: Option<Vec<Option<FileStamp>>>,
+}
+
+/// What tells a replaced file from the one read (a rotation by rename or in place).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct FileStamp {
+    inode: u64,
+    len: u64,
+    modified: Option<std::time::SystemTime>,
+}
+
+fn stamps(tls: &FleetTls) -> Vec<Option<FileStamp>> {
+    use std::os::unix::fs::MetadataExt;
+    [&tls.ca_file, &tls.cert_file, &tls.key_file]
+        .into_iter()
+        .flatten()
+        .map(|path| {
+            std::fs::metadata(path).ok().map(|m| FileStamp {
+                inode: m.ino(),
+                len: m.len(),
+                modified: m.modified().ok(),
+            })
+        })
+        .collect()
 }
 
 /// A warning when `tls.key_file` is open to anyone but its owner (any group or other
@@ -167,6 +199,7 @@ impl EtcdGateway {
         }
         // A client that cannot be built is reported by every request (the agent's link
         // error, the CLI's message), not here.
+        let files = stamps(tls);
         let client = build_client(tls);
         Ok(EtcdGateway {
             endpoints: endpoints
@@ -174,21 +207,53 @@ impl EtcdGateway {
                 .map(|e| e.trim_end_matches('/').to_owned())
                 .collect(),
             tls: tls.clone(),
-            client: std::sync::Mutex::new(client),
+            client: std::sync::Mutex::new(Built {
+                client,
+                files,
+                rejected: None,
+            }),
             current: AtomicUsize::new(0),
         })
     }
 
-    /// The client, built again first if it could not be before.
+    /// The client; built again first if it could not be before, or if a TLS file changed
+    /// since (a certificate rotated in place or by rename: new connections use the new
+    /// one, open ones go on until they close). A rotation caught half-written keeps the
+    /// client that works and is tried again at the next request.
     fn client(&self) -> Result<reqwest::Client, FleetError> {
-        let mut client = self.client.lock().unwrap_or_else(|p| p.into_inner());
-        if client.is_err() {
-            *client = build_client(&self.tls);
-            if client.is_ok() {
-                tracing::info!("fleet: the TLS files are usable now");
+        let mut built = self.client.lock().unwrap_or_else(|p| p.into_inner());
+        if !self.tls.is_set() && self.tls.key_file.is_none() {
+            return built.client.clone().map_err(FleetError::Unreachable);
+        }
+        let now = stamps(&self.tls);
+        let stale =
+            built.client.is_err() || (now != built.files && built.rejected.as_ref() != Some(&now));
+        if stale {
+            match (build_client(&self.tls), built.client.is_ok()) {
+                (Ok(client), was_ok) => {
+                    tracing::info!(
+                        "fleet: {}",
+                        if was_ok {
+                            "a TLS file changed: new connections use it"
+                        } else {
+                            "the TLS files are usable now"
+                        }
+                    );
+                    built.client = Ok(client);
+                    built.files = now;
+                    built.rejected = None;
+                }
+                (Err(why), true) => {
+                    tracing::warn!("fleet: a TLS file changed but cannot be used ({why}); keeping the client built before until it changes again");
+                    built.rejected = Some(now);
+                }
+                (Err(why), false) => {
+                    built.client = Err(why);
+                    built.files = now;
+                }
             }
         }
-        client.clone().map_err(FleetError::Unreachable)
+        built.client.clone().map_err(FleetError::Unreachable)
     }
 
     /// POSTs `body` to `path` on the endpoints in turn (starting with the one that

@@ -121,6 +121,8 @@ const KEYS: &[(&str, Kind)] = &[
     ("fleet.ca_file", Kind::Str),
     ("fleet.cert_file", Kind::Str),
     ("fleet.key_file", Kind::Str),
+    ("fleet.username", Kind::Str),
+    ("fleet.password_file", Kind::Str),
 ];
 
 /// The largest value a duration key accepts. Every duration is bounded at load so that
@@ -211,6 +213,8 @@ lease_ttl = "10s"
 ca_file = ""
 cert_file = ""
 key_file = ""
+username = ""
+password_file = ""
 "#;
 
 /// The presets of each profile (SPEC §2, contract).
@@ -418,6 +422,17 @@ pub struct FleetConfig {
     pub lease_ttl: Duration,
     /// TLS to etcd (`https://` endpoints): the CA and this host's client certificate.
     pub tls: FleetTls,
+    /// etcd user authentication, when `username` is set.
+    pub auth: Option<FleetAuth>,
+}
+
+/// `fleet.username` and `fleet.password_file`: an etcd user (its auth enabled); the
+/// password is read from the file (one line) at each authentication, never kept in the
+/// configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FleetAuth {
+    pub username: String,
+    pub password_file: PathBuf,
 }
 
 /// `fleet.ca_file`, `fleet.cert_file`, `fleet.key_file`: PEM files, read when the fleet
@@ -1480,6 +1495,41 @@ fn build(
                 );
             }
         }
+        let username = string("fleet.username").unwrap_or_default();
+        let password_file = file("fleet.password_file");
+        let auth = match (username.is_empty(), password_file) {
+            (true, None) => None,
+            (false, Some(password_file)) => Some(FleetAuth {
+                username,
+                password_file,
+            }),
+            (false, None) => {
+                problem(
+                    "fleet.password_file",
+                    "fleet.username is set, so the file with its password must be named too".into(),
+                );
+                None
+            }
+            (true, Some(_)) => {
+                problem(
+                    "fleet.username",
+                    "fleet.password_file is set, so the etcd user must be named too".into(),
+                );
+                None
+            }
+        };
+        if auth.is_some() {
+            for url in endpoints.iter().filter(|u| !u.starts_with("https://")) {
+                problem(
+                    "fleet.endpoints",
+                    format!(
+                        "{url:?} is not https://, but fleet.username is set: the password \
+                         and the token would travel in clear text (write https:// for every \
+                         endpoint)"
+                    ),
+                );
+            }
+        }
         let lease_ttl = duration("fleet.lease_ttl");
         if lease_ttl < Duration::from_secs(2) || lease_ttl > Duration::from_secs(600) {
             problem(
@@ -1499,6 +1549,7 @@ fn build(
                 .unwrap_or(false),
             lease_ttl,
             tls,
+            auth,
         })
     };
 

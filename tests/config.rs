@@ -736,6 +736,19 @@ fn bad_fleet_keys_are_refused_naming_the_key() {
             "endpoints = [\"https://e:2379\"]\nkey_file = \"/c.key\"",
             "fleet.cert_file",
         ),
+        // An etcd user needs its password file, and the other way round; and https://.
+        (
+            "endpoints = [\"https://e:2379\"]\nusername = \"web-1\"",
+            "fleet.password_file",
+        ),
+        (
+            "endpoints = [\"https://e:2379\"]\npassword_file = \"/pw\"",
+            "fleet.username",
+        ),
+        (
+            "endpoints = [\"http://e:2379\"]\nusername = \"web-1\"\npassword_file = \"/pw\"",
+            "fleet.endpoints",
+        ),
         // Certificates with an http:// endpoint would never be used.
         (
             "endpoints = [\"https://e:2379\", \"http://f:2379\"]\nca_file = \"/ca.pem\"",

@@ -878,6 +878,95 @@ fn a_host_whose_tls_files_are_wrong_is_cut_off_says_why_guards_itself_and_heals_
 }
 
 #[test]
+fn with_an_etcd_user_the_host_authenticates_says_why_when_it_cannot_and_authenticates_again_after_an_etcd_restart(
+) {
+    if !need_etcd_tls("with_an_etcd_user_the_host_authenticates") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let certs = Certs::make(&tmp.path().join("certs"));
+    let mut etcd = Etcd::start_https(&tmp.path().join("etcd"), &certs, false);
+    etcd.enable_auth("web-1", "right-pw", "/rollbackd/");
+    let password = tmp.path().join("etcd-password");
+    std::fs::write(&password, "wrong-pw\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&password, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let host = fleet_setup(
+        &etcd.tls_url(),
+        "web-1",
+        &format!(
+            "ca_file = {:?}\nusername = \"web-1\"\npassword_file = {:?}\n",
+            certs.ca.display().to_string(),
+            password.display().to_string()
+        ),
+    );
+    let check = ok(&host.cli(&["check-config"]));
+    assert!(
+        check.contains("fleet.password_file") && check.contains("has mode 0644"),
+        "{check}"
+    );
+    std::fs::set_permissions(&password, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let _daemon = host.start();
+    // A wrong password: cut off, and the link error says so.
+    wait_for(Duration::from_secs(20), || {
+        fleet_link(&host) == "partitioned"
+    })
+    .unwrap();
+    let error = status_json(&host)["fleet"]["linkError"]
+        .as_str()
+        .unwrap_or("")
+        .to_owned();
+    assert!(
+        error.contains("authenticating as \"web-1\"") && error.contains("authentication failed"),
+        "{error}"
+    );
+    // The password file is read at each attempt: mended, the host joins.
+    std::fs::write(&password, "right-pw\n").unwrap();
+    wait_for(Duration::from_secs(30), || fleet_link(&host) == "connected").unwrap_or_else(|| {
+        panic!(
+            "not connected with the right password: {}",
+            status_json(&host)["fleet"]
+        )
+    });
+    ok(&host.cli(&["kill-switch", "set", "--fleet", "--reason", "auth test"]));
+    wait_for(Duration::from_secs(20), || {
+        kill_value(&host).as_deref() == Some("1")
+    })
+    .unwrap();
+    // etcd's tokens do not survive its restart: the host authenticates again.
+    etcd.restart();
+    wait_for(Duration::from_secs(30), || {
+        host.daemon_log().contains("authenticating again") && fleet_link(&host) == "connected"
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "no new token after etcd's restart: {}\nlog:\n{}",
+            status_json(&host)["fleet"],
+            host.daemon_log()
+        )
+    });
+    ok(&host.cli(&[
+        "kill-switch",
+        "reset",
+        "--fleet",
+        "--reason",
+        "auth test over",
+    ]));
+    wait_for(Duration::from_secs(20), || {
+        kill_value(&host).as_deref() == Some("0")
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "the reset after etcd's restart was not mirrored; log:\n{}",
+            host.daemon_log()
+        )
+    });
+    let record: Value =
+        serde_json::from_slice(&etcd.get("/rollbackd/kill_switch").unwrap()).unwrap();
+    assert_eq!(record["value"], "0", "{record}");
+}
+
+#[test]
 fn a_verdict_made_while_cut_off_survives_a_kill_9_and_reaches_etcd_on_reconnect() {
     if !need_etcd("a_verdict_made_while_cut_off_survives_a_kill_9_and_reaches_etcd_on_reconnect") {
         return;

@@ -157,12 +157,25 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 let stdout = std::io::stdout();
                 let mut out = stdout.lock();
                 print_check_config(&loaded, &mut out)?;
+                if let Some(fleet) = &loaded.config.fleet {
+                    for warning in
+                        crate::fleet::etcd::secret_file_warnings(&fleet.tls, fleet.auth.as_ref())
+                    {
+                        writeln!(out, "\nwarning: {warning}")?;
+                    }
+                    if let Some(auth) = &fleet.auth {
+                        if let Err(e) = std::fs::File::open(&auth.password_file) {
+                            writeln!(
+                                out,
+                                "\nwarning: fleet: fleet.password_file {}: cannot read it: {e}\n  `rollbackd run` would guard this host without the fleet until it is mended",
+                                auth.password_file.display()
+                            )?;
+                        }
+                    }
+                }
                 if let Some(fleet) = loaded.config.fleet.as_ref().filter(|f| f.tls.is_set()) {
                     // Read here as the daemon reads them (and as the user running this can):
                     // broken files do not stop `run`, they cut the host off from the fleet.
-                    if let Some(warning) = crate::fleet::etcd::key_file_warning(&fleet.tls) {
-                        writeln!(out, "\nwarning: {warning}")?;
-                    }
                     match crate::fleet::etcd::build_client(&fleet.tls) {
                         Ok(_) => writeln!(out, "\nfleet TLS files: readable and valid PEM")?,
                         Err(why) => writeln!(

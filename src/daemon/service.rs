@@ -233,7 +233,10 @@ pub async fn run(
     let fleet_inputs = match &config.fleet {
         None => None,
         Some(fleet_config) => {
-            if let Some(warning) = crate::fleet::etcd::key_file_warning(&fleet_config.tls) {
+            for warning in crate::fleet::etcd::secret_file_warnings(
+                &fleet_config.tls,
+                fleet_config.auth.as_ref(),
+            ) {
                 tracing::warn!("{warning}");
             }
             match crate::fleet::store_for(fleet_config) {

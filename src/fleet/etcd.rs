@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 
 use super::store::{FleetError, FleetStore, Kv, LeaseId, Watch, WatchEvent};
 use crate::adapters::BoxFuture;
-use crate::config::FleetTls;
+use crate::config::{FleetAuth, FleetTls};
 
 /// The most one unary request may take (connect included).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
@@ -32,8 +32,18 @@ pub struct EtcdGateway {
     /// fleet and goes on guarding itself — and the files are read again at the next
     /// request, so mending them needs no restart.
     client: std::sync::Mutex<Built>,
+    /// etcd user authentication (`[fleet] username`, `password_file`), and the token
+    /// etcd gave for it, sent with every request.
+    auth: Option<FleetAuth>,
+    token: std::sync::Mutex<Option<String>>,
     /// The endpoint that answered last: tried first.
     current: AtomicUsize,
+}
+
+/// Whether etcd refused a request for its token (expired, revoked, or none sent): worth
+/// one new `authenticate`, unlike a refusal by role ("permission denied").
+fn token_refused(message: &str) -> bool {
+    message.contains("invalid auth token") || message.contains("user name is empty")
 }
 
 /// The client and the TLS files it was built from, as they were then.
@@ -68,19 +78,28 @@ fn stamps(tls: &FleetTls) -> Vec<Option<FileStamp>> {
         .collect()
 }
 
-/// A warning when `tls.key_file` is open to anyone but its owner (any group or other
-/// permission bit): the key is the host's identity to etcd.
-pub fn key_file_warning(tls: &FleetTls) -> Option<String> {
+/// Warnings for the fleet's secret files (`key_file`, `password_file`) open to anyone but
+/// their owner (any group or other permission bit): they are the host's identity to etcd.
+pub fn secret_file_warnings(tls: &FleetTls, auth: Option<&FleetAuth>) -> Vec<String> {
     use std::os::unix::fs::PermissionsExt;
-    let path = tls.key_file.as_ref()?;
-    let mode = std::fs::metadata(path).ok()?.permissions().mode();
-    (mode & 0o077 != 0).then(|| {
-        format!(
-            "fleet.key_file {} has mode {:04o}: others than its owner can read or change it (chmod 600)",
-            path.display(),
-            mode & 0o7777
-        )
-    })
+    let files = [
+        ("fleet.key_file", tls.key_file.as_ref()),
+        ("fleet.password_file", auth.map(|a| &a.password_file)),
+    ];
+    files
+        .into_iter()
+        .filter_map(|(key, path)| {
+            let path = path?;
+            let mode = std::fs::metadata(path).ok()?.permissions().mode();
+            (mode & 0o077 != 0).then(|| {
+                format!(
+                    "{key} {} has mode {:04o}: others than its owner can read or change it (chmod 600)",
+                    path.display(),
+                    mode & 0o7777
+                )
+            })
+        })
+        .collect()
 }
 
 /// The fleet's HTTP client with `tls` (the CA as the only root when given, this host's
@@ -193,7 +212,11 @@ fn gateway_error(reply: &Value) -> Option<String> {
 impl EtcdGateway {
     /// A client for `endpoints` (client URLs such as `http://127.0.0.1:2379`). Makes no
     /// connection yet.
-    pub fn new(endpoints: &[String], tls: &FleetTls) -> Result<EtcdGateway, FleetError> {
+    pub fn new(
+        endpoints: &[String],
+        tls: &FleetTls,
+        auth: Option<&FleetAuth>,
+    ) -> Result<EtcdGateway, FleetError> {
         if endpoints.is_empty() {
             return Err(FleetError::Unreachable("no endpoints configured".into()));
         }
@@ -212,8 +235,60 @@ impl EtcdGateway {
                 files,
                 rejected: None,
             }),
+            auth: auth.cloned(),
+            token: std::sync::Mutex::new(None),
             current: AtomicUsize::new(0),
         })
+    }
+
+    /// The token to send: the one held, or a new one from `/v3/auth/authenticate` (the
+    /// password file is read each time, so a changed password needs no restart).
+    async fn token(&self) -> Result<Option<String>, FleetError> {
+        let Some(auth) = &self.auth else {
+            return Ok(None);
+        };
+        if let Some(token) = self.token.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+            return Ok(Some(token));
+        }
+        let password = std::fs::read_to_string(&auth.password_file).map_err(|e| {
+            FleetError::Unreachable(format!(
+                "fleet.password_file {}: cannot read it: {e}",
+                auth.password_file.display()
+            ))
+        })?;
+        // One line; the newline an editor or `echo` leaves is not part of it.
+        let password = password.strip_suffix('\n').unwrap_or(&password);
+        let password = password.strip_suffix('\r').unwrap_or(password);
+        let body = json!({"name": auth.username, "password": password});
+        let reply = self
+            .post("/v3/auth/authenticate", &body, None)
+            .await
+            .map_err(|err| match err {
+                FleetError::Server(message) => {
+                    FleetError::Server(format!("authenticating as {:?}: {message}", auth.username))
+                }
+                other => other,
+            })?;
+        let token = reply["token"]
+            .as_str()
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| {
+                FleetError::Server(format!(
+                    "authenticating as {:?}: no token in the reply (is etcd's auth enabled?)",
+                    auth.username
+                ))
+            })?
+            .to_owned();
+        *self.token.lock().unwrap_or_else(|p| p.into_inner()) = Some(token.clone());
+        Ok(Some(token))
+    }
+
+    /// Forgets `token` if it is still the one held (another request may have replaced it).
+    fn forget_token(&self, token: &str) {
+        let mut held = self.token.lock().unwrap_or_else(|p| p.into_inner());
+        if held.as_deref() == Some(token) {
+            *held = None;
+        }
     }
 
     /// The client; built again first if it could not be before, or if a TLS file changed
@@ -256,22 +331,49 @@ impl EtcdGateway {
         built.client.clone().map_err(FleetError::Unreachable)
     }
 
+    /// [`EtcdGateway::post`] with the auth token when `[fleet] username` is set; a token
+    /// etcd no longer takes is replaced once.
+    async fn call(&self, path: &str, body: Value) -> Result<Value, FleetError> {
+        for attempt in 0.. {
+            let token = self.token().await?;
+            match self.post(path, &body, token.as_deref()).await {
+                Err(FleetError::Server(message))
+                    if attempt == 0 && token.is_some() && token_refused(&message) =>
+                {
+                    tracing::info!(
+                        "fleet: etcd refused the auth token ({message}); authenticating again"
+                    );
+                    self.forget_token(token.as_deref().unwrap_or_default());
+                }
+                other => return other,
+            }
+        }
+        unreachable!("the loop returns by its second attempt")
+    }
+
     /// POSTs `body` to `path` on the endpoints in turn (starting with the one that
     /// answered last) until one answers; the reply's JSON.
-    async fn call(&self, path: &str, body: Value) -> Result<Value, FleetError> {
+    async fn post(
+        &self,
+        path: &str,
+        body: &Value,
+        token: Option<&str>,
+    ) -> Result<Value, FleetError> {
         let client = self.client()?;
         let first = self.current.load(Ordering::Relaxed);
         let mut last_error = String::new();
         for step in 0..self.endpoints.len() {
             let index = (first + step) % self.endpoints.len();
             let url = format!("{}{path}", self.endpoints[index]);
-            let response = client
+            let mut request = client
                 .post(&url)
                 .timeout(REQUEST_TIMEOUT)
                 .header(reqwest::header::CONTENT_TYPE, "application/json")
-                .body(body.to_string())
-                .send()
-                .await;
+                .body(body.to_string());
+            if let Some(token) = token {
+                request = request.header(reqwest::header::AUTHORIZATION, token);
+            }
+            let response = request.send().await;
             let response = match response {
                 Ok(response) => response,
                 Err(err) => {
@@ -424,6 +526,7 @@ impl FleetStore for EtcdGateway {
         let body = json!({"create_request": create});
         Box::pin(async move {
             let client = self.client()?;
+            let token = self.token().await?;
             let first = self.current.load(Ordering::Relaxed);
             let mut last_error = String::new();
             for step in 0..self.endpoints.len() {
@@ -432,14 +535,17 @@ impl FleetStore for EtcdGateway {
                 // No overall timeout: the stream stays open. The connection and the
                 // first message (`created`) are bounded; a watch that goes quiet is
                 // noticed by the caller's heartbeat.
-                let response = match tokio::time::timeout(
-                    REQUEST_TIMEOUT,
-                    client
+                let response = match tokio::time::timeout(REQUEST_TIMEOUT, {
+                    let request = client
                         .post(&url)
                         .header(reqwest::header::CONTENT_TYPE, "application/json")
-                        .body(body.to_string())
-                        .send(),
-                )
+                        .body(body.to_string());
+                    match &token {
+                        Some(token) => request.header(reqwest::header::AUTHORIZATION, token),
+                        None => request,
+                    }
+                    .send()
+                })
                 .await
                 {
                     Ok(Ok(response)) => response,
@@ -477,11 +583,24 @@ impl FleetStore for EtcdGateway {
                         return Ok(Box::new(watch) as Box<dyn Watch>);
                     }
                     Ok(Ok(message)) => {
+                        let message = message.to_string();
+                        if let Some(token) = token.as_deref().filter(|_| token_refused(&message)) {
+                            // The next attempt (the agent starts over) authenticates anew.
+                            self.forget_token(token);
+                        }
                         return Err(FleetError::Server(format!(
                             "{url}: the watch was not created: {message}"
-                        )))
+                        )));
                     }
-                    Ok(Err(err)) => return Err(err),
+                    Ok(Err(err)) => {
+                        if let (Some(token), FleetError::Server(message)) = (token.as_deref(), &err)
+                        {
+                            if token_refused(message) {
+                                self.forget_token(token);
+                            }
+                        }
+                        return Err(err);
+                    }
                     Err(_) => {
                         last_error = format!("{url}: no answer to the watch");
                         continue;

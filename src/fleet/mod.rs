@@ -218,6 +218,7 @@ pub fn store_for(config: &FleetConfig) -> Result<Arc<dyn store::FleetStore>, sto
     Ok(Arc::new(etcd::EtcdGateway::new(
         &config.endpoints,
         &config.tls,
+        config.auth.as_ref(),
     )?))
 }
 

@@ -142,9 +142,12 @@ pub struct Etcd {
     pub dir: PathBuf,
     pub client_port: u16,
     peer_port: u16,
-    /// With TLS: a second client port, `https://` with `--client-cert-auth` (the plain
-    /// one stays for the tests' own reads and writes).
-    tls: Option<(u16, PathBuf, PathBuf, PathBuf)>,
+    /// With TLS: a second client port, `https://` (with `--client-cert-auth` when the
+    /// flag is set; the plain one stays for the tests' own reads and writes).
+    tls: Option<(u16, PathBuf, PathBuf, PathBuf, bool)>,
+    /// With etcd's auth enabled ([`Etcd::enable_auth`]): root's token for the tests' own
+    /// reads and writes.
+    token: Mutex<Option<String>>,
 }
 
 impl Etcd {
@@ -155,6 +158,7 @@ impl Etcd {
             client_port: free_port(),
             peer_port: free_port(),
             tls: None,
+            token: Mutex::new(None),
         };
         etcd.spawn();
         etcd
@@ -163,6 +167,12 @@ impl Etcd {
     /// An etcd that also serves `https://` ([`Etcd::tls_url`]) with `certs`' server
     /// certificate and asks every client there for a certificate signed by `certs.ca`.
     pub fn start_tls(dir: &Path, certs: &Certs) -> Etcd {
+        Etcd::start_https(dir, certs, true)
+    }
+
+    /// [`Etcd::start_tls`], with `client_cert_auth` saying whether etcd asks for client
+    /// certificates on its `https://` port.
+    pub fn start_https(dir: &Path, certs: &Certs, client_cert_auth: bool) -> Etcd {
         let mut etcd = Etcd {
             child: None,
             dir: dir.to_path_buf(),
@@ -173,7 +183,9 @@ impl Etcd {
                 certs.server_cert.clone(),
                 certs.server_key.clone(),
                 certs.ca.clone(),
+                client_cert_auth,
             )),
+            token: Mutex::new(None),
         };
         etcd.spawn();
         etcd
@@ -208,15 +220,19 @@ impl Etcd {
                     .arg(format!("--listen-client-urls={client}"))
                     .arg(format!("--advertise-client-urls={client}"));
             }
-            Some((port, cert, key, ca)) => {
+            Some((port, cert, key, ca, client_cert_auth)) => {
                 let tls = format!("https://127.0.0.1:{port}");
                 command
                     .arg(format!("--listen-client-urls={client},{tls}"))
                     .arg(format!("--advertise-client-urls={tls}"))
                     .arg(format!("--cert-file={}", cert.display()))
-                    .arg(format!("--key-file={}", key.display()))
-                    .arg(format!("--trusted-ca-file={}", ca.display()))
-                    .arg("--client-cert-auth");
+                    .arg(format!("--key-file={}", key.display()));
+                // etcd asks for client certificates whenever it has a CA to check them by.
+                if *client_cert_auth {
+                    command
+                        .arg(format!("--trusted-ca-file={}", ca.display()))
+                        .arg("--client-cert-auth");
+                }
             }
         }
         let child = command
@@ -256,6 +272,9 @@ impl Etcd {
     pub fn restart(&mut self) {
         self.kill();
         self.spawn();
+        if self.token.lock().unwrap().is_some() {
+            self.authenticate_root();
+        }
     }
 
     /// A key's value through etcd's gateway (raw bytes), or `None`.
@@ -264,7 +283,7 @@ impl Etcd {
         let b64 = base64::engine::general_purpose::STANDARD;
         let body = serde_json::json!({"key": b64.encode(key)}).to_string();
         let addr = format!("127.0.0.1:{}", self.client_port).parse().unwrap();
-        let reply = super::http_request_body("POST", addr, "/v3/kv/range", &body).ok()?;
+        let reply = self.request(addr, "/v3/kv/range", &body).ok()?;
         let value: serde_json::Value = serde_json::from_str(&reply.body).ok()?;
         let kv = value["kvs"].as_array()?.first()?.clone();
         b64.decode(kv["value"].as_str()?).ok()
@@ -277,8 +296,83 @@ impl Etcd {
         let body =
             serde_json::json!({"key": b64.encode(key), "value": b64.encode(value)}).to_string();
         let addr = format!("127.0.0.1:{}", self.client_port).parse().unwrap();
-        let reply = super::http_request_body("POST", addr, "/v3/kv/put", &body).unwrap();
+        let reply = self.request(addr, "/v3/kv/put", &body).unwrap();
         assert_eq!(reply.status, 200, "{}", reply.body);
+    }
+}
+
+impl Etcd {
+    /// A POST to the plain client port, with root's token once auth is on.
+    fn request(
+        &self,
+        addr: std::net::SocketAddr,
+        path: &str,
+        body: &str,
+    ) -> std::io::Result<super::HttpResponse> {
+        let token = self.token.lock().unwrap().clone();
+        match token {
+            Some(token) => {
+                super::http_request_with("POST", addr, path, body, &[("authorization", &token)])
+            }
+            None => super::http_request_body("POST", addr, path, body),
+        }
+    }
+
+    /// Turns etcd's auth on: `root` (password `root-pw`) and `user` with `password`,
+    /// whose role may read and write only keys under `prefix`.
+    pub fn enable_auth(&self, user: &str, password: &str, prefix: &str) {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let mut end = prefix.as_bytes().to_vec();
+        *end.last_mut().unwrap() += 1;
+        let addr = format!("127.0.0.1:{}", self.client_port).parse().unwrap();
+        let steps = [
+            ("/v3/auth/role/add", serde_json::json!({"name": "root"})),
+            (
+                "/v3/auth/user/add",
+                serde_json::json!({"name": "root", "password": "root-pw"}),
+            ),
+            (
+                "/v3/auth/user/grant",
+                serde_json::json!({"user": "root", "role": "root"}),
+            ),
+            ("/v3/auth/role/add", serde_json::json!({"name": "fleet"})),
+            (
+                "/v3/auth/role/grant",
+                serde_json::json!({"name": "fleet", "perm": {"permType": "READWRITE", "key": b64.encode(prefix), "range_end": b64.encode(&end)}}),
+            ),
+            (
+                "/v3/auth/user/add",
+                serde_json::json!({"name": user, "password": password}),
+            ),
+            (
+                "/v3/auth/user/grant",
+                serde_json::json!({"user": user, "role": "fleet"}),
+            ),
+            ("/v3/auth/enable", serde_json::json!({})),
+        ];
+        for (path, body) in steps {
+            let reply = super::http_request_body("POST", addr, path, &body.to_string()).unwrap();
+            assert_eq!(reply.status, 200, "{path}: {}", reply.body);
+        }
+        self.authenticate_root();
+    }
+
+    /// A new token for root (etcd's simple tokens do not survive its restart).
+    fn authenticate_root(&self) {
+        let addr = format!("127.0.0.1:{}", self.client_port).parse().unwrap();
+        let reply = super::http_request_body(
+            "POST",
+            addr,
+            "/v3/auth/authenticate",
+            &serde_json::json!({"name": "root", "password": "root-pw"}).to_string(),
+        )
+        .unwrap();
+        let token = serde_json::from_str::<serde_json::Value>(&reply.body).unwrap()["token"]
+            .as_str()
+            .expect("root's token")
+            .to_owned();
+        *self.token.lock().unwrap() = Some(token);
     }
 }
 

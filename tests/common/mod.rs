@@ -452,12 +452,27 @@ pub fn http_request_body(
     path: &str,
     body: &str,
 ) -> std::io::Result<HttpResponse> {
+    http_request_with(method, addr, path, body, &[])
+}
+
+/// [`http_request_body`] with extra request headers.
+pub fn http_request_with(
+    method: &str,
+    addr: std::net::SocketAddr,
+    path: &str,
+    body: &str,
+    headers: &[(&str, &str)],
+) -> std::io::Result<HttpResponse> {
     use std::io::Read;
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let extra: String = headers
+        .iter()
+        .map(|(name, value)| format!("{name}: {value}\r\n"))
+        .collect();
     write!(
         stream,
-        "{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n{extra}content-length: {}\r\n\r\n{body}",
         body.len()
     )?;
     let mut raw = Vec::new();

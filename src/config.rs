@@ -436,8 +436,8 @@ pub struct FleetAuth {
 }
 
 /// `fleet.ca_file`, `fleet.cert_file`, `fleet.key_file`: PEM files, read when the fleet
-/// client is built (and again on each reconnection while they are unusable), not at load:
-/// a host whose fleet files are broken still guards itself.
+/// client is built and again when they change (a rotation) or while they are unusable —
+/// not at load: a host whose fleet files are broken still guards itself.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct FleetTls {
     /// The CA that signed etcd's server certificate; set, it is the only one trusted.

@@ -218,6 +218,15 @@ fn a_daemon_started_with_etcd_down_guards_its_host_reports_the_partition_and_cat
     );
     let human = String::from_utf8_lossy(&setup.cli(&["status"]).stdout).into_owned();
     assert!(human.contains("CUT OFF from etcd"), "{human}");
+    // A promotion goes ahead with etcd down (saying it could not check the verdicts):
+    // an etcd outage must not stop every deploy.
+    let promoted = setup.cli(&["promote", "--active", "v2", "--previous", "v1"]);
+    assert!(
+        promoted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&promoted.stderr)
+    );
+    assert!(String::from_utf8_lossy(&promoted.stderr).contains("promoting without that check"));
     // The local kill switch works without etcd.
     ok(&setup.cli(&["kill-switch", "set", "--reason", "local while cut off"]));
     assert_eq!(kill_value(&setup).as_deref(), Some("1"));
@@ -850,7 +859,29 @@ fn a_host_whose_tls_files_are_wrong_is_cut_off_says_why_guards_itself_and_heals_
     assert!(check.contains("warning: fleet: fleet.key_file"), "{check}");
     assert!(check.contains("cannot read it"), "{check}");
     let _late = late.start();
-    late.promote();
+    // The verdict check cannot be made with these files: `promote` fails closed (an etcd
+    // outage would let it through with a warning), and --force skips the check.
+    let refused = late.cli(&["promote", "--active", "v2", "--previous", "v1"]);
+    assert!(
+        !refused.status.success(),
+        "promoted without checking the verdicts"
+    );
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("cannot check the fleet's verdicts for v2")
+            && stderr.contains("fleet.key_file"),
+        "{stderr}"
+    );
+    ok(&late.cli(&[
+        "promote",
+        "--active",
+        "v2",
+        "--previous",
+        "v1",
+        "--force",
+        "--reason",
+        "the key is on its way",
+    ]));
     wait_for(Duration::from_secs(20), || {
         fleet_link(&late) == "partitioned"
     })

@@ -97,6 +97,16 @@ pub async fn check_promotion(
     let keys = Keys::new(&config.prefix);
     let kvs = match store.list(&keys.verdicts_of(version)).await {
         Ok((kvs, _)) => kvs,
+        // This user's credentials are the problem, not etcd: fail closed, or the check
+        // that stops a rollout would silently stop for whoever cannot read the files.
+        Err(err @ crate::fleet::store::FleetError::Credentials(_)) if !force => {
+            return Err(anyhow::anyhow!(
+                "cannot check the fleet's verdicts for {} ({err}); mend that (or run as a \
+                 user who can read the files), or promote with --force --reason .. to skip \
+                 the check",
+                Escaped(version)
+            ));
+        }
         Err(err) => {
             eprintln!(
                 "rollbackd: warning: cannot check the fleet's verdicts for {} ({err}); promoting \

@@ -251,7 +251,7 @@ impl EtcdGateway {
             return Ok(Some(token));
         }
         let password = std::fs::read_to_string(&auth.password_file).map_err(|e| {
-            FleetError::Unreachable(format!(
+            FleetError::Credentials(format!(
                 "fleet.password_file {}: cannot read it: {e}",
                 auth.password_file.display()
             ))
@@ -264,16 +264,17 @@ impl EtcdGateway {
             .post("/v3/auth/authenticate", &body, None)
             .await
             .map_err(|err| match err {
-                FleetError::Server(message) => {
-                    FleetError::Server(format!("authenticating as {:?}: {message}", auth.username))
-                }
+                FleetError::Server(message) => FleetError::Credentials(format!(
+                    "authenticating as {:?}: {message}",
+                    auth.username
+                )),
                 other => other,
             })?;
         let token = reply["token"]
             .as_str()
             .filter(|t| !t.is_empty())
             .ok_or_else(|| {
-                FleetError::Server(format!(
+                FleetError::Credentials(format!(
                     "authenticating as {:?}: no token in the reply (is etcd's auth enabled?)",
                     auth.username
                 ))
@@ -298,7 +299,7 @@ impl EtcdGateway {
     fn client(&self) -> Result<reqwest::Client, FleetError> {
         let mut built = self.client.lock().unwrap_or_else(|p| p.into_inner());
         if !self.tls.is_set() && self.tls.key_file.is_none() {
-            return built.client.clone().map_err(FleetError::Unreachable);
+            return built.client.clone().map_err(FleetError::Credentials);
         }
         let now = stamps(&self.tls);
         let stale =
@@ -328,7 +329,7 @@ impl EtcdGateway {
                 }
             }
         }
-        built.client.clone().map_err(FleetError::Unreachable)
+        built.client.clone().map_err(FleetError::Credentials)
     }
 
     /// [`EtcdGateway::post`] with the auth token when `[fleet] username` is set; a token

@@ -39,6 +39,11 @@ pub enum FleetError {
     /// An endpoint answered with an error.
     #[error("etcd refused the request: {0}")]
     Server(String),
+    /// This host's own credentials cannot be used: a TLS or password file missing,
+    /// unreadable or not PEM, or a password etcd refuses. Unlike `Unreachable`, nothing
+    /// is wrong with etcd, and mending the files mends it.
+    #[error("the fleet credentials cannot be used: {0}")]
+    Credentials(String),
     /// The lease is gone (expired, revoked): keys written with it were deleted.
     #[error("the lease {0} has expired")]
     LeaseExpired(LeaseId),

@@ -40,10 +40,16 @@ pub struct EtcdGateway {
     current: AtomicUsize,
 }
 
-/// Whether etcd refused a request for its token (expired, revoked, or none sent): worth
-/// one new `authenticate`, unlike a refusal by role ("permission denied").
+/// Whether etcd refused a request for its token (expired, revoked, none sent, or issued
+/// before a change to users or roles — a password rotation — which etcd reports on the
+/// next read or write as "revision of auth store is old"): worth one new
+/// `authenticate` (as etcd's own Go client does for both), unlike a refusal by role
+/// ("permission denied"). A lease renewal is not checked against the token: the
+/// refusal shows on the next read or write.
 fn token_refused(message: &str) -> bool {
-    message.contains("invalid auth token") || message.contains("user name is empty")
+    message.contains("invalid auth token")
+        || message.contains("user name is empty")
+        || message.contains("revision of auth store is old")
 }
 
 /// The client and the TLS files it was built from, as they were then.
@@ -250,12 +256,17 @@ impl EtcdGateway {
         if let Some(token) = self.token.lock().unwrap_or_else(|p| p.into_inner()).clone() {
             return Ok(Some(token));
         }
-        let password = std::fs::read_to_string(&auth.password_file).map_err(|e| {
-            FleetError::Credentials(format!(
-                "fleet.password_file {}: cannot read it: {e}",
-                auth.password_file.display()
-            ))
-        })?;
+        let path = auth.password_file.clone();
+        let password = tokio::task::spawn_blocking(move || std::fs::read_to_string(&path))
+            .await
+            .map_err(std::io::Error::other)
+            .and_then(|read| read)
+            .map_err(|e| {
+                FleetError::Credentials(format!(
+                    "fleet.password_file {}: cannot read it: {e}",
+                    auth.password_file.display()
+                ))
+            })?;
         // One line; the newline an editor or `echo` leaves is not part of it.
         let password = password.strip_suffix('\n').unwrap_or(&password);
         let password = password.strip_suffix('\r').unwrap_or(password);
@@ -284,49 +295,72 @@ impl EtcdGateway {
         Ok(Some(token))
     }
 
-    /// Forgets `token` if it is still the one held (another request may have replaced it).
-    fn forget_token(&self, token: &str) {
+    /// After etcd answered `message` to a request that carried `token`: when etcd refused
+    /// the token itself, forgets it (if it is still the one held: another request may have
+    /// replaced it), so that the next request authenticates anew. Says whether it did.
+    fn token_refused(&self, token: Option<&str>, message: &str) -> bool {
+        let Some(token) = token.filter(|_| token_refused(message)) else {
+            return false;
+        };
+        tracing::info!("fleet: etcd refused the auth token ({message}); authenticating again");
         let mut held = self.token.lock().unwrap_or_else(|p| p.into_inner());
         if held.as_deref() == Some(token) {
             *held = None;
         }
+        true
     }
 
     /// The client; built again first if it could not be before, or if a TLS file changed
     /// since (a certificate rotated in place or by rename: new connections use the new
     /// one, open ones go on until they close). A rotation caught half-written keeps the
     /// client that works and is tried again at the next request.
-    fn client(&self) -> Result<reqwest::Client, FleetError> {
+    ///
+    /// The files are looked at (and read, when they changed) on the blocking pool: the
+    /// fleet agent shares the runtime thread with the driver, which times the checks.
+    async fn client(&self) -> Result<reqwest::Client, FleetError> {
+        let (known, rejected, was_ok) = {
+            let built = self.client.lock().unwrap_or_else(|p| p.into_inner());
+            if !self.tls.is_set() && self.tls.key_file.is_none() {
+                return built.client.clone().map_err(FleetError::Credentials);
+            }
+            (
+                built.files.clone(),
+                built.rejected.clone(),
+                built.client.is_ok(),
+            )
+        };
+        let tls = self.tls.clone();
+        let (now, rebuilt) = tokio::task::spawn_blocking(move || {
+            let now = stamps(&tls);
+            let stale = !was_ok || (now != known && rejected.as_ref() != Some(&now));
+            let rebuilt = stale.then(|| build_client(&tls));
+            (now, rebuilt)
+        })
+        .await
+        .map_err(|e| FleetError::Credentials(format!("reading the fleet's TLS files: {e}")))?;
         let mut built = self.client.lock().unwrap_or_else(|p| p.into_inner());
-        if !self.tls.is_set() && self.tls.key_file.is_none() {
-            return built.client.clone().map_err(FleetError::Credentials);
-        }
-        let now = stamps(&self.tls);
-        let stale =
-            built.client.is_err() || (now != built.files && built.rejected.as_ref() != Some(&now));
-        if stale {
-            match (build_client(&self.tls), built.client.is_ok()) {
-                (Ok(client), was_ok) => {
-                    tracing::info!(
-                        "fleet: {}",
-                        if was_ok {
-                            "a TLS file changed: new connections use it"
-                        } else {
-                            "the TLS files are usable now"
-                        }
-                    );
-                    built.client = Ok(client);
-                    built.files = now;
-                    built.rejected = None;
-                }
-                (Err(why), true) => {
-                    tracing::warn!("fleet: a TLS file changed but cannot be used ({why}); keeping the client built before until it changes again");
-                    built.rejected = Some(now);
-                }
-                (Err(why), false) => {
-                    built.client = Err(why);
-                    built.files = now;
-                }
+        match (rebuilt, built.client.is_ok()) {
+            (None, _) => {}
+            (Some(Ok(client)), was_ok) => {
+                tracing::info!(
+                    "fleet: {}",
+                    if was_ok {
+                        "a TLS file changed: new connections use it"
+                    } else {
+                        "the TLS files are usable now"
+                    }
+                );
+                built.client = Ok(client);
+                built.files = now;
+                built.rejected = None;
+            }
+            (Some(Err(why)), true) => {
+                tracing::warn!("fleet: a TLS file changed but cannot be used ({why}); keeping the client built before until it changes again");
+                built.rejected = Some(now);
+            }
+            (Some(Err(why)), false) => {
+                built.client = Err(why);
+                built.files = now;
             }
         }
         built.client.clone().map_err(FleetError::Credentials)
@@ -339,13 +373,7 @@ impl EtcdGateway {
             let token = self.token().await?;
             match self.post(path, &body, token.as_deref()).await {
                 Err(FleetError::Server(message))
-                    if attempt == 0 && token.is_some() && token_refused(&message) =>
-                {
-                    tracing::info!(
-                        "fleet: etcd refused the auth token ({message}); authenticating again"
-                    );
-                    self.forget_token(token.as_deref().unwrap_or_default());
-                }
+                    if attempt == 0 && self.token_refused(token.as_deref(), &message) => {}
                 other => return other,
             }
         }
@@ -360,7 +388,7 @@ impl EtcdGateway {
         body: &Value,
         token: Option<&str>,
     ) -> Result<Value, FleetError> {
-        let client = self.client()?;
+        let client = self.client().await?;
         let first = self.current.load(Ordering::Relaxed);
         let mut last_error = String::new();
         for step in 0..self.endpoints.len() {
@@ -526,7 +554,7 @@ impl FleetStore for EtcdGateway {
         }
         let body = json!({"create_request": create});
         Box::pin(async move {
-            let client = self.client()?;
+            let client = self.client().await?;
             let token = self.token().await?;
             let first = self.current.load(Ordering::Relaxed);
             let mut last_error = String::new();
@@ -585,20 +613,15 @@ impl FleetStore for EtcdGateway {
                     }
                     Ok(Ok(message)) => {
                         let message = message.to_string();
-                        if let Some(token) = token.as_deref().filter(|_| token_refused(&message)) {
-                            // The next attempt (the agent starts over) authenticates anew.
-                            self.forget_token(token);
-                        }
+                        // The next attempt (the agent starts over) authenticates anew.
+                        self.token_refused(token.as_deref(), &message);
                         return Err(FleetError::Server(format!(
                             "{url}: the watch was not created: {message}"
                         )));
                     }
                     Ok(Err(err)) => {
-                        if let (Some(token), FleetError::Server(message)) = (token.as_deref(), &err)
-                        {
-                            if token_refused(message) {
-                                self.forget_token(token);
-                            }
+                        if let FleetError::Server(message) = &err {
+                            self.token_refused(token.as_deref(), message);
                         }
                         return Err(err);
                     }

@@ -358,7 +358,15 @@ impl Etcd {
         self.authenticate_root();
     }
 
-    /// A new token for root (etcd's simple tokens do not survive its restart).
+    /// Changes `user`'s password as root (etcd then drops the user's tokens).
+    pub fn change_password(&self, user: &str, password: &str) {
+        let addr = format!("127.0.0.1:{}", self.client_port).parse().unwrap();
+        let body = serde_json::json!({"name": user, "password": password}).to_string();
+        let reply = self.request(addr, "/v3/auth/user/changepw", &body).unwrap();
+        assert_eq!(reply.status, 200, "changepw: {}", reply.body);
+    }
+
+    /// A new token for root (etcd's simple tokens need not survive its restart).
     fn authenticate_root(&self) {
         let addr = format!("127.0.0.1:{}", self.client_port).parse().unwrap();
         let reply = super::http_request_body(

@@ -110,6 +110,40 @@ fn cpu_between(
         / 1e9
 }
 
+/// The binary measured as "this build": `RBD_BENCH_BIN`, or the one `cargo bench` built.
+fn bench_bin() -> PathBuf {
+    std::env::var_os("RBD_BENCH_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(BIN))
+}
+
+/// How many 10 s windows to measure: `RBD_BENCH_WINDOWS`, default 5.
+fn bench_windows() -> usize {
+    std::env::var("RBD_BENCH_WINDOWS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5)
+}
+
+/// `program` running and monitoring v2 at a 100 ms interval against its own loopback
+/// worker (`keep_alive`: see [`monitoring_cost`]).
+fn monitoring_daemon(program: &std::path::Path, keep_alive: bool) -> (Setup, Daemon) {
+    let setup = Setup::with_server("[monitor]\ncheck_interval = \"100ms\"\ndegraded_check_interval = \"50ms\"\ncheck_timeout = \"50ms\"\ngrace_period = \"10m\"", keep_alive);
+    let daemon = setup.start_program(program, |_| {});
+    let out = std::process::Command::new(program)
+        .arg("--config")
+        .arg(&setup.config)
+        .args(["promote", "--active", "v2", "--previous", "v1"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (setup, daemon)
+}
+
 /// `keep_alive`: the loopback worker keeps connections open, as real HTTP servers do;
 /// without it every probe and snapshot is a new TCP connection. With
 /// `RBD_BENCH_BASELINE_BIN=path/to/older/rollbackd` that build runs beside this one,
@@ -120,29 +154,16 @@ fn cpu_between(
 /// every target cargo builds for a bench), which adds a wake-up to every blocking-pool
 /// task. Build both with `cargo build --release` to measure what ships.
 fn monitoring_cost(keep_alive: bool) {
-    let this = std::env::var_os("RBD_BENCH_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(BIN));
+    let this = bench_bin();
     let mut programs = vec![(format!("this build {}", this.display()), this)];
     if let Ok(older) = std::env::var("RBD_BENCH_BASELINE_BIN") {
         programs.push((format!("baseline {older}"), PathBuf::from(older)));
     }
-    let windows: usize = std::env::var("RBD_BENCH_WINDOWS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(5);
+    let windows = bench_windows();
     let runs: Vec<_> = programs
         .iter()
         .map(|(name, program)| {
-            let setup = Setup::with_server("[monitor]\ncheck_interval = \"100ms\"\ndegraded_check_interval = \"50ms\"\ncheck_timeout = \"50ms\"\ngrace_period = \"10m\"", keep_alive);
-            let daemon = setup.start_program(program, |_| {});
-            let out = std::process::Command::new(program)
-                .arg("--config")
-                .arg(&setup.config)
-                .args(["promote", "--active", "v2", "--previous", "v1"])
-                .output()
-                .unwrap();
-            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            let (setup, daemon) = monitoring_daemon(program, keep_alive);
             (name.clone(), setup, daemon)
         })
         .collect();
@@ -300,26 +321,9 @@ fn floor_get(stream: &mut std::net::TcpStream, path: &str, buf: &mut Vec<u8>) ->
 fn monitoring_floor() {
     use rollbackd::storage::audit::{Analytics, AuditEvent, AuditRecord};
     use rollbackd::storage::store::{CheckRow, SessionRow, SessionState, Store};
-    let this = std::env::var_os("RBD_BENCH_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(BIN));
-    let windows: usize = std::env::var("RBD_BENCH_WINDOWS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(5);
-    let setup = Setup::with_server("[monitor]\ncheck_interval = \"100ms\"\ndegraded_check_interval = \"50ms\"\ncheck_timeout = \"50ms\"\ngrace_period = \"10m\"", true);
-    let daemon = setup.start_program(&this, |_| {});
-    let out = std::process::Command::new(&this)
-        .arg("--config")
-        .arg(&setup.config)
-        .args(["promote", "--active", "v2", "--previous", "v1"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let this = bench_bin();
+    let windows = bench_windows();
+    let (_setup, daemon) = monitoring_daemon(&this, true);
 
     let routes = Routes::default();
     routes.set("/v2/health", 200, r#"{"status":"ok"}"#);

@@ -1442,10 +1442,9 @@ fn a_fleet_verdict_becomes_a_rollback_through_the_same_policy() {
     }
 }
 
-#[test]
-fn a_fleet_verdict_that_came_while_paused_is_followed_on_resume() {
-    // A verdict for the active version while paused: nothing then, a rollback (trigger
-    // fleet) on resume; one about another version, or resuming twice, adds nothing.
+/// A harness with a restored session of v2 (previous v1), paused, that has just been
+/// told `web-9` rolled back each of `versions`.
+fn paused_with_verdicts(versions: &[&str]) -> Harness {
     let mut h = Harness::new(settings(""));
     let mut session = restored_session(&h, Some("v1"), Duration::from_secs(5));
     session.paused = true;
@@ -1455,23 +1454,34 @@ fn a_fleet_verdict_that_came_while_paused_is_followed_on_resume() {
         ..Restored::default()
     })));
     let at = h.wall - Duration::from_secs(1);
-    for version in ["v3", "v2"] {
+    for version in versions {
         h.feed(Input::FleetVerdict {
-            version: version.into(),
+            version: (*version).into(),
             host: "web-9".into(),
             reason: "high error rate".into(),
             at,
         });
     }
     assert!(h.plans().is_empty(), "paused: {:?}", h.names());
-    for reply in [7, 8] {
-        h.feed(Input::Pause {
-            operator: "uid:0".into(),
-            paused: false,
-            reason: None,
-            reply,
-        });
-    }
+    h
+}
+
+fn set_paused(h: &mut Harness, paused: bool, reply: u64) {
+    h.feed(Input::Pause {
+        operator: "uid:0".into(),
+        paused,
+        reason: None,
+        reply,
+    });
+}
+
+#[test]
+fn a_fleet_verdict_that_came_while_paused_is_followed_on_resume() {
+    // A verdict for the active version while paused: nothing then, a rollback (trigger
+    // fleet) on resume; one about another version, or resuming twice, adds nothing.
+    let mut h = paused_with_verdicts(&["v3", "v2"]);
+    set_paused(&mut h, false, 7);
+    set_paused(&mut h, false, 8);
     let plans = h.plans();
     assert_eq!(plans.len(), 1, "{:?}", h.names());
     assert_eq!(plans[0].kind, ActionKind::Rollback);
@@ -1489,33 +1499,10 @@ fn a_fleet_verdict_that_came_while_paused_is_followed_on_resume() {
 
 #[test]
 fn a_fleet_verdict_while_paused_is_not_followed_on_resume_once_a_new_version_is_promoted() {
-    let mut h = Harness::new(settings(""));
-    let mut session = restored_session(&h, Some("v1"), Duration::from_secs(5));
-    session.paused = true;
-    h.feed(Input::Restore(Box::new(Restored {
-        session: Some(session),
-        checks: vec![(0, h.wall - Duration::from_secs(1), check(HEALTHY))],
-        ..Restored::default()
-    })));
-    h.feed(Input::FleetVerdict {
-        version: "v2".into(),
-        host: "web-9".into(),
-        reason: "high error rate".into(),
-        at: h.wall - Duration::from_secs(1),
-    });
+    let mut h = paused_with_verdicts(&["v2"]);
     h.promote("v3", "v1");
-    h.feed(Input::Pause {
-        operator: "uid:0".into(),
-        paused: true,
-        reason: None,
-        reply: 7,
-    });
-    h.feed(Input::Pause {
-        operator: "uid:0".into(),
-        paused: false,
-        reason: None,
-        reply: 8,
-    });
+    set_paused(&mut h, true, 7);
+    set_paused(&mut h, false, 8);
     assert!(h.plans().is_empty(), "{:?}", h.names());
 }
 

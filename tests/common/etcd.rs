@@ -12,13 +12,18 @@ use std::time::Duration;
 
 use super::{free_port, http_request, tool_available, wait_for};
 
-pub fn etcd_installed() -> bool {
-    Command::new("etcd")
-        .arg("--version")
+/// Whether `program` runs (`program arg` exits 0).
+fn runs(program: &str, arg: &str) -> bool {
+    Command::new(program)
+        .arg(arg)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success())
+}
+
+pub fn etcd_installed() -> bool {
+    runs("etcd", "--version")
 }
 
 /// Whether the fleet test `test` can run: etcd installed, else SKIP (or fail under CI).
@@ -26,18 +31,9 @@ pub fn need_etcd(test: &str) -> bool {
     tool_available(etcd_installed(), test, "etcd (Debian etcd-server)")
 }
 
-pub fn openssl_installed() -> bool {
-    Command::new("openssl")
-        .arg("version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
 /// Whether a TLS fleet test can run: etcd and openssl installed, else SKIP (or fail under CI).
 pub fn need_etcd_tls(test: &str) -> bool {
-    need_etcd(test) && tool_available(openssl_installed(), test, "openssl")
+    need_etcd(test) && tool_available(runs("openssl", "version"), test, "openssl")
 }
 
 /// A test CA and the certificates signed by it, made with the openssl command (P-256

@@ -66,13 +66,30 @@ const KEYS: &[(&str, Kind)] = &[
     ("rules.consecutive_failures", Kind::Int),
     ("rules.min_requests", Kind::Int),
     ("rules.max_consecutive_no_data", Kind::Int),
-    ("rules.no_data_policy", Kind::Enum(&["escalate", "ignore"])),
+    (
+        "rules.no_data_policy",
+        Kind::Enum(&["hold", "escalate", "ignore"]),
+    ),
     ("rules.baseline_error_multiplier", Kind::Float),
     ("rules.baseline_alpha", Kind::Float),
     ("rules.latency_p95_multiplier", Kind::Float),
     ("rules.latency_p95_ms_threshold", Kind::Float),
     ("rules.latency_p99_ms_threshold", Kind::Float),
     ("rules.memory_percent", Kind::Float),
+    ("rules.latency_p99_multiplier", Kind::Float),
+    ("rules.quantile_min_tail", Kind::Float),
+    ("rules.evidence_alpha", Kind::Float),
+    ("rules.evidence_min_ratio", Kind::Float),
+    ("rules.evidence_min_excess", Kind::Float),
+    ("rules.evidence_recent_checks", Kind::Int),
+    ("rules.evidence_trim", Kind::Int),
+    ("rules.noise_floor", Kind::Float),
+    ("rules.memory_leak_per_hour", Kind::Float),
+    ("rules.memory_leak_min_rise", Kind::Float),
+    ("rules.memory_leak_min_checks", Kind::Int),
+    ("rules.memory_leak_warmup", Kind::Duration),
+    ("rules.probe_flap_failures", Kind::Int),
+    ("rules.probe_flap_window", Kind::Int),
     ("rules.dry_run", Kind::Bool),
     ("rules.dry_run_rules", Kind::StrList),
     ("worker.health_url", Kind::Str),
@@ -166,11 +183,25 @@ rollback_min_breaches = 3
 consecutive_failures = 2
 min_requests = 0
 max_consecutive_no_data = 4
-no_data_policy = "escalate"
+no_data_policy = "hold"
 baseline_error_multiplier = 2.0
 baseline_alpha = 0.05
 latency_p95_multiplier = 1.5
+latency_p99_multiplier = 1.5
+quantile_min_tail = 5.0
+evidence_alpha = 0.01
+evidence_min_ratio = 1.5
+evidence_min_excess = 0.0005
+evidence_recent_checks = 8
+evidence_trim = 2
+noise_floor = 0.1
 memory_percent = 90.0
+memory_leak_per_hour = 60.0
+memory_leak_min_rise = 8.0
+memory_leak_min_checks = 8
+memory_leak_warmup = "2m"
+probe_flap_failures = 4
+probe_flap_window = 10
 dry_run = false
 dry_run_rules = []
 
@@ -1067,7 +1098,8 @@ fn build(
         max_consecutive_no_data: int("rules.max_consecutive_no_data") as usize,
         no_data_policy: match string("rules.no_data_policy").as_deref() {
             Some("ignore") => NoDataPolicy::Ignore,
-            _ => NoDataPolicy::Escalate,
+            Some("escalate") => NoDataPolicy::Escalate,
+            _ => NoDataPolicy::Hold,
         },
         baseline_error_multiplier: float("rules.baseline_error_multiplier"),
         baseline_alpha: float("rules.baseline_alpha"),
@@ -1077,6 +1109,20 @@ fn build(
         latency_p99_ms_threshold: get("rules.latency_p99_ms_threshold")
             .map(|_| float("rules.latency_p99_ms_threshold")),
         memory_percent: float("rules.memory_percent"),
+        latency_p99_multiplier: float("rules.latency_p99_multiplier"),
+        quantile_min_tail: float("rules.quantile_min_tail"),
+        evidence_alpha: float("rules.evidence_alpha"),
+        evidence_min_ratio: float("rules.evidence_min_ratio"),
+        evidence_min_excess: float("rules.evidence_min_excess"),
+        evidence_recent_checks: int("rules.evidence_recent_checks") as usize,
+        evidence_trim: int("rules.evidence_trim") as usize,
+        noise_floor: float("rules.noise_floor"),
+        memory_leak_per_hour: float("rules.memory_leak_per_hour"),
+        memory_leak_min_rise: float("rules.memory_leak_min_rise"),
+        memory_leak_min_checks: int("rules.memory_leak_min_checks") as usize,
+        memory_leak_warmup: duration("rules.memory_leak_warmup"),
+        probe_flap_failures: int("rules.probe_flap_failures") as usize,
+        probe_flap_window: int("rules.probe_flap_window") as usize,
         dry_run: get("rules.dry_run")
             .and_then(Value::as_bool)
             .unwrap_or(false),
@@ -1130,6 +1176,8 @@ fn build(
     for key in [
         "rules.baseline_error_multiplier",
         "rules.latency_p95_multiplier",
+        "rules.latency_p99_multiplier",
+        "rules.evidence_min_ratio",
     ] {
         let value = float(key);
         if !(value.is_finite() && value >= 1.0) {
@@ -1148,6 +1196,58 @@ fn build(
             format!(
                 "must be a probability in (0, 0.5), got {} (0.05: a check breaches the baseline when its errors would happen by chance 1 time in 20)",
                 rules.baseline_alpha
+            ),
+        );
+    }
+    if !(rules.evidence_alpha.is_finite() && (0.0..0.5).contains(&rules.evidence_alpha)) {
+        problem(
+            "rules.evidence_alpha",
+            format!(
+                "must be a probability in [0, 0.5), got {} (0 turns session_errors and recent_errors off)",
+                rules.evidence_alpha
+            ),
+        );
+    }
+    for (key, value, what) in [
+        (
+            "rules.evidence_min_excess",
+            rules.evidence_min_excess,
+            "an error rate in [0, 1)",
+        ),
+        (
+            "rules.noise_floor",
+            rules.noise_floor,
+            "a relative standard deviation in [0, 1) (0.1: ±10 %)",
+        ),
+    ] {
+        if !(value.is_finite() && (0.0..1.0).contains(&value)) {
+            problem(key, format!("must be {what}, got {value}"));
+        }
+    }
+    for (key, value) in [
+        ("rules.quantile_min_tail", rules.quantile_min_tail),
+        ("rules.memory_leak_per_hour", rules.memory_leak_per_hour),
+        ("rules.memory_leak_min_rise", rules.memory_leak_min_rise),
+    ] {
+        if !(value.is_finite() && value >= 0.0) {
+            problem(key, format!("must be a number of at least 0, got {value}"));
+        }
+    }
+    if rules.memory_leak_per_hour > 0.0 && rules.memory_leak_min_checks < 3 {
+        problem(
+            "rules.memory_leak_min_checks",
+            format!(
+                "must be at least 3 (a slope needs points), got {}",
+                rules.memory_leak_min_checks
+            ),
+        );
+    }
+    if rules.probe_flap_failures > 0 && rules.probe_flap_window < rules.probe_flap_failures {
+        problem(
+            "rules.probe_flap_window",
+            format!(
+                "{} is smaller than rules.probe_flap_failures {}: it could never be reached",
+                rules.probe_flap_window, rules.probe_flap_failures
             ),
         );
     }
@@ -1723,6 +1823,11 @@ pub fn worst_case_times(config: &Config) -> Vec<String> {
             "checks without a usable error rate: never escalate (no_data_policy = \"ignore\")"
                 .into()
         }
+        NoDataPolicy::Hold => format!(
+            "after {} checks without a usable error rate: alert that the release cannot be judged, no action, and no confirmation until a full window is judged again (no_data_policy = \"hold\"): {}",
+            r.max_consecutive_no_data,
+            describe(r.max_consecutive_no_data)
+        ),
     });
     let rb = &config.rollback;
     let hooks = hook_count(rb);
@@ -1758,9 +1863,45 @@ pub fn worst_case_times(config: &Config) -> Vec<String> {
         )
     });
     lines.push(format!(
-        "baseline rule: a check breaches when its errors exceed {}× what the baseline predicts for its requests at p < {} (exact binomial test); rollback after {} such checks of the last {}",
-        r.baseline_error_multiplier, r.baseline_alpha, r.rollback_min_breaches, r.window
+        "baseline rule: a check breaches when its errors exceed {}× what the baseline predicts for its requests at p < {} (gamma-Poisson test with the baseline's own swings, never calmer than ±{:.0}%; exact binomial for a typed baseline); rollback after {} such checks of the last {}",
+        r.baseline_error_multiplier, r.baseline_alpha, r.noise_floor * 100.0, r.rollback_min_breaches, r.window
     ));
+    if r.evidence_alpha > 0.0 {
+        lines.push(format!(
+            "accumulated evidence: rollback when the errors since promotion (or over the last {} checks, against {}×) exceed the baseline by more than {}× and {:.2} points beyond its noise, the {} most extreme checks left out, at a significance spent over the looks (α = {} in all)",
+            r.evidence_recent_checks,
+            r.baseline_error_multiplier,
+            r.evidence_min_ratio,
+            r.evidence_min_excess * 100.0,
+            r.evidence_trim,
+            r.evidence_alpha
+        ));
+    }
+    lines.push(format!(
+        "latency against the baseline: rollback after {} of the last {} checks with p95 over {}× or p99 over {}× the baseline's (wider when the baseline itself swings more), judged only with {} requests beyond the quantile ({} for p95, {} for p99)",
+        r.rollback_min_breaches,
+        r.window,
+        r.latency_p95_multiplier,
+        r.latency_p99_multiplier,
+        r.quantile_min_tail,
+        (r.quantile_min_tail / 0.05).ceil(),
+        (r.quantile_min_tail / 0.01).ceil()
+    ));
+    if r.memory_leak_per_hour > 0.0 {
+        lines.push(format!(
+            "memory leak: rollback when host memory climbs at least {} points per hour and {} points over at least {} checks after the first {}",
+            r.memory_leak_per_hour,
+            r.memory_leak_min_rise,
+            r.memory_leak_min_checks,
+            show(r.memory_leak_warmup)
+        ));
+    }
+    if r.probe_flap_failures > 0 {
+        lines.push(format!(
+            "flapping probe: rollback after {} probe failures in the last {} checks, in a row or not",
+            r.probe_flap_failures, r.probe_flap_window
+        ));
+    }
     for (name, threshold) in [
         ("p95", r.latency_p95_ms_threshold),
         ("p99", r.latency_p99_ms_threshold),

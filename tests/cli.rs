@@ -722,7 +722,7 @@ fn simulate_derives_the_baseline_from_pre_promotion_lines() {
     let (code, out, _) = run(&["simulate", "--trace", &observed], &[]);
     assert_eq!(code, 0);
     assert!(
-        out.contains("baseline: error rate 0.30% (75 errors in 25000 requests), p95 120 ms [observed, 5 samples, over 240s]"),
+        out.contains("baseline: error rate 0.30% (75 errors in 25000 requests), p95 120 ms [observed, 5 samples, over 240s, swings ±0% (persistence 0.00)]"),
         "{out}"
     );
 

@@ -431,6 +431,7 @@ const DURATION_KEYS: &[(&str, &str)] = &[
     ("monitor.degraded_check_interval", "7days"),
     ("monitor.check_timeout", "7days"),
     ("monitor.grace_period", "7days"),
+    ("rules.memory_leak_warmup", "7days"),
     ("rollback.hook_timeout", "7days"),
     ("rollback.verify_timeout", "7days"),
     ("rollback.verify_interval", "7days"),

@@ -121,6 +121,24 @@ fn min_requests_100(c: &mut EngineConfig) {
     c.min_requests = 100;
 }
 
+/// Nothing known: the base of the baselines below.
+const EMPTY: Baseline = Baseline {
+    error_rate: None,
+    latency_p95_ms: None,
+    latency_p99_ms: None,
+    requests: None,
+    errors: None,
+    source: None,
+    samples: None,
+    window_seconds: None,
+    dispersion: None,
+    persistence: None,
+    step_seconds: None,
+    excluded: None,
+    p95_spread: None,
+    p99_spread: None,
+};
+
 /// A rate-only baseline, as `promote --baseline-error-rate` gives it.
 const BASELINE: Option<Baseline> = Some(Baseline {
     error_rate: Some(0.02),
@@ -129,8 +147,7 @@ const BASELINE: Option<Baseline> = Some(Baseline {
     requests: None,
     errors: None,
     source: None,
-    samples: None,
-    window_seconds: None,
+    ..EMPTY
 });
 
 fn p95_over_200ms(c: &mut EngineConfig) {
@@ -147,10 +164,8 @@ const fn counted(errors: u64, requests: u64) -> Option<Baseline> {
         latency_p95_ms: None,
         latency_p99_ms: None,
         requests: Some(requests),
-        errors: Some(errors),
-        source: None,
-        samples: None,
-        window_seconds: None,
+        errors: Some(errors as f64),
+        ..EMPTY
     })
 }
 /// 0.5% over 60,000 requests; 0.3% over 60,000; nothing in 400.
@@ -165,12 +180,77 @@ const RATE_05: Option<Baseline> = Some(Baseline {
     requests: None,
     errors: None,
     source: None,
-    samples: None,
-    window_seconds: None,
+    ..EMPTY
 });
+
+/// 1% over 100,000 requests in 20 observations whose rate swings ±30% between checks,
+/// the swings lasting (persistence 0.5 at 30 s), p95 180 ms / p99 400 ms: what an
+/// automatic baseline of real traffic looks like (SPEC §2b).
+const NOISY_1PCT: Option<Baseline> = Some(Baseline {
+    error_rate: Some(0.01),
+    latency_p95_ms: Some(180.0),
+    latency_p99_ms: Some(400.0),
+    requests: Some(100_000),
+    errors: Some(1000.0),
+    samples: Some(20),
+    window_seconds: Some(570.0),
+    dispersion: Some(0.09),
+    persistence: Some(0.5),
+    step_seconds: Some(30.0),
+    ..EMPTY
+});
+/// The same counts with no noise known: the exact binomial test judges.
+const CALM_1PCT: Option<Baseline> = counted(1000, 100_000);
+
+fn hold(c: &mut EngineConfig) {
+    c.no_data_policy = NoDataPolicy::Hold;
+}
+fn escalate_no_data(c: &mut EngineConfig) {
+    c.no_data_policy = NoDataPolicy::Escalate;
+}
 
 #[rustfmt::skip]
 const SCENARIOS: &[Scenario] = &[
+    // Real traffic (SPEC §2b): noise from the data.
+    Scenario { name: "a 2.2x swing for three checks at 50,000 requests is the baseline's own noise", config: defaults, baseline: NOISY_1PCT,
+        checks: "+0.022:r50000 +0.022:r50000 +0.022:r50000 +0.01:r50000 +0.01:r50000 +0.01:r50000", expect: "HHHHHH" },
+    Scenario { name: "the same swing against a baseline whose noise is unknown is three binomial breaches", config: defaults, baseline: CALM_1PCT,
+        checks: "+0.022:r50000 +0.022:r50000 +0.022:r50000", expect: "DDR" },
+    Scenario { name: "4x at 50,000 requests is beyond the noise: three checks roll back", config: defaults, baseline: NOISY_1PCT,
+        checks: "+0.04:r50000 +0.04:r50000 +0.04:r50000", expect: "DDR" },
+    // Evidence that accumulates.
+    Scenario { name: "a steady 2x regression no single check shows accumulates to a rollback", config: defaults, baseline: NOISY_1PCT,
+        checks: "+0.02:r20000 +0.02:r20000 +0.02:r20000 +0.02:r20000 +0.02:r20000 +0.02:r20000 +0.02:r20000 +0.02:r20000 +0.02:r20000 +0.02:r20000", expect: "HHHHHHHHRR" },
+    Scenario { name: "a release 1.2x the baseline for 20 checks is within the practical margin", config: defaults, baseline: NOISY_1PCT,
+        checks: "+0.012:r20000 +0.012:r20000 +0.012:r20000 +0.012:r20000 +0.012:r20000 +0.012:r20000 +0.012:r20000 +0.012:r20000 +0.012:r20000 +0.012:r20000 +0.012:r20000 +0.012:r20000 +0.012:r20000 +0.012:r20000 +0.012:r20000 +0.012:r20000 +0.012:r20000 +0.012:r20000 +0.012:r20000 +0.012:r20000", expect: "HHHHHHHHHHHHHHHHHHHH" },
+    Scenario { name: "every 4th check at 10x rolls back once enough spikes are left after the two worst", config: defaults, baseline: NOISY_1PCT,
+        checks: "+0.01:r5000 +0.01:r5000 +0.01:r5000 +0.1:r5000 +0.01:r5000 +0.01:r5000 +0.01:r5000 +0.1:r5000 +0.01:r5000 +0.01:r5000 +0.01:r5000 +0.1:r5000 +0.01:r5000 +0.01:r5000 +0.01:r5000 +0.1:r5000", expect: "HHHDDDDDDDDDDDDR" },
+    Scenario { name: "two spikes alone are never a bad release", config: defaults, baseline: NOISY_1PCT,
+        checks: "+0.3:r5000 +0.01:r5000 +0.01:r5000 +0.3:r5000 +0.01:r5000 +0.01:r5000 +0.01:r5000 +0.01:r5000 +0.01:r5000 +0.01:r5000 +0.01:r5000 +0.01:r5000", expect: "DDDDDDDDHHHH" },
+    Scenario { name: "a late onset is not diluted by a good start", config: defaults, baseline: NOISY_1PCT,
+        checks: "+0.01:r2000 +0.01:r2000 +0.01:r2000 +0.01:r2000 +0.01:r2000 +0.01:r2000 +0.01:r2000 +0.01:r2000 +0.01:r2000 +0.01:r2000 +0.035:r2000 +0.035:r2000 +0.035:r2000 +0.035:r2000 +0.035:r2000 +0.035:r2000", expect: "HHHHHHHHHHDDRRRR" },
+    Scenario { name: "probe failing every 2nd check rolls back at the 4th failure of 10", config: defaults, baseline: None,
+        checks: "x0.01 +0.01 x0.01 +0.01 x0.01 +0.01 x0.01", expect: "DDDDDDR" },
+    Scenario { name: "probe failing every 3rd check rolls back at the 4th failure of 10", config: defaults, baseline: None,
+        checks: "x0.01 +0.01 +0.01 x0.01 +0.01 +0.01 x0.01 +0.01 +0.01 x0.01", expect: "DDDDDDDDDR" },
+    // Quantiles need samples; both are compared.
+    Scenario { name: "p95 over 20 requests is not judged: not enough samples", config: defaults, baseline: NOISY_1PCT,
+        checks: "+0.01:r20:p900 +0.01:r20:p900 +0.01:r20:p900 +0.01:r20:p900", expect: "HHHH" },
+    Scenario { name: "p95 3x over 2,000 requests rolls back", config: defaults, baseline: NOISY_1PCT,
+        checks: "+0.01:r2000:p540 +0.01:r2000:p540 +0.01:r2000:p540", expect: "DDR" },
+    Scenario { name: "p99 2.5x with p95 unchanged rolls back", config: defaults, baseline: NOISY_1PCT,
+        checks: "+0.01:r2000:p180:q1000 +0.01:r2000:p180:q1000 +0.01:r2000:p180:q1000", expect: "DDR" },
+    Scenario { name: "p99 over 200 requests is not judged", config: defaults, baseline: NOISY_1PCT,
+        checks: "+0.01:r200:p180:q1000 +0.01:r200:p180:q1000 +0.01:r200:p180:q1000", expect: "HHH" },
+    // Trends.
+    Scenario { name: "host memory climbing 58% to 80% in ten minutes is a leak", config: defaults, baseline: None,
+        checks: "+0.01:m58 +0.01:m59 +0.01:m60 +0.01:m61 +0.01:m62 +0.01:m63 +0.01:m64 +0.01:m65 +0.01:m66 +0.01:m67 +0.01:m68 +0.01:m69 +0.01:m70 +0.01:m71 +0.01:m72", expect: "HHHHHHHHHHHRRRR" },
+    Scenario { name: "a GC sawtooth of 16 points is not a leak", config: defaults, baseline: None,
+        checks: "+0.01:m52 +0.01:m60 +0.01:m68 +0.01:m52 +0.01:m60 +0.01:m68 +0.01:m52 +0.01:m60 +0.01:m68 +0.01:m52 +0.01:m60 +0.01:m68 +0.01:m52 +0.01:m60 +0.01:m68", expect: "HHHHHHHHHHHHHHH" },
+    // No data holds by default (SPEC §2): an outage of the monitoring is not a bad release.
+    Scenario { name: "provider outage of 4 checks holds under the default policy", config: hold, baseline: None,
+        checks: "+0.01 +down +down +down +down +down", expect: "HDDDDD" },
+
     // The baseline rule on counts (SPEC §2a, core::stats).
     Scenario { name: "1 error in 40 requests against a 0.5% rate is not a breach", config: defaults, baseline: RATE_05,
         checks: "+0.025:r40 +0.025:r40 +0.025:r40 +0.025:r40 +0.025:r40", expect: "HHHHH" },
@@ -235,13 +315,13 @@ const SCENARIOS: &[Scenario] = &[
         checks: "+str +str +str +str", expect: "DDDD" },
     Scenario { name: "missing error rates never breach", config: ignore_no_data, baseline: None,
         checks: "+none +none +none +none", expect: "DDDD" },
-    Scenario { name: "invalid values count as no-data and escalate under the default policy", config: defaults, baseline: None,
+    Scenario { name: "invalid values count as no-data and escalate under escalate", config: escalate_no_data, baseline: None,
         checks: "+nan +-1 +str +7", expect: "DDDE" },
-    Scenario { name: "provider outage of 4 checks escalates under escalate", config: defaults, baseline: None,
+    Scenario { name: "provider outage of 4 checks escalates under escalate", config: escalate_no_data, baseline: None,
         checks: "+0.01 +down +down +down +down", expect: "HDDDE" },
     Scenario { name: "provider outage of 4 checks does nothing under ignore", config: ignore_no_data, baseline: None,
         checks: "+0.01 +down +down +down +down +down", expect: "HDDDDD" },
-    Scenario { name: "an outage interrupted by data restarts the no-data count", config: defaults, baseline: None,
+    Scenario { name: "an outage interrupted by data restarts the no-data count", config: escalate_no_data, baseline: None,
         checks: "+down +down +down +0.01 +down +down +down", expect: "DDDDDDD" },
     Scenario { name: "traffic below min_requests is no-data, not a breach", config: min_requests_100, baseline: None,
         checks: "+0.5:r10 +0.5:r10 +0.5:r10", expect: "DDD" },
@@ -467,10 +547,12 @@ fn arbitrary_check() -> impl Strategy<Value = String> {
 }
 
 proptest! {
-    /// The verdict never depends on checks older than the window: any history followed by
-    /// the same `window` checks gives the same decision as those checks alone.
+    /// The windowed rules never depend on checks older than the window: any history
+    /// followed by the same `window` checks gives the same decision as those checks alone
+    /// (with the accumulating rules — session/recent errors, memory trend, flapping
+    /// probe — turned off: looking past the window is what they are for).
     #[test]
-    fn verdict_never_depends_on_checks_older_than_the_window(
+    fn windowed_verdict_never_depends_on_checks_older_than_the_window(
         window in 1usize..8,
         history in proptest::collection::vec(arbitrary_check(), 0..20),
         recent in proptest::collection::vec(arbitrary_check(), 8),
@@ -480,6 +562,9 @@ proptest! {
             rollback_min_breaches: 3.min(window),
             consecutive_failures: 2.min(window),
             max_consecutive_no_data: 4.min(window),
+            evidence_alpha: 0.0,
+            memory_leak_per_hour: 0.0,
+            probe_flap_failures: 0,
             ..rollbackd::config::default_rules()
         };
         let recent = &recent[..window];

@@ -922,7 +922,7 @@ fn the_active_version_is_observed_between_sessions_and_becomes_the_baseline() {
     assert_eq!(baseline.samples, Some(21));
     assert_eq!(
         (baseline.errors, baseline.requests),
-        (Some(315), Some(105_000))
+        (Some(315.0), Some(105_000))
     );
     assert_eq!(baseline.latency_p95_ms, Some(120.0));
     // Nothing is observed while the session runs.
@@ -1637,4 +1637,139 @@ fn a_fleet_verdict_for_the_restored_version_fails_the_watch_and_escalates_once()
             );
         }
     }
+}
+
+/// SPEC §2b: only a confirmed version's checks feed a baseline. v2 is rolled back after
+/// its checks were taken at 12%; a promotion of v3 over v2 right after must not use
+/// v2's canary checks as its baseline (an equally bad v3 would then look "no worse").
+#[test]
+fn a_rolled_back_canarys_checks_never_become_the_next_baseline() {
+    let mut h = idle_on_v1(NO_WATCH);
+    h.run_for(Duration::from_secs(600));
+    h.promote("v2", "v1");
+    for _ in 0..5 {
+        h.script.push_back(check(BAD_12));
+    }
+    h.run_for(Duration::from_secs(120));
+    assert!(h.has("start:rollback:automatic"), "{:?}", h.names());
+    h.feed(Input::ActionDone {
+        id: Some(1),
+        result: ActionResult::RolledBack {
+            from: "v2".into(),
+            to: "v1".into(),
+            artifact: "rollback_x.json".into(),
+        },
+    });
+    assert!(h.sup.session().is_none(), "{:?}", h.names());
+    // Straight away, someone promotes v3 over v2 (as if v2 were still the previous one).
+    h.promote("v3", "v2");
+    let baseline = session_baseline(&h);
+    assert!(
+        baseline.is_none_or(|b| b.source != Some(rollbackd::core::check::BaselineSource::Observed)),
+        "v2's rolled-back canary checks became a baseline: {baseline:?}"
+    );
+}
+
+/// …while a confirmed canary's checks do: after v2 is confirmed, a promotion of v3 over
+/// v2 is judged against v2's checks at once (no 10 minutes of idle observation needed).
+#[test]
+fn a_confirmed_canarys_checks_feed_the_next_baseline() {
+    let mut h = idle_on_v1("");
+    h.promote("v2", "v1");
+    for _ in 0..40 {
+        h.script.push_back(check(BASE_03));
+    }
+    h.run_for(Duration::from_secs(11 * 60));
+    assert_eq!(h.ended().as_deref(), Some("confirmed"), "{:?}", h.names());
+    h.promote("v3", "v2");
+    let baseline = session_baseline(&h).expect("a baseline from v2's checks");
+    assert_eq!(
+        baseline.source,
+        Some(rollbackd::core::check::BaselineSource::Observed)
+    );
+    assert!((baseline.error_rate.unwrap() - 0.003).abs() < 1e-9);
+}
+
+/// SPEC §2 (`no_data_policy = "hold"`, the default): a monitoring outage over the end of
+/// the grace period is not a confirmation. The session stays open, says once that it
+/// cannot judge (an alerted audit event, no action), and confirms only after a full
+/// window of judged checks.
+#[test]
+fn a_grace_period_never_ends_in_a_confirmation_it_could_not_see() {
+    let mut h = idle_on_v1(NO_WATCH);
+    h.promote("v2", "v1");
+    const NO_SNAPSHOT: &str = r#"{"at":0,"probe":"ok","snapshot":null}"#;
+    for _ in 0..17 {
+        h.script.push_back(check(BASE_03));
+    }
+    // From 8.5 minutes on, the metrics are unreachable for 4 minutes (checks every 15 s
+    // once the window is degraded).
+    for _ in 0..16 {
+        h.script.push_back(check(NO_SNAPSHOT));
+    }
+    h.run_for(Duration::from_secs(11 * 60));
+    assert!(
+        h.sup.session().is_some(),
+        "confirmed blind: {:?}",
+        h.names()
+    );
+    assert_eq!(h.count("audit:cannot-judge"), 1, "{:?}", h.names());
+    assert!(
+        !h.names().iter().any(|n| n.starts_with("start:")),
+        "{:?}",
+        h.names()
+    );
+    // Data comes back: judged again (said once), and a full window later, confirmed.
+    h.run_for(Duration::from_secs(5 * 60));
+    assert_eq!(h.count("audit:judging-again"), 1, "{:?}", h.names());
+    assert_eq!(h.ended().as_deref(), Some("confirmed"), "{:?}", h.names());
+}
+
+/// The accumulating evidence survives a restart: the session's checks are replayed, not
+/// only the window's, so a slow regression found at check 9 is found at check 9 after a
+/// restart at check 7 too.
+#[test]
+fn the_accumulated_evidence_survives_a_restart() {
+    use rollbackd::core::engine::Engine;
+    let settings = settings("");
+    let baseline = Baseline {
+        error_rate: Some(0.01),
+        errors: Some(1000.0),
+        requests: Some(100_000),
+        samples: Some(20),
+        dispersion: Some(0.09),
+        persistence: Some(0.5),
+        step_seconds: Some(30.0),
+        ..Baseline::default()
+    };
+    const TWICE: &str = r#"{"at":0,"probe":"ok","snapshot":{"failureRate":0.02,"requests":20000}}"#;
+    let mut straight = Engine::new(settings.rules.clone(), Some(baseline));
+    let first = (0..12u64)
+        .map(|i| straight.observe_numbered(Duration::from_secs(30 * (i + 1)), i, &check(TWICE)))
+        .position(|d| d.action.is_some())
+        .expect("a steady 2x regression is caught within 12 checks");
+
+    let mut h = Harness::new(settings);
+    // The replayed checks end 30 s ago, as they would have without the restart.
+    let ago = Duration::from_secs(30 * (first as u64 + 1));
+    let mut record = restored_session(&h, Some("v1"), ago);
+    record.baseline = Some(baseline);
+    let checks: Vec<(u64, SystemTime, CheckResult)> = (0..first as u64)
+        .map(|i| {
+            (
+                i,
+                record.promoted_at + Duration::from_secs(30 * (i + 1)),
+                check(TWICE),
+            )
+        })
+        .collect();
+    h.feed(Input::Restore(Box::new(Restored {
+        session: Some(record),
+        checks,
+        active_worker: Some("v2".into()),
+        ..Restored::default()
+    })));
+    h.script.push_back(check(TWICE));
+    h.run_for(Duration::from_secs(1));
+    assert!(h.has("start:rollback:automatic"), "{:?}", h.names());
 }

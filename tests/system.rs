@@ -624,7 +624,7 @@ fn the_daemon_observes_between_sessions_and_judges_the_next_release_against_it()
     assert!(
         artifact["reason"]
             .as_str()
-            .is_some_and(|r| r.contains("binomial test")),
+            .is_some_and(|r| r.contains("gamma-Poisson test")),
         "{artifact}"
     );
     assert_eq!(setup.switches(), ["v1"]);

@@ -169,7 +169,7 @@ mod tests {
         history.observe(obs(1100, "v0", 0.3, 1000.0), Duration::from_secs(3600));
         let baseline = history.observed("v1", at(1200), &settings).unwrap();
         assert_eq!(baseline.requests, Some(4000));
-        assert_eq!(baseline.errors, Some(40));
+        assert_eq!(baseline.errors, Some(40.0));
         assert_eq!(baseline.samples, Some(4));
         assert_eq!(baseline.window_seconds, Some(300.0));
         assert_eq!(baseline.source, Some(BaselineSource::Observed));
@@ -221,7 +221,7 @@ mod tests {
         let test = crate::core::stats::excess_over_counts(
             u64::MAX,
             u64::MAX,
-            baseline.errors.unwrap(),
+            baseline.errors.unwrap() as u64,
             baseline.requests.unwrap(),
             2.0,
         )

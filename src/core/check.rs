@@ -363,9 +363,10 @@ pub struct Baseline {
     /// Requests the rate was measured over.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requests: Option<u64>,
-    /// Errors among them.
+    /// Errors among them: rate × requests summed over the observations, unrounded (a
+    /// 10% rate over 4 requests is 0.4 errors, not 0).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub errors: Option<u64>,
+    pub errors: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<BaselineSource>,
     /// How many observations (checks, samples) it was made of.
@@ -374,6 +375,25 @@ pub struct Baseline {
     /// The span they covered, in seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub window_seconds: Option<f64>,
+    /// How much the error rate swings between checks (SPEC §2b): the relative variance
+    /// beyond Poisson noise (0.09: about ±30 %), estimated from the observations.
+    /// `None`: unknown (an operator's figures, too few observations).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dispersion: Option<f64>,
+    /// How long the swings last: the correlation of two observations one
+    /// `step_seconds` apart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub persistence: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step_seconds: Option<f64>,
+    /// Observations left out as incidents (their errors far above the others').
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub excluded: Option<u32>,
+    /// How much ln p95 / ln p99 move between observations (a robust standard deviation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p95_spread: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p99_spread: Option<f64>,
 }
 
 impl Baseline {
@@ -396,12 +416,9 @@ impl Baseline {
             latency_p95_ms: snapshot.latency_p95_ms.finite_non_negative(),
             latency_p99_ms: snapshot.latency_p99_ms.finite_non_negative(),
             requests: requests.filter(|_| error_rate.is_some()),
-            errors: error_rate
-                .zip(requests)
-                .map(|(rate, n)| crate::core::stats::errors_of(rate, n as f64)),
+            errors: error_rate.zip(requests).map(|(rate, n)| rate * n as f64),
             source: Some(BaselineSource::Operator),
-            samples: None,
-            window_seconds: None,
+            ..Baseline::default()
         }
     }
 
@@ -424,56 +441,70 @@ impl Baseline {
         if usable.is_empty() || usable.len() < min_samples.max(1) {
             return None;
         }
-        let counted: Vec<(u64, u64)> = usable
+        // Time order: the noise's persistence is between neighbours.
+        let mut usable = usable;
+        usable.sort_by(|a, b| a.at_seconds.total_cmp(&b.at_seconds));
+        let counted: Vec<crate::core::stats::Counts> = usable
             .iter()
             .filter_map(|o| {
                 let requests = o.requests.filter(|n| n.is_finite() && *n >= 0.0)?;
                 let rate = o.error_rate?;
-                Some((
-                    crate::core::stats::errors_of(rate, requests),
-                    requests.round() as u64,
-                ))
+                // Unrounded: 10% over 4 requests is 0.4 errors.
+                Some(crate::core::stats::Counts {
+                    at: o.at_seconds,
+                    errors: rate * requests,
+                    requests,
+                })
             })
             .collect();
         // Counts only when every usable observation had them: a mix would weigh the
         // uncounted ones as zero traffic.
+        let mut excluded: Vec<usize> = Vec::new();
+        let mut noise = None;
         let (errors, requests, error_rate) = if counted.len() == usable.len() {
-            // Saturating: a snapshot may claim any count (1e30 requests is u64::MAX).
-            let errors = counted
-                .iter()
-                .fold(0u64, |sum, (e, _)| sum.saturating_add(*e));
-            let requests = counted
-                .iter()
-                .fold(0u64, |sum, (_, n)| sum.saturating_add(*n));
-            if requests == 0 {
-                (None, None, None)
-            } else {
-                (
-                    Some(errors),
-                    Some(requests),
-                    Some(errors as f64 / requests as f64),
-                )
+            match crate::core::stats::robust_rate(&counted) {
+                Some(robust) if robust.requests > 0.0 => {
+                    excluded = robust.excluded.clone();
+                    noise = robust.noise;
+                    // A hostile snapshot may claim any count (1e30 requests): saturate.
+                    let requests = robust.requests.min(u64::MAX as f64);
+                    (
+                        Some(robust.errors),
+                        Some(requests.round() as u64),
+                        Some(robust.errors / robust.requests),
+                    )
+                }
+                _ => (None, None, None),
             }
         } else {
             let sum: f64 = usable.iter().filter_map(|o| o.error_rate).sum();
             (None, None, Some(sum / usable.len() as f64))
         };
         error_rate?;
-        let median = |values: Vec<f64>| -> Option<f64> {
-            let mut values: Vec<f64> = values
+        let kept: Vec<&Observation> = usable
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !excluded.contains(i))
+            .map(|(_, o)| *o)
+            .collect();
+        let positive = |values: Vec<f64>| -> Vec<f64> {
+            values
                 .into_iter()
                 .filter(|v| v.is_finite() && *v >= 0.0)
-                .collect();
-            if values.is_empty() {
+                .collect()
+        };
+        let p95s = positive(kept.iter().filter_map(|o| o.latency_p95_ms).collect());
+        let p99s = positive(kept.iter().filter_map(|o| o.latency_p99_ms).collect());
+        let spread = |values: &[f64]| -> Option<f64> {
+            if values.len() < crate::core::stats::MIN_NOISE_CHECKS {
                 return None;
             }
-            values.sort_by(f64::total_cmp);
-            let mid = values.len() / 2;
-            Some(if values.len() % 2 == 1 {
-                values[mid]
-            } else {
-                (values[mid - 1] + values[mid]) / 2.0
-            })
+            let logs: Vec<f64> = values
+                .iter()
+                .filter(|v| **v > 0.0)
+                .map(|v| v.ln())
+                .collect();
+            crate::core::stats::robust_sd(&logs)
         };
         let first = usable
             .iter()
@@ -485,13 +516,19 @@ impl Baseline {
             .fold(f64::NEG_INFINITY, f64::max);
         Some(Baseline {
             error_rate,
-            latency_p95_ms: median(usable.iter().filter_map(|o| o.latency_p95_ms).collect()),
-            latency_p99_ms: median(usable.iter().filter_map(|o| o.latency_p99_ms).collect()),
+            latency_p95_ms: crate::core::stats::median_of(&p95s),
+            latency_p99_ms: crate::core::stats::median_of(&p99s),
             requests,
             errors,
             source: Some(source),
             samples: Some(usable.len() as u32),
             window_seconds: Some((last - first).max(0.0)),
+            dispersion: noise.map(|n| n.sigma2),
+            persistence: noise.map(|n| n.rho),
+            step_seconds: noise.map(|n| n.step_seconds),
+            excluded: (!excluded.is_empty()).then_some(excluded.len() as u32),
+            p95_spread: spread(&p95s),
+            p99_spread: spread(&p99s),
         })
     }
 
@@ -501,7 +538,7 @@ impl Baseline {
         let mut parts = Vec::new();
         match (self.error_rate, self.errors, self.requests) {
             (Some(rate), Some(errors), Some(requests)) => parts.push(format!(
-                "error rate {:.2}% ({errors} errors in {requests} requests)",
+                "error rate {:.2}% ({errors:.0} errors in {requests} requests)",
                 rate * 100.0
             )),
             (Some(rate), _, _) => parts.push(format!(
@@ -528,6 +565,22 @@ impl Baseline {
         }
         if let Some(window) = self.window_seconds {
             from.push(format!("over {:.0}s", window));
+        }
+        if let Some(excluded) = self.excluded {
+            from.push(format!(
+                "{excluded} incident sample{} left out",
+                if excluded == 1 { "" } else { "s" }
+            ));
+        }
+        if let Some(dispersion) = self.dispersion {
+            from.push(format!(
+                "swings ±{:.0}%{}",
+                dispersion.sqrt() * 100.0,
+                match self.persistence {
+                    Some(rho) => format!(" (persistence {rho:.2})"),
+                    None => String::new(),
+                }
+            ));
         }
         if from.is_empty() {
             parts.join(", ")

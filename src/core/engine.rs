@@ -6,9 +6,14 @@
 //! cannot fail: a bad sample is input, not an error. The same config and the same checks
 //! always give the same decisions, which is what `rollbackd simulate` relies on.
 //!
-//! **The verdict depends only on the checks in the window.** Every count (breaches, probe
-//! failures, checks without data) is taken inside it; the configuration refuses limits
-//! larger than the window.
+//! **Two kinds of rule** (SPEC §2, §2b):
+//! - the *windowed* rules count inside the window of the last `window` checks (breaches,
+//!   probe failures, checks without data); the configuration refuses limits larger than
+//!   the window;
+//! - the *accumulating* rules look at the session since promotion (bounded to
+//!   [`SESSION_CHECKS`]): pooled errors since promotion and over a recent span against
+//!   the baseline's noise ([`stats::span_test`]), probe failures k of n, the memory slope.
+//!   They fire only on a rollback verdict's evidence and each can be turned off.
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -98,10 +103,24 @@ impl ValueClass {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum NoDataPolicy {
-    /// Fail closed: escalate (the default).
+    /// The default: the release cannot be judged — say so (an alert), keep the session
+    /// open (a grace period never ends in a confirmation it could not see), no action on
+    /// the release. A monitoring outage is not evidence against a release.
+    Hold,
+    /// Fail closed: escalate.
     Escalate,
     /// Stay degraded, take no action.
     Ignore,
+}
+
+impl NoDataPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NoDataPolicy::Hold => "hold",
+            NoDataPolicy::Escalate => "escalate",
+            NoDataPolicy::Ignore => "ignore",
+        }
+    }
 }
 
 /// A verdict rule. Names are stable: they appear in evidence, `dry_run_rules` and metrics.
@@ -110,34 +129,57 @@ pub enum NoDataPolicy {
 pub enum Rule {
     /// `rollback_min_breaches` checks in the window over `error_rate_threshold`.
     ErrorRate,
-    /// That many checks whose errors exceed what the baseline predicts × multiplier (a
-    /// binomial test at `baseline_alpha`, see `core::stats`), or whose p95 is over the
-    /// baseline p95 × multiplier.
+    /// That many checks whose errors exceed what the baseline predicts × multiplier (at
+    /// `baseline_alpha`: a gamma-Poisson test with the baseline's swings, or the exact
+    /// binomial one when they are unknown; see `core::stats`).
     Baseline,
+    /// That many checks with enough requests behind their quantiles whose p95 or p99 is
+    /// over the baseline's × its multiplier (widened by the baseline's own spread).
+    BaselineLatency,
+    /// The errors since promotion, pooled (the most extreme checks left out), are more
+    /// than the baseline predicts beyond its noise, by more than the practical margin.
+    SessionErrors,
+    /// The same over the last `evidence_recent_checks` checks, against the multiplier: a
+    /// late onset is not diluted by a good start.
+    RecentErrors,
     /// That many checks with p95 over `latency_p95_ms_threshold` or p99 over
     /// `latency_p99_ms_threshold` (both off unless set).
     Latency,
     /// That many checks with host memory over `memory_percent`.
     Memory,
+    /// Host memory climbing steadily (a leak): its slope after a warm-up.
+    MemoryTrend,
+    /// The worker probe failed in `probe_flap_failures` of the last `probe_flap_window`
+    /// checks, not necessarily in a row.
+    ProbeFlapping,
     /// The last `consecutive_failures` worker probes failed.
     ProbeFailures,
     /// `max_consecutive_no_data` checks in a row without a usable error rate.
     NoData,
     /// The latest error rate is over `degraded_error_rate`.
     DegradedErrorRate,
+    /// `max_consecutive_no_data` checks in a row without a usable error rate under
+    /// `no_data_policy = "hold"`: the release cannot be judged (an alert, no action).
+    CannotJudge,
     /// A probe failure, breach or check without data is still inside the window.
     RecentProblems,
 }
 
 impl Rule {
-    pub const ALL: [Rule; 8] = [
+    pub const ALL: [Rule; 14] = [
         Rule::ErrorRate,
         Rule::Baseline,
+        Rule::BaselineLatency,
+        Rule::SessionErrors,
+        Rule::RecentErrors,
         Rule::Latency,
         Rule::Memory,
+        Rule::MemoryTrend,
+        Rule::ProbeFlapping,
         Rule::ProbeFailures,
         Rule::NoData,
         Rule::DegradedErrorRate,
+        Rule::CannotJudge,
         Rule::RecentProblems,
     ];
 
@@ -145,11 +187,17 @@ impl Rule {
         match self {
             Rule::ErrorRate => "error_rate",
             Rule::Baseline => "baseline",
+            Rule::BaselineLatency => "baseline_latency",
+            Rule::SessionErrors => "session_errors",
+            Rule::RecentErrors => "recent_errors",
             Rule::Latency => "latency",
             Rule::Memory => "memory",
+            Rule::MemoryTrend => "memory_trend",
+            Rule::ProbeFlapping => "probe_flapping",
             Rule::ProbeFailures => "probe_failures",
             Rule::NoData => "no_data",
             Rule::DegradedErrorRate => "degraded_error_rate",
+            Rule::CannotJudge => "cannot_judge",
             Rule::RecentProblems => "recent_problems",
         }
     }
@@ -161,9 +209,17 @@ impl Rule {
     /// The verdict this rule argues for when it fires.
     pub fn verdict(self) -> Verdict {
         match self {
-            Rule::ErrorRate | Rule::Baseline | Rule::Latency | Rule::Memory => Verdict::Rollback,
+            Rule::ErrorRate
+            | Rule::Baseline
+            | Rule::BaselineLatency
+            | Rule::SessionErrors
+            | Rule::RecentErrors
+            | Rule::Latency
+            | Rule::Memory
+            | Rule::MemoryTrend
+            | Rule::ProbeFlapping => Verdict::Rollback,
             Rule::ProbeFailures | Rule::NoData => Verdict::Escalate,
-            Rule::DegradedErrorRate | Rule::RecentProblems => Verdict::Degraded,
+            Rule::DegradedErrorRate | Rule::CannotJudge | Rule::RecentProblems => Verdict::Degraded,
         }
     }
 }
@@ -189,6 +245,40 @@ pub struct EngineConfig {
     pub latency_p95_ms_threshold: Option<f64>,
     pub latency_p99_ms_threshold: Option<f64>,
     pub memory_percent: f64,
+    /// p99 against the baseline's p99 × this (SPEC §2b: both quantiles are compared).
+    pub latency_p99_multiplier: f64,
+    /// A check's quantile is judged only when at least this many of its requests lie
+    /// beyond it (p95: 5 → 100 requests; p99: 5 → 500). Unknown traffic: judged (the
+    /// seed's checks carry no counts).
+    pub quantile_min_tail: f64,
+    /// The accumulating error statistics (`session_errors`, `recent_errors`): the chance
+    /// each allows of ever firing on a release no worse than the baseline, spent over the
+    /// looks (`stats::spent_alpha`); 0 turns both off.
+    pub evidence_alpha: f64,
+    /// Practical margin of `session_errors`: the pooled errors must be at least this
+    /// many times what the baseline predicts…
+    pub evidence_min_ratio: f64,
+    /// …and above it by at least this absolute error rate (0.0005: 0.05 points).
+    pub evidence_min_excess: f64,
+    /// The span of `recent_errors`, in checks.
+    pub evidence_recent_checks: usize,
+    /// The most extreme checks left out of each span (one or two spikes never fire it).
+    pub evidence_trim: usize,
+    /// The least between-check swing of the error rate assumed (a relative standard
+    /// deviation: 0.1 is ±10 %), whatever calm the baseline showed.
+    pub noise_floor: f64,
+    /// `memory_trend`: host memory rising at least this many points per hour…
+    pub memory_leak_per_hour: f64,
+    /// …by at least this many points over the fit, after the warm-up, over at least
+    /// `memory_leak_min_checks` checks. `memory_leak_per_hour = 0` turns it off.
+    pub memory_leak_min_rise: f64,
+    pub memory_leak_min_checks: usize,
+    #[serde(serialize_with = "serialize_seconds")]
+    pub memory_leak_warmup: Duration,
+    /// `probe_flapping`: this many probe failures among the last `probe_flap_window`
+    /// checks; 0 turns it off.
+    pub probe_flap_failures: usize,
+    pub probe_flap_window: usize,
     pub dry_run: bool,
     /// Rules whose firing is recorded but never acted on (per-rule shadow mode).
     pub dry_run_rules: Vec<Rule>,
@@ -213,7 +303,22 @@ pub struct WindowEntry {
     /// The requests it was measured over, when the snapshot said.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub requests: Option<f64>,
+    /// Why the snapshot had no values, when it had none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snapshot_reason: Option<Box<str>>,
+    /// Errors over the baseline (the `baseline` rule).
     pub baseline_breach: bool,
+    /// p95 or p99 over the baseline's (the `baseline_latency` rule).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub latency_baseline_breach: bool,
+    /// The check's p95 / p99 over the baseline's, when judged; "not enough samples" when
+    /// a quantile had too few requests behind it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub p95_ratio: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub p99_ratio: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub latency_note: Option<&'static str>,
     /// The baseline test on this check's counts: its p-value and the errors the baseline
     /// predicts for its requests (`core::stats`).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -235,6 +340,7 @@ impl WindowEntry {
         self.probe_failed
             || self.error_class == ValueClass::Breach
             || self.baseline_breach
+            || self.latency_baseline_breach
             || self.latency_breach
             || self.memory_breach
     }
@@ -267,6 +373,52 @@ pub struct Firing {
     /// For the baseline rule: the smallest p-value among its breaching checks.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub p_value: Option<f64>,
+    /// The figures of an accumulating or latency rule.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<Detail>,
+}
+
+/// What an accumulating or latency rule measured (SPEC §2b: the reason names the rule
+/// that fired, with its numbers).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase", tag = "kind")]
+pub enum Detail {
+    /// `session_errors`, `recent_errors`.
+    #[serde(rename_all = "camelCase")]
+    Errors {
+        errors: f64,
+        expected: f64,
+        requests: f64,
+        checks: usize,
+        trimmed: usize,
+        ratio: f64,
+        excess_rate: f64,
+        /// The significance required at this look.
+        alpha: f64,
+        /// The baseline's between-check swing used (relative standard deviation).
+        swing: f64,
+    },
+    /// `baseline_latency`: the quantile, the latest judged value and the baseline's, the
+    /// ratio it had to exceed.
+    #[serde(rename_all = "camelCase")]
+    Quantile {
+        quantile: &'static str,
+        observed_ms: f64,
+        baseline_ms: f64,
+        limit_ratio: f64,
+    },
+    /// `memory_trend`.
+    #[serde(rename_all = "camelCase")]
+    Slope {
+        per_hour: f64,
+        from_percent: f64,
+        to_percent: f64,
+        seconds: f64,
+        checks: usize,
+    },
+    /// `probe_flapping`.
+    #[serde(rename_all = "camelCase")]
+    Flapping { failures: usize, checks: usize },
 }
 
 /// Shape of the failures inside the window.
@@ -315,6 +467,8 @@ pub struct Decision {
     pub error_class: ValueClass,
     /// The latest probe failure's reason, if the latest probe failed.
     pub probe_reason: Option<Box<str>>,
+    /// Why the latest snapshot had no values, when it had none.
+    pub snapshot_reason: Option<Box<str>>,
 }
 
 impl Decision {
@@ -353,21 +507,92 @@ impl Decision {
                 window,
                 percent(top.threshold)
             ),
-            Rule::Baseline => match top.p_value {
-                Some(p) => format!(
+            Rule::Baseline => match (top.p_value, top.detail) {
+                (Some(p), Some(Detail::Errors { swing, .. })) => format!(
+                    "Errors above what the baseline predicts × {} in {window} (gamma-Poisson test with the baseline's swings of ±{:.0}%, p = {p:.2e})",
+                    top.threshold,
+                    swing * 100.0
+                ),
+                (Some(p), _) => format!(
                     "Errors above what the baseline predicts × {} (binomial test, p = {p:.2e}) in {window}",
                     top.threshold
                 ),
-                None => format!(
-                    "Error rate or p95 latency over the baseline × {} in {window}",
+                (None, _) => format!(
+                    "Error rate over the baseline rate × {} in {window}",
                     top.threshold
                 ),
             },
+            Rule::BaselineLatency => match top.detail {
+                Some(Detail::Quantile {
+                    quantile,
+                    observed_ms,
+                    baseline_ms,
+                    limit_ratio,
+                }) => format!(
+                    "{quantile} latency {observed_ms:.0} ms over the baseline's {baseline_ms:.0} ms × {limit_ratio:.2} in {window}"
+                ),
+                _ => format!("Latency over the baseline × {} in {window}", top.threshold),
+            },
+            Rule::SessionErrors | Rule::RecentErrors => {
+                let span = if top.rule == Rule::SessionErrors {
+                    "since promotion"
+                } else {
+                    "in the recent checks"
+                };
+                match top.detail {
+                    Some(Detail::Errors {
+                        errors,
+                        expected,
+                        checks,
+                        trimmed,
+                        ratio,
+                        excess_rate,
+                        alpha,
+                        swing,
+                        ..
+                    }) => format!(
+                        "Errors {span} {ratio:.2}× what the baseline predicts (+{:.2} points; {errors:.0} errors where {expected:.1} were expected over {checks} checks{}; p = {:.1e} < {alpha:.1e} with the baseline's swings of ±{:.0}%; margin {}×)",
+                        excess_rate * 100.0,
+                        if trimmed > 0 {
+                            format!(", the {trimmed} most extreme left out")
+                        } else {
+                            String::new()
+                        },
+                        top.p_value.unwrap_or(f64::NAN),
+                        swing * 100.0,
+                        top.threshold
+                    ),
+                    _ => format!("Errors {span} above the baseline"),
+                }
+            }
             Rule::Latency => format!(
                 "Latency over its threshold ({} ms) in {window}",
                 top.observed.map(|ms| format!("{ms:.0}")).unwrap_or_else(|| "n/a".into())
             ),
             Rule::Memory => format!("Host memory over {}% in {window}", top.threshold),
+            Rule::MemoryTrend => match top.detail {
+                Some(Detail::Slope {
+                    per_hour,
+                    from_percent,
+                    to_percent,
+                    seconds,
+                    ..
+                }) => format!(
+                    "Host memory climbing {per_hour:.0} points per hour ({from_percent:.1}% → {to_percent:.1}% over {:.0} s; a leak)",
+                    seconds
+                ),
+                _ => "Host memory climbing (a leak)".to_owned(),
+            },
+            Rule::ProbeFlapping => match top.detail {
+                Some(Detail::Flapping { failures, checks }) => format!(
+                    "Worker probe failed in {failures} of the last {checks} checks{}",
+                    self.probe_reason
+                        .as_deref()
+                        .map(|reason| format!(": {reason}"))
+                        .unwrap_or_default()
+                ),
+                _ => "Worker probe failing intermittently".to_owned(),
+            },
             Rule::ProbeFailures => format!(
                 "Worker probe failed {} consecutive times{}",
                 top.count,
@@ -380,6 +605,15 @@ impl Decision {
                 "No usable error rate for {} consecutive checks (latest: {})",
                 top.count,
                 self.error_class.as_str()
+            ),
+            Rule::CannotJudge => format!(
+                "Cannot judge the release: no usable error rate for {} consecutive checks (latest: {}{}); holding, no action",
+                top.count,
+                self.error_class.as_str(),
+                self.snapshot_reason
+                    .as_deref()
+                    .map(|reason| format!(": {reason}"))
+                    .unwrap_or_default()
             ),
             Rule::DegradedErrorRate => format!(
                 "Error rate {} above degraded threshold {}",
@@ -403,22 +637,44 @@ fn verdict_action(verdict: Verdict) -> Option<Action> {
     }
 }
 
-/// The windowed decision engine.
+/// At most this many of a session's checks are kept for the accumulating rules (6 h at a
+/// 10 s cadence); older ones are forgotten.
+pub const SESSION_CHECKS: usize = 2048;
+
+/// What the accumulating rules keep of each check.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Kept {
+    at: f64,
+    counts: Option<stats::Counts>,
+    memory: Option<f64>,
+    probe_failed: bool,
+}
+
+/// The windowed decision engine, with the session's evidence.
 #[derive(Debug, Clone)]
 pub struct Engine {
     config: EngineConfig,
     baseline: Option<Baseline>,
+    /// What the accumulating rules compare with: the baseline's rate and noise.
+    reference: Option<stats::Reference>,
     window: VecDeque<WindowEntry>,
+    session: VecDeque<Kept>,
+    /// Checks with counts the accumulating error statistics have looked at.
+    looks: u64,
     next_check_index: u64,
 }
 
 impl Engine {
     pub fn new(config: EngineConfig, baseline: Option<Baseline>) -> Engine {
         let window = VecDeque::with_capacity(config.window.max(1));
+        let reference = baseline.and_then(|b| reference_of(&b, config.noise_floor));
         Engine {
             config,
             baseline,
+            reference,
             window,
+            session: VecDeque::new(),
+            looks: 0,
             next_check_index: 0,
         }
     }
@@ -441,12 +697,39 @@ impl Engine {
         self.next_check_index
     }
 
+    /// Whether every check of a full window had a usable error rate: what a confirmation
+    /// under `no_data_policy = "hold"` needs (it never confirms what it could not see).
+    pub fn window_judged(&self) -> bool {
+        self.window.len() >= self.config.window.max(1)
+            && self.window.iter().all(|e| !e.error_class.is_unusable())
+    }
+
     /// Feeds one check taken at `at` (time since promotion) and returns the decision.
     pub fn observe(&mut self, at: Duration, check: &CheckResult) -> Decision {
         let entry = self.classify(at, check);
         if self.window.len() == self.config.window.max(1) {
             self.window.pop_front();
         }
+        let counts = match (entry.error_rate, entry.requests) {
+            (Some(rate), Some(requests)) if requests > 0.0 => Some(stats::Counts {
+                at: at.as_secs_f64(),
+                errors: rate * requests,
+                requests,
+            }),
+            _ => None,
+        };
+        if counts.is_some() {
+            self.looks += 1;
+        }
+        if self.session.len() == SESSION_CHECKS {
+            self.session.pop_front();
+        }
+        self.session.push_back(Kept {
+            at: at.as_secs_f64(),
+            counts,
+            memory: entry.memory_percent,
+            probe_failed: entry.probe_failed,
+        });
         self.window.push_back(entry);
         self.next_check_index += 1;
         self.evaluate()
@@ -468,9 +751,9 @@ impl Engine {
             ProbeOutcome::Failed { reason } => (true, Some(reason.as_str().into())),
         };
 
-        let snapshot = match &check.snapshot {
-            SnapshotOutcome::Values(snapshot) => Some(snapshot),
-            SnapshotOutcome::Unavailable { .. } => None,
+        let (snapshot, snapshot_reason) = match &check.snapshot {
+            SnapshotOutcome::Values(snapshot) => (Some(snapshot), None),
+            SnapshotOutcome::Unavailable { reason } => (None, Some(reason.as_str().into())),
         };
 
         let (error_class, error_rate) = match snapshot {
@@ -485,22 +768,42 @@ impl Engine {
             || matches!((latency_p99_ms, config.latency_p99_ms_threshold), (Some(v), Some(t)) if v > t);
         let mut baseline_p_value = None;
         let mut baseline_expected_errors = None;
+        let mut p95_ratio = None;
+        let mut p99_ratio = None;
+        let mut latency_note = None;
+        let mut latency_baseline_breach = false;
         let baseline_breach = match self.baseline {
             None => false,
             Some(baseline) => {
                 // Judged only on a usable rate (min_requests already applied to it).
-                let error_over = match error_rate {
+                match error_rate {
                     None => false,
                     Some(rate) => {
                         let k = config.baseline_error_multiplier;
                         let test = requests.and_then(|n| {
-                            let errors = stats::errors_of(rate, n);
-                            let n = n.round() as u64;
-                            match (baseline.errors, baseline.requests, baseline.error_rate) {
-                                (Some(e), Some(big_n), _) => {
-                                    stats::excess_over_counts(errors, n, e, big_n, k)
+                            match (
+                                self.reference.filter(|_| baseline.dispersion.is_some()),
+                                baseline.errors,
+                                baseline.requests,
+                                baseline.error_rate,
+                            ) {
+                                // The baseline's swings are known: they are the noise.
+                                (Some(reference), _, _, _) => {
+                                    stats::excess_with_noise(rate * n, n, &reference, k)
                                 }
-                                (_, _, Some(base)) => stats::excess_over_rate(errors, n, base, k),
+                                (None, Some(e), Some(big_n), _) => stats::excess_over_counts(
+                                    stats::errors_of(rate, n),
+                                    n.round() as u64,
+                                    e.round().max(0.0) as u64,
+                                    big_n,
+                                    k,
+                                ),
+                                (None, _, _, Some(base)) => stats::excess_over_rate(
+                                    stats::errors_of(rate, n),
+                                    n.round() as u64,
+                                    base,
+                                    k,
+                                ),
                                 _ => None,
                             }
                         });
@@ -517,16 +820,51 @@ impl Engine {
                             },
                         }
                     }
-                };
-                let latency_over = match (latency_p95_ms, baseline.latency_p95_ms) {
-                    (Some(p95), Some(base)) if base > 0.0 => {
-                        p95 > base * config.latency_p95_multiplier
-                    }
-                    _ => false,
-                };
-                error_over || latency_over
+                }
             }
         };
+        if let Some(baseline) = self.baseline {
+            // Quantiles need samples (SPEC §2b): a p95 over 20 requests is noise.
+            let enough =
+                |share: f64| requests.is_none_or(|n| n * share >= config.quantile_min_tail);
+            for (quantile, value, base, multiplier, spread, share, ratio_slot) in [
+                (
+                    "p95",
+                    latency_p95_ms,
+                    baseline.latency_p95_ms,
+                    config.latency_p95_multiplier,
+                    baseline.p95_spread,
+                    0.05,
+                    &mut p95_ratio,
+                ),
+                (
+                    "p99",
+                    latency_p99_ms,
+                    baseline.latency_p99_ms,
+                    config.latency_p99_multiplier,
+                    baseline.p99_spread,
+                    0.01,
+                    &mut p99_ratio,
+                ),
+            ] {
+                let (Some(value), Some(base)) = (value, base) else {
+                    continue;
+                };
+                if base <= 0.0 {
+                    continue;
+                }
+                if !enough(share) {
+                    latency_note = Some("not enough samples");
+                    let _ = quantile;
+                    continue;
+                }
+                let ratio = value / base;
+                *ratio_slot = Some(ratio);
+                if ratio > latency_limit(multiplier, spread) {
+                    latency_baseline_breach = true;
+                }
+            }
+        }
 
         // The host sample from /proc is preferred; the snapshot's memoryPercent stands in
         // when resources were not sampled.
@@ -550,7 +888,12 @@ impl Engine {
             error_class,
             error_rate,
             requests,
+            snapshot_reason,
             baseline_breach,
+            latency_baseline_breach,
+            p95_ratio,
+            p99_ratio,
+            latency_note,
             baseline_p_value,
             baseline_expected_errors,
             latency_p95_ms,
@@ -568,17 +911,20 @@ impl Engine {
         let mut fired = Vec::new();
         let mut fire = |rule: Rule,
                         count: usize,
+                        of: usize,
                         threshold: f64,
                         observed: Option<f64>,
-                        p_value: Option<f64>| {
+                        p_value: Option<f64>,
+                        detail: Option<Detail>| {
             fired.push(Firing {
                 rule,
                 count,
-                of: window_len,
+                of,
                 threshold,
                 observed,
                 dry_run: config.dry_run || config.dry_run_rules.contains(&rule),
                 p_value,
+                detail,
             });
         };
 
@@ -592,8 +938,10 @@ impl Engine {
             fire(
                 Rule::ErrorRate,
                 breaches,
+                window_len,
                 config.error_rate_threshold,
                 latest.error_rate,
+                None,
                 None,
             );
         }
@@ -605,13 +953,137 @@ impl Engine {
                 .filter(|e| e.baseline_breach)
                 .filter_map(|e| e.baseline_p_value)
                 .min_by(f64::total_cmp);
+            let detail = self
+                .reference
+                .filter(|_| self.baseline.is_some_and(|b| b.dispersion.is_some()))
+                .map(|reference| Detail::Errors {
+                    errors: 0.0,
+                    expected: 0.0,
+                    requests: 0.0,
+                    checks: baseline_breaches,
+                    trimmed: 0,
+                    ratio: 0.0,
+                    excess_rate: 0.0,
+                    alpha: config.baseline_alpha,
+                    swing: reference.noise.sigma2.sqrt(),
+                });
             fire(
                 Rule::Baseline,
                 baseline_breaches,
+                window_len,
                 config.baseline_error_multiplier,
                 latest.error_rate,
                 p_value,
+                detail,
             );
+        }
+        let latency_baseline = self
+            .window
+            .iter()
+            .filter(|e| e.latency_baseline_breach)
+            .count();
+        if latency_baseline >= config.rollback_min_breaches {
+            if let Some(baseline) = self.baseline {
+                let entry = self
+                    .window
+                    .iter()
+                    .rev()
+                    .find(|e| e.latency_baseline_breach)
+                    .expect("counted above");
+                let p95_over = entry.p95_ratio.is_some_and(|r| {
+                    r > latency_limit(config.latency_p95_multiplier, baseline.p95_spread)
+                });
+                let (quantile, observed, base, multiplier, spread) = if p95_over {
+                    (
+                        "p95",
+                        entry.latency_p95_ms,
+                        baseline.latency_p95_ms,
+                        config.latency_p95_multiplier,
+                        baseline.p95_spread,
+                    )
+                } else {
+                    (
+                        "p99",
+                        entry.latency_p99_ms,
+                        baseline.latency_p99_ms,
+                        config.latency_p99_multiplier,
+                        baseline.p99_spread,
+                    )
+                };
+                fire(
+                    Rule::BaselineLatency,
+                    latency_baseline,
+                    window_len,
+                    multiplier,
+                    observed,
+                    None,
+                    Some(Detail::Quantile {
+                        quantile,
+                        observed_ms: observed.unwrap_or_default(),
+                        baseline_ms: base.unwrap_or_default(),
+                        limit_ratio: latency_limit(multiplier, spread),
+                    }),
+                );
+            }
+        }
+        // The accumulating error statistics (SPEC §2b).
+        if let Some(reference) = self.reference {
+            if config.evidence_alpha > 0.0 && latest.error_rate.is_some() {
+                let counts: Vec<stats::Counts> =
+                    self.session.iter().filter_map(|k| k.counts).collect();
+                let alpha = stats::spent_alpha(config.evidence_alpha, self.looks);
+                let swing = reference.noise.sigma2.sqrt();
+                // Never on fewer checks than the windowed rules need, beyond the ones
+                // left out: a blip (or two) is never a bad release.
+                let least = config.evidence_trim + config.rollback_min_breaches.max(1);
+                let judge = |span: &[stats::Counts], min_ratio: f64| {
+                    if span.len() < least {
+                        return None;
+                    }
+                    let test = stats::span_test(span, &reference, config.evidence_trim)?;
+                    let fires = test.p_value < alpha
+                        && test.ratio > min_ratio
+                        && test.excess_rate >= config.evidence_min_excess;
+                    fires.then_some(test)
+                };
+                let detail = |test: stats::SpanTest| Detail::Errors {
+                    errors: test.errors,
+                    expected: test.expected,
+                    requests: test.requests,
+                    checks: test.checks,
+                    trimmed: test.trimmed,
+                    ratio: test.ratio,
+                    excess_rate: test.excess_rate,
+                    alpha,
+                    swing,
+                };
+                if let Some(test) = judge(&counts, config.evidence_min_ratio) {
+                    fire(
+                        Rule::SessionErrors,
+                        test.checks,
+                        test.checks + test.trimmed,
+                        config.evidence_min_ratio,
+                        Some(test.ratio),
+                        Some(test.p_value),
+                        Some(detail(test)),
+                    );
+                }
+                let recent = config.evidence_recent_checks;
+                if recent >= least && counts.len() > recent {
+                    let span = &counts[counts.len() - recent..];
+                    if let Some(test) = judge(span, config.baseline_error_multiplier) {
+                        fire(
+                            Rule::RecentErrors,
+                            test.checks,
+                            test.checks + test.trimmed,
+                            config.baseline_error_multiplier,
+                            Some(test.ratio),
+                            Some(test.p_value),
+                            Some(detail(test)),
+                        );
+                    }
+                }
+            }
         }
         let latency_breaches = self.window.iter().filter(|e| e.latency_breach).count();
         if latency_breaches >= config.rollback_min_breaches {
@@ -623,11 +1095,13 @@ impl Engine {
             fire(
                 Rule::Latency,
                 latency_breaches,
+                window_len,
                 threshold,
                 latest
                     .latency_p99_ms
                     .filter(|_| config.latency_p99_ms_threshold == Some(threshold))
                     .or(latest.latency_p95_ms),
+                None,
                 None,
             );
         }
@@ -636,10 +1110,45 @@ impl Engine {
             fire(
                 Rule::Memory,
                 memory_breaches,
+                window_len,
                 config.memory_percent,
                 latest.memory_percent,
                 None,
+                None,
             );
+        }
+        if let Some(slope) = self.memory_trend() {
+            fire(
+                Rule::MemoryTrend,
+                slope.1,
+                slope.1,
+                config.memory_leak_per_hour,
+                latest.memory_percent,
+                None,
+                Some(slope.0),
+            );
+        }
+        if config.probe_flap_failures > 0 {
+            let span = config.probe_flap_window.max(config.probe_flap_failures);
+            let checks = self.session.len().min(span);
+            let failures = self
+                .session
+                .iter()
+                .rev()
+                .take(span)
+                .filter(|k| k.probe_failed)
+                .count();
+            if failures >= config.probe_flap_failures {
+                fire(
+                    Rule::ProbeFlapping,
+                    failures,
+                    checks,
+                    config.probe_flap_failures as f64,
+                    None,
+                    None,
+                    Some(Detail::Flapping { failures, checks }),
+                );
+            }
         }
 
         // Escalate rules: trailing streaks inside the window.
@@ -648,22 +1157,36 @@ impl Engine {
             fire(
                 Rule::ProbeFailures,
                 probe_streak,
+                window_len,
                 config.consecutive_failures as f64,
+                None,
                 None,
                 None,
             );
         }
         let no_data_streak = trailing(&self.window, |e| e.error_class.is_unusable());
-        if no_data_streak >= config.max_consecutive_no_data
-            && config.no_data_policy == NoDataPolicy::Escalate
-        {
-            fire(
-                Rule::NoData,
-                no_data_streak,
-                config.max_consecutive_no_data as f64,
-                None,
-                None,
-            );
+        if no_data_streak >= config.max_consecutive_no_data {
+            match config.no_data_policy {
+                NoDataPolicy::Escalate => fire(
+                    Rule::NoData,
+                    no_data_streak,
+                    window_len,
+                    config.max_consecutive_no_data as f64,
+                    None,
+                    None,
+                    None,
+                ),
+                NoDataPolicy::Hold => fire(
+                    Rule::CannotJudge,
+                    no_data_streak,
+                    window_len,
+                    config.max_consecutive_no_data as f64,
+                    None,
+                    None,
+                    None,
+                ),
+                NoDataPolicy::Ignore => {}
+            }
         }
 
         // Degraded rules.
@@ -672,15 +1195,25 @@ impl Engine {
                 fire(
                     Rule::DegradedErrorRate,
                     1,
+                    window_len,
                     config.degraded_error_rate,
                     Some(rate),
+                    None,
                     None,
                 );
             }
         }
         let problems = self.window.iter().filter(|e| e.is_problem()).count();
         if problems > 0 {
-            fire(Rule::RecentProblems, problems, 0.0, None, None);
+            fire(
+                Rule::RecentProblems,
+                problems,
+                window_len,
+                0.0,
+                None,
+                None,
+                None,
+            );
         }
 
         let strongest = |only_enforced: bool| {
@@ -716,6 +1249,83 @@ impl Engine {
             error_rate: latest.error_rate,
             error_class: latest.error_class,
             probe_reason: latest.probe_reason.clone(),
+            snapshot_reason: latest.snapshot_reason.clone(),
+        }
+    }
+
+    /// The memory leak rule: a Theil–Sen slope over the session's host memory after the
+    /// warm-up, with its detail and the number of checks it was fitted on.
+    fn memory_trend(&self) -> Option<(Detail, usize)> {
+        let config = &self.config;
+        if config.memory_leak_per_hour.is_nan() || config.memory_leak_per_hour <= 0.0 {
+            return None;
+        }
+        let warmup = config.memory_leak_warmup.as_secs_f64();
+        let points: Vec<(f64, f64)> = self
+            .session
+            .iter()
+            .filter(|k| k.at >= warmup)
+            .filter_map(|k| k.memory.map(|m| (k.at, m)))
+            .collect();
+        if points.len() < config.memory_leak_min_checks.max(3) {
+            return None;
+        }
+        let slope = stats::theil_sen(&points)?;
+        let per_hour = slope * 3600.0;
+        let seconds = points.last()?.0 - points.first()?.0;
+        let rise = slope * seconds;
+        // What the memory actually did, not only the fit: the median of the last three
+        // against the median of the first three.
+        let ends = |p: &[(f64, f64)]| stats::median_of(&p.iter().map(|x| x.1).collect::<Vec<_>>());
+        let from = ends(&points[..3])?;
+        let to = ends(&points[points.len() - 3..])?;
+        let fires = per_hour >= config.memory_leak_per_hour
+            && rise >= config.memory_leak_min_rise
+            && to - from >= config.memory_leak_min_rise * 0.75;
+        fires.then_some((
+            Detail::Slope {
+                per_hour,
+                from_percent: from,
+                to_percent: to,
+                seconds,
+                checks: points.len(),
+            },
+            points.len(),
+        ))
+    }
+}
+
+/// The ratio a quantile must exceed: the multiplier, or three of the baseline's own
+/// between-check spreads when those are wider.
+fn latency_limit(multiplier: f64, spread: Option<f64>) -> f64 {
+    match spread {
+        Some(spread) if spread.is_finite() && spread > 0.0 => multiplier.max((3.0 * spread).exp()),
+        _ => multiplier,
+    }
+}
+
+/// The reference the accumulating statistics use: the baseline's counts (or rate) with
+/// its noise, never calmer than `noise_floor`.
+fn reference_of(baseline: &Baseline, noise_floor: f64) -> Option<stats::Reference> {
+    let noise = stats::Noise {
+        sigma2: baseline.dispersion.unwrap_or(0.0),
+        rho: baseline.persistence.unwrap_or(0.0),
+        step_seconds: baseline.step_seconds.unwrap_or(30.0),
+    };
+    let checks = f64::from(baseline.samples.unwrap_or(1).max(1));
+    match (baseline.errors, baseline.requests) {
+        (Some(errors), Some(requests)) if requests > 0 => {
+            stats::Reference::new(errors, requests as f64, noise, checks, noise_floor)
+        }
+        _ => {
+            // A rate only (an operator's): taken as known.
+            let rate = baseline.error_rate.filter(|r| *r > 0.0 && *r <= 1.0)?;
+            let sigma2 = noise.sigma2.max(noise_floor * noise_floor);
+            Some(stats::Reference {
+                rate,
+                rate_relvar: 0.0,
+                noise: stats::Noise { sigma2, ..noise },
+            })
         }
     }
 }

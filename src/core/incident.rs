@@ -298,10 +298,81 @@ fn rule_text(rule: &str, firing: &Value) -> String {
             threshold.map(percent).unwrap_or_else(|| "?".into())
         ),
         "baseline" => format!(
-            "errors or p95 above the baseline's prediction in {count:.0} of {of:.0} checks{}",
+            "errors above {}× the baseline's prediction in {count:.0} of {of:.0} checks{}",
+            threshold.map(|t| format!("{t}")).unwrap_or_else(|| "?".into()),
             num("pValue")
                 .map(|p| format!(" (smallest p-value {p:.2e})"))
                 .unwrap_or_default()
+        ),
+        "baseline_latency" => {
+            let detail = firing.get("detail");
+            let field = |key: &str| detail.and_then(|d| d.get(key)).and_then(Value::as_f64);
+            let quantile = detail
+                .and_then(|d| d.get("quantile"))
+                .and_then(Value::as_str)
+                .unwrap_or("p95/p99");
+            format!(
+                "{quantile} latency {} over the baseline's {} × {} in {count:.0} of {of:.0} checks",
+                field("observedMs")
+                    .map(|v| format!("{v:.0} ms"))
+                    .unwrap_or_else(|| "?".into()),
+                field("baselineMs")
+                    .map(|v| format!("{v:.0} ms"))
+                    .unwrap_or_else(|| "?".into()),
+                field("limitRatio")
+                    .map(|v| format!("{v:.2}"))
+                    .unwrap_or_else(|| "?".into()),
+            )
+        }
+        "session_errors" | "recent_errors" => {
+            let detail = firing.get("detail");
+            let field = |key: &str| detail.and_then(|d| d.get(key)).and_then(Value::as_f64);
+            format!(
+                "errors {} {}× what the baseline predicts ({} where {} were expected over {} checks, +{} points; p = {})",
+                if rule == "session_errors" {
+                    "since promotion"
+                } else {
+                    "in the recent checks"
+                },
+                field("ratio")
+                    .map(|v| format!("{v:.2}"))
+                    .unwrap_or_else(|| "?".into()),
+                field("errors")
+                    .map(|v| format!("{v:.0}"))
+                    .unwrap_or_else(|| "?".into()),
+                field("expected")
+                    .map(|v| format!("{v:.1}"))
+                    .unwrap_or_else(|| "?".into()),
+                field("checks")
+                    .map(|v| format!("{v:.0}"))
+                    .unwrap_or_else(|| "?".into()),
+                field("excessRate")
+                    .map(|v| format!("{:.2}", v * 100.0))
+                    .unwrap_or_else(|| "?".into()),
+                num("pValue")
+                    .map(|p| format!("{p:.1e}"))
+                    .unwrap_or_else(|| "?".into()),
+            )
+        }
+        "memory_trend" => {
+            let detail = firing.get("detail");
+            let field = |key: &str| detail.and_then(|d| d.get(key)).and_then(Value::as_f64);
+            format!(
+                "host memory climbing {} points per hour ({} → {})",
+                field("perHour")
+                    .map(|v| format!("{v:.0}"))
+                    .unwrap_or_else(|| "?".into()),
+                field("fromPercent")
+                    .map(|v| format!("{v:.1}%"))
+                    .unwrap_or_else(|| "?".into()),
+                field("toPercent")
+                    .map(|v| format!("{v:.1}%"))
+                    .unwrap_or_else(|| "?".into()),
+            )
+        }
+        "probe_flapping" => format!("the worker probe failed in {count:.0} of the last {of:.0} checks"),
+        "cannot_judge" => format!(
+            "{count:.0} checks in a row without a usable error rate: the release could not be judged"
         ),
         "latency" => format!(
             "p95/p99 latency over its threshold in {count:.0} of {of:.0} checks (latest {})",

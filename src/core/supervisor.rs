@@ -18,7 +18,9 @@ use serde_json::{json, Value};
 
 use crate::core::baseline::{self, BaselineSettings, History, Observed};
 use crate::core::check::{Baseline, CheckResult, Observation, ProbeOutcome, SnapshotOutcome};
-use crate::core::engine::{Action, Decision, Engine, EngineConfig, ValueClass, Verdict};
+use crate::core::engine::{
+    Action, Decision, Engine, EngineConfig, NoDataPolicy, Rule, ValueClass, Verdict,
+};
 use crate::core::time::{self, Now};
 use crate::storage::audit::{AuditRecord, DecisionRecord, Evidence, WorkerManagerRecord};
 use crate::storage::events;
@@ -285,7 +287,7 @@ pub enum Effect {
         error_class: ValueClass,
     },
     /// Record a new session; answer with [`Input::SessionRecorded`].
-    RecordSession(SessionRecord),
+    RecordSession(Box<SessionRecord>),
     /// A change of recorded state, retried until it lands.
     Persist(StateChange),
     Audit(AuditRecord),
@@ -400,7 +402,8 @@ pub enum Input {
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Restored {
     pub session: Option<SessionRecord>,
-    /// The session's checks, oldest first (only the window's worth is replayed).
+    /// The session's checks, oldest first (the last `engine::SESSION_CHECKS` are replayed:
+    /// the accumulating rules look past the window).
     pub checks: Vec<(u64, SystemTime, CheckResult)>,
     /// The active worker `rollbackd.db` names (observed between sessions).
     pub active_worker: Option<String>,
@@ -434,6 +437,10 @@ pub struct Session {
     voided_in_a_row: u32,
     void_note: Option<String>,
     waiting_logged: bool,
+    /// `cannot_judge` fired on the latest check (an alert was recorded when it began).
+    holding: bool,
+    /// The "not confirming while holding" line was logged.
+    hold_logged: bool,
     /// What the session's checks observed, for its stats if it is confirmed healthy.
     observed: Vec<Observation>,
     /// A fleet verdict for this session's version that came while monitoring was paused:
@@ -468,6 +475,8 @@ impl Session {
             voided_in_a_row: 0,
             void_note: None,
             waiting_logged: false,
+            holding: false,
+            hold_logged: false,
             observed: Vec::new(),
             deferred_verdict: None,
         }
@@ -480,7 +489,9 @@ impl Session {
     }
 
     fn observe(&mut self, at: Duration, index: u64, result: &CheckResult) -> Decision {
-        let window = self.engine.config().window.max(1);
+        // The whole session (bounded): the accumulating rules look past the window, and a
+        // reload judges it all again.
+        let window = crate::core::engine::SESSION_CHECKS;
         self.raw.push_back((at, index, result.clone()));
         while self.raw.len() > window {
             self.raw.pop_front();
@@ -971,7 +982,14 @@ impl Supervisor {
                 // Under a stability watch only the restored version's checks are its window.
                 let first = session.watching().map_or(0, |w| w.first_check);
                 let judged: Vec<_> = checks.iter().filter(|(i, _, _)| *i >= first).collect();
-                for (index, taken_at, result) in judged.into_iter().rev().take(window).rev() {
+                // The whole session (bounded), so the accumulating evidence survives a restart.
+                let _ = window;
+                for (index, taken_at, result) in judged
+                    .into_iter()
+                    .rev()
+                    .take(crate::core::engine::SESSION_CHECKS)
+                    .rev()
+                {
                     let at = session.at(*taken_at);
                     session.observe(at, *index, result);
                 }
@@ -1091,11 +1109,26 @@ impl Supervisor {
                 session.resumed_by
             );
         }
-        if grace_over && session.checks_since_resume >= window && session.watching().is_some() {
+        // Under `no_data_policy = "hold"` a period never ends in a confirmation it could not
+        // see: the window must be judged (every check with a usable error rate).
+        let holds = self.settings.rules.no_data_policy == NoDataPolicy::Hold
+            && !session.engine.window_judged();
+        if grace_over && session.checks_since_resume >= window && holds {
+            if !session.hold_logged {
+                session.hold_logged = true;
+                tracing::warn!(
+                    session = %session.record.id,
+                    "{what} over, but the last {window} checks were not all judged (no usable error rate): not confirming until a full window is (no_data_policy = \"hold\")"
+                );
+            }
+        } else if grace_over
+            && session.checks_since_resume >= window
+            && session.watching().is_some()
+        {
             self.stability_confirmed(now);
             return;
         }
-        if grace_over && session.checks_since_resume >= window {
+        if grace_over && session.checks_since_resume >= window && !holds {
             self.end_session(
                 now,
                 SessionState::Confirmed,
@@ -1169,21 +1202,29 @@ impl Supervisor {
         session.next_index += 1;
         let at = session.at(taken_at);
         let decision = session.observe(at, index, &result);
+        // The canary's own checks are observations of it too, but they join the history
+        // a baseline is made from only once it is confirmed (`end_session`): a rolled-back
+        // canary must never become the next promotion's baseline.
         if let Some(observation) = Observation::of(baseline::seconds(taken_at), &result.snapshot) {
             if session.observed.len() < MAX_SESSION_OBSERVATIONS {
                 session.observed.push(observation);
             }
-            // The canary's own checks are observations of it too: if it is confirmed,
-            // they are part of the baseline of the promotion after it (in memory only;
-            // they are in the checks table already).
-            self.history.observe(
-                Observed {
-                    at: taken_at,
-                    worker: session.record.active.clone(),
-                    observation,
+        }
+        let held = decision.fired(Rule::CannotJudge).is_some();
+        if held != session.holding {
+            session.holding = held;
+            let event = events::Judgement {
+                worker: session.record.active.clone(),
+                check_index: index,
+                judging: !held,
+                reason: if held {
+                    decision.reason()
+                } else {
+                    "usable data again: judging the release again".to_owned()
                 },
-                self.settings.baseline.window,
-            );
+            };
+            let audit = AuditRecord::of(now.wall, Some(session_id), &event);
+            self.audit(audit);
         }
         let Some(session) = self.session.as_mut() else {
             return;
@@ -1726,6 +1767,22 @@ impl Supervisor {
         };
         self.next_check = None;
         if state == SessionState::Confirmed {
+            // A confirmed canary's checks are observations of the version now active:
+            // part of the baseline of the promotion after it.
+            let keep = self.settings.baseline.window;
+            for observation in &session.observed {
+                let at = std::time::UNIX_EPOCH
+                    + Duration::from_secs_f64(observation.at_seconds.max(0.0));
+                let observed = Observed {
+                    at,
+                    worker: session.record.active.clone(),
+                    observation: *observation,
+                };
+                if now.wall.duration_since(at).unwrap_or_default() <= keep {
+                    self.history.observe(observed.clone(), keep);
+                    self.push(Effect::Persist(StateChange::Observation { observed, keep }));
+                }
+            }
             if let Some(stats) = Baseline::from_observations(
                 &session.observed,
                 crate::core::check::BaselineSource::PreviousSession,
@@ -1871,7 +1928,7 @@ impl Supervisor {
             record: record.clone(),
             reply,
         });
-        self.push(Effect::RecordSession(record));
+        self.push(Effect::RecordSession(Box::new(record)));
     }
 
     fn session_recorded(&mut self, now: Now, id: &str, error: Option<String>) {
@@ -2109,11 +2166,10 @@ impl Supervisor {
             // The window is judged again under the new thresholds.
             let mut engine = Engine::new(self.settings.rules.clone(), session.engine.baseline());
             let raw: Vec<_> = session.raw.drain(..).collect();
-            let window = self.settings.rules.window.max(1);
-            for (at, index, result) in raw.iter().rev().take(window).rev() {
+            for (at, index, result) in &raw {
                 engine.observe_numbered(*at, *index, result);
             }
-            session.raw = raw.into_iter().rev().take(window).rev().collect();
+            session.raw = raw.into_iter().collect();
             session.engine = engine;
         }
     }

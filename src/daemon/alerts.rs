@@ -38,6 +38,8 @@ pub fn is_alerted(event: AuditEvent) -> bool {
             | AuditEvent::KillSwitchExternal
             | AuditEvent::StabilityFailed
             | AuditEvent::StabilityConfirmed
+            | AuditEvent::CannotJudge
+            | AuditEvent::JudgingAgain
     )
 }
 
@@ -51,7 +53,7 @@ pub fn severity(record: &AuditRecord) -> &'static str {
         | AuditEvent::KillSwitchActivated
         | AuditEvent::StabilityFailed => "critical",
         AuditEvent::KillSwitchExternal if kill_switch_on(record) => "critical",
-        AuditEvent::RollbackExecuted => "warning",
+        AuditEvent::RollbackExecuted | AuditEvent::CannotJudge => "warning",
         _ => "info",
     }
 }

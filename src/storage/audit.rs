@@ -330,6 +330,11 @@ pub enum AuditEvent {
     StabilityConfirmed,
     /// The restored version breached during the watch: an escalation follows.
     StabilityFailed,
+    /// `no_data_policy = "hold"`: the release cannot be judged (no usable error rate for
+    /// `max_consecutive_no_data` checks); nothing is done to it, on-call is told.
+    CannotJudge,
+    /// Usable data again after a hold: the release is judged again.
+    JudgingAgain,
 }
 
 /// An `audit.log` event body: one struct per event, in `storage::events`.

@@ -38,6 +38,28 @@ pub struct MonitoringStarted {
 }
 event!(MonitoringStarted => MonitoringStarted);
 
+/// `cannot-judge` / `judging-again`: a hold under `no_data_policy = "hold"` began or
+/// ended.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Judgement {
+    pub worker: String,
+    pub check_index: u64,
+    #[serde(skip)]
+    pub judging: bool,
+    pub reason: String,
+}
+
+impl Event for Judgement {
+    fn event(&self) -> AuditEvent {
+        if self.judging {
+            AuditEvent::JudgingAgain
+        } else {
+            AuditEvent::CannotJudge
+        }
+    }
+}
+
 /// `health-check`: one check and what came of it.
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]

@@ -194,7 +194,7 @@ evidence_min_ratio = 1.5
 evidence_min_excess = 0.0005
 evidence_recent_checks = 8
 evidence_trim = 2
-noise_floor = 0.1
+noise_floor = 0.3
 memory_percent = 90.0
 memory_leak_per_hour = 60.0
 memory_leak_min_rise = 8.0
@@ -1114,6 +1114,15 @@ fn build(
         evidence_alpha: float("rules.evidence_alpha"),
         evidence_min_ratio: float("rules.evidence_min_ratio"),
         evidence_min_excess: float("rules.evidence_min_excess"),
+        evidence_looks: {
+            let interval = duration("monitor.check_interval").as_secs_f64();
+            let grace = duration("monitor.grace_period").as_secs_f64();
+            if interval > 0.0 {
+                ((grace / interval).ceil() as u64).clamp(1, 100_000)
+            } else {
+                1
+            }
+        },
         evidence_recent_checks: int("rules.evidence_recent_checks") as usize,
         evidence_trim: int("rules.evidence_trim") as usize,
         noise_floor: float("rules.noise_floor"),

@@ -260,6 +260,9 @@ pub struct EngineConfig {
     pub evidence_min_ratio: f64,
     /// …and above it by at least this absolute error rate (0.0005: 0.05 points).
     pub evidence_min_excess: f64,
+    /// The looks `evidence_alpha` is planned for: the grace period's checks (derived:
+    /// `grace_period / check_interval`).
+    pub evidence_looks: u64,
     /// The span of `recent_errors`, in checks.
     pub evidence_recent_checks: usize,
     /// The most extreme checks left out of each span (one or two spikes never fire it).
@@ -824,9 +827,20 @@ impl Engine {
             }
         };
         if let Some(baseline) = self.baseline {
-            // Quantiles need samples (SPEC §2b): a p95 over 20 requests is noise.
-            let enough =
-                |share: f64| requests.is_none_or(|n| n * share >= config.quantile_min_tail);
+            // Quantiles need samples (SPEC §2b): a p95 over 20 requests is noise. The
+            // requests beyond the quantile are counted over the window this check would
+            // join (the rule is "rollback_min_breaches of the window"); unknown traffic is
+            // judged, as the seed's checks carry no counts.
+            let window_requests: f64 = self
+                .window
+                .iter()
+                .rev()
+                .take(config.window.max(1).saturating_sub(1))
+                .filter_map(|e| e.requests)
+                .sum();
+            let enough = |share: f64| {
+                requests.is_none_or(|n| (n + window_requests) * share >= config.quantile_min_tail)
+            };
             for (quantile, value, base, multiplier, spread, share, ratio_slot) in [
                 (
                     "p95",
@@ -1031,16 +1045,17 @@ impl Engine {
             if config.evidence_alpha > 0.0 && latest.error_rate.is_some() {
                 let counts: Vec<stats::Counts> =
                     self.session.iter().filter_map(|k| k.counts).collect();
-                let alpha = stats::spent_alpha(config.evidence_alpha, self.looks);
+                let alpha =
+                    stats::spent_alpha(config.evidence_alpha, self.looks, config.evidence_looks);
                 let swing = reference.noise.sigma2.sqrt();
                 // Never on fewer checks than the windowed rules need, beyond the ones
                 // left out: a blip (or two) is never a bad release.
                 let least = config.evidence_trim + config.rollback_min_breaches.max(1);
-                let judge = |span: &[stats::Counts], min_ratio: f64| {
+                let judge = |span: &[stats::Counts], min_ratio: f64, how: stats::Trim| {
                     if span.len() < least {
                         return None;
                     }
-                    let test = stats::span_test(span, &reference, config.evidence_trim)?;
+                    let test = stats::span_test(span, &reference, config.evidence_trim, how)?;
                     let fires = test.p_value < alpha
                         && test.ratio > min_ratio
                         && test.excess_rate >= config.evidence_min_excess;
@@ -1057,7 +1072,8 @@ impl Engine {
                     alpha,
                     swing,
                 };
-                if let Some(test) = judge(&counts, config.evidence_min_ratio) {
+                if let Some(test) = judge(&counts, config.evidence_min_ratio, stats::Trim::Outliers)
+                {
                     fire(
                         Rule::SessionErrors,
                         test.checks,
@@ -1071,7 +1087,9 @@ impl Engine {
                 let recent = config.evidence_recent_checks;
                 if recent >= least && counts.len() > recent {
                     let span = &counts[counts.len() - recent..];
-                    if let Some(test) = judge(span, config.baseline_error_multiplier) {
+                    if let Some(test) =
+                        judge(span, config.baseline_error_multiplier, stats::Trim::Always)
+                    {
                         fire(
                             Rule::RecentErrors,
                             test.checks,
@@ -1279,9 +1297,19 @@ impl Engine {
         let ends = |p: &[(f64, f64)]| stats::median_of(&p.iter().map(|x| x.1).collect::<Vec<_>>());
         let from = ends(&points[..3])?;
         let to = ends(&points[points.len() - 3..])?;
+        // A leak only climbs: a garbage collector's sawtooth falls back by more than the
+        // noise every period. The deepest fall below the running maximum must stay under
+        // half the rise asked for.
+        let mut peak = f64::NEG_INFINITY;
+        let mut drawdown: f64 = 0.0;
+        for (_, m) in &points {
+            peak = peak.max(*m);
+            drawdown = drawdown.max(peak - m);
+        }
         let fires = per_hour >= config.memory_leak_per_hour
             && rise >= config.memory_leak_min_rise
-            && to - from >= config.memory_leak_min_rise * 0.75;
+            && to - from >= config.memory_leak_min_rise * 0.75
+            && drawdown <= config.memory_leak_min_rise * 0.5;
         fires.then_some((
             Detail::Slope {
                 per_hour,
@@ -1295,11 +1323,14 @@ impl Engine {
     }
 }
 
-/// The ratio a quantile must exceed: the multiplier, or three of the baseline's own
-/// between-check spreads when those are wider.
+/// The ratio a quantile must exceed: the multiplier, or two of the baseline's own
+/// between-check spreads (of ln p95 / ln p99) when those are wider. The rule counts
+/// `rollback_min_breaches` of the window — for 3 of 5, the window's median — and the
+/// median of five has about half a single check's spread: two spreads are then about
+/// four of the median's, which noise alone crosses about once in ten thousand looks.
 fn latency_limit(multiplier: f64, spread: Option<f64>) -> f64 {
     match spread {
-        Some(spread) if spread.is_finite() && spread > 0.0 => multiplier.max((3.0 * spread).exp()),
+        Some(spread) if spread.is_finite() && spread > 0.0 => multiplier.max((2.0 * spread).exp()),
         _ => multiplier,
     }
 }
@@ -1309,7 +1340,10 @@ fn latency_limit(multiplier: f64, spread: Option<f64>) -> f64 {
 fn reference_of(baseline: &Baseline, noise_floor: f64) -> Option<stats::Reference> {
     let noise = stats::Noise {
         sigma2: baseline.dispersion.unwrap_or(0.0),
-        rho: baseline.persistence.unwrap_or(0.0),
+        rho: baseline
+            .persistence
+            .unwrap_or(0.0)
+            .max(stats::PERSISTENCE_FLOOR),
         step_seconds: baseline.step_seconds.unwrap_or(30.0),
     };
     let checks = f64::from(baseline.samples.unwrap_or(1).max(1));

@@ -149,6 +149,12 @@ pub struct RobustRate {
     pub noise: Option<Noise>,
 }
 
+/// The least persistence assumed for the swings between checks one baseline step apart:
+/// twenty observations cannot tell a persistence of 0.5 from none at low counts, and real
+/// error-rate swings last (SPEC §2b; the NAB series measured 0.4–0.9 at 30 s). Assuming
+/// none where there is some makes a short span look more certain than it is.
+pub const PERSISTENCE_FLOOR: f64 = 0.5;
+
 /// Fewer kept checks than this: no dispersion estimate.
 pub const MIN_NOISE_CHECKS: usize = 5;
 /// Incident rule: a check is an incident when its errors exceed what the others predict
@@ -225,6 +231,12 @@ fn moment_noise(checks: &[Counts], rate: f64) -> Option<Noise> {
         0.0
     };
     let step_seconds = median(&mut steps).unwrap_or(30.0).max(1.0);
+    // Persistent swings around the sample's own mean understate their variance: over n
+    // checks with lag-one correlation ρ, E[s²] ≈ σ² (1 − (1 + ρ) / ((1 − ρ) n)). Undo it
+    // (bounded: at most a doubling).
+    let n = checks.len() as f64;
+    let shrink = 1.0 - (1.0 + rho) / ((1.0 - rho).max(0.05) * n);
+    let sigma2 = (sigma2 / shrink.max(0.5)).min(4.0);
     Some(Noise {
         sigma2,
         rho,
@@ -408,6 +420,21 @@ pub fn excess_with_noise(
     })
 }
 
+/// Which of a span's most extreme checks [`span_test`] leaves out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trim {
+    /// Only those that stand out against the span's own rate (the session: a steady
+    /// excess at low counts keeps all its evidence).
+    Outliers,
+    /// The `trim` highest whatever they are (a short recent span: a dependency's bad
+    /// two minutes must not fire it).
+    Always,
+}
+
+/// How far above the span's own pooled rate (in standard deviations of the noise) a check
+/// must be to be left out as one of its extremes.
+const OUTLIER_Z: f64 = 2.5;
+
 /// A span of checks judged together.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SpanTest {
@@ -430,7 +457,12 @@ pub struct SpanTest {
 /// Pools `checks` (time order) after leaving out the `trim` with the largest standardised
 /// excess (`None` when nothing would be left), and tests the pooled errors against the reference (no margin: the practical
 /// margin is applied to the estimate by the caller).
-pub fn span_test(checks: &[Counts], reference: &Reference, trim: usize) -> Option<SpanTest> {
+pub fn span_test(
+    checks: &[Counts],
+    reference: &Reference,
+    trim: usize,
+    how: Trim,
+) -> Option<SpanTest> {
     let usable: Vec<Counts> = checks
         .iter()
         .copied()
@@ -443,21 +475,37 @@ pub fn span_test(checks: &[Counts], reference: &Reference, trim: usize) -> Optio
     if usable.len() <= trim {
         return None;
     }
-    let mut order: Vec<(usize, f64)> = usable
-        .iter()
-        .enumerate()
-        .map(|(i, c)| {
-            let mu = c.requests * reference.rate;
-            (
-                i,
-                (c.errors - mu) / (mu + mu * mu * sigma2).sqrt().max(1e-12),
-            )
-        })
-        .collect();
-    order.sort_by(|a, b| b.1.total_cmp(&a.1));
+    // Up to `trim` checks are left out, the most extreme first — with `Trim::Outliers`
+    // only those that are extreme against the span itself (its own pooled rate and the noise): a spike or two
+    // never fires the statistic, while a steady excess at low counts, where no check
+    // stands out, keeps all its evidence.
     let mut keep = vec![true; usable.len()];
-    for (i, _) in order.iter().take(trim) {
-        keep[*i] = false;
+    for _ in 0..trim {
+        let (e, n) = usable
+            .iter()
+            .zip(&keep)
+            .filter(|(_, k)| **k)
+            .fold((0.0, 0.0), |(e, n), (c, _)| (e + c.errors, n + c.requests));
+        if n <= 0.0 {
+            break;
+        }
+        let own = (e + 0.5) / n;
+        let worst = usable
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| keep[*i])
+            .map(|(i, c)| {
+                let mu = c.requests * own;
+                (
+                    i,
+                    (c.errors - mu) / (mu + mu * mu * sigma2).sqrt().max(1e-12),
+                )
+            })
+            .max_by(|a, b| a.1.total_cmp(&b.1));
+        match worst {
+            Some((i, z)) if how == Trim::Always || z > OUTLIER_Z => keep[i] = false,
+            _ => break,
+        }
     }
     let kept: Vec<Counts> = usable
         .iter()
@@ -505,11 +553,18 @@ pub fn span_test(checks: &[Counts], reference: &Reference, trim: usize) -> Optio
 }
 
 /// The significance a statistic must reach at its `look`-th look (from 1) so that the
-/// chance of ever crossing by luck over unlimited looks is at most `alpha`: α / (t(t+1)),
-/// which sums to α (a union bound; valid whatever the dependence between looks).
-pub fn spent_alpha(alpha: f64, look: u64) -> f64 {
+/// chance of ever crossing by luck, over unlimited looks, is at most `alpha` (a union
+/// bound: valid whatever the dependence between looks). Half of α is spent evenly over
+/// the `planned` looks (the grace period's checks), α / (2 × planned) each; the other half
+/// over the looks after them, (α / 2) × planned / (t (t + 1)), which sums to less than α / 2.
+pub fn spent_alpha(alpha: f64, look: u64, planned: u64) -> f64 {
     let t = look.max(1) as f64;
-    alpha / (t * (t + 1.0))
+    let h = planned.max(1) as f64;
+    if t <= h {
+        alpha / (2.0 * h)
+    } else {
+        alpha / 2.0 * h / (t * (t + 1.0))
+    }
 }
 
 /// Theil–Sen slope of `(x, y)` points: the median of the pairwise slopes (robust to a
@@ -741,7 +796,7 @@ mod tests {
         let mut rates = vec![0.01; 8];
         rates[2] = 0.2;
         rates[6] = 0.3;
-        let spiky = span_test(&counts(&rates, 5000.0), &reference(0.0), 2).unwrap();
+        let spiky = span_test(&counts(&rates, 5000.0), &reference(0.0), 2, Trim::Outliers).unwrap();
         assert_eq!((spiky.checks, spiky.trimmed), (6, 2));
         assert!(
             close(spiky.ratio, 0.01 / reference(0.0).rate, 1e-6),
@@ -749,21 +804,28 @@ mod tests {
         );
         // A steady 1.8×: persistence makes the same evidence weaker.
         let steady = counts(&[0.018; 10], 20_000.0);
-        let independent = span_test(&steady, &reference(0.0), 2).unwrap();
-        let persistent = span_test(&steady, &reference(0.8), 2).unwrap();
+        let independent = span_test(&steady, &reference(0.0), 2, Trim::Outliers).unwrap();
+        let persistent = span_test(&steady, &reference(0.8), 2, Trim::Outliers).unwrap();
         assert!(independent.p_value < persistent.p_value);
         assert!(persistent.p_value < 0.5);
         assert_eq!(
-            span_test(&counts(&[0.5, 0.5], 100.0), &reference(0.0), 2),
+            span_test(
+                &counts(&[0.5, 0.5], 100.0),
+                &reference(0.0),
+                2,
+                Trim::Always
+            ),
             None
         );
     }
 
     #[test]
     fn the_spent_alpha_sums_to_alpha_and_shrinks() {
-        let total: f64 = (1..100_000).map(|t| spent_alpha(0.01, t)).sum();
-        assert!(total < 0.01 && total > 0.0099, "{total}");
-        assert!(spent_alpha(0.01, 10) < spent_alpha(0.01, 3));
+        let total: f64 = (1..1_000_000).map(|t| spent_alpha(0.01, t, 20)).sum();
+        // α/2 + (α/2) × 20/21: under α, whatever the number of looks.
+        assert!(total < 0.01 && total > 0.0097, "{total}");
+        assert_eq!(spent_alpha(0.01, 3, 20), spent_alpha(0.01, 20, 20));
+        assert!(spent_alpha(0.01, 40, 20) < spent_alpha(0.01, 20, 20));
     }
 
     #[test]

@@ -60,6 +60,7 @@ const KEYS: &[(&str, Kind)] = &[
     ("monitor.check_timeout", Kind::Duration),
     ("monitor.grace_period", Kind::Duration),
     ("monitor.window", Kind::Int),
+    ("monitor.warmup", Kind::Duration),
     ("rules.error_rate_threshold", Kind::Float),
     ("rules.degraded_error_rate", Kind::Float),
     ("rules.rollback_min_breaches", Kind::Int),
@@ -113,6 +114,7 @@ const KEYS: &[(&str, Kind)] = &[
     ("rollback.max_attempts", Kind::Int),
     ("rollback.max_rollbacks_per_hour", Kind::Int),
     ("rollback.stability_period", Kind::Duration),
+    ("rollback.settle", Kind::Duration),
     ("kill_switch.database", Kind::Str),
     ("kill_switch.key", Kind::Str),
     ("kill_switch.reset_quiet_period", Kind::Duration),
@@ -163,6 +165,95 @@ pub fn key_paths() -> impl Iterator<Item = &'static str> {
 }
 
 const FLAG_DEFAULTS_PREFIX: &str = "flags.defaults.";
+
+/// The scrape interval assumed when `[operations.prometheus]` does not say.
+pub const DEFAULT_SCRAPE_INTERVAL: Duration = Duration::from_secs(15);
+
+/// The longest range selector (`[1m]`, `[90s]`; `[{interval}]` is the check interval) in
+/// a PromQL expression.
+pub fn longest_range(expression: &str, check_interval: Duration) -> Option<Duration> {
+    let mut longest: Option<Duration> = None;
+    let mut rest = expression;
+    while let Some(open) = rest.find('[') {
+        let after = &rest[open + 1..];
+        let Some(close) = after.find(']') else { break };
+        let inside = after[..close].split(':').next().unwrap_or("").trim();
+        let range = if inside == "{interval}" {
+            Some(check_interval)
+        } else {
+            parse_prometheus_duration(inside)
+        };
+        if let Some(range) = range {
+            longest = Some(longest.map_or(range, |l| l.max(range)));
+        }
+        rest = &after[close + 1..];
+    }
+    longest
+}
+
+/// A Prometheus duration: `1m`, `90s`, `1h30m`, `500ms`.
+pub fn parse_prometheus_duration(text: &str) -> Option<Duration> {
+    if text.is_empty() {
+        return None;
+    }
+    let mut total = Duration::ZERO;
+    let mut number = String::new();
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c.is_ascii_digit() {
+            number.push(c);
+            continue;
+        }
+        let value: u64 = number.parse().ok()?;
+        number.clear();
+        let unit = match (c, chars.peek()) {
+            ('m', Some('s')) => {
+                chars.next();
+                Duration::from_millis(1)
+            }
+            ('s', _) => Duration::from_secs(1),
+            ('m', _) => Duration::from_secs(60),
+            ('h', _) => Duration::from_secs(3600),
+            ('d', _) => Duration::from_secs(86_400),
+            ('w', _) => Duration::from_secs(7 * 86_400),
+            ('y', _) => Duration::from_secs(365 * 86_400),
+            _ => return None,
+        };
+        total = total.checked_add(unit.checked_mul(u32::try_from(value).ok()?)?)?;
+    }
+    number.is_empty().then_some(total)
+}
+
+/// The warm-up and settle time a configuration implies: with `[operations.prometheus]`, two
+/// scrapes plus the longest range its queries use (`rate()` needs two samples of the new
+/// series, and the window must have moved past the old version's); otherwise zero.
+fn derived_quiet(merged: &BTreeMap<String, (Value, Source)>) -> Duration {
+    let text = |key: &str| match merged.get(key) {
+        Some((Value::String(s), _)) => Some(s.clone()),
+        _ => None,
+    };
+    if text("operations.prometheus.url").is_none() {
+        return Duration::ZERO;
+    }
+    let interval = text("monitor.check_interval")
+        .and_then(|t| humantime::parse_duration(&t).ok())
+        .unwrap_or(Duration::from_secs(30));
+    let scrape = text("operations.prometheus.scrape_interval")
+        .and_then(|t| humantime::parse_duration(&t).ok())
+        .unwrap_or(DEFAULT_SCRAPE_INTERVAL);
+    let longest = [
+        "operations.prometheus.error_rate",
+        "operations.prometheus.requests",
+        "operations.prometheus.latency_p95_ms",
+        "operations.prometheus.latency_p99_ms",
+    ]
+    .iter()
+    .filter_map(|key| text(key))
+    .filter_map(|query| longest_range(&query, interval))
+    .max()
+    .unwrap_or(Duration::ZERO);
+    scrape.saturating_mul(2).saturating_add(longest)
+}
 
 /// Built-in defaults (profile `default`). `monitor.degraded_check_interval` is derived
 /// (half the check interval) unless a layer sets it.
@@ -703,6 +794,22 @@ fn load_layers(
         }
     }
 
+    // The warm-up after a promotion and the settle time after a rollback: how long the
+    // metrics need to describe the version now serving (derived from the Prometheus
+    // queries' ranges and the scrape interval; zero for other sources).
+    let quiet = derived_quiet(&merged);
+    for key in ["monitor.warmup", "rollback.settle"] {
+        if !merged.contains_key(key) {
+            merged.insert(
+                key.into(),
+                (
+                    Value::String(humantime::format_duration(quiet).to_string()),
+                    Source::Derived,
+                ),
+            );
+        }
+    }
+
     if !merged.contains_key("fleet.host") {
         merged.insert(
             "fleet.host".into(),
@@ -1132,6 +1239,8 @@ fn build(
         memory_leak_warmup: duration("rules.memory_leak_warmup"),
         probe_flap_failures: int("rules.probe_flap_failures") as usize,
         probe_flap_window: int("rules.probe_flap_window") as usize,
+        warmup: duration("monitor.warmup"),
+        settle: duration("rollback.settle"),
         dry_run: get("rules.dry_run")
             .and_then(Value::as_bool)
             .unwrap_or(false),

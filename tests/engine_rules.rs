@@ -202,6 +202,10 @@ const NOISY_1PCT: Option<Baseline> = Some(Baseline {
 /// The same counts with no noise known: the exact binomial test judges.
 const CALM_1PCT: Option<Baseline> = counted(1000, 100_000);
 
+fn escalate_after_a_90s_warmup(c: &mut EngineConfig) {
+    c.no_data_policy = NoDataPolicy::Escalate;
+    c.warmup = std::time::Duration::from_secs(90);
+}
 fn hold(c: &mut EngineConfig) {
     c.no_data_policy = NoDataPolicy::Hold;
 }
@@ -247,6 +251,13 @@ const SCENARIOS: &[Scenario] = &[
         checks: "+0.01:m58 +0.01:m59 +0.01:m60 +0.01:m61 +0.01:m62 +0.01:m63 +0.01:m64 +0.01:m65 +0.01:m66 +0.01:m67 +0.01:m68 +0.01:m69 +0.01:m70 +0.01:m71 +0.01:m72", expect: "HHHHHHHHHHHRRRR" },
     Scenario { name: "a GC sawtooth of 16 points is not a leak", config: defaults, baseline: None,
         checks: "+0.01:m52 +0.01:m60 +0.01:m68 +0.01:m52 +0.01:m60 +0.01:m68 +0.01:m52 +0.01:m60 +0.01:m68 +0.01:m52 +0.01:m60 +0.01:m68 +0.01:m52 +0.01:m60 +0.01:m68", expect: "HHHHHHHHHHHHHHH" },
+    // Warm-up (issue 25): a new version has no series yet; no-data then is expected.
+    Scenario { name: "no data inside a 90 s warm-up is expected and not counted", config: escalate_after_a_90s_warmup, baseline: None,
+        checks: "+down +down +down +down +down +down", expect: "HHDDDE" },
+    Scenario { name: "data inside the warm-up is judged", config: escalate_after_a_90s_warmup, baseline: None,
+        checks: "+0.5 +0.5 +0.5", expect: "DDR" },
+    Scenario { name: "a failing probe inside the warm-up is judged", config: escalate_after_a_90s_warmup, baseline: None,
+        checks: "xdown xdown", expect: "DE" },
     // No data holds by default (SPEC §2): an outage of the monitoring is not a bad release.
     Scenario { name: "provider outage of 4 checks holds under the default policy", config: hold, baseline: None,
         checks: "+0.01 +down +down +down +down +down", expect: "HDDDDD" },

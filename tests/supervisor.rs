@@ -9,8 +9,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rollbackd::core::check::{Baseline, CheckResult};
 use rollbackd::core::supervisor::{
-    ActionKind, ActionResult, ActionTrigger, Answer, Effect, Input, Restored, SessionRecord,
-    SessionState, Settings, StabilityResult, Supervisor,
+    ActionKind, ActionResult, ActionTrigger, Answer, Effect, Input, PastRollback, Restored,
+    SessionRecord, SessionState, Settings, StabilityResult, Supervisor,
 };
 use rollbackd::core::trace::{parse_line, TraceLine};
 use rollbackd::core::Now;
@@ -358,7 +358,10 @@ fn verdicts_become_actions_as_the_policy_says() {
         let mut session = restored_session(&h, case.previous, Duration::from_secs(5));
         session.paused = case.paused;
         let rollbacks = (0..case.rollbacks_before)
-            .map(|i| h.wall - Duration::from_secs(600 + u64::from(i)))
+            .map(|i| PastRollback {
+                at: h.wall - Duration::from_secs(600 + u64::from(i)),
+                from: "v2".into(),
+            })
             .collect();
         h.script = case.script.iter().map(|l| check(l)).collect();
         h.feed(Input::Restore(Box::new(Restored {
@@ -491,11 +494,20 @@ fn a_failed_rollback_escalates_and_the_operator_hears_both() {
         .collect();
     assert!(matches!(replies.first(), Some(Answer::Progress { .. })));
     assert!(matches!(replies.last(), Some(Answer::Done(v)) if v["outcome"] == "escalated"));
-    // An operator resetting the kill switch ends the escalated session.
+    // An operator resetting the kill switch does not end the session: the switch failed,
+    // v2 still serves, and it is watched again from a fresh window (issue 25, item 9).
+    h.effects.clear();
     h.feed(Input::KillSwitchReset {
         operator: "uid:1000(alice)".into(),
     });
-    assert_eq!(h.ended().as_deref(), Some("stopped"));
+    assert_eq!(h.ended(), None, "{:?}", h.names());
+    assert_eq!(
+        h.sup.session().unwrap().record.state,
+        SessionState::Monitoring
+    );
+    assert!(h.has("audit:monitoring-resumed"), "{:?}", h.names());
+    h.run_for(Duration::from_secs(31));
+    assert!(h.has("check#0"), "{:?}", h.names());
 }
 
 #[test]
@@ -1408,7 +1420,10 @@ fn a_fleet_verdict_becomes_a_rollback_through_the_same_policy() {
         let mut session = restored_session(&h, case.previous, Duration::from_secs(5));
         session.paused = case.paused;
         let rollbacks = (0..case.rollbacks_before)
-            .map(|i| h.wall - Duration::from_secs(600 + u64::from(i)))
+            .map(|i| PastRollback {
+                at: h.wall - Duration::from_secs(600 + u64::from(i)),
+                from: "v2".into(),
+            })
             .collect();
         h.feed(Input::Restore(Box::new(Restored {
             session: Some(session),
@@ -1772,4 +1787,79 @@ fn the_accumulated_evidence_survives_a_restart() {
     h.script.push_back(check(TWICE));
     h.run_for(Duration::from_secs(1));
     assert!(h.has("start:rollback:automatic"), "{:?}", h.names());
+}
+
+/// Issue 25, item 5: right after a rollback the restored version's metrics still cover the
+/// bad version's window. Inside `rollback.settle` its checks are not judged on them (a
+/// spike then is the old version's), a failing probe still is; after it they are.
+#[test]
+fn the_watch_judges_the_restored_version_only_after_the_settle_time() {
+    let mut h = rolled_back("[rollback]\nstability_period = \"5m\"\nsettle = \"100s\"\n");
+    assert!(h.has("audit:stability-watch-started"), "{:?}", h.names());
+    h.effects.clear();
+    // Three checks inside the settle time (30, 60, 90 s) still see v2's errors: three
+    // breaches, which without the settle time would fail the watch.
+    h.script = [SPIKE, SPIKE, SPIKE].iter().map(|l| check(l)).collect();
+    h.run_for(Duration::from_secs(95));
+    assert_eq!(h.count("audit:health-check"), 3, "{:?}", h.names());
+    assert!(
+        !h.names().iter().any(|n| n.starts_with("start:")),
+        "{:?}",
+        h.names()
+    );
+    assert!(!h.has("audit:stability-failed"), "{:?}", h.names());
+    // After it, three breaching checks of v1 are v1's: the watch fails and escalates.
+    h.script = [SPIKE, SPIKE, SPIKE].iter().map(|l| check(l)).collect();
+    h.run_for(Duration::from_secs(120));
+    assert!(h.has("audit:stability-failed"), "{:?}", h.names());
+    assert_eq!(h.count("start:escalation:automatic"), 1, "{:?}", h.names());
+}
+
+/// The same settle time does not hide a probe that fails: the restored worker down is
+/// known at once.
+#[test]
+fn a_failing_probe_inside_the_settle_time_still_escalates() {
+    let mut h = rolled_back("[rollback]\nstability_period = \"5m\"\nsettle = \"5m\"\n");
+    h.effects.clear();
+    h.script = [DOWN, DOWN].iter().map(|l| check(l)).collect();
+    h.run_for(Duration::from_secs(90));
+    assert_eq!(h.count("start:escalation:automatic"), 1, "{:?}", h.names());
+}
+
+/// Issue 25, item 7: loop protection counts automatic rollbacks of the *same* version. A
+/// busy hour of different bad releases (and a manual rollback) must not leave the fourth
+/// one serving with only the kill switch; when it does hold back, the reason says the
+/// version still serves and to roll it back by hand.
+#[test]
+fn loop_protection_counts_rollbacks_of_the_same_version() {
+    let run = |rollbacks: Vec<PastRollback>| {
+        let mut h = Harness::new(settings("[rollback]\nmax_rollbacks_per_hour = 2\n"));
+        let session = restored_session(&h, Some("v1"), Duration::from_secs(30));
+        h.script = [SPIKE, SPIKE, SPIKE].iter().map(|l| check(l)).collect();
+        h.feed(Input::Restore(Box::new(Restored {
+            session: Some(session),
+            rollbacks,
+            ..Restored::default()
+        })));
+        h.run_for(Duration::from_secs(120));
+        let plan = h.plans()[0].clone();
+        (plan.kind, plan.reason)
+    };
+    let past = |from: &str, ago: u64| PastRollback {
+        at: UNIX_EPOCH + Duration::from_secs(1_800_000_000 - ago),
+        from: from.into(),
+    };
+    // Three other releases rolled back this hour: v2 is still rolled back.
+    let (kind, _) = run(vec![past("v5", 600), past("v6", 500), past("v7", 400)]);
+    assert_eq!(kind, ActionKind::Rollback);
+    // v2 itself twice: a loop; escalation, and the reason says what to do.
+    let (kind, reason) = run(vec![past("v2", 600), past("v2", 300)]);
+    assert_eq!(kind, ActionKind::Escalation);
+    assert!(
+        reason.contains("still serving v2: roll back by hand"),
+        "{reason}"
+    );
+    // Rollbacks of v2 more than an hour ago do not count.
+    let (kind, _) = run(vec![past("v2", 4000), past("v2", 3700)]);
+    assert_eq!(kind, ActionKind::Rollback);
 }

@@ -202,7 +202,7 @@ pub enum Command {
         /// the daemon's would
         #[arg(long)]
         no_previous: bool,
-        /// Rollbacks already made in the hour before the promotion: at
+        /// Automatic rollbacks of this version already made in the hour before the promotion: at
         /// rollback.max_rollbacks_per_hour a rollback verdict escalates, as the daemon's would
         #[arg(long, value_name = "N", default_value_t = 0)]
         recent_rollbacks: u32,

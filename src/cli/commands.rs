@@ -210,13 +210,18 @@ pub async fn run(command: &Command, loaded: &LoadedConfig) -> anyhow::Result<u8>
                 }
             )?;
         }
-        Command::KillSwitch { .. } => writeln!(
-            out,
-            "{}={} (was {})",
-            show(&value["key"], "?"),
-            show(&value["value"], "?"),
-            show(&value["previous"], "unset")
-        )?,
+        Command::KillSwitch { .. } => {
+            writeln!(
+                out,
+                "{}={} (was {})",
+                show(&value["key"], "?"),
+                show(&value["value"], "?"),
+                show(&value["previous"], "unset")
+            )?;
+            if value["session"].is_string() {
+                writeln!(out, "{}", show(&value["session"], ""))?;
+            }
+        }
         Command::Pause { .. } | Command::Resume => writeln!(
             out,
             "automatic actions {}",

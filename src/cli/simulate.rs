@@ -24,7 +24,8 @@ use crate::core::Now;
 pub struct Scenario {
     /// A previous worker is known (a rollback has somewhere to go).
     pub previous_known: bool,
-    /// Rollbacks already made in the hour before the promotion (loop protection).
+    /// Automatic rollbacks of the promoted version already made in the hour before the
+    /// promotion (loop protection).
     pub recent_rollbacks: u32,
     /// Replay past a rollback into its stability watch.
     pub stability_watch: bool,
@@ -103,7 +104,10 @@ impl Replay {
             stability: None,
         };
         let rollbacks = (0..scenario.recent_rollbacks)
-            .map(|i| wall - Duration::from_secs(60 + u64::from(i)))
+            .map(|i| crate::core::supervisor::PastRollback {
+                at: wall - Duration::from_secs(60 + u64::from(i)),
+                from: session.active.clone(),
+            })
             .collect();
         replay.supervisor.handle(
             now,

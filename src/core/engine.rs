@@ -282,6 +282,15 @@ pub struct EngineConfig {
     /// checks; 0 turns it off.
     pub probe_flap_failures: usize,
     pub probe_flap_window: usize,
+    /// After a promotion, checks without a usable error rate are expected for this long
+    /// (a new version has no series until it is scraped and `rate()` has two samples):
+    /// they count neither as no-data nor as problems (`monitor.warmup`).
+    #[serde(serialize_with = "serialize_seconds")]
+    pub warmup: Duration,
+    /// After a rollback, the restored version's metrics still cover the bad version's
+    /// window for this long: its checks are not judged on them (`rollback.settle`).
+    #[serde(serialize_with = "serialize_seconds")]
+    pub settle: Duration,
     pub dry_run: bool,
     /// Rules whose firing is recorded but never acted on (per-rule shadow mode).
     pub dry_run_rules: Vec<Rule>,
@@ -309,6 +318,10 @@ pub struct WindowEntry {
     /// Why the snapshot had no values, when it had none.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub snapshot_reason: Option<Box<str>>,
+    /// Taken inside the warm-up after a promotion or the settle time after a rollback:
+    /// its missing error rate was expected (and, settling, its metrics are not judged).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quiet: Option<Quiet>,
     /// Errors over the baseline (the `baseline` rule).
     pub baseline_breach: bool,
     /// p95 or p99 over the baseline's (the `baseline_latency` rule).
@@ -350,9 +363,32 @@ impl WindowEntry {
 
     /// Anything that keeps the window from being healthy.
     fn is_problem(&self) -> bool {
-        self.is_failure() || self.error_class != ValueClass::Ok
+        self.is_failure() || (self.error_class != ValueClass::Ok && !self.expected_no_data())
+    }
+
+    /// No usable error rate, and none was expected: what `max_consecutive_no_data` counts.
+    pub fn is_missing_data(&self) -> bool {
+        self.error_class.is_unusable() && !self.expected_no_data()
+    }
+
+    /// No usable error rate inside the warm-up or the settle time.
+    pub fn expected_no_data(&self) -> bool {
+        self.quiet.is_some() && self.error_class.is_unusable()
     }
 }
+
+/// Why a check's missing data was expected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Quiet {
+    /// Inside `monitor.warmup` after the promotion.
+    WarmUp,
+    /// Inside `rollback.settle` after a rollback: the metrics still cover the version
+    /// rolled back from.
+    Settle,
+}
+
+impl WindowEntry {}
 
 fn serialize_seconds<S: serde::Serializer>(at: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_f64(at.as_secs_f64())
@@ -662,6 +698,9 @@ pub struct Engine {
     reference: Option<stats::Reference>,
     window: VecDeque<WindowEntry>,
     session: VecDeque<Kept>,
+    /// Checks before this (time since promotion) are in a warm-up or a settle time.
+    quiet_until: Duration,
+    quiet: Quiet,
     /// Checks with counts the accumulating error statistics have looked at.
     looks: u64,
     next_check_index: u64,
@@ -672,6 +711,8 @@ impl Engine {
         let window = VecDeque::with_capacity(config.window.max(1));
         let reference = baseline.and_then(|b| reference_of(&b, config.noise_floor));
         Engine {
+            quiet_until: config.warmup,
+            quiet: Quiet::WarmUp,
             config,
             baseline,
             reference,
@@ -698,6 +739,23 @@ impl Engine {
     /// Number of checks observed since the engine was made.
     pub fn checks_seen(&self) -> u64 {
         self.next_check_index
+    }
+
+    /// A rollback was verified at `at` (time since promotion): the restored version's
+    /// checks until `at + settle` are not judged on their metrics.
+    pub fn settle_from(&mut self, at: Duration) {
+        self.quiet = Quiet::Settle;
+        self.quiet_until = at.saturating_add(self.config.settle);
+    }
+
+    /// The quiet span in force (kind, until) — carried over when the engine is rebuilt.
+    pub fn quiet(&self) -> (Quiet, Duration) {
+        (self.quiet, self.quiet_until)
+    }
+
+    pub fn set_quiet(&mut self, (quiet, until): (Quiet, Duration)) {
+        self.quiet = quiet;
+        self.quiet_until = until;
     }
 
     /// Whether every check of a full window had a usable error rate: what a confirmation
@@ -759,14 +817,20 @@ impl Engine {
             SnapshotOutcome::Unavailable { reason } => (None, Some(reason.as_str().into())),
         };
 
+        let quiet = (at < self.quiet_until).then_some(self.quiet);
         let (error_class, error_rate) = match snapshot {
             None => (ValueClass::ProviderError, None),
+            // Settling: the restored version's metrics still cover the version rolled
+            // back from; they say nothing about it yet.
+            Some(_) if quiet == Some(Quiet::Settle) => (ValueClass::NoData, None),
             Some(snapshot) => classify_error_rate(config, snapshot),
         };
+        let settling = quiet == Some(Quiet::Settle);
 
-        let latency_p95_ms = snapshot.and_then(|s| s.latency_p95_ms.finite_non_negative());
-        let latency_p99_ms = snapshot.and_then(|s| s.latency_p99_ms.finite_non_negative());
-        let requests = snapshot.and_then(|s| s.requests.finite_non_negative());
+        let judged = snapshot.filter(|_| !settling);
+        let latency_p95_ms = judged.and_then(|s| s.latency_p95_ms.finite_non_negative());
+        let latency_p99_ms = judged.and_then(|s| s.latency_p99_ms.finite_non_negative());
+        let requests = judged.and_then(|s| s.requests.finite_non_negative());
         let latency_breach = matches!((latency_p95_ms, config.latency_p95_ms_threshold), (Some(v), Some(t)) if v > t)
             || matches!((latency_p99_ms, config.latency_p99_ms_threshold), (Some(v), Some(t)) if v > t);
         let mut baseline_p_value = None;
@@ -903,6 +967,7 @@ impl Engine {
             error_rate,
             requests,
             snapshot_reason,
+            quiet: quiet.filter(|q| *q == Quiet::Settle || error_class.is_unusable()),
             baseline_breach,
             latency_baseline_breach,
             p95_ratio,
@@ -1182,7 +1247,7 @@ impl Engine {
                 None,
             );
         }
-        let no_data_streak = trailing(&self.window, |e| e.error_class.is_unusable());
+        let no_data_streak = trailing(&self.window, WindowEntry::is_missing_data);
         if no_data_streak >= config.max_consecutive_no_data {
             match config.no_data_policy {
                 NoDataPolicy::Escalate => fire(

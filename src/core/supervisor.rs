@@ -416,8 +416,16 @@ pub struct Restored {
     /// The session's last action, finished just before the restart while the session
     /// still says `monitoring`: its outcome is carried out now.
     pub settled: Option<(Option<ActionId>, ActionKind, ActionTrigger, ActionResult)>,
-    /// When each rollback of the last hour started (loop protection).
-    pub rollbacks: Vec<SystemTime>,
+    /// The automatic (and fleet) rollbacks of the last hour (loop protection).
+    pub rollbacks: Vec<PastRollback>,
+}
+
+/// An automatic or fleet rollback, for loop protection: when it started and the version it
+/// rolled back from. Manual rollbacks are not counted: an operator is already in the loop.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PastRollback {
+    pub at: SystemTime,
+    pub from: String,
 }
 
 /// The running session.
@@ -559,7 +567,7 @@ pub struct Supervisor {
     check_in_flight: bool,
     next_check: Option<Instant>,
     suspended_seen: Duration,
-    rollbacks: Vec<SystemTime>,
+    rollbacks: Vec<PastRollback>,
     pending: Option<Pending>,
     /// The workers of the last session that ended (for `status` between sessions).
     last_workers: Option<(String, Option<String>, SessionState)>,
@@ -769,20 +777,7 @@ impl Supervisor {
                 reason,
                 reply,
             } => self.pause(now, operator, paused, reason, reply),
-            Input::KillSwitchReset { operator } => {
-                if self
-                    .session
-                    .as_ref()
-                    .is_some_and(|s| s.record.state == SessionState::Escalated)
-                {
-                    self.end_session(
-                        now,
-                        SessionState::Stopped,
-                        "kill switch reset by an operator",
-                        Some(&operator),
-                    );
-                }
-            }
+            Input::KillSwitchReset { operator } => self.kill_switch_reset(now, operator),
             Input::FleetVerdict {
                 version,
                 host,
@@ -880,12 +875,13 @@ impl Supervisor {
                 format!("{why}; no previous worker is known, so escalating"),
             )
         } else {
-            let recent = self.rollbacks_in_the_last_hour(now.wall);
+            let active = session.record.active.clone();
+            let recent = self.rollbacks_in_the_last_hour(now.wall, &active);
             let limit = self.settings.max_rollbacks_per_hour;
             if recent >= limit {
                 (
                     ActionKind::Escalation,
-                    format!("{why}; but {recent} rollbacks in the last hour reached max_rollbacks_per_hour = {limit}: escalating instead of looping"),
+                    loop_held(&why, recent, limit, &active),
                 )
             } else {
                 (ActionKind::Rollback, why)
@@ -979,8 +975,14 @@ impl Supervisor {
                     session.record.active = watch.restored;
                     session.record.previous = Some(watch.from).filter(|p| !p.is_empty());
                 }
-                // Under a stability watch only the restored version's checks are its window.
+                // Under a stability watch only the restored version's checks are its window,
+                // the first of them inside the settle time.
                 let first = session.watching().map_or(0, |w| w.first_check);
+                if let Some(watch) = session.watching() {
+                    let started = time::from_ms(watch.started_at_ms);
+                    let at = session.at(started);
+                    session.engine.settle_from(at);
+                }
                 let judged: Vec<_> = checks.iter().filter(|(i, _, _)| *i >= first).collect();
                 // The whole session (bounded), so the accumulating evidence survives a restart.
                 let _ = window;
@@ -1229,7 +1231,16 @@ impl Supervisor {
         let Some(session) = self.session.as_mut() else {
             return;
         };
-        let failed = result.probe.is_failed() || decision.error_class != ValueClass::Ok;
+        // What the kill switch's quiet period counts as a failed check: a failed probe,
+        // any breach (absolute or against the baseline), or missing data that was not
+        // expected — a deploy-time gap inside the warm-up is not a failure users saw.
+        let failed = result.probe.is_failed()
+            || session
+                .engine
+                .window()
+                .last()
+                .is_some_and(|e| e.is_failure() || e.is_missing_data())
+            || decision.error_class == ValueClass::Breach;
         let paused = session.record.paused;
         let escalated = session.record.state == SessionState::Escalated;
         let record = CheckRecord {
@@ -1371,15 +1382,17 @@ impl Supervisor {
                 ),
             ),
             Action::Rollback => {
-                let recent = self.rollbacks_in_the_last_hour(now.wall);
+                let active = self
+                    .session
+                    .as_ref()
+                    .map(|s| s.record.active.clone())
+                    .unwrap_or_default();
+                let recent = self.rollbacks_in_the_last_hour(now.wall, &active);
                 let limit = self.settings.max_rollbacks_per_hour;
                 if recent >= limit {
                     (
                         ActionKind::Escalation,
-                        format!(
-                            "{}; but {recent} rollbacks in the last hour reached max_rollbacks_per_hour = {limit}: escalating instead of looping",
-                            decision.reason()
-                        ),
+                        loop_held(&decision.reason(), recent, limit, &active),
                     )
                 } else {
                     (ActionKind::Rollback, decision.reason())
@@ -1388,10 +1401,13 @@ impl Supervisor {
         }
     }
 
-    fn rollbacks_in_the_last_hour(&mut self, now: SystemTime) -> u32 {
+    /// Automatic and fleet rollbacks of `version` in the last hour: a loop is the same
+    /// version promoted and rolled back again and again, not a busy hour of different
+    /// releases.
+    fn rollbacks_in_the_last_hour(&mut self, now: SystemTime, version: &str) -> u32 {
         let hour_ago = time::sub(now, Duration::from_secs(3600));
-        self.rollbacks.retain(|at| *at >= hour_ago);
-        self.rollbacks.len() as u32
+        self.rollbacks.retain(|r| r.at >= hour_ago);
+        self.rollbacks.iter().filter(|r| r.from == version).count() as u32
     }
 
     fn evidence(&self, decision: Option<&Decision>) -> (Evidence, Option<f64>, u32) {
@@ -1460,8 +1476,13 @@ impl Supervisor {
     }
 
     fn start_action(&mut self, plan: ActionPlan, reply: Option<ReplyTo>) {
-        if plan.kind == ActionKind::Rollback {
-            self.rollbacks.push(plan.started_at);
+        if plan.kind == ActionKind::Rollback && plan.trigger != ActionTrigger::Manual {
+            if let Some(from) = &plan.from {
+                self.rollbacks.push(PastRollback {
+                    at: plan.started_at,
+                    from: from.clone(),
+                });
+            }
         }
         self.action = Some(Running {
             id: None,
@@ -1607,6 +1628,53 @@ impl Supervisor {
         }
     }
 
+    /// An operator reset the kill switch. An escalated canary session is *not* over: the
+    /// canary still serves, so it is watched again from a fresh window (its grace period
+    /// goes on; the checks from now on must fill the window before it is confirmed). An
+    /// escalation of a failed stability watch ends the session: the restored version is
+    /// the operator's now.
+    fn kill_switch_reset(&mut self, now: Now, operator: String) {
+        let rules = self.settings.rules.clone();
+        let Some(session) = self.session.as_mut() else {
+            return;
+        };
+        if session.record.state != SessionState::Escalated {
+            return;
+        }
+        if session.record.stability.is_some() {
+            self.end_session(
+                now,
+                SessionState::Stopped,
+                "kill switch reset by an operator after the restored version failed its stability watch: the session ends",
+                Some(&operator),
+            );
+            return;
+        }
+        session.record.state = SessionState::Monitoring;
+        session.restart_window(&rules, "the kill switch reset");
+        let id = session.record.id.clone();
+        let active = session.record.active.clone();
+        self.push(Effect::Persist(StateChange::Session {
+            id: id.clone(),
+            state: SessionState::Monitoring,
+            ended: None,
+        }));
+        let mut record = AuditRecord::of(
+            now.wall,
+            Some(&id),
+            &events::PauseChanged {
+                paused: false,
+                reason: Some(format!(
+                    "kill switch reset by {operator}: {active} is still serving and is monitored again; the checks from now on must fill the window before the promotion is confirmed"
+                )),
+            },
+        );
+        record.operator = Some(operator);
+        self.audit(record);
+        tracing::info!(session = %id, "kill switch reset: monitoring {active} again");
+        self.next_check = Some(now.mono);
+    }
+
     // -- the stability watch -------------------------------------------------------------
 
     /// A verified rollback: the session goes on, watching the restored version with a
@@ -1632,6 +1700,9 @@ impl Supervisor {
         session.record.state = SessionState::StabilityWatch;
         session.record.stability = Some(watch.clone());
         session.restart_window(&rules, "the rollback");
+        // The restored version's metrics still cover the bad version's window for a while.
+        let at = session.at(now.wall);
+        session.engine.settle_from(at);
         let id = session.record.id.clone();
         let baseline = session.record.baseline;
         let record = session.record.clone();
@@ -2165,6 +2236,15 @@ impl Supervisor {
         if let Some(session) = &mut self.session {
             // The window is judged again under the new thresholds.
             let mut engine = Engine::new(self.settings.rules.clone(), session.engine.baseline());
+            let (quiet, until) = session.engine.quiet();
+            // The same span, measured with the new configuration's warm-up or settle time.
+            let until = match quiet {
+                crate::core::engine::Quiet::WarmUp => self.settings.rules.warmup,
+                crate::core::engine::Quiet::Settle => until
+                    .saturating_sub(session.engine.config().settle)
+                    .saturating_add(self.settings.rules.settle),
+            };
+            engine.set_quiet((quiet, until));
             let raw: Vec<_> = session.raw.drain(..).collect();
             for (at, index, result) in &raw {
                 engine.observe_numbered(*at, *index, result);
@@ -2173,6 +2253,15 @@ impl Supervisor {
             session.engine = engine;
         }
     }
+}
+
+/// The reason of an escalation loop protection made instead of a rollback: says that the
+/// version still serves and what to do.
+fn loop_held(why: &str, recent: u32, limit: u32, version: &str) -> String {
+    format!(
+        "{why}; but {version} was already rolled back automatically {recent} time{} in the last hour (max_rollbacks_per_hour = {limit}): escalating instead of looping — still serving {version}: roll back by hand (`rollbackd rollback --reason ...`) once the cause of the loop is understood",
+        if recent == 1 { "" } else { "s" }
+    )
 }
 
 /// One line on a session's baseline for operators (`promote`, `status`, `check-config`).

@@ -127,13 +127,28 @@ impl Driver {
         let operator_name = operator.name.clone();
         let value = value.to_owned();
         let clock = self.clock.clone();
-        // A reset ends an escalated session: a human has decided it is over.
+        // A reset of an escalated session: the canary is watched again (a failed stability
+        // watch ends). What became of the session goes back with the reply.
         if value == "0" {
             self.feed(Input::KillSwitchReset {
                 operator: operator.name.clone(),
             })
             .await;
         }
+        let session_note = match self.sup.session() {
+            Some(s) => format!(
+                "session {}: {} {}",
+                s.record.id,
+                s.record.state.as_str(),
+                match s.record.state {
+                    crate::core::supervisor::SessionState::Monitoring => {
+                        format!("{} (checks continue; a full window must be judged before it is confirmed)", s.record.active)
+                    }
+                    _ => s.record.active.clone(),
+                }
+            ),
+            None => "no monitoring session".to_owned(),
+        };
         self.side_tasks.retain(|task| !task.is_finished());
         self.side_tasks.push(tokio::spawn(async move {
             let ks = &config.config.kill_switch;
@@ -171,7 +186,7 @@ impl Driver {
             ctx.recorder.audit(audit).await;
             let _ = replies
                 .send(Reply::Done {
-                    result: json!({"key": ks.key, "value": value, "previous": previous}),
+                    result: json!({"key": ks.key, "value": value, "previous": previous, "session": session_note}),
                 })
                 .await;
         }));

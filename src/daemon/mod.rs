@@ -855,7 +855,13 @@ impl Driver {
             healthy,
             in_flight: resume.as_ref().map(|row| (row.id, row.kind, row.trigger)),
             settled,
-            rollbacks: rollbacks.into_iter().map(time::from_ms).collect(),
+            rollbacks: rollbacks
+                .into_iter()
+                .map(|(at, from)| crate::core::supervisor::PastRollback {
+                    at: time::from_ms(at),
+                    from,
+                })
+                .collect(),
         };
         self.feed(Input::Restore(Box::new(restored))).await;
         if let Some(action) = resume {

@@ -967,14 +967,20 @@ impl Store {
 
     /// When each rollback that started at or after `since_ms` started, oldest first (loop
     /// protection after a restart).
-    pub fn rollback_starts_since(&self, since_ms: i64) -> Result<Vec<i64>, StoreError> {
+    /// The automatic and fleet rollbacks started at or after `since_ms`, with the version
+    /// each rolled back from (loop protection counts them per version; manual ones are
+    /// an operator's decision and not counted).
+    pub fn rollback_starts_since(&self, since_ms: i64) -> Result<Vec<(i64, String)>, StoreError> {
         let mut statement = self.conn.prepare_cached(
-            "SELECT started_at_ms FROM actions WHERE kind = ?2 AND started_at_ms >= ?1 \
-             ORDER BY started_at_ms",
+            "SELECT started_at_ms, COALESCE(from_worker, '') FROM actions \
+             WHERE kind = ?2 AND trigger != ?3 AND started_at_ms >= ?1 ORDER BY started_at_ms",
         )?;
         let rows = statement
-            .query_map(params![since_ms, ActionKind::Rollback], |row| row.get(0))?
-            .collect::<Result<Vec<i64>, _>>()?;
+            .query_map(
+                params![since_ms, ActionKind::Rollback, ActionTrigger::Manual],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )?
+            .collect::<Result<Vec<(i64, String)>, _>>()?;
         Ok(rows)
     }
 
@@ -2078,7 +2084,15 @@ mod tests {
         assert_eq!(store.rollbacks_since(0).unwrap(), 3);
         assert_eq!(store.rollbacks_since(2_000).unwrap(), 2);
         assert_eq!(store.rollbacks_since(3_001).unwrap(), 0);
-        assert_eq!(store.rollback_starts_since(2_000).unwrap(), [2_000, 3_000]);
+        // A manual rollback (an operator's decision) is not what loop protection counts.
+        let mut manual = rollback(None, 2_600);
+        manual.trigger = ActionTrigger::Manual;
+        manual.from_worker = Some("v7".into());
+        store.insert_action(&manual).unwrap();
+        assert_eq!(
+            store.rollback_starts_since(2_000).unwrap(),
+            [(2_000, "v2".to_owned()), (3_000, "v2".to_owned())]
+        );
         assert!(store.rollback_starts_since(3_001).unwrap().is_empty());
     }
 

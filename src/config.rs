@@ -97,6 +97,7 @@ const KEYS: &[(&str, Kind)] = &[
     ("worker.health_command", Kind::StrList),
     ("worker.health_tcp", Kind::Str),
     ("worker.pid_file", Kind::Str),
+    ("worker.active", Kind::Str),
     ("operations.snapshot_url", Kind::Str),
     ("operations.snapshot_command", Kind::StrList),
     ("operations.prometheus.url", Kind::Str),
@@ -446,6 +447,10 @@ pub struct WorkerConfig {
     pub probe: Option<ProbeSpec>,
     /// Path template; `{worker}` is the active worker's id.
     pub pid_file: Option<String>,
+    /// The version serving on a fresh host, before any promotion: observed between
+    /// sessions so that the first promotion has a baseline. A promotion (recorded in
+    /// rollbackd.db) supersedes it.
+    pub active: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -1427,9 +1432,15 @@ fn build(
         None => warnings
             .push("worker: no health_url, health_command or health_tcp; `run` needs one".into()),
     }
+    if let Some(active) = string("worker.active").filter(|w| !w.is_empty()) {
+        if let Err(why) = crate::text::check_worker_id(&active) {
+            problem("worker.active", why);
+        }
+    }
     let worker = WorkerConfig {
         probe,
         pid_file: string("worker.pid_file").filter(|p| !p.is_empty()),
+        active: string("worker.active").filter(|w| !w.is_empty()),
     };
 
     // [operations]

@@ -801,3 +801,53 @@ fn a_stable_restored_version_ends_the_session_and_the_report_says_so() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no session"));
 }
+
+/// Issue 25, item 13: a fresh daemon knows no active version, so nothing is observed
+/// before the first promotion and that promotion has no baseline. `[worker] active`
+/// declares the version serving: it is observed at once, `status` says what is observed,
+/// and the first promotion is judged against it.
+#[test]
+fn a_declared_active_version_is_observed_before_the_first_promotion() {
+    let setup =
+        Setup::new("[baseline]\nobserve_interval = \"1s\"\nwindow = \"1m\"\nmin_samples = 3\n");
+    // Without the declaration (offline status of the fresh state directory): nothing.
+    let before = String::from_utf8_lossy(&setup.cli(&["status"]).stdout).into_owned();
+    assert!(
+        before.contains("observing    nothing: no active version is known yet"),
+        "{before}"
+    );
+    setup.rewrite_config(|config| {
+        config["worker"]
+            .as_table_mut()
+            .unwrap()
+            .insert("active".into(), "v1".into());
+    });
+    setup.routes.error_rate(0.003);
+    let _daemon = setup.start();
+    let db = setup.path("state/rollbackd.db");
+    let observed = wait_for(Duration::from_secs(20), || {
+        rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .and_then(|conn| {
+                conn.query_row(
+                    "SELECT COUNT(*) FROM observations WHERE worker = 'v1'",
+                    [],
+                    |row| row.get::<_, i64>(0),
+                )
+            })
+            .is_ok_and(|n| n >= 3)
+    });
+    assert!(
+        observed.is_some(),
+        "v1 was not observed; log:\n{}",
+        setup.daemon_log()
+    );
+    let status = String::from_utf8_lossy(&setup.cli(&["status"]).stdout).into_owned();
+    assert!(
+        status.contains("observing    v1 between sessions"),
+        "{status}"
+    );
+    let out = setup.cli(&["promote", "--active", "v2", "--previous", "v1"]);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{stdout}");
+    assert!(stdout.contains("[observed, "), "{stdout}");
+}

@@ -199,6 +199,17 @@ impl StatusReport {
                     shown(&self.workers.previous, "-")
                 )?;
             }
+            match &self.workers.active {
+                Some(_) => writeln!(
+                    out,
+                    "observing    {} between sessions, for the next promotion's baseline",
+                    shown(&self.workers.active, "?")
+                )?,
+                None => writeln!(
+                    out,
+                    "observing    nothing: no active version is known yet (declare it with [worker] active = \"ID\", or promote one)"
+                )?,
+            }
             if let Some(baseline) = &self.next_baseline {
                 writeln!(out, "next baseline {}", Escaped(baseline))?;
             }

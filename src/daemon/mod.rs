@@ -774,7 +774,11 @@ impl Driver {
                     })
                     .collect();
                 (
-                    stored_worker_id("active worker", active),
+                    // A fresh host knows no active version until a promotion records one;
+                    // `worker.active` declares the one serving so that it is observed for
+                    // the first promotion's baseline.
+                    stored_worker_id("active worker", active)
+                        .or_else(|| self.config.config.worker.active.clone()),
                     observations,
                     healthy_baselines(healthy),
                 )

@@ -353,7 +353,8 @@ impl Driver {
                     .await
                     .unwrap_or((None, None));
                 Workers {
-                    active: stored_worker_id("active worker", active),
+                    active: stored_worker_id("active worker", active)
+                        .or_else(|| config.worker.active.clone()),
                     previous: stored_worker_id("previous worker", previous),
                     last_session_state: None,
                 }

@@ -33,6 +33,8 @@ pub fn offline(loaded: &LoadedConfig) -> anyhow::Result<StatusReport> {
         Err(StoreError::NotFound(_)) => (None, Vec::new(), None, None),
         Err(err) => return Err(err.into()),
     };
+    // A fresh host: the version `worker.active` declares is the one observed.
+    let active = active.or_else(|| config.worker.active.clone());
     let session_status = session.as_ref().map(|s| {
         let promoted = crate::core::time::from_ms(s.promoted_at_ms);
         let age = now.duration_since(promoted).unwrap_or_default();

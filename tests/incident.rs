@@ -397,3 +397,97 @@ fn the_file_is_named_by_the_first_action_so_a_rewrite_replaces_it() {
     later.generated_at_ms += 3_600_000;
     assert_eq!(Incident::of(&later).file_name, incident.file_name);
 }
+
+/// Issue 25, item 11: the report tells the truth about what happened.
+#[test]
+fn the_report_says_which_failure_it_was_and_what_it_cost_beyond_the_baseline() {
+    // A latency-only incident: the trigger names the quantile, the timeline shows p95,
+    // and the errors beyond the baseline's rate are ~0 while the raw estimate is not.
+    let mut facts = automatic_rollback();
+    for check in &mut facts.checks {
+        check.result = parse_check(
+            r#"{"at": 1, "probe": "ok", "snapshot": {"failureRate": 0.01, "requests": 1000, "latencyP95Ms": 900, "latencyP99Ms": 1500}}"#,
+        );
+        check.failed = check.verdict != "healthy";
+    }
+    facts.session.as_mut().unwrap().baseline = Some(rollbackd::core::check::Baseline {
+        error_rate: Some(0.01),
+        latency_p95_ms: Some(200.0),
+        ..Default::default()
+    });
+    facts.actions[0].reason =
+        "p95 latency 900 ms over the baseline's 200 ms × 1.50 in 3 of 5 checks".into();
+    facts.actions[0].detail["evidence"] = json!({"rulesFired": [
+        {"rule": "baseline_latency", "count": 3, "of": 5, "threshold": 1.5, "observed": 900.0, "dryRun": false,
+         "detail": {"kind": "quantile", "quantile": "p95", "observedMs": 900.0, "baselineMs": 200.0, "limitRatio": 1.5}}
+    ]});
+    let incident = Incident::of(&facts);
+    assert_eq!(incident.triggers[0].rule, "baseline_latency");
+    assert!(
+        incident.triggers[0]
+            .text
+            .starts_with("p95 latency 900 ms over the baseline's 200 ms"),
+        "{:?}",
+        incident.triggers
+    );
+    assert!(
+        !incident.summary.contains("Errors above"),
+        "{}",
+        incident.summary
+    );
+    assert!(
+        incident
+            .timeline
+            .iter()
+            .any(|m| m.event.contains("p95 900 ms, p99 1500 ms")),
+        "{:?}",
+        incident.timeline
+    );
+    assert_eq!(incident.impact.failed_requests_estimated, 50.0);
+    assert_eq!(incident.impact.excess_failed_estimated, Some(0.0));
+    assert!(incident
+        .markdown()
+        .contains("about 0 more than the previous version's error rate would have made"));
+
+    // The switch failed: v2 still serves and v1 was never probed. That is not "the version
+    // rolled back to is unhealthy too".
+    let mut failed = automatic_rollback();
+    failed.session.as_mut().unwrap().stability = None;
+    failed.actions[0].state = ActionState::Failed;
+    let mut escalation = escalation().actions.remove(0);
+    escalation.id = Some(2);
+    escalation.from = Some("v2".into());
+    failed.actions.push(escalation);
+    let steps = Incident::of(&failed).next_steps.join("\n");
+    assert!(
+        steps.contains(
+            "The rollback did not complete: v2 is still serving and v1 was never switched to"
+        ),
+        "{steps}"
+    );
+    assert!(!steps.contains("unhealthy too"), "{steps}");
+
+    // Loop protection held a rollback back: say the version still serves and what to do.
+    let mut held = escalation_facts_with_reason(
+        "Errors …; but v2 was already rolled back automatically 3 times in the last hour (max_rollbacks_per_hour = 3): escalating instead of looping — still serving v2: roll back by hand",
+    );
+    held.session.as_mut().unwrap().previous = Some("v1".into());
+    let steps = Incident::of(&held).next_steps.join("\n");
+    assert!(
+        steps.contains("Loop protection held the rollback back: v2 is still serving"),
+        "{steps}"
+    );
+}
+
+fn escalation_facts_with_reason(reason: &str) -> Facts {
+    let mut facts = escalation();
+    facts.actions[0].reason = reason.into();
+    facts
+}
+
+fn parse_check(line: &str) -> CheckResult {
+    match parse_line(line).unwrap() {
+        Some(TraceLine::Check { check, .. }) => check,
+        other => panic!("{other:?}"),
+    }
+}

@@ -170,6 +170,11 @@ pub struct Impact {
     pub requests: f64,
     /// Σ requests × error rate over those checks.
     pub failed_requests_estimated: f64,
+    /// Of those, the errors beyond what the baseline's rate predicts for the same
+    /// requests (`None` without a baseline rate): what the release cost, not the errors
+    /// the previous version would have made too.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub excess_failed_estimated: Option<f64>,
 }
 
 /// The stability watch's outcome.
@@ -281,6 +286,13 @@ fn describe_check(check: &CheckFacts) -> String {
             None => parts.push(format!("error rate {}", percent(rate))),
         },
         (_, None) => parts.push("no usable error rate".into()),
+    }
+    if let SnapshotOutcome::Values(s) = &check.result.snapshot {
+        for (name, value) in [("p95", &s.latency_p95_ms), ("p99", &s.latency_p99_ms)] {
+            if let Some(ms) = value.finite_non_negative() {
+                parts.push(format!("{name} {ms:.0} ms"));
+            }
+        }
     }
     parts.join(", ")
 }
@@ -584,11 +596,18 @@ impl Incident {
             (None, None) => format!("{severity} level {level}: {what}."),
         };
 
-        // Impact: from the first check that was not healthy to the last action's end.
+        // Impact: from the first check users would have noticed — a failure (a breach, a
+        // failed probe, missing data nobody expected) or a degraded verdict on a measured
+        // error rate; not a deploy-time gap in the warm-up — to the last action's end.
         let first_unhealthy = facts
             .checks
             .iter()
-            .find(|c| c.verdict != "healthy")
+            .find(|c| {
+                c.failed
+                    || c.verdict == "rollback"
+                    || c.verdict == "escalate"
+                    || (c.verdict == "degraded" && error_rate(&c.result).is_some())
+            })
             .map(|c| c.taken_at_ms);
         let onset_ms = first_unhealthy.or(first.map(|a| a.started_at_ms));
         let unfinished = facts.actions.iter().any(|a| a.finished_at_ms.is_none());
@@ -614,9 +633,15 @@ impl Incident {
             checks_with_counts: 0,
             requests: 0.0,
             failed_requests_estimated: 0.0,
+            excess_failed_estimated: None,
         };
+        let base_rate = session
+            .and_then(|s| s.baseline.as_ref())
+            .and_then(|b| b.error_rate)
+            .filter(|r| r.is_finite() && (0.0..=1.0).contains(r));
         if let Some(onset) = onset_ms {
             let end = recovery_ms.unwrap_or(facts.generated_at_ms);
+            let mut excess = 0.0;
             for check in facts
                 .checks
                 .iter()
@@ -626,11 +651,17 @@ impl Incident {
                 if let Some(n) = requests(&check.result) {
                     impact.checks_with_counts += 1;
                     impact.requests += n;
-                    impact.failed_requests_estimated +=
-                        n * error_rate(&check.result).unwrap_or(0.0);
+                    let rate = error_rate(&check.result).unwrap_or(0.0);
+                    impact.failed_requests_estimated += n * rate;
+                    if let Some(base) = base_rate {
+                        excess += n * (rate - base).max(0.0);
+                    }
                 }
             }
             impact.failed_requests_estimated = impact.failed_requests_estimated.round();
+            if base_rate.is_some() && impact.checks_with_counts > 0 {
+                impact.excess_failed_estimated = Some(excess.round());
+            }
         }
 
         // Timeline.
@@ -855,10 +886,35 @@ impl Incident {
                 restored.as_deref().unwrap_or("?")
             ));
         }
-        if level == 3 {
+        if level == 3 && watch_failed {
             next_steps.push(
                 "The version rolled back to is unhealthy too: call the owning team now. Do not promote or roll back again until the cause (a migration the old code cannot read, a shared dependency) is known.".to_owned()
             );
+        } else if rollback_failed && restored.is_none() {
+            let to = facts
+                .actions
+                .iter()
+                .find(|a| a.kind == ActionKind::Rollback && a.state == ActionState::Failed)
+                .and_then(|a| a.to.clone())
+                .unwrap_or_else(|| "the previous version".into());
+            next_steps.push(format!(
+                "The rollback did not complete: {bad} is still serving and {to} was never switched to or verified (the hooks' output is under Actions taken). Fix the switch path, then `{rbd} rollback --reason \"...\"`."
+            ));
+        } else if level == 3 {
+            next_steps.push(
+                "Both a rollback and the kill switch were needed: call the owning team now."
+                    .to_owned(),
+            );
+        }
+        if let Some(held) = facts
+            .actions
+            .iter()
+            .find(|a| a.kind == ActionKind::Escalation && a.reason.contains("still serving"))
+        {
+            let version = held.from.clone().unwrap_or_else(|| bad.clone());
+            next_steps.push(format!(
+                "Loop protection held the rollback back: {version} is still serving. Roll it back by hand once the cause of the loop is understood: `{rbd} rollback --reason \"...\"`."
+            ));
         }
         if kill_on {
             next_steps.push(format!(
@@ -977,8 +1033,17 @@ impl Incident {
         } else if i.checks_with_counts > 0 {
             let _ = writeln!(
                 out,
-                "- {:.0} requests in that time by the checks' own counts ({} of {} checks had counts), about {:.0} of them failed.",
-                i.requests, i.checks_with_counts, i.checks, i.failed_requests_estimated
+                "- {:.0} requests in that time by the checks' own counts ({} of {} checks had counts), about {:.0} of them failed{}.",
+                i.requests,
+                i.checks_with_counts,
+                i.checks,
+                i.failed_requests_estimated,
+                match i.excess_failed_estimated {
+                    Some(excess) => format!(
+                        "; about {excess:.0} more than the previous version's error rate would have made"
+                    ),
+                    None => String::new(),
+                }
             );
         } else {
             let _ = writeln!(
@@ -1029,8 +1094,14 @@ impl Incident {
                 "- Reason: {}",
                 cell(&crate::text::one_line(&a.reason, 400))
             );
-            if let (Some(from), Some(to)) = (&a.from, &a.to) {
-                let _ = writeln!(out, "- From {from} to {to}");
+            match (a.kind, &a.from, &a.to) {
+                (ActionKind::Rollback, Some(from), Some(to)) => {
+                    let _ = writeln!(out, "- From {from} to {to}");
+                }
+                (ActionKind::Escalation, Some(on), _) => {
+                    let _ = writeln!(out, "- While {on} was serving");
+                }
+                _ => {}
             }
             let _ = writeln!(
                 out,

@@ -99,6 +99,7 @@ async fn round_trip_with_progress_lines() {
     let request = Request::Rollback {
         reason: "error rate; rm -rf /".into(),
         emergency: true,
+        force: false,
     };
     let mut progress = Vec::new();
     let result = call(&path, &request, |message, detail| {

@@ -449,6 +449,7 @@ async fn manual_rollback_streams_phases_and_names_the_operator() {
         .send(Request::Rollback {
             reason: "bad deploy".into(),
             emergency: false,
+            force: false,
         })
         .await;
     let progress = replies
@@ -507,6 +508,7 @@ async fn an_emergency_rollback_skips_the_drain_phase() {
             .send(Request::Rollback {
                 reason: "test".into(),
                 emergency,
+                force: false,
             })
             .await;
         assert!(
@@ -559,6 +561,7 @@ async fn a_rollback_in_flight_refuses_a_second_one_and_shutdown_waits_for_it() {
                 request: Request::Rollback {
                     reason: "one".into(),
                     emergency: true,
+                    force: false,
                 },
                 replies: tx,
             })
@@ -575,6 +578,7 @@ async fn a_rollback_in_flight_refuses_a_second_one_and_shutdown_waits_for_it() {
         .send(Request::Rollback {
             reason: "two".into(),
             emergency: true,
+            force: false,
         })
         .await;
     match second.last() {

@@ -447,6 +447,8 @@ fn a_failed_rollback_escalates_and_the_operator_hears_both() {
         operator: "uid:1000(alice)".into(),
         reason: "bad deploy".into(),
         emergency: false,
+        force: false,
+        rolled_back: Vec::new(),
         known_workers: (None, None),
         reply: 9,
     });
@@ -459,6 +461,8 @@ fn a_failed_rollback_escalates_and_the_operator_hears_both() {
         operator: "uid:1000(alice)".into(),
         reason: "again".into(),
         emergency: false,
+        force: false,
+        rolled_back: Vec::new(),
         known_workers: (None, None),
         reply: 10,
     });
@@ -1862,4 +1866,131 @@ fn loop_protection_counts_rollbacks_of_the_same_version() {
     // Rollbacks of v2 more than an hour ago do not count.
     let (kind, _) = run(vec![past("v2", 4000), past("v2", 3700)]);
     assert_eq!(kind, ActionKind::Rollback);
+}
+
+/// Issue 26, item 1: a pause holds actions back; it must not turn a failing release into
+/// a confirmed one at the end of the grace period, nor a failing restored version into
+/// a confirmed watch. The session stays open and paused until someone resumes it.
+#[test]
+fn a_paused_session_never_confirms_while_its_checks_fail() {
+    // The grace period.
+    let mut h = Harness::new(settings(NO_WATCH));
+    h.promote("v3", "v2");
+    set_paused(&mut h, true, 11);
+    h.script = std::iter::repeat_n(check(SPIKE), 80).collect();
+    h.run_for(Duration::from_secs(12 * 60));
+    assert_eq!(
+        h.ended(),
+        None,
+        "confirmed while paused and failing: {:?}",
+        h.names()
+    );
+    assert!(
+        !h.names().iter().any(|n| n.starts_with("start:")),
+        "{:?}",
+        h.names()
+    );
+    let session = h.sup.session().expect("still open");
+    assert!(session.record.paused);
+    // Healthy again (the checks that failed age out of the window): then it confirms.
+    h.script.clear();
+    h.run_for(Duration::from_secs(5 * 60));
+    assert_eq!(h.ended().as_deref(), Some("confirmed"), "{:?}", h.names());
+
+    // The stability watch.
+    let mut h = rolled_back("[rollback]\nstability_period = \"2m\"\n");
+    set_paused(&mut h, true, 12);
+    h.effects.clear();
+    h.script = std::iter::repeat_n(check(SPIKE), 40).collect();
+    h.run_for(Duration::from_secs(5 * 60));
+    assert!(!h.has("audit:stability-confirmed"), "{:?}", h.names());
+    assert!(h.sup.session().is_some_and(|s| s.record.paused));
+}
+
+/// Issue 26, item 22: v2 rolled back to v1, v1 failed its watch, the session escalated.
+/// A restart then must resume on v1 (the version serving), not on the rolled-back v2.
+#[test]
+fn a_restart_after_a_failed_watch_resumes_on_the_restored_version() {
+    let mut h = Harness::new(settings(WATCH_5M));
+    let mut record = restored_session(&h, Some("v1"), Duration::from_secs(300));
+    record.state = SessionState::Escalated;
+    record.stability = Some(rollbackd::core::supervisor::Stability {
+        started_at_ms: rollbackd::core::time::to_ms(h.wall - Duration::from_secs(200)),
+        period_seconds: 300.0,
+        restored: "v1".into(),
+        from: "v2".into(),
+        rollback_action: Some(1),
+        first_check: 3,
+        result: Some(StabilityResult::Failed),
+        ended_at_ms: Some(rollbackd::core::time::to_ms(
+            h.wall - Duration::from_secs(100),
+        )),
+        reason: Some("restored version v1 unstable".into()),
+    });
+    h.feed(Input::Restore(Box::new(Restored {
+        session: Some(record),
+        active_worker: Some("v1".into()),
+        ..Restored::default()
+    })));
+    let session = h.sup.session().expect("resumed");
+    assert_eq!(
+        session.record.active, "v1",
+        "resumed on the rolled-back canary"
+    );
+    assert_eq!(session.record.previous.as_deref(), Some("v2"));
+    h.run_for(Duration::from_secs(60));
+    assert!(
+        h.effects
+            .iter()
+            .any(|e| matches!(e, Effect::StartCheck { worker, .. } if worker == "v1")),
+        "{:?}",
+        h.names()
+    );
+    assert!(h
+        .effects
+        .iter()
+        .all(|e| !matches!(e, Effect::StartCheck { worker, .. } if worker == "v2")));
+}
+
+/// Issue 26, item 23: after an automatic rollback v2 → v1, "roll back" would mean v1 → v2:
+/// re-deploying the release rollbackd took out. Refused (exit 3, naming why) unless forced.
+#[test]
+fn a_manual_rollback_to_a_version_rolled_back_is_refused_unless_forced() {
+    let mut h = rolled_back(WATCH_5M);
+    let session = h.sup.session().unwrap();
+    assert_eq!(
+        (
+            session.record.active.as_str(),
+            session.record.previous.as_deref()
+        ),
+        ("v1", Some("v2"))
+    );
+    let rollback = |force: bool| Input::Rollback {
+        operator: "uid:1000(alice)".into(),
+        reason: "checkout looks slow".into(),
+        emergency: false,
+        force,
+        rolled_back: vec!["v2".into()],
+        known_workers: (None, None),
+        reply: 21,
+    };
+    h.effects.clear();
+    h.feed(rollback(false));
+    assert_eq!(h.names(), ["reply:failed:3"]);
+    let Some(Effect::Reply {
+        answer: Answer::Failed { message, .. },
+        ..
+    }) = h.effects.last()
+    else {
+        unreachable!()
+    };
+    assert!(
+        message.contains("v2, is one rollbackd rolled back"),
+        "{message}"
+    );
+    assert!(message.contains("--force"), "{message}");
+    h.feed(rollback(true));
+    let plans = h.plans();
+    assert_eq!(plans.len(), 1, "{:?}", h.names());
+    assert_eq!(plans[0].to.as_deref(), Some("v2"));
 }

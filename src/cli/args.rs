@@ -138,6 +138,11 @@ pub enum Command {
         /// Do not ask for confirmation
         #[arg(long, short = 'y')]
         yes: bool,
+        /// Roll back even when the version to go back to is one rollbackd itself rolled
+        /// back (and no promotion of it was confirmed since): that would re-deploy a bad
+        /// release, so it is refused (exit 3) without this
+        #[arg(long)]
+        force: bool,
     },
 
     /// The DISABLE_NEW kill switch in the application's database

@@ -39,10 +39,14 @@ pub async fn run(command: &Command, loaded: &LoadedConfig) -> anyhow::Result<u8>
         },
         Command::Status { .. } => Request::Status,
         Command::Rollback {
-            reason, emergency, ..
+            reason,
+            emergency,
+            force,
+            ..
         } => Request::Rollback {
             reason: reason.clone(),
             emergency: *emergency,
+            force: *force,
         },
         Command::KillSwitch { action } => match action {
             KillSwitchAction::Set {
@@ -96,6 +100,7 @@ pub async fn run(command: &Command, loaded: &LoadedConfig) -> anyhow::Result<u8>
         yes,
         emergency,
         reason,
+        ..
     } = command
     {
         if !yes && std::io::stdin().is_terminal() {
@@ -444,6 +449,7 @@ mod limit_tests {
         let rollback = Request::Rollback {
             reason: "r".into(),
             emergency: false,
+            force: false,
         };
         assert_eq!(
             request_limit(&rollback, &loaded),

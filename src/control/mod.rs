@@ -55,8 +55,9 @@ mod tests {
                 Request::Rollback {
                     reason: "bad".into(),
                     emergency: true,
+                    force: false,
                 },
-                json!({"command": "rollback", "reason": "bad", "emergency": true}),
+                json!({"command": "rollback", "reason": "bad", "emergency": true, "force": false}),
             ),
             (
                 Request::KillSwitchSet { reason: "r".into() },
@@ -92,7 +93,8 @@ mod tests {
             serde_json::from_str::<Request>(r#"{"command":"rollback","reason":"x"}"#).unwrap(),
             Request::Rollback {
                 reason: "x".into(),
-                emergency: false
+                emergency: false,
+                force: false
             }
         );
         assert_eq!(

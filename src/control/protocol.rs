@@ -39,6 +39,9 @@ pub enum Request {
         reason: String,
         #[serde(default)]
         emergency: bool,
+        /// Roll back even to a version rollbackd rolled back (and nobody confirmed since).
+        #[serde(default)]
+        force: bool,
     },
     KillSwitchSet {
         reason: String,

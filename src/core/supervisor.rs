@@ -372,6 +372,10 @@ pub enum Input {
         operator: String,
         reason: String,
         emergency: bool,
+        /// `rollback --force`: go back even to a version rolled back.
+        force: bool,
+        /// Versions rolled back and not confirmed since (from rollbackd.db).
+        rolled_back: Vec<String>,
         /// The workers `rollbackd.db` names when no session is running.
         known_workers: (Option<String>, Option<String>),
         reply: ReplyTo,
@@ -768,9 +772,19 @@ impl Supervisor {
                 operator,
                 reason,
                 emergency,
+                force,
+                rolled_back,
                 known_workers,
                 reply,
-            } => self.manual_rollback(now, operator, reason, emergency, known_workers, reply),
+            } => self.manual_rollback(
+                now,
+                operator,
+                reason,
+                (emergency, force),
+                &rolled_back,
+                known_workers,
+                reply,
+            ),
             Input::Pause {
                 operator,
                 paused,
@@ -969,9 +983,10 @@ impl Supervisor {
                         reason: None,
                     });
                 }
-                // The row keeps the promotion's workers; under a watch the restored version
-                // is the active one.
-                if let Some(watch) = session.watching().cloned() {
+                // The row keeps the promotion's workers; once a rollback was verified (a
+                // stability record exists: the watch running, or ended — confirmed, or
+                // failed and escalated) the restored version is the active one.
+                if let Some(watch) = session.record.stability.clone() {
                     session.record.active = watch.restored;
                     session.record.previous = Some(watch.from).filter(|p| !p.is_empty());
                 }
@@ -1113,15 +1128,27 @@ impl Supervisor {
         }
         // Under `no_data_policy = "hold"` a period never ends in a confirmation it could not
         // see: the window must be judged (every check with a usable error rate).
-        let holds = self.settings.rules.no_data_policy == NoDataPolicy::Hold
+        let unjudged = self.settings.rules.no_data_policy == NoDataPolicy::Hold
             && !session.engine.window_judged();
+        // A paused session never confirms while its checks fail: the pause held an action
+        // back, it did not make the release good. It stays paused until resumed.
+        let paused_failing =
+            session.record.paused && session.engine.window().any(|e| e.is_failure());
+        let holds = unjudged || paused_failing;
         if grace_over && session.checks_since_resume >= window && holds {
             if !session.hold_logged {
                 session.hold_logged = true;
-                tracing::warn!(
-                    session = %session.record.id,
-                    "{what} over, but the last {window} checks were not all judged (no usable error rate): not confirming until a full window is (no_data_policy = \"hold\")"
-                );
+                if paused_failing {
+                    tracing::warn!(
+                        session = %session.record.id,
+                        "{what} over, but monitoring is paused while checks of the window fail: not confirming; resume (`rollbackd resume`) or roll back by hand"
+                    );
+                } else {
+                    tracing::warn!(
+                        session = %session.record.id,
+                        "{what} over, but the last {window} checks were not all judged (no usable error rate): not confirming until a full window is (no_data_policy = \"hold\")"
+                    );
+                }
             }
         } else if grace_over
             && session.checks_since_resume >= window
@@ -2055,12 +2082,14 @@ impl Supervisor {
         self.reply(pending.reply, Answer::Done(result));
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn manual_rollback(
         &mut self,
         now: Now,
         operator: String,
         reason: String,
-        emergency: bool,
+        (emergency, force): (bool, bool),
+        rolled_back: &[String],
         known_workers: (Option<String>, Option<String>),
         reply: ReplyTo,
     ) {
@@ -2092,6 +2121,18 @@ impl Supervisor {
             );
             return;
         };
+        // Going back to a version rollbackd took out (and nobody confirmed since) would
+        // re-deploy a bad release: after an automatic rollback v2 → v1, "roll back" means
+        // v1 → v2. Refused unless forced.
+        if rolled_back.contains(&previous) && !force {
+            self.reply(
+                reply,
+                refused(format!(
+                    "refused: the version to roll back to, {previous}, is one rollbackd rolled back (no promotion of it was confirmed since): this would re-deploy it over {active}. If that is what you want: `rollbackd rollback --force --reason ...`"
+                )),
+            );
+            return;
+        }
         let trigger = if emergency {
             ActionTrigger::Emergency
         } else {

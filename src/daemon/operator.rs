@@ -175,7 +175,19 @@ impl Driver {
                 .await;
                 return;
             }
-            Request::Rollback { reason, emergency } => {
+            Request::Rollback {
+                reason,
+                emergency,
+                force,
+            } => {
+                let rolled_back = self
+                    .db
+                    .call(|store| store.rolled_back_versions(32))
+                    .await
+                    .unwrap_or_else(|err| {
+                        tracing::warn!("cannot read which versions were rolled back: {err}");
+                        Vec::new()
+                    });
                 let known_workers = if self.sup.session().is_none() {
                     self.db
                         .call(|store| Ok((store.get_meta("active")?, store.get_meta("previous")?)))
@@ -195,6 +207,8 @@ impl Driver {
                     operator: operator.name,
                     reason,
                     emergency,
+                    force,
+                    rolled_back,
                     known_workers,
                     reply,
                 })

@@ -38,11 +38,24 @@ pub fn offline(loaded: &LoadedConfig) -> anyhow::Result<StatusReport> {
     let session_status = session.as_ref().map(|s| {
         let promoted = crate::core::time::from_ms(s.promoted_at_ms);
         let age = now.duration_since(promoted).unwrap_or_default();
+        // After a verified rollback (a stability record, whatever its result) the
+        // restored version is the one serving, as the daemon has it.
+        let watch: Option<crate::core::supervisor::Stability> = s
+            .stability_json
+            .as_deref()
+            .and_then(|text| serde_json::from_str(text).ok());
+        let (active, previous) = match &watch {
+            Some(w) => (
+                Some(w.restored.clone()),
+                Some(w.from.clone()).filter(|f| !f.is_empty()),
+            ),
+            None => (Some(s.active.clone()), s.previous.clone()),
+        };
         SessionStatus {
             id: s.id.clone(),
             state: s.state.as_str().into(),
-            active: stored_worker_id("active worker of the session", Some(s.active.clone())),
-            previous: stored_worker_id("previous worker of the session", s.previous.clone()),
+            active: stored_worker_id("active worker of the session", active),
+            previous: stored_worker_id("previous worker of the session", previous),
             promoted_at: rfc3339_millis(promoted),
             age_seconds: age.as_secs(),
             grace_left_seconds: (s.state == SessionState::Monitoring)

@@ -984,6 +984,31 @@ impl Store {
         Ok(rows)
     }
 
+    /// Versions rolled back (a rollback from them carried out) and not promoted and
+    /// confirmed since, newest first, at most `limit`: a manual rollback to one of them
+    /// would re-deploy a release rollbackd took out.
+    pub fn rolled_back_versions(&self, limit: u32) -> Result<Vec<String>, StoreError> {
+        let mut statement = self.conn.prepare_cached(
+            "SELECT a.from_worker FROM actions a \
+             WHERE a.kind = ?1 AND a.state = ?2 AND a.from_worker IS NOT NULL \
+             AND NOT EXISTS (SELECT 1 FROM sessions s WHERE s.active = a.from_worker \
+                 AND s.state = ?3 AND s.promoted_at_ms > a.started_at_ms) \
+             GROUP BY a.from_worker ORDER BY MAX(a.started_at_ms) DESC LIMIT ?4",
+        )?;
+        let rows = statement
+            .query_map(
+                params![
+                    ActionKind::Rollback,
+                    ActionState::Done,
+                    SessionState::Confirmed,
+                    limit
+                ],
+                |row| row.get(0),
+            )?
+            .collect::<Result<Vec<String>, _>>()?;
+        Ok(rows)
+    }
+
     /// The newest action (what `rollbackd report latest` reports on).
     /// The rollbacks carried out (state `done`) whose row id is above `after_id`, oldest
     /// first: those the fleet may not have been told of yet.
@@ -2094,6 +2119,32 @@ mod tests {
             [(2_000, "v2".to_owned()), (3_000, "v2".to_owned())]
         );
         assert!(store.rollback_starts_since(3_001).unwrap().is_empty());
+    }
+
+    /// A version a rollback took out is "rolled back" until a promotion of it is
+    /// confirmed; the newest first.
+    #[test]
+    fn rolled_back_versions_are_those_not_confirmed_since() {
+        let (_dir, mut store) = temp_store();
+        let mut done = |from: &str, started: i64| {
+            let mut action = rollback(None, started);
+            action.from_worker = Some(from.into());
+            action.state = ActionState::Done;
+            store.insert_action(&action).unwrap();
+        };
+        done("v2", 1_000);
+        done("v3", 2_000);
+        let mut failed = rollback(None, 2_500);
+        failed.from_worker = Some("v4".into());
+        failed.state = ActionState::Failed;
+        store.insert_action(&failed).unwrap();
+        assert_eq!(store.rolled_back_versions(10).unwrap(), ["v3", "v2"]);
+        // v2 promoted again later and confirmed: no longer a rolled-back version.
+        let mut again = session("s-2", 5_000);
+        again.active = "v2".into();
+        again.state = SessionState::Confirmed;
+        store.insert_session(&again).unwrap();
+        assert_eq!(store.rolled_back_versions(10).unwrap(), ["v3"]);
     }
 
     #[test]

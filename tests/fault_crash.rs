@@ -514,3 +514,47 @@ fn a_kill_during_the_stability_watch_resumes_it_and_never_rolls_back_again() {
         .filter(|l| l["event"] == "health-check")
         .all(|l| l["worker"] == "v1"));
 }
+
+/// Issue 26, item 2: a switch hook that starts the restored worker detached (`setsid
+/// nohup`, as many deploy scripts do) leaves it carrying the hook's `ROLLBACKD_HOOK_RUN`
+/// mark. After a `kill -9` mid-hook and a restart, the hook itself (still running past its
+/// time limit) is stopped, but the worker it started must live: in a normal run rollbackd
+/// leaves what a hook starts alone, and a restart must not kill the very worker the
+/// switch brought up.
+#[test]
+fn a_restart_does_not_kill_a_worker_the_switch_hook_started() {
+    let setup = Setup::new("");
+    use_overlap_logging_hook(&setup, "3s");
+    // The first run starts the "worker" detached, then keeps running for a minute.
+    let hook = setup.path("overlap.sh");
+    let script = std::fs::read_to_string(&hook).unwrap().replacen(
+        "echo \"start $$\" >> \"$d/hook.log\"",
+        "echo \"start $$\" >> \"$d/hook.log\"\n\
+         if [ ! -e \"$d/worker.pid\" ]; then setsid nohup sleep 300 >/dev/null 2>&1 < /dev/null & echo $! > \"$d/worker.pid\"; fi",
+        1,
+    );
+    std::fs::write(&hook, script).unwrap();
+    std::fs::write(setup.path("hook.sleep"), "60").unwrap();
+    orphan_a_switch_hook(&setup);
+    std::fs::write(setup.path("hook.sleep"), "0").unwrap();
+
+    restart_until_rolled_back(&setup);
+
+    let orphans = setup.events("hook-orphaned");
+    assert_eq!(orphans.len(), 1, "audit: {:?}", setup.audit());
+    assert_eq!(orphans[0]["outcome"], "killed", "{:?}", orphans[0]);
+    let worker: i32 = std::fs::read_to_string(setup.path("worker.pid"))
+        .expect("the hook recorded the worker it started")
+        .trim()
+        .parse()
+        .unwrap();
+    let alive = std::fs::read_to_string(format!("/proc/{worker}/stat"))
+        .is_ok_and(|stat| !stat.contains(") Z ") && !stat.contains(") X "));
+    // Clean up before asserting: the worker is the test's, not the system's.
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(worker, libc::SIGKILL) };
+    assert!(
+        alive,
+        "the restart killed the worker the switch hook started (pid {worker})"
+    );
+}

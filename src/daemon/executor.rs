@@ -1033,6 +1033,12 @@ async fn settle_orphaned_hook(ctx: &ActionContext, row: &ActionRow, limit: Durat
                 pids,
                 outcome: outcome.to_owned(),
                 waited_seconds: (seconds * 1000.0).round() / 1000.0,
+                known: match outcome {
+                    "exited" => "the hook ended on its own; its exit status cannot be known (it was the dead daemon's child, not this one's), so whether it did its work is unknown: the phase runs again",
+                    "killed" => "the hook outlived its time limit and was stopped (SIGTERM, then SIGKILL); it did not finish: the phase runs again",
+                    _ => "the hook could not be stopped (uninterruptible); the phase runs again beside it",
+                }
+                .to_owned(),
             },
         );
         ctx.recorder.audit(audit).await;

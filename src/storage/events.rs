@@ -296,6 +296,9 @@ pub struct HookOrphaned {
     /// `exited`, `killed` or `still-running`.
     pub outcome: String,
     pub waited_seconds: f64,
+    /// What is known, and what is not: a hook of a dead daemon is not this daemon's child,
+    /// so its exit status (whether it did its work) cannot be known; the phase runs again.
+    pub known: String,
 }
 event!(HookOrphaned => HookOrphaned);
 

@@ -77,11 +77,32 @@ pub struct Group {
     pub leader_start_ticks: u64,
 }
 
-/// The live processes of the hook run marked `token` (and, when `group` is given — only
-/// for a hook of this boot — the members of its process group). Never this process.
+/// The live processes of the hook run marked `token` that a restart must wait for: the
+/// hook's own process (the leader of the group it was started in, `group`, checked by its
+/// start time and its `token`) and, while that leader still runs, the members of its
+/// process group. Never this process.
+///
+/// A process the hook left behind on purpose — a worker started with `setsid nohup`, in a
+/// session and group of its own, or anything still running after the hook itself exited —
+/// is not the hook: in a normal run rollbackd leaves such processes alone, and a restart
+/// must not kill them either (it would kill the very worker the switch started). It still
+/// carries `ROLLBACKD_HOOK_RUN` in its environment; that mark alone no longer makes it an
+/// orphan. Without `group` (a hook of another boot, or a record from before groups were
+/// kept) nothing from that run can be alive as the hook itself, so nothing is returned.
 pub fn hook_processes(token: &str, group: Option<Group>) -> Vec<Proc> {
-    let group = group.filter(|group| group.pgid > 1 && group_is_original(*group));
+    let Some(group) = group.filter(|group| group.pgid > 1) else {
+        return Vec::new();
+    };
     let own = std::process::id() as i32;
+    // The hook itself, still running, still the same process.
+    let leader_runs = stat(group.pgid).is_some_and(|leader| {
+        leader.start_ticks == group.leader_start_ticks
+            && leader.pid != own
+            && env_matches_or_unreadable(leader.pid, token)
+    });
+    if !leader_runs {
+        return Vec::new();
+    }
     let Ok(entries) = std::fs::read_dir(Path::new("/proc")) else {
         return Vec::new();
     };
@@ -89,22 +110,18 @@ pub fn hook_processes(token: &str, group: Option<Group>) -> Vec<Proc> {
         .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<i32>().ok())
         .filter(|pid| *pid != own && *pid > 1)
         .filter_map(stat)
-        .filter(|proc| {
-            group.is_some_and(|group| {
-                proc.pgrp == group.pgid && proc.start_ticks >= group.leader_start_ticks
-            }) || has_env(proc.pid, HOOK_RUN_ENV, token)
-        })
+        .filter(|proc| proc.pgrp == group.pgid && proc.start_ticks >= group.leader_start_ticks)
         .collect();
     found.sort_by_key(|proc| proc.pid);
     found
 }
 
-/// False when a process with the leader's pid runs with another start time: the pid (and
-/// with it any group of that id) belongs to somebody else now.
-fn group_is_original(group: Group) -> bool {
-    match stat(group.pgid) {
-        Some(leader) => leader.start_ticks == group.leader_start_ticks,
-        None => true,
+/// Whether `pid` carries `ROLLBACKD_HOOK_RUN=token`, or its environment cannot be read
+/// (another user's process: the start time already pinned it).
+fn env_matches_or_unreadable(pid: i32, token: &str) -> bool {
+    match std::fs::read(format!("/proc/{pid}/environ")) {
+        Ok(_) => has_env(pid, HOOK_RUN_ENV, token),
+        Err(_) => true,
     }
 }
 
@@ -159,27 +176,44 @@ mod tests {
         assert_eq!(parse_stat(1, "garbage"), None);
     }
 
-    #[test]
-    fn a_child_marked_with_the_token_is_found_and_stopped() {
-        let token = format!("test-{}", std::process::id());
-        let mut child = std::process::Command::new("sleep")
+    /// Spawns `sleep 30` marked with `token`, as the leader of a process group of its
+    /// own (as hooks run), and waits until it has exec'd (before that /proc shows the
+    /// parent's environment).
+    fn marked_leader(token: &str) -> (std::process::Child, Group) {
+        use std::os::unix::process::CommandExt;
+        let child = std::process::Command::new("sleep")
             .arg("30")
-            .env(HOOK_RUN_ENV, &token)
+            .env(HOOK_RUN_ENV, token)
+            .process_group(0)
             .spawn()
             .unwrap();
         let pid = child.id() as i32;
-        // Until the child has exec'd, /proc shows the parent's environment: wait for the
-        // exec (bounded), as a restarted daemon finds a hook long after it started.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        let found = loop {
-            let found = hook_processes(&token, None);
-            if !found.is_empty() || std::time::Instant::now() > deadline {
-                break found;
-            }
+        while !has_env(pid, HOOK_RUN_ENV, token) && std::time::Instant::now() < deadline {
             std::thread::sleep(std::time::Duration::from_millis(5));
-        };
-        assert_eq!(found.iter().map(|p| p.pid).collect::<Vec<_>>(), [pid]);
-        assert!(hook_processes("another-token", None).is_empty());
+        }
+        let leader = stat(pid).unwrap();
+        (
+            child,
+            Group {
+                pgid: pid,
+                leader_start_ticks: leader.start_ticks,
+            },
+        )
+    }
+
+    #[test]
+    fn the_hook_itself_is_found_and_stopped() {
+        let token = format!("test-{}", std::process::id());
+        let (mut child, group) = marked_leader(&token);
+        let found = hook_processes(&token, Some(group));
+        assert_eq!(
+            found.iter().map(|p| p.pid).collect::<Vec<_>>(),
+            [group.pgid]
+        );
+        assert!(hook_processes("another-token", Some(group)).is_empty());
+        // Without the group (another boot) nothing can be the hook.
+        assert!(hook_processes(&token, None).is_empty());
 
         // A stale record of the same pid (another start time) is not signalled: had the
         // SIGKILL gone out, it, not the SIGTERM after it, would have ended the child.
@@ -190,7 +224,29 @@ mod tests {
         let status = child.wait().unwrap();
         use std::os::unix::process::ExitStatusExt;
         assert_eq!(status.signal(), Some(libc::SIGTERM));
-        assert!(hook_processes(&token, None).is_empty());
+        assert!(hook_processes(&token, Some(group)).is_empty());
+    }
+
+    /// Issue 26, item 2: a worker the hook started on purpose (`setsid nohup`: its own
+    /// session and group) carries the hook's mark in its environment but is not the
+    /// hook. Once the hook itself is gone, nothing is an orphan.
+    #[test]
+    fn a_detached_descendant_of_a_finished_hook_is_not_an_orphan() {
+        let token = format!("test-detached-{}", std::process::id());
+        let (mut hook, group) = marked_leader(&token);
+        let (mut worker, worker_group) = marked_leader(&token);
+        // While the hook runs, only its own group counts, not the detached worker.
+        let found: Vec<i32> = hook_processes(&token, Some(group))
+            .iter()
+            .map(|p| p.pid)
+            .collect();
+        assert_eq!(found, [group.pgid]);
+        hook.kill().unwrap();
+        hook.wait().unwrap();
+        assert!(hook_processes(&token, Some(group)).is_empty());
+        worker.kill().unwrap();
+        worker.wait().unwrap();
+        let _ = worker_group;
     }
 
     #[test]

@@ -254,6 +254,31 @@ impl tracing_subscriber::field::VisitFmt for JournalVisitor<'_> {
     }
 }
 
+/// A URL as it may be shown (journal, `check-config`, status): scheme, host and port; the
+/// user and password, the path and the query are secrets as often as not (a Slack webhook's
+/// path *is* its token; `https://ops:hunter2@…`), so they are replaced by `…`. Not a URL:
+/// `(not a URL)`.
+pub fn redact_url(url: &str) -> String {
+    let Ok(parsed) = url::Url::parse(url) else {
+        return "(not a URL)".to_owned();
+    };
+    let mut shown = format!("{}://", parsed.scheme());
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        shown.push_str("…@");
+    }
+    shown.push_str(parsed.host_str().unwrap_or(""));
+    if let Some(port) = parsed.port() {
+        shown.push_str(&format!(":{port}"));
+    }
+    if parsed.path() != "/" && !parsed.path().is_empty() {
+        shown.push_str("/…");
+    }
+    if parsed.query().is_some() {
+        shown.push_str("?…");
+    }
+    shown
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -462,5 +487,16 @@ mod tests {
                 prop_assert!(!message.chars().any(|c| c.is_control()));
             }
         }
+    }
+
+    /// Issue 26, item 14: what a webhook URL may show.
+    #[test]
+    fn urls_are_shown_without_their_secrets() {
+        assert_eq!(
+            redact_url("https://ops:hunter2@hooks.example.com/services/T0/B0/SECRETTOKEN?x=1"),
+            "https://…@hooks.example.com/…?…"
+        );
+        assert_eq!(redact_url("http://127.0.0.1:9093"), "http://127.0.0.1:9093");
+        assert_eq!(redact_url("not a url"), "(not a URL)");
     }
 }

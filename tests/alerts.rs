@@ -252,10 +252,31 @@ async fn slack_body_is_one_readable_text_line() {
     let text = object["text"].as_str().unwrap();
     assert_eq!(
         text,
-        "rollbackd on canary-host-1: rolled back v2 -> v1 (automatic): High error rate (42.5%) with 3 failures [warning, session s-1]"
+        // Slack shows `&gt;` as `>`: its control characters are always escaped.
+        "rollbackd on canary-host-1: rolled back v2 -&gt; v1 (automatic): High error rate (42.5%) with 3 failures [warning, session s-1]"
     );
     assert!(!text.contains('\n'));
     assert!(text.is_ascii(), "no emoji: {text}");
+}
+
+/// Issue 26, item 13: a worker's text (here its health body, in the reason) must reach
+/// Slack as text — no `<!channel>` ping, no `<url|label>` phishing link.
+#[tokio::test]
+async fn slack_gets_worker_text_as_text() {
+    let mut record = rollback_executed();
+    record.fields.insert(
+        "reason".into(),
+        "Worker probe failed: body says status \"<!channel> <https://evil.example/login|Re-authenticate> & co\"".into(),
+    );
+    let received = deliver_one(AlertFormat::Slack, record).await;
+    let text = received.body["text"].as_str().unwrap();
+    assert!(!text.contains('<') && !text.contains('>'), "{text}");
+    assert!(
+        text.contains(
+            "&lt;!channel&gt; &lt;https://evil.example/login|Re-authenticate&gt; &amp; co"
+        ),
+        "{text}"
+    );
 }
 
 #[tokio::test]

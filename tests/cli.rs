@@ -840,3 +840,26 @@ fn simulate_models_the_stability_watch_after_a_rollback() {
         1
     );
 }
+
+/// Issue 26, item 14: `check-config` shows a webhook URL without its secrets (userinfo,
+/// path, query), so pasting its output into a ticket leaks nothing.
+#[test]
+fn check_config_redacts_the_webhook_url() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("rollbackd.toml");
+    std::fs::write(
+        &config,
+        "[alerts]\nwebhook_url = \"https://ops:hunter2@hooks.example.com/services/T0/B0/SECRETTOKEN?sig=abc\"\n",
+    )
+    .unwrap();
+    let (code, out, err) = run(&["--config", config.to_str().unwrap(), "check-config"], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("alerts.webhook_url"), "{out}");
+    for secret in ["hunter2", "ops:", "SECRETTOKEN", "sig=abc"] {
+        assert!(
+            !out.contains(secret) && !err.contains(secret),
+            "{secret} shown:\n{out}\n{err}"
+        );
+    }
+    assert!(out.contains("https://…@hooks.example.com/…?…"), "{out}");
+}

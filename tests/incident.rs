@@ -384,7 +384,8 @@ fn untrusted_text_cannot_reach_the_terminal_raw() {
     facts.actions[0].reason = "line one\nline two | pipe".into();
     let markdown = Incident::of(&facts).markdown();
     assert!(
-        markdown.contains("line one\\nline two \\| pipe"),
+        // one_line's `\n` is shown as such: its backslash escaped for Markdown.
+        markdown.contains("line one\\\\nline two \\| pipe"),
         "{markdown}"
     );
 }
@@ -490,4 +491,33 @@ fn parse_check(line: &str) -> CheckResult {
         Some(TraceLine::Check { check, .. }) => check,
         other => panic!("{other:?}"),
     }
+}
+
+/// Issue 26, item 15: worker text in the report is inert Markdown — no HTML, no link, no
+/// image, no table cell broken.
+#[test]
+fn worker_text_in_the_report_is_inert_markdown() {
+    let mut facts = escalation();
+    facts.checks[1].result = parse_check(
+        r#"{"at": 1, "probe": "<img src=x onerror=alert(1)> [docs](javascript:alert(1)) | `code`", "snapshot": null}"#,
+    );
+    facts.actions[0].reason = "body says <script>alert(1)</script> ![x](http://evil/x.png)".into();
+    let markdown = Incident::of(&facts).markdown();
+    assert!(
+        !markdown.contains("<img") && !markdown.contains("<script>"),
+        "{markdown}"
+    );
+    assert!(
+        markdown.contains("&lt;img src=x onerror=alert(1)&gt;"),
+        "{markdown}"
+    );
+    assert!(
+        markdown.contains("\\[docs\\](javascript:alert(1))"),
+        "{markdown}"
+    );
+    assert!(
+        markdown.contains("!\\[x\\](http://evil/x.png)"),
+        "{markdown}"
+    );
+    assert!(markdown.contains("\\| \\`code\\`"), "{markdown}");
 }

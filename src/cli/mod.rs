@@ -501,6 +501,12 @@ pub fn print_check_config(loaded: &LoadedConfig, out: &mut impl Write) -> std::i
         .max()
         .unwrap_or(0);
     for (key, value, source) in &loaded.values {
+        // A webhook URL's user, password, path and query are its secrets.
+        let value = if key == "alerts.webhook_url" {
+            format!("{:?}", crate::text::redact_url(value.trim_matches('"')))
+        } else {
+            value.clone()
+        };
         writeln!(out, "  {key:<width$} = {value:<28} # {source}")?;
     }
     let unset: Vec<&str> = config::key_paths()

@@ -211,6 +211,29 @@ pub struct Incident {
     pub file_name: String,
 }
 
+/// Untrusted text (a worker's probe reason, a hook's output, an operator's reason) as
+/// inert Markdown: HTML's `&`, `<`, `>` as entities; backslash, backtick, `*`, `[`, `]`
+/// and `|` backslash-escaped (no link, image, code span, emphasis or table cell can
+/// start); one line. `<img src=…>` and `[docs](javascript:…)` show as text in any
+/// renderer, and `cat` still reads them (parentheses and intraword `_` stay as they are).
+pub fn markdown_text(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '\n' | '\r' => out.push(' '),
+            '\\' | '`' | '*' | '[' | ']' | '|' => {
+                out.push('\\');
+                out.push(c);
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 /// `incident_20251022T143215.123Z.md`: named by the first action's start, so a rewrite
 /// (after the stability watch) replaces it.
 pub fn file_name(first_action_started_ms: i64) -> String {
@@ -967,8 +990,8 @@ impl Incident {
     pub fn markdown(&self) -> String {
         use std::fmt::Write;
         let mut out = String::new();
-        let cell = |text: &str| text.replace('|', "\\|").replace('\n', " ");
-        let _ = writeln!(out, "# Incident: {}", self.summary);
+        let cell = |text: &str| markdown_text(text);
+        let _ = writeln!(out, "# Incident: {}", cell(&self.summary));
         let _ = writeln!(out);
         let _ = writeln!(out, "| | |");
         let _ = writeln!(out, "| --- | --- |");
@@ -1121,7 +1144,7 @@ impl Incident {
             for h in &a.hooks {
                 let _ = writeln!(
                     out,
-                    "- Hook `{}` ({}): {}",
+                    "- Hook {} ({}): {}",
                     cell(&crate::text::one_line(&h.argv.join(" "), 200)),
                     h.phase,
                     h.status

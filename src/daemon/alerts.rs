@@ -128,6 +128,13 @@ pub fn summary(record: &AuditRecord) -> String {
     }
 }
 
+/// Slack's escaping (its "mrkdwn" control characters): `&`, `<`, `>` as entities.
+pub fn slack_escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
 fn event_name(event: AuditEvent) -> String {
     serde_json::to_value(event)
         .ok()
@@ -161,7 +168,9 @@ pub fn render(format: AlertFormat, record: &AuditRecord, host: &str) -> Value {
                 line.push_str(&format!(", by {operator}"));
             }
             line.push(']');
-            json!({ "text": line })
+            // Slack reads `<…>` as links and mentions (`<!channel>`, `<https://x|label>`)
+            // and `&` as the start of an entity: worker text must reach it as text.
+            json!({ "text": slack_escape(&line) })
         }
         AlertFormat::Alertmanager => Value::Array(vec![alertmanager_alert(record, host)]),
     }
@@ -316,7 +325,14 @@ pub struct Alerter {
 impl std::fmt::Debug for Alerter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Alerter")
-            .field("webhook_url", &self.config.webhook_url)
+            .field(
+                "webhook_url",
+                &self
+                    .config
+                    .webhook_url
+                    .as_deref()
+                    .map(crate::text::redact_url),
+            )
             .field("format", &self.config.format)
             .finish()
     }
@@ -513,7 +529,8 @@ impl Sender {
                     return;
                 }
                 Ok(Ok(response)) => format!("the webhook answered {}", response.status()),
-                Ok(Err(err)) => format!("request failed: {}", error_chain(&err)),
+                // reqwest's errors carry the URL, and with it the webhook's secrets.
+                Ok(Err(err)) => format!("request failed: {}", error_chain(&err.without_url())),
                 Err(_) => format!(
                     "no answer within {}",
                     humantime::format_duration(self.timeout)
@@ -528,7 +545,7 @@ impl Sender {
         tracing::error!(
             %event,
             attempts = tries,
-            url = %self.url,
+            url = %crate::text::redact_url(&self.url),
             "alert given up after every retry: {last_error}"
         );
     }

@@ -621,6 +621,16 @@ fn the_daemon_observes_between_sessions_and_judges_the_next_release_against_it()
         artifact["evidence"]["baseline"]["source"], "observed",
         "{artifact}"
     );
+    // One spelling in every record (issue 25 item 12): the RUNBOOK's
+    // `evidence.baseline.windowSeconds`, never `window_seconds`.
+    assert!(
+        artifact["evidence"]["baseline"]["windowSeconds"].is_number(),
+        "{artifact}"
+    );
+    assert_eq!(snake_case_keys(&artifact), Vec::<String>::new(), "{artifact}");
+    for line in setup.audit() {
+        assert_eq!(snake_case_keys(&line), Vec::<String>::new(), "{line}");
+    }
     assert!(
         artifact["reason"]
             .as_str()
@@ -850,4 +860,32 @@ fn a_declared_active_version_is_observed_before_the_first_promotion() {
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "{stdout}");
     assert!(stdout.contains("[observed, "), "{stdout}");
+}
+
+/// Every object key in `value` spelled with an underscore (the records are camelCase),
+/// with its path. Keys of `phases` are phase names and `incident` holds only camelCase
+/// too, so nothing is exempt.
+fn snake_case_keys(value: &Value) -> Vec<String> {
+    fn walk(value: &Value, path: &str, out: &mut Vec<String>) {
+        match value {
+            Value::Object(map) => {
+                for (key, inner) in map {
+                    let here = format!("{path}.{key}");
+                    if key.contains('_') {
+                        out.push(here.clone());
+                    }
+                    walk(inner, &here, out);
+                }
+            }
+            Value::Array(items) => {
+                for (i, inner) in items.iter().enumerate() {
+                    walk(inner, &format!("{path}[{i}]"), out);
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    walk(value, "", &mut out);
+    out
 }

@@ -183,11 +183,7 @@ pub async fn range_observations(
     let endpoint_text = format!("{}/api/v1/query_range", spec.url.trim_end_matches('/'));
     let endpoint = reqwest::Url::parse(&endpoint_text)
         .map_err(|error| format!("{endpoint_text:?} is not a URL: {error}"))?;
-    let seconds = |t: std::time::SystemTime| {
-        t.duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs_f64()
-    };
+    let seconds = |t: std::time::SystemTime| millis(t) as f64 / 1000.0;
     let step = step.max(Duration::from_secs(1));
     let range = |expression: &str| {
         let mut url = endpoint.clone();
@@ -220,6 +216,23 @@ pub async fn range_observations(
         .await
         .map_err(|_| timeout_reason(timeout))?;
     let rates = rates.map_err(|reason| format!("prometheus error_rate range query: {reason}"))?;
+    // Only points inside the window asked for: a buggy or hostile server's 1970 points (or
+    // any outside start..=end) are not the previous version's recent traffic.
+    let window = millis(start)..=millis(end);
+    let inside = |points: BTreeMap<i64, f64>| -> BTreeMap<i64, f64> {
+        points
+            .into_iter()
+            .filter(|(at_ms, _)| window.contains(at_ms))
+            .collect()
+    };
+    let answered = rates.len();
+    let (rates, requests, p95, p99) = (inside(rates), inside(requests), inside(p95), inside(p99));
+    if rates.len() < answered {
+        tracing::warn!(
+            dropped = answered - rates.len(),
+            "the Prometheus baseline query returned points outside the window asked for; they are left out"
+        );
+    }
     let usable = |v: Option<&f64>| v.copied().filter(|v| v.is_finite() && *v >= 0.0);
     Ok(rates
         .iter()
@@ -231,6 +244,14 @@ pub async fn range_observations(
             latency_p99_ms: usable(p99.get(at_ms)),
         })
         .collect())
+}
+
+/// `t` in Unix milliseconds, as the range query sends it (`start`, `end` to the
+/// millisecond) and as its points are keyed.
+fn millis(t: std::time::SystemTime) -> i64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
 }
 
 /// Reads a range-query response: the first series' `[timestamp, "value"]` pairs by

@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rollbackd::adapters::{
-    resource_sampler, snapshot_source, substitute_worker, worker_probe, BoxFuture, WorkerProbe,
-    MAX_BODY,
+    resource_sampler, snapshot_source, substitute_worker, worker_probe, BoxFuture, SnapshotVars,
+    WorkerProbe, MAX_BODY,
 };
 use rollbackd::config::{ProbeSpec, PrometheusSpec, SnapshotSpec};
 use rollbackd::core::check::{ProbeOutcome, Sample, Snapshot, SnapshotOutcome};
@@ -19,6 +19,15 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 const TIMEOUT: Duration = Duration::from_secs(1);
+
+/// A check of v2 (previous v1) a minute after the last one.
+fn vars() -> SnapshotVars {
+    SnapshotVars {
+        worker: "v2".into(),
+        previous: Some("v1".into()),
+        interval: Duration::from_secs(60),
+    }
+}
 /// Slack allowed over a timeout before a test calls it a hang.
 const SLACK: Duration = Duration::from_secs(1);
 
@@ -395,7 +404,7 @@ async fn probes_are_object_safe_and_swappable() {
 
 async fn http_snapshot(url: String) -> SnapshotOutcome {
     snapshot_source(Some(&SnapshotSpec::Http(url)), TIMEOUT)
-        .snapshot()
+        .snapshot(&vars())
         .await
 }
 
@@ -622,7 +631,7 @@ async fn snapshot_non_2xx_refused_and_redirect_are_unavailable() {
 
 #[tokio::test]
 async fn no_snapshot_source_is_unavailable() {
-    let reason = unavailable(snapshot_source(None, TIMEOUT).snapshot().await);
+    let reason = unavailable(snapshot_source(None, TIMEOUT).snapshot(&vars()).await);
     assert_eq!(reason, "no snapshot source configured");
 }
 
@@ -634,7 +643,7 @@ async fn command_snapshot(script: &str) -> SnapshotOutcome {
         Some(&SnapshotSpec::Command(argv(&["sh", "-c", script]))),
         TIMEOUT,
     )
-    .snapshot()
+    .snapshot(&vars())
     .await
 }
 
@@ -739,12 +748,13 @@ fn spec(server: &RawServer, all_queries: bool) -> PrometheusSpec {
         requests: all_queries.then(|| REQUESTS_QUERY.into()),
         latency_p95_ms: all_queries.then(|| P95_QUERY.into()),
         latency_p99_ms: all_queries.then(|| P99_QUERY.into()),
+        scrape_interval: Duration::from_secs(15),
     }
 }
 
 async fn prometheus_snapshot(spec: PrometheusSpec) -> SnapshotOutcome {
     snapshot_source(Some(&SnapshotSpec::Prometheus(spec)), TIMEOUT)
-        .snapshot()
+        .snapshot(&vars())
         .await
 }
 

@@ -433,6 +433,7 @@ const DURATION_KEYS: &[(&str, &str)] = &[
     ("monitor.grace_period", "7days"),
     ("monitor.warmup", "7days"),
     ("rules.memory_leak_warmup", "7days"),
+    ("operations.prometheus.scrape_interval", "7days"),
     ("rollback.hook_timeout", "7days"),
     ("rollback.verify_timeout", "7days"),
     ("rollback.verify_interval", "7days"),

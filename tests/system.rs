@@ -627,7 +627,11 @@ fn the_daemon_observes_between_sessions_and_judges_the_next_release_against_it()
         artifact["evidence"]["baseline"]["windowSeconds"].is_number(),
         "{artifact}"
     );
-    assert_eq!(snake_case_keys(&artifact), Vec::<String>::new(), "{artifact}");
+    assert_eq!(
+        snake_case_keys(&artifact),
+        Vec::<String>::new(),
+        "{artifact}"
+    );
     for line in setup.audit() {
         assert_eq!(snake_case_keys(&line), Vec::<String>::new(), "{line}");
     }

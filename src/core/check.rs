@@ -377,7 +377,11 @@ pub struct Baseline {
     pub error_rate: Option<f64>,
     #[serde(default, alias = "latency_p95_ms")]
     pub latency_p95_ms: Option<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none", alias = "latency_p99_ms")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        alias = "latency_p99_ms"
+    )]
     pub latency_p99_ms: Option<f64>,
     /// Requests the rate was measured over.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -392,7 +396,11 @@ pub struct Baseline {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub samples: Option<u32>,
     /// The span they covered, in seconds.
-    #[serde(default, skip_serializing_if = "Option::is_none", alias = "window_seconds")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        alias = "window_seconds"
+    )]
     pub window_seconds: Option<f64>,
     /// How much the error rate swings between checks (SPEC §2b): the relative variance
     /// beyond Poisson noise (0.09: about ±30 %), estimated from the observations.

@@ -656,6 +656,46 @@ async fn command_snapshot_parses_stdout() {
     assert!(matches!(garbage.error_rate, Sample::Wrong(_)));
 }
 
+/// Issue 25 item 1: the snapshot names the version it is of. `{worker}`, `{previous}` and
+/// `{interval}` in `snapshot_url` (ids percent-encoded) and in each `snapshot_command`
+/// argv element (as they are, within the element).
+#[tokio::test]
+async fn snapshot_url_and_command_take_the_worker_previous_and_interval() {
+    let server = fixed_server("200 OK", r#"{"failureRate":0.01}"#).await;
+    let vars = SnapshotVars {
+        worker: "v1.2.3+build.5".into(),
+        previous: Some("v1".into()),
+        interval: Duration::from_millis(2500),
+    };
+    let url = server.url("/snapshot/{worker}?previous={previous}&interval={interval}");
+    let outcome = snapshot_source(Some(&SnapshotSpec::Http(url)), TIMEOUT)
+        .snapshot(&vars)
+        .await;
+    values(outcome);
+    assert_eq!(
+        server.requests(),
+        ["GET /snapshot/v1.2.3%2Bbuild.5?previous=v1&interval=2500ms HTTP/1.1"]
+    );
+
+    let argv = argv(&[
+        "sh",
+        "-c",
+        r#"[ "$1" = v2 ] && [ "$2" = --previous= ] && [ "$3" = 30s ] && echo '{"failureRate":0.02}'"#,
+        "sh",
+        "{worker}",
+        "--previous={previous}",
+        "{interval}",
+    ]);
+    let source = snapshot_source(Some(&SnapshotSpec::Command(argv)), TIMEOUT);
+    let none_before = SnapshotVars {
+        worker: "v2".into(),
+        previous: None,
+        interval: Duration::from_secs(30),
+    };
+    let snapshot = values(source.snapshot(&none_before).await);
+    assert_eq!(snapshot.error_rate, Sample::Number(0.02));
+}
+
 #[tokio::test]
 async fn command_snapshot_failure_and_timeout_are_unavailable() {
     let reason = unavailable(command_snapshot("echo 'metrics db down' >&2; exit 2").await);

@@ -114,6 +114,7 @@ const KEYS: &[(&str, Kind)] = &[
     ("rollback.verify_timeout", Kind::Duration),
     ("rollback.verify_interval", Kind::Duration),
     ("rollback.max_attempts", Kind::Int),
+    ("rollback.retry_backoff", Kind::Duration),
     ("rollback.max_rollbacks_per_hour", Kind::Int),
     ("rollback.stability_period", Kind::Duration),
     ("rollback.settle", Kind::Duration),
@@ -303,6 +304,7 @@ hook_timeout = "30s"
 verify_timeout = "2m"
 verify_interval = "5s"
 max_attempts = 3
+retry_backoff = "1s"
 max_rollbacks_per_hour = 3
 stability_period = "15m"
 
@@ -721,6 +723,9 @@ pub struct RollbackConfig {
     pub verify_timeout: Duration,
     pub verify_interval: Duration,
     pub max_attempts: u32,
+    /// The wait before the second attempt of a rollback; doubled before each next one, at
+    /// most [`RETRY_BACKOFF_CAP`] (or this, if longer). 0: no wait.
+    pub retry_backoff: Duration,
     pub max_rollbacks_per_hour: u32,
     /// After a verified rollback, how long the restored version is watched (0: not).
     pub stability_period: Duration,
@@ -1790,6 +1795,7 @@ fn build(
         verify_timeout: duration("rollback.verify_timeout"),
         verify_interval: duration("rollback.verify_interval"),
         max_attempts: int("rollback.max_attempts") as u32,
+        retry_backoff: duration("rollback.retry_backoff"),
         max_rollbacks_per_hour: int("rollback.max_rollbacks_per_hour") as u32,
         stability_period: duration("rollback.stability_period"),
     };
@@ -1829,6 +1835,16 @@ fn build(
         problem(
             "rollback.max_attempts",
             format!("must be between 1 and 10, got {}", rollback.max_attempts),
+        );
+    }
+    if rollback.retry_backoff > RETRY_BACKOFF_MAX {
+        problem(
+            "rollback.retry_backoff",
+            format!(
+                "must be at most {} (it is waited between the attempts of a rollback while the bad version serves), got {}",
+                show(RETRY_BACKOFF_MAX),
+                show(rollback.retry_backoff)
+            ),
         );
     }
     if !(1..=60).contains(&rollback.max_rollbacks_per_hour) {
@@ -2181,9 +2197,38 @@ pub fn rollback_attempt_worst_case(rb: &RollbackConfig) -> Duration {
         .saturating_add(rb.verify_timeout)
 }
 
-/// The longest a whole rollback can take (every attempt to its worst case).
+/// The doubling of `rollback.retry_backoff` stops here (unless `retry_backoff` itself is
+/// longer): 1s, 2s, 4s, ... 30s.
+pub const RETRY_BACKOFF_CAP: Duration = Duration::from_secs(30);
+/// The largest `rollback.retry_backoff` accepted.
+pub const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(300);
+
+/// The wait before attempt `attempt` (2, 3, ...) of a rollback: `retry_backoff`, doubled
+/// for each attempt after the second, at most [`RETRY_BACKOFF_CAP`] (or `retry_backoff`
+/// when that is longer). Nothing before the first.
+pub fn retry_wait(rb: &RollbackConfig, attempt: u32) -> Duration {
+    if attempt < 2 {
+        return Duration::ZERO;
+    }
+    let doublings = (attempt - 2).min(16);
+    rb.retry_backoff
+        .saturating_mul(1 << doublings)
+        .min(RETRY_BACKOFF_CAP.max(rb.retry_backoff))
+}
+
+/// All the waits between the attempts of one rollback.
+pub fn retry_waits_total(rb: &RollbackConfig) -> Duration {
+    (2..=rb.max_attempts.max(1)).fold(Duration::ZERO, |sum, attempt| {
+        sum.saturating_add(retry_wait(rb, attempt))
+    })
+}
+
+/// The longest a whole rollback can take (every attempt to its worst case, and the
+/// waits between them).
 pub fn rollback_worst_case(rb: &RollbackConfig) -> Duration {
-    rollback_attempt_worst_case(rb).saturating_mul(rb.max_attempts.max(1))
+    rollback_attempt_worst_case(rb)
+        .saturating_mul(rb.max_attempts.max(1))
+        .saturating_add(retry_waits_total(rb))
 }
 
 /// Worst-case times from the onset of a problem to each action, derived from the config.
@@ -2249,14 +2294,22 @@ pub fn worst_case_times(config: &Config) -> Vec<String> {
     let rb = &config.rollback;
     let hooks = hook_count(rb);
     let one_attempt = rollback_attempt_worst_case(rb);
+    let waits: Vec<String> = (2..=rb.max_attempts.max(1))
+        .map(|attempt| show(retry_wait(rb, attempt)))
+        .collect();
     lines.push(format!(
-        "a rollback takes at most {} per attempt ({} hooks × ({} hook timeout + {} kill grace) + {} verify), {} attempts at most: {}",
+        "a rollback takes at most {} per attempt ({} hooks × ({} hook timeout + {} kill grace) + {} verify), {} attempts at most{}: {}",
         show(one_attempt),
         hooks,
         show(rb.hook_timeout),
         show(HOOK_TERM_GRACE.saturating_add(HOOK_PIPE_GRACE)),
         show(rb.verify_timeout),
         rb.max_attempts,
+        if waits.is_empty() {
+            String::new()
+        } else {
+            format!(", waiting {} between them", waits.join(", "))
+        },
         show(rollback_worst_case(rb))
     ));
     lines.push(format!(

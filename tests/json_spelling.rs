@@ -21,10 +21,13 @@ fn baseline() -> Baseline {
         latency_p95_ms: Some(180.0),
         latency_p99_ms: Some(400.0),
         requests: Some(3000),
-        errors: Some(12),
+        errors: Some(12.0),
         source: Some(BaselineSource::Observed),
         samples: Some(20),
         window_seconds: Some(600.0),
+        step_seconds: Some(30.0),
+        p95_spread: Some(0.1),
+        ..Baseline::default()
     }
 }
 
@@ -34,14 +37,14 @@ fn a_baseline_is_written_camel_case() {
     assert_eq!(
         value,
         json!({"errorRate": 0.004, "latencyP95Ms": 180.0, "latencyP99Ms": 400.0,
-               "requests": 3000, "errors": 12, "source": "observed", "samples": 20,
-               "windowSeconds": 600.0})
+               "requests": 3000, "errors": 12.0, "source": "observed", "samples": 20,
+               "windowSeconds": 600.0, "stepSeconds": 30.0, "p95Spread": 0.1})
     );
 }
 
 #[test]
 fn a_baseline_stored_snake_case_by_an_earlier_version_still_reads() {
-    let old = r#"{"error_rate":0.004,"latency_p95_ms":180.0,"latency_p99_ms":400.0,"requests":3000,"errors":12,"source":"observed","samples":20,"window_seconds":600.0}"#;
+    let old = r#"{"error_rate":0.004,"latency_p95_ms":180.0,"latency_p99_ms":400.0,"requests":3000,"errors":12,"source":"observed","samples":20,"window_seconds":600.0,"step_seconds":30.0,"p95_spread":0.1}"#;
     assert_eq!(serde_json::from_str::<Baseline>(old).unwrap(), baseline());
     let now = serde_json::to_string(&baseline()).unwrap();
     assert_eq!(serde_json::from_str::<Baseline>(&now).unwrap(), baseline());

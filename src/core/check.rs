@@ -411,15 +411,19 @@ pub struct Baseline {
     /// `step_seconds` apart.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub persistence: Option<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        alias = "step_seconds"
+    )]
     pub step_seconds: Option<f64>,
     /// Observations left out as incidents (their errors far above the others').
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub excluded: Option<u32>,
     /// How much ln p95 / ln p99 move between observations (a robust standard deviation).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none", alias = "p95_spread")]
     pub p95_spread: Option<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none", alias = "p99_spread")]
     pub p99_spread: Option<f64>,
 }
 

@@ -393,12 +393,12 @@ fn monitoring_floor() {
                 index += 1;
                 let check_json = serde_json::json!({
                     "probe": {"outcome": "ok"},
-                    "snapshot": {"outcome": "values", "error_rate": {"kind": "number", "value": body["failureRate"]},
+                    "snapshot": {"outcome": "values", "errorRate": {"kind": "number", "value": body["failureRate"]},
                         "requests": {"kind": "number", "value": body["requests"]},
-                        "latency_p95_ms": {"kind": "missing"}, "latency_p99_ms": {"kind": "missing"},
-                        "memory_percent": {"kind": "missing"}, "db_connection_errors": {"kind": "missing"}},
-                    "resources": {"host_memory_percent": meminfo_len as f64 / 100.0,
-                        "worker_rss_bytes": null, "worker_open_files": null}
+                        "latencyP95Ms": {"kind": "missing"}, "latencyP99Ms": {"kind": "missing"},
+                        "memoryPercent": {"kind": "missing"}, "dbConnectionErrors": {"kind": "missing"}},
+                    "resources": {"hostMemoryPercent": meminfo_len as f64 / 100.0,
+                        "workerRssBytes": null, "workerOpenFiles": null}
                 });
                 store
                     .insert_check(&CheckRow {

@@ -18,7 +18,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use rollbackd::adapters::{BoxFuture, ResourceSampler, SnapshotSource, WorkerProbe};
+use rollbackd::adapters::{BoxFuture, ResourceSampler, SnapshotSource, SnapshotVars, WorkerProbe};
 use rollbackd::control::{Command, Operator, Reply, Request};
 use rollbackd::core::check::{ProbeOutcome, Resources, Sample, Snapshot, SnapshotOutcome};
 use rollbackd::daemon::{Adapters, Driver, DriverInputs, HookRunner, TokioClock};
@@ -36,7 +36,7 @@ impl WorkerProbe for Fake {
 }
 
 impl SnapshotSource for Fake {
-    fn snapshot(&self) -> BoxFuture<'_, SnapshotOutcome> {
+    fn snapshot<'a>(&'a self, _vars: &'a SnapshotVars) -> BoxFuture<'a, SnapshotOutcome> {
         Box::pin(async {
             SnapshotOutcome::Values(Snapshot {
                 error_rate: Sample::Number(0.002),

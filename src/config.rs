@@ -105,6 +105,7 @@ const KEYS: &[(&str, Kind)] = &[
     ("operations.prometheus.requests", Kind::Str),
     ("operations.prometheus.latency_p95_ms", Kind::Str),
     ("operations.prometheus.latency_p99_ms", Kind::Str),
+    ("operations.prometheus.scrape_interval", Kind::Duration),
     ("rollback.switch_command", Kind::StrList),
     ("rollback.pause_command", Kind::StrList),
     ("rollback.drain_command", Kind::StrList),
@@ -113,6 +114,7 @@ const KEYS: &[(&str, Kind)] = &[
     ("rollback.verify_timeout", Kind::Duration),
     ("rollback.verify_interval", Kind::Duration),
     ("rollback.max_attempts", Kind::Int),
+    ("rollback.retry_backoff", Kind::Duration),
     ("rollback.max_rollbacks_per_hour", Kind::Int),
     ("rollback.stability_period", Kind::Duration),
     ("rollback.settle", Kind::Duration),
@@ -302,6 +304,7 @@ hook_timeout = "30s"
 verify_timeout = "2m"
 verify_interval = "5s"
 max_attempts = 3
+retry_backoff = "1s"
 max_rollbacks_per_hour = 3
 stability_period = "15m"
 
@@ -416,7 +419,10 @@ pub enum ProbeSpec {
     Tcp(String),
 }
 
-/// Prometheus queries for the snapshot.
+/// Prometheus queries for the snapshot. Each may hold `{worker}` (the checked version),
+/// `{previous}` (the version before it, empty when none) and `{interval}` (the time since
+/// the previous check as a Prometheus duration, at least two scrape intervals): see
+/// [`PrometheusSpec::requests_window`] and `adapters::SnapshotVars`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PrometheusSpec {
     pub url: String,
@@ -424,6 +430,259 @@ pub struct PrometheusSpec {
     pub requests: Option<String>,
     pub latency_p95_ms: Option<String>,
     pub latency_p99_ms: Option<String>,
+    /// How often Prometheus scrapes the service (`scrape_interval`, default 15s): a
+    /// `rate()`/`increase()` window needs two samples, so `{interval}` is never shorter
+    /// than two of these, and shorter fixed ranges are warned about.
+    pub scrape_interval: Duration,
+}
+
+/// A range selector (`[...]`) found in a PromQL expression.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PromRange {
+    /// `[{interval}]`.
+    Interval,
+    /// A fixed duration such as `[1m]`.
+    Fixed(Duration),
+    /// Anything else: a subquery (`[5m:1m]`), another template, a typo. As written.
+    Other(String),
+}
+
+/// What the `requests` query's window is, so its count can cover each request once.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RequestsWindow {
+    /// No range selector: the value is taken as the count since the previous check.
+    NoRange,
+    /// `[{interval}]` only: the window is the time since the previous check.
+    Interval,
+    /// One fixed range (`[1m]`, possibly repeated): a check every `interval` shorter than
+    /// it sees the same requests again, so the value is scaled by interval / range.
+    Fixed(Duration),
+    /// Several different ranges or a subquery: not scaled.
+    Mixed(Vec<String>),
+}
+
+impl PrometheusSpec {
+    /// The configured queries by key (`operations.prometheus.error_rate`, ...).
+    pub fn queries(&self) -> Vec<(&'static str, &str)> {
+        let mut queries = vec![("operations.prometheus.error_rate", self.error_rate.as_str())];
+        for (key, query) in [
+            ("operations.prometheus.requests", &self.requests),
+            ("operations.prometheus.latency_p95_ms", &self.latency_p95_ms),
+            ("operations.prometheus.latency_p99_ms", &self.latency_p99_ms),
+        ] {
+            if let Some(query) = query {
+                queries.push((key, query.as_str()));
+            }
+        }
+        queries
+    }
+
+    /// The window of the `requests` query (`None` without one).
+    pub fn requests_window(&self) -> Option<RequestsWindow> {
+        let query = self.requests.as_deref()?;
+        let ranges = promql_ranges(query);
+        let Some(first) = ranges.first() else {
+            return Some(RequestsWindow::NoRange);
+        };
+        if ranges.iter().any(|r| r != first) || matches!(first, PromRange::Other(_)) {
+            let mut shown: Vec<String> = ranges.iter().map(show_range).collect();
+            shown.dedup();
+            return Some(RequestsWindow::Mixed(shown));
+        }
+        Some(match first {
+            PromRange::Interval => RequestsWindow::Interval,
+            PromRange::Fixed(range) => RequestsWindow::Fixed(*range),
+            PromRange::Other(_) => unreachable!("handled above"),
+        })
+    }
+
+    /// What `{interval}` stands for when `elapsed` passed since the previous check: that
+    /// time, but at least two scrape intervals (a window `rate()` can answer for).
+    pub fn interval_window(&self, elapsed: Duration) -> Duration {
+        elapsed.max(self.scrape_interval.saturating_mul(2))
+    }
+
+    /// By how much a `requests` value is multiplied so that checks `elapsed` apart count
+    /// each request once: interval / range when the query's range is longer than the
+    /// time since the previous check (the windows overlap), else 1.
+    pub fn requests_scale(&self, elapsed: Duration) -> f64 {
+        let range = match self.requests_window() {
+            Some(RequestsWindow::Interval) => self.interval_window(elapsed),
+            Some(RequestsWindow::Fixed(range)) => range,
+            _ => return 1.0,
+        };
+        if range > elapsed && !range.is_zero() {
+            elapsed.as_secs_f64() / range.as_secs_f64()
+        } else {
+            1.0
+        }
+    }
+}
+
+fn show_range(range: &PromRange) -> String {
+    match range {
+        PromRange::Interval => "[{interval}]".into(),
+        PromRange::Fixed(d) => format!("[{}]", show(*d)),
+        PromRange::Other(text) => format!("[{text}]"),
+    }
+}
+
+/// The range selectors of a PromQL expression, in order. String literals (`"5[0-9]{2}"`,
+/// single-quoted, backquoted) and `#` comments are skipped.
+pub fn promql_ranges(expression: &str) -> Vec<PromRange> {
+    let mut ranges = Vec::new();
+    let mut chars = expression.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' | '\'' | '`' => {
+                let mut escaped = false;
+                for inner in chars.by_ref() {
+                    if escaped {
+                        escaped = false;
+                    } else if inner == '\\' && c != '`' {
+                        escaped = true;
+                    } else if inner == c {
+                        break;
+                    }
+                }
+            }
+            '#' => {
+                for inner in chars.by_ref() {
+                    if inner == '\n' {
+                        break;
+                    }
+                }
+            }
+            '[' => {
+                let inside: String = chars.by_ref().take_while(|c| *c != ']').collect();
+                let inside = inside.trim();
+                ranges.push(if inside == "{interval}" {
+                    PromRange::Interval
+                } else if let Some(d) = parse_prometheus_duration(inside) {
+                    PromRange::Fixed(d)
+                } else {
+                    PromRange::Other(inside.to_owned())
+                });
+            }
+            _ => {}
+        }
+    }
+    ranges
+}
+
+/// A duration as PromQL writes it: whole seconds (`30s`), else milliseconds (`1500ms`).
+pub fn show_promql_duration(d: Duration) -> String {
+    let ms = d.as_millis().max(1);
+    if ms % 1000 == 0 {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{ms}ms")
+    }
+}
+
+/// What `check-config` says about the Prometheus source: how `requests` is made to count
+/// each request once (`{interval}`, scaled, or neither), and what `{worker}` stands for.
+pub fn prometheus_notes(config: &Config) -> Vec<String> {
+    let Some(SnapshotSpec::Prometheus(spec)) = &config.operations else {
+        return Vec::new();
+    };
+    let interval = config.monitor.check_interval;
+    let mut notes = vec![format!(
+        "{{worker}} = the checked version, {{previous}} = the one before it, {{interval}} = the time since the previous check (first check: monitor.check_interval {}), at least 2 × scrape_interval = {}; the baseline at a promotion runs the queries over the previous version ({{worker}} = it) with {{interval}} = the range query's step",
+        show(interval),
+        show(spec.scrape_interval.saturating_mul(2))
+    )];
+    notes.push(match spec.requests_window() {
+        None => "requests: no requests query; the baseline rules judge rates only".into(),
+        Some(RequestsWindow::Interval) => {
+            let floor = spec.scrape_interval.saturating_mul(2);
+            if config.monitor.degraded_check_interval < floor {
+                format!(
+                    "requests: counted once per check via {{interval}}; checks closer together than {} (2 scrapes) widen the window to it and scale the count by interval/{}",
+                    show(floor),
+                    show(floor)
+                )
+            } else {
+                "requests: counted once per check via {interval}".into()
+            }
+        }
+        Some(RequestsWindow::Fixed(range)) => {
+            if range > config.monitor.degraded_check_interval {
+                format!(
+                    "requests: [{}] window scaled by interval/{} (each request counted once; at a {} check interval a check counts {:.0}% of the window)",
+                    show(range),
+                    show(range),
+                    show(interval),
+                    100.0 * spec.requests_scale(interval)
+                )
+            } else {
+                format!(
+                    "requests: [{}] window, no longer than the check interval: counted as is",
+                    show(range)
+                )
+            }
+        }
+        Some(RequestsWindow::NoRange) => {
+            "requests: no range selector: the value is taken as the requests since the previous check".into()
+        }
+        Some(RequestsWindow::Mixed(ranges)) => format!(
+            "requests: ranges {} differ (or are a subquery): NOT scaled, so checks closer together than the window count requests more than once; use [{{interval}}]",
+            ranges.join(", ")
+        ),
+    });
+    notes
+}
+
+/// Warnings about the Prometheus queries' ranges: one shorter than two scrape intervals
+/// leaves `rate()`/`increase()` with a single sample (no data); a `requests` range shorter
+/// than the check interval misses the requests in between.
+fn prometheus_warnings(spec: &PrometheusSpec, monitor: &MonitorConfig) -> Vec<String> {
+    let two_scrapes = spec.scrape_interval.saturating_mul(2);
+    let mut warnings = Vec::new();
+    for (key, query) in spec.queries() {
+        let mut seen = Vec::new();
+        for range in promql_ranges(query) {
+            if seen.contains(&range) {
+                continue;
+            }
+            seen.push(range.clone());
+            match range {
+                PromRange::Fixed(d) if d < two_scrapes => warnings.push(format!(
+                    "{key}: range [{}] is shorter than two scrape intervals (2 × operations.prometheus.scrape_interval {} = {}): rate() and increase() need two samples in the window, so checks will often have no data",
+                    show(d),
+                    show(spec.scrape_interval),
+                    show(two_scrapes)
+                )),
+                PromRange::Fixed(d)
+                    if key == "operations.prometheus.requests" && d < monitor.check_interval =>
+                {
+                    warnings.push(format!(
+                        "{key}: range [{}] is shorter than monitor.check_interval {}: requests between the windows are not counted (use [{{interval}}])",
+                        show(d),
+                        show(monitor.check_interval)
+                    ))
+                }
+                PromRange::Interval if monitor.degraded_check_interval < two_scrapes => {
+                    let (which, every) = if monitor.check_interval < two_scrapes {
+                        ("check_interval", monitor.check_interval)
+                    } else {
+                        ("degraded_check_interval", monitor.degraded_check_interval)
+                    };
+                    warnings.push(format!(
+                        "{key}: checks come every {} (monitor.{which}), less than two scrape intervals (2 × operations.prometheus.scrape_interval {} = {}): {{interval}} is widened to {} so rate() has two samples; the error rate is then averaged over {}, and requests are scaled by interval/{} to count each once",
+                        show(every),
+                        show(spec.scrape_interval),
+                        show(two_scrapes),
+                        show(two_scrapes),
+                        show(two_scrapes),
+                        show(two_scrapes)
+                    ))
+                }
+                _ => {}
+            }
+        }
+    }
+    warnings
 }
 
 /// Where the operations snapshot comes from.
@@ -464,6 +723,9 @@ pub struct RollbackConfig {
     pub verify_timeout: Duration,
     pub verify_interval: Duration,
     pub max_attempts: u32,
+    /// The wait before the second attempt of a rollback; doubled before each next one, at
+    /// most [`RETRY_BACKOFF_CAP`] (or this, if longer). 0: no wait.
+    pub retry_backoff: Duration,
     pub max_rollbacks_per_hour: u32,
     /// After a verified rollback, how long the restored version is watched (0: not).
     pub stability_period: Duration,
@@ -813,6 +1075,22 @@ fn load_layers(
                 ),
             );
         }
+    }
+
+    // `[operations.prometheus] scrape_interval` has a default only when the section is
+    // used (a default in DEFAULTS_TOML would make every configuration a Prometheus one).
+    if merged
+        .keys()
+        .any(|k| k.starts_with("operations.prometheus."))
+        && !merged.contains_key("operations.prometheus.scrape_interval")
+    {
+        merged.insert(
+            "operations.prometheus.scrape_interval".into(),
+            (
+                Value::String(show(DEFAULT_SCRAPE_INTERVAL)),
+                Source::Default,
+            ),
+        );
     }
 
     if !merged.contains_key("fleet.host") {
@@ -1461,13 +1739,28 @@ fn build(
         match (prometheus_url, string("operations.prometheus.error_rate")) {
             (Some(url), Some(error_rate)) => {
                 check_http_url("operations.prometheus.url", &url, &mut problem);
-                sources.push(SnapshotSpec::Prometheus(PrometheusSpec {
+                let scrape_interval = duration("operations.prometheus.scrape_interval");
+                if scrape_interval < min_interval {
+                    problem(
+                        "operations.prometheus.scrape_interval",
+                        format!(
+                            "must be at least 10ms (Prometheus's scrape_interval for this service), got {}",
+                            show(scrape_interval)
+                        ),
+                    );
+                }
+                let spec = PrometheusSpec {
                     url,
                     error_rate,
                     requests: string("operations.prometheus.requests"),
                     latency_p95_ms: string("operations.prometheus.latency_p95_ms"),
                     latency_p99_ms: string("operations.prometheus.latency_p99_ms"),
-                }))
+                    scrape_interval,
+                };
+                if scrape_interval >= min_interval {
+                    warnings.extend(prometheus_warnings(&spec, &monitor));
+                }
+                sources.push(SnapshotSpec::Prometheus(spec))
             }
             (None, _) => problem(
                 "operations.prometheus.url",
@@ -1502,6 +1795,7 @@ fn build(
         verify_timeout: duration("rollback.verify_timeout"),
         verify_interval: duration("rollback.verify_interval"),
         max_attempts: int("rollback.max_attempts") as u32,
+        retry_backoff: duration("rollback.retry_backoff"),
         max_rollbacks_per_hour: int("rollback.max_rollbacks_per_hour") as u32,
         stability_period: duration("rollback.stability_period"),
     };
@@ -1541,6 +1835,16 @@ fn build(
         problem(
             "rollback.max_attempts",
             format!("must be between 1 and 10, got {}", rollback.max_attempts),
+        );
+    }
+    if rollback.retry_backoff > RETRY_BACKOFF_MAX {
+        problem(
+            "rollback.retry_backoff",
+            format!(
+                "must be at most {} (it is waited between the attempts of a rollback while the bad version serves), got {}",
+                show(RETRY_BACKOFF_MAX),
+                show(rollback.retry_backoff)
+            ),
         );
     }
     if !(1..=60).contains(&rollback.max_rollbacks_per_hour) {
@@ -1893,9 +2197,38 @@ pub fn rollback_attempt_worst_case(rb: &RollbackConfig) -> Duration {
         .saturating_add(rb.verify_timeout)
 }
 
-/// The longest a whole rollback can take (every attempt to its worst case).
+/// The doubling of `rollback.retry_backoff` stops here (unless `retry_backoff` itself is
+/// longer): 1s, 2s, 4s, ... 30s.
+pub const RETRY_BACKOFF_CAP: Duration = Duration::from_secs(30);
+/// The largest `rollback.retry_backoff` accepted.
+pub const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(300);
+
+/// The wait before attempt `attempt` (2, 3, ...) of a rollback: `retry_backoff`, doubled
+/// for each attempt after the second, at most [`RETRY_BACKOFF_CAP`] (or `retry_backoff`
+/// when that is longer). Nothing before the first.
+pub fn retry_wait(rb: &RollbackConfig, attempt: u32) -> Duration {
+    if attempt < 2 {
+        return Duration::ZERO;
+    }
+    let doublings = (attempt - 2).min(16);
+    rb.retry_backoff
+        .saturating_mul(1 << doublings)
+        .min(RETRY_BACKOFF_CAP.max(rb.retry_backoff))
+}
+
+/// All the waits between the attempts of one rollback.
+pub fn retry_waits_total(rb: &RollbackConfig) -> Duration {
+    (2..=rb.max_attempts.max(1)).fold(Duration::ZERO, |sum, attempt| {
+        sum.saturating_add(retry_wait(rb, attempt))
+    })
+}
+
+/// The longest a whole rollback can take (every attempt to its worst case, and the
+/// waits between them).
 pub fn rollback_worst_case(rb: &RollbackConfig) -> Duration {
-    rollback_attempt_worst_case(rb).saturating_mul(rb.max_attempts.max(1))
+    rollback_attempt_worst_case(rb)
+        .saturating_mul(rb.max_attempts.max(1))
+        .saturating_add(retry_waits_total(rb))
 }
 
 /// Worst-case times from the onset of a problem to each action, derived from the config.
@@ -1961,14 +2294,22 @@ pub fn worst_case_times(config: &Config) -> Vec<String> {
     let rb = &config.rollback;
     let hooks = hook_count(rb);
     let one_attempt = rollback_attempt_worst_case(rb);
+    let waits: Vec<String> = (2..=rb.max_attempts.max(1))
+        .map(|attempt| show(retry_wait(rb, attempt)))
+        .collect();
     lines.push(format!(
-        "a rollback takes at most {} per attempt ({} hooks × ({} hook timeout + {} kill grace) + {} verify), {} attempts at most: {}",
+        "a rollback takes at most {} per attempt ({} hooks × ({} hook timeout + {} kill grace) + {} verify), {} attempts at most{}: {}",
         show(one_attempt),
         hooks,
         show(rb.hook_timeout),
         show(HOOK_TERM_GRACE.saturating_add(HOOK_PIPE_GRACE)),
         show(rb.verify_timeout),
         rb.max_attempts,
+        if waits.is_empty() {
+            String::new()
+        } else {
+            format!(", waiting {} between them", waits.join(", "))
+        },
         show(rollback_worst_case(rb))
     ));
     lines.push(format!(

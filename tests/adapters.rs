@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rollbackd::adapters::{
-    resource_sampler, snapshot_source, substitute_worker, worker_probe, BoxFuture, WorkerProbe,
-    MAX_BODY,
+    resource_sampler, snapshot_source, substitute_worker, worker_probe, BoxFuture, SnapshotVars,
+    WorkerProbe, MAX_BODY,
 };
 use rollbackd::config::{ProbeSpec, PrometheusSpec, SnapshotSpec};
 use rollbackd::core::check::{ProbeOutcome, Sample, Snapshot, SnapshotOutcome};
@@ -19,6 +19,15 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 const TIMEOUT: Duration = Duration::from_secs(1);
+
+/// A check of v2 (previous v1) a minute after the last one.
+fn vars() -> SnapshotVars {
+    SnapshotVars {
+        worker: "v2".into(),
+        previous: Some("v1".into()),
+        interval: Duration::from_secs(60),
+    }
+}
 /// Slack allowed over a timeout before a test calls it a hang.
 const SLACK: Duration = Duration::from_secs(1);
 
@@ -395,7 +404,7 @@ async fn probes_are_object_safe_and_swappable() {
 
 async fn http_snapshot(url: String) -> SnapshotOutcome {
     snapshot_source(Some(&SnapshotSpec::Http(url)), TIMEOUT)
-        .snapshot()
+        .snapshot(&vars())
         .await
 }
 
@@ -622,7 +631,7 @@ async fn snapshot_non_2xx_refused_and_redirect_are_unavailable() {
 
 #[tokio::test]
 async fn no_snapshot_source_is_unavailable() {
-    let reason = unavailable(snapshot_source(None, TIMEOUT).snapshot().await);
+    let reason = unavailable(snapshot_source(None, TIMEOUT).snapshot(&vars()).await);
     assert_eq!(reason, "no snapshot source configured");
 }
 
@@ -634,7 +643,7 @@ async fn command_snapshot(script: &str) -> SnapshotOutcome {
         Some(&SnapshotSpec::Command(argv(&["sh", "-c", script]))),
         TIMEOUT,
     )
-    .snapshot()
+    .snapshot(&vars())
     .await
 }
 
@@ -645,6 +654,46 @@ async fn command_snapshot_parses_stdout() {
     assert_eq!(snapshot.requests, Sample::Number(10.0));
     let garbage = values(command_snapshot("echo not json").await);
     assert!(matches!(garbage.error_rate, Sample::Wrong(_)));
+}
+
+/// Issue 25 item 1: the snapshot names the version it is of. `{worker}`, `{previous}` and
+/// `{interval}` in `snapshot_url` (ids percent-encoded) and in each `snapshot_command`
+/// argv element (as they are, within the element).
+#[tokio::test]
+async fn snapshot_url_and_command_take_the_worker_previous_and_interval() {
+    let server = fixed_server("200 OK", r#"{"failureRate":0.01}"#).await;
+    let vars = SnapshotVars {
+        worker: "v1.2.3+build.5".into(),
+        previous: Some("v1".into()),
+        interval: Duration::from_millis(2500),
+    };
+    let url = server.url("/snapshot/{worker}?previous={previous}&interval={interval}");
+    let outcome = snapshot_source(Some(&SnapshotSpec::Http(url)), TIMEOUT)
+        .snapshot(&vars)
+        .await;
+    values(outcome);
+    assert_eq!(
+        server.requests(),
+        ["GET /snapshot/v1.2.3%2Bbuild.5?previous=v1&interval=2500ms HTTP/1.1"]
+    );
+
+    let argv = argv(&[
+        "sh",
+        "-c",
+        r#"[ "$1" = v2 ] && [ "$2" = --previous= ] && [ "$3" = 30s ] && echo '{"failureRate":0.02}'"#,
+        "sh",
+        "{worker}",
+        "--previous={previous}",
+        "{interval}",
+    ]);
+    let source = snapshot_source(Some(&SnapshotSpec::Command(argv)), TIMEOUT);
+    let none_before = SnapshotVars {
+        worker: "v2".into(),
+        previous: None,
+        interval: Duration::from_secs(30),
+    };
+    let snapshot = values(source.snapshot(&none_before).await);
+    assert_eq!(snapshot.error_rate, Sample::Number(0.02));
 }
 
 #[tokio::test]
@@ -739,12 +788,13 @@ fn spec(server: &RawServer, all_queries: bool) -> PrometheusSpec {
         requests: all_queries.then(|| REQUESTS_QUERY.into()),
         latency_p95_ms: all_queries.then(|| P95_QUERY.into()),
         latency_p99_ms: all_queries.then(|| P99_QUERY.into()),
+        scrape_interval: Duration::from_secs(15),
     }
 }
 
 async fn prometheus_snapshot(spec: PrometheusSpec) -> SnapshotOutcome {
     snapshot_source(Some(&SnapshotSpec::Prometheus(spec)), TIMEOUT)
-        .snapshot()
+        .snapshot(&vars())
         .await
 }
 

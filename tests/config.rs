@@ -433,9 +433,11 @@ const DURATION_KEYS: &[(&str, &str)] = &[
     ("monitor.grace_period", "7days"),
     ("monitor.warmup", "7days"),
     ("rules.memory_leak_warmup", "7days"),
+    ("operations.prometheus.scrape_interval", "7days"),
     ("rollback.hook_timeout", "7days"),
     ("rollback.verify_timeout", "7days"),
     ("rollback.verify_interval", "7days"),
+    ("rollback.retry_backoff", "7days"),
     ("rollback.stability_period", "7days"),
     ("rollback.settle", "7days"),
     ("kill_switch.reset_quiet_period", "7days"),
@@ -526,10 +528,11 @@ fn the_largest_durations_give_finite_worst_case_times_without_panicking() {
         lines.iter().any(|l| l.contains("a rollback takes")),
         "{lines:?}"
     );
-    // 10 attempts × (4 hooks × (7 days + 2.5 s kill grace) + 7 days verify).
+    // 10 attempts × (4 hooks × (7 days + 2.5 s kill grace) + 7 days verify), and the
+    // waits between them (1 + 2 + 4 + 8 + 16 + 4 × 30 s).
     assert_eq!(
         rollbackd::config::rollback_worst_case(&loaded.config.rollback),
-        Duration::from_secs(10 * 5 * 7 * 86_400) + Duration::from_millis(10 * 4 * 2_500)
+        Duration::from_secs(10 * 5 * 7 * 86_400 + 151) + Duration::from_millis(10 * 4 * 2_500)
     );
 }
 
@@ -610,6 +613,50 @@ fn the_rollback_worst_case_includes_each_hooks_kill_grace() {
     );
     let lines = rollbackd::config::worst_case_times(&loaded.config).join("\n");
     assert!(lines.contains("kill grace"), "{lines}");
+}
+
+/// Issue 25 item 10: the waits between a rollback's attempts double from
+/// `rollback.retry_backoff` (default 1s) up to 30 s, and count in the worst case.
+#[test]
+fn rollback_retries_back_off_doubling_and_capped() {
+    use rollbackd::config::{retry_wait, retry_waits_total, rollback_worst_case};
+    let defaults = load_str("", &env(&[])).unwrap().config.rollback;
+    assert_eq!(defaults.retry_backoff, Duration::from_secs(1));
+    let waits: Vec<Duration> = (1..=8).map(|n| retry_wait(&defaults, n)).collect();
+    let secs = |s: &[u64]| {
+        s.iter()
+            .map(|s| Duration::from_secs(*s))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(waits, secs(&[0, 1, 2, 4, 8, 16, 30, 30]));
+    // 3 attempts: 1 s + 2 s of waiting, on top of three attempts' worst case.
+    assert_eq!(retry_waits_total(&defaults), Duration::from_secs(3));
+    assert_eq!(
+        rollback_worst_case(&defaults),
+        rollbackd::config::rollback_attempt_worst_case(&defaults) * 3 + Duration::from_secs(3)
+    );
+    let lines = rollbackd::config::worst_case_times(&load_str("", &env(&[])).unwrap().config);
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("3 attempts at most, waiting 1s, 2s between them")),
+        "{lines:?}"
+    );
+
+    let off = load_str("[rollback]\nretry_backoff = \"0s\"", &env(&[])).unwrap();
+    assert_eq!(retry_waits_total(&off.config.rollback), Duration::ZERO);
+    let long = load_str("[rollback]\nretry_backoff = \"45s\"", &env(&[])).unwrap();
+    assert_eq!(
+        retry_wait(&long.config.rollback, 3),
+        Duration::from_secs(45)
+    );
+    let found = issues(load_str("[rollback]\nretry_backoff = \"10m\"", &env(&[])));
+    assert!(
+        found
+            .iter()
+            .any(|(k, m)| k == "rollback.retry_backoff" && m.contains("at most 5m")),
+        "{found:?}"
+    );
 }
 
 #[test]

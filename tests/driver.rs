@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use rollbackd::adapters::{BoxFuture, ResourceSampler, SnapshotSource, WorkerProbe};
+use rollbackd::adapters::{BoxFuture, ResourceSampler, SnapshotSource, SnapshotVars, WorkerProbe};
 use rollbackd::config::LoadedConfig;
 use rollbackd::control::{Command, Operator, Reply, Request};
 use rollbackd::core::check::{ProbeOutcome, Resources, Sample, Snapshot, SnapshotOutcome};
@@ -77,7 +77,7 @@ impl WorkerProbe for Fake {
 }
 
 impl SnapshotSource for Fake {
-    fn snapshot(&self) -> BoxFuture<'_, SnapshotOutcome> {
+    fn snapshot<'a>(&'a self, _vars: &'a SnapshotVars) -> BoxFuture<'a, SnapshotOutcome> {
         Box::pin(async move {
             match self.get(|w| w.error_rate) {
                 Some(rate) => SnapshotOutcome::Values(Snapshot {

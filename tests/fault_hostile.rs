@@ -276,7 +276,7 @@ fn hostile_probe_and_snapshot_answers_are_classified_recorded_short_and_keep_the
             );
             if case.error_class == "invalid" {
                 // The raw value is kept (truncated) for the reader.
-                let rate = &line["check"]["snapshot"]["error_rate"];
+                let rate = &line["check"]["snapshot"]["errorRate"];
                 assert!(
                     rate["kind"] == "wrong" || rate["kind"] == "number",
                     "{}: raw value not recorded: {line}",

@@ -143,6 +143,64 @@ fn a_failing_switch_hook_is_reported_as_such_not_as_an_unhealthy_previous_versio
     assert!(reason.contains("v1 was not verified"), "{reason}");
 }
 
+/// Issue 25 item 10: attempts of a rollback back off (`rollback.retry_backoff`, doubling)
+/// instead of three tries in 70 ms, and the artifact and the incident report say which
+/// attempt each hook ran in and how long was waited before it.
+#[test]
+fn a_failing_switch_is_retried_with_backoff_and_the_report_shows_the_attempts() {
+    let setup = Setup::new("[rollback]\nmax_attempts = 3\nretry_backoff = \"300ms\"");
+    let hook = setup.path("switch.sh");
+    std::fs::write(
+        &hook,
+        "#!/bin/sh\ndate +%s.%N >> \"$(dirname \"$0\")/switch-times\"\necho 'upstream reload in progress' >&2\nexit 3\n",
+    )
+    .unwrap();
+    let _daemon = setup.start();
+    setup.promote();
+    setup.routes.error_rate(0.6);
+    let failed = wait_for(Duration::from_secs(30), || {
+        !setup.events("rollback-failed").is_empty()
+    });
+    assert!(
+        failed.is_some(),
+        "no rollback-failed; log:\n{}",
+        setup.daemon_log()
+    );
+    let times: Vec<f64> = std::fs::read_to_string(setup.path("switch-times"))
+        .unwrap()
+        .lines()
+        .map(|l| l.trim().parse().unwrap())
+        .collect();
+    assert_eq!(times.len(), 3, "{times:?}");
+    // 300 ms before the second attempt, 600 ms before the third (less a hook's start-up).
+    let gaps = [times[1] - times[0], times[2] - times[1]];
+    assert!(gaps[0] >= 0.29 && gaps[0] < 2.0, "{gaps:?}");
+    assert!(gaps[1] >= 0.59 && gaps[1] < 2.5, "{gaps:?}");
+
+    let record: Value =
+        serde_json::from_str(&std::fs::read_to_string(&setup.artifacts("rollback_")[0]).unwrap())
+            .unwrap();
+    assert_eq!(record["attempts"], 3, "{record}");
+    let hooks = record["incident"]["actions"][0]["hooks"]
+        .as_array()
+        .unwrap();
+    let attempts: Vec<(u64, Option<f64>)> = hooks
+        .iter()
+        .map(|h| (h["attempt"].as_u64().unwrap(), h["waitedSeconds"].as_f64()))
+        .collect();
+    assert_eq!(
+        attempts,
+        [(1, None), (2, Some(0.3)), (3, Some(0.6))],
+        "{record}"
+    );
+    let report = std::fs::read_to_string(setup.incident_reports().last().unwrap()).unwrap();
+    assert!(
+        report.contains("(switch, attempt 2, after waiting 0.30s): exit 3")
+            && report.contains("(switch, attempt 3, after waiting 0.60s): exit 3"),
+        "{report}"
+    );
+}
+
 #[test]
 fn an_unhealthy_previous_worker_escalates_after_max_attempts() {
     let setup = Setup::new(
@@ -621,6 +679,20 @@ fn the_daemon_observes_between_sessions_and_judges_the_next_release_against_it()
         artifact["evidence"]["baseline"]["source"], "observed",
         "{artifact}"
     );
+    // One spelling in every record (issue 25 item 12): the RUNBOOK's
+    // `evidence.baseline.windowSeconds`, never `window_seconds`.
+    assert!(
+        artifact["evidence"]["baseline"]["windowSeconds"].is_number(),
+        "{artifact}"
+    );
+    assert_eq!(
+        snake_case_keys(&artifact),
+        Vec::<String>::new(),
+        "{artifact}"
+    );
+    for line in setup.audit() {
+        assert_eq!(snake_case_keys(&line), Vec::<String>::new(), "{line}");
+    }
     assert!(
         artifact["reason"]
             .as_str()
@@ -850,4 +922,32 @@ fn a_declared_active_version_is_observed_before_the_first_promotion() {
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "{stdout}");
     assert!(stdout.contains("[observed, "), "{stdout}");
+}
+
+/// Every object key in `value` spelled with an underscore (the records are camelCase),
+/// with its path. Keys of `phases` are phase names and `incident` holds only camelCase
+/// too, so nothing is exempt.
+fn snake_case_keys(value: &Value) -> Vec<String> {
+    fn walk(value: &Value, path: &str, out: &mut Vec<String>) {
+        match value {
+            Value::Object(map) => {
+                for (key, inner) in map {
+                    let here = format!("{path}.{key}");
+                    if key.contains('_') {
+                        out.push(here.clone());
+                    }
+                    walk(inner, &here, out);
+                }
+            }
+            Value::Array(items) => {
+                for (i, inner) in items.iter().enumerate() {
+                    walk(inner, &format!("{path}[{i}]"), out);
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    walk(value, "", &mut out);
+    out
 }

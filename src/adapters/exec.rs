@@ -14,8 +14,8 @@ use std::time::Duration;
 use crate::sys::child::{Output, Policy, RunError};
 
 use super::{
-    substitute_worker, timeout_reason, BoxFuture, SnapshotSource, WorkerProbe, MAX_BODY,
-    OUTPUT_TAIL_BYTES,
+    substitute_worker, timeout_reason, BoxFuture, SnapshotSource, SnapshotVars, WorkerProbe,
+    MAX_BODY, OUTPUT_TAIL_BYTES,
 };
 use crate::core::check::{ProbeOutcome, Snapshot, SnapshotOutcome};
 
@@ -143,7 +143,8 @@ impl WorkerProbe for CommandProbe {
 }
 
 /// Command snapshot: stdout (up to [`MAX_BODY`]) parsed like the HTTP body when the
-/// command exits 0; otherwise `Unavailable` with the output tail.
+/// command exits 0; otherwise `Unavailable` with the output tail. `{worker}`,
+/// `{previous}` and `{interval}` are substituted inside each argv element.
 pub(super) struct CommandSnapshotSource {
     argv: Vec<String>,
     timeout: Duration,
@@ -156,9 +157,10 @@ impl CommandSnapshotSource {
 }
 
 impl SnapshotSource for CommandSnapshotSource {
-    fn snapshot(&self) -> BoxFuture<'_, SnapshotOutcome> {
+    fn snapshot<'a>(&'a self, vars: &'a SnapshotVars) -> BoxFuture<'a, SnapshotOutcome> {
         Box::pin(async move {
-            let run = run_command(&self.argv, self.timeout, MAX_BODY).await;
+            let argv: Vec<String> = self.argv.iter().map(|a| vars.substitute_arg(a)).collect();
+            let run = run_command(&argv, self.timeout, MAX_BODY).await;
             let reason = match &run.end {
                 RunEnd::Exited(status) if status.success() => {
                     if run.stdout.head_cut {

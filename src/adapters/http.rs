@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use super::{
     error_chain, excerpt, substitute_worker_url, timeout_reason, BoxFuture, SnapshotSource,
-    WorkerProbe, MAX_BODY,
+    SnapshotVars, WorkerProbe, MAX_BODY,
 };
 use crate::core::check::{health_body_verdict, ProbeOutcome, Snapshot, SnapshotOutcome};
 
@@ -155,12 +155,13 @@ impl WorkerProbe for HttpProbe {
 
 /// `GET {url}` returning the snapshot JSON (SPEC §3). Only a source that could not be
 /// asked (refused, timeout, non-2xx, broken body) is `Unavailable`; any 2xx body becomes
-/// values, a malformed one an invalid error rate.
+/// values, a malformed one an invalid error rate. `{worker}` and `{previous}` in the URL
+/// are percent-encoded, `{interval}` is written `30s`.
 pub(super) struct HttpSnapshotSource {
     client: Result<reqwest::Client, String>,
     url: String,
-    /// `url`, parsed once.
-    target: Target,
+    /// `url` parsed once, when it holds no template.
+    target: Option<Target>,
     timeout: Duration,
 }
 
@@ -168,16 +169,23 @@ impl HttpSnapshotSource {
     pub(super) fn new(url: String, timeout: Duration) -> Self {
         HttpSnapshotSource {
             client: build_client(),
-            target: Target::new(url.clone()),
+            target: (!url.contains('{')).then(|| Target::new(url.clone())),
             url,
             timeout,
         }
     }
 
-    async fn snapshot_untimed(&self, client: &reqwest::Client) -> SnapshotOutcome {
+    async fn snapshot_untimed(
+        &self,
+        client: &reqwest::Client,
+        vars: &SnapshotVars,
+    ) -> SnapshotOutcome {
         let unavailable = |reason: String| SnapshotOutcome::Unavailable { reason };
-        let response = match self
-            .target
+        let target = match &self.target {
+            Some(target) => target.clone(),
+            None => Target::new(vars.substitute_url(&self.url)),
+        };
+        let response = match target
             .get(client)
             .header(reqwest::header::ACCEPT, "application/json")
             .send()
@@ -209,7 +217,7 @@ impl HttpSnapshotSource {
 }
 
 impl SnapshotSource for HttpSnapshotSource {
-    fn snapshot(&self) -> BoxFuture<'_, SnapshotOutcome> {
+    fn snapshot<'a>(&'a self, vars: &'a SnapshotVars) -> BoxFuture<'a, SnapshotOutcome> {
         Box::pin(async move {
             let client = match &self.client {
                 Ok(client) => client,
@@ -219,7 +227,7 @@ impl SnapshotSource for HttpSnapshotSource {
                     }
                 }
             };
-            match tokio::time::timeout(self.timeout, self.snapshot_untimed(client)).await {
+            match tokio::time::timeout(self.timeout, self.snapshot_untimed(client, vars)).await {
                 Ok(outcome) => outcome,
                 Err(_) => SnapshotOutcome::Unavailable {
                     reason: timeout_reason(self.timeout),

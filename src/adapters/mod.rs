@@ -48,9 +48,73 @@ pub trait WorkerProbe: Send + Sync {
     fn probe<'a>(&'a self, worker: &'a str) -> BoxFuture<'a, ProbeOutcome>;
 }
 
-/// Takes the operations-manager snapshot.
+/// What a snapshot is of, for the templates of its source (as Flagger's metric templates):
+/// `{worker}`, `{previous}` and `{interval}` in the Prometheus queries, `snapshot_url` and
+/// the `snapshot_command` argv.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotVars {
+    /// The version checked (the active worker; during the stability watch the restored
+    /// one; in the baseline range query the previous version).
+    pub worker: String,
+    /// The version before it; `None` (substituted as empty) when none is known.
+    pub previous: Option<String>,
+    /// The time since the previous check of `worker` (the first check: the check
+    /// interval); the Prometheus source widens it to two scrape intervals at least.
+    pub interval: Duration,
+}
+
+impl SnapshotVars {
+    /// Every `{worker}`, `{previous}` and `{interval}` in `template`, with the ids passed
+    /// through `encode` (`{interval}` is written as PromQL does, `30s` / `1500ms`).
+    fn substitute_with(
+        &self,
+        template: &str,
+        interval: Duration,
+        encode: impl Fn(&str) -> String,
+    ) -> String {
+        if !template.contains('{') {
+            return template.to_owned();
+        }
+        template
+            .replace("{worker}", &encode(&self.worker))
+            .replace(
+                "{previous}",
+                &encode(self.previous.as_deref().unwrap_or("")),
+            )
+            .replace("{interval}", &crate::config::show_promql_duration(interval))
+    }
+
+    /// For a URL (`snapshot_url`): the ids percent-encoded, as in `health_url`.
+    pub fn substitute_url(&self, template: &str) -> String {
+        self.substitute_with(template, self.interval, encode_url_component)
+    }
+
+    /// For one argv element (`snapshot_command`): the ids as they are, inside that one
+    /// element (a worker id never starts with `-`, never holds whitespace).
+    pub fn substitute_arg(&self, template: &str) -> String {
+        self.substitute_with(template, self.interval, str::to_owned)
+    }
+
+    /// For PromQL, with `{interval}` = `interval`: the ids as they are. That is safe only
+    /// because they follow the worker-id rule (`text::check_worker_id`: `A-Z a-z 0-9 . _
+    /// + -`, no quote, backslash, brace or whitespace), so an id cannot end a string
+    /// literal or a label matcher; an id that breaks the rule is refused here rather than
+    /// put into a query. (In a regex matcher `=~"{worker}"`, `.` and `+` are regex
+    /// characters: use `=`.)
+    pub fn substitute_promql(&self, template: &str, interval: Duration) -> Result<String, String> {
+        // Empty stands for "none known" (`check-config` before any promotion): `""`.
+        for id in std::iter::once(&self.worker).chain(self.previous.as_ref()) {
+            if !id.is_empty() {
+                crate::text::check_worker_id(id)?;
+            }
+        }
+        Ok(self.substitute_with(template, interval, str::to_owned))
+    }
+}
+
+/// Takes the operations-manager snapshot of `vars.worker`.
 pub trait SnapshotSource: Send + Sync {
-    fn snapshot(&self) -> BoxFuture<'_, SnapshotOutcome>;
+    fn snapshot<'a>(&'a self, vars: &'a SnapshotVars) -> BoxFuture<'a, SnapshotOutcome>;
 }
 
 /// Samples host and worker resources. `None` when nothing at all could be read.
@@ -84,7 +148,7 @@ pub fn snapshot_source(spec: Option<&SnapshotSpec>, timeout: Duration) -> Arc<dy
     }
 }
 
-pub use prometheus::range_observations;
+pub use prometheus::{check_queries, range_observations, QueryCheck};
 
 /// The `/proc` sampler; `pid_file` is a path template (`{worker}` substituted) naming a
 /// file that holds the worker's pid. Without it only host memory is sampled.
@@ -114,14 +178,17 @@ const URL_COMPONENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHAN
 /// of ids; this is the second line of defence, so an id can never turn into another path
 /// or a query.
 pub fn substitute_worker_url(template: &str, worker: &str) -> String {
-    let encoded = percent_encoding::utf8_percent_encode(worker, URL_COMPONENT).to_string();
-    template.replace("{worker}", &encoded)
+    template.replace("{worker}", &encode_url_component(worker))
+}
+
+fn encode_url_component(id: &str) -> String {
+    percent_encoding::utf8_percent_encode(id, URL_COMPONENT).to_string()
 }
 
 struct NoSnapshotSource;
 
 impl SnapshotSource for NoSnapshotSource {
-    fn snapshot(&self) -> BoxFuture<'_, SnapshotOutcome> {
+    fn snapshot<'a>(&'a self, _vars: &'a SnapshotVars) -> BoxFuture<'a, SnapshotOutcome> {
         Box::pin(async {
             SnapshotOutcome::Unavailable {
                 reason: "no snapshot source configured".into(),

@@ -14,6 +14,14 @@
 //! - a failed request, a non-2xx status, `"status":"error"` or a response that is not the
 //!   query API's shape is a provider failure: `Unavailable` for the error-rate query,
 //!   `Wrong(reason)` for an optional one.
+//!
+//! Templates ([`SnapshotVars`]): `{worker}` and `{previous}` are put into the queries as
+//! they are (worker ids cannot break out of a label matcher's string; see
+//! `SnapshotVars::substitute_promql`), `{interval}` as the time since the previous check,
+//! widened to two scrape intervals at least. The `requests` value is scaled so that
+//! successive checks count each request once ([`PrometheusSpec::requests_scale`]): by
+//! interval / range when the query's range is longer than the time since the previous
+//! check. The baseline's range query does the same with its step.
 
 use std::time::Duration;
 
@@ -21,7 +29,9 @@ use serde_json::Value;
 use tokio::time::Instant;
 
 use super::http::{build_client, read_capped};
-use super::{error_chain, excerpt, timeout_reason, BoxFuture, SnapshotSource, MAX_BODY};
+use super::{
+    error_chain, excerpt, timeout_reason, BoxFuture, SnapshotSource, SnapshotVars, MAX_BODY,
+};
 use crate::config::PrometheusSpec;
 use crate::core::check::{truncate_raw, Sample, Snapshot, SnapshotOutcome};
 
@@ -57,11 +67,16 @@ impl PrometheusSnapshotSource {
         }
     }
 
-    async fn optional_query(&self, expression: Option<&str>, deadline: Instant) -> Sample {
+    async fn optional_query(
+        &self,
+        expression: Option<Result<String, String>>,
+        deadline: Instant,
+    ) -> Sample {
         match expression {
             None => Sample::Missing,
-            Some(expression) => self
-                .query(expression, deadline)
+            Some(Err(reason)) => Sample::Wrong(truncate_raw(&reason)),
+            Some(Ok(expression)) => self
+                .query(&expression, deadline)
                 .await
                 .unwrap_or_else(|reason| Sample::Wrong(truncate_raw(&reason))),
         }
@@ -75,12 +90,20 @@ async fn query_untimed(client: &reqwest::Client, url: reqwest::Url) -> Result<Sa
 /// One GET of the query API: the body of a 2xx answer (capped at `MAX_BODY`), else the
 /// API's own explanation of the failure.
 async fn get_api_body(client: &reqwest::Client, url: reqwest::Url) -> Result<Vec<u8>, String> {
+    // The error names the server, not the whole URL: the percent-encoded query would crowd
+    // out why it failed (and the query is named by its key anyway).
+    let server = url.origin().ascii_serialization();
     let response = client
         .get(url)
         .header(reqwest::header::ACCEPT, "application/json")
         .send()
         .await
-        .map_err(|error| error_chain(&error))?;
+        .map_err(|error| {
+            format!(
+                "cannot reach {server}: {}",
+                error_chain(&error.without_url())
+            )
+        })?;
     let status = response.status();
     let body = read_capped(response, MAX_BODY).await.map_err(|error| {
         format!(
@@ -167,13 +190,59 @@ fn sample_from_pair(pair: Option<&Value>, body: &[u8]) -> Result<Sample, String>
     })
 }
 
+/// One configured query as `check-config --for run` ran it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueryCheck {
+    /// `operations.prometheus.error_rate`, ...
+    pub key: &'static str,
+    /// The expression sent, templates substituted.
+    pub expression: String,
+    /// Its value (`Missing`: an empty result), or why Prometheus could not answer it
+    /// (unreachable, `bad_data` for a PromQL error, a response not of the query API).
+    pub result: Result<Sample, String>,
+}
+
+/// Runs each configured query once (an instant query, as a check would with `vars`), one
+/// after the other, each bounded by `timeout`.
+pub async fn check_queries(
+    spec: &PrometheusSpec,
+    vars: &SnapshotVars,
+    timeout: Duration,
+) -> Vec<QueryCheck> {
+    let source = PrometheusSnapshotSource::new(spec.clone(), timeout);
+    let window = spec.interval_window(vars.interval);
+    let mut checks = Vec::new();
+    for (key, query) in spec.queries() {
+        let (expression, result) = match vars.substitute_promql(query, window) {
+            Ok(expression) => {
+                let deadline = crate::sys::clock::deadline_tokio(Instant::now(), timeout);
+                let result = source.query(&expression, deadline).await;
+                (expression, result)
+            }
+            Err(reason) => (query.to_owned(), Err(reason)),
+        };
+        checks.push(QueryCheck {
+            key,
+            expression,
+            result,
+        });
+    }
+    checks
+}
+
 /// The baseline source (SPEC §2a): each configured expression evaluated over `start..=end`
 /// every `step` (`GET {url}/api/v1/query_range`), the same values the snapshots would
 /// have given at those instants, joined by timestamp into observations. The error-rate
 /// query must answer; the others may be missing. Bounded by `timeout` in all.
+///
+/// The baseline is the previous version's traffic, so `{worker}` is `worker` (that
+/// version) and `{previous}` is empty; `{interval}` is the step (at least two scrape
+/// intervals). The `requests` points are scaled by step / range when the range is longer
+/// than the step, so that their sum counts each request in the window once.
 pub async fn range_observations(
     spec: &PrometheusSpec,
     timeout: Duration,
+    worker: &str,
     start: std::time::SystemTime,
     end: std::time::SystemTime,
     step: Duration,
@@ -183,21 +252,26 @@ pub async fn range_observations(
     let endpoint_text = format!("{}/api/v1/query_range", spec.url.trim_end_matches('/'));
     let endpoint = reqwest::Url::parse(&endpoint_text)
         .map_err(|error| format!("{endpoint_text:?} is not a URL: {error}"))?;
-    let seconds = |t: std::time::SystemTime| {
-        t.duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs_f64()
+    let seconds = |t: std::time::SystemTime| millis(t) as f64 / 1000.0;
+    let step = Duration::from_secs(step.as_secs().max(1));
+    let vars = SnapshotVars {
+        worker: worker.to_owned(),
+        previous: None,
+        interval: step,
     };
-    let step = step.max(Duration::from_secs(1));
+    let window = spec.interval_window(step);
     let range = |expression: &str| {
+        let expression = vars.substitute_promql(expression, window);
         let mut url = endpoint.clone();
-        url.query_pairs_mut()
-            .append_pair("query", expression)
-            .append_pair("start", &format!("{:.3}", seconds(start)))
-            .append_pair("end", &format!("{:.3}", seconds(end)))
-            .append_pair("step", &format!("{}s", step.as_secs()));
         let client = client.clone();
-        async move { parse_range_response(&get_api_body(&client, url).await?) }
+        async move {
+            url.query_pairs_mut()
+                .append_pair("query", &expression?)
+                .append_pair("start", &format!("{:.3}", seconds(start)))
+                .append_pair("end", &format!("{:.3}", seconds(end)))
+                .append_pair("step", &format!("{}s", step.as_secs()));
+            parse_range_response(&get_api_body(&client, url).await?)
+        }
     };
     let optional = |expression: &Option<String>| {
         let query = expression.as_deref().map(range);
@@ -220,17 +294,43 @@ pub async fn range_observations(
         .await
         .map_err(|_| timeout_reason(timeout))?;
     let rates = rates.map_err(|reason| format!("prometheus error_rate range query: {reason}"))?;
+    // Only points inside the window asked for: a buggy or hostile server's 1970 points (or
+    // any outside start..=end) are not the previous version's recent traffic.
+    let window = millis(start)..=millis(end);
+    let inside = |points: BTreeMap<i64, f64>| -> BTreeMap<i64, f64> {
+        points
+            .into_iter()
+            .filter(|(at_ms, _)| window.contains(at_ms))
+            .collect()
+    };
+    let answered = rates.len();
+    let (rates, requests, p95, p99) = (inside(rates), inside(requests), inside(p95), inside(p99));
+    if rates.len() < answered {
+        tracing::warn!(
+            dropped = answered - rates.len(),
+            "the Prometheus baseline query returned points outside the window asked for; they are left out"
+        );
+    }
     let usable = |v: Option<&f64>| v.copied().filter(|v| v.is_finite() && *v >= 0.0);
+    let scale = spec.requests_scale(step);
     Ok(rates
         .iter()
         .map(|(at_ms, rate)| crate::core::check::Observation {
             at_seconds: *at_ms as f64 / 1000.0,
             error_rate: Some(*rate).filter(|r| r.is_finite() && (0.0..=1.0).contains(r)),
-            requests: usable(requests.get(at_ms)),
+            requests: usable(requests.get(at_ms)).map(|n| n * scale),
             latency_p95_ms: usable(p95.get(at_ms)),
             latency_p99_ms: usable(p99.get(at_ms)),
         })
         .collect())
+}
+
+/// `t` in Unix milliseconds, as the range query sends it (`start`, `end` to the
+/// millisecond) and as its points are keyed.
+fn millis(t: std::time::SystemTime) -> i64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
 }
 
 /// Reads a range-query response: the first series' `[timestamp, "value"]` pairs by
@@ -275,16 +375,38 @@ pub(super) fn parse_range_response(
 }
 
 impl SnapshotSource for PrometheusSnapshotSource {
-    fn snapshot(&self) -> BoxFuture<'_, SnapshotOutcome> {
+    fn snapshot<'a>(&'a self, vars: &'a SnapshotVars) -> BoxFuture<'a, SnapshotOutcome> {
         Box::pin(async move {
             let deadline = crate::sys::clock::deadline_tokio(Instant::now(), self.timeout);
             let spec = &self.spec;
-            let (error_rate, requests, latency_p95_ms, latency_p99_ms) = tokio::join!(
-                self.query(&spec.error_rate, deadline),
-                self.optional_query(spec.requests.as_deref(), deadline),
-                self.optional_query(spec.latency_p95_ms.as_deref(), deadline),
-                self.optional_query(spec.latency_p99_ms.as_deref(), deadline),
+            let window = spec.interval_window(vars.interval);
+            let expand = |query: &str| vars.substitute_promql(query, window);
+            let expand_optional = |query: Option<&String>| query.map(|q| expand(q));
+            let error_rate_query = match expand(&spec.error_rate) {
+                Ok(query) => query,
+                Err(reason) => {
+                    return SnapshotOutcome::Unavailable {
+                        reason: format!("prometheus error_rate query: {reason}"),
+                    }
+                }
+            };
+            let (requests, p95, p99) = (
+                expand_optional(spec.requests.as_ref()),
+                expand_optional(spec.latency_p95_ms.as_ref()),
+                expand_optional(spec.latency_p99_ms.as_ref()),
             );
+            let (error_rate, requests, latency_p95_ms, latency_p99_ms) = tokio::join!(
+                self.query(&error_rate_query, deadline),
+                self.optional_query(requests, deadline),
+                self.optional_query(p95, deadline),
+                self.optional_query(p99, deadline),
+            );
+            // Each request once: a window longer than the time since the previous check
+            // would count the requests the previous check counted again.
+            let requests = match requests {
+                Sample::Number(n) => Sample::Number(n * spec.requests_scale(vars.interval)),
+                other => other,
+            };
             match error_rate {
                 Ok(error_rate) => SnapshotOutcome::Values(Snapshot {
                     error_rate,

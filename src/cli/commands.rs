@@ -453,8 +453,9 @@ mod limit_tests {
         };
         assert_eq!(
             request_limit(&rollback, &loaded),
-            // 10 attempts × (one hook + its 2.5 s kill grace + verify), plus the margin.
-            Duration::from_secs(10 * 2 * 7 * 86_400)
+            // 10 attempts × (one hook + its 2.5 s kill grace + verify), the waits between
+            // them (1 + 2 + 4 + 8 + 16 + 4 × 30 s of rollback.retry_backoff), plus the margin.
+            Duration::from_secs(10 * 2 * 7 * 86_400 + 151)
                 + Duration::from_millis(10 * 2_500)
                 + ROLLBACK_MARGIN
         );

@@ -191,6 +191,13 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 crate::daemon::service::check_runnable(&loaded).map_err(|err| {
                     anyhow::Error::new(err).context("`rollbackd run` would not start")
                 })?;
+                if let Some(config::SnapshotSpec::Prometheus(spec)) = &loaded.config.operations {
+                    let stdout = std::io::stdout();
+                    let mut out = stdout.lock();
+                    let ran = runtime()?.block_on(run_prometheus_queries(&loaded, spec, &mut out));
+                    out.flush()?;
+                    ran?;
+                }
                 println!();
                 println!("ready for `rollbackd run`");
             }
@@ -475,6 +482,107 @@ fn simulate(
     Ok(exit::SUCCESS)
 }
 
+/// `check-config --for run` with `[operations.prometheus]`: each query run once, as a
+/// check would run it now (`{worker}`/`{previous}`: the workers on record in
+/// rollbackd.db, empty before the first promotion; `{interval}`: the check interval), and
+/// its value printed. Prometheus unreachable or refusing a query (a PromQL error) is an
+/// invalid configuration naming the key (exit 78); an empty result is a warning.
+async fn run_prometheus_queries(
+    loaded: &LoadedConfig,
+    spec: &config::PrometheusSpec,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
+    let config = &loaded.config;
+    let (active, previous) = {
+        let db = config.rollbackd_db();
+        tokio::task::spawn_blocking(move || {
+            let store = crate::storage::store::Store::open_read_only(&db).ok()?;
+            let read = |key: &str| {
+                store
+                    .get_meta(key)
+                    .ok()
+                    .flatten()
+                    .filter(|id| crate::text::is_valid_worker_id(id))
+            };
+            Some((read("active"), read("previous")))
+        })
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or_default()
+    };
+    let vars = crate::adapters::SnapshotVars {
+        worker: active.clone().unwrap_or_default(),
+        previous: previous.clone(),
+        interval: config.monitor.check_interval,
+    };
+    let shown = |id: &Option<String>| match id {
+        Some(id) => id.clone(),
+        None => "\"\" (none on record)".into(),
+    };
+    writeln!(out)?;
+    writeln!(
+        out,
+        "prometheus queries, run once at {} ({{worker}} = {}, {{previous}} = {}, {{interval}} = {}):",
+        crate::text::escape(&spec.url),
+        shown(&active),
+        shown(&previous),
+        config::show_promql_duration(spec.interval_window(vars.interval))
+    )?;
+    let checks = crate::adapters::check_queries(spec, &vars, config.monitor.check_timeout).await;
+    let mut issues = Vec::new();
+    let mut warnings = Vec::new();
+    for check in checks {
+        let value = match &check.result {
+            Ok(crate::core::check::Sample::Number(v)) => v.to_string(),
+            Ok(crate::core::check::Sample::Missing) => {
+                let what = if check.key == "operations.prometheus.error_rate" {
+                    "every check would have no error rate (no-data)"
+                } else {
+                    "checks would record no value for it"
+                };
+                let hint = if active.is_none() && check.expression.contains("\"\"") {
+                    " (expected while no worker is on record: {worker} is empty)"
+                } else {
+                    "; where no series means zero, end the query with `or vector(0)`"
+                };
+                warnings.push(format!(
+                    "{}: the query returned no series: {what} until it does{hint}",
+                    check.key
+                ));
+                "(empty)".into()
+            }
+            Ok(crate::core::check::Sample::Wrong(raw)) => {
+                warnings.push(format!("{}: not a number: {raw}", check.key));
+                format!("not a number: {raw}")
+            }
+            Err(reason) => {
+                issues.push(config::ConfigIssue {
+                    key: check.key.to_owned(),
+                    message: format!("the query failed: {reason}"),
+                });
+                "FAILED".into()
+            }
+        };
+        writeln!(out, "  {:<36} = {}", check.key, crate::text::escape(&value))?;
+        writeln!(
+            out,
+            "  {:<36}   {}",
+            "",
+            crate::text::escape(&crate::text::one_line(&check.expression, 300))
+        )?;
+    }
+    for warning in &warnings {
+        writeln!(out, "warning: {}", crate::text::escape(warning))?;
+    }
+    if issues.is_empty() {
+        Ok(())
+    } else {
+        Err(anyhow::Error::new(ConfigError::Invalid(issues))
+            .context("the Prometheus queries cannot be run"))
+    }
+}
+
 /// `check-config`: the effective configuration, provenance and worst-case times.
 pub fn print_check_config(loaded: &LoadedConfig, out: &mut impl Write) -> std::io::Result<()> {
     match &loaded.origin {
@@ -519,6 +627,14 @@ pub fn print_check_config(loaded: &LoadedConfig, out: &mut impl Write) -> std::i
     writeln!(out, "worst-case times:")?;
     for line in config::worst_case_times(&loaded.config) {
         writeln!(out, "  {line}")?;
+    }
+    let notes = config::prometheus_notes(&loaded.config);
+    if !notes.is_empty() {
+        writeln!(out)?;
+        writeln!(out, "prometheus:")?;
+        for line in notes {
+            writeln!(out, "  {line}")?;
+        }
     }
     if !loaded.warnings.is_empty() {
         writeln!(out)?;

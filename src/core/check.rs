@@ -66,13 +66,22 @@ impl Sample {
 }
 
 /// The operations-manager snapshot of one check (SPEC §3 snapshot format).
+///
+/// Written camelCase like every other record (`errorRate`, `latencyP95Ms`); rows written
+/// before that spelled it snake_case, and the aliases still read them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
 pub struct Snapshot {
+    #[serde(alias = "error_rate")]
     pub error_rate: Sample,
     pub requests: Sample,
+    #[serde(alias = "latency_p95_ms")]
     pub latency_p95_ms: Sample,
+    #[serde(alias = "latency_p99_ms")]
     pub latency_p99_ms: Sample,
+    #[serde(alias = "memory_percent")]
     pub memory_percent: Sample,
+    #[serde(alias = "db_connection_errors")]
     pub db_connection_errors: Sample,
 }
 
@@ -309,10 +318,15 @@ pub enum SnapshotOutcome {
 }
 
 /// Resources sampled from `/proc`; every field is optional because each can fail alone.
+/// Written camelCase; the snake_case aliases read rows written before.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
 pub struct Resources {
+    #[serde(default, alias = "host_memory_percent")]
     pub host_memory_percent: Option<f64>,
+    #[serde(default, alias = "worker_rss_bytes")]
     pub worker_rss_bytes: Option<u64>,
+    #[serde(default, alias = "worker_open_files")]
     pub worker_open_files: Option<u64>,
 }
 
@@ -353,12 +367,21 @@ impl BaselineSource {
 
 /// Pre-promotion reference values for the baseline-relative rules. With `errors` and
 /// `requests` the error rule is a test on counts; with a rate only, the rate is taken as
-/// known (see `core::stats`).
+/// known (see `core::stats`). Written camelCase (`latencyP95Ms`, `windowSeconds`), as the
+/// artifacts' `evidence.baseline`; rollbackd.db rows written before spelled it snake_case,
+/// and the aliases still read them.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
 pub struct Baseline {
+    #[serde(default, alias = "error_rate")]
     pub error_rate: Option<f64>,
+    #[serde(default, alias = "latency_p95_ms")]
     pub latency_p95_ms: Option<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        alias = "latency_p99_ms"
+    )]
     pub latency_p99_ms: Option<f64>,
     /// Requests the rate was measured over.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -373,7 +396,11 @@ pub struct Baseline {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub samples: Option<u32>,
     /// The span they covered, in seconds.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        alias = "window_seconds"
+    )]
     pub window_seconds: Option<f64>,
     /// How much the error rate swings between checks (SPEC §2b): the relative variance
     /// beyond Poisson noise (0.09: about ±30 %), estimated from the observations.
@@ -384,15 +411,19 @@ pub struct Baseline {
     /// `step_seconds` apart.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub persistence: Option<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        alias = "step_seconds"
+    )]
     pub step_seconds: Option<f64>,
     /// Observations left out as incidents (their errors far above the others').
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub excluded: Option<u32>,
     /// How much ln p95 / ln p99 move between observations (a robust standard deviation).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none", alias = "p95_spread")]
     pub p95_spread: Option<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none", alias = "p99_spread")]
     pub p99_spread: Option<f64>,
 }
 

@@ -130,6 +130,12 @@ pub struct HookRun {
     pub status: String,
     pub stdout_tail: String,
     pub stderr_tail: String,
+    /// The rollback attempt it ran in (recorded since retries back off).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u64>,
+    /// The backoff waited before it (a retried attempt's switch hook), in seconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub waited_seconds: Option<f64>,
 }
 
 /// One action taken.
@@ -464,6 +470,8 @@ fn hook_runs(detail: &Value) -> Vec<HookRun> {
                 status,
                 stdout_tail: text("stdoutTail"),
                 stderr_tail: text("stderrTail"),
+                attempt: hook.get("attempt").and_then(Value::as_u64),
+                waited_seconds: hook.get("waitedSeconds").and_then(Value::as_f64),
             }
         })
         .collect()
@@ -1141,12 +1149,19 @@ impl Incident {
                     .join(", ");
                 let _ = writeln!(out, "- Phases: {steps}");
             }
+            let retried = a.hooks.iter().any(|h| h.attempt.is_some_and(|n| n > 1));
             for h in &a.hooks {
+                let mut when = h.phase.clone();
+                if let (true, Some(attempt)) = (retried, h.attempt) {
+                    let _ = write!(when, ", attempt {attempt}");
+                }
+                if let Some(waited) = h.waited_seconds {
+                    let _ = write!(when, ", after waiting {}", seconds(waited));
+                }
                 let _ = writeln!(
                     out,
-                    "- Hook {} ({}): {}",
+                    "- Hook {} ({when}): {}",
                     cell(&crate::text::one_line(&h.argv.join(" "), 200)),
-                    h.phase,
                     h.status
                 );
                 for (name, tail) in [("stdout", &h.stdout_tail), ("stderr", &h.stderr_tail)] {

@@ -34,11 +34,29 @@ impl Driver {
         let tx = self.checks_tx.clone();
         let clock = self.clock.clone();
         let limit = self.config.config.monitor.check_timeout;
+        let now = Instant::now();
+        let interval = match &self.last_recorded {
+            Some((session, checked, at)) if *session == session_id && *checked == worker => {
+                now.saturating_duration_since(*at)
+            }
+            _ => self.config.config.monitor.check_interval,
+        };
+        let previous = self
+            .sup
+            .session()
+            .and_then(|s| s.record.previous.clone())
+            .filter(|previous| *previous != worker && !previous.is_empty());
+        let vars = SnapshotVars {
+            worker: worker.clone(),
+            previous,
+            interval,
+        };
+        self.check_started = Some((session_id.clone(), index, worker, now));
         tokio::spawn(async move {
             let started = Instant::now();
             let taken_at = clock.now();
             let ((result, probe_duration), stalled) =
-                watch_stalls(take_check(&adapters, &worker, limit)).await;
+                watch_stalls(take_check(&adapters, &vars, limit)).await;
             let _ = tx
                 .send(CheckDone {
                     session_id,
@@ -59,11 +77,28 @@ impl Driver {
         let adapters = self.adapters.clone();
         let tx = self.observed_tx.clone();
         let limit = self.config.config.monitor.check_timeout;
+        let now = Instant::now();
+        let interval = match &self.last_observed {
+            Some((observed, at)) if *observed == worker => now.saturating_duration_since(*at),
+            _ => self.config.config.baseline.observe_interval,
+        };
+        self.last_observed = Some((worker.clone(), now));
+        let previous = self
+            .sup
+            .last_workers()
+            .filter(|(active, _, _)| *active == worker)
+            .and_then(|(_, previous, _)| previous.clone())
+            .filter(|previous| *previous != worker && !previous.is_empty());
+        let vars = SnapshotVars {
+            worker: worker.clone(),
+            previous,
+            interval,
+        };
         tokio::spawn(async move {
             let net = limit
                 .saturating_mul(2)
                 .saturating_add(Duration::from_secs(1));
-            let snapshot = tokio::time::timeout(net, adapters.snapshot.snapshot())
+            let snapshot = tokio::time::timeout(net, adapters.snapshot.snapshot(&vars))
                 .await
                 .unwrap_or_else(|_| crate::core::check::SnapshotOutcome::Unavailable {
                     reason: "snapshot did not finish in time".into(),
@@ -88,6 +123,12 @@ impl Driver {
     /// The check's row in `rollbackd.db` and, when given, its audit line: both on one
     /// blocking-pool thread in one hop, the row first.
     pub(super) async fn record_check(&mut self, check: CheckRecord, line: Option<AuditRecord>) {
+        // The next check's `{interval}` runs from this one's start.
+        if let Some((session, index, worker, started)) = &self.check_started {
+            if *session == check.session_id && *index == check.index {
+                self.last_recorded = Some((session.clone(), worker.clone(), *started));
+            }
+        }
         let probe = match &check.result.probe {
             ProbeOutcome::Ok => "ok".to_owned(),
             ProbeOutcome::Failed { reason } => format!("failed: {reason}"),
@@ -139,14 +180,15 @@ impl Driver {
     }
 }
 
-/// One check: probe, snapshot and resources at once, each bounded by `limit` in its
-/// adapter; a safety net here cuts an adapter that ignores its limit. Also returns how
-/// long the worker probe took (for the probe-duration metric).
+/// One check of `vars.worker`: probe, snapshot and resources at once, each bounded by
+/// `limit` in its adapter; a safety net here cuts an adapter that ignores its limit. Also
+/// returns how long the worker probe took (for the probe-duration metric).
 pub async fn take_check(
     adapters: &Adapters,
-    worker: &str,
+    vars: &SnapshotVars,
     limit: Duration,
 ) -> (CheckResult, Duration) {
+    let worker = vars.worker.as_str();
     let net = limit
         .saturating_mul(2)
         .saturating_add(Duration::from_secs(1));
@@ -163,7 +205,7 @@ pub async fn take_check(
         (outcome, started.elapsed())
     };
     let snapshot = async {
-        tokio::time::timeout(net, adapters.snapshot.snapshot())
+        tokio::time::timeout(net, adapters.snapshot.snapshot(vars))
             .await
             .unwrap_or_else(|_| crate::core::check::SnapshotOutcome::Unavailable {
                 reason: format!(

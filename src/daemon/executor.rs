@@ -158,8 +158,13 @@ pub struct ActionDetail {
     pub phases: Vec<(Phase, f64)>,
     /// Phases finished in the current attempt.
     pub completed: Vec<Phase>,
-    /// Hook results (argv, exit, output tails), newest last.
+    /// Hook results (argv, exit, output tails, `attempt`; the first switch hook of a
+    /// retried attempt also `waitedSeconds`, the backoff before it), newest last.
     pub hooks: Vec<Value>,
+    /// The waits before retried attempts (`rollback.retry_backoff`, doubling): `attempt`
+    /// (the one waited for), `waitedSeconds`, `after` (why the previous one failed).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retries: Vec<Value>,
     /// How many times this action was resumed after a restart.
     pub resumed: u32,
     /// The restored worker answered its probe before the switch.
@@ -327,6 +332,7 @@ pub async fn rollback(ctx: ActionContext, row: ActionRow) -> ActionOutcome {
         operator: row.operator.clone().unwrap_or_else(|| "rollbackd".into()),
     };
     let started = Instant::now();
+    let mut attempts = row.attempt.max(1);
 
     if !detail.work_done {
         // Probe the target first: never roll back into a dead worker without saying so.
@@ -377,6 +383,7 @@ pub async fn rollback(ctx: ActionContext, row: ActionRow) -> ActionOutcome {
                 )
                 .await
                 .is_ok();
+                mark_hook(&mut detail, attempt);
                 if !ok {
                     ctx.say(
                         format!("{phase} hook failed; continuing the rollback"),
@@ -414,7 +421,7 @@ pub async fn rollback(ctx: ActionContext, row: ActionRow) -> ActionOutcome {
                 let t = Instant::now();
                 let switched = match &rb.switch_command {
                     Some(template) => {
-                        run_phase_hook(
+                        let ran = run_phase_hook(
                             &ctx,
                             row.id,
                             Phase::Switch,
@@ -423,7 +430,9 @@ pub async fn rollback(ctx: ActionContext, row: ActionRow) -> ActionOutcome {
                             rb.hook_timeout,
                             &mut detail,
                         )
-                        .await
+                        .await;
+                        mark_hook(&mut detail, attempt);
+                        ran
                     }
                     None => Err("rollback.switch_command is not configured".into()),
                 };
@@ -441,6 +450,7 @@ pub async fn rollback(ctx: ActionContext, row: ActionRow) -> ActionOutcome {
                     detail
                         .completed
                         .retain(|p| *p != Phase::Switch && *p != Phase::Verify);
+                    back_off(&ctx, &row, &mut detail, attempt, &last_error).await;
                     continue;
                 }
                 ctx.say(
@@ -491,6 +501,7 @@ pub async fn rollback(ctx: ActionContext, row: ActionRow) -> ActionOutcome {
                     detail
                         .completed
                         .retain(|p| *p != Phase::Switch && *p != Phase::Verify);
+                    back_off(&ctx, &row, &mut detail, attempt, &last_error).await;
                 }
             }
         }
@@ -520,7 +531,7 @@ pub async fn rollback(ctx: ActionContext, row: ActionRow) -> ActionOutcome {
             }
             let t = Instant::now();
             if let Some(template) = &rb.resume_command {
-                if run_phase_hook(
+                let resumed = run_phase_hook(
                     &ctx,
                     row.id,
                     Phase::Resume,
@@ -529,9 +540,9 @@ pub async fn rollback(ctx: ActionContext, row: ActionRow) -> ActionOutcome {
                     rb.hook_timeout,
                     &mut detail,
                 )
-                .await
-                .is_err()
-                {
+                .await;
+                mark_hook(&mut detail, attempt);
+                if resumed.is_err() {
                     ctx.say(
                         "resume hook failed; the switch itself is verified".into(),
                         json!({"phase": "resume"}),
@@ -561,16 +572,17 @@ pub async fn rollback(ctx: ActionContext, row: ActionRow) -> ActionOutcome {
             tracing::error!("cannot record the new active worker: {err}");
         }
         detail.work_done = true;
-        let _ = attempt;
+        // The attempt that succeeded: the artifact's `attempts` (a resume reads it back).
         save(
             &ctx,
             row.id,
             ActionState::Running,
             Some(Phase::Record),
-            row.attempt.max(1),
+            attempt,
             &detail,
         )
         .await;
+        attempts = attempt;
     } else {
         ctx.say(
             "rollback finished before the restart; writing its records".into(),
@@ -579,7 +591,6 @@ pub async fn rollback(ctx: ActionContext, row: ActionRow) -> ActionOutcome {
         .await;
     }
 
-    let attempts = row.attempt.max(1);
     let now = ctx.clock.now();
     let name = artifact_name(ArtifactKind::Rollback, row.started_at_ms);
     let duration = (now_ms(now) - row.started_at_ms).max(0) as f64 / 1000.0;
@@ -779,6 +790,70 @@ async fn finish_row(
     if let Err(err) = result {
         tracing::error!(action = id, "cannot mark the action finished: {err}");
     }
+}
+
+/// Marks the hook just run with the attempt it belonged to, and a retried attempt's switch
+/// hook with the backoff waited before it.
+fn mark_hook(detail: &mut ActionDetail, attempt: u32) {
+    let waited = detail
+        .retries
+        .iter()
+        .rev()
+        .find(|r| r.get("attempt").and_then(Value::as_u64) == Some(u64::from(attempt)))
+        .and_then(|r| r.get("waitedSeconds").cloned());
+    if let Some(Value::Object(hook)) = detail.hooks.last_mut() {
+        hook.insert("attempt".into(), json!(attempt));
+        if hook.get("phase").and_then(Value::as_str) == Some(Phase::Switch.as_str()) {
+            if let Some(waited) = waited {
+                hook.insert("waitedSeconds".into(), waited);
+            }
+        }
+    }
+}
+
+/// Before attempt `next` of a rollback (when there is one): waits
+/// [`crate::config::retry_wait`] (`rollback.retry_backoff`, doubling, capped) and records
+/// the wait in the action's detail, so the artifact and the incident report show it. A
+/// switch that failed at once (a load balancer refusing a change mid-reload) gets time to
+/// settle instead of three tries in 70 ms.
+async fn back_off(
+    ctx: &ActionContext,
+    row: &ActionRow,
+    detail: &mut ActionDetail,
+    next: u32,
+    after: &str,
+) {
+    let rb = &ctx.config.config.rollback;
+    if next > rb.max_attempts {
+        return;
+    }
+    let wait = crate::config::retry_wait(rb, next);
+    let seconds = (wait.as_secs_f64() * 1000.0).round() / 1000.0;
+    detail.retries.push(json!({
+        "attempt": next,
+        "waitedSeconds": seconds,
+        "after": crate::core::check::truncate_raw(after),
+    }));
+    // Kept before the wait: a restart during it resumes at this attempt and keeps the record.
+    save(
+        ctx,
+        row.id,
+        ActionState::Running,
+        Some(Phase::Switch),
+        next,
+        detail,
+    )
+    .await;
+    ctx.say(
+        format!(
+            "retrying: attempt {next} of {} in {}",
+            rb.max_attempts,
+            crate::config::show(wait)
+        ),
+        json!({"attempt": next, "waitSeconds": seconds}),
+    )
+    .await;
+    tokio::time::sleep(wait).await;
 }
 
 fn push_phase(detail: &mut ActionDetail, phase: Phase, seconds: f64) {

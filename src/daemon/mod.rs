@@ -35,7 +35,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::adapters::{BoxFuture, ResourceSampler, SnapshotSource, WorkerProbe};
+use crate::adapters::{BoxFuture, ResourceSampler, SnapshotSource, SnapshotVars, WorkerProbe};
 use crate::appdb::flags::FlagsSnapshot;
 use crate::config::{ConfigError, LoadedConfig};
 use crate::control::status::{ActionStatus, CheckLine, SessionStatus, StatusReport, Workers};
@@ -368,6 +368,13 @@ pub struct Driver {
     probe_duration: Duration,
     /// When a check last looked whether `rollbackd.db` was deleted or replaced.
     state_db_seen: Option<Instant>,
+    /// The check in flight (session, index, worker, start), and the last one recorded
+    /// (session, worker, start): `{interval}` is the time since the last recorded check
+    /// of the same worker in the same session (a void check is taken again over its span).
+    check_started: Option<(String, u64, String, Instant)>,
+    last_recorded: Option<(String, String, Instant)>,
+    /// The last observation between sessions (worker, start), for its `{interval}`.
+    last_observed: Option<(String, Instant)>,
     recent: VecDeque<CheckSummary>,
     kill_value: Option<Option<String>>,
     /// rollbackd's own kill-switch writes (shared with the actions that make them).
@@ -423,6 +430,9 @@ impl Driver {
             next_reply: 0,
             probe_duration: Duration::ZERO,
             state_db_seen: None,
+            check_started: None,
+            last_recorded: None,
+            last_observed: None,
             recent: VecDeque::new(),
             kill_value: None,
             kill_writes: Default::default(),

@@ -28,10 +28,14 @@ impl Driver {
         } else {
             settings.observe_interval
         };
-        let start = crate::core::time::sub(now, settings.window);
+        // Each point counts the step before it (`range_observations`), so the first point
+        // is one step into the window: together they cover it once.
+        let start = crate::core::time::sub(now, settings.window.saturating_sub(step));
+        // The baseline is the previous version's traffic: `{worker}` is that version.
         match crate::adapters::range_observations(
             spec,
             config.monitor.check_timeout,
+            previous,
             start,
             now,
             step,

@@ -96,7 +96,10 @@ pub fn offline(loaded: &LoadedConfig) -> anyhow::Result<StatusReport> {
                 index: u64::try_from(c.check_index).unwrap_or(0),
                 verdict: c.verdict.clone(),
                 probe,
-                error_rate: check["snapshot"]["error_rate"]["value"].as_f64(),
+                // Rows written before the records were all camelCase say `error_rate`.
+                error_rate: check["snapshot"]["errorRate"]["value"]
+                    .as_f64()
+                    .or_else(|| check["snapshot"]["error_rate"]["value"].as_f64()),
                 error_class: None,
             }
         })

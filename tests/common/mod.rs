@@ -15,6 +15,7 @@ use serde_json::Value;
 pub const BIN: &str = env!("CARGO_BIN_EXE_rollbackd");
 
 pub mod etcd;
+pub mod fake_prometheus;
 
 /// What the loopback server answers: path → (status, body).
 #[derive(Clone, Default)]

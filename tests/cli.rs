@@ -863,3 +863,69 @@ fn check_config_redacts_the_webhook_url() {
     }
     assert!(out.contains("https://…@hooks.example.com/…?…"), "{out}");
 }
+
+/// Issue 26, item 17: `check-config --for run` makes exactly `run`'s checks. A switch
+/// command that does not exist (or cannot be executed) and a state directory others can
+/// write to are refused by both, naming the key — the Debian postinst relies on it.
+#[test]
+fn check_config_for_run_refuses_what_run_refuses() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("app.db");
+    std::fs::write(&db, b"").unwrap();
+    let state = dir.path().join("state");
+    let config = dir.path().join("rollbackd.toml");
+    let write = |switch: &str| {
+        std::fs::write(
+            &config,
+            format!(
+                "state_dir = {state:?}\n[worker]\nhealth_url = \"http://127.0.0.1:9/health\"\n\
+                 [rollback]\nswitch_command = [{switch:?}, \"{{to}}\"]\n\
+                 [kill_switch]\ndatabase = {db:?}\n[http]\nlisten = \"\"\n"
+            ),
+        )
+        .unwrap();
+    };
+    let config_arg = config.to_str().unwrap().to_owned();
+    let check = || {
+        run(
+            &["--config", &config_arg, "check-config", "--for", "run"],
+            &[],
+        )
+    };
+    let start = || run(&["--config", &config_arg, "run"], &[]);
+
+    // A switch command that is not there.
+    write("/nonexistent/switch-worker");
+    let (code, out, err) = check();
+    assert_eq!(code, 78, "{out}{err}");
+    assert!(
+        err.contains("rollback.switch_command") && err.contains("/nonexistent/switch-worker"),
+        "{err}"
+    );
+    let (code, _, err) = start();
+    assert_eq!(code, 78, "{err}");
+    assert!(err.contains("rollback.switch_command"), "{err}");
+
+    // One that exists but cannot be executed.
+    let script = dir.path().join("switch.sh");
+    std::fs::write(&script, "#!/bin/sh\nexit 0\n").unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o644)).unwrap();
+    write(script.to_str().unwrap());
+    let (code, _, err) = check();
+    assert_eq!(code, 78, "{err}");
+    assert!(err.contains("not executable"), "{err}");
+
+    // Executable: the only problem left is a state directory anyone may write to.
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::create_dir(&state).unwrap();
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let (code, out, err) = check();
+    assert_eq!(code, 78, "ready although run refuses: {out}{err}");
+    assert!(err.contains("state_dir"), "{err}");
+    let (code, _, _) = start();
+    assert_eq!(code, 78);
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o750)).unwrap();
+    let (code, out, err) = check();
+    assert_eq!(code, 0, "{out}{err}");
+}

@@ -521,3 +521,32 @@ fn worker_text_in_the_report_is_inert_markdown() {
     );
     assert!(markdown.contains("\\| \\`code\\`"), "{markdown}");
 }
+
+/// Issue 26, item 16: the file is written when an action ends, before the session's row
+/// says what came of it; its "Status now" must say what `report` says later.
+#[test]
+fn the_status_in_the_file_is_what_the_actions_say_not_a_stale_row() {
+    let mut facts = escalation();
+    facts.session.as_mut().unwrap().state = SessionState::Monitoring;
+    let status = Incident::of(&facts).status;
+    assert!(
+        status.starts_with("escalated: DISABLE_NEW is on"),
+        "{status}"
+    );
+
+    // A failed watch and its escalation, the row still saying stability-watch.
+    let mut failed = automatic_rollback();
+    let session = failed.session.as_mut().unwrap();
+    session.state = SessionState::StabilityWatch;
+    let watch = session.stability.as_mut().unwrap();
+    watch.result = Some(StabilityResult::Failed);
+    let mut escalated = escalation().actions.remove(0);
+    escalated.from = Some("v1".into());
+    failed.actions.push(escalated);
+    let status = Incident::of(&failed).status;
+    assert!(
+        status.starts_with("escalated: v1 failed its stability watch too"),
+        "{status}"
+    );
+    assert!(!status.contains("is running"), "{status}");
+}

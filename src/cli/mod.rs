@@ -191,6 +191,13 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 crate::daemon::service::check_runnable(&loaded).map_err(|err| {
                     anyhow::Error::new(err).context("`rollbackd run` would not start")
                 })?;
+                // What `run` refuses inside the state directory (a planted symlink), with
+                // the same exit status.
+                let state_dir = &loaded.config.state_dir;
+                if std::fs::symlink_metadata(state_dir).is_ok() {
+                    crate::storage::statedir::check(state_dir)
+                        .map_err(|err| err.context("`rollbackd run` would not start"))?;
+                }
                 if let Some(config::SnapshotSpec::Prometheus(spec)) = &loaded.config.operations {
                     let stdout = std::io::stdout();
                     let mut out = stdout.lock();

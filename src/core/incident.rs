@@ -868,8 +868,28 @@ impl Incident {
         let timeline = keyed.into_iter().map(|(_, _, m)| m).collect();
 
         // Status now.
-        let state_now = session.map(|s| s.state);
+        // The report is written when an action ends, before the session's row says what
+        // came of it: an escalation that is done means the session is escalated, whatever
+        // the row says yet; a watch with a result is over.
+        let escalation_done = facts
+            .actions
+            .iter()
+            .any(|a| a.kind == ActionKind::Escalation && a.state == ActionState::Done);
+        let state_now = session.map(|s| match s.state {
+            SessionState::Monitoring | SessionState::StabilityWatch if escalation_done => {
+                SessionState::Escalated
+            }
+            SessionState::StabilityWatch if watch.is_some_and(|w| w.result.is_some()) => {
+                SessionState::Monitoring
+            }
+            state => state,
+        });
         let status = match (state_now, watch.and_then(|w| w.result)) {
+            (Some(SessionState::Escalated), Some(StabilityResult::Failed)) => format!(
+                "escalated: {} failed its stability watch too; {} is on; automatic actions stopped until an operator resets it",
+                restored.as_deref().unwrap_or("the restored version"),
+                facts.kill_switch_key
+            ),
             (Some(SessionState::StabilityWatch), _) => format!(
                 "rolled back to {}; the stability watch is running",
                 restored.as_deref().unwrap_or("?")

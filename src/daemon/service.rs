@@ -79,6 +79,43 @@ pub fn check_runnable(loaded: &LoadedConfig) -> Result<(), ConfigError> {
             message: "the daemon needs it to roll back".into(),
         });
     }
+    // Every hook must be a program that can run: a switch_command that does not exist
+    // would otherwise show up only when a rollback fails.
+    let rb = &loaded.config.rollback;
+    for (key, argv) in [
+        ("rollback.switch_command", &rb.switch_command),
+        ("rollback.pause_command", &rb.pause_command),
+        ("rollback.drain_command", &rb.drain_command),
+        ("rollback.resume_command", &rb.resume_command),
+    ] {
+        let Some(program) = argv.as_ref().and_then(|argv| argv.first()) else {
+            continue;
+        };
+        if let Err(why) = runnable(program) {
+            issues.push(ConfigIssue {
+                key: key.into(),
+                message: why,
+            });
+        }
+    }
+    // The state directory, when it exists already, must be one only this user can write
+    // (`run` refuses it otherwise; `check-config --for run` must say so too).
+    // (Something wrong *inside* it is not the configuration's problem: `run` refuses that
+    // with exit 1, and so does `check-config --for run`, through `check_state_dir`.)
+    let state_dir = &loaded.config.state_dir;
+    if std::fs::symlink_metadata(state_dir).is_ok() {
+        if let Err(err) = crate::storage::statedir::check(state_dir) {
+            let untrusted = err
+                .chain()
+                .find_map(|cause| cause.downcast_ref::<crate::storage::statedir::Untrusted>());
+            if untrusted.is_none_or(|u| u.config_level) {
+                issues.push(ConfigIssue {
+                    key: "state_dir".into(),
+                    message: format!("{err:#}"),
+                });
+            }
+        }
+    }
     let ks = &loaded.config.kill_switch;
     if !ks.create_database {
         if let Err(e) = std::fs::metadata(&ks.database) {
@@ -99,6 +136,35 @@ pub fn check_runnable(loaded: &LoadedConfig) -> Result<(), ConfigError> {
         Ok(())
     } else {
         Err(ConfigError::Invalid(issues))
+    }
+}
+
+/// Whether `program` (a hook's argv[0]) names an executable file: a path as given, a bare
+/// name looked up in `PATH` as the hook runner will.
+fn runnable(program: &str) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let executable = |path: &Path| -> Result<(), String> {
+        let metadata = std::fs::metadata(path)
+            .map_err(|e| format!("{} cannot be run: {e}", path.display()))?;
+        if !metadata.is_file() {
+            return Err(format!("{} is not a file", path.display()));
+        }
+        if metadata.permissions().mode() & 0o111 == 0 {
+            return Err(format!(
+                "{} is not executable (chmod +x it)",
+                path.display()
+            ));
+        }
+        Ok(())
+    };
+    if program.contains('/') {
+        return executable(Path::new(program));
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    if std::env::split_paths(&path).any(|dir| executable(&dir.join(program)).is_ok()) {
+        Ok(())
+    } else {
+        Err(format!("{program:?} is not an executable program in PATH"))
     }
 }
 

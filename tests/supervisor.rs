@@ -1994,3 +1994,43 @@ fn a_manual_rollback_to_a_version_rolled_back_is_refused_unless_forced() {
     assert_eq!(plans.len(), 1, "{:?}", h.names());
     assert_eq!(plans[0].to.as_deref(), Some("v2"));
 }
+
+/// Issue 26, item 27: in an escalated session every check would say "would roll back, not
+/// taken"; the held-back verdict is recorded once per change, so the escalation stays in
+/// sight in `audit tail`.
+#[test]
+fn a_held_back_verdict_is_recorded_once_per_change() {
+    let mut h = Harness::new(settings(""));
+    h.promote("v2", "v1");
+    h.script = [SPIKE, SPIKE, SPIKE].iter().map(|l| check(l)).collect();
+    h.run_for(Duration::from_secs(100));
+    assert_eq!(h.count("start:rollback:automatic"), 1, "{:?}", h.names());
+    h.feed(Input::ActionDone {
+        id: Some(1),
+        result: ActionResult::RollbackFailed {
+            reason: "switch hook failed".into(),
+            artifact: "a.json".into(),
+        },
+    });
+    h.feed(Input::ActionDone {
+        id: Some(2),
+        result: ActionResult::Escalated {
+            artifact: "e.json".into(),
+        },
+    });
+    assert_eq!(
+        h.sup.session().unwrap().record.state,
+        SessionState::Escalated
+    );
+    h.effects.clear();
+    h.script = std::iter::repeat_n(check(SPIKE), 20).collect();
+    h.run_for(Duration::from_secs(300));
+    let checks = health_checks(&h);
+    assert!(checks.len() >= 10, "{:?}", h.names());
+    let held: Vec<_> = checks
+        .iter()
+        .filter(|c| c.get("notTaken").is_some())
+        .collect();
+    assert_eq!(held.len(), 1, "{checks:?}");
+    assert_eq!(held[0]["notTaken"], "the session is escalated");
+}

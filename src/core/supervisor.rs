@@ -453,6 +453,9 @@ pub struct Session {
     holding: bool,
     /// The "not confirming while holding" line was logged.
     hold_logged: bool,
+    /// The action the latest checks would have taken and why it was not: recorded in
+    /// the audit line only when it changes.
+    last_held: Option<(Action, String)>,
     /// What the session's checks observed, for its stats if it is confirmed healthy.
     observed: Vec<Observation>,
     /// A fleet verdict for this session's version that came while monitoring was paused:
@@ -489,6 +492,7 @@ impl Session {
             waiting_logged: false,
             holding: false,
             hold_logged: false,
+            last_held: None,
             observed: Vec::new(),
             deferred_verdict: None,
         }
@@ -1356,8 +1360,16 @@ impl Supervisor {
             check.would_act = Some(would.as_str().to_owned());
             check.dry_run = Some(true);
         } else if let (Some(would), Some(why)) = (decision.action, &not_taken) {
-            check.would_act = Some(would.as_str().to_owned());
-            check.not_taken = Some(why.clone());
+            // Said once per change: in an escalated session every check would say "would
+            // roll back, not taken" and scroll the escalation out of `audit tail`.
+            let held = (would, why.clone());
+            if session.last_held.as_ref() != Some(&held) {
+                check.would_act = Some(would.as_str().to_owned());
+                check.not_taken = Some(why.clone());
+                session.last_held = Some(held);
+            }
+        } else {
+            session.last_held = None;
         }
         if decision.verdict != Verdict::Healthy {
             check.reason = Some(decision.reason());

@@ -929,3 +929,22 @@ fn check_config_for_run_refuses_what_run_refuses() {
     let (code, out, err) = check();
     assert_eq!(code, 0, "{out}{err}");
 }
+
+/// Issue 26, item 20: `report ""` named every session; it is a usage error now.
+#[test]
+fn an_empty_session_id_is_refused_by_report() {
+    let setup = Setup::new("");
+    let out = setup.cli(&["promote", "--active", "v2", "--previous", "v1"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = setup.cli(&["report", ""]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("empty session id"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -680,6 +680,9 @@ fn report(loaded: &crate::config::LoadedConfig, session: &str, json: bool) -> an
                 return Ok(exit::FAILURE);
             }
         }
+    } else if session.is_empty() {
+        eprintln!("rollbackd: an empty session id names every session; give one, or `latest`");
+        return Ok(exit::USAGE);
     } else {
         let found = store.sessions_like(session)?;
         match found.as_slice() {
@@ -693,11 +696,16 @@ fn report(loaded: &crate::config::LoadedConfig, session: &str, json: bool) -> an
             }
             many if many.iter().any(|id| id == session) => (Some(session.to_owned()), None),
             many => {
+                let total = store.count_sessions_like(session)?;
                 eprintln!(
-                    "rollbackd: {} names {} sessions; give more of the id: {}",
+                    "rollbackd: {} names {total} sessions; give more of the id: {}{}",
                     crate::text::escape(session),
-                    many.len(),
-                    many.join(", ")
+                    many.join(", "),
+                    if total > many.len() as u64 {
+                        format!(" (the newest {} shown)", many.len())
+                    } else {
+                        String::new()
+                    }
                 );
                 return Ok(exit::USAGE);
             }

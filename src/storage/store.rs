@@ -1035,8 +1035,18 @@ impl Store {
         Ok(statement.query_row([], action_from_row).optional()?)
     }
 
-    /// The newest session, ended or not, whose id starts with `prefix` (`report SESSION`
-    /// takes a unique prefix too).
+    /// How many sessions' ids start with `prefix`.
+    pub fn count_sessions_like(&self, prefix: &str) -> Result<u64, StoreError> {
+        let mut statement = self
+            .conn
+            .prepare_cached("SELECT COUNT(*) FROM sessions WHERE substr(id, 1, length(?1)) = ?1")?;
+        Ok(statement
+            .query_row([prefix], |row| row.get::<_, i64>(0))?
+            .max(0) as u64)
+    }
+
+    /// The newest sessions (at most 10), ended or not, whose id starts with `prefix`
+    /// (`report SESSION` takes a unique prefix too).
     pub fn sessions_like(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
         let mut statement = self.conn.prepare_cached(
             "SELECT id FROM sessions WHERE substr(id, 1, length(?1)) = ?1              ORDER BY promoted_at_ms DESC LIMIT 10",
@@ -2119,6 +2129,20 @@ mod tests {
             [(2_000, "v2".to_owned()), (3_000, "v2".to_owned())]
         );
         assert!(store.rollback_starts_since(3_001).unwrap().is_empty());
+    }
+
+    /// Issue 26, item 20: the count of a prefix is the true count, not the page's.
+    #[test]
+    fn sessions_like_pages_and_counts() {
+        let (_dir, mut store) = temp_store();
+        for i in 0..14 {
+            store
+                .insert_session(&session(&format!("2026-{i:02}"), 1_000 + i))
+                .unwrap();
+        }
+        assert_eq!(store.sessions_like("2026").unwrap().len(), 10);
+        assert_eq!(store.count_sessions_like("2026").unwrap(), 14);
+        assert_eq!(store.count_sessions_like("2026-1").unwrap(), 4);
     }
 
     /// A version a rollback took out is "rolled back" until a promotion of it is

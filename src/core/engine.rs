@@ -680,6 +680,9 @@ fn verdict_action(verdict: Verdict) -> Option<Action> {
 /// 10 s cadence); older ones are forgotten.
 pub const SESSION_CHECKS: usize = 2048;
 
+/// At most this many memory samples (the newest) make the leak rule's slope.
+pub const MEMORY_TREND_POINTS: usize = 60;
+
 /// What the accumulating rules keep of each check.
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Kept {
@@ -1343,13 +1346,22 @@ impl Engine {
         if config.memory_leak_per_hour.is_nan() || config.memory_leak_per_hour <= 0.0 {
             return None;
         }
+        // No sample now: nothing to judge (and no scan of the session for one).
+        if self.session.back().is_none_or(|k| k.memory.is_none()) {
+            return None;
+        }
         let warmup = config.memory_leak_warmup.as_secs_f64();
-        let points: Vec<(f64, f64)> = self
+        // The last MEMORY_TREND_POINTS samples after the warm-up: Theil–Sen is quadratic
+        // in its points, and a leak worth a rollback shows within them.
+        let mut points: Vec<(f64, f64)> = self
             .session
             .iter()
+            .rev()
             .filter(|k| k.at >= warmup)
             .filter_map(|k| k.memory.map(|m| (k.at, m)))
+            .take(MEMORY_TREND_POINTS)
             .collect();
+        points.reverse();
         if points.len() < config.memory_leak_min_checks.max(3) {
             return None;
         }

@@ -1092,3 +1092,370 @@ fn verdict_survives_a_kill_9(forget_the_queue: bool) {
     assert_eq!(setup.switches(), ["v1"]);
     assert_eq!(setup.events("rollback-executed").len(), 1);
 }
+
+/// A verdict of `host` for `version` as another build writes it, its `at` by `clock`.
+fn verdict_body(version: &str, host: &str, at: std::time::SystemTime) -> Vec<u8> {
+    serde_json::json!({
+        "version": version,
+        "host": host,
+        "decision": "rollback",
+        "reason": "high error rate",
+        "to": "v1",
+        "trigger": "automatic",
+        "at": rollbackd::storage::audit::rfc3339_millis(at),
+    })
+    .to_string()
+    .into_bytes()
+}
+
+fn refused_with(out: &std::process::Output, says: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "stderr: {stderr}");
+    assert!(stderr.contains(says), "{says:?} not in: {stderr}");
+}
+
+/// One raw request line to the daemon's control socket (any client, not the CLI); the
+/// reply lines.
+fn raw_request(setup: &Setup, request: &Value) -> Vec<Value> {
+    use std::io::{BufRead, Write};
+    let mut stream =
+        std::os::unix::net::UnixStream::connect(setup.state().join("rollbackd.sock")).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    stream.write_all(request.to_string().as_bytes()).unwrap();
+    stream.write_all(b"\n").unwrap();
+    std::io::BufReader::new(stream)
+        .lines()
+        .map(|line| serde_json::from_str(&line.unwrap()).unwrap())
+        .collect()
+}
+
+#[test]
+fn a_verdict_written_by_a_host_whose_clock_is_slow_is_followed_by_its_etcd_revision() {
+    if !need_etcd("a_verdict_written_by_a_host_whose_clock_is_slow_is_followed") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(&tmp.path().join("etcd"));
+    let host = fleet_setup(&etcd.url(), "web-1", "follow_verdicts = true\n");
+    let _daemon = host.start();
+    wait_for(Duration::from_secs(20), || fleet_link(&host) == "connected").unwrap();
+    host.promote();
+    // After the promotion, a host whose clock is ten minutes slow rolls v2 back.
+    let slow = std::time::SystemTime::now() - Duration::from_secs(600);
+    etcd.put(
+        "/rollbackd/verdicts/v2/web-9",
+        &verdict_body("v2", "web-9", slow),
+    );
+    wait_for(Duration::from_secs(30), || {
+        !host.events("rollback-executed").is_empty()
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "a verdict written after the promotion was not followed; log:\n{}",
+            host.daemon_log()
+        )
+    });
+    let artifact: Value =
+        serde_json::from_str(&std::fs::read_to_string(&host.artifacts("rollback_")[0]).unwrap())
+            .unwrap();
+    assert_eq!(artifact["trigger"], "fleet", "{artifact}");
+    assert_eq!(host.switches(), ["v1"]);
+}
+
+#[test]
+fn a_verdict_a_forced_promotion_went_past_is_not_followed_after_a_restart_whatever_its_writers_clock(
+) {
+    if !need_etcd("a_verdict_a_forced_promotion_went_past_is_not_followed_after_a_restart") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(&tmp.path().join("etcd"));
+    let host = fleet_setup(&etcd.url(), "web-1", "follow_verdicts = true\n");
+    // Written before the promotion by a host whose clock is a day fast.
+    let fast = std::time::SystemTime::now() + Duration::from_secs(86_400);
+    etcd.put(
+        "/rollbackd/verdicts/v2/web-9",
+        &verdict_body("v2", "web-9", fast),
+    );
+    let daemon = host.start();
+    wait_for(Duration::from_secs(20), || fleet_link(&host) == "connected").unwrap();
+    refused_with(
+        &host.cli(&["promote", "--active", "v2", "--previous", "v1"]),
+        "web-9",
+    );
+    ok(&host.cli(&[
+        "promote",
+        "--active",
+        "v2",
+        "--previous",
+        "v1",
+        "--force",
+        "--reason",
+        "fixed in the config",
+    ]));
+    daemon.terminate();
+    std::fs::remove_file(host.path("daemon.log")).unwrap();
+    let _daemon = host.start();
+    let said =
+        "v2 was rolled back on web-9: high error rate; not following it: written at etcd revision";
+    wait_for(Duration::from_secs(20), || host.daemon_log().contains(said)).unwrap_or_else(|| {
+        panic!(
+            "the restarted daemon did not say why the verdict is not followed; log:\n{}",
+            host.daemon_log()
+        )
+    });
+    assert!(host.switches().is_empty(), "{:?}", host.switches());
+    assert!(host.events("rollback-started").is_empty());
+    assert_eq!(status_json(&host)["session"]["active"], "v2");
+}
+
+#[test]
+fn an_unreadable_verdict_refuses_the_promotion_naming_its_key_with_or_without_a_daemon() {
+    if !need_etcd("an_unreadable_verdict_refuses_the_promotion") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(&tmp.path().join("etcd"));
+    let host = fleet_setup(&etcd.url(), "web-1", "");
+    // No `to` nor `trigger`; and one from a build whose fields have other types.
+    etcd.put(
+        "/rollbackd/verdicts/v8/web-3",
+        br#"{"version": "v8", "host": "web-3", "decision": "rollback", "reason": "bad", "at": "2026-01-01T00:00:00Z"}"#,
+    );
+    etcd.put(
+        "/rollbackd/verdicts/v2/web-4",
+        br#"{"version": "v2", "host": "web-4", "decision": "rollback", "reason": "bad", "to": "v1", "trigger": "automatic", "failureCount": "three", "at": "2026-01-01T00:00:00Z"}"#,
+    );
+    let cases = [
+        ("v8", "/rollbackd/verdicts/v8/web-3"),
+        ("v2", "/rollbackd/verdicts/v2/web-4"),
+    ];
+    // No daemon running: the command's own run applies the same gate.
+    for (version, key) in cases {
+        refused_with(
+            &host.cli(&["promote", "--active", version, "--previous", "v1"]),
+            key,
+        );
+    }
+    let _daemon = host.start();
+    wait_for(Duration::from_secs(20), || fleet_link(&host) == "connected").unwrap();
+    for (version, key) in cases {
+        refused_with(
+            &host.cli(&["promote", "--active", version, "--previous", "v1"]),
+            key,
+        );
+    }
+    assert!(host.events("monitoring-started").is_empty());
+    // Forced past, with a reason.
+    ok(&host.cli(&[
+        "promote",
+        "--active",
+        "v2",
+        "--previous",
+        "v1",
+        "--force",
+        "--reason",
+        "written by a broken build",
+    ]));
+}
+
+#[test]
+fn a_verdict_whose_body_disagrees_with_its_key_is_refused_not_followed_and_blocks_no_other_version()
+{
+    if !need_etcd("a_verdict_whose_body_disagrees_with_its_key") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(&tmp.path().join("etcd"));
+    let follower = fleet_setup(&etcd.url(), "web-1", "follow_verdicts = true\n");
+    let other = fleet_setup(&etcd.url(), "web-2", "");
+    let _daemon = follower.start();
+    wait_for(Duration::from_secs(20), || {
+        fleet_link(&follower) == "connected"
+    })
+    .unwrap();
+    follower.promote();
+    // The key says v9 on web-Z; the body says v2 on web-Q.
+    etcd.put(
+        "/rollbackd/verdicts/v9/web-Z",
+        &verdict_body("v2", "web-Q", std::time::SystemTime::now()),
+    );
+    wait_for(Duration::from_secs(20), || {
+        let log = follower.daemon_log();
+        log.contains("/rollbackd/verdicts/v9/web-Z") && log.contains("does not match its key")
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "the mismatch was not refused; log:\n{}",
+            follower.daemon_log()
+        )
+    });
+    assert!(follower.switches().is_empty(), "{:?}", follower.switches());
+    assert!(follower.events("rollback-started").is_empty());
+    // v2 is not blocked by it; v9 is, naming the key.
+    ok(&other.cli(&["promote", "--active", "v2", "--previous", "v1"]));
+    refused_with(
+        &other.cli(&["promote", "--active", "v9", "--previous", "v1"]),
+        "/rollbackd/verdicts/v9/web-Z",
+    );
+}
+
+#[test]
+fn the_daemon_refuses_a_promotion_of_a_rolled_back_version_from_any_control_socket_client() {
+    if !need_etcd("the_daemon_refuses_a_promotion_from_any_client") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(&tmp.path().join("etcd"));
+    let host = fleet_setup(&etcd.url(), "web-1", "");
+    let _daemon = host.start();
+    wait_for(Duration::from_secs(20), || fleet_link(&host) == "connected").unwrap();
+    etcd.put(
+        "/rollbackd/verdicts/v2/web-9",
+        &verdict_body("v2", "web-9", std::time::SystemTime::now()),
+    );
+    wait_for(Duration::from_secs(10), || {
+        status_json(&host)["fleet"]["verdicts"]
+            .to_string()
+            .contains("web-9")
+    })
+    .unwrap();
+    let replies = raw_request(
+        &host,
+        &serde_json::json!({"command": "promote", "active": "v2", "previous": "v1"}),
+    );
+    let last = replies.last().unwrap();
+    assert_eq!(last["type"], "failed", "{replies:?}");
+    assert_eq!(last["exit"], 3, "{replies:?}");
+    assert!(
+        last["message"].as_str().unwrap().contains("web-9"),
+        "{last}"
+    );
+    assert!(host.events("monitoring-started").is_empty());
+    // Forcing needs a reason, on the socket as on the command line.
+    let replies = raw_request(
+        &host,
+        &serde_json::json!({"command": "promote", "active": "v2", "previous": "v1", "force": true}),
+    );
+    assert_eq!(replies.last().unwrap()["exit"], 2, "{replies:?}");
+    let replies = raw_request(
+        &host,
+        &serde_json::json!({"command": "promote", "active": "v2", "previous": "v1",
+                            "force": true, "reason": "fixed in the config"}),
+    );
+    assert_eq!(replies.last().unwrap()["type"], "done", "{replies:?}");
+    assert_eq!(host.events("monitoring-started").len(), 1);
+    assert!(
+        host.daemon_log()
+            .contains("promotion forced past the fleet's rollback verdicts"),
+        "{}",
+        host.daemon_log()
+    );
+}
+
+#[test]
+fn a_verdict_deleted_in_etcd_no_longer_refuses_the_promotion() {
+    if !need_etcd("a_verdict_deleted_in_etcd_no_longer_refuses_the_promotion") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(&tmp.path().join("etcd"));
+    let host = fleet_setup(&etcd.url(), "web-1", "");
+    let _daemon = host.start();
+    wait_for(Duration::from_secs(20), || fleet_link(&host) == "connected").unwrap();
+    etcd.put(
+        "/rollbackd/verdicts/v2/web-9",
+        &verdict_body("v2", "web-9", std::time::SystemTime::now()),
+    );
+    let listed = || {
+        status_json(&host)["fleet"]["verdicts"]
+            .to_string()
+            .contains("web-9")
+    };
+    wait_for(Duration::from_secs(10), listed).unwrap();
+    refused_with(
+        &host.cli(&["promote", "--active", "v2", "--previous", "v1"]),
+        "web-9",
+    );
+    // `etcdctl del /rollbackd/verdicts/v2/ --prefix`, as docs/FLEET.md says.
+    etcd.delete("/rollbackd/verdicts/v2/", true);
+    wait_for(Duration::from_secs(10), || !listed())
+        .unwrap_or_else(|| panic!("the delete was not seen: {}", status_json(&host)));
+    host.promote();
+}
+
+#[test]
+fn during_the_stability_watch_a_verdict_for_the_restored_version_counts_only_if_etcd_wrote_it_after_the_watch_began(
+) {
+    if !need_etcd("during_the_stability_watch_a_verdict_for_the_restored_version_counts_only_if") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(&tmp.path().join("etcd"));
+    let host = fleet_setup(
+        &etcd.url(),
+        "web-1",
+        "follow_verdicts = true\n[rollback]\nstability_period = \"5m\"\n",
+    );
+    // Before anything here: web-8 rolled v1 back once, its clock a day fast.
+    let fast = std::time::SystemTime::now() + Duration::from_secs(86_400);
+    etcd.put(
+        "/rollbackd/verdicts/v1/web-8",
+        &verdict_body("v1", "web-8", fast),
+    );
+    let daemon = host.start();
+    wait_for(Duration::from_secs(20), || fleet_link(&host) == "connected").unwrap();
+    // v2 goes bad here: rolled back to a healthy v1, which is watched.
+    std::fs::write(host.path("slow"), "1").unwrap();
+    host.promote();
+    host.routes.error_rate(0.45);
+    wait_for(Duration::from_secs(20), || {
+        !host.events("rollback-started").is_empty()
+    })
+    .unwrap_or_else(|| panic!("no rollback; log:\n{}", host.daemon_log()));
+    host.routes.error_rate(0.01);
+    wait_for(Duration::from_secs(20), || {
+        !host.events("stability-watch-started").is_empty()
+    })
+    .unwrap_or_else(|| panic!("no watch; log:\n{}", host.daemon_log()));
+    // A restart hands the old verdict over again: it was there before the watch began.
+    assert!(daemon.terminate().success());
+    std::fs::remove_file(host.path("daemon.log")).unwrap();
+    let _daemon = host.start();
+    let said =
+        "v1 was rolled back on web-8: high error rate; not following it: written at etcd revision";
+    wait_for(Duration::from_secs(20), || host.daemon_log().contains(said)).unwrap_or_else(|| {
+        panic!(
+            "the old verdict was not set aside; log:\n{}",
+            host.daemon_log()
+        )
+    });
+    assert!(
+        host.daemon_log()
+            .contains("before its stability watch began"),
+        "{}",
+        host.daemon_log()
+    );
+    assert_eq!(status_json(&host)["state"], "stability-watch");
+    // One written now — by a host whose clock is a day slow — fails the watch.
+    let slow = std::time::SystemTime::now() - Duration::from_secs(86_400);
+    etcd.put(
+        "/rollbackd/verdicts/v1/web-9",
+        &verdict_body("v1", "web-9", slow),
+    );
+    wait_for(Duration::from_secs(20), || {
+        !host.events("escalation-triggered").is_empty()
+    })
+    .unwrap_or_else(|| panic!("the watch did not fail; log:\n{}", host.daemon_log()));
+    let failed = &host.events("stability-failed")[0];
+    assert!(
+        failed["reason"]
+            .as_str()
+            .unwrap()
+            .contains("v1 was rolled back on web-9"),
+        "{failed}"
+    );
+    assert_eq!(host.switches(), ["v1"], "never a second rollback");
+}

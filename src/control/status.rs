@@ -339,6 +339,17 @@ fn render_fleet(fleet: &Value, out: &mut impl Write) -> std::io::Result<()> {
             )?;
         }
     }
+    if let Some(unusable) = fleet["unusableVerdicts"].as_array() {
+        for entry in unusable {
+            writeln!(
+                out,
+                "verdict      UNUSABLE at {}: {} (refuses a promotion of {})",
+                text(&entry["key"], "?"),
+                text(&entry["error"], "?"),
+                text(&entry["version"], "?")
+            )?;
+        }
+    }
     Ok(())
 }
 

@@ -321,7 +321,7 @@ pub async fn run(
                     );
                     tracing::info!(host = %fleet_config.host, endpoints = ?fleet_config.endpoints, "fleet agent started");
                     fleet_task = Some(agent.task);
-                    Some(crate::daemon::fleet::FleetInputs {
+                    Some(crate::daemon::fleet::FleetInputs::Agent {
                         events: agent.events,
                         host: agent.host,
                         verdicts: agent.verdicts,

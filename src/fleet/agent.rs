@@ -14,8 +14,8 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::store::{FleetError, FleetStore, LeaseId, WatchEvent};
-use super::{FleetKillSwitch, HostRecord, Keys, Verdict};
+use super::store::{FleetError, FleetStore, Kv, LeaseId, WatchEvent};
+use super::{FleetKillSwitch, HostRecord, Keys, Verdict, VerdictEntry};
 use crate::config::FleetConfig;
 
 /// Whether the agent reaches etcd.
@@ -28,6 +28,9 @@ pub struct Link {
     pub error: Option<String>,
     /// Connection attempts that failed since the last success.
     pub failures: u32,
+    /// Not connected because this host's own fleet credentials cannot be used (a TLS or
+    /// password file): what fails a promotion's verdict check closed.
+    pub credentials: bool,
 }
 
 /// What the agent tells the daemon.
@@ -39,8 +42,15 @@ pub enum FleetEvent {
         record: Option<FleetKillSwitch>,
         revision: i64,
     },
-    /// Verdicts seen (on connecting, every verdict; then each new one).
-    Verdicts(Vec<Verdict>),
+    /// The keys under `verdicts/`. With `snapshot` (on connecting), every key there as
+    /// of `revision`: a key not in it is gone. Otherwise the changes a watch saw, through
+    /// `revision`: keys written (`entries`) and deleted.
+    Verdicts {
+        snapshot: bool,
+        revision: i64,
+        entries: Vec<VerdictEntry>,
+        deleted: Vec<String>,
+    },
     /// A verdict the daemon asked for is in etcd.
     VerdictWritten {
         version: String,
@@ -144,6 +154,7 @@ impl Agent {
                 since: SystemTime::now(),
                 error: Some(err.to_string()),
                 failures,
+                credentials: matches!(err, FleetError::Credentials(_)),
             }))
             .await;
             let wait = backoff(failures - 1, jitter());
@@ -159,6 +170,10 @@ impl Agent {
 
     async fn tell(&self, event: FleetEvent) {
         let _ = self.events.send(event).await;
+    }
+
+    fn verdict_entry(&self, kv: &Kv) -> VerdictEntry {
+        VerdictEntry::read(&self.keys, &kv.key, &kv.value, kv.mod_revision)
     }
 
     fn host_value(&self) -> Vec<u8> {
@@ -193,19 +208,24 @@ impl Agent {
             record: kv.map(|kv| FleetKillSwitch::parse(&kv.value)),
         })
         .await;
-        let verdicts: Vec<Verdict> = verdict_kvs
+        let entries = verdict_kvs
             .iter()
-            .filter_map(|kv| Verdict::parse(&kv.value))
+            .map(|kv| self.verdict_entry(kv))
             .collect();
-        if !verdicts.is_empty() {
-            self.tell(FleetEvent::Verdicts(verdicts)).await;
-        }
+        self.tell(FleetEvent::Verdicts {
+            snapshot: true,
+            revision: verdict_revision,
+            entries,
+            deleted: Vec::new(),
+        })
+        .await;
         *failures = 0;
         self.tell(FleetEvent::Link(Link {
             connected: true,
             since: SystemTime::now(),
             error: None,
             failures: 0,
+            credentials: false,
         }))
         .await;
         tracing::info!(host = %self.config.host, "fleet: connected to etcd");
@@ -229,16 +249,22 @@ impl Agent {
                     }
                 }
                 events = verdict_watch.next() => {
-                    let verdicts: Vec<Verdict> = events?
-                        .into_iter()
-                        .filter_map(|event| match event {
-                            WatchEvent::Put(kv) => Verdict::parse(&kv.value),
-                            WatchEvent::Delete { .. } => None,
-                        })
-                        .collect();
-                    if !verdicts.is_empty() {
-                        self.tell(FleetEvent::Verdicts(verdicts)).await;
+                    let mut entries = Vec::new();
+                    let mut deleted = Vec::new();
+                    let mut revision = 0;
+                    for event in events? {
+                        match event {
+                            WatchEvent::Put(kv) => {
+                                revision = revision.max(kv.mod_revision);
+                                entries.push(self.verdict_entry(&kv));
+                            }
+                            WatchEvent::Delete { key, revision: at } => {
+                                revision = revision.max(at);
+                                deleted.push(key);
+                            }
+                        }
                     }
+                    self.tell(FleetEvent::Verdicts { snapshot: false, revision, entries, deleted }).await;
                 }
                 changed = self.host.changed() => {
                     if changed.is_err() {

@@ -285,6 +285,24 @@ impl Etcd {
         b64.decode(kv["value"].as_str()?).ok()
     }
 
+    /// Deletes a key (with `prefix`, every key under it) through the gateway, as
+    /// `etcdctl del` does.
+    pub fn delete(&self, key: &str, prefix: bool) {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let mut body = serde_json::json!({"key": b64.encode(key)});
+        if prefix {
+            let mut end = key.as_bytes().to_vec();
+            *end.last_mut().unwrap() += 1;
+            body["range_end"] = serde_json::Value::String(b64.encode(&end));
+        }
+        let addr = format!("127.0.0.1:{}", self.client_port).parse().unwrap();
+        let reply = self
+            .request(addr, "/v3/kv/deleterange", &body.to_string())
+            .unwrap();
+        assert_eq!(reply.status, 200, "{}", reply.body);
+    }
+
     /// Writes a key through the gateway.
     pub fn put(&self, key: &str, value: &[u8]) {
         use base64::Engine as _;

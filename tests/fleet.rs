@@ -1212,6 +1212,71 @@ fn a_verdict_a_forced_promotion_went_past_is_not_followed_after_a_restart_whatev
 }
 
 #[test]
+fn a_second_host_with_the_same_name_is_refused_and_never_removes_the_first() {
+    if !need_etcd("a_second_host_with_the_same_name_is_refused") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(&tmp.path().join("etcd"));
+    let first = fleet_setup(&etcd.url(), "web-2", "");
+    let twin = fleet_setup(&etcd.url(), "web-2", "");
+    let first_daemon = first.start();
+    wait_for(Duration::from_secs(20), || {
+        fleet_link(&first) == "connected"
+    })
+    .unwrap();
+    first.promote();
+    let registered = || -> Value {
+        etcd.get("/rollbackd/hosts/web-2")
+            .and_then(|v| serde_json::from_slice(&v).ok())
+            .unwrap_or(Value::Null)
+    };
+    wait_for(Duration::from_secs(10), || registered()["active"] == "v2").unwrap();
+
+    // A clone of the image, with the same name, running nothing yet.
+    let twin_daemon = twin.start();
+    wait_for(Duration::from_secs(30), || {
+        let status = status_json(&twin);
+        let error = status["fleet"]["linkError"].as_str().unwrap_or("");
+        status["fleet"]["link"] == "partitioned"
+            && error.contains("web-2")
+            && error.contains("fleet.host")
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "the twin was not refused; status {}; log:\n{}",
+            status_json(&twin),
+            twin.daemon_log()
+        )
+    });
+    assert!(
+        twin.daemon_log()
+            .contains("Set a unique host under [fleet]"),
+        "{}",
+        twin.daemon_log()
+    );
+    assert_eq!(fleet_link(&first), "connected");
+    assert_eq!(registered()["active"], "v2", "the first host's record");
+    // The twin stops (revoking its lease): the first host's registration stays.
+    assert!(twin_daemon.terminate().success());
+    assert_eq!(
+        registered()["active"],
+        "v2",
+        "the twin's stop removed the first host's registration"
+    );
+
+    // The first host killed -9 and started again: it waits out its own previous lease,
+    // then joins again.
+    first_daemon.kill9();
+    let _first = first.start();
+    wait_for(Duration::from_secs(30), || {
+        fleet_link(&first) == "connected"
+    })
+    .unwrap_or_else(|| panic!("not rejoined; log:\n{}", first.daemon_log()));
+    wait_for(Duration::from_secs(10), || registered()["active"] == "v2").unwrap();
+}
+
+#[test]
 fn an_unreadable_verdict_refuses_the_promotion_naming_its_key_with_or_without_a_daemon() {
     if !need_etcd("an_unreadable_verdict_refuses_the_promotion") {
         return;
@@ -1353,6 +1418,37 @@ fn the_daemon_refuses_a_promotion_of_a_rolled_back_version_from_any_control_sock
         "{}",
         host.daemon_log()
     );
+}
+
+#[test]
+fn after_a_restart_an_idle_host_registers_the_version_it_runs() {
+    if !need_etcd("after_a_restart_an_idle_host_registers_the_version_it_runs") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(&tmp.path().join("etcd"));
+    let host = fleet_setup(&etcd.url(), "web-4", "");
+    let daemon = host.start();
+    wait_for(Duration::from_secs(20), || fleet_link(&host) == "connected").unwrap();
+    host.promote();
+    ok(&host.cli(&["rollback", "--reason", "by hand", "--yes"]));
+    assert_eq!(status_json(&host)["state"], "idle");
+    assert!(daemon.terminate().success());
+    let _daemon = host.start();
+    assert_eq!(status_json(&host)["workers"]["active"], "v1");
+    wait_for(Duration::from_secs(20), || {
+        let out = host.cli(&["fleet", "status", "--json"]);
+        let view: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        view["hosts"]
+            .as_array()
+            .is_some_and(|h| h.len() == 1 && h[0]["active"] == "v1" && h[0]["state"] == "idle")
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "the idle host registered without its version: {}",
+            String::from_utf8_lossy(&host.cli(&["fleet", "status"]).stdout)
+        )
+    });
 }
 
 #[test]

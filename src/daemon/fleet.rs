@@ -38,7 +38,7 @@ pub enum FleetInputs {
     /// `rollbackd run`: the fleet agent's channels.
     Agent {
         events: mpsc::Receiver<FleetEvent>,
-        host: watch::Sender<HostRecord>,
+        host: watch::Sender<Option<HostRecord>>,
         verdicts: mpsc::UnboundedSender<Verdict>,
     },
     /// A `promote` run without a daemon: the verdicts of the version, read from etcd by
@@ -84,7 +84,7 @@ pub(super) struct MirrorDone {
 
 pub(super) struct FleetState {
     config: crate::config::FleetConfig,
-    host: watch::Sender<HostRecord>,
+    host: watch::Sender<Option<HostRecord>>,
     verdicts_tx: mpsc::UnboundedSender<Verdict>,
     link: Option<Link>,
     /// The fleet kill switch as last seen, and its revision.
@@ -104,6 +104,9 @@ pub(super) struct FleetState {
     revisions: Option<SessionRevisions>,
     /// Promotions that came before the agent said anything, and since when.
     waiting: Vec<(Command, std::time::Instant)>,
+    /// The versions this host ran when the daemon started, from `rollbackd.db` (its
+    /// registration's when no session has run since).
+    known_workers: (Option<String>, Option<String>),
     /// `local_hold` as last written to `rollbackd.db`.
     hold_saved: Option<bool>,
 }
@@ -128,19 +131,26 @@ impl Driver {
         };
         let config = self.config.config.fleet.clone()?;
         let (done_tx, done_rx) = mpsc::channel(4);
-        let (applied, hold, revisions) = self
+        let (applied, hold, revisions, active, previous) = self
             .db
             .call(|store| {
                 Ok((
                     store.get_meta(FLEET_APPLIED)?,
                     store.get_meta(LOCAL_HOLD)?,
                     store.get_meta(SESSION_REVISIONS)?,
+                    store.get_meta("active")?,
+                    store.get_meta("previous")?,
                 ))
             })
             .await
-            .unwrap_or((None, None, None));
+            .unwrap_or((None, None, None, None, None));
         let revisions: Option<SessionRevisions> =
             revisions.and_then(|text| serde_json::from_str(&text).ok());
+        let known_workers = (
+            stored_worker_id("active worker", active)
+                .or_else(|| self.config.config.worker.active.clone()),
+            stored_worker_id("previous worker", previous),
+        );
         let applied: Applied = applied
             .and_then(|text| serde_json::from_str(&text).ok())
             .unwrap_or_default();
@@ -167,6 +177,7 @@ impl Driver {
             live: false,
             revisions,
             waiting: Vec::new(),
+            known_workers,
             hold_saved: None,
         });
         self.fleet_save_hold().await;
@@ -600,12 +611,17 @@ impl Driver {
         self.fleet_save_revisions(revisions).await;
     }
 
-    /// The versions this host runs: its session's, else the last session's.
+    /// The versions this host runs: its session's, else the last session's, else what
+    /// `rollbackd.db` said at start (or `worker.active`).
     fn fleet_workers(&self) -> (Option<String>, Option<String>) {
         match (self.sup.session(), self.sup.last_workers()) {
             (Some(s), _) => (Some(s.record.active.clone()), s.record.previous.clone()),
             (None, Some((active, previous, _))) => (Some(active.clone()), previous.clone()),
-            (None, None) => (None, None),
+            (None, None) => self
+                .fleet
+                .as_ref()
+                .map(|f| f.known_workers.clone())
+                .unwrap_or_default(),
         }
     }
 
@@ -910,10 +926,10 @@ impl Driver {
             updated_at: String::new(),
         };
         fleet.host.send_if_modified(|current| {
-            if *current == record {
+            if current.as_ref() == Some(&record) {
                 false
             } else {
-                *current = record;
+                *current = Some(record);
                 true
             }
         });

@@ -1421,6 +1421,96 @@ fn the_daemon_refuses_a_promotion_of_a_rolled_back_version_from_any_control_sock
 }
 
 #[test]
+fn a_fleet_reset_waits_out_each_hosts_reset_quiet_period_unless_forced() {
+    if !need_etcd("a_fleet_reset_waits_out_each_hosts_reset_quiet_period") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(&tmp.path().join("etcd"));
+    let long = fleet_setup(
+        &etcd.url(),
+        "long",
+        "[kill_switch]\nreset_quiet_period = \"10m\"\n",
+    );
+    let short = fleet_setup(
+        &etcd.url(),
+        "short",
+        "[kill_switch]\nreset_quiet_period = \"4s\"\n",
+    );
+    let _l = long.start();
+    let _s = short.start();
+    for setup in [&long, &short] {
+        wait_for(Duration::from_secs(20), || fleet_link(setup) == "connected").unwrap();
+        // Checks fail on both: each rolls back (and has failed checks to count).
+        setup.promote();
+        setup.routes.error_rate(0.5);
+    }
+    for setup in [&long, &short] {
+        wait_for(Duration::from_secs(30), || {
+            !setup.events("rollback-executed").is_empty()
+        })
+        .unwrap_or_else(|| panic!("no rollback; log:\n{}", setup.daemon_log()));
+    }
+    ok(&long.cli(&["kill-switch", "set", "--fleet", "--reason", "bad release"]));
+    for setup in [&long, &short] {
+        wait_for(Duration::from_secs(10), || {
+            kill_value(setup).as_deref() == Some("1")
+        })
+        .unwrap();
+    }
+    let out = ok(&long.cli(&["kill-switch", "reset", "--fleet", "--reason", "fixed"]));
+    let held = "inside the reset quiet period";
+    for setup in [&long, &short] {
+        wait_for(Duration::from_secs(10), || {
+            setup.daemon_log().contains(held)
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "the fleet reset did not wait for the quiet period; kill switch {:?}; log:\n{}",
+                kill_value(setup),
+                setup.daemon_log()
+            )
+        });
+        assert_eq!(kill_value(setup).as_deref(), Some("1"));
+    }
+    // The command said so.
+    assert!(out.contains("reset_quiet_period"), "{out}");
+    // The short quiet period ends: that host resets with the fleet, on its own.
+    wait_for(Duration::from_secs(20), || {
+        kill_value(&short).as_deref() == Some("0")
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "not reset after the quiet period; log:\n{}",
+            short.daemon_log()
+        )
+    });
+    assert_eq!(kill_value(&long).as_deref(), Some("1"));
+    let view: Value = serde_json::from_str(&ok(&long.cli(&["fleet", "status", "--json"]))).unwrap();
+    let long_row = view["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["host"] == "long")
+        .cloned()
+        .unwrap();
+    assert_eq!(long_row["mirrored"], false, "{view}");
+    // Forced, with a reason: every host now.
+    ok(&long.cli(&[
+        "kill-switch",
+        "reset",
+        "--fleet",
+        "--force",
+        "--reason",
+        "verified by hand",
+    ]));
+    wait_for(Duration::from_secs(10), || {
+        kill_value(&long).as_deref() == Some("0")
+    })
+    .unwrap_or_else(|| panic!("the forced reset did not land; log:\n{}", long.daemon_log()));
+}
+
+#[test]
 fn after_a_restart_an_idle_host_registers_the_version_it_runs() {
     if !need_etcd("after_a_restart_an_idle_host_registers_the_version_it_runs") {
         return;

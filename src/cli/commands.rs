@@ -57,15 +57,15 @@ pub async fn run(command: &Command, loaded: &LoadedConfig) -> anyhow::Result<u8>
                 fleet: true,
             } => {
                 let reason = reason.clone().unwrap_or_default();
-                return crate::cli::fleet::kill_switch(loaded, "1", &reason).await;
+                return crate::cli::fleet::kill_switch(loaded, "1", &reason, false).await;
             }
             KillSwitchAction::Reset {
                 reason,
                 fleet: true,
-                ..
+                force,
             } => {
                 let reason = reason.clone().unwrap_or_default();
-                return crate::cli::fleet::kill_switch(loaded, "0", &reason).await;
+                return crate::cli::fleet::kill_switch(loaded, "0", &reason, *force).await;
             }
             KillSwitchAction::Set { reason, .. } => Request::KillSwitchSet {
                 reason: reason.clone().unwrap_or_else(|| "manual".into()),

@@ -32,8 +32,15 @@ fn operator() -> String {
     crate::storage::statedir::user_name(uid).unwrap_or_else(|| uid.to_string())
 }
 
-/// `kill-switch set|reset --fleet --reason R`: one put of the fleet key.
-pub async fn kill_switch(loaded: &LoadedConfig, value: &str, reason: &str) -> anyhow::Result<u8> {
+/// `kill-switch set|reset --fleet --reason R [--force]`: one put of the fleet key. A reset
+/// is mirrored by each host as a local reset would be: not while a check failed there
+/// within its `reset_quiet_period` (it waits that out), unless `force`.
+pub async fn kill_switch(
+    loaded: &LoadedConfig,
+    value: &str,
+    reason: &str,
+    force: bool,
+) -> anyhow::Result<u8> {
     let config = fleet_config(loaded)?;
     let store = crate::fleet::store_for(config)?;
     let keys = Keys::new(&config.prefix);
@@ -43,6 +50,7 @@ pub async fn kill_switch(loaded: &LoadedConfig, value: &str, reason: &str) -> an
         reason: reason.to_owned(),
         at: rfc3339_millis(SystemTime::now()),
         from_host: Some(config.host.clone()),
+        force: force && value == "0",
     };
     let bytes = serde_json::to_vec(&record)?;
     match store.put(&keys.kill_switch(), bytes, None).await {
@@ -62,10 +70,15 @@ pub async fn kill_switch(loaded: &LoadedConfig, value: &str, reason: &str) -> an
                 "fleet kill switch {} at revision {revision}; {was}. Every daemon mirrors it \
                  into its host's database; `rollbackd fleet status` shows which have{}",
                 if value == "1" { "ON" } else { "off" },
-                if value == "1" {
-                    ""
-                } else {
-                    " (a host whose own kill switch was set there keeps it on)"
+                match (value, force) {
+                    ("1", _) => "",
+                    (_, false) =>
+                        " (a host whose own kill switch was set there keeps it on; a host where \
+                         a check failed within its kill_switch.reset_quiet_period keeps it on \
+                         until that ends: --force resets those now)",
+                    (_, true) =>
+                        " (forced: also on hosts inside their kill_switch.reset_quiet_period; a \
+                         host whose own kill switch was set there keeps it on)",
                 }
             );
             Ok(exit::SUCCESS)

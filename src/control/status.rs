@@ -328,6 +328,13 @@ fn render_fleet(fleet: &Value, out: &mut impl Write) -> std::io::Result<()> {
     } else if fleet["link"] == "connected" {
         writeln!(out, "fleet kill   off (never set)")?;
     }
+    if let Some(why) = fleet["resetHeld"].as_str() {
+        writeln!(
+            out,
+            "fleet reset  held here until this host's reset quiet period ends: {}",
+            escape(why)
+        )?;
+    }
     if let Some(verdicts) = fleet["verdicts"].as_array() {
         for verdict in verdicts {
             writeln!(

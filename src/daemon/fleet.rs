@@ -109,6 +109,11 @@ pub(super) struct FleetState {
     known_workers: (Option<String>, Option<String>),
     /// `local_hold` as last written to `rollbackd.db`.
     hold_saved: Option<bool>,
+    /// A fleet reset this host has not mirrored yet: a check failed within its
+    /// `reset_quiet_period` (why).
+    quiet_held: Option<String>,
+    /// The fleet revision whose held reset was logged.
+    quiet_logged: Option<i64>,
 }
 
 impl Driver {
@@ -179,6 +184,8 @@ impl Driver {
             waiting: Vec::new(),
             known_workers,
             hold_saved: None,
+            quiet_held: None,
+            quiet_logged: None,
         });
         self.fleet_save_hold().await;
         self.fleet_track_session().await;
@@ -762,7 +769,32 @@ impl Driver {
                     return;
                 }
             };
-            let decision = crate::fleet::mirror(on, local.as_deref(), ctx.kill_writes.local_hold());
+            // A fleet reset waits out this host's quiet period, as a local reset must,
+            // unless it was forced.
+            let hold = ctx.kill_writes.local_hold();
+            let forced = record.as_ref().is_some_and(|r| r.force);
+            let quiet = if !on && !hold && !forced && local.as_deref() == Some("1") {
+                let (db, period, now) = (
+                    ctx.config.config.rollbackd_db(),
+                    ks.reset_quiet_period,
+                    ctx.clock.now(),
+                );
+                match tokio::task::spawn_blocking(move || {
+                    crate::appdb::killswitch::reset_refusal(&db, period, now)
+                })
+                .await
+                .expect("reset check panicked")
+                {
+                    Ok(why) => why,
+                    Err(err) => Some(format!(
+                        "the reset quiet period cannot be checked here ({err}); treated as inside \
+                         the reset quiet period"
+                    )),
+                }
+            } else {
+                None
+            };
+            let decision = crate::fleet::mirror(on, local.as_deref(), hold, quiet.as_deref());
             if let Mirror::Write(value) = decision {
                 let previous = executor::write_kill_switch(&ctx, &ks, value, executor::Patience::Forever)
                     .await
@@ -772,14 +804,19 @@ impl Driver {
                     Some(r) => (
                         r.operator.clone(),
                         format!(
-                            "fleet kill switch: {} (by {} at {}{})",
+                            "fleet kill switch: {} (by {} at {}{}{})",
                             r.reason,
                             r.operator,
                             r.at,
                             r.from_host
                                 .as_deref()
                                 .map(|h| format!(" on {h}"))
-                                .unwrap_or_default()
+                                .unwrap_or_default(),
+                            if r.force && value == "0" {
+                                "; forced past the reset quiet period"
+                            } else {
+                                ""
+                            }
                         ),
                     ),
                     None => ("unknown".to_owned(), "fleet kill switch key deleted".to_owned()),
@@ -814,6 +851,25 @@ impl Driver {
     pub(super) async fn fleet_mirrored(&mut self, done: MirrorDone) {
         let Some(fleet) = &mut self.fleet else { return };
         fleet.mirror_busy = false;
+        if let Mirror::Quiet(why) = &done.decision {
+            // Not mirrored yet: tried again on the 5 s tick, until the period ends.
+            if fleet.quiet_logged != Some(done.revision) {
+                fleet.quiet_logged = Some(done.revision);
+                tracing::warn!(
+                    "fleet: the fleet kill switch was reset, but this host keeps its kill switch \
+                     on until its own quiet period ends, as a local reset would: {why}. It is \
+                     reset with the fleet then; `rollbackd kill-switch reset --fleet --force \
+                     --reason ..` resets every host now"
+                );
+            }
+            fleet.quiet_held = Some(why.clone());
+            if std::mem::take(&mut fleet.mirror_again) {
+                self.fleet_mirror();
+            }
+            self.fleet_publish_host();
+            return;
+        }
+        fleet.quiet_held = None;
         if done.decision == Mirror::KeepLocal {
             tracing::warn!(
                 "fleet: the fleet kill switch was reset, but this host's kill switch stays on: \
@@ -840,6 +896,13 @@ impl Driver {
             self.fleet_mirror();
         }
         self.fleet_publish_host();
+    }
+
+    /// A fleet reset held by this host's quiet period is tried again (on the 5 s tick).
+    pub(super) fn fleet_retry_quiet(&mut self) {
+        if self.fleet.as_ref().is_some_and(|f| f.quiet_held.is_some()) {
+            self.fleet_mirror();
+        }
     }
 
     /// Remembers `local_hold` in `rollbackd.db` when it changed (after every kill-switch
@@ -961,6 +1024,7 @@ impl Driver {
             "killSwitchRevision": revision,
             "mirroredRevision": fleet.applied.revision,
             "localHold": self.kill_writes.local_hold(),
+            "resetHeld": fleet.quiet_held,
             "followVerdicts": fleet.config.follow_verdicts,
             "verdicts": fleet.verdicts.values().filter_map(VerdictEntry::verdict).collect::<Vec<_>>(),
             "unusableVerdicts": fleet.verdicts.values().filter_map(|e| e.body.as_ref().err().map(|why| json!({

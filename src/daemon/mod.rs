@@ -575,6 +575,7 @@ impl Driver {
                     }
                     driver.fleet_save_hold().await;
                     driver.fleet_release_waiting(true).await;
+                    driver.fleet_retry_quiet();
                     driver.publish_status(&inputs.on_status);
                 }
             }

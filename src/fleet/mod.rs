@@ -83,6 +83,9 @@ pub struct FleetKillSwitch {
     /// The host the command ran on.
     #[serde(default)]
     pub from_host: Option<String>,
+    /// A reset forced past each host's `kill_switch.reset_quiet_period` (`--force`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub force: bool,
 }
 
 impl FleetKillSwitch {
@@ -102,6 +105,7 @@ impl FleetKillSwitch {
                 reason: bounded(&record.reason),
                 at: bounded(&record.at),
                 from_host: record.from_host.as_deref().map(bounded),
+                force: record.force,
             };
         }
         parsed
@@ -115,6 +119,7 @@ impl FleetKillSwitch {
                 )),
                 at: String::new(),
                 from_host: None,
+                force: false,
             })
     }
 }
@@ -369,28 +374,42 @@ pub fn bounded(text: &str) -> String {
 }
 
 /// What the fleet mirror does with the host's kill switch when the fleet value is
-/// `fleet_on`, the host's row holds `local`, and `local_hold` says whether it was turned
-/// on here (escalation, `kill-switch set`, a hand-made edit) rather than by the fleet.
+/// `fleet_on`, the host's row holds `local`, `local_hold` says whether it was turned on
+/// here (escalation, `kill-switch set`, a hand-made edit) rather than by the fleet, and
+/// `quiet` whether a reset must wait here: a check failed within this host's
+/// `kill_switch.reset_quiet_period` and the fleet reset was not forced.
 ///
 /// The effective value is local OR fleet: a fleet set always lands; a fleet reset clears
-/// only what the fleet set, never a local escalation.
+/// only what the fleet set, never a local escalation, and — as a local reset — not inside
+/// the host's quiet period unless forced.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Mirror {
     /// Write this value.
     Write(&'static str),
     /// The fleet was reset but the host's kill switch stays on: it was set here.
     KeepLocal,
+    /// The fleet was reset but the host's kill switch stays on until its quiet period
+    /// ends (why); the reset is mirrored then.
+    Quiet(String),
     /// Already as it should be.
     Nothing,
 }
 
-pub fn mirror(fleet_on: bool, local: Option<&str>, local_hold: bool) -> Mirror {
+pub fn mirror(
+    fleet_on: bool,
+    local: Option<&str>,
+    local_hold: bool,
+    quiet: Option<&str>,
+) -> Mirror {
     let local_on = local == Some("1");
     match (fleet_on, local_on) {
         (true, false) => Mirror::Write("1"),
         (true, true) => Mirror::Nothing,
         (false, true) if local_hold => Mirror::KeepLocal,
-        (false, true) => Mirror::Write("0"),
+        (false, true) => match quiet {
+            Some(why) => Mirror::Quiet(why.to_owned()),
+            None => Mirror::Write("0"),
+        },
         (false, false) => Mirror::Nothing,
     }
 }
@@ -410,27 +429,40 @@ mod tests {
 
     #[test]
     fn the_effective_kill_switch_is_local_or_fleet() {
-        // (fleet on, local row, set here) -> what the mirror does
+        // (fleet on, local row, set here, inside the quiet period) -> what the mirror does
+        let quiet = Some("a check failed 5s ago");
         let cases = [
-            (true, None, false, Mirror::Write("1")),
-            (true, Some("0"), false, Mirror::Write("1")),
-            (true, Some("0"), true, Mirror::Write("1")),
-            (true, Some("1"), false, Mirror::Nothing),
-            (true, Some("1"), true, Mirror::Nothing),
-            (false, Some("1"), false, Mirror::Write("0")),
-            (false, Some("1"), true, Mirror::KeepLocal),
-            (false, Some("0"), false, Mirror::Nothing),
-            (false, Some("0"), true, Mirror::Nothing),
-            (false, None, false, Mirror::Nothing),
+            (true, None, false, None, Mirror::Write("1")),
+            (true, Some("0"), false, None, Mirror::Write("1")),
+            (true, Some("0"), true, None, Mirror::Write("1")),
+            (true, Some("1"), false, None, Mirror::Nothing),
+            (true, Some("1"), true, None, Mirror::Nothing),
+            (false, Some("1"), false, None, Mirror::Write("0")),
+            (false, Some("1"), true, None, Mirror::KeepLocal),
+            (false, Some("0"), false, None, Mirror::Nothing),
+            (false, Some("0"), true, None, Mirror::Nothing),
+            (false, None, false, None, Mirror::Nothing),
             // Anything but '1' is off for LiveFlags: nothing to reset.
-            (false, Some("yes"), false, Mirror::Nothing),
-            (true, Some("yes"), false, Mirror::Write("1")),
+            (false, Some("yes"), false, None, Mirror::Nothing),
+            (true, Some("yes"), false, None, Mirror::Write("1")),
+            // A fleet reset waits out the host's quiet period, as a local reset must; a
+            // set never waits, and a local hold is kept whatever the quiet period.
+            (
+                false,
+                Some("1"),
+                false,
+                quiet,
+                Mirror::Quiet("a check failed 5s ago".into()),
+            ),
+            (false, Some("1"), true, quiet, Mirror::KeepLocal),
+            (false, Some("0"), false, quiet, Mirror::Nothing),
+            (true, Some("0"), false, quiet, Mirror::Write("1")),
         ];
-        for (fleet_on, local, hold, want) in cases {
+        for (fleet_on, local, hold, quiet, want) in cases {
             assert_eq!(
-                mirror(fleet_on, local, hold),
+                mirror(fleet_on, local, hold, quiet),
                 want,
-                "fleet {fleet_on}, local {local:?}, hold {hold}"
+                "fleet {fleet_on}, local {local:?}, hold {hold}, quiet {quiet:?}"
             );
         }
     }
@@ -667,6 +699,7 @@ mod tests {
             reason: "bad release".into(),
             at: "2026-01-01T00:00:00.000Z".into(),
             from_host: Some("ops-1".into()),
+            force: false,
         };
         assert_eq!(
             serde_json::to_value(&record).unwrap(),

@@ -335,6 +335,19 @@ fn render_fleet(fleet: &Value, out: &mut impl Write) -> std::io::Result<()> {
             escape(why)
         )?;
     }
+    let count = fleet["verdictCount"].as_u64().unwrap_or(0);
+    if count > 0 {
+        writeln!(
+            out,
+            "verdicts     {count} in etcd for {} versions (`rollbackd fleet status` lists them){}",
+            fleet["verdictVersions"].as_u64().unwrap_or(0),
+            if fleet["verdicts"].as_array().is_some_and(|v| !v.is_empty()) {
+                "; about the versions this host runs:"
+            } else {
+                "; none about the versions this host runs"
+            }
+        )?;
+    }
     if let Some(verdicts) = fleet["verdicts"].as_array() {
         for verdict in verdicts {
             writeln!(
@@ -345,6 +358,14 @@ fn render_fleet(fleet: &Value, out: &mut impl Write) -> std::io::Result<()> {
                 text(&verdict["reason"], "")
             )?;
         }
+    }
+    let unusable_count = fleet["unusableCount"].as_u64().unwrap_or(0);
+    let unusable_listed = fleet["unusableVerdicts"].as_array().map_or(0, Vec::len) as u64;
+    if unusable_count > unusable_listed {
+        writeln!(
+            out,
+            "verdict      UNUSABLE: {unusable_count} keys under verdicts/ cannot be used (the first {unusable_listed} below; `rollbackd fleet status` lists them all)"
+        )?;
     }
     if let Some(unusable) = fleet["unusableVerdicts"].as_array() {
         for entry in unusable {

@@ -28,6 +28,9 @@ const VERDICTS_THROUGH: &str = "fleet_verdicts_through";
 /// ([`SessionRevisions`]), so a restart does not follow a verdict a promotion went past.
 const SESSION_REVISIONS: &str = "fleet_session_revisions";
 
+/// The most verdicts (and unusable keys) `status` lists in full; it counts the rest.
+const STATUS_VERDICTS: usize = 20;
+
 /// How long a promotion that came before the fleet agent said anything waits for it (the
 /// verdicts read, or the link's failure) before it goes through the gate with what is
 /// known; checked on the 5 s tick.
@@ -1001,6 +1004,15 @@ impl Driver {
     /// The `fleet` object of `status`.
     pub(super) fn fleet_status(&self) -> Option<Value> {
         let fleet = self.fleet.as_ref()?;
+        let (active, previous) = self.fleet_workers();
+        let mine: Vec<&VerdictEntry> = fleet
+            .verdicts
+            .values()
+            .filter(|e| {
+                Some(e.version.as_str()) == active.as_deref()
+                    || Some(e.version.as_str()) == previous.as_deref()
+            })
+            .collect();
         let link = fleet.link.as_ref();
         let (kill, revision) = match &fleet.kill {
             Some((record, revision)) => (record.clone(), Some(*revision)),
@@ -1026,10 +1038,15 @@ impl Driver {
             "localHold": self.kill_writes.local_hold(),
             "resetHeld": fleet.quiet_held,
             "followVerdicts": fleet.config.follow_verdicts,
-            "verdicts": fleet.verdicts.values().filter_map(VerdictEntry::verdict).collect::<Vec<_>>(),
+            // A summary: the fleet may hold thousands of verdicts (`fleet status` lists
+            // them all); in full only those about the versions this host runs.
+            "verdictCount": fleet.verdicts.values().filter(|e| e.body.is_ok()).count(),
+            "verdictVersions": fleet.verdicts.values().filter(|e| e.body.is_ok()).map(|e| e.version.as_str()).collect::<HashSet<_>>().len(),
+            "verdicts": mine.iter().filter_map(|e| e.verdict()).take(STATUS_VERDICTS).collect::<Vec<_>>(),
+            "unusableCount": fleet.verdicts.values().filter(|e| e.body.is_err()).count(),
             "unusableVerdicts": fleet.verdicts.values().filter_map(|e| e.body.as_ref().err().map(|why| json!({
                 "key": e.key, "version": e.version, "host": e.host, "error": why,
-            }))).collect::<Vec<_>>(),
+            }))).take(STATUS_VERDICTS).collect::<Vec<_>>(),
         }))
     }
 }

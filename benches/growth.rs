@@ -202,6 +202,8 @@ max_sessions = 5
                         previous: format!("v{hour}"),
                         baseline_error_rate: None,
                         baseline_latency_p95_ms: None,
+                        force: false,
+                        reason: None,
                     },
                     replies: tx,
                 })

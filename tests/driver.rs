@@ -245,6 +245,8 @@ impl Harness {
                 previous: "v1".into(),
                 baseline_error_rate: None,
                 baseline_latency_p95_ms: None,
+                force: false,
+                reason: None,
             })
             .await;
         assert!(

@@ -1092,3 +1092,606 @@ fn verdict_survives_a_kill_9(forget_the_queue: bool) {
     assert_eq!(setup.switches(), ["v1"]);
     assert_eq!(setup.events("rollback-executed").len(), 1);
 }
+
+/// A verdict of `host` for `version` as another build writes it, its `at` by `clock`.
+fn verdict_body(version: &str, host: &str, at: std::time::SystemTime) -> Vec<u8> {
+    serde_json::json!({
+        "version": version,
+        "host": host,
+        "decision": "rollback",
+        "reason": "high error rate",
+        "to": "v1",
+        "trigger": "automatic",
+        "at": rollbackd::storage::audit::rfc3339_millis(at),
+    })
+    .to_string()
+    .into_bytes()
+}
+
+fn refused_with(out: &std::process::Output, says: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "stderr: {stderr}");
+    assert!(stderr.contains(says), "{says:?} not in: {stderr}");
+}
+
+/// One raw request line to the daemon's control socket (any client, not the CLI); the
+/// reply lines.
+fn raw_request(setup: &Setup, request: &Value) -> Vec<Value> {
+    use std::io::{BufRead, Write};
+    let mut stream =
+        std::os::unix::net::UnixStream::connect(setup.state().join("rollbackd.sock")).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    stream.write_all(request.to_string().as_bytes()).unwrap();
+    stream.write_all(b"\n").unwrap();
+    std::io::BufReader::new(stream)
+        .lines()
+        .map(|line| serde_json::from_str(&line.unwrap()).unwrap())
+        .collect()
+}
+
+#[test]
+fn a_verdict_written_by_a_host_whose_clock_is_slow_is_followed_by_its_etcd_revision() {
+    if !need_etcd("a_verdict_written_by_a_host_whose_clock_is_slow_is_followed") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(&tmp.path().join("etcd"));
+    let host = fleet_setup(&etcd.url(), "web-1", "follow_verdicts = true\n");
+    let _daemon = host.start();
+    wait_for(Duration::from_secs(20), || fleet_link(&host) == "connected").unwrap();
+    host.promote();
+    // After the promotion, a host whose clock is ten minutes slow rolls v2 back.
+    let slow = std::time::SystemTime::now() - Duration::from_secs(600);
+    etcd.put(
+        "/rollbackd/verdicts/v2/web-9",
+        &verdict_body("v2", "web-9", slow),
+    );
+    wait_for(Duration::from_secs(30), || {
+        !host.events("rollback-executed").is_empty()
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "a verdict written after the promotion was not followed; log:\n{}",
+            host.daemon_log()
+        )
+    });
+    let artifact: Value =
+        serde_json::from_str(&std::fs::read_to_string(&host.artifacts("rollback_")[0]).unwrap())
+            .unwrap();
+    assert_eq!(artifact["trigger"], "fleet", "{artifact}");
+    assert_eq!(host.switches(), ["v1"]);
+}
+
+#[test]
+fn a_verdict_a_forced_promotion_went_past_is_not_followed_after_a_restart_whatever_its_writers_clock(
+) {
+    if !need_etcd("a_verdict_a_forced_promotion_went_past_is_not_followed_after_a_restart") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(&tmp.path().join("etcd"));
+    let host = fleet_setup(&etcd.url(), "web-1", "follow_verdicts = true\n");
+    // Written before the promotion by a host whose clock is a day fast.
+    let fast = std::time::SystemTime::now() + Duration::from_secs(86_400);
+    etcd.put(
+        "/rollbackd/verdicts/v2/web-9",
+        &verdict_body("v2", "web-9", fast),
+    );
+    let daemon = host.start();
+    wait_for(Duration::from_secs(20), || fleet_link(&host) == "connected").unwrap();
+    refused_with(
+        &host.cli(&["promote", "--active", "v2", "--previous", "v1"]),
+        "web-9",
+    );
+    ok(&host.cli(&[
+        "promote",
+        "--active",
+        "v2",
+        "--previous",
+        "v1",
+        "--force",
+        "--reason",
+        "fixed in the config",
+    ]));
+    daemon.terminate();
+    std::fs::remove_file(host.path("daemon.log")).unwrap();
+    let _daemon = host.start();
+    let said =
+        "v2 was rolled back on web-9: high error rate; not following it: written at etcd revision";
+    wait_for(Duration::from_secs(20), || host.daemon_log().contains(said)).unwrap_or_else(|| {
+        panic!(
+            "the restarted daemon did not say why the verdict is not followed; log:\n{}",
+            host.daemon_log()
+        )
+    });
+    assert!(host.switches().is_empty(), "{:?}", host.switches());
+    assert!(host.events("rollback-started").is_empty());
+    assert_eq!(status_json(&host)["session"]["active"], "v2");
+}
+
+#[test]
+fn a_second_host_with_the_same_name_is_refused_and_never_removes_the_first() {
+    if !need_etcd("a_second_host_with_the_same_name_is_refused") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(&tmp.path().join("etcd"));
+    let first = fleet_setup(&etcd.url(), "web-2", "");
+    let twin = fleet_setup(&etcd.url(), "web-2", "");
+    let first_daemon = first.start();
+    wait_for(Duration::from_secs(20), || {
+        fleet_link(&first) == "connected"
+    })
+    .unwrap();
+    first.promote();
+    let registered = || -> Value {
+        etcd.get("/rollbackd/hosts/web-2")
+            .and_then(|v| serde_json::from_slice(&v).ok())
+            .unwrap_or(Value::Null)
+    };
+    wait_for(Duration::from_secs(10), || registered()["active"] == "v2").unwrap();
+
+    // A clone of the image, with the same name, running nothing yet.
+    let twin_daemon = twin.start();
+    wait_for(Duration::from_secs(30), || {
+        let status = status_json(&twin);
+        let error = status["fleet"]["linkError"].as_str().unwrap_or("");
+        status["fleet"]["link"] == "partitioned"
+            && error.contains("web-2")
+            && error.contains("fleet.host")
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "the twin was not refused; status {}; log:\n{}",
+            status_json(&twin),
+            twin.daemon_log()
+        )
+    });
+    assert!(
+        twin.daemon_log()
+            .contains("Set a unique host under [fleet]"),
+        "{}",
+        twin.daemon_log()
+    );
+    assert_eq!(fleet_link(&first), "connected");
+    assert_eq!(registered()["active"], "v2", "the first host's record");
+    // The twin stops (revoking its lease): the first host's registration stays.
+    assert!(twin_daemon.terminate().success());
+    assert_eq!(
+        registered()["active"],
+        "v2",
+        "the twin's stop removed the first host's registration"
+    );
+
+    // The first host killed -9 and started again: it waits out its own previous lease,
+    // then joins again.
+    first_daemon.kill9();
+    let _first = first.start();
+    wait_for(Duration::from_secs(30), || {
+        fleet_link(&first) == "connected"
+    })
+    .unwrap_or_else(|| panic!("not rejoined; log:\n{}", first.daemon_log()));
+    wait_for(Duration::from_secs(10), || registered()["active"] == "v2").unwrap();
+}
+
+#[test]
+fn an_unreadable_verdict_refuses_the_promotion_naming_its_key_with_or_without_a_daemon() {
+    if !need_etcd("an_unreadable_verdict_refuses_the_promotion") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(&tmp.path().join("etcd"));
+    let host = fleet_setup(&etcd.url(), "web-1", "");
+    // No `to` nor `trigger`; and one from a build whose fields have other types.
+    etcd.put(
+        "/rollbackd/verdicts/v8/web-3",
+        br#"{"version": "v8", "host": "web-3", "decision": "rollback", "reason": "bad", "at": "2026-01-01T00:00:00Z"}"#,
+    );
+    etcd.put(
+        "/rollbackd/verdicts/v2/web-4",
+        br#"{"version": "v2", "host": "web-4", "decision": "rollback", "reason": "bad", "to": "v1", "trigger": "automatic", "failureCount": "three", "at": "2026-01-01T00:00:00Z"}"#,
+    );
+    let cases = [
+        ("v8", "/rollbackd/verdicts/v8/web-3"),
+        ("v2", "/rollbackd/verdicts/v2/web-4"),
+    ];
+    // No daemon running: the command's own run applies the same gate.
+    for (version, key) in cases {
+        refused_with(
+            &host.cli(&["promote", "--active", version, "--previous", "v1"]),
+            key,
+        );
+    }
+    let _daemon = host.start();
+    wait_for(Duration::from_secs(20), || fleet_link(&host) == "connected").unwrap();
+    for (version, key) in cases {
+        refused_with(
+            &host.cli(&["promote", "--active", version, "--previous", "v1"]),
+            key,
+        );
+    }
+    assert!(host.events("monitoring-started").is_empty());
+    // Forced past, with a reason.
+    ok(&host.cli(&[
+        "promote",
+        "--active",
+        "v2",
+        "--previous",
+        "v1",
+        "--force",
+        "--reason",
+        "written by a broken build",
+    ]));
+}
+
+#[test]
+fn a_verdict_whose_body_disagrees_with_its_key_is_refused_not_followed_and_blocks_no_other_version()
+{
+    if !need_etcd("a_verdict_whose_body_disagrees_with_its_key") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(&tmp.path().join("etcd"));
+    let follower = fleet_setup(&etcd.url(), "web-1", "follow_verdicts = true\n");
+    let other = fleet_setup(&etcd.url(), "web-2", "");
+    let _daemon = follower.start();
+    wait_for(Duration::from_secs(20), || {
+        fleet_link(&follower) == "connected"
+    })
+    .unwrap();
+    follower.promote();
+    // The key says v9 on web-Z; the body says v2 on web-Q.
+    etcd.put(
+        "/rollbackd/verdicts/v9/web-Z",
+        &verdict_body("v2", "web-Q", std::time::SystemTime::now()),
+    );
+    wait_for(Duration::from_secs(20), || {
+        let log = follower.daemon_log();
+        log.contains("/rollbackd/verdicts/v9/web-Z") && log.contains("does not match its key")
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "the mismatch was not refused; log:\n{}",
+            follower.daemon_log()
+        )
+    });
+    assert!(follower.switches().is_empty(), "{:?}", follower.switches());
+    assert!(follower.events("rollback-started").is_empty());
+    // v2 is not blocked by it; v9 is, naming the key.
+    ok(&other.cli(&["promote", "--active", "v2", "--previous", "v1"]));
+    refused_with(
+        &other.cli(&["promote", "--active", "v9", "--previous", "v1"]),
+        "/rollbackd/verdicts/v9/web-Z",
+    );
+}
+
+#[test]
+fn the_daemon_refuses_a_promotion_of_a_rolled_back_version_from_any_control_socket_client() {
+    if !need_etcd("the_daemon_refuses_a_promotion_from_any_client") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(&tmp.path().join("etcd"));
+    let host = fleet_setup(&etcd.url(), "web-1", "");
+    let _daemon = host.start();
+    wait_for(Duration::from_secs(20), || fleet_link(&host) == "connected").unwrap();
+    etcd.put(
+        "/rollbackd/verdicts/v2/web-9",
+        &verdict_body("v2", "web-9", std::time::SystemTime::now()),
+    );
+    wait_for(Duration::from_secs(10), || {
+        status_json(&host)["fleet"]["verdictCount"] == 1
+    })
+    .unwrap();
+    let replies = raw_request(
+        &host,
+        &serde_json::json!({"command": "promote", "active": "v2", "previous": "v1"}),
+    );
+    let last = replies.last().unwrap();
+    assert_eq!(last["type"], "failed", "{replies:?}");
+    assert_eq!(last["exit"], 3, "{replies:?}");
+    assert!(
+        last["message"].as_str().unwrap().contains("web-9"),
+        "{last}"
+    );
+    assert!(host.events("monitoring-started").is_empty());
+    // Forcing needs a reason, on the socket as on the command line.
+    let replies = raw_request(
+        &host,
+        &serde_json::json!({"command": "promote", "active": "v2", "previous": "v1", "force": true}),
+    );
+    assert_eq!(replies.last().unwrap()["exit"], 2, "{replies:?}");
+    let replies = raw_request(
+        &host,
+        &serde_json::json!({"command": "promote", "active": "v2", "previous": "v1",
+                            "force": true, "reason": "fixed in the config"}),
+    );
+    assert_eq!(replies.last().unwrap()["type"], "done", "{replies:?}");
+    assert_eq!(host.events("monitoring-started").len(), 1);
+    assert!(
+        host.daemon_log()
+            .contains("promotion forced past the fleet's rollback verdicts"),
+        "{}",
+        host.daemon_log()
+    );
+}
+
+#[test]
+fn a_fleet_reset_waits_out_each_hosts_reset_quiet_period_unless_forced() {
+    if !need_etcd("a_fleet_reset_waits_out_each_hosts_reset_quiet_period") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(&tmp.path().join("etcd"));
+    let long = fleet_setup(
+        &etcd.url(),
+        "long",
+        "[kill_switch]\nreset_quiet_period = \"10m\"\n",
+    );
+    let short = fleet_setup(
+        &etcd.url(),
+        "short",
+        "[kill_switch]\nreset_quiet_period = \"4s\"\n",
+    );
+    let _l = long.start();
+    let _s = short.start();
+    for setup in [&long, &short] {
+        wait_for(Duration::from_secs(20), || fleet_link(setup) == "connected").unwrap();
+        // Checks fail on both: each rolls back (and has failed checks to count).
+        setup.promote();
+        setup.routes.error_rate(0.5);
+    }
+    for setup in [&long, &short] {
+        wait_for(Duration::from_secs(30), || {
+            !setup.events("rollback-executed").is_empty()
+        })
+        .unwrap_or_else(|| panic!("no rollback; log:\n{}", setup.daemon_log()));
+    }
+    ok(&long.cli(&["kill-switch", "set", "--fleet", "--reason", "bad release"]));
+    for setup in [&long, &short] {
+        wait_for(Duration::from_secs(10), || {
+            kill_value(setup).as_deref() == Some("1")
+        })
+        .unwrap();
+    }
+    let out = ok(&long.cli(&["kill-switch", "reset", "--fleet", "--reason", "fixed"]));
+    let held = "inside the reset quiet period";
+    for setup in [&long, &short] {
+        wait_for(Duration::from_secs(10), || {
+            setup.daemon_log().contains(held)
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "the fleet reset did not wait for the quiet period; kill switch {:?}; log:\n{}",
+                kill_value(setup),
+                setup.daemon_log()
+            )
+        });
+        assert_eq!(kill_value(setup).as_deref(), Some("1"));
+    }
+    // The command said so.
+    assert!(out.contains("reset_quiet_period"), "{out}");
+    // The short quiet period ends: that host resets with the fleet, on its own.
+    wait_for(Duration::from_secs(20), || {
+        kill_value(&short).as_deref() == Some("0")
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "not reset after the quiet period; log:\n{}",
+            short.daemon_log()
+        )
+    });
+    assert_eq!(kill_value(&long).as_deref(), Some("1"));
+    let view: Value = serde_json::from_str(&ok(&long.cli(&["fleet", "status", "--json"]))).unwrap();
+    let long_row = view["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["host"] == "long")
+        .cloned()
+        .unwrap();
+    assert_eq!(long_row["mirrored"], false, "{view}");
+    // Forced, with a reason: every host now.
+    ok(&long.cli(&[
+        "kill-switch",
+        "reset",
+        "--fleet",
+        "--force",
+        "--reason",
+        "verified by hand",
+    ]));
+    wait_for(Duration::from_secs(10), || {
+        kill_value(&long).as_deref() == Some("0")
+    })
+    .unwrap_or_else(|| panic!("the forced reset did not land; log:\n{}", long.daemon_log()));
+}
+
+#[test]
+fn after_a_restart_an_idle_host_registers_the_version_it_runs() {
+    if !need_etcd("after_a_restart_an_idle_host_registers_the_version_it_runs") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(&tmp.path().join("etcd"));
+    let host = fleet_setup(&etcd.url(), "web-4", "");
+    let daemon = host.start();
+    wait_for(Duration::from_secs(20), || fleet_link(&host) == "connected").unwrap();
+    host.promote();
+    ok(&host.cli(&["rollback", "--reason", "by hand", "--yes"]));
+    assert_eq!(status_json(&host)["state"], "idle");
+    assert!(daemon.terminate().success());
+    let _daemon = host.start();
+    assert_eq!(status_json(&host)["workers"]["active"], "v1");
+    wait_for(Duration::from_secs(20), || {
+        let out = host.cli(&["fleet", "status", "--json"]);
+        let view: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        view["hosts"]
+            .as_array()
+            .is_some_and(|h| h.len() == 1 && h[0]["active"] == "v1" && h[0]["state"] == "idle")
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "the idle host registered without its version: {}",
+            String::from_utf8_lossy(&host.cli(&["fleet", "status"]).stdout)
+        )
+    });
+}
+
+#[test]
+fn a_verdict_deleted_in_etcd_no_longer_refuses_the_promotion() {
+    if !need_etcd("a_verdict_deleted_in_etcd_no_longer_refuses_the_promotion") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(&tmp.path().join("etcd"));
+    let host = fleet_setup(&etcd.url(), "web-1", "");
+    let _daemon = host.start();
+    wait_for(Duration::from_secs(20), || fleet_link(&host) == "connected").unwrap();
+    etcd.put(
+        "/rollbackd/verdicts/v2/web-9",
+        &verdict_body("v2", "web-9", std::time::SystemTime::now()),
+    );
+    let listed = || status_json(&host)["fleet"]["verdictCount"] == 1;
+    wait_for(Duration::from_secs(10), listed).unwrap();
+    refused_with(
+        &host.cli(&["promote", "--active", "v2", "--previous", "v1"]),
+        "web-9",
+    );
+    // `etcdctl del /rollbackd/verdicts/v2/ --prefix`, as docs/FLEET.md says.
+    etcd.delete("/rollbackd/verdicts/v2/", true);
+    wait_for(Duration::from_secs(10), || !listed())
+        .unwrap_or_else(|| panic!("the delete was not seen: {}", status_json(&host)));
+    host.promote();
+}
+
+#[test]
+fn during_the_stability_watch_a_verdict_for_the_restored_version_counts_only_if_etcd_wrote_it_after_the_watch_began(
+) {
+    if !need_etcd("during_the_stability_watch_a_verdict_for_the_restored_version_counts_only_if") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(&tmp.path().join("etcd"));
+    let host = fleet_setup(
+        &etcd.url(),
+        "web-1",
+        "follow_verdicts = true\n[rollback]\nstability_period = \"5m\"\n",
+    );
+    // Before anything here: web-8 rolled v1 back once, its clock a day fast.
+    let fast = std::time::SystemTime::now() + Duration::from_secs(86_400);
+    etcd.put(
+        "/rollbackd/verdicts/v1/web-8",
+        &verdict_body("v1", "web-8", fast),
+    );
+    let daemon = host.start();
+    wait_for(Duration::from_secs(20), || fleet_link(&host) == "connected").unwrap();
+    // v2 goes bad here: rolled back to a healthy v1, which is watched.
+    std::fs::write(host.path("slow"), "1").unwrap();
+    host.promote();
+    host.routes.error_rate(0.45);
+    wait_for(Duration::from_secs(20), || {
+        !host.events("rollback-started").is_empty()
+    })
+    .unwrap_or_else(|| panic!("no rollback; log:\n{}", host.daemon_log()));
+    host.routes.error_rate(0.01);
+    wait_for(Duration::from_secs(20), || {
+        !host.events("stability-watch-started").is_empty()
+    })
+    .unwrap_or_else(|| panic!("no watch; log:\n{}", host.daemon_log()));
+    // A restart hands the old verdict over again: it was there before the watch began.
+    assert!(daemon.terminate().success());
+    std::fs::remove_file(host.path("daemon.log")).unwrap();
+    let _daemon = host.start();
+    let said =
+        "v1 was rolled back on web-8: high error rate; not following it: written at etcd revision";
+    wait_for(Duration::from_secs(20), || host.daemon_log().contains(said)).unwrap_or_else(|| {
+        panic!(
+            "the old verdict was not set aside; log:\n{}",
+            host.daemon_log()
+        )
+    });
+    assert!(
+        host.daemon_log()
+            .contains("before its stability watch began"),
+        "{}",
+        host.daemon_log()
+    );
+    assert_eq!(status_json(&host)["state"], "stability-watch");
+    // One written now — by a host whose clock is a day slow — fails the watch.
+    let slow = std::time::SystemTime::now() - Duration::from_secs(86_400);
+    etcd.put(
+        "/rollbackd/verdicts/v1/web-9",
+        &verdict_body("v1", "web-9", slow),
+    );
+    wait_for(Duration::from_secs(20), || {
+        !host.events("escalation-triggered").is_empty()
+    })
+    .unwrap_or_else(|| panic!("the watch did not fail; log:\n{}", host.daemon_log()));
+    let failed = &host.events("stability-failed")[0];
+    assert!(
+        failed["reason"]
+            .as_str()
+            .unwrap()
+            .contains("v1 was rolled back on web-9"),
+        "{failed}"
+    );
+    assert_eq!(host.switches(), ["v1"], "never a second rollback");
+}
+
+#[test]
+fn status_summarises_thousands_of_verdicts_and_lists_those_of_the_versions_this_host_runs() {
+    if !need_etcd("status_summarises_thousands_of_verdicts") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(&tmp.path().join("etcd"));
+    // 1,000 hosts × 5 bad releases, each with a long reason: over 5 MB of verdicts.
+    let reason = "r".repeat(1000);
+    let mut kvs = Vec::new();
+    for release in 0..5 {
+        for host in 0..1000 {
+            let body = serde_json::json!({
+                "version": format!("w{release}"), "host": format!("web-{host}"),
+                "decision": "rollback", "reason": reason, "to": "v1",
+                "trigger": "automatic", "at": "2026-01-01T00:00:00Z",
+            });
+            kvs.push((
+                format!("/rollbackd/verdicts/w{release}/web-{host}"),
+                body.to_string().into_bytes(),
+            ));
+        }
+    }
+    etcd.put_many(&kvs);
+    let host = fleet_setup(&etcd.url(), "web-1", "");
+    let _daemon = host.start();
+    wait_for(Duration::from_secs(20), || fleet_link(&host) == "connected").unwrap();
+    host.promote();
+    etcd.put(
+        "/rollbackd/verdicts/v2/web-9",
+        &verdict_body("v2", "web-9", std::time::SystemTime::now()),
+    );
+    wait_for(Duration::from_secs(20), || {
+        status_json(&host)["fleet"]["verdictCount"] == 5001
+    })
+    .unwrap_or_else(|| {
+        let out = host.cli(&["status", "--json"]);
+        panic!(
+            "status does not summarise: exit {:?}, {} bytes, stderr {}",
+            out.status,
+            out.stdout.len(),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    let out = host.cli(&["status", "--json"]);
+    assert!(out.stdout.len() < 64 * 1024, "{} bytes", out.stdout.len());
+    let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let listed = status["fleet"]["verdicts"].as_array().unwrap();
+    assert_eq!(listed.len(), 1, "{status}");
+    assert_eq!(listed[0]["host"], "web-9");
+    assert_eq!(status["fleet"]["verdictVersions"], 6);
+    let human = ok(&host.cli(&["status"]));
+    assert!(human.contains("5001 in etcd for 6 versions"), "{human}");
+    assert!(human.contains("v2 rolled back on web-9"), "{human}");
+}

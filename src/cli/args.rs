@@ -292,13 +292,14 @@ pub enum KillSwitchAction {
         /// Why (one line, at most 1024 characters)
         #[arg(long, value_parser = crate::text::parse_reason)]
         reason: Option<String>,
-        /// Reset even inside the quiet period, or while the fleet kill switch is on (needs
-        /// --reason)
+        /// Reset even inside the quiet period, or while the fleet kill switch is on; with
+        /// --fleet, on every host whatever its quiet period (needs --reason)
         #[arg(long, requires = "reason")]
         force: bool,
         /// Reset the fleet kill switch (needs --reason). A host whose own kill switch was
-        /// set there (an escalation, kill-switch set) keeps it on
-        #[arg(long, requires = "reason", conflicts_with = "force")]
+        /// set there (an escalation, kill-switch set) keeps it on; a host where a check
+        /// failed within its reset_quiet_period keeps it on until that ends, unless --force
+        #[arg(long, requires = "reason")]
         fleet: bool,
     },
     /// Show the kill switch's value

@@ -30,12 +30,15 @@ pub async fn run(command: &Command, loaded: &LoadedConfig) -> anyhow::Result<u8>
             previous,
             baseline_error_rate,
             baseline_latency_p95_ms,
-            ..
+            force,
+            reason,
         } => Request::Promote {
             active: active.clone(),
             previous: previous.clone(),
             baseline_error_rate: *baseline_error_rate,
             baseline_latency_p95_ms: *baseline_latency_p95_ms,
+            force: *force,
+            reason: reason.clone(),
         },
         Command::Status { .. } => Request::Status,
         Command::Rollback {
@@ -54,15 +57,15 @@ pub async fn run(command: &Command, loaded: &LoadedConfig) -> anyhow::Result<u8>
                 fleet: true,
             } => {
                 let reason = reason.clone().unwrap_or_default();
-                return crate::cli::fleet::kill_switch(loaded, "1", &reason).await;
+                return crate::cli::fleet::kill_switch(loaded, "1", &reason, false).await;
             }
             KillSwitchAction::Reset {
                 reason,
                 fleet: true,
-                ..
+                force,
             } => {
                 let reason = reason.clone().unwrap_or_default();
-                return crate::cli::fleet::kill_switch(loaded, "0", &reason).await;
+                return crate::cli::fleet::kill_switch(loaded, "0", &reason, *force).await;
             }
             KillSwitchAction::Set { reason, .. } => Request::KillSwitchSet {
                 reason: reason.clone().unwrap_or_else(|| "manual".into()),
@@ -83,17 +86,6 @@ pub async fn run(command: &Command, loaded: &LoadedConfig) -> anyhow::Result<u8>
     if let Err(problem) = request.validate() {
         eprintln!("rollbackd: {problem}");
         return Ok(exit::USAGE);
-    }
-
-    // A version another host of the fleet rolled back is not promoted unless forced.
-    if let Command::Promote {
-        active,
-        force,
-        reason,
-        ..
-    } = command
-    {
-        crate::cli::fleet::check_promotion(loaded, active, *force, reason.as_deref()).await?;
     }
 
     if let Command::Rollback {
@@ -358,13 +350,27 @@ async fn local(request: &Request, loaded: &LoadedConfig) -> anyhow::Result<Value
         // The switch and verify hooks are about to run: the same checks as `run`'s.
         crate::daemon::service::check_runnable(loaded)?;
     }
-    one_shot(request, loaded).await
+    // A version another host of the fleet rolled back is not promoted unless forced: the
+    // daemon's gate, over what this command reads from etcd.
+    let fleet = match (request, &loaded.config.fleet) {
+        (Request::Promote { active, .. }, Some(fleet)) => {
+            Some(crate::daemon::fleet::FleetInputs::Read(
+                crate::cli::fleet::read_for_promotion(fleet, active).await,
+            ))
+        }
+        _ => None,
+    };
+    one_shot(request, loaded, fleet).await
 }
 
 /// Runs one operator command through the daemon's own Supervisor and effect runner, in
 /// this process (the caller holds the state lock): the same validation, records and
 /// actions as with a daemon, and nothing checked. Progress goes to stderr as it arrives.
-async fn one_shot(request: &Request, loaded: &LoadedConfig) -> anyhow::Result<Value> {
+async fn one_shot(
+    request: &Request,
+    loaded: &LoadedConfig,
+    fleet: Option<crate::daemon::fleet::FleetInputs>,
+) -> anyhow::Result<Value> {
     let (commands_tx, commands_rx) = mpsc::channel(1);
     let (replies_tx, mut replies_rx) = mpsc::channel(16);
     commands_tx
@@ -377,7 +383,7 @@ async fn one_shot(request: &Request, loaded: &LoadedConfig) -> anyhow::Result<Va
         .map_err(|_| anyhow::anyhow!("the in-process runner is gone"))?;
     drop(commands_tx);
     let inputs = DriverInputs {
-        fleet: None,
+        fleet,
         one_shot: true,
         factory: crate::daemon::service::real_adapters(),
         clock: Arc::new(SystemClock),

@@ -250,6 +250,8 @@ pub async fn run(out: &mut (dyn Write + Send)) -> anyhow::Result<u8> {
             previous: "v1".into(),
             baseline_error_rate: None,
             baseline_latency_p95_ms: None,
+            force: false,
+            reason: None,
         },
         |_, _| {},
     )

@@ -8,10 +8,11 @@ use std::time::SystemTime;
 use serde_json::{json, Value};
 
 use crate::config::{ConfigError, ConfigIssue, FleetConfig, LoadedConfig};
-use crate::exit::{self, Refused};
-use crate::fleet::{FleetKillSwitch, HostRecord, Keys, Verdict};
+use crate::daemon::fleet::FleetRead;
+use crate::exit;
+use crate::fleet::{FleetKillSwitch, HostRecord, Keys, Known, VerdictEntry};
 use crate::storage::audit::rfc3339_millis;
-use crate::text::{escape, Escaped};
+use crate::text::escape;
 
 fn fleet_config(loaded: &LoadedConfig) -> Result<&FleetConfig, ConfigError> {
     loaded.config.fleet.as_ref().ok_or_else(|| {
@@ -31,8 +32,15 @@ fn operator() -> String {
     crate::storage::statedir::user_name(uid).unwrap_or_else(|| uid.to_string())
 }
 
-/// `kill-switch set|reset --fleet --reason R`: one put of the fleet key.
-pub async fn kill_switch(loaded: &LoadedConfig, value: &str, reason: &str) -> anyhow::Result<u8> {
+/// `kill-switch set|reset --fleet --reason R [--force]`: one put of the fleet key. A reset
+/// is mirrored by each host as a local reset would be: not while a check failed there
+/// within its `reset_quiet_period` (it waits that out), unless `force`.
+pub async fn kill_switch(
+    loaded: &LoadedConfig,
+    value: &str,
+    reason: &str,
+    force: bool,
+) -> anyhow::Result<u8> {
     let config = fleet_config(loaded)?;
     let store = crate::fleet::store_for(config)?;
     let keys = Keys::new(&config.prefix);
@@ -42,6 +50,7 @@ pub async fn kill_switch(loaded: &LoadedConfig, value: &str, reason: &str) -> an
         reason: reason.to_owned(),
         at: rfc3339_millis(SystemTime::now()),
         from_host: Some(config.host.clone()),
+        force: force && value == "0",
     };
     let bytes = serde_json::to_vec(&record)?;
     match store.put(&keys.kill_switch(), bytes, None).await {
@@ -61,10 +70,15 @@ pub async fn kill_switch(loaded: &LoadedConfig, value: &str, reason: &str) -> an
                 "fleet kill switch {} at revision {revision}; {was}. Every daemon mirrors it \
                  into its host's database; `rollbackd fleet status` shows which have{}",
                 if value == "1" { "ON" } else { "off" },
-                if value == "1" {
-                    ""
-                } else {
-                    " (a host whose own kill switch was set there keeps it on)"
+                match (value, force) {
+                    ("1", _) => "",
+                    (_, false) =>
+                        " (a host whose own kill switch was set there keeps it on; a host where \
+                         a check failed within its kill_switch.reset_quiet_period keeps it on \
+                         until that ends: --force resets those now)",
+                    (_, true) =>
+                        " (forced: also on hosts inside their kill_switch.reset_quiet_period; a \
+                         host whose own kill switch was set there keeps it on)",
                 }
             );
             Ok(exit::SUCCESS)
@@ -81,85 +95,37 @@ pub async fn kill_switch(loaded: &LoadedConfig, value: &str, reason: &str) -> an
     }
 }
 
-/// Refuses (exit 3) to promote `version` when a host of the fleet rolled it back, unless
-/// `force` (with its reason). Without a fleet, or with etcd unreachable, the promotion
-/// goes ahead (said on stderr): the host's own guard still watches the canary.
-pub async fn check_promotion(
-    loaded: &LoadedConfig,
-    version: &str,
-    force: bool,
-    reason: Option<&str>,
-) -> anyhow::Result<()> {
-    let Some(config) = loaded.config.fleet.as_ref() else {
-        return Ok(());
+/// Reads the verdicts of `version` for a `promote` run without a daemon (the daemon's
+/// gate then judges them, as it judges its own). Never fails: what cannot be read is said
+/// by `known` (this user's credentials that cannot be used fail the gate closed; an etcd
+/// that cannot be reached lets the promotion through with a warning).
+pub async fn read_for_promotion(config: &crate::config::FleetConfig, version: &str) -> FleetRead {
+    use crate::fleet::store::FleetError;
+    let keys = crate::fleet::Keys::new(&config.prefix);
+    let listed = match crate::fleet::store_for(config) {
+        Ok(store) => store.list(&keys.verdicts_of(version)).await,
+        Err(err) => Err(err),
     };
-    let store = crate::fleet::store_for(config)?;
-    let keys = Keys::new(&config.prefix);
-    let kvs = match store.list(&keys.verdicts_of(version)).await {
-        Ok((kvs, _)) => kvs,
-        // This user's credentials are the problem, not etcd: fail closed, or the check
-        // that stops a rollout would silently stop for whoever cannot read the files.
-        Err(err @ crate::fleet::store::FleetError::Credentials(_)) if !force => {
-            return Err(anyhow::anyhow!(
-                "cannot check the fleet's verdicts for {} ({err}); mend that (or run as a \
-                 user who can read the files), or promote with --force --reason .. to skip \
-                 the check",
-                Escaped(version)
-            ));
-        }
-        Err(err) => {
-            eprintln!(
-                "rollbackd: warning: cannot check the fleet's verdicts for {} ({err}); promoting \
-                 without that check",
-                Escaped(version)
-            );
-            return Ok(());
-        }
-    };
-    let verdicts: Vec<Verdict> = kvs
-        .iter()
-        .filter_map(|kv| Verdict::parse(&kv.value))
-        .collect();
-    let Some(first) = verdicts.first() else {
-        return Ok(());
-    };
-    let hosts: Vec<String> = verdicts
-        .iter()
-        .map(|v| {
-            format!(
-                "{} ({}, {})",
-                escape(&v.host),
-                escape(&v.reason),
-                escape(&v.at)
-            )
-        })
-        .collect();
-    if force {
-        eprintln!(
-            "rollbackd: warning: {} was rolled back on {}; promoting anyway (--force): {}",
-            Escaped(version),
-            hosts.join("; "),
-            Escaped(reason.unwrap_or(""))
-        );
-        tracing::warn!(version, reason = reason.unwrap_or(""), operator = %operator(), "promotion forced past the fleet's rollback verdicts");
-        return Ok(());
+    match listed {
+        Ok((kvs, revision)) => FleetRead {
+            entries: kvs
+                .iter()
+                .map(|kv| VerdictEntry::read(&keys, &kv.key, &kv.value, kv.mod_revision))
+                .collect(),
+            revision,
+            known: Known::Complete,
+        },
+        Err(err @ FleetError::Credentials(_)) => FleetRead {
+            entries: Vec::new(),
+            revision: 0,
+            known: Known::Credentials(err.to_string()),
+        },
+        Err(err) => FleetRead {
+            entries: Vec::new(),
+            revision: 0,
+            known: Known::Stale(err.to_string()),
+        },
     }
-    Err(Refused(format!(
-        "{} was rolled back on host {}: {}{}; promote it anyway with --force --reason ..",
-        escape(version),
-        escape(&first.host),
-        escape(&first.reason),
-        if hosts.len() > 1 {
-            format!(
-                " (and on {} more: {})",
-                hosts.len() - 1,
-                hosts[1..].join("; ")
-            )
-        } else {
-            String::new()
-        }
-    ))
-    .into())
 }
 
 /// `fleet status [--json]`.
@@ -187,10 +153,12 @@ pub async fn status(loaded: &LoadedConfig, json_out: bool) -> anyhow::Result<u8>
         .iter()
         .filter_map(|kv| serde_json::from_slice(&kv.value).ok())
         .collect();
-    let verdicts: Vec<Verdict> = verdicts
+    let entries: Vec<VerdictEntry> = verdicts
         .iter()
-        .filter_map(|kv| Verdict::parse(&kv.value))
+        .map(|kv| VerdictEntry::read(&keys, &kv.key, &kv.value, kv.mod_revision))
         .collect();
+    let verdicts: Vec<_> = entries.iter().filter_map(VerdictEntry::verdict).collect();
+    let unusable: Vec<&VerdictEntry> = entries.iter().filter(|e| e.body.is_err()).collect();
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     if json_out {
@@ -206,6 +174,10 @@ pub async fn status(loaded: &LoadedConfig, json_out: bool) -> anyhow::Result<u8>
                 v
             }).collect::<Vec<_>>(),
             "verdicts": verdicts,
+            "unusableVerdicts": unusable.iter().map(|e| json!({
+                "key": e.key, "version": e.version, "host": e.host,
+                "error": e.body.as_ref().err(), "revision": e.mod_revision,
+            })).collect::<Vec<_>>(),
         });
         writeln!(out, "{}", serde_json::to_string_pretty(&value)?)?;
         return Ok(exit::SUCCESS);
@@ -245,6 +217,14 @@ pub async fn status(loaded: &LoadedConfig, json_out: bool) -> anyhow::Result<u8>
             escape(host.kill_switch.as_deref().unwrap_or("unset")),
             if mirrored { "yes" } else { "NO" },
             escape(&host.updated_at)
+        )?;
+    }
+    for entry in &unusable {
+        writeln!(
+            out,
+            "UNUSABLE           {}; it refuses a promotion of {} until deleted or forced past",
+            entry.unusable().unwrap_or_default(),
+            escape(&entry.version)
         )?;
     }
     if verdicts.is_empty() {

@@ -47,9 +47,24 @@ mod tests {
                     previous: "v1".into(),
                     baseline_error_rate: Some(0.01),
                     baseline_latency_p95_ms: None,
+                    force: false,
+                    reason: None,
                 },
                 json!({"command": "promote", "active": "v2", "previous": "v1",
                        "baseline_error_rate": 0.01, "baseline_latency_p95_ms": null}),
+            ),
+            (
+                Request::Promote {
+                    active: "v2".into(),
+                    previous: "v1".into(),
+                    baseline_error_rate: None,
+                    baseline_latency_p95_ms: None,
+                    force: true,
+                    reason: Some("fixed".into()),
+                },
+                json!({"command": "promote", "active": "v2", "previous": "v1",
+                       "baseline_error_rate": null, "baseline_latency_p95_ms": null,
+                       "force": true, "reason": "fixed"}),
             ),
             (
                 Request::Rollback {

@@ -34,6 +34,13 @@ pub enum Request {
         baseline_error_rate: Option<f64>,
         #[serde(default)]
         baseline_latency_p95_ms: Option<f64>,
+        /// Promote even though the fleet's verdicts refuse it (needs `reason`). Left out
+        /// of the line when false, so a request that does not force reads as before.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        force: bool,
+        /// Why `force` (operator text).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
     },
     Rollback {
         reason: String,
@@ -82,10 +89,19 @@ impl Request {
         use crate::text::{check_operator_text, check_worker_id};
         match self {
             Request::Promote {
-                active, previous, ..
+                active,
+                previous,
+                force,
+                reason,
+                ..
             } => {
                 check_worker_id(active).map_err(|e| format!("active: {e}"))?;
-                check_worker_id(previous).map_err(|e| format!("previous: {e}"))
+                check_worker_id(previous).map_err(|e| format!("previous: {e}"))?;
+                match reason {
+                    Some(reason) => check_operator_text("reason", reason),
+                    None if *force => Err("force needs a reason (--force --reason ..)".into()),
+                    None => Ok(()),
+                }
             }
             Request::Rollback { reason, .. }
             | Request::KillSwitchSet { reason }

@@ -328,6 +328,26 @@ fn render_fleet(fleet: &Value, out: &mut impl Write) -> std::io::Result<()> {
     } else if fleet["link"] == "connected" {
         writeln!(out, "fleet kill   off (never set)")?;
     }
+    if let Some(why) = fleet["resetHeld"].as_str() {
+        writeln!(
+            out,
+            "fleet reset  held here until this host's reset quiet period ends: {}",
+            escape(why)
+        )?;
+    }
+    let count = fleet["verdictCount"].as_u64().unwrap_or(0);
+    if count > 0 {
+        writeln!(
+            out,
+            "verdicts     {count} in etcd for {} versions (`rollbackd fleet status` lists them){}",
+            fleet["verdictVersions"].as_u64().unwrap_or(0),
+            if fleet["verdicts"].as_array().is_some_and(|v| !v.is_empty()) {
+                "; about the versions this host runs:"
+            } else {
+                "; none about the versions this host runs"
+            }
+        )?;
+    }
     if let Some(verdicts) = fleet["verdicts"].as_array() {
         for verdict in verdicts {
             writeln!(
@@ -336,6 +356,25 @@ fn render_fleet(fleet: &Value, out: &mut impl Write) -> std::io::Result<()> {
                 text(&verdict["version"], "?"),
                 text(&verdict["host"], "?"),
                 text(&verdict["reason"], "")
+            )?;
+        }
+    }
+    let unusable_count = fleet["unusableCount"].as_u64().unwrap_or(0);
+    let unusable_listed = fleet["unusableVerdicts"].as_array().map_or(0, Vec::len) as u64;
+    if unusable_count > unusable_listed {
+        writeln!(
+            out,
+            "verdict      UNUSABLE: {unusable_count} keys under verdicts/ cannot be used (the first {unusable_listed} below; `rollbackd fleet status` lists them all)"
+        )?;
+    }
+    if let Some(unusable) = fleet["unusableVerdicts"].as_array() {
+        for entry in unusable {
+            writeln!(
+                out,
+                "verdict      UNUSABLE at {}: {} (refuses a promotion of {})",
+                text(&entry["key"], "?"),
+                text(&entry["error"], "?"),
+                text(&entry["version"], "?")
             )?;
         }
     }

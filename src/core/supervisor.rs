@@ -390,13 +390,14 @@ pub enum Input {
     KillSwitchReset {
         operator: String,
     },
-    /// Another host of the fleet recorded that it rolled `version` back, at `at`
-    /// (`fleet.follow_verdicts`; the runner feeds only verdicts of other hosts).
+    /// Another host of the fleet recorded that it rolled `version` back
+    /// (`fleet.follow_verdicts`). The runner feeds only verdicts of other hosts that are
+    /// news to this session: written (by etcd's revision, never the writer's clock) after
+    /// this host promoted the version, or after its stability watch began.
     FleetVerdict {
         version: String,
         host: String,
         reason: String,
-        at: SystemTime,
     },
     /// A new configuration was accepted: the window is judged again under it.
     Reload(Box<Settings>),
@@ -470,7 +471,6 @@ struct DeferredVerdict {
     version: String,
     host: String,
     reason: String,
-    at: SystemTime,
 }
 
 /// At most this many of a session's checks make its healthy-session stats.
@@ -800,8 +800,7 @@ impl Supervisor {
                 version,
                 host,
                 reason,
-                at,
-            } => self.fleet_verdict(now, version, host, reason, at),
+            } => self.fleet_verdict(now, version, host, reason),
             Input::Reload(settings) => self.reload(*settings),
         }
     }
@@ -809,32 +808,31 @@ impl Supervisor {
     /// A verdict of another host about `version`: roll back too when this session runs it,
     /// through the same policy as the host's own verdicts — nothing while paused, in a
     /// dry run, during another action or in an escalated session; an escalation when no
-    /// previous worker is known or the hour's rollback budget is spent. A verdict older
-    /// than the promotion was there to see when the version was promoted (refused, or
-    /// forced past): it is not followed.
-    fn fleet_verdict(
-        &mut self,
-        now: Now,
-        version: String,
-        host: String,
-        reason: String,
-        at: SystemTime,
-    ) {
+    /// previous worker is known or the hour's rollback budget is spent. Which verdicts are
+    /// news (written after the promotion, or after the watch began) is the runner's to
+    /// say, by etcd revision; every verdict not followed here is logged with why.
+    fn fleet_verdict(&mut self, now: Now, version: String, host: String, reason: String) {
+        let why = format!("fleet: {version} was rolled back on {host}: {reason}");
         let Some(session) = self.session.as_ref() else {
+            tracing::warn!("{why}; not following it: no monitoring session runs here");
             return;
         };
         let watch = session.watching().cloned();
-        let since = watch
-            .as_ref()
-            .map_or(session.record.promoted_at, Stability::started_at);
         let watched = session.record.state == SessionState::StabilityWatch && watch.is_some();
-        if session.record.active != version
-            || !(session.record.state == SessionState::Monitoring || watched)
-            || at < since
-        {
+        if session.record.active != version {
+            tracing::warn!(
+                "{why}; not following it: this host's session runs {}",
+                session.record.active
+            );
             return;
         }
-        let why = format!("fleet: {version} was rolled back on {host}: {reason}");
+        if !(session.record.state == SessionState::Monitoring || watched) {
+            tracing::warn!(
+                "{why}; not following it: the session is {}",
+                session.record.state.as_str()
+            );
+            return;
+        }
         let not_taken = if let Some(action) = &self.action {
             Some(format!("a {} is in progress", action.kind.as_str()))
         } else if session.record.paused {
@@ -858,7 +856,6 @@ impl Supervisor {
                         version,
                         host,
                         reason,
-                        at,
                     });
                 }
             }
@@ -2225,11 +2222,10 @@ impl Supervisor {
                 version,
                 host,
                 reason,
-                at,
             }) = deferred
             {
                 tracing::warn!(%version, %host, "resumed: the fleet verdict that came while monitoring was paused is followed now");
-                self.fleet_verdict(now, version, host, reason, at);
+                self.fleet_verdict(now, version, host, reason);
             }
         }
     }

@@ -394,6 +394,8 @@ pub struct Driver {
     side_tasks: Vec<tokio::task::JoinHandle<()>>,
     /// The fleet as last reported by the fleet agent (`[fleet]` configured).
     fleet: Option<fleet::FleetState>,
+    /// A command run without a daemon: the verdicts it read for a promotion.
+    fleet_read: Option<fleet::FleetRead>,
 }
 
 impl Driver {
@@ -446,6 +448,7 @@ impl Driver {
             db_restored: None,
             side_tasks: Vec::new(),
             fleet: None,
+            fleet_read: None,
         };
         driver.restore().await?;
         driver.prune_sessions().await;
@@ -501,6 +504,7 @@ impl Driver {
                 }
                 Some((id, outcome)) = actions_rx.recv() => {
                     driver.action_finished(id, outcome).await;
+                    driver.fleet_track_session().await;
                     driver.publish_status(&inputs.on_status);
                 }
                 Some(done) = checks_rx.recv() => {
@@ -570,10 +574,13 @@ impl Driver {
                         driver.retry_state().await;
                     }
                     driver.fleet_save_hold().await;
+                    driver.fleet_release_waiting(true).await;
+                    driver.fleet_retry_quiet();
                     driver.publish_status(&inputs.on_status);
                 }
             }
         }
+        driver.fleet_drop_waiting().await;
         for task in std::mem::take(&mut driver.side_tasks) {
             let _ = task.await;
         }

@@ -140,6 +140,16 @@ impl Driver {
     }
 
     pub(super) async fn command(&mut self, command: Command) {
+        if let Request::Promote { .. } = command.request {
+            // The fleet's verdicts are read once the agent has said something: a
+            // promotion right after the daemon started waits for it (a few seconds).
+            if self.fleet_promotion_waits() {
+                self.fleet_wait(command);
+            } else {
+                self.promote(command).await;
+            }
+            return;
+        }
         let Command {
             operator,
             request,
@@ -149,36 +159,7 @@ impl Driver {
             Request::Status => Reply::Done {
                 result: serde_json::to_value(self.status_report().await).unwrap_or_default(),
             },
-            Request::Promote {
-                active,
-                previous,
-                baseline_error_rate,
-                baseline_latency_p95_ms,
-            } => {
-                let baseline = (baseline_error_rate.is_some() || baseline_latency_p95_ms.is_some())
-                    .then_some(Baseline {
-                        error_rate: baseline_error_rate,
-                        latency_p95_ms: baseline_latency_p95_ms,
-                        source: Some(crate::core::check::BaselineSource::Operator),
-                        ..Baseline::default()
-                    });
-                let reply = self.expect_reply(replies);
-                // An operator's baseline comes first: nothing to ask Prometheus then.
-                let prometheus = match baseline {
-                    Some(_) => None,
-                    None => self.prometheus_baseline(&previous).await,
-                };
-                self.feed(Input::Promote {
-                    operator: operator.name,
-                    active,
-                    previous,
-                    baseline,
-                    prometheus,
-                    reply,
-                })
-                .await;
-                return;
-            }
+            Request::Promote { .. } => unreachable!("handled above"),
             Request::Rollback {
                 reason,
                 emergency,
@@ -302,6 +283,84 @@ impl Driver {
             }
         };
         let _ = replies.send(reply).await;
+    }
+
+    /// `promote`, from any client of the control socket or a command run without a
+    /// daemon: the fleet's verdicts first (one gate for every path), then the Supervisor.
+    pub(super) async fn promote(&mut self, command: Command) {
+        let Command {
+            operator,
+            request:
+                Request::Promote {
+                    active,
+                    previous,
+                    baseline_error_rate,
+                    baseline_latency_p95_ms,
+                    force,
+                    reason,
+                },
+            replies,
+        } = command
+        else {
+            return;
+        };
+        let reference = match self.fleet_gate(&active, force, reason.as_deref()) {
+            None => None,
+            Some(Err(message)) => {
+                tracing::warn!(%operator.name, "promotion of {active} refused: {message}");
+                let _ = replies
+                    .send(Reply::Failed {
+                        message,
+                        exit: crate::exit::REFUSED,
+                    })
+                    .await;
+                return;
+            }
+            Some(Ok((passed, reference))) => {
+                for warning in &passed.warnings {
+                    tracing::warn!("promotion of {active}: {warning}");
+                    let _ = replies
+                        .send(Reply::Progress {
+                            message: format!("warning: {warning}"),
+                            detail: Value::Null,
+                        })
+                        .await;
+                }
+                if passed.forced {
+                    tracing::warn!(
+                        version = %active,
+                        reason = reason.as_deref().unwrap_or(""),
+                        operator = %operator.name,
+                        "promotion forced past the fleet's rollback verdicts"
+                    );
+                }
+                reference
+            }
+        };
+        let baseline = (baseline_error_rate.is_some() || baseline_latency_p95_ms.is_some())
+            .then_some(Baseline {
+                error_rate: baseline_error_rate,
+                latency_p95_ms: baseline_latency_p95_ms,
+                source: Some(crate::core::check::BaselineSource::Operator),
+                ..Baseline::default()
+            });
+        let reply = self.expect_reply(replies);
+        // An operator's baseline comes first: nothing to ask Prometheus then.
+        let prometheus = match baseline {
+            Some(_) => None,
+            None => self.prometheus_baseline(&previous).await,
+        };
+        let before = self.sup.session().map(|s| s.record.id.clone());
+        self.feed(Input::Promote {
+            operator: operator.name,
+            active,
+            previous,
+            baseline,
+            prometheus,
+            reply,
+        })
+        .await;
+        self.fleet_promoted(before, reference).await;
     }
 
     pub(super) async fn status_report(&self) -> StatusReport {

@@ -307,21 +307,15 @@ pub async fn run(
             }
             match crate::fleet::store_for(fleet_config) {
                 Ok(store) => {
-                    let initial = crate::fleet::HostRecord {
-                        host: fleet_config.host.clone(),
-                        state: "idle".into(),
-                        rollbackd: env!("CARGO_PKG_VERSION").to_owned(),
-                        ..Default::default()
-                    };
+                    // It registers the host once the driver has said what the host runs.
                     let agent = crate::fleet::agent::start(
                         fleet_config.clone(),
                         store,
-                        initial,
                         fleet_shutdown.clone(),
                     );
                     tracing::info!(host = %fleet_config.host, endpoints = ?fleet_config.endpoints, "fleet agent started");
                     fleet_task = Some(agent.task);
-                    Some(crate::daemon::fleet::FleetInputs {
+                    Some(crate::daemon::fleet::FleetInputs::Agent {
                         events: agent.events,
                         host: agent.host,
                         verdicts: agent.verdicts,

@@ -9,13 +9,13 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::store::{FleetError, FleetStore, LeaseId, WatchEvent};
-use super::{FleetKillSwitch, HostRecord, Keys, Verdict};
+use super::store::{Claim, FleetError, FleetStore, Kv, LeaseId, WatchEvent};
+use super::{FleetKillSwitch, HostRecord, Keys, Verdict, VerdictEntry};
 use crate::config::FleetConfig;
 
 /// Whether the agent reaches etcd.
@@ -28,6 +28,9 @@ pub struct Link {
     pub error: Option<String>,
     /// Connection attempts that failed since the last success.
     pub failures: u32,
+    /// Not connected because this host's own fleet credentials cannot be used (a TLS or
+    /// password file): what fails a promotion's verdict check closed.
+    pub credentials: bool,
 }
 
 /// What the agent tells the daemon.
@@ -39,8 +42,15 @@ pub enum FleetEvent {
         record: Option<FleetKillSwitch>,
         revision: i64,
     },
-    /// Verdicts seen (on connecting, every verdict; then each new one).
-    Verdicts(Vec<Verdict>),
+    /// The keys under `verdicts/`. With `snapshot` (on connecting), every key there as
+    /// of `revision`: a key not in it is gone. Otherwise the changes a watch saw, through
+    /// `revision`: keys written (`entries`) and deleted.
+    Verdicts {
+        snapshot: bool,
+        revision: i64,
+        entries: Vec<VerdictEntry>,
+        deleted: Vec<String>,
+    },
     /// A verdict the daemon asked for is in etcd.
     VerdictWritten {
         version: String,
@@ -50,7 +60,9 @@ pub enum FleetEvent {
 /// The daemon's side of the agent.
 pub struct AgentHandle {
     pub events: mpsc::Receiver<FleetEvent>,
-    pub host: watch::Sender<HostRecord>,
+    /// The host's registration: the agent registers only once the daemon has sent the
+    /// first one (the daemon knows the version the host runs, also after a restart).
+    pub host: watch::Sender<Option<HostRecord>>,
     pub verdicts: mpsc::UnboundedSender<Verdict>,
     pub task: tokio::task::JoinHandle<()>,
 }
@@ -60,11 +72,10 @@ pub struct AgentHandle {
 pub fn start(
     config: FleetConfig,
     store: Arc<dyn FleetStore>,
-    initial: HostRecord,
     shutdown: CancellationToken,
 ) -> AgentHandle {
     let (events_tx, events) = mpsc::channel(64);
-    let (host, host_rx) = watch::channel(initial);
+    let (host, host_rx) = watch::channel(None);
     let (verdicts, verdicts_rx) = mpsc::unbounded_channel();
     let agent = Agent {
         keys: Keys::new(&config.prefix),
@@ -90,7 +101,7 @@ struct Agent {
     keys: Keys,
     store: Arc<dyn FleetStore>,
     events: mpsc::Sender<FleetEvent>,
-    host: watch::Receiver<HostRecord>,
+    host: watch::Receiver<Option<HostRecord>>,
     verdicts: mpsc::UnboundedReceiver<Verdict>,
     /// Verdicts not yet in etcd, oldest first.
     pending: VecDeque<Verdict>,
@@ -133,17 +144,30 @@ impl Agent {
                 _ = shutdown.cancelled() => break,
             };
             let Err(err) = result else { break };
-            lease = None;
             failures = failures.saturating_add(1);
-            tracing::warn!(
-                failures,
-                "fleet: cut off from etcd ({err}); the host's own guard is unaffected"
-            );
+            if let FleetError::NameTaken(_) = &err {
+                // The lease holds no key of ours: end it now rather than at its TTL.
+                if let Some(lease) = lease {
+                    let _ = tokio::time::timeout(Duration::from_secs(1), self.store.revoke(lease))
+                        .await;
+                }
+                tracing::error!(
+                    failures,
+                    "fleet: not joining: {err}; the host's own guard is unaffected"
+                );
+            } else {
+                tracing::warn!(
+                    failures,
+                    "fleet: cut off from etcd ({err}); the host's own guard is unaffected"
+                );
+            }
+            lease = None;
             self.tell(FleetEvent::Link(Link {
                 connected: false,
                 since: SystemTime::now(),
                 error: Some(err.to_string()),
                 failures,
+                credentials: matches!(err, FleetError::Credentials(_)),
             }))
             .await;
             let wait = backoff(failures - 1, jitter());
@@ -162,9 +186,69 @@ impl Agent {
     }
 
     fn host_value(&self) -> Vec<u8> {
-        let mut record = self.host.borrow().clone();
+        let mut record = self.host.borrow().clone().unwrap_or_default();
         record.updated_at = crate::storage::audit::rfc3339_millis(SystemTime::now());
         serde_json::to_vec(&record).unwrap_or_default()
+    }
+
+    fn verdict_entry(&self, kv: &Kv) -> VerdictEntry {
+        VerdictEntry::read(&self.keys, &kv.key, &kv.value, kv.mod_revision)
+    }
+
+    /// Writes the host's registration under `lease` unless another lease holds its key:
+    /// `Ok(true)` written, `Ok(false)` held by another lease (left alone: a previous run on
+    /// this host whose lease has not ended yet, or another host with this name).
+    async fn register(&mut self, lease: LeaseId, first: bool) -> Result<bool, FleetError> {
+        let key = self.keys.host(&self.config.host);
+        self.host.mark_unchanged();
+        match self
+            .store
+            .claim(&key, self.host_value(), lease, first)
+            .await?
+        {
+            Claim::Written(_) => Ok(true),
+            Claim::Held(_) if first => Ok(false),
+            Claim::Held(holder) => Err(self.name_taken(&holder)),
+            Claim::Lost => Err(FleetError::LeaseExpired(lease)),
+        }
+    }
+
+    /// The refusal to join under a name another live instance holds: which, and the fix.
+    fn name_taken(&self, holder: &Kv) -> FleetError {
+        let record: Option<HostRecord> = serde_json::from_slice(&holder.value).ok();
+        let what = match &record {
+            Some(r) => format!(
+                "it runs {} ({}), rollbackd {}, updated {}",
+                crate::text::escape(r.active.as_deref().unwrap_or("-")),
+                crate::text::escape(&r.state),
+                crate::text::escape(&r.rollbackd),
+                crate::text::escape(&r.updated_at)
+            ),
+            None => "its record is not readable".to_owned(),
+        };
+        FleetError::NameTaken(format!(
+            "fleet.host {:?} is already registered by another running rollbackd (etcd lease \
+             {}; {what}): two hosts share this name — fleet.host defaults to the hostname, \
+             which cloned images share. Set a unique host under [fleet] (or \
+             ROLLBACKD_FLEET_HOST) on one of them and restart it; until then this host stays \
+             out of the fleet and guards itself",
+            self.config.host, holder.lease
+        ))
+    }
+
+    /// The host is registered: says so, and writes the verdicts waiting.
+    async fn joined(&mut self, failures: &mut u32) -> Result<(), FleetError> {
+        *failures = 0;
+        self.tell(FleetEvent::Link(Link {
+            connected: true,
+            since: SystemTime::now(),
+            error: None,
+            failures: 0,
+            credentials: false,
+        }))
+        .await;
+        tracing::info!(host = %self.config.host, "fleet: connected to etcd");
+        self.flush_verdicts().await
     }
 
     /// One connected session: returns when the link fails (never `Ok` unless the verdict
@@ -175,12 +259,12 @@ impl Agent {
         failures: &mut u32,
     ) -> Result<(), FleetError> {
         let store = self.store.clone();
-        let lease = store.grant(self.config.lease_ttl).await?;
+        let ttl = self.config.lease_ttl;
+        let lease = store.grant(ttl).await?;
         *lease_slot = Some(lease);
-        let host_key = self.keys.host(&self.config.host);
-        store.put(&host_key, self.host_value(), Some(lease)).await?;
-        self.host.mark_unchanged();
 
+        // What the fleet says first (the kill switch, the verdicts), so that a host that
+        // cannot register yet still knows it; then the registration.
         let kill_key = self.keys.kill_switch();
         let (kv, revision) = store.get(&kill_key).await?;
         let (verdict_kvs, verdict_revision) = store.list(&self.keys.verdicts()).await?;
@@ -193,25 +277,37 @@ impl Agent {
             record: kv.map(|kv| FleetKillSwitch::parse(&kv.value)),
         })
         .await;
-        let verdicts: Vec<Verdict> = verdict_kvs
+        let entries = verdict_kvs
             .iter()
-            .filter_map(|kv| Verdict::parse(&kv.value))
+            .map(|kv| self.verdict_entry(kv))
             .collect();
-        if !verdicts.is_empty() {
-            self.tell(FleetEvent::Verdicts(verdicts)).await;
-        }
-        *failures = 0;
-        self.tell(FleetEvent::Link(Link {
-            connected: true,
-            since: SystemTime::now(),
-            error: None,
-            failures: 0,
-        }))
+        self.tell(FleetEvent::Verdicts {
+            snapshot: true,
+            revision: verdict_revision,
+            entries,
+            deleted: Vec::new(),
+        })
         .await;
-        tracing::info!(host = %self.config.host, "fleet: connected to etcd");
-        self.flush_verdicts().await?;
 
-        let mut renew = tokio::time::interval(heartbeat(self.config.lease_ttl));
+        // The daemon's first record names the version the host runs.
+        if self.host.wait_for(Option::is_some).await.is_err() {
+            return Ok(());
+        }
+        let mut registered = self.register(lease, true).await?;
+        let held_since = Instant::now();
+        if registered {
+            self.joined(failures).await?;
+        } else {
+            tracing::info!(
+                host = %self.config.host,
+                "fleet: this host's name is registered under another etcd lease (a previous \
+                 run that did not stop cleanly, whose lease ends within fleet.lease_ttl, or \
+                 another host with the same name); waiting for it to end before joining"
+            );
+        }
+
+        let beat = heartbeat(ttl);
+        let mut renew = tokio::time::interval(beat);
         renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         renew.tick().await;
         loop {
@@ -229,34 +325,54 @@ impl Agent {
                     }
                 }
                 events = verdict_watch.next() => {
-                    let verdicts: Vec<Verdict> = events?
-                        .into_iter()
-                        .filter_map(|event| match event {
-                            WatchEvent::Put(kv) => Verdict::parse(&kv.value),
-                            WatchEvent::Delete { .. } => None,
-                        })
-                        .collect();
-                    if !verdicts.is_empty() {
-                        self.tell(FleetEvent::Verdicts(verdicts)).await;
+                    let mut entries = Vec::new();
+                    let mut deleted = Vec::new();
+                    let mut revision = 0;
+                    for event in events? {
+                        match event {
+                            WatchEvent::Put(kv) => {
+                                revision = revision.max(kv.mod_revision);
+                                entries.push(self.verdict_entry(&kv));
+                            }
+                            WatchEvent::Delete { key, revision: at } => {
+                                revision = revision.max(at);
+                                deleted.push(key);
+                            }
+                        }
                     }
+                    self.tell(FleetEvent::Verdicts { snapshot: false, revision, entries, deleted }).await;
                 }
                 changed = self.host.changed() => {
                     if changed.is_err() {
                         return Ok(());
                     }
-                    store.put(&host_key, self.host_value(), Some(lease)).await?;
+                    // Not registered yet: the next attempt writes the latest record.
+                    if registered {
+                        self.register(lease, false).await?;
+                    }
                 }
                 verdict = self.verdicts.recv() => {
                     let Some(verdict) = verdict else { return Ok(()) };
                     self.pending.push_back(verdict);
-                    self.flush_verdicts().await?;
+                    if registered {
+                        self.flush_verdicts().await?;
+                    }
                 }
                 _ = renew.tick() => {
-                    match store.keep_alive(lease).await {
-                        Ok(_) => {}
-                        // Expired (the host was away longer than its TTL): the
-                        // registration is gone; the next session registers again.
-                        Err(err) => return Err(err),
+                    // Expired (the host was away longer than its TTL): the registration is
+                    // gone; the next session registers again.
+                    store.keep_alive(lease).await?;
+                    if !registered {
+                        registered = self.register(lease, true).await?;
+                        if registered {
+                            self.joined(failures).await?;
+                        } else if held_since.elapsed() > ttl + 2 * beat {
+                            // Renewed all along: another live instance holds the name.
+                            let (holder, _) = store.get(&self.keys.host(&self.config.host)).await?;
+                            if let Some(holder) = holder {
+                                return Err(self.name_taken(&holder));
+                            }
+                        }
                     }
                 }
             }

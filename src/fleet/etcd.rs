@@ -11,7 +11,7 @@ use std::time::Duration;
 use base64::Engine as _;
 use serde_json::{json, Value};
 
-use super::store::{FleetError, FleetStore, Kv, LeaseId, Watch, WatchEvent};
+use super::store::{Claim, FleetError, FleetStore, Kv, LeaseId, Watch, WatchEvent};
 use crate::adapters::BoxFuture;
 use crate::config::{FleetAuth, FleetTls};
 
@@ -199,6 +199,7 @@ fn kv_of(value: &Value) -> Result<Kv, FleetError> {
         key: String::from_utf8_lossy(&key).into_owned(),
         value: unb64(value["value"].as_str().unwrap_or(""))?,
         mod_revision: int(&value["mod_revision"]),
+        lease: int(&value["lease"]),
     })
 }
 
@@ -510,6 +511,58 @@ impl FleetStore for EtcdGateway {
         })
     }
 
+    fn claim(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        lease: LeaseId,
+        create: bool,
+    ) -> BoxFuture<'_, Result<Claim, FleetError>> {
+        let key = b64(key.as_bytes());
+        let put =
+            json!({"request_put": {"key": key, "value": b64(&value), "lease": lease.to_string()}});
+        let range = json!({"request_range": {"key": key}});
+        // Ours already (the common case: an update), else free (a first registration).
+        let ours = json!({
+            "compare": [{"key": key, "target": "LEASE", "result": "EQUAL", "lease": lease.to_string()}],
+            "success": [put],
+            "failure": [range],
+        });
+        let free = json!({
+            "compare": [{"key": key, "target": "CREATE", "result": "EQUAL", "create_revision": "0"}],
+            "success": [put],
+            "failure": [range],
+        });
+        Box::pin(async move {
+            let attempts = if create { vec![ours, free] } else { vec![ours] };
+            let mut found = None;
+            for txn in attempts {
+                let reply = self.call("/v3/kv/txn", txn).await?;
+                // `succeeded: false` is the zero value the gateway leaves out.
+                if reply["succeeded"].as_bool() == Some(true) {
+                    return Ok(Claim::Written(revision_of(&reply)));
+                }
+                found = match reply["responses"][0]["response_range"]["kvs"]
+                    .as_array()
+                    .and_then(|kvs| kvs.first())
+                {
+                    Some(kv) => Some(kv_of(kv)?),
+                    None => None,
+                };
+                if let Some(kv) = &found {
+                    if kv.lease != lease {
+                        return Ok(Claim::Held(kv.clone()));
+                    }
+                }
+            }
+            Ok(match found {
+                // Taken by this very lease between the two transactions: ours.
+                Some(kv) => Claim::Written(kv.mod_revision),
+                None => Claim::Lost,
+            })
+        })
+    }
+
     fn grant(&self, ttl: Duration) -> BoxFuture<'_, Result<LeaseId, FleetError>> {
         let body = json!({"TTL": ttl.as_secs().max(1).to_string()});
         Box::pin(async move {
@@ -782,7 +835,8 @@ mod tests {
                 WatchEvent::Put(Kv {
                     key: "/k".into(),
                     value: b"v".to_vec(),
-                    mod_revision: 7
+                    mod_revision: 7,
+                    lease: 0,
                 }),
                 WatchEvent::Delete {
                     key: "/k".into(),

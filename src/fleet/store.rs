@@ -14,6 +14,19 @@ pub struct Kv {
     pub value: Vec<u8>,
     /// The revision of the last change to this key (etcd `mod_revision`).
     pub mod_revision: i64,
+    /// The lease the key is attached to (0: none).
+    pub lease: LeaseId,
+}
+
+/// What [`FleetStore::claim`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// The key is written under the lease, at this revision.
+    Written(i64),
+    /// Another lease holds the key (another instance wrote it): left as it is.
+    Held(Kv),
+    /// The key is gone although it was this lease's (the lease expired): not written.
+    Lost,
 }
 
 /// A change seen by a watch.
@@ -50,6 +63,10 @@ pub enum FleetError {
     /// The watch ended (the server closed the stream, or it was compacted past).
     #[error("the watch ended: {0}")]
     WatchEnded(String),
+    /// This host's name is registered by another running instance (a live lease): the
+    /// host does not join under it. The text says which and what to do.
+    #[error("{0}")]
+    NameTaken(String),
 }
 
 /// An open watch: changes in revision order.
@@ -72,6 +89,18 @@ pub trait FleetStore: Send + Sync {
         value: Vec<u8>,
         lease: Option<LeaseId>,
     ) -> BoxFuture<'_, Result<(Option<Kv>, i64), FleetError>>;
+    /// Writes `key` under `lease` only if it is free or already `lease`'s — one etcd
+    /// transaction comparing the key's lease, so an instance never overwrites (and its
+    /// lease's end never deletes) a key another instance holds. With `create`, a missing
+    /// key is written (a first registration); without it, a missing key is
+    /// [`Claim::Lost`] (it was ours, and our lease ended).
+    fn claim(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        lease: LeaseId,
+        create: bool,
+    ) -> BoxFuture<'_, Result<Claim, FleetError>>;
     /// A new lease of `ttl`.
     fn grant(&self, ttl: Duration) -> BoxFuture<'_, Result<LeaseId, FleetError>>;
     /// Renews `lease`; [`FleetError::LeaseExpired`] when it is gone.

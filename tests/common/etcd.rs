@@ -285,6 +285,42 @@ impl Etcd {
         b64.decode(kv["value"].as_str()?).ok()
     }
 
+    /// Deletes a key (with `prefix`, every key under it) through the gateway, as
+    /// `etcdctl del` does.
+    pub fn delete(&self, key: &str, prefix: bool) {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let mut body = serde_json::json!({"key": b64.encode(key)});
+        if prefix {
+            let mut end = key.as_bytes().to_vec();
+            *end.last_mut().unwrap() += 1;
+            body["range_end"] = serde_json::Value::String(b64.encode(&end));
+        }
+        let addr = format!("127.0.0.1:{}", self.client_port).parse().unwrap();
+        let reply = self
+            .request(addr, "/v3/kv/deleterange", &body.to_string())
+            .unwrap();
+        assert_eq!(reply.status, 200, "{}", reply.body);
+    }
+
+    /// Writes many keys, 100 to a transaction (etcd takes at most 128 operations in one).
+    pub fn put_many(&self, kvs: &[(String, Vec<u8>)]) {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let addr = format!("127.0.0.1:{}", self.client_port).parse().unwrap();
+        for chunk in kvs.chunks(100) {
+            let success: Vec<serde_json::Value> = chunk
+                .iter()
+                .map(|(key, value)| {
+                    serde_json::json!({"request_put": {"key": b64.encode(key), "value": b64.encode(value)}})
+                })
+                .collect();
+            let body = serde_json::json!({"success": success}).to_string();
+            let reply = self.request(addr, "/v3/kv/txn", &body).unwrap();
+            assert_eq!(reply.status, 200, "{}", reply.body);
+        }
+    }
+
     /// Writes a key through the gateway.
     pub fn put(&self, key: &str, value: &[u8]) {
         use base64::Engine as _;

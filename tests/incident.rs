@@ -54,6 +54,7 @@ fn base_facts() -> Facts {
         kill_switch_value: Some("0".into()),
         kill_switch_known: true,
         reset_quiet_period: Duration::from_secs(300),
+        check_interval: Duration::from_secs(30),
         analytics_dir: "/var/lib/rollbackd/analytics".into(),
         config_arg: None,
         generated_at_ms: at(47, 17.0),
@@ -248,17 +249,24 @@ fn a_manual_emergency_rollback_report_matches_its_golden_file() {
 fn impact_is_the_checks_own_counts_from_onset_to_recovery() {
     let incident = Incident::of(&automatic_rollback());
     let impact = &incident.impact;
-    // Onset: check #1 (14:31:00, the first not healthy); recovery: the rollback's end
-    // (14:32:16.5). Checks #1..#5 are inside: 5 × 1000 requests, and 90 + 420 + 450 +
-    // 440 + 420 failed. Check #0 (before) and the watch's #6, #7 (after) are not.
+    // The first check not healthy is #1 (14:31:00); its requests are those since #0
+    // (14:30:30), where the onset is. Recovery: the rollback's end (14:32:16.5). Checks
+    // #1..#5 are counted: 5 × 1000 requests, and 90 + 420 + 450 + 440 + 420 failed. Check
+    // #0 (before) and the watch's #6, #7 (after) are not.
     assert_eq!(impact.checks, 5);
     assert_eq!(impact.checks_with_counts, 5);
     assert_eq!(impact.requests, 5000.0);
     assert_eq!(impact.failed_requests_estimated, 1820.0);
     let minutes = impact.minutes.unwrap();
-    assert!((minutes - 76.5 / 60.0).abs() < 1e-9, "{minutes}");
-    assert_eq!(impact.onset.as_deref(), Some("2025-10-22 14:31:00Z"));
+    assert!((minutes - 106.5 / 60.0).abs() < 1e-9, "{minutes}");
+    assert_eq!(impact.onset.as_deref(), Some("2025-10-22 14:30:30Z"));
     assert_eq!(impact.recovery.as_deref(), Some("2025-10-22 14:32:16Z"));
+    // #5 (14:32:15) is the last check counted; the 1.5 s to the recovery no check counted.
+    assert_eq!(
+        impact.counted_until.as_deref(),
+        Some("2025-10-22 14:32:15Z")
+    );
+    assert_eq!(impact.uncounted_seconds, Some(1.5));
 
     // Not recovered yet (the action still running): counted up to the report's making.
     let mut facts = automatic_rollback();
@@ -268,6 +276,80 @@ fn impact_is_the_checks_own_counts_from_onset_to_recovery() {
     assert_eq!(impact.recovery, None);
     assert_eq!(impact.minutes, None);
     assert_eq!(impact.checks, 7, "#1..#7, up to the report's time");
+}
+
+/// Issue 25's end-to-end test (tests/real_deploy.rs): a report said "601 requests in that
+/// time" of a span starting at the first unhealthy check, 03:20:41, when those requests
+/// were served from the promotion at 03:20:39 on — each check counts the requests since the
+/// check before it. The impact begins where the first unhealthy check's counts begin, and
+/// says which time at the end no check counted.
+#[test]
+fn the_impact_starts_where_the_first_unhealthy_checks_counts_start() {
+    let check_at = |index: u64, ms: i64, rate: f64, verdict: &str| {
+        let mut c = check(index, ms, rate, verdict);
+        c.failed = verdict != "healthy";
+        c
+    };
+    let base = automatic_rollback();
+    let promoted = base.session.as_ref().unwrap().promoted_at_ms;
+    let interval_ms = 30_000;
+    let recovery = base.actions[0].finished_at_ms.unwrap();
+    let onset_of = |checks: Vec<CheckFacts>| {
+        let mut facts = automatic_rollback();
+        facts.checks = checks;
+        let impact = Incident::of(&facts).impact;
+        (impact, facts)
+    };
+
+    // Degraded checks 10 s apart: the onset is the healthy check before the first bad one.
+    let (impact, _) = onset_of(vec![
+        check_at(0, promoted + interval_ms, 0.01, "healthy"),
+        check_at(1, promoted + interval_ms + 10_000, 0.4, "degraded"),
+        check_at(2, promoted + interval_ms + 20_000, 0.4, "rollback"),
+    ]);
+    assert_eq!(impact.onset.as_deref(), Some("2025-10-22 14:30:30Z"));
+    assert_eq!(
+        impact.checks, 2,
+        "the check before the onset is not counted"
+    );
+    assert_eq!(impact.requests, 2000.0);
+    assert_eq!(
+        impact.counted_until.as_deref(),
+        Some("2025-10-22 14:30:50Z")
+    );
+
+    // The session's first check bad: its counts start one check interval before it,
+    // here at the promotion.
+    let (impact, _) = onset_of(vec![check_at(0, promoted + interval_ms, 0.4, "rollback")]);
+    assert_eq!(impact.onset.as_deref(), Some("2025-10-22 14:30:00Z"));
+    // ... and never before the promotion (a first check taken sooner than one interval).
+    let (impact, _) = onset_of(vec![check_at(0, promoted + 5_000, 0.4, "rollback")]);
+    assert_eq!(impact.onset.as_deref(), Some("2025-10-22 14:30:00Z"));
+
+    // The first check after a restart counts one check interval, not the time since the
+    // check before the restart.
+    let (impact, _) = onset_of(vec![
+        check_at(0, promoted + interval_ms, 0.01, "healthy"),
+        check_at(1, promoted + 90_000, 0.4, "rollback"),
+    ]);
+    assert_eq!(impact.onset.as_deref(), Some("2025-10-22 14:31:00Z"));
+
+    // The report says which span the counts cover.
+    let (impact, facts) = onset_of(vec![
+        check_at(0, promoted + interval_ms, 0.01, "healthy"),
+        check_at(1, promoted + 60_000, 0.4, "degraded"),
+        check_at(2, recovery - 2_250, 0.4, "rollback"),
+    ]);
+    assert_eq!(impact.uncounted_seconds, Some(2.25));
+    let markdown = Incident::of(&facts).markdown();
+    assert!(
+        markdown.contains("- From the start of what the first check that was not healthy counted, 2025-10-22 14:30:30Z, to recovery, 2025-10-22 14:32:16Z:"),
+        "{markdown}"
+    );
+    assert!(
+        markdown.contains("; the 2.25s from the last check counted, 2025-10-22 14:32:14Z, to the recovery are not counted."),
+        "{markdown}"
+    );
 }
 
 #[test]

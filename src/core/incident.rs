@@ -86,6 +86,12 @@ pub struct Facts {
     /// Whether the value could be read at all.
     pub kill_switch_known: bool,
     pub reset_quiet_period: Duration,
+    /// `monitor.check_interval`. A check's `requests` are those since the check before it,
+    /// or over one check interval when none was taken before it in the same run of the
+    /// daemon (a session's first check, the first after a restart): where the impact's
+    /// counts begin. (A check after rollbackd itself stalled counts the whole time since
+    /// the check before it; the onset is then put one check interval before it.)
+    pub check_interval: Duration,
     /// Where the artifacts are (`state_dir/analytics`).
     pub analytics_dir: String,
     /// `--config PATH` for the commands in the next steps, when not the default.
@@ -162,14 +168,24 @@ pub struct ActionTaken {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Impact {
-    /// The first check that was not healthy (or the first action, without one).
+    /// Where the counts of the first check that was not healthy begin: the check before it
+    /// (its requests are those since then), or one check interval before it when none was
+    /// taken before it in the same run — never before the promotion. Without an unhealthy
+    /// check, the first action's start.
     pub onset: Option<String>,
     /// Which of the two the onset is.
     pub onset_from: String,
     /// When the last action finished (`None`: not recovered yet).
     pub recovery: Option<String>,
     pub minutes: Option<f64>,
-    /// Checks taken from the onset to the recovery, and how many had request counts.
+    /// The last check counted: the counts cover the onset to it; the time from it to the
+    /// recovery (`uncounted_seconds`) no check counted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub counted_until: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uncounted_seconds: Option<f64>,
+    /// Checks counted — from the first that was not healthy (or the action's start) to
+    /// the recovery — and how many had request counts.
     pub checks: u64,
     pub checks_with_counts: u64,
     /// The sum of the checks' own request counts.
@@ -629,18 +645,32 @@ impl Incident {
 
         // Impact: from the first check users would have noticed — a failure (a breach, a
         // failed probe, missing data nobody expected) or a degraded verdict on a measured
-        // error rate; not a deploy-time gap in the warm-up — to the last action's end.
-        let first_unhealthy = facts
-            .checks
-            .iter()
-            .find(|c| {
-                c.failed
-                    || c.verdict == "rollback"
-                    || c.verdict == "escalate"
-                    || (c.verdict == "degraded" && error_rate(&c.result).is_some())
-            })
-            .map(|c| c.taken_at_ms);
-        let onset_ms = first_unhealthy.or(first.map(|a| a.started_at_ms));
+        // error rate; not a deploy-time gap in the warm-up — to the last action's end. It
+        // begins where that check's counts begin (its requests are those since the check
+        // before it), so that the span stated is the one the counts cover: the moment the
+        // check was taken is one check interval after the first requests it counted.
+        let first_unhealthy = facts.checks.iter().position(|c| {
+            c.failed
+                || c.verdict == "rollback"
+                || c.verdict == "escalate"
+                || (c.verdict == "degraded" && error_rate(&c.result).is_some())
+        });
+        let counts_from = |position: usize| {
+            let taken = facts.checks[position].taken_at_ms;
+            let interval = i64::try_from(facts.check_interval.as_millis()).unwrap_or(i64::MAX);
+            let mut from = taken.saturating_sub(interval);
+            if let Some(before) = position.checked_sub(1) {
+                from = from.max(facts.checks[before].taken_at_ms);
+            }
+            if let Some(s) = session {
+                from = from.max(s.promoted_at_ms);
+            }
+            from.min(taken)
+        };
+        let first_unhealthy_ms = first_unhealthy.map(|p| facts.checks[p].taken_at_ms);
+        let onset_ms = first_unhealthy
+            .map(counts_from)
+            .or(first.map(|a| a.started_at_ms));
         let unfinished = facts.actions.iter().any(|a| a.finished_at_ms.is_none());
         let recovery_ms = if unfinished {
             None
@@ -649,7 +679,7 @@ impl Incident {
         };
         let mut impact = Impact {
             onset_from: if first_unhealthy.is_some() {
-                "the first check that was not healthy"
+                "the start of what the first check that was not healthy counted"
             } else {
                 "the action's start (no check was unhealthy)"
             }
@@ -660,6 +690,8 @@ impl Incident {
                 (Some(a), Some(b)) => Some(((b - a).max(0) as f64) / 60_000.0),
                 _ => None,
             },
+            counted_until: None,
+            uncounted_seconds: None,
             checks: 0,
             checks_with_counts: 0,
             requests: 0.0,
@@ -670,14 +702,18 @@ impl Incident {
             .and_then(|s| s.baseline.as_ref())
             .and_then(|b| b.error_rate)
             .filter(|r| r.is_finite() && (0.0..=1.0).contains(r));
-        if let Some(onset) = onset_ms {
+        // The checks counted: from the first unhealthy one (the check before it counted
+        // requests before the onset) or the action's start, to the recovery.
+        if let Some(counted_from) = first_unhealthy_ms.or(onset_ms) {
             let end = recovery_ms.unwrap_or(facts.generated_at_ms);
             let mut excess = 0.0;
+            let mut last_counted = None;
             for check in facts
                 .checks
                 .iter()
-                .filter(|c| c.taken_at_ms >= onset && c.taken_at_ms <= end)
+                .filter(|c| c.taken_at_ms >= counted_from && c.taken_at_ms <= end)
             {
+                last_counted = Some(check.taken_at_ms);
                 impact.checks += 1;
                 if let Some(n) = requests(&check.result) {
                     impact.checks_with_counts += 1;
@@ -693,6 +729,11 @@ impl Incident {
             if base_rate.is_some() && impact.checks_with_counts > 0 {
                 impact.excess_failed_estimated = Some(excess.round());
             }
+            impact.counted_until = last_counted.map(utc);
+            impact.uncounted_seconds = match (last_counted, recovery_ms) {
+                (Some(last), Some(recovery)) => Some((recovery - last).max(0) as f64 / 1000.0),
+                _ => None,
+            };
         }
 
         // Timeline.
@@ -1084,7 +1125,7 @@ impl Incident {
         } else if i.checks_with_counts > 0 {
             let _ = writeln!(
                 out,
-                "- {:.0} requests in that time by the checks' own counts ({} of {} checks had counts), about {:.0} of them failed{}.",
+                "- {:.0} requests in that time by the checks' own counts ({} of {} checks had counts), about {:.0} of them failed{}{}.",
                 i.requests,
                 i.checks_with_counts,
                 i.checks,
@@ -1094,6 +1135,13 @@ impl Incident {
                         "; about {excess:.0} more than the previous version's error rate would have made"
                     ),
                     None => String::new(),
+                },
+                match (&i.counted_until, i.uncounted_seconds) {
+                    (Some(last), Some(gap)) if gap >= 0.005 => format!(
+                        "; the {} from the last check counted, {last}, to the recovery are not counted",
+                        seconds(gap)
+                    ),
+                    _ => String::new(),
                 }
             );
         } else {

@@ -136,6 +136,7 @@ pub fn build(
         kill_switch_known: kill_switch.0,
         kill_switch_value: kill_switch.1,
         reset_quiet_period: ks.reset_quiet_period,
+        check_interval: config.config.monitor.check_interval,
         analytics_dir: analytics_dir.display().to_string(),
         config_arg: config_arg(config),
         generated_at_ms: crate::core::time::to_ms(now),

@@ -1022,8 +1022,8 @@ impl World<'_> {
     }
 }
 
-/// The bad version's requests the checks counted in the incident report, against what the
-/// service itself served over the span those counts cover.
+/// The bad version's requests and failures in the incident report's impact, against what
+/// the service itself served over the span the report says they cover.
 fn assert_impact_matches_the_service(world: &World, service: &Service, session: &str) {
     let report = world.report(session);
     let impact = &report["impact"];
@@ -1034,16 +1034,21 @@ fn assert_impact_matches_the_service(world: &World, service: &Service, session: 
         "{impact}{}",
         world.diagnostics()
     );
-    // The report states its span to the second (onset, recovery). Which checks it counted
-    // is on the audit lines, to the millisecond: the session's checks of v2 taken from the
-    // onset to the recovery (the rollback's end).
-    let executed = &world.events(session, "rollback-executed")[0];
-    let recovery_ms = stamp_ms(executed);
-    let onset_text = impact["onset"].as_str().unwrap();
-    let onset_s = unix_ms(
-        humantime::parse_rfc3339(&onset_text.replace(' ', "T"))
-            .unwrap_or_else(|e| panic!("{onset_text}: {e}")),
-    ) / 1000;
+    // The report states its times to the second; the audit lines have them to the
+    // millisecond (a check's line is written once it is judged, a few milliseconds after
+    // the check was taken). A check counts the requests since the check before it (one
+    // check interval for the session's first, never before the promotion): the impact runs
+    // from where the first unhealthy check's counts begin to the recovery, and its counts
+    // cover that span up to the last check counted (`countedUntil`; the rest of the
+    // span, the switch back, no check counted: `uncountedSeconds`).
+    let second = |text: &str| {
+        unix_ms(
+            humantime::parse_rfc3339(&text.replace(' ', "T"))
+                .unwrap_or_else(|e| panic!("{text}: {e}")),
+        ) / 1000
+    };
+    let promoted_ms = stamp_ms(&world.events(session, "monitoring-started")[0]);
+    let recovery_ms = stamp_ms(&world.events(session, "rollback-executed")[0]);
     let checks: Vec<Value> = world
         .events(session, "health-check")
         .into_iter()
@@ -1051,8 +1056,8 @@ fn assert_impact_matches_the_service(world: &World, service: &Service, session: 
         .collect();
     let first = checks
         .iter()
-        .position(|c| stamp_ms(c) / 1000 >= onset_s && c["verdict"] != "healthy")
-        .unwrap_or_else(|| panic!("no check at the onset {onset_text}{}", world.diagnostics()));
+        .position(|c| c["verdict"] != "healthy")
+        .unwrap_or_else(|| panic!("no unhealthy check{}", world.diagnostics()));
     let counted: Vec<&Value> = checks[first..]
         .iter()
         .filter(|c| stamp_ms(c) <= recovery_ms)
@@ -1061,46 +1066,65 @@ fn assert_impact_matches_the_service(world: &World, service: &Service, session: 
         .iter()
         .filter_map(|c| c["check"]["snapshot"]["requests"]["value"].as_f64())
         .sum();
-    // Each check counts the requests since the check before it (`[{interval}]`; the first
-    // check of a version, the check interval): the counts cover the span from the check
-    // before the onset to the last check counted — not the onset→recovery the report
-    // states ("N requests in that time"), which starts one check later and ends one action
-    // later. Measured: 601 requests said to be from 03:20:41 to 03:20:43 (2.3 s), when v2
-    // served 317 then and 602 from the promotion (03:20:39.2) to the last check. The counts
-    // are compared here over the span they cover.
-    let covered_from = if first > 0 {
-        stamp_ms(&checks[first - 1])
-    } else {
-        stamp_ms(&checks[0]) - CHECK_INTERVAL.as_millis() as i64
-    };
-    let covered_to = stamp_ms(counted.last().unwrap());
-    let covered = service.truth("v2", covered_from, covered_to);
-    let stated = service.truth("v2", stamp_ms(&checks[first]), recovery_ms);
+    let mut from_ms =
+        (stamp_ms(&checks[first]) - CHECK_INTERVAL.as_millis() as i64).max(promoted_ms);
+    if first > 0 {
+        from_ms = from_ms.max(stamp_ms(&checks[first - 1]));
+    }
+    let until_ms = stamp_ms(counted.last().unwrap());
+    let truth = service.truth("v2", from_ms, until_ms);
+    let to_recovery = service.truth("v2", from_ms, recovery_ms);
+    let at_first_check = service.truth("v2", stamp_ms(&checks[first]), recovery_ms);
     eprintln!(
-        "impact: report {requests:.0} requests, {failed:.0} failed ({} checks, onset {onset_text}); \
-         its checks' counts add up to {counted_requests:.0}; the service served {} ({} failed) over \
-         the {:.1} s those counts cover, {} ({} failed) over the {:.1} s from the onset check to the recovery",
-        counted.len(),
-        covered.requests,
-        covered.failed,
-        (covered_to - covered_from) as f64 / 1000.0,
-        stated.requests,
-        stated.failed,
-        (recovery_ms - stamp_ms(&checks[first])) as f64 / 1000.0,
+        "impact: the report says {requests:.0} requests, {failed:.0} failed, from {} to {} \
+         (counted until {}); v2 served {} ({} failed) in those {:.2} s by its own count; \
+         {} ({} failed) to the recovery {:.2} s later; {} ({} failed) from the first \
+         unhealthy check on",
+        impact["onset"],
+        impact["recovery"],
+        impact["countedUntil"],
+        truth.requests,
+        truth.failed,
+        (until_ms - from_ms) as f64 / 1000.0,
+        to_recovery.requests,
+        to_recovery.failed,
+        (recovery_ms - until_ms) as f64 / 1000.0,
+        at_first_check.requests,
+        at_first_check.failed,
     );
+    // The report's checks are the ones read here.
     assert!(
-        (counted_requests - requests).abs() <= 1.0,
-        "the report's {requests} requests are not its checks' ({counted_requests}): {impact}{}",
+        (counted_requests - requests).abs() <= 1.0 && impact["checks"] == counted.len(),
+        "the report's {requests} requests are not those of its checks ({counted_requests} in {}): \
+         {impact}{}",
+        counted.len(),
         world.diagnostics()
     );
+    // The span it states is the span they cover (to the second, give or take the moment
+    // between a check's start and its audit line).
+    let near = |stated: &Value, ms: i64| {
+        stated
+            .as_str()
+            .is_some_and(|t| (second(t) - ms / 1000).abs() <= 1)
+    };
+    assert!(
+        near(&impact["onset"], from_ms) && near(&impact["countedUntil"], until_ms),
+        "the report's span ({} to {}, counted until {}) is not the one its counts cover \
+         ({from_ms} to {until_ms} ms){}",
+        impact["onset"],
+        impact["recovery"],
+        impact["countedUntil"],
+        world.diagnostics()
+    );
+    // And the counts are what the service served then, within 10%.
     let within = |reported: f64, truth: u64| {
         let truth = truth as f64;
         (reported - truth).abs() <= 0.10 * truth
     };
     assert!(
-        within(requests, covered.requests) && within(failed, covered.failed),
-        "the report's impact ({requests:.0} requests, {failed:.0} failed) is not within 10% of what \
-         v2 served over the span its counts cover ({covered:?}){}",
+        within(requests, truth.requests) && within(failed, truth.failed),
+        "the report's impact ({requests:.0} requests, {failed:.0} failed) is not within 10% of \
+         what v2 served over the span it states ({truth:?}){}",
         world.diagnostics()
     );
 }

@@ -19,7 +19,7 @@
 //! 1. a bad release (v2 answering 40% errors) is rolled back, nginx sends traffic to v1
 //!    again, and the stability watch confirms v1 (no false SEV1, no kill switch); the
 //!    incident report's request and failure counts are within 10% of what the service
-//!    itself served over the span those counts cover (scenario 5 of the brief);
+//!    itself served over the span the report says they cover;
 //! 2. a latency-only regression (v2 80 ms slower, no errors) is rolled back and reported
 //!    as latency: the p95/p99 `baseline_latency` rule, not an error test;
 //! 3. a good release is left alone and confirmed at the end of its grace period — and in
@@ -1206,6 +1206,15 @@ fn real_deploy() {
         text.contains("counted once per check via {interval}"),
         "check-config --for run:\n{text}"
     );
+    // The warm-up and the settle time are derived: two scrapes plus the check interval.
+    for key in ["monitor.warmup", "rollback.settle"] {
+        assert!(
+            text.lines().any(|l| l.trim_start().starts_with(key)
+                && l.contains("= \"4s\"")
+                && l.contains("# derived")),
+            "{key} in check-config --for run:\n{text}"
+        );
+    }
 
     let daemon = setup.start();
     world.wait_for_observed_baseline(5);
@@ -1246,7 +1255,7 @@ fn real_deploy() {
         markdown.contains("nginx sends traffic to v1"),
         "the switch hook's output is in the report:\n{markdown}"
     );
-    // 5. The impact's counts against the service's own.
+    // The impact's counts against the service's own.
     assert_impact_matches_the_service(&world, &service, &bad);
     eprintln!(
         "bad release: rolled back and v1 confirmed {:.1} s after the promotion",
@@ -1357,8 +1366,8 @@ fn real_deploy() {
         world
             .events(&good, "health-check")
             .iter()
-            .all(|c| c["action"].is_null()),
-        "{}",
+            .all(|c| c["action"].is_null() && c.get("wouldAct").is_none()),
+        "a check of the good release acted or wanted to{}",
         world.diagnostics()
     );
     assert_eq!(nginx.serving().as_deref(), Some("v2"));

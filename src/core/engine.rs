@@ -659,7 +659,12 @@ impl Decision {
                 top.observed.map(percent).unwrap_or_default(),
                 percent(top.threshold)
             ),
-            Rule::RecentProblems => format!("{} problem checks in the last {}", top.count, top.of),
+            Rule::RecentProblems => format!(
+                "{} problem check{} in the last {}",
+                top.count,
+                if top.count == 1 { "" } else { "s" },
+                top.of
+            ),
         }
     }
 }

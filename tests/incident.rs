@@ -632,3 +632,15 @@ fn the_status_in_the_file_is_what_the_actions_say_not_a_stale_row() {
     );
     assert!(!status.contains("is running"), "{status}");
 }
+
+/// What the report escapes for Markdown comes back as it was for a terminal (`status`).
+#[test]
+fn markdown_text_round_trips_through_markdown_plain() {
+    use rollbackd::core::incident::{markdown_plain, markdown_text};
+    for text in [
+        "error rate 42.0% > threshold 20.0% in 4 of 5 checks",
+        "<img src=x> [docs](javascript:alert(1)) | `code` \\ *bold* & co",
+    ] {
+        assert_eq!(markdown_plain(&markdown_text(text)), text);
+    }
+}

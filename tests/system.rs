@@ -770,7 +770,10 @@ fn the_restored_version_is_watched_and_its_breach_escalates_once_without_a_secon
         status["state"] == "escalated"
             && status["latestIncident"]["summary"]
                 .as_str()
-                .is_some_and(|s| s.contains("level 3"))
+                // The report's title as plain text: no Markdown heading, no entities.
+                .is_some_and(|s| {
+                    s.contains("level 3") && s.starts_with("SEV") && !s.contains("&gt;")
+                })
     });
     assert!(settled.is_some(), "log:\n{}", setup.daemon_log());
     assert_eq!(

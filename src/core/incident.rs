@@ -256,6 +256,25 @@ pub fn markdown_text(text: &str) -> String {
     out
 }
 
+/// [`markdown_text`] undone: the text as it was, for a terminal (`status` shows the
+/// report's first line; the terminal escaping comes after).
+pub fn markdown_plain(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\\' {
+            if let Some(next) = chars.next() {
+                out.push(next);
+            }
+            continue;
+        }
+        out.push(c);
+    }
+    out.replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&amp;", "&")
+}
+
 /// `incident_20251022T143215.123Z.md`: named by the first action's start, so a rewrite
 /// (after the stability watch) replaces it.
 pub fn file_name(first_action_started_ms: i64) -> String {

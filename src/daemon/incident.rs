@@ -248,7 +248,13 @@ pub fn latest(analytics_dir: &std::path::Path) -> Option<serde_json::Value> {
         use std::io::{BufRead, Read};
         let _ = std::io::BufReader::new(file.take(4096)).read_line(&mut title);
     }
-    let summary = title.trim().trim_start_matches("# Incident ").to_owned();
+    let summary = crate::core::incident::markdown_plain(
+        title
+            .trim()
+            .trim_start_matches("# Incident:")
+            .trim_start_matches("# Incident")
+            .trim(),
+    );
     Some(serde_json::json!({"path": path.display().to_string(), "summary": summary}))
 }
 

@@ -624,3 +624,25 @@ fn the_baseline_rule_records_the_statistic_that_fired() {
     let evidence = serde_json::to_value(entry).unwrap();
     assert!(evidence["baselinePValue"].as_f64().is_some(), "{evidence}");
 }
+
+/// Hostile snapshots against a baseline with noise: absurd request counts (1e30, 1e300,
+/// f64::MAX) and a zero-error baseline must neither panic nor hang nor fire the
+/// statistics on nothing; the engine answers every check.
+#[test]
+fn absurd_counts_against_a_noisy_baseline_neither_panic_nor_act_on_nothing() {
+    let config = rollbackd::config::default_rules();
+    for requests in ["1e30", "1e300", "1.7976931348623157e308", "0", "3"] {
+        let line = std::iter::repeat_n(format!("+0.001:r{requests}"), 30)
+            .collect::<Vec<_>>()
+            .join(" ");
+        for baseline in [NOISY_1PCT, counted(0, 400), CALM_1PCT] {
+            let decisions = run(&config, baseline, &line);
+            assert_eq!(decisions.len(), 30);
+            assert!(
+                decisions.iter().all(|d| d.action.is_none()),
+                "{requests} requests at 0.1% against {baseline:?}: {:?}",
+                decisions.iter().find(|d| d.action.is_some())
+            );
+        }
+    }
+}

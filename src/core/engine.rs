@@ -780,11 +780,15 @@ impl Engine {
             self.window.pop_front();
         }
         let counts = match (entry.error_rate, entry.requests) {
-            (Some(rate), Some(requests)) if requests > 0.0 => Some(stats::Counts {
-                at: at.as_secs_f64(),
-                errors: rate * requests,
-                requests,
-            }),
+            (Some(rate), Some(requests))
+                if requests > 0.0 && requests <= stats::MAX_REQUESTS_PER_CHECK =>
+            {
+                Some(stats::Counts {
+                    at: at.as_secs_f64(),
+                    errors: rate * requests,
+                    requests,
+                })
+            }
             _ => None,
         };
         if counts.is_some() {
@@ -855,33 +859,38 @@ impl Engine {
                     None => false,
                     Some(rate) => {
                         let k = config.baseline_error_multiplier;
-                        let test = requests.and_then(|n| {
-                            match (
-                                self.reference.filter(|_| baseline.dispersion.is_some()),
-                                baseline.errors,
-                                baseline.requests,
-                                baseline.error_rate,
-                            ) {
-                                // The baseline's swings are known: they are the noise.
-                                (Some(reference), _, _, _) => {
-                                    stats::excess_with_noise(rate * n, n, &reference, k)
+                        // A count no check can have (a hostile or broken snapshot) is not
+                        // tested: the exact tests would saturate it into "every request
+                        // failed" and roll back on nothing.
+                        let test = requests
+                            .filter(|n| *n <= stats::MAX_REQUESTS_PER_CHECK)
+                            .and_then(|n| {
+                                match (
+                                    self.reference.filter(|_| baseline.dispersion.is_some()),
+                                    baseline.errors,
+                                    baseline.requests,
+                                    baseline.error_rate,
+                                ) {
+                                    // The baseline's swings are known: they are the noise.
+                                    (Some(reference), _, _, _) => {
+                                        stats::excess_with_noise(rate * n, n, &reference, k)
+                                    }
+                                    (None, Some(e), Some(big_n), _) => stats::excess_over_counts(
+                                        stats::errors_of(rate, n),
+                                        n.round() as u64,
+                                        e.round().max(0.0) as u64,
+                                        big_n,
+                                        k,
+                                    ),
+                                    (None, _, _, Some(base)) => stats::excess_over_rate(
+                                        stats::errors_of(rate, n),
+                                        n.round() as u64,
+                                        base,
+                                        k,
+                                    ),
+                                    _ => None,
                                 }
-                                (None, Some(e), Some(big_n), _) => stats::excess_over_counts(
-                                    stats::errors_of(rate, n),
-                                    n.round() as u64,
-                                    e.round().max(0.0) as u64,
-                                    big_n,
-                                    k,
-                                ),
-                                (None, _, _, Some(base)) => stats::excess_over_rate(
-                                    stats::errors_of(rate, n),
-                                    n.round() as u64,
-                                    base,
-                                    k,
-                                ),
-                                _ => None,
-                            }
-                        });
+                            });
                         match test {
                             Some(test) => {
                                 baseline_p_value = Some(test.p_value);

@@ -90,6 +90,10 @@ pub fn excess_over_rate(
     })
 }
 
+/// More requests than any one check can carry (a trillion): the count tests do not judge
+/// such a check (the exact ones would saturate their integers).
+pub const MAX_REQUESTS_PER_CHECK: f64 = 1e12;
+
 /// A count from a rate and a number of requests, as the snapshot gives them (the rate is
 /// errors / requests, rounded by whoever computed it).
 pub fn errors_of(rate: f64, requests: f64) -> u64 {
@@ -244,6 +248,23 @@ fn moment_noise(checks: &[Counts], rate: f64) -> Option<Noise> {
     })
 }
 
+/// The checks whose `kept` flag is set.
+fn kept_of(checks: &[Counts], kept: &[bool]) -> Vec<Counts> {
+    checks
+        .iter()
+        .zip(kept)
+        .filter(|(_, k)| **k)
+        .map(|(c, _)| *c)
+        .collect()
+}
+
+/// Errors and requests summed.
+fn pooled(checks: &[Counts]) -> (f64, f64) {
+    checks
+        .iter()
+        .fold((0.0, 0.0), |(e, n), c| (e + c.errors, n + c.requests))
+}
+
 /// The baseline a version's checks make (SPEC §2b, "robust baselines"): incidents left
 /// out — checks whose errors exceed what the other checks predict by [`INCIDENT_Z`]
 /// standard deviations of their noise and at least [`INCIDENT_RATIO`]×, at most a third of
@@ -256,72 +277,38 @@ pub fn robust_rate(checks: &[Counts]) -> Option<RobustRate> {
     let mut kept: Vec<bool> = vec![true; checks.len()];
     let max_excluded = checks.len() / 3;
     for _ in 0..3 {
-        let (e, n) = checks
-            .iter()
-            .zip(&kept)
-            .filter(|(_, k)| **k)
-            .fold((0.0, 0.0), |(e, n), (c, _)| (e + c.errors, n + c.requests));
-        if n <= 0.0 {
+        let kept_checks = kept_of(checks, &kept);
+        let (e, n) = pooled(&kept_checks);
+        let excluded_now = kept.iter().filter(|k| !**k).count();
+        if n <= 0.0 || excluded_now >= max_excluded {
             break;
         }
         let rate = (e + 0.5) / n;
-        let kept_checks: Vec<Counts> = checks
-            .iter()
-            .zip(&kept)
-            .filter(|(_, k)| **k)
-            .map(|(c, _)| *c)
-            .collect();
         let sigma2 = robust_sigma2(&kept_checks, rate)
             .or_else(|| moment_noise(&kept_checks, rate).map(|n| n.sigma2))
             .unwrap_or(0.0);
-        // The worst remaining check, if it is an incident.
-        let excluded_now = kept.iter().filter(|k| !**k).count();
-        if excluded_now >= max_excluded {
-            break;
-        }
-        let worst = checks
+        // Incidents come in runs: every check of this pass that qualifies is left out, up
+        // to the cap, worst first.
+        let mut incidents: Vec<(usize, f64)> = checks
             .iter()
             .enumerate()
             .filter(|(i, _)| kept[*i])
-            .map(|(i, c)| {
+            .filter_map(|(i, c)| {
                 let mu = c.requests * rate;
-                let sd = (mu + mu * mu * sigma2).sqrt().max(1e-12);
-                (i, (c.errors - mu) / sd, c.errors / mu.max(1e-12))
+                let z = (c.errors - mu) / (mu + mu * mu * sigma2).sqrt().max(1e-12);
+                (z > INCIDENT_Z && c.errors / mu.max(1e-12) >= INCIDENT_RATIO).then_some((i, z))
             })
-            .filter(|(_, z, ratio)| *z > INCIDENT_Z && *ratio >= INCIDENT_RATIO)
-            .max_by(|a, b| a.1.total_cmp(&b.1));
-        match worst {
-            // Incidents come in runs: leave out every check of this pass that qualifies,
-            // up to the cap, worst first.
-            Some(_) => {
-                let mut candidates: Vec<(usize, f64)> = checks
-                    .iter()
-                    .enumerate()
-                    .filter(|(i, _)| kept[*i])
-                    .filter_map(|(i, c)| {
-                        let mu = c.requests * rate;
-                        let sd = (mu + mu * mu * sigma2).sqrt().max(1e-12);
-                        let z = (c.errors - mu) / sd;
-                        (z > INCIDENT_Z && c.errors / mu.max(1e-12) >= INCIDENT_RATIO)
-                            .then_some((i, z))
-                    })
-                    .collect();
-                candidates.sort_by(|a, b| b.1.total_cmp(&a.1));
-                for (i, _) in candidates.into_iter().take(max_excluded - excluded_now) {
-                    kept[i] = false;
-                }
-            }
-            None => break,
+            .collect();
+        if incidents.is_empty() {
+            break;
+        }
+        incidents.sort_by(|a, b| b.1.total_cmp(&a.1));
+        for (i, _) in incidents.into_iter().take(max_excluded - excluded_now) {
+            kept[i] = false;
         }
     }
-    let kept_checks: Vec<Counts> = checks
-        .iter()
-        .zip(&kept)
-        .filter(|(_, k)| **k)
-        .map(|(c, _)| *c)
-        .collect();
-    let errors: f64 = kept_checks.iter().map(|c| c.errors).sum();
-    let requests: f64 = kept_checks.iter().map(|c| c.requests).sum();
+    let kept_checks = kept_of(checks, &kept);
+    let (errors, requests) = pooled(&kept_checks);
     if requests <= 0.0 {
         return None;
     }
@@ -481,11 +468,7 @@ pub fn span_test(
     // stands out, keeps all its evidence.
     let mut keep = vec![true; usable.len()];
     for _ in 0..trim {
-        let (e, n) = usable
-            .iter()
-            .zip(&keep)
-            .filter(|(_, k)| **k)
-            .fold((0.0, 0.0), |(e, n), (c, _)| (e + c.errors, n + c.requests));
+        let (e, n) = pooled(&kept_of(&usable, &keep));
         if n <= 0.0 {
             break;
         }
@@ -507,12 +490,7 @@ pub fn span_test(
             _ => break,
         }
     }
-    let kept: Vec<Counts> = usable
-        .iter()
-        .zip(&keep)
-        .filter(|(_, k)| **k)
-        .map(|(c, _)| *c)
-        .collect();
+    let kept = kept_of(&usable, &keep);
     let errors: f64 = kept.iter().map(|c| c.errors.min(c.requests)).sum();
     let requests: f64 = kept.iter().map(|c| c.requests).sum();
     let expected = requests * reference.rate;
